@@ -1,0 +1,1 @@
+"""ClickHouse sink and read models: usage and credit-flow analytics."""

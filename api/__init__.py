@@ -1,0 +1,1 @@
+"""The FastAPI service: ingestion, projects and people, wallets and money operations, analytics, dashboard."""

@@ -1,0 +1,93 @@
+"""The ONE place where errors become HTTP responses: RFC 9457 problem+json with a stable ``code``.
+
+Components raise their own errors (each with a ``code`` class attribute); ``STATUS_BY_CODE`` maps codes
+to statuses. Unknown component errors become 500 with the code kept, so nothing is mapped by accident."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ApiError(Exception):
+    """An error raised by api code with its HTTP status and stable code."""
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "api.bad_request"
+
+    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra or {}
+        if status is not None:
+            self.status = status  # type: ignore[misc]
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "api.not_found"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "api.unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "api.forbidden"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "api.conflict"
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "api.unavailable"
+
+
+#: Status for errors raised by the components (their ``code`` attribute). Extend as components add errors.
+STATUS_BY_CODE: dict[str, int] = {
+    "kafka.missing_topics": 503,
+}
+
+
+def problem(status: int, code: str, detail: str, *, title: str | None = None, instance: str | None = None,
+            headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    body = {"type": f"https://meterline.dev/problems/{code}", "title": title or code.split(".")[-1].replace("_", " "),
+            "status": status, "detail": detail, "code": code, **extra}
+    if instance:
+        body["instance"] = instance
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return problem(exc.status, exc.code, exc.detail, instance=request.url.path, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return problem(422, "api.validation_failed", "the request does not match the schema; see errors",
+                       instance=request.url.path, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(exc.status_code, f"http.{exc.status_code}", str(exc.detail), instance=request.url.path,
+                       headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _component(request: Request, exc: Exception) -> JSONResponse:
+        code = getattr(exc, "code", None)
+        if isinstance(code, str):
+            return problem(STATUS_BY_CODE.get(code, 500), code, str(exc), instance=request.url.path)
+        return problem(500, "api.internal", "unexpected error; it has been logged", instance=request.url.path)

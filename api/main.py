@@ -1,0 +1,50 @@
+"""Application factory. Routers are included here; resources are built in the lifespan."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.settings import ApiSettings, get_settings
+from ledger.db import make_engine
+
+#: Router modules, each exposing ``router`` (and optionally ``startup(app)`` / ``shutdown(app)``).
+ROUTER_MODULES: list[str] = [
+    "api.routes.health",
+]
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ApiSettings = app.state.settings
+    app.state.engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                                   application_name="meterline-api")
+    modules = [importlib.import_module(m) for m in ROUTER_MODULES]
+    for module in modules:
+        if hasattr(module, "startup"):
+            await module.startup(app)
+    try:
+        yield
+    finally:
+        for module in reversed(modules):
+            if hasattr(module, "shutdown"):
+                await module.shutdown(app)
+        app.state.engine.dispose()
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="Meterline API",
+        version="0.1.0",
+        summary="Usage metering, prepaid credit wallets, pricing, payments and analytics.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or get_settings()
+    install_error_handlers(app)
+    for module_name in ROUTER_MODULES:
+        app.include_router(importlib.import_module(module_name).router)
+    return app

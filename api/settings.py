@@ -1,0 +1,45 @@
+"""API settings (prefix ``API_``), read lazily; secrets as SecretStr, placeholders refused outside local."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"changethis", "change-me", "dev-secret", "secret", ""}
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore")
+
+    env: str = Field(default="local", validation_alias=AliasChoices("METERLINE_ENV", "API_ENV"))
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str = Field(default="postgresql+psycopg://postgres@127.0.0.1:5432/meterline",
+                              validation_alias=AliasChoices("DATABASE_URL", "API_DATABASE_URL"))
+    kafka_bootstrap_servers: str = Field(default="127.0.0.1:9092",
+                                         validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS"))
+    clickhouse_url: str = Field(default="", validation_alias=AliasChoices("CLICKHOUSE_URL", "API_CLICKHOUSE_URL"))
+    topic_prefix: str = Field(default="", validation_alias=AliasChoices("METERLINE_TOPIC_PREFIX"))
+    jwt_secret: SecretStr = SecretStr("dev-secret")
+    stripe_secret_key: SecretStr = SecretStr("sk_test_placeholder")
+    stripe_webhook_secret: SecretStr = SecretStr("whsec_placeholder")
+    stripe_api_base: str = "https://api.stripe.com"
+    cors_origins: list[str] = Field(default_factory=list)
+    request_body_bytes_max: int = 5 * 1024 * 1024
+    db_pool_size: int = 10
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> ApiSettings:
+        if self.env != "local":
+            for name in ("jwt_secret",):
+                value = getattr(self, name).get_secret_value()
+                if value in PLACEHOLDER_SECRETS or "placeholder" in value:
+                    raise ValueError(f"API_{name.upper()} must be set to a real secret outside local mode")
+        return self
+
+
+@lru_cache
+def get_settings() -> ApiSettings:
+    return ApiSettings()

@@ -1,0 +1,81 @@
+"""Kafka client settings every component uses, in one place (DESIGN §5: this broker's measured quirks).
+
+- Consumers: manual commits only, ``fetch.queue.backoff.ms`` lowered from librdkafka's 1 s (which left
+  ~0.8 s idle gaps here), short session timeouts so group joins take seconds.
+- Producers: idempotent, ``acks=all``: a send is done only when the broker has it.
+- ``require_topics`` makes a missing topic a loud start-up error instead of a silent stall.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+
+
+class MissingTopicsError(RuntimeError):
+    code = "kafka.missing_topics"
+
+    def __init__(self, missing: list[str], bootstrap: str) -> None:
+        self.missing = missing
+        super().__init__(
+            f"topics {', '.join(sorted(missing))} do not exist on {bootstrap}. "
+            "Run `meterline topics create` (or `meterline up`, which creates them) before starting this process."
+        )
+
+
+def topic_name(base: str, prefix: str = "") -> str:
+    """Topic names may carry a deployment prefix (tests use one per run so they never share topics)."""
+    return f"{prefix}{base}"
+
+
+def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "message.timeout.ms": 30_000,
+    }
+    config.update(overrides)
+    return config
+
+
+def consumer_config(bootstrap: str, group_id: str, *, session_timeout_ms: int = 6_000, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": max(500, session_timeout_ms // 3),
+        "fetch.queue.backoff.ms": 10,
+        "isolation.level": "read_uncommitted",  # no transactions anywhere (DESIGN §2.1)
+    }
+    config.update(overrides)
+    return config
+
+
+def make_producer(bootstrap: str, **overrides: Any) -> Producer:
+    return Producer(producer_config(bootstrap, **overrides))
+
+
+def make_consumer(bootstrap: str, group_id: str, **overrides: Any) -> Consumer:
+    return Consumer(consumer_config(bootstrap, group_id, **overrides))
+
+
+def existing_topics(bootstrap: str, *, timeout_s: float = 10.0) -> dict[str, int]:
+    """Topic name -> partition count."""
+    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout_s)
+    return {name: len(t.partitions) for name, t in metadata.topics.items() if not t.error}
+
+
+def require_topics(bootstrap: str, names: list[str], *, timeout_s: float = 10.0) -> dict[str, int]:
+    present = existing_topics(bootstrap, timeout_s=timeout_s)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise MissingTopicsError(missing, bootstrap)
+    return {n: present[n] for n in names}

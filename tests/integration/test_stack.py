@@ -1,0 +1,145 @@
+"""`meterline up / status / down` as a user runs them: real processes, real engines, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from meterline.services import free_port
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "meterline"]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
+    env.update({"METERLINE_HOME": str(home), "METERLINE_KAFKA_PORT": str(free_port()),
+                "METERLINE_API_PORT": str(free_port()), "METERLINE_STREAMS_WORKERS": "1"})
+    env.update(extra)
+    return env
+
+
+def _cli(*args: str, env: dict[str, str], timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def _status(env: dict[str, str]) -> dict[str, object]:
+    result = _cli("status", "--json", env=env)
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture
+def running_stack(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = _env(tmp_path / "home")
+    started = time.monotonic()
+    result = _cli("up", "--detach", "--timeout-s", "60", env=env)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30, "every component must be healthy within 30 s"
+    yield env
+    _cli("down", env=env)
+
+
+def test_up_starts_every_component_and_down_leaves_nothing_behind(running_stack: dict[str, str]) -> None:
+    env = running_stack
+    report = _status(env)
+    assert report["running"] is True
+    children = report["children"]
+    assert isinstance(children, dict)
+    assert set(children) == {"api", "streams-0", "ledger", "analytics", "scheduler"}
+    health = report["api_health"]
+    assert isinstance(health, dict) and health["status"] == "ok"
+    state = json.loads((Path(env["METERLINE_HOME"]) / "stack.json").read_text())
+    pids = [info["pid"] for info in children.values()] + [state["supervisor_pid"], state["broker_pid"]]
+
+    result = _cli("down", env=env)
+    assert result.returncode == 0, result.stderr
+
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"processes left behind: {alive}"
+    pg_pid_file = Path(env["METERLINE_HOME"]) / "postgres" / "postmaster.pid"
+    assert not pg_pid_file.exists(), "embedded PostgreSQL still running after down"
+    assert _cli("status", env=env).returncode == 3
+
+
+def test_a_killed_child_is_restarted_and_the_restart_is_logged(running_stack: dict[str, str]) -> None:
+    env = running_stack
+    before = _status(env)["children"]["api"]  # type: ignore[index]
+    os.kill(before["pid"], signal.SIGKILL)
+
+    def restarted() -> bool:
+        now = _status(env)
+        api = now["children"]["api"]  # type: ignore[index]
+        return api["pid"] != before["pid"] and api["alive"] and isinstance(now.get("api_health"), dict)
+
+    _wait(restarted, 30, "the api process to come back")
+    after = _status(env)["children"]["api"]  # type: ignore[index]
+    assert after["restarts"] == before["restarts"] + 1
+    assert after["last_exit_code"] == -signal.SIGKILL
+    log = (Path(env["METERLINE_HOME"]) / "logs" / "supervisor.log").read_text()
+    assert '"child restarted"' in log and '"api"' in log
+
+
+def test_up_refuses_loudly_when_the_kafka_port_is_taken(tmp_path: Path) -> None:
+    env = _env(tmp_path / "home")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(env["METERLINE_KAFKA_PORT"])))
+        holder.listen()
+        result = _cli("up", env=env, timeout_s=60)
+    assert result.returncode != 0
+    assert "already in use" in result.stderr and env["METERLINE_KAFKA_PORT"] in result.stderr
+    assert not (tmp_path / "home" / "stack.json").exists()
+    assert not (tmp_path / "home" / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL left running"
+
+
+def test_external_engines_from_the_environment_replace_the_embedded_ones(tmp_path: Path, engines) -> None:  # type: ignore[no-untyped-def]
+    from ledger.kafka import existing_topics
+    from meterline.services import embedded_clickhouse_url
+
+    prefix = f"ext{os.getpid()}{int(time.time())}."
+    # chDB admits one process per data path, so the stack gets its own; a ClickHouse server is shared.
+    clickhouse_url = engines.clickhouse_url if engines.clickhouse_url.startswith("http") \
+        else embedded_clickhouse_url(tmp_path / "clickhouse")
+    env = _env(tmp_path / "home", DATABASE_URL=engines.admin_database_url,
+               KAFKA_BOOTSTRAP_SERVERS=engines.kafka_bootstrap_servers, CLICKHOUSE_URL=clickhouse_url,
+               METERLINE_TOPIC_PREFIX=prefix)
+    result = _cli("up", "--detach", "--timeout-s", "60", env=env)
+    try:
+        assert result.returncode == 0, result.stderr
+        state = json.loads((tmp_path / "home" / "stack.json").read_text())
+        assert state["broker_pid"] is None and state["embedded_postgres"] is None
+        assert state["urls"]["kafka_bootstrap_servers"] == engines.kafka_bootstrap_servers
+        assert not (tmp_path / "home" / "postgres").exists()
+        topics = existing_topics(engines.kafka_bootstrap_servers)
+        assert topics[f"{prefix}usage.events.v1"] == 8
+    finally:
+        _cli("down", env=env)
+
+
+def test_an_unreachable_external_database_is_a_clear_error(tmp_path: Path) -> None:
+    dead = free_port()
+    env = _env(tmp_path / "home", DATABASE_URL=f"postgresql://nobody@127.0.0.1:{dead}/nothing")
+    result = _cli("up", env=env, timeout_s=60)
+    assert result.returncode != 0
+    assert "cannot reach PostgreSQL" in result.stderr
+    assert f"127.0.0.1:{dead}" in result.stderr

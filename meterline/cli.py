@@ -145,7 +145,7 @@ def migrate() -> None:
 
 
 @topics_app.command("create")
-def topics_create() -> None:
+def topics_create(then_migrate: Annotated[bool, typer.Option("--then-migrate", help="also run migrations")] = False) -> None:
     """Create Meterline's topics on KAFKA_BOOTSTRAP_SERVERS with the configured partition counts."""
     from meterline.topics import ensure_topics, topic_specs
 
@@ -157,6 +157,8 @@ def topics_create() -> None:
         prefix=settings.topic_prefix, usage_partitions=settings.usage_partitions,
         charges_partitions=settings.charges_partitions, transactions_partitions=settings.transactions_partitions))
     console.print(f"created: {', '.join(created) or 'nothing (all present)'}")
+    if then_migrate:
+        migrate()
 
 
 def _register_optional_commands() -> None:

@@ -1,0 +1,165 @@
+"""SQLAlchemy Core views of the ledger's tables (the schema itself lives in the ledger_0001 migration).
+
+These mirror the migration column for column so queries can be written with Core expressions; the
+migration is the source of truth for constraints, indexes and triggers."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    SmallInteger,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+
+def _ts(name: str, *, nullable: bool = False) -> Column[object]:
+    return Column(name, DateTime(timezone=True), nullable=nullable)
+
+
+wallets = Table(
+    "wallets", metadata,
+    Column("id", Text, primary_key=True),
+    Column("project_id", Text, nullable=False),
+    Column("owner_kind", Text, nullable=False),
+    Column("owner_ref", Text, nullable=False),
+    Column("credit_code", Text, nullable=False),
+    Column("credit_scale", SmallInteger, nullable=False),
+    Column("balance_minor", BigInteger, nullable=False),
+    Column("held_minor", BigInteger, nullable=False),
+    Column("floor_minor", BigInteger, nullable=False),
+    _ts("created_at"),
+    _ts("updated_at"),
+)
+
+credit_buckets = Table(
+    "credit_buckets", metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("wallet_id", Text, nullable=False),
+    Column("project_id", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("granted_minor", BigInteger, nullable=False),
+    Column("remaining_minor", BigInteger, nullable=False),
+    _ts("expires_at", nullable=True),
+    _ts("created_at"),
+    Column("source_ref", Text),
+    _ts("expired_at", nullable=True),
+)
+
+transactions = Table(
+    "transactions", metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("project_id", Text, nullable=False),
+    Column("wallet_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("balance_before_minor", BigInteger, nullable=False),
+    Column("balance_after_minor", BigInteger, nullable=False),
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    Column("request_fingerprint", Text),
+    Column("source_ref", Text),
+    Column("related_transaction_id", BigInteger),
+    Column("hold_id", Text),
+    Column("meter_id", Text),
+    _ts("period_start", nullable=True),
+    Column("price_version_id", Text),
+    Column("reason", Text),
+    Column("metadata", JSONB),
+    _ts("created_at"),
+)
+
+transaction_allocations = Table(
+    "transaction_allocations", metadata,
+    Column("transaction_id", BigInteger, nullable=False),
+    Column("bucket_id", BigInteger),  # NULL = the wallet's debt
+    Column("amount_minor", BigInteger, nullable=False),
+)
+
+usage_counters = Table(
+    "usage_counters", metadata,
+    Column("wallet_id", Text, primary_key=True),
+    Column("project_id", Text, nullable=False),
+    Column("meter_id", Text, primary_key=True),
+    Column("period_start", DateTime(timezone=True), primary_key=True),
+    Column("price_version_id", Text, primary_key=True),
+    Column("source_topic", Text, primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("units", Numeric, nullable=False),
+    _ts("latest_at", nullable=True),
+    Column("events", BigInteger, nullable=False),
+    Column("late_events", BigInteger, nullable=False),
+    Column("as_of_offset", BigInteger, nullable=False),
+    _ts("updated_at"),
+)
+
+usage_charges = Table(
+    "usage_charges", metadata,
+    Column("wallet_id", Text, primary_key=True),
+    Column("project_id", Text, nullable=False),
+    Column("meter_id", Text, primary_key=True),
+    Column("period_start", DateTime(timezone=True), primary_key=True),
+    Column("price_version_id", Text, primary_key=True),
+    Column("aggregation", Text, nullable=False),
+    Column("price", JSONB, nullable=False),
+    Column("units", Numeric, nullable=False),
+    Column("charged_minor", BigInteger, nullable=False),
+    _ts("updated_at"),
+)
+
+applied_offsets = Table(
+    "applied_offsets", metadata,
+    Column("source_topic", Text, primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("applied_through", BigInteger, nullable=False),
+    _ts("updated_at"),
+)
+
+dedupe_keys = Table(
+    "dedupe_keys", metadata,
+    Column("source_topic", Text, primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("key_hash", BigInteger, primary_key=True),
+    _ts("seen_at"),
+)
+
+holds = Table(
+    "holds", metadata,
+    Column("id", Text, primary_key=True),
+    Column("wallet_id", Text, nullable=False),
+    Column("project_id", Text, nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("status", Text, nullable=False),
+    _ts("expires_at"),
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    Column("committed_transaction_id", BigInteger),
+    _ts("created_at"),
+    _ts("updated_at"),
+)
+
+outbox = Table(
+    "outbox", metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("topic", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    _ts("created_at"),
+    _ts("published_at", nullable=True),
+)
+
+scheduler_leases = Table(
+    "scheduler_leases", metadata,
+    Column("name", Text, primary_key=True),
+    Column("holder", Text, nullable=False),
+    _ts("expires_at"),
+    _ts("renewed_at"),
+)

@@ -119,6 +119,7 @@ class WalletBook:
     balance_minor: int
     buckets: list[Bucket]
     now: datetime
+    project_id: str | None = None  # needed when the plan creates buckets
     #: bucket id -> remaining after the plan (only buckets the plan touched)
     changed: dict[int, int] = field(default_factory=dict)
     #: temporary id -> (NewBucket, granted_minor) for buckets the plan created

@@ -1,0 +1,61 @@
+"""Lock wallets and load their buckets into ``WalletBook``s — the read half of every posting.
+
+Lock discipline (no deadlocks): every writer locks wallet rows with ``SELECT ... FOR UPDATE`` in
+ascending id order, and touches a wallet's buckets and holds only while holding its row lock. The
+checkpoint path locks its applied_offsets row, then its usage_charges rows (sorted), then wallets (sorted);
+no path locks in the opposite direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import Connection, text
+
+from ledger.errors import UnknownWallet
+from ledger.postings import Bucket, WalletBook
+from ledger.rows import WalletRow
+
+__all__ = ["load_books", "lock_wallet", "lock_wallets"]
+
+_WALLET_COLUMNS = ("id, project_id, owner_kind, owner_ref, credit_code, credit_scale, balance_minor, held_minor,"
+                   " floor_minor, created_at, updated_at")
+
+_LOCK_WALLETS = text(f"""
+    SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE
+""")
+
+_LIVE_BUCKETS = text("""
+    SELECT id, wallet_id, priority, expires_at, created_at, remaining_minor, source
+    FROM credit_buckets
+    WHERE wallet_id = ANY(CAST(:ids AS text[])) AND remaining_minor > 0
+""")
+
+
+def lock_wallets(conn: Connection, wallet_ids: Iterable[str]) -> dict[str, WalletRow]:
+    """Lock the wallets (ascending id) and return them; missing ids are simply absent."""
+    ids = sorted(set(wallet_ids))
+    rows = conn.execute(_LOCK_WALLETS, {"ids": ids}).mappings().all()
+    return {row["id"]: WalletRow.from_mapping(row) for row in rows}
+
+
+def lock_wallet(conn: Connection, wallet_id: str) -> WalletRow:
+    wallet = lock_wallets(conn, [wallet_id]).get(wallet_id)
+    if wallet is None:
+        raise UnknownWallet(f"wallet {wallet_id!r} does not exist", wallet_id=wallet_id)
+    return wallet
+
+
+def load_books(conn: Connection, wallets: Iterable[WalletRow], *, now: datetime) -> dict[str, WalletBook]:
+    """One query for all buckets with credit left. Buckets past expiry stay burnable until the expiry job
+    posts their breakage (it runs every few seconds); this keeps balance == credit in buckets at all times."""
+    by_id = {w.id: w for w in wallets}
+    buckets: dict[str, list[Bucket]] = {wallet_id: [] for wallet_id in by_id}
+    if by_id:
+        for row in conn.execute(_LIVE_BUCKETS, {"ids": list(by_id)}):
+            buckets[row.wallet_id].append(
+                Bucket(row.id, row.priority, row.expires_at, row.created_at, row.remaining_minor, row.source))
+    return {wallet_id: WalletBook(balance_minor=w.balance_minor, buckets=buckets[wallet_id], now=now,
+                                  project_id=w.project_id)
+            for wallet_id, w in sorted(by_id.items())}

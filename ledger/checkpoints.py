@@ -1,0 +1,244 @@
+"""apply_checkpoint: DESIGN §2.2 in one PostgreSQL transaction, set-based.
+
+Steps, and the invariant each protects:
+
+1. Lock (creating if missing) the applied_offsets row of (source_topic, partition). If
+   ``as_of_offset <= applied_through`` return ``stale`` and write nothing.
+   → a checkpoint is applied at most once, and never after a later one of the same partition (a
+   redelivered or reordered checkpoint cannot charge twice or roll counters back).
+2. Create missing subject wallets (streams provisions wallets with deterministic ids).
+   → usage is never dropped for want of a wallet.
+3. Upsert this partition's counters for every key in the checkpoint.
+   → the stored counters are what streams seeds from; they move together with applied_through.
+4. Lock the keys' usage_charges rows in key order (insert-if-missing), then read every partition's
+   counters of those keys and merge them per aggregation (sum/count/unique_count: sum; max: max;
+   latest: the value with the latest ``latest_at``).
+   → a key spanning partitions is priced as a whole; the row lock serialises two partitions' appliers
+     for one key, and the read after the lock sees the other partition's committed counters.
+5. Price the merged units (ledger.pricing), delta = price − charged. Store units and charged.
+   → the sum of everything posted for a key equals price(total units): no drift, no double charge.
+6. Lock the wallets with a non-zero delta (id order), post each delta as a ``usage`` transaction:
+   positive delta burns buckets, beyond the balance it is posted as debt (never dropped); a negative
+   delta (a volume tier got cheaper, a LATEST gauge fell) is a ``usage`` transaction with a POSITIVE
+   amount that repays debt first and puts the rest in a 'refund' bucket. Idempotency key:
+   ``usage:{topic}:{partition}:{as_of}:{wallet}:{meter}:{period}:{version}`` (deterministic).
+   Outbox rows are written for every transaction.
+7. Record the checkpoint's dedupe keys and set applied_through = as_of_offset.
+   → dedupe state, counters, money and the offset mark commit atomically or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from sqlalchemy import Connection, text
+
+from ledger.books import load_books, lock_wallets
+from ledger.contracts import ChargeCheckpoint, CounterValue, PriceModel, TransactionKind
+from ledger.postings import DEFAULT_PRIORITY, NewBucket
+from ledger.pricing import price_minor
+from ledger.rows import CheckpointOutcome
+from ledger.writer import Draft, write
+
+__all__ = ["apply_checkpoint", "merge_units", "usage_idempotency_key"]
+
+
+class Key(NamedTuple):
+    wallet_id: str
+    meter_id: str
+    period_start: datetime
+    price_version_id: str
+
+
+_LOCK_PARTITION = text("""
+    INSERT INTO applied_offsets (source_topic, partition) VALUES (:topic, :partition)
+    ON CONFLICT (source_topic, partition) DO UPDATE SET source_topic = EXCLUDED.source_topic
+    RETURNING applied_through
+""")
+
+_ENSURE_WALLETS = text("""
+    INSERT INTO wallets (id, project_id, owner_kind, owner_ref)
+    SELECT w.id, w.project_id, 'subject', w.id
+    FROM unnest(CAST(:id AS text[]), CAST(:project_id AS text[])) AS w(id, project_id)
+    ORDER BY w.id
+    ON CONFLICT DO NOTHING
+""")
+
+_KEY_ARRAYS = """CAST(:wallet_id AS text[]), CAST(:meter_id AS text[]), CAST(:period_start AS timestamptz[]),
+                 CAST(:price_version_id AS text[])"""
+
+_UPSERT_COUNTERS = text(f"""
+    INSERT INTO usage_counters (wallet_id, meter_id, period_start, price_version_id, project_id, source_topic,
+                                partition, units, latest_at, events, late_events, as_of_offset, updated_at)
+    SELECT v.wallet_id, v.meter_id, v.period_start, v.price_version_id, v.project_id, :topic, :partition,
+           v.units, v.latest_at, v.events, v.late_events, :as_of, now()
+    FROM unnest({_KEY_ARRAYS}, CAST(:project_id AS text[]), CAST(:units AS numeric[]),
+                CAST(:latest_at AS timestamptz[]), CAST(:events AS bigint[]), CAST(:late_events AS bigint[]))
+         AS v(wallet_id, meter_id, period_start, price_version_id, project_id, units, latest_at, events, late_events)
+    ON CONFLICT (wallet_id, meter_id, period_start, price_version_id, source_topic, partition) DO UPDATE SET
+        units = EXCLUDED.units, latest_at = EXCLUDED.latest_at, events = EXCLUDED.events,
+        late_events = EXCLUDED.late_events, as_of_offset = EXCLUDED.as_of_offset, updated_at = now()
+""")
+
+# ON CONFLICT DO UPDATE locks each existing row; ORDER BY makes every applier lock keys in one order.
+_LOCK_CHARGES = text(f"""
+    INSERT INTO usage_charges (wallet_id, meter_id, period_start, price_version_id, project_id, aggregation, price)
+    SELECT v.wallet_id, v.meter_id, v.period_start, v.price_version_id, v.project_id, v.aggregation,
+           CAST(v.price AS jsonb)
+    FROM unnest({_KEY_ARRAYS}, CAST(:project_id AS text[]), CAST(:aggregation AS text[]), CAST(:price AS text[]))
+         AS v(wallet_id, meter_id, period_start, price_version_id, project_id, aggregation, price)
+    ORDER BY v.wallet_id, v.meter_id, v.period_start, v.price_version_id
+    ON CONFLICT (wallet_id, meter_id, period_start, price_version_id) DO UPDATE SET updated_at = now()
+    RETURNING wallet_id, meter_id, period_start, price_version_id, charged_minor
+""")
+
+_ALL_PARTITIONS = text(f"""
+    SELECT c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.units, c.latest_at
+    FROM usage_counters c
+    JOIN unnest({_KEY_ARRAYS}) AS k(wallet_id, meter_id, period_start, price_version_id)
+      ON c.wallet_id = k.wallet_id AND c.meter_id = k.meter_id AND c.period_start = k.period_start
+     AND c.price_version_id = k.price_version_id
+""")
+
+_UPDATE_CHARGES = text(f"""
+    UPDATE usage_charges c SET units = v.units, charged_minor = v.charged, updated_at = now()
+    FROM unnest({_KEY_ARRAYS}, CAST(:units AS numeric[]), CAST(:charged AS bigint[]))
+         AS v(wallet_id, meter_id, period_start, price_version_id, units, charged)
+    WHERE c.wallet_id = v.wallet_id AND c.meter_id = v.meter_id AND c.period_start = v.period_start
+      AND c.price_version_id = v.price_version_id
+""")
+
+_INSERT_DEDUPE = text("""
+    INSERT INTO dedupe_keys (source_topic, partition, key_hash, seen_at)
+    SELECT :topic, :partition, h, now() FROM unnest(CAST(:hashes AS bigint[])) AS h
+    ON CONFLICT DO NOTHING
+""")
+
+_SET_APPLIED = text("""
+    UPDATE applied_offsets SET applied_through = :as_of, updated_at = now()
+    WHERE source_topic = :topic AND partition = :partition
+""")
+
+
+def apply_checkpoint(conn: Connection, checkpoint: ChargeCheckpoint) -> CheckpointOutcome:
+    """Apply ``checkpoint`` inside the caller's transaction (the caller commits). See the module doc."""
+    topic, partition, as_of = checkpoint.source_topic, checkpoint.partition, checkpoint.as_of_offset
+    applied = int(conn.execute(_LOCK_PARTITION, {"topic": topic, "partition": partition}).scalar_one())
+    if as_of <= applied:
+        return CheckpointOutcome("stale", topic, partition, applied)
+    values = _last_value_per_key(checkpoint.counters)
+    transactions = charged_total = 0
+    if values:
+        conn.execute(_ENSURE_WALLETS, _wallet_params(values.values()))
+        conn.execute(_UPSERT_COUNTERS, {**_counter_params(values), "topic": topic, "partition": partition,
+                                        "as_of": as_of})
+        charged = _lock_charges(conn, values)
+        units = _merged(conn, values)
+        deltas = {key: price_minor(values[key].price, units[key]) - charged[key] for key in values}
+        conn.execute(_UPDATE_CHARGES, {**_key_params(values), "units": [units[k] for k in values],
+                                       "charged": [charged[k] + deltas[k] for k in values]})
+        cumulative = {key: charged[key] + deltas[key] for key in values}
+        transactions, charged_total = _post_deltas(conn, checkpoint, values, units, deltas, cumulative)
+    if checkpoint.dedupe_keys:
+        conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition, "hashes": checkpoint.dedupe_keys})
+    conn.execute(_SET_APPLIED, {"topic": topic, "partition": partition, "as_of": as_of})
+    return CheckpointOutcome("applied", topic, partition, as_of, len(values), transactions, charged_total)
+
+
+def usage_idempotency_key(checkpoint: ChargeCheckpoint, key: Key) -> str:
+    return (f"usage:{checkpoint.source_topic}:{checkpoint.partition}:{checkpoint.as_of_offset}:{key.wallet_id}:"
+            f"{key.meter_id}:{key.period_start.astimezone(UTC).isoformat()}:{key.price_version_id}")
+
+
+def merge_units(aggregation: str, values: Iterable[tuple[Decimal, datetime | None]]) -> Decimal:
+    """Merge per-partition (units, latest_at) of one key. unique_count sums: exact when every event of a
+    distinct value lands in one partition (the partitioning contract of DESIGN §1)."""
+    items = list(values)
+    if not items:
+        return Decimal(0)
+    if aggregation == "max":
+        return max(units for units, _ in items)
+    if aggregation == "latest":
+        floor = datetime.min.replace(tzinfo=UTC)
+        return max(items, key=lambda item: (item[1] or floor, item[0]))[0]
+    return sum((units for units, _ in items), Decimal(0))
+
+
+# --- steps ------------------------------------------------------------------------------------------------
+
+def _last_value_per_key(counters: list[CounterValue]) -> dict[Key, CounterValue]:
+    """Keys in sorted order (the order every statement processes them); a repeated key keeps its last value."""
+    by_key = {Key(c.key.wallet_id, c.key.meter_id, c.key.period_start, c.key.price_version_id): c for c in counters}
+    return dict(sorted(by_key.items()))
+
+
+def _key_params(values: dict[Key, CounterValue]) -> dict[str, list[Any]]:
+    return {"wallet_id": [k.wallet_id for k in values], "meter_id": [k.meter_id for k in values],
+            "period_start": [k.period_start for k in values], "price_version_id": [k.price_version_id for k in values]}
+
+
+def _wallet_params(values: Iterable[CounterValue]) -> dict[str, list[str]]:
+    wallets = dict(sorted({v.key.wallet_id: v.key.project_id for v in values}.items()))
+    return {"id": list(wallets), "project_id": list(wallets.values())}
+
+
+def _counter_params(values: dict[Key, CounterValue]) -> dict[str, list[Any]]:
+    vs = list(values.values())
+    return {**_key_params(values), "project_id": [v.key.project_id for v in vs], "units": [v.units for v in vs],
+            "latest_at": [v.latest_at for v in vs], "events": [v.events for v in vs],
+            "late_events": [v.late_events for v in vs]}
+
+
+_PRICE_JSON: dict[PriceModel, str] = {}
+
+
+def _price_json(price: PriceModel) -> str:
+    """Price versions repeat across keys; serialise each once (bounded cache)."""
+    cached = _PRICE_JSON.get(price)
+    if cached is None:
+        if len(_PRICE_JSON) > 4096:
+            _PRICE_JSON.clear()
+        cached = _PRICE_JSON[price] = price.model_dump_json()
+    return cached
+
+
+def _lock_charges(conn: Connection, values: dict[Key, CounterValue]) -> dict[Key, int]:
+    vs = list(values.values())
+    rows = conn.execute(_LOCK_CHARGES, {**_key_params(values), "project_id": [v.key.project_id for v in vs],
+                                        "aggregation": [v.aggregation for v in vs],
+                                        "price": [_price_json(v.price) for v in vs]})
+    return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id): int(r.charged_minor) for r in rows}
+
+
+def _merged(conn: Connection, values: dict[Key, CounterValue]) -> dict[Key, Decimal]:
+    per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in values}
+    for r in conn.execute(_ALL_PARTITIONS, _key_params(values)):
+        per_key[Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)].append((r.units, r.latest_at))
+    return {key: merge_units(values[key].aggregation, per_key[key]) for key in values}
+
+
+def _post_deltas(conn: Connection, checkpoint: ChargeCheckpoint, values: dict[Key, CounterValue],
+                 units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int]) -> tuple[int, int]:
+    moving = [key for key in values if deltas[key] != 0]
+    if not moving:
+        return 0, 0
+    wallets = lock_wallets(conn, {key.wallet_id for key in moving})
+    books = load_books(conn, wallets.values(), now=datetime.now(UTC))
+    drafts: list[Draft] = []
+    for key in moving:  # sorted: a wallet's postings chain in key order
+        book, delta = books[key.wallet_id], deltas[key]
+        posting = (book.debit(delta) if delta > 0 else
+                   book.credit(-delta, NewBucket("refund", DEFAULT_PRIORITY["refund"],
+                                                 source_ref=f"usage-credit:{key.meter_id}")))
+        drafts.append(Draft(
+            wallet_id=key.wallet_id, project_id=wallets[key.wallet_id].project_id, kind=TransactionKind.USAGE,
+            posting=posting, idempotency_key=usage_idempotency_key(checkpoint, key),
+            source_ref=f"{checkpoint.source_topic}:{checkpoint.partition}:{checkpoint.as_of_offset}",
+            meter_id=key.meter_id, period_start=key.period_start, price_version_id=key.price_version_id,
+            metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key]},
+        ))
+    write(conn, books, drafts)
+    return len(drafts), sum(deltas[key] for key in moving)

@@ -1,0 +1,213 @@
+"""Read-only queries over the ledger (safe for api, streams and analytics to import; nothing here writes).
+
+``partition_snapshot`` is what streams seeds from on assignment (see ledger/README.md, "checkpoint
+protocol"): applied_through and the partition's counters are read by ONE SQL statement, hence from one
+snapshot, whatever the connection's isolation level — the pair can never be torn by a concurrent apply.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, text
+
+from ledger.rows import (
+    AllocationRow,
+    BalanceView,
+    BucketRow,
+    HoldRow,
+    PartitionSnapshot,
+    SnapshotCounter,
+    TransactionRow,
+    WalletRow,
+)
+
+__all__ = [
+    "TransactionPage",
+    "applied_offsets",
+    "dedupe_keys_since",
+    "get_balance",
+    "get_hold",
+    "get_transaction",
+    "get_wallet",
+    "list_buckets",
+    "list_transactions",
+    "partition_snapshot",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionPage:
+    items: tuple[TransactionRow, ...]
+    next_cursor: str | None  # pass back as ``cursor`` for the next (older) page; None = no more
+
+
+def get_wallet(conn: Connection, wallet_id: str) -> WalletRow | None:
+    row = conn.execute(text("SELECT * FROM wallets WHERE id = :id"), {"id": wallet_id}).mappings().one_or_none()
+    return WalletRow.from_mapping(row) if row else None
+
+
+def get_balance(conn: Connection, wallet_id: str) -> BalanceView | None:
+    """balance, held, available (= balance − held − floor, ≥ 0), debt (= max(−balance, 0)), blocked."""
+    wallet = get_wallet(conn, wallet_id)
+    return BalanceView.of(wallet) if wallet else None
+
+
+def get_transaction(conn: Connection, transaction_id: int) -> TransactionRow | None:
+    row = conn.execute(text("SELECT * FROM transactions WHERE id = :id"), {"id": transaction_id}).mappings().one_or_none()
+    if row is None:
+        return None
+    return TransactionRow.from_mapping(row, _allocations(conn, [transaction_id]).get(transaction_id, ()))
+
+
+def get_hold(conn: Connection, hold_id: str) -> HoldRow | None:
+    row = conn.execute(text("SELECT * FROM holds WHERE id = :id"), {"id": hold_id}).mappings().one_or_none()
+    return HoldRow.from_mapping(row) if row else None
+
+
+def list_transactions(conn: Connection, *, wallet_id: str | None = None, project_id: str | None = None,
+                      kinds: Sequence[str] | None = None, since: datetime | None = None,
+                      until: datetime | None = None, source_ref: str | None = None, cursor: str | None = None,
+                      limit: int = 50) -> TransactionPage:
+    """Newest first, keyset-paginated by id (stable under concurrent inserts), each with its allocations.
+    ``since`` is inclusive and ``until`` exclusive on created_at."""
+    if wallet_id is None and project_id is None:
+        raise ValueError("list_transactions needs wallet_id or project_id")
+    limit = max(1, min(limit, 500))
+    where, params = _transaction_filters(wallet_id=wallet_id, project_id=project_id, kinds=kinds, since=since,
+                                         until=until, source_ref=source_ref, before_id=_decode_cursor(cursor))
+    rows = conn.execute(text(f"SELECT * FROM transactions WHERE {where} ORDER BY id DESC LIMIT :limit"),
+                        {**params, "limit": limit + 1}).mappings().all()
+    page = rows[:limit]
+    allocations = _allocations(conn, [r["id"] for r in page])
+    items = tuple(TransactionRow.from_mapping(r, allocations.get(r["id"], ())) for r in page)
+    next_cursor = _encode_cursor(items[-1].id) if len(rows) > limit else None
+    return TransactionPage(items, next_cursor)
+
+
+def _transaction_filters(*, wallet_id: str | None, project_id: str | None, kinds: Sequence[str] | None,
+                         since: datetime | None, until: datetime | None, source_ref: str | None,
+                         before_id: int | None) -> tuple[str, dict[str, object]]:
+    clauses: list[str] = []
+    params: dict[str, object] = {}
+    for column, value in (("wallet_id", wallet_id), ("project_id", project_id), ("source_ref", source_ref)):
+        if value is not None:
+            clauses.append(f"{column} = :{column}")
+            params[column] = value
+    if kinds:
+        clauses.append("kind = ANY(CAST(:kinds AS text[]))")
+        params["kinds"] = list(kinds)
+    if since is not None:
+        clauses.append("created_at >= :since")
+        params["since"] = since
+    if until is not None:
+        clauses.append("created_at < :until")
+        params["until"] = until
+    if before_id is not None:
+        clauses.append("id < :before_id")
+        params["before_id"] = before_id
+    return " AND ".join(clauses), params
+
+
+def _encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"tx:{last_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, value = raw.split(":", 1)
+        if prefix != "tx":
+            raise ValueError(prefix)
+        return int(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"invalid cursor {cursor!r}") from exc
+
+
+def _allocations(conn: Connection, transaction_ids: list[int]) -> dict[int, tuple[AllocationRow, ...]]:
+    if not transaction_ids:
+        return {}
+    rows = conn.execute(text("""
+        SELECT a.transaction_id, a.bucket_id, a.amount_minor, b.source
+        FROM transaction_allocations a LEFT JOIN credit_buckets b ON b.id = a.bucket_id
+        WHERE a.transaction_id = ANY(CAST(:ids AS bigint[]))
+        ORDER BY a.transaction_id, a.amount_minor < 0, a.bucket_id NULLS LAST
+    """), {"ids": transaction_ids})
+    out: dict[int, list[AllocationRow]] = defaultdict(list)
+    for r in rows:
+        out[r.transaction_id].append(AllocationRow(r.bucket_id, r.amount_minor, r.source))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def list_buckets(conn: Connection, wallet_id: str, *, include_empty: bool = False) -> list[BucketRow]:
+    """A wallet's buckets in burn order (the order debits consume them)."""
+    condition = "" if include_empty else "AND remaining_minor > 0"
+    rows = conn.execute(text(f"""
+        SELECT * FROM credit_buckets WHERE wallet_id = :w {condition}
+        ORDER BY priority, expires_at ASC NULLS LAST, created_at, id
+    """), {"w": wallet_id}).mappings().all()
+    return [BucketRow.from_mapping(r) for r in rows]
+
+
+def applied_offsets(conn: Connection, source_topic: str, partitions: Sequence[int]) -> dict[int, int]:
+    """partition -> applied_through (-1 when nothing was applied yet). Cheap: streams polls it while it waits
+    for the ledger to catch up before seeding."""
+    rows = conn.execute(text("""
+        SELECT partition, applied_through FROM applied_offsets
+        WHERE source_topic = :t AND partition = ANY(CAST(:p AS int[]))
+    """), {"t": source_topic, "p": list(partitions)})
+    found = {int(r.partition): int(r.applied_through) for r in rows}
+    return {p: found.get(p, -1) for p in partitions}
+
+
+_SNAPSHOT = text("""
+    SELECT 'offset' AS what, a.partition, a.applied_through, NULL AS wallet_id, NULL AS project_id,
+           NULL AS meter_id, NULL::timestamptz AS period_start, NULL AS price_version_id, NULL::numeric AS units,
+           NULL::timestamptz AS latest_at, NULL::bigint AS events, NULL::bigint AS late_events,
+           NULL::bigint AS charged_minor
+    FROM applied_offsets a WHERE a.source_topic = :t AND a.partition = ANY(CAST(:p AS int[]))
+    UNION ALL
+    SELECT 'counter', c.partition, NULL, c.wallet_id, c.project_id, c.meter_id, c.period_start, c.price_version_id,
+           c.units, c.latest_at, c.events, c.late_events, coalesce(ch.charged_minor, 0)
+    FROM usage_counters c
+    LEFT JOIN usage_charges ch ON ch.wallet_id = c.wallet_id AND ch.meter_id = c.meter_id
+         AND ch.period_start = c.period_start AND ch.price_version_id = c.price_version_id
+    WHERE c.source_topic = :t AND c.partition = ANY(CAST(:p AS int[]))
+      AND (CAST(:since AS timestamptz) IS NULL OR c.period_start >= CAST(:since AS timestamptz))
+""")
+
+
+def partition_snapshot(conn: Connection, source_topic: str, partitions: Sequence[int], *,
+                       periods_since: datetime | None = None) -> PartitionSnapshot:
+    """applied_through of each partition and its stored counters, from ONE snapshot (one statement).
+
+    ``periods_since`` limits counters to periods starting at or after it (older periods are closed)."""
+    applied = {p: -1 for p in partitions}
+    counters: list[SnapshotCounter] = []
+    for r in conn.execute(_SNAPSHOT, {"t": source_topic, "p": list(partitions), "since": periods_since}):
+        if r.what == "offset":
+            applied[int(r.partition)] = int(r.applied_through)
+        else:
+            counters.append(SnapshotCounter(r.wallet_id, r.project_id, r.meter_id, r.period_start,
+                                            r.price_version_id, int(r.partition), r.units, r.latest_at,
+                                            int(r.events), int(r.late_events), int(r.charged_minor)))
+    return PartitionSnapshot(source_topic, applied, tuple(counters))
+
+
+def dedupe_keys_since(conn: Connection, *, source_topic: str, partitions: Sequence[int],
+                      since: datetime) -> dict[int, set[int]]:
+    """partition -> the (signed 64-bit) dedupe hashes recorded at or after ``since`` (the dedupe horizon)."""
+    out: dict[int, set[int]] = {p: set() for p in partitions}
+    rows = conn.execute(text("""
+        SELECT partition, key_hash FROM dedupe_keys
+        WHERE source_topic = :t AND partition = ANY(CAST(:p AS int[])) AND seen_at >= :since
+    """), {"t": source_topic, "p": list(partitions), "since": since})
+    for r in rows:
+        out[int(r.partition)].add(int(r.key_hash))
+    return out

@@ -1,0 +1,368 @@
+"""The ledger's write surface (the schema note's service functions). Every function takes a SQLAlchemy
+Connection inside a transaction the CALLER commits, so a caller can combine a posting with its own writes.
+
+Guarantees:
+- Idempotency: every posting has a UNIQUE idempotency key. Replaying a request returns outcome
+  ``duplicate`` with the original row and writes nothing; reusing a key for a different request (other
+  wallet, amount, hold, original transaction) raises ``IdempotencyConflict``.
+- No overspend: synchronous debits and reservations lock the wallet row, then check
+  ``balance - held - amount >= floor`` and that the wallet has no debt, under the lock.
+- Credits (grants, refunds, positive adjustments) repay debt first; what is left fills a bucket.
+- Every posting writes its TransactionPosted outbox row in the same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from ledger.books import load_books, lock_wallet
+from ledger.checkpoints import apply_checkpoint
+from ledger.contracts import TransactionKind
+from ledger.errors import (
+    HoldNotActive,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidRequest,
+    NotRefundable,
+    RefundExceedsCharge,
+    UnknownHold,
+    UnknownTransaction,
+    WalletBlocked,
+    WalletConflict,
+)
+from ledger.expiry import expire_credits, expire_holds
+from ledger.postings import DEFAULT_PRIORITY, NewBucket, Posting, WalletBalance, WalletBook
+from ledger.queries import get_transaction
+from ledger.rows import HoldRow, PostingResult, WalletRow
+from ledger.writer import Draft, write
+
+__all__ = [
+    "CREDIT_KINDS",
+    "adjust",
+    "apply_checkpoint",
+    "commit_hold",
+    "debit",
+    "ensure_wallet",
+    "expire_credits",
+    "expire_holds",
+    "grant_credits",
+    "refund",
+    "reserve",
+    "set_floor",
+    "void_hold",
+]
+
+#: Kinds grant_credits accepts, and the bucket source each fills by default.
+CREDIT_KINDS: dict[TransactionKind, str] = {
+    TransactionKind.TOP_UP: "top_up",
+    TransactionKind.BONUS: "bonus",
+    TransactionKind.PROMO: "promo",
+    TransactionKind.SUBSCRIPTION_GRANT: "subscription",
+    TransactionKind.ADJUSTMENT: "adjustment",
+}
+REFUNDABLE_KINDS = frozenset({"usage", "debit", "reservation_commit"})
+
+
+# --- wallets ----------------------------------------------------------------------------------------------
+
+def ensure_wallet(conn: Connection, *, project_id: str, owner_kind: str, owner_ref: str, wallet_id: str | None = None,
+                  credit_scale: int = 0, credit_code: str = "credits") -> WalletRow:
+    """The wallet of (project, owner), created if missing. Idempotent; concurrent callers get the same row."""
+    if owner_kind not in ("user", "project", "subject"):
+        raise InvalidRequest(f"owner_kind must be user, project or subject, not {owner_kind!r}")
+    new_id = wallet_id or f"w_{uuid.uuid4().hex}"
+    conn.execute(text("""
+        INSERT INTO wallets (id, project_id, owner_kind, owner_ref, credit_scale, credit_code)
+        VALUES (:id, :project_id, :owner_kind, :owner_ref, :credit_scale, :credit_code)
+        ON CONFLICT DO NOTHING
+    """), {"id": new_id, "project_id": project_id, "owner_kind": owner_kind, "owner_ref": owner_ref,
+           "credit_scale": credit_scale, "credit_code": credit_code})
+    row = conn.execute(text("""
+        SELECT * FROM wallets WHERE project_id = :project_id AND owner_kind = :owner_kind AND owner_ref = :owner_ref
+    """), {"project_id": project_id, "owner_kind": owner_kind, "owner_ref": owner_ref}).mappings().one_or_none()
+    if row is None or (wallet_id is not None and row["id"] != wallet_id):
+        raise WalletConflict(f"wallet id {new_id!r} already belongs to another owner", wallet_id=new_id)
+    return WalletRow.from_mapping(row)
+
+
+def set_floor(conn: Connection, *, wallet_id: str, floor_minor: int) -> WalletRow:
+    """Change the floor synchronous debits respect (negative = an overdraft allowance)."""
+    lock_wallet(conn, wallet_id)
+    row = conn.execute(text("UPDATE wallets SET floor_minor = :f, updated_at = now() WHERE id = :id RETURNING *"),
+                       {"f": floor_minor, "id": wallet_id}).mappings().one()
+    return WalletRow.from_mapping(row)
+
+
+# --- credits ----------------------------------------------------------------------------------------------
+
+def grant_credits(conn: Connection, *, wallet_id: str, amount_minor: int, idempotency_key: str,
+                  kind: TransactionKind | str = TransactionKind.TOP_UP, source: str | None = None,
+                  priority: int | None = None, expires_at: datetime | None = None, source_ref: str | None = None,
+                  reason: str | None = None, metadata: dict[str, Any] | None = None) -> PostingResult:
+    """Add credits as a bucket (settling debt first). ``source`` defaults from ``kind``, ``priority`` from
+    ``source`` (postings.DEFAULT_PRIORITY)."""
+    kind = TransactionKind(kind)
+    if kind not in CREDIT_KINDS:
+        raise InvalidRequest(f"grant_credits posts {', '.join(CREDIT_KINDS)}, not {kind.value!r}")
+    _require_positive(amount_minor)
+    _require_aware(expires_at)
+    bucket_source = source or CREDIT_KINDS[kind]
+    if bucket_source not in DEFAULT_PRIORITY:
+        raise InvalidRequest(f"unknown bucket source {bucket_source!r}")
+    if kind is TransactionKind.ADJUSTMENT and not reason:
+        raise InvalidRequest("an adjustment needs a reason")
+    spec = NewBucket(bucket_source, DEFAULT_PRIORITY[bucket_source] if priority is None else priority,
+                     expires_at, source_ref)
+    fingerprint = _fingerprint("grant", wallet_id, kind.value, amount_minor, bucket_source, spec.priority,
+                               expires_at.isoformat() if expires_at else None)
+    return _post(conn, wallet_id=wallet_id, key=idempotency_key, fingerprint=fingerprint,
+                 plan=lambda book, wallet: book.credit(amount_minor, spec),
+                 describe=dict(kind=kind, source_ref=source_ref, reason=reason, metadata=metadata))
+
+
+def adjust(conn: Connection, *, wallet_id: str, amount_minor: int, reason: str, idempotency_key: str,
+           metadata: dict[str, Any] | None = None) -> PostingResult:
+    """An operator's correction. Positive: an 'adjustment' bucket (debt first). Negative: burns buckets
+    like usage and MAY create debt (e.g. claw back a charged-back top-up) — the operator's decision."""
+    if not reason or not reason.strip():
+        raise InvalidRequest("an adjustment needs a reason")
+    if amount_minor == 0:
+        raise InvalidRequest("an adjustment of 0 changes nothing")
+    spec = NewBucket("adjustment", DEFAULT_PRIORITY["adjustment"])
+
+    def plan(book: WalletBook, wallet: WalletRow) -> Posting:
+        return book.credit(amount_minor, spec) if amount_minor > 0 else book.debit(-amount_minor)
+
+    return _post(conn, wallet_id=wallet_id, key=idempotency_key,
+                 fingerprint=_fingerprint("adjust", wallet_id, amount_minor), plan=plan,
+                 describe=dict(kind=TransactionKind.ADJUSTMENT, reason=reason, metadata=metadata))
+
+
+# --- synchronous debits -----------------------------------------------------------------------------------
+
+def debit(conn: Connection, *, wallet_id: str, amount_minor: int, idempotency_key: str,
+          source_ref: str | None = None, metadata: dict[str, Any] | None = None) -> PostingResult:
+    """Charge now or refuse: never takes balance - held below the floor, refused while in debt."""
+    _require_positive(amount_minor)
+
+    def plan(book: WalletBook, wallet: WalletRow) -> Posting:
+        _require_access(wallet, amount_minor)
+        return book.debit(amount_minor)
+
+    return _post(conn, wallet_id=wallet_id, key=idempotency_key,
+                 fingerprint=_fingerprint("debit", wallet_id, amount_minor), plan=plan,
+                 describe=dict(kind=TransactionKind.DEBIT, source_ref=source_ref, metadata=metadata))
+
+
+def reserve(conn: Connection, *, wallet_id: str, amount_minor: int, timeout_s: float,
+            idempotency_key: str) -> HoldRow:
+    """Hold credits for up to ``timeout_s``. A replay returns the original hold (any status)."""
+    _require_positive(amount_minor)
+    if timeout_s <= 0:
+        raise InvalidRequest("timeout_s must be > 0")
+    replay = _hold_by_key(conn, idempotency_key, wallet_id, amount_minor)
+    if replay is not None:
+        return replay
+    wallet = lock_wallet(conn, wallet_id)
+    replay = _hold_by_key(conn, idempotency_key, wallet_id, amount_minor)
+    if replay is not None:
+        return replay
+    _require_access(wallet, amount_minor)
+    row = conn.execute(text("""
+        INSERT INTO holds (id, wallet_id, project_id, amount_minor, expires_at, idempotency_key)
+        VALUES (:id, :wallet_id, :project_id, :amount, now() + make_interval(secs => :timeout_s), :key)
+        RETURNING *
+    """), {"id": f"hold_{uuid.uuid4().hex}", "wallet_id": wallet_id, "project_id": wallet.project_id,
+           "amount": amount_minor, "timeout_s": timeout_s, "key": idempotency_key}).mappings().one()
+    conn.execute(text("UPDATE wallets SET held_minor = held_minor + :a, updated_at = now() WHERE id = :id"),
+                 {"a": amount_minor, "id": wallet_id})
+    return HoldRow.from_mapping(row)
+
+
+def commit_hold(conn: Connection, *, hold_id: str, amount_minor: int, idempotency_key: str,
+                metadata: dict[str, Any] | None = None) -> PostingResult:
+    """Post the actual cost of a reserved operation and release the hold.
+
+    Up to the held amount the charge is always posted (the hold promised it, even if usage posted since
+    then has drained the wallet — that shortfall becomes debt). Above the held amount only what is
+    available is charged: posted = held-part + min(rest, available after posting the held part with this
+    hold released and every other hold still in place). The requested amount is kept in metadata."""
+    if amount_minor < 0:
+        raise InvalidRequest("amount_minor must be >= 0")
+    wallet_id = _hold_wallet(conn, hold_id)
+    holder: dict[str, HoldRow] = {}
+
+    def plan(book: WalletBook, wallet: WalletRow) -> Posting:
+        hold = _lock_active_hold(conn, hold_id)
+        holder["hold"] = hold
+        covered = min(amount_minor, hold.amount_minor)
+        # what stays available once the held part is posted and this hold (only) is released
+        after = WalletBalance(wallet.balance_minor - covered, wallet.held_minor - hold.amount_minor, wallet.floor_minor)
+        extra = min(amount_minor - covered, after.available_minor)
+        return book.debit(covered + extra)
+
+    result = _post(conn, wallet_id=wallet_id, key=idempotency_key,
+                   fingerprint=_fingerprint("commit", hold_id, amount_minor), plan=plan,
+                   describe=dict(kind=TransactionKind.RESERVATION_COMMIT, hold_id=hold_id,
+                                 metadata={**(metadata or {}), "requested_minor": amount_minor}))
+    if result.outcome == "created":
+        hold = holder["hold"]
+        conn.execute(text("""
+            UPDATE holds SET status = 'committed', committed_transaction_id = :tx, updated_at = now() WHERE id = :id
+        """), {"tx": result.transaction.id, "id": hold_id})
+        _release(conn, wallet_id, hold.amount_minor)
+    return result
+
+
+def void_hold(conn: Connection, *, hold_id: str) -> HoldRow:
+    """Release an active hold. Voiding a voided or expired hold returns it unchanged; a committed one
+    raises HoldNotActive."""
+    lock_wallet(conn, _hold_wallet(conn, hold_id))
+    hold = _lock_hold(conn, hold_id)
+    if hold.status == "committed":
+        raise HoldNotActive(f"hold {hold_id} is committed", hold_id=hold_id, status=hold.status)
+    if hold.status != "active":
+        return hold
+    row = conn.execute(text("UPDATE holds SET status = 'voided', updated_at = now() WHERE id = :id RETURNING *"),
+                       {"id": hold_id}).mappings().one()
+    _release(conn, hold.wallet_id, hold.amount_minor)
+    return HoldRow.from_mapping(row)
+
+
+# --- refunds ----------------------------------------------------------------------------------------------
+
+def refund(conn: Connection, *, transaction_id: int, idempotency_key: str, amount_minor: int | None = None,
+           reason: str | None = None, metadata: dict[str, Any] | None = None) -> PostingResult:
+    """Give back (part of) a charge as a 'refund' bucket, linked to the charge. ``amount_minor=None``
+    refunds whatever is left. All refunds of a charge together never exceed it (checked under the lock)."""
+    if amount_minor is not None:
+        _require_positive(amount_minor)
+    original = get_transaction(conn, transaction_id)
+    if original is None:
+        raise UnknownTransaction(f"transaction {transaction_id} does not exist", transaction_id=transaction_id)
+    if original.kind not in REFUNDABLE_KINDS or original.amount_minor >= 0:
+        raise NotRefundable(f"transaction {transaction_id} is a {original.kind} of {original.amount_minor}; only "
+                            "charges can be refunded", transaction_id=transaction_id)
+    spec = NewBucket("refund", DEFAULT_PRIORITY["refund"], source_ref=f"refund:{transaction_id}")
+
+    def plan(book: WalletBook, wallet: WalletRow) -> Posting:
+        refunded = conn.execute(text("""
+            SELECT coalesce(sum(amount_minor), 0) FROM transactions
+            WHERE related_transaction_id = :id AND kind = 'refund'
+        """), {"id": transaction_id}).scalar_one()
+        left = -original.amount_minor - int(refunded)
+        amount = left if amount_minor is None else amount_minor
+        if amount > left or amount <= 0:
+            raise RefundExceedsCharge(
+                f"refund of {amount} exceeds what is left of the charge ({left} of {-original.amount_minor})",
+                transaction_id=transaction_id, refundable_minor=left)
+        return book.credit(amount, spec)
+
+    return _post(conn, wallet_id=original.wallet_id, key=idempotency_key,
+                 fingerprint=_fingerprint("refund", transaction_id, amount_minor), plan=plan,
+                 describe=dict(kind=TransactionKind.REFUND, related_transaction_id=transaction_id,
+                               source_ref=original.source_ref, reason=reason, metadata=metadata))
+
+
+# --- the posting skeleton ---------------------------------------------------------------------------------
+
+def _post(conn: Connection, *, wallet_id: str, key: str, fingerprint: str, plan: Any,
+          describe: dict[str, Any]) -> PostingResult:
+    """Replay check → lock wallet → replay check again (a twin may have committed while we waited) →
+    plan → write. The second check is what makes concurrent retries of one request safe."""
+    replay = _replay(conn, key, fingerprint)
+    if replay is not None:
+        return replay
+    wallet = lock_wallet(conn, wallet_id)
+    replay = _replay(conn, key, fingerprint)
+    if replay is not None:
+        return replay
+    book = load_books(conn, [wallet], now=datetime.now(UTC))[wallet_id]
+    posting: Posting = plan(book, wallet)
+    draft = Draft(wallet_id=wallet_id, project_id=wallet.project_id, posting=posting, idempotency_key=key,
+                  request_fingerprint=fingerprint, **describe)
+    (row,) = write(conn, {wallet_id: book}, [draft])
+    return PostingResult("created", row)
+
+
+def _replay(conn: Connection, key: str, fingerprint: str) -> PostingResult | None:
+    found = conn.execute(text("SELECT id, request_fingerprint FROM transactions WHERE idempotency_key = :k"),
+                         {"k": key}).one_or_none()
+    if found is None:
+        return None
+    if found.request_fingerprint != fingerprint:
+        raise IdempotencyConflict(f"idempotency key {key!r} was used for a different request",
+                                  idempotency_key=key, transaction_id=found.id)
+    original = get_transaction(conn, found.id)
+    assert original is not None
+    return PostingResult("duplicate", original)
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def _require_positive(amount_minor: int) -> None:
+    if not isinstance(amount_minor, int) or isinstance(amount_minor, bool) or amount_minor <= 0:
+        raise InvalidRequest(f"amount_minor must be a positive integer, got {amount_minor!r}")
+
+
+def _require_aware(moment: datetime | None) -> None:
+    if moment is not None and moment.utcoffset() is None:
+        raise InvalidRequest("datetimes must be timezone-aware (UTC)")
+
+
+def _require_access(wallet: WalletRow, amount_minor: int) -> None:
+    """Synchronous access rules, checked under the wallet lock."""
+    state = wallet.state
+    if state.blocked:
+        raise WalletBlocked(f"wallet {wallet.id} owes {state.debt_minor}; settle the debt first",
+                            wallet_id=wallet.id, debt_minor=state.debt_minor)
+    if not state.can_debit(amount_minor):
+        raise InsufficientCredits(f"wallet {wallet.id} has {state.available_minor} available, {amount_minor} needed",
+                                  wallet_id=wallet.id, available_minor=state.available_minor,
+                                  requested_minor=amount_minor)
+
+
+# --- holds ------------------------------------------------------------------------------------------------
+
+def _hold_wallet(conn: Connection, hold_id: str) -> str:
+    wallet_id = conn.execute(text("SELECT wallet_id FROM holds WHERE id = :id"), {"id": hold_id}).scalar_one_or_none()
+    if wallet_id is None:
+        raise UnknownHold(f"hold {hold_id!r} does not exist", hold_id=hold_id)
+    return str(wallet_id)
+
+
+def _lock_hold(conn: Connection, hold_id: str) -> HoldRow:
+    row = conn.execute(text("SELECT * FROM holds WHERE id = :id FOR UPDATE"), {"id": hold_id}).mappings().one()
+    return HoldRow.from_mapping(row)
+
+
+def _lock_active_hold(conn: Connection, hold_id: str) -> HoldRow:
+    hold = _lock_hold(conn, hold_id)
+    expired = conn.execute(text("SELECT :e <= now()"), {"e": hold.expires_at}).scalar_one()
+    if hold.status != "active" or expired:
+        status = "expired" if hold.status == "active" else hold.status
+        raise HoldNotActive(f"hold {hold_id} is {status}", hold_id=hold_id, status=status)
+    return hold
+
+
+def _hold_by_key(conn: Connection, key: str, wallet_id: str, amount_minor: int) -> HoldRow | None:
+    row = conn.execute(text("SELECT * FROM holds WHERE idempotency_key = :k"), {"k": key}).mappings().one_or_none()
+    if row is None:
+        return None
+    if row["wallet_id"] != wallet_id or row["amount_minor"] != amount_minor:
+        raise IdempotencyConflict(f"idempotency key {key!r} was used for a different reservation",
+                                  idempotency_key=key, hold_id=row["id"])
+    return HoldRow.from_mapping(row)
+
+
+def _release(conn: Connection, wallet_id: str, amount_minor: int) -> None:
+    conn.execute(text("UPDATE wallets SET held_minor = held_minor - :a, updated_at = now() WHERE id = :id"),
+                 {"a": amount_minor, "id": wallet_id})
+

@@ -1,0 +1,239 @@
+"""Persist planned postings with a handful of set-based statements, whatever their number.
+
+Callers hold the row locks of every wallet involved and pass the ``WalletBook`` of each. ``write``:
+
+1. allocates transaction and bucket ids up front (so no RETURNING-order assumptions are needed),
+2. inserts the buckets the plans created, updates the buckets they burned,
+3. inserts the transactions (``ON CONFLICT (idempotency_key) DO NOTHING``: a key already taken means the
+   caller's own checks were bypassed by a concurrent writer — the whole transaction is refused),
+4. inserts the allocations, sets each wallet's balance to its book's final balance,
+5. writes one outbox row (TransactionPosted) per transaction, published after commit by the relay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, text
+
+from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS, TransactionKind, TransactionPosted
+from ledger.errors import IdempotencyConflict
+from ledger.postings import Posting, WalletBook
+from ledger.rows import AllocationRow, TransactionRow
+
+__all__ = ["Draft", "write"]
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """One transaction to write: a planned posting plus what describes it."""
+
+    wallet_id: str
+    project_id: str
+    kind: TransactionKind
+    posting: Posting
+    idempotency_key: str
+    request_fingerprint: str | None = None
+    source_ref: str | None = None
+    related_transaction_id: int | None = None
+    hold_id: str | None = None
+    meter_id: str | None = None
+    period_start: datetime | None = None
+    price_version_id: str | None = None
+    reason: str | None = None
+    metadata: dict[str, Any] | None = field(default=None)
+
+
+_ALLOCATE_IDS = text("""
+    SELECT now() AS now,
+           (SELECT coalesce(array_agg(nextval('transactions_id_seq')), '{}') FROM generate_series(1, :tx)) AS tx_ids,
+           (SELECT coalesce(array_agg(nextval('credit_buckets_id_seq')), '{}') FROM generate_series(1, :b)) AS bucket_ids
+""")
+
+_INSERT_BUCKETS = text("""
+    INSERT INTO credit_buckets (id, wallet_id, project_id, source, priority, granted_minor, remaining_minor,
+                                expires_at, created_at, source_ref)
+    SELECT b.id, b.wallet_id, b.project_id, b.source, b.priority, b.granted, b.remaining, b.expires_at, :now, b.ref
+    FROM unnest(CAST(:id AS bigint[]), CAST(:wallet_id AS text[]), CAST(:project_id AS text[]),
+                CAST(:source AS text[]), CAST(:priority AS int[]), CAST(:granted AS bigint[]),
+                CAST(:remaining AS bigint[]), CAST(:expires_at AS timestamptz[]), CAST(:ref AS text[]))
+         AS b(id, wallet_id, project_id, source, priority, granted, remaining, expires_at, ref)
+""")
+
+_UPDATE_BUCKETS = text("""
+    UPDATE credit_buckets c SET remaining_minor = u.remaining
+    FROM unnest(CAST(:id AS bigint[]), CAST(:remaining AS bigint[])) AS u(id, remaining)
+    WHERE c.id = u.id
+""")
+
+_INSERT_TRANSACTIONS = text("""
+    INSERT INTO transactions (id, project_id, wallet_id, kind, amount_minor, balance_before_minor,
+        balance_after_minor, idempotency_key, request_fingerprint, source_ref, related_transaction_id, hold_id,
+        meter_id, period_start, price_version_id, reason, metadata, created_at)
+    SELECT t.id, t.project_id, t.wallet_id, t.kind, t.amount, t.before, t.after, t.key, t.fingerprint, t.ref,
+           t.related, t.hold_id, t.meter_id, t.period_start, t.price_version_id, t.reason,
+           CAST(t.metadata AS jsonb), :now
+    FROM unnest(CAST(:id AS bigint[]), CAST(:project_id AS text[]), CAST(:wallet_id AS text[]),
+                CAST(:kind AS text[]), CAST(:amount AS bigint[]), CAST(:before AS bigint[]),
+                CAST(:after AS bigint[]), CAST(:key AS text[]), CAST(:fingerprint AS text[]),
+                CAST(:ref AS text[]), CAST(:related AS bigint[]), CAST(:hold_id AS text[]),
+                CAST(:meter_id AS text[]), CAST(:period_start AS timestamptz[]),
+                CAST(:price_version_id AS text[]), CAST(:reason AS text[]), CAST(:metadata AS text[]))
+         AS t(id, project_id, wallet_id, kind, amount, before, after, key, fingerprint, ref, related, hold_id,
+              meter_id, period_start, price_version_id, reason, metadata)
+    ORDER BY t.id
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id
+""")
+
+_INSERT_ALLOCATIONS = text("""
+    INSERT INTO transaction_allocations (transaction_id, bucket_id, amount_minor)
+    SELECT * FROM unnest(CAST(:tx AS bigint[]), CAST(:bucket AS bigint[]), CAST(:amount AS bigint[]))
+""")
+
+_UPDATE_WALLETS = text("""
+    UPDATE wallets w SET balance_minor = u.balance, updated_at = :now
+    FROM unnest(CAST(:id AS text[]), CAST(:balance AS bigint[])) AS u(id, balance)
+    WHERE w.id = u.id
+""")
+
+_INSERT_OUTBOX = text("""
+    INSERT INTO outbox (topic, key, payload, created_at)
+    SELECT :topic, o.key, o.payload, :now FROM unnest(CAST(:key AS text[]), CAST(:payload AS bytea[])) AS o(key, payload)
+""")
+
+
+def write(conn: Connection, books: Mapping[str, WalletBook], drafts: Sequence[Draft]) -> list[TransactionRow]:
+    """Write ``drafts`` (in order) and the bucket/balance changes of ``books``; return the rows written."""
+    created = [(wallet_id, temp_id, spec, granted) for wallet_id, book in books.items()
+               for temp_id, (spec, granted) in book.created.items()]
+    ids = conn.execute(_ALLOCATE_IDS, {"tx": len(drafts), "b": len(created)}).one()
+    now: datetime = ids.now
+    tx_ids = sorted(ids.tx_ids)  # ascending: a wallet's postings read in id order chain their balances
+    real_bucket = {(w, temp): real for (w, temp, _, _), real in zip(created, sorted(ids.bucket_ids), strict=True)}
+    sources = {(w, b.id): b.source for w, book in books.items() for b in book.buckets}
+    _insert_buckets(conn, books, created, real_bucket, now)
+    _update_buckets(conn, books)
+    _insert_transactions(conn, drafts, tx_ids, now)
+    rows = [_row(d, tx_id, now, real_bucket, sources) for d, tx_id in zip(drafts, tx_ids, strict=True)]
+    _insert_allocations(conn, rows)
+    conn.execute(_UPDATE_WALLETS, {"id": list(books), "balance": [b.balance_minor for b in books.values()],
+                                   "now": now})
+    _insert_outbox(conn, rows, drafts)
+    return rows
+
+
+def _insert_buckets(conn: Connection, books: Mapping[str, WalletBook], created: list[Any],
+                    real_bucket: dict[tuple[str, int], int], now: datetime) -> None:
+    if not created:
+        return
+    conn.execute(_INSERT_BUCKETS, {
+        "id": [real_bucket[(w, temp)] for w, temp, _, _ in created],
+        "wallet_id": [w for w, _, _, _ in created],
+        "project_id": [_project_of(books[w]) for w, _, _, _ in created],
+        "source": [spec.source for _, _, spec, _ in created],
+        "priority": [spec.priority for _, _, spec, _ in created],
+        "granted": [granted for _, _, _, granted in created],
+        # a bucket created by this plan may already be partly burned by a later posting of the same plan
+        "remaining": [books[w].changed.get(temp, granted) for w, temp, _, granted in created],
+        "expires_at": [spec.expires_at for _, _, spec, _ in created],
+        "ref": [spec.source_ref for _, _, spec, _ in created],
+        "now": now,
+    })
+
+
+def _project_of(book: WalletBook) -> str:
+    assert book.project_id is not None, "a book that creates buckets must know its project"
+    return book.project_id
+
+
+def _update_buckets(conn: Connection, books: Mapping[str, WalletBook]) -> None:
+    changed = [(bucket_id, remaining) for book in books.values() for bucket_id, remaining in book.changed.items()
+               if bucket_id > 0]
+    if changed:
+        conn.execute(_UPDATE_BUCKETS, {"id": [c[0] for c in changed], "remaining": [c[1] for c in changed]})
+
+
+def _insert_transactions(conn: Connection, drafts: Sequence[Draft], tx_ids: list[int], now: datetime) -> None:
+    if not drafts:
+        return
+    inserted = conn.execute(_INSERT_TRANSACTIONS, {
+        "id": tx_ids,
+        "project_id": [d.project_id for d in drafts],
+        "wallet_id": [d.wallet_id for d in drafts],
+        "kind": [d.kind.value for d in drafts],
+        "amount": [d.posting.amount_minor for d in drafts],
+        "before": [d.posting.balance_before_minor for d in drafts],
+        "after": [d.posting.balance_after_minor for d in drafts],
+        "key": [d.idempotency_key for d in drafts],
+        "fingerprint": [d.request_fingerprint for d in drafts],
+        "ref": [d.source_ref for d in drafts],
+        "related": [d.related_transaction_id for d in drafts],
+        "hold_id": [d.hold_id for d in drafts],
+        "meter_id": [d.meter_id for d in drafts],
+        "period_start": [d.period_start for d in drafts],
+        "price_version_id": [d.price_version_id for d in drafts],
+        "reason": [d.reason for d in drafts],
+        "metadata": [orjson.dumps(d.metadata).decode() if d.metadata is not None else None for d in drafts],
+        "now": now,
+    }).all()
+    if len(inserted) != len(drafts):
+        taken = sorted({d.idempotency_key for d in drafts} - _keys_of(drafts, tx_ids, {r.id for r in inserted}))
+        raise IdempotencyConflict(f"idempotency keys already used by a concurrent request: {', '.join(taken)}",
+                                  idempotency_keys=taken)
+
+
+def _keys_of(drafts: Sequence[Draft], tx_ids: list[int], inserted: set[int]) -> set[str]:
+    return {d.idempotency_key for d, tx_id in zip(drafts, tx_ids, strict=True) if tx_id in inserted}
+
+
+def _row(draft: Draft, tx_id: int, now: datetime, real_bucket: dict[tuple[str, int], int],
+         sources: dict[tuple[str, int], str]) -> TransactionRow:
+    allocations = tuple(
+        AllocationRow(
+            real_bucket.get((draft.wallet_id, a.bucket_id), a.bucket_id) if a.bucket_id is not None else None,
+            a.amount_minor,
+            sources.get((draft.wallet_id, a.bucket_id)) if a.bucket_id is not None else None,
+        )
+        for a in draft.posting.allocations
+    )
+    return TransactionRow(
+        id=tx_id, project_id=draft.project_id, wallet_id=draft.wallet_id, kind=draft.kind.value,
+        amount_minor=draft.posting.amount_minor, balance_before_minor=draft.posting.balance_before_minor,
+        balance_after_minor=draft.posting.balance_after_minor, idempotency_key=draft.idempotency_key,
+        source_ref=draft.source_ref, related_transaction_id=draft.related_transaction_id, hold_id=draft.hold_id,
+        meter_id=draft.meter_id, period_start=draft.period_start, price_version_id=draft.price_version_id,
+        reason=draft.reason, metadata=draft.metadata, created_at=now, allocations=allocations,
+    )
+
+
+def _insert_allocations(conn: Connection, rows: list[TransactionRow]) -> None:
+    flat = [(row.id, a.bucket_id, a.amount_minor) for row in rows for a in row.allocations]
+    if flat:
+        conn.execute(_INSERT_ALLOCATIONS, {"tx": [f[0] for f in flat], "bucket": [f[1] for f in flat],
+                                           "amount": [f[2] for f in flat]})
+
+
+def _insert_outbox(conn: Connection, rows: list[TransactionRow], drafts: Sequence[Draft]) -> None:
+    if not rows:
+        return
+    payloads = [_event(row, draft).model_dump_json().encode() for row, draft in zip(rows, drafts, strict=True)]
+    conn.execute(_INSERT_OUTBOX, {"topic": TOPIC_LEDGER_TRANSACTIONS, "key": [r.wallet_id for r in rows],
+                                  "payload": payloads, "now": rows[0].created_at})
+
+
+def _event(row: TransactionRow, draft: Draft) -> TransactionPosted:
+    credited = [a.bucket_source for a in row.allocations if a.amount_minor > 0 and a.bucket_source]
+    return TransactionPosted(
+        transaction_id=row.id, project_id=row.project_id, wallet_id=row.wallet_id, kind=draft.kind,
+        amount_minor=row.amount_minor, balance_before_minor=row.balance_before_minor,
+        balance_after_minor=row.balance_after_minor, idempotency_key=row.idempotency_key,
+        source_ref=row.source_ref, meter_id=row.meter_id, bucket_source=credited[0] if credited else None,
+        created_at=row.created_at, related_transaction_id=row.related_transaction_id,
+        period_start=row.period_start, price_version_id=row.price_version_id, reason=row.reason,
+        debt_settled_minor=draft.posting.debt_settled_minor,
+    )

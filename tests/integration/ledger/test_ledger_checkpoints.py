@@ -1,0 +1,183 @@
+"""apply_checkpoint against a real PostgreSQL: DESIGN §2.2 literally, stale offsets, cross-partition merge,
+debt, credit-backs, dedupe keys and the seeding snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import Engine, text
+
+from ledger import queries, service
+from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel, PriceTier
+from ledger.errors import WalletBlocked
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "usage.events.v1"
+PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
+PER_TOKEN = PriceModel(model="per_unit", unit_price_minor=Decimal("0.4"))
+
+
+def _value(wallet: str, units: str, *, price: PriceModel = PER_TOKEN, meter: str = "tokens", version: str = "v3",
+           aggregation: str = "sum", latest_at: datetime | None = None, events: int = 1) -> CounterValue:
+    return CounterValue(key=CounterKey(wallet_id=wallet, project_id="p1", meter_id=meter, period_start=PERIOD,
+                                       price_version_id=version),
+                        units=Decimal(units), price=price, aggregation=aggregation,  # type: ignore[arg-type]
+                        latest_at=latest_at, events=events)
+
+
+def _checkpoint(partition: int, as_of: int, *values: CounterValue, dedupe: list[int] | None = None) -> ChargeCheckpoint:
+    return ChargeCheckpoint(source_topic=TOPIC, partition=partition, as_of_offset=as_of, counters=list(values),
+                            dedupe_keys=dedupe or [], emitted_at=datetime.now(UTC))
+
+
+def _apply(engine: Engine, checkpoint: ChargeCheckpoint) -> str:
+    with engine.begin() as conn:
+        return service.apply_checkpoint(conn, checkpoint).status
+
+
+def _usage_amounts(engine: Engine, wallet: str) -> list[int]:
+    with engine.connect() as conn:
+        items = queries.list_transactions(conn, wallet_id=wallet, kinds=["usage"]).items
+    return [t.amount_minor for t in reversed(items)]
+
+
+def _balance(engine: Engine, wallet: str) -> int:
+    with engine.connect() as conn:
+        view = queries.get_balance(conn, wallet)
+    assert view is not None
+    return view.balance_minor
+
+
+def test_design_worked_example(engine: Engine, invariants: Callable[[], None]) -> None:
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="alice", wallet_id="W")
+        service.grant_credits(conn, wallet_id="W", amount_minor=100, idempotency_key="g")
+        conn.execute(text("INSERT INTO applied_offsets (source_topic, partition, applied_through) VALUES (:t, 5, 99)"),
+                     {"t": TOPIC})
+    assert _apply(engine, _checkpoint(5, 140, _value("W", "90"))) == "applied"
+    assert _usage_amounts(engine, "W") == [-36]
+    assert _apply(engine, _checkpoint(5, 140, _value("W", "90"))) == "stale"  # redelivered: no-op
+    assert _apply(engine, _checkpoint(5, 160, _value("W", "93"))) == "applied"
+    assert _usage_amounts(engine, "W") == [-36, -1]  # 37 − 36: the 0.2 stays in the cumulative
+    with engine.connect() as conn:
+        snap = queries.partition_snapshot(conn, TOPIC, [5, 6])
+        charge = conn.execute(text("SELECT units, charged_minor FROM usage_charges")).one()
+        key = conn.execute(text("SELECT idempotency_key FROM transactions WHERE kind = 'usage' ORDER BY id")).scalars().all()
+    assert snap.applied_through == {5: 160, 6: -1}
+    assert [(c.partition, c.units, c.charged_minor) for c in snap.counters] == [(5, Decimal(93), 37)]
+    assert tuple(charge) == (Decimal(93), 37)
+    assert key[0] == f"usage:{TOPIC}:5:140:W:tokens:{PERIOD.isoformat()}:v3"
+    assert _balance(engine, "W") == 63
+    invariants()
+
+
+def test_stale_and_older_checkpoints_change_nothing(engine: Engine, invariants: Callable[[], None]) -> None:
+    assert _apply(engine, _checkpoint(0, 50, _value("S", "10"))) == "applied"
+    assert _apply(engine, _checkpoint(0, 40, _value("S", "999"))) == "stale"
+    assert _apply(engine, _checkpoint(0, 50, _value("S", "999"))) == "stale"
+    assert _usage_amounts(engine, "S") == [-4]
+    with engine.connect() as conn:
+        snap = queries.partition_snapshot(conn, TOPIC, [0])
+        wallet = queries.get_wallet(conn, "S")
+    assert [c.units for c in snap.counters] == [Decimal(10)] and snap.applied_through == {0: 50}
+    assert wallet is not None and (wallet.owner_kind, wallet.owner_ref) == ("subject", "S")  # auto-provisioned
+    invariants()
+
+
+def test_two_partitions_of_one_key_are_priced_as_a_whole(engine: Engine, invariants: Callable[[], None]) -> None:
+    graduated = PriceModel(model="graduated", tiers=(
+        PriceTier(up_to=Decimal(100), unit_price_minor=Decimal(2)),
+        PriceTier(up_to=Decimal(200), unit_price_minor=Decimal(1)),
+        PriceTier(unit_price_minor=Decimal("0.5"))))
+
+    def price(units: int) -> int:  # independent: the tiers written out
+        return 2 * min(units, 100) + max(min(units, 200) - 100, 0) + (max(units - 200, 0) // 2)
+
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="x", wallet_id="W")
+        service.grant_credits(conn, wallet_id="W", amount_minor=10_000, idempotency_key="g")
+    _apply(engine, _checkpoint(0, 10, _value("W", "80", price=graduated)))     # total 80
+    _apply(engine, _checkpoint(1, 7, _value("W", "70", price=graduated)))      # total 150: crosses 100
+    _apply(engine, _checkpoint(0, 20, _value("W", "130", price=graduated)))    # total 200: boundary
+    _apply(engine, _checkpoint(1, 9, _value("W", "121", price=graduated)))     # total 251
+    assert _usage_amounts(engine, "W") == [-price(80), -(price(150) - price(80)), -(price(200) - price(150)),
+                                           -(price(251) - price(200))]
+    assert -sum(_usage_amounts(engine, "W")) == price(251) == 325
+    # per-partition prices summed would be price(130) + price(121) = 260 + 242: merging matters
+    assert price(130) + price(121) != price(251)
+    invariants()
+
+
+def test_usage_beyond_the_balance_is_debt_then_a_grant_settles_it(engine: Engine, invariants: Callable[[], None]) -> None:
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="subject", owner_ref="D", wallet_id="D")
+        service.grant_credits(conn, wallet_id="D", amount_minor=10, idempotency_key="g")
+    _apply(engine, _checkpoint(2, 1, _value("D", "100")))  # 40 credits of usage, 10 available
+    assert _balance(engine, "D") == -30
+    with engine.connect() as conn:
+        view = queries.get_balance(conn, "D")
+    assert view is not None and view.blocked and view.debt_minor == 30
+    with engine.begin() as conn, pytest.raises(WalletBlocked):
+        service.debit(conn, wallet_id="D", amount_minor=1, idempotency_key="d")
+    with engine.begin() as conn:
+        grant = service.grant_credits(conn, wallet_id="D", amount_minor=50, idempotency_key="g2").transaction
+    assert grant.allocations[0].bucket_id is None and grant.allocations[0].amount_minor == 30
+    assert _balance(engine, "D") == 20
+    with engine.begin() as conn:
+        assert service.debit(conn, wallet_id="D", amount_minor=20, idempotency_key="d").outcome == "created"
+    invariants()
+
+
+def test_a_cheaper_volume_tier_posts_a_credit_back(engine: Engine, invariants: Callable[[], None]) -> None:
+    volume = PriceModel(model="volume", tiers=(PriceTier(up_to=Decimal(100), unit_price_minor=Decimal(1)),
+                                               PriceTier(unit_price_minor=Decimal("0.5"))))
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="subject", owner_ref="V", wallet_id="V")
+        service.grant_credits(conn, wallet_id="V", amount_minor=200, idempotency_key="g")
+    _apply(engine, _checkpoint(0, 1, _value("V", "100", price=volume)))
+    _apply(engine, _checkpoint(0, 2, _value("V", "101", price=volume)))  # 101 × 0.5 = 50: credit back 50
+    assert _usage_amounts(engine, "V") == [-100, 50]
+    assert _balance(engine, "V") == 150
+    with engine.connect() as conn:
+        credit = queries.list_transactions(conn, wallet_id="V", kinds=["usage"]).items[0]
+    assert credit.allocations[0].bucket_source == "refund" and credit.allocations[0].amount_minor == 50
+    invariants()
+
+
+def test_max_and_latest_merge_across_partitions(engine: Engine, invariants: Callable[[], None]) -> None:
+    one = PriceModel(model="per_unit", unit_price_minor=Decimal(1))
+    t1, t2 = datetime(2026, 11, 2, tzinfo=UTC), datetime(2026, 11, 3, tzinfo=UTC)
+    _apply(engine, _checkpoint(0, 1, _value("M", "30", price=one, meter="peak", aggregation="max"),
+                               _value("M", "12", price=one, meter="seats", aggregation="latest", latest_at=t2)))
+    _apply(engine, _checkpoint(1, 1, _value("M", "20", price=one, meter="peak", aggregation="max"),
+                               _value("M", "40", price=one, meter="seats", aggregation="latest", latest_at=t1)))
+    with engine.connect() as conn:
+        charges = dict(conn.execute(text("SELECT meter_id, charged_minor FROM usage_charges")).all())
+    assert charges == {"peak": 30, "seats": 12}  # max(30, 20); the value seen at t2 > t1
+    assert _balance(engine, "M") == -42
+    invariants()
+
+
+def test_dedupe_keys_are_recorded_with_the_checkpoint(engine: Engine) -> None:
+    _apply(engine, _checkpoint(3, 5, _value("K", "1"), dedupe=[1, -2, 2**63 - 1]))
+    assert _apply(engine, _checkpoint(3, 5, dedupe=[7])) == "stale"
+    _apply(engine, _checkpoint(3, 6, dedupe=[8]))  # a checkpoint may carry only dedupe keys
+    with engine.connect() as conn:
+        seen = queries.dedupe_keys_since(conn, source_topic=TOPIC, partitions=[3, 4], since=datetime(2000, 1, 1, tzinfo=UTC))
+        applied = queries.applied_offsets(conn, TOPIC, [3, 4])
+    assert seen == {3: {1, -2, 2**63 - 1, 8}, 4: set()}
+    assert applied == {3: 6, 4: -1}
+
+
+def test_a_big_checkpoint_posts_every_key_once(engine: Engine, invariants: Callable[[], None]) -> None:
+    values = [_value(f"w{i:04d}", str(i + 1), meter=m) for i in range(300) for m in ("a", "b")]
+    _apply(engine, _checkpoint(0, 1, *values))
+    with engine.connect() as conn:
+        total, count = conn.execute(text("SELECT sum(amount_minor), count(*) FROM transactions WHERE kind = 'usage'")).one()
+    expected = [int(Decimal(i + 1) * Decimal("0.4")) for i in range(300) for _ in range(2)]
+    assert count == sum(1 for e in expected if e) and -total == sum(expected)
+    invariants()

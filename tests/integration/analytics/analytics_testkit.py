@@ -1,0 +1,94 @@
+"""Helpers for the analytics tests (a module of its own so test files can import it by a unique name)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from analytics.settings import AnalyticsSettings
+from analytics.sink import Sink
+from ledger.kafka import make_producer
+
+
+class Producer:
+    """Produces JSON values to the real broker and waits for every delivery report."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._producer = make_producer(bootstrap)
+        self.delivered: list[tuple[str, int, int]] = []
+        self._errors: list[str] = []
+
+    def send(self, topic: str, value: Any, *, key: str | None = None, partition: int | None = None,
+             headers: dict[str, str] | None = None) -> None:
+        payload = value if isinstance(value, bytes) else orjson.dumps(value)
+
+        def report(err: Any, msg: Any) -> None:
+            if err is not None:
+                self._errors.append(str(err))
+            else:
+                self.delivered.append((msg.topic(), msg.partition(), msg.offset()))
+
+        kwargs: dict[str, Any] = {"value": payload, "key": key, "on_delivery": report,
+                                  "headers": list((headers or {}).items())}
+        if partition is not None:
+            kwargs["partition"] = partition
+        self._producer.produce(topic, **kwargs)
+        self._producer.poll(0)
+
+    def flush(self) -> int:
+        remaining = self._producer.flush(30)
+        assert remaining == 0 and not self._errors, self._errors
+        return len(self.delivered)
+
+
+def wait_for(condition: Callable[[], bool], *, timeout_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class RunningSink:
+    def __init__(self, settings: AnalyticsSettings, *, group_id: str | None = None) -> None:
+        self.stop_event = threading.Event()
+        self.sink = Sink(settings, stop=self.stop_event, group_id=group_id)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.sink.run()
+        except BaseException as exc:  # surfaced by wait_messages / stop
+            self.error = exc
+
+    def wait_messages(self, expected: dict[str, int], *, timeout_s: float = 60.0) -> None:
+        """Until the sink has consumed ``expected`` messages per topic AND inserted them (nothing pending)."""
+        def done() -> bool:
+            if self.error is not None:
+                raise self.error
+            got = self.sink.stats.messages
+            return all(got.get(t, 0) >= n for t, n in expected.items()) and not self.sink._pending
+        wait_for(done, timeout_s=timeout_s, what=f"sink to consume {expected}")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "sink thread did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+def usage_event(*, project: str, subject: str, type_: str = "tokens", units: Any = 1, event_id: str | None = None,
+                time_: datetime | None = None, source: str = "test", **data: Any) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": event_id or uuid.uuid4().hex, "source": source, "type": type_,
+            "subject": subject, "project": project,
+            "time": (time_ or datetime.now(UTC)).isoformat(), "data": {"units": units, **data}}

@@ -22,12 +22,24 @@ class LedgerSettings(BaseSettings):
         default="127.0.0.1:9092",
         validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "LEDGER_KAFKA_BOOTSTRAP_SERVERS"),
     )
+    topic_prefix: str = Field(
+        default="",
+        validation_alias=AliasChoices("METERLINE_TOPIC_PREFIX", "LEDGER_TOPIC_PREFIX"),
+        description="deployment prefix of every topic name (tests use one per run)",
+    )
     consumer_group: str = "meterline-ledger"
     consumer_session_timeout_ms: int = 6_000
     consumer_batch_messages_max: int = 500
+    consumer_retry_backoff_s_max: float = Field(default=5.0, gt=0)
     outbox_batch_rows_max: int = 1_000
     outbox_poll_ms: int = 200
+    outbox_delivery_timeout_s: float = Field(default=30.0, gt=0)
     db_pool_size: int = 10
+    # scheduler (ledger.scheduler)
+    scheduler_interval_s: float = Field(default=5.0, gt=0, description="pause between maintenance rounds")
+    scheduler_lease_s: float = Field(default=30.0, gt=0, description="a holder that stops renewing loses the lease")
+    dedupe_horizon_s: int = Field(default=7 * 24 * 3600, gt=0, description="dedupe keys older than this are purged")
+    outbox_retention_s: int = Field(default=24 * 3600, gt=0, description="published outbox rows kept this long")
 
 
 @lru_cache

@@ -1,0 +1,205 @@
+"""The ledger consumer (``meterline run ledger``): applies ChargeCheckpoints from ledger.charges.v1 and
+runs the outbox relay.
+
+Per message: decode → ``apply_checkpoint`` in its own PostgreSQL transaction → commit. Kafka offsets are
+committed only AFTER the database commit, so a crash in between redelivers checkpoints the ledger has
+already applied — which ``apply_checkpoint`` answers with ``stale`` (a no-op). Messages of one partition
+are applied strictly in order by one thread; several ledger consumers share the partitions through the
+consumer group (a rebalance hands a partition over at a committed offset, and the offset mark in
+PostgreSQL makes any overlap harmless).
+
+- An undecodable message (not JSON, or not a ChargeCheckpoint) is logged with its offset, counted, and
+  skipped: it is the ledger's own contract, so it can only come from a bug, and stalling every later
+  checkpoint of its partition would hurt more.
+- A database failure is never skipped: the message is retried with backoff until it applies or the
+  process is stopped (money is not dropped because PostgreSQL blinked).
+- Start-up refuses loudly when topics are missing or ledger migrations are pending.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import orjson
+import structlog
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from pydantic import ValidationError
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from ledger import schema_migrations
+from ledger.checkpoints import apply_checkpoint
+from ledger.contracts import TOPIC_LEDGER_CHARGES, TOPIC_LEDGER_TRANSACTIONS, ChargeCheckpoint
+from ledger.db import make_engine
+from ledger.kafka import make_consumer, make_producer, require_topics, topic_name
+from ledger.outbox import OutboxRelay
+from ledger.settings import LedgerSettings, get_settings
+
+__all__ = ["ConsumerStats", "LedgerConsumer", "MigrationsPending", "main", "run"]
+
+log = structlog.get_logger("ledger.consumer")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_ledger"
+
+
+class MigrationsPending(RuntimeError):
+    code = "ledger.migrations_pending"
+
+
+@dataclass
+class ConsumerStats:
+    applied: int = 0
+    stale: int = 0
+    undecodable: int = 0
+    db_retries: int = 0
+    transactions: int = 0
+
+
+class LedgerConsumer:
+    def __init__(self, *, settings: LedgerSettings, engine: Engine, stop: threading.Event) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._stop = stop
+        self.topic = topic_name(TOPIC_LEDGER_CHARGES, settings.topic_prefix)
+        self.stats = ConsumerStats()
+
+    def run(self) -> None:
+        consumer = make_consumer(self._settings.kafka_bootstrap_servers, self._settings.consumer_group,
+                                 session_timeout_ms=self._settings.consumer_session_timeout_ms)
+        consumer.subscribe([self.topic], on_assign=_log_assignment("assigned"), on_revoke=_log_assignment("revoked"))
+        last_report = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                messages = consumer.consume(self._settings.consumer_batch_messages_max, 0.5)
+                if messages:
+                    self._handle_batch(consumer, messages)
+                if time.monotonic() - last_report > 30:
+                    log.info("ledger_consumer_stats", **vars(self.stats))
+                    last_report = time.monotonic()
+        finally:
+            log.info("ledger_consumer_stopping", **vars(self.stats))
+            consumer.close()  # leaves the group at once, so a peer takes the partitions without waiting
+
+    def _handle_batch(self, consumer: Consumer, messages: list[Message]) -> None:
+        """Apply in arrival order (per-partition order preserved), then commit each partition's next offset."""
+        next_offsets: dict[int, int] = {}
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka_consume_error", error=str(error))
+                continue
+            if not self._handle(message):
+                break  # stopped while retrying the database: do not commit past this message
+            next_offsets[_partition(message)] = _offset(message) + 1
+        if next_offsets:
+            consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
+                            asynchronous=False)
+
+    def _handle(self, message: Message) -> bool:
+        checkpoint = self._decode(message)
+        if checkpoint is None:
+            return True
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                with self._engine.begin() as conn:
+                    outcome = apply_checkpoint(conn, checkpoint)
+            except DBAPIError as exc:
+                self.stats.db_retries += 1
+                log.warning("checkpoint_apply_retry", partition=_partition(message), offset=_offset(message),
+                            error=str(exc.orig or exc).splitlines()[0], backoff_s=backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._settings.consumer_retry_backoff_s_max)
+                continue
+            if outcome.status == "applied":
+                self.stats.applied += 1
+                self.stats.transactions += outcome.transactions
+            else:
+                self.stats.stale += 1
+            return True
+        return False
+
+    def _decode(self, message: Message) -> ChargeCheckpoint | None:
+        try:
+            return ChargeCheckpoint.model_validate(orjson.loads(message.value() or b""))
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            self.stats.undecodable += 1
+            log.error("undecodable_checkpoint_skipped", topic=message.topic(), partition=_partition(message),
+                      offset=_offset(message), undecodable_total=self.stats.undecodable,
+                      error=str(exc).splitlines()[0])
+            return None
+
+
+def _partition(message: Message) -> int:
+    partition = message.partition()
+    assert partition is not None
+    return partition
+
+
+def _offset(message: Message) -> int:
+    offset = message.offset()
+    assert offset is not None
+    return offset
+
+
+def _log_assignment(event: str) -> Callable[[Consumer, list[TopicPartition]], None]:
+    def callback(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info(f"partitions_{event}", partitions=sorted(p.partition for p in partitions))
+    return callback
+
+
+def check_startup(settings: LedgerSettings) -> None:
+    """Loud start-up refusals: pending ledger migrations, missing topics."""
+    todo = schema_migrations.pending(settings.database_url, script_location=MIGRATIONS, version_table=VERSION_TABLE)
+    if todo:
+        raise MigrationsPending(f"ledger migrations are pending ({', '.join(todo)}); run `meterline migrate` first")
+    require_topics(settings.kafka_bootstrap_servers, [topic_name(TOPIC_LEDGER_CHARGES, settings.topic_prefix),
+                                                      topic_name(TOPIC_LEDGER_TRANSACTIONS, settings.topic_prefix)])
+
+
+def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
+    """Consumer + outbox relay until ``stop`` is set. Usable from a thread (tests) or ``main``."""
+    check_startup(settings)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, application_name="meterline-ledger")
+    relay = OutboxRelay(engine=engine, producer=make_producer(settings.kafka_bootstrap_servers),
+                        topic_prefix=settings.topic_prefix, batch_rows_max=settings.outbox_batch_rows_max,
+                        poll_s=settings.outbox_poll_ms / 1000, delivery_timeout_s=settings.outbox_delivery_timeout_s)
+    relay_thread = threading.Thread(target=relay.run, args=(stop,), name="ledger-outbox", daemon=True)
+    relay_thread.start()
+    consumer = LedgerConsumer(settings=settings, engine=engine, stop=stop)
+    log.info("ledger_consumer_started", topic=consumer.topic, group=settings.consumer_group)
+    try:
+        consumer.run()
+    finally:
+        stop.set()
+        relay_thread.join(timeout=30)
+        engine.dispose()
+    return consumer.stats
+
+
+def main() -> None:
+    settings = get_settings()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("ledger_consumer_signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        run(settings, stop)
+    except Exception as exc:
+        code = getattr(exc, "code", None)
+        if code in ("ledger.migrations_pending", "kafka.missing_topics"):
+            log.error("ledger_consumer_refused_to_start", code=code, error=str(exc))
+            raise SystemExit(2) from exc
+        raise

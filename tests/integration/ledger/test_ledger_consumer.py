@@ -1,0 +1,146 @@
+"""The ledger consumer and outbox relay end to end on the real broker and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import orjson
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from ledger import queries
+from ledger.consumer import MigrationsPending, check_startup, run
+from ledger.contracts import (
+    TOPIC_LEDGER_CHARGES,
+    TOPIC_LEDGER_TRANSACTIONS,
+    ChargeCheckpoint,
+    CounterKey,
+    CounterValue,
+    PriceModel,
+    TransactionPosted,
+)
+from ledger.db import libpq_url
+from ledger.kafka import MissingTopicsError, make_consumer, make_producer
+from ledger.settings import LedgerSettings
+
+pytestmark = pytest.mark.integration
+
+SOURCE = "usage.events.v1"
+PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
+PRICE = PriceModel(model="per_unit", unit_price_minor=Decimal("0.4"))
+
+
+def _settings(database_url: str, topics) -> LedgerSettings:  # type: ignore[no-untyped-def]
+    return LedgerSettings.model_validate({
+        "DATABASE_URL": database_url, "KAFKA_BOOTSTRAP_SERVERS": topics.bootstrap,
+        "METERLINE_TOPIC_PREFIX": topics.prefix, "consumer_group": f"ledger-{uuid.uuid4().hex[:8]}",
+        "outbox_poll_ms": 50, "db_pool_size": 3,
+    })
+
+
+def _checkpoint(partition: int, as_of: int, units: dict[str, int]) -> bytes:
+    return ChargeCheckpoint(
+        source_topic=SOURCE, partition=partition, as_of_offset=as_of, emitted_at=datetime.now(UTC),
+        counters=[CounterValue(key=CounterKey(wallet_id=w, project_id="p1", meter_id="tokens", period_start=PERIOD,
+                                              price_version_id="v1"), units=Decimal(u), price=PRICE, events=u)
+                  for w, u in units.items()],
+    ).model_dump_json().encode()
+
+
+def _wait(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_consumer_applies_checkpoints_once_and_relays_transactions(engine: Engine, database_url: str, topics,  # type: ignore[no-untyped-def]
+                                                                   invariants: Callable[[], None]) -> None:
+    settings = _settings(database_url, topics)
+    charges = topics.name(TOPIC_LEDGER_CHARGES)
+    producer = make_producer(topics.bootstrap)
+    # source partition 0 → charges partition 0, source partition 1 → charges partition 1 (per-partition order)
+    sends: list[tuple[int, bytes]] = [
+        (0, _checkpoint(0, 10, {"A": 90, "B": 10})),      # A −36, B −4
+        (0, _checkpoint(0, 10, {"A": 90, "B": 10})),      # duplicate delivery → stale
+        (0, b"{not json"),                                 # malformed → logged, counted, skipped
+        (0, orjson.dumps({"source_topic": SOURCE, "partition": 0})),  # JSON but not a checkpoint
+        (0, _checkpoint(0, 20, {"A": 93})),                # A −1
+        (0, _checkpoint(0, 15, {"A": 500})),               # older than 20 → stale
+        (1, _checkpoint(1, 5, {"A": 7, "C": 25})),         # A merged: 100 → 40 total, so −3; C −10
+    ]
+    for partition, value in sends:
+        producer.produce(charges, value=value, partition=partition)
+    assert producer.flush(15) == 0
+
+    stop = threading.Event()
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: result.update(stats=run(settings, stop)), daemon=True)
+    thread.start()
+    try:
+        with engine.connect() as conn:
+            def applied() -> bool:
+                conn.rollback()
+                return queries.applied_offsets(conn, SOURCE, [0, 1]) == {0: 20, 1: 5}
+            _wait(applied, timeout_s=60, what="checkpoints applied")
+
+            def published() -> bool:
+                conn.rollback()
+                return conn.execute(text("SELECT count(*) FROM outbox WHERE published_at IS NULL")).scalar() == 0
+            _wait(published, timeout_s=30, what="outbox published")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    stats = result["stats"]
+    assert (stats.applied, stats.stale, stats.undecodable) == (3, 2, 2)  # type: ignore[attr-defined]
+
+    with engine.connect() as conn:
+        balances = {w: queries.get_balance(conn, w).balance_minor for w in "ABC"}  # type: ignore[union-attr]
+        tx_ids = set(conn.execute(text("SELECT id FROM transactions")).scalars())
+    assert balances == {"A": -40, "B": -4, "C": -10}  # usage beyond an empty wallet is debt, never dropped
+
+    consumer = make_consumer(topics.bootstrap, f"check-{uuid.uuid4().hex[:8]}")
+    consumer.subscribe([topics.name(TOPIC_LEDGER_TRANSACTIONS)])
+    events: list[TransactionPosted] = []
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and {e.transaction_id for e in events} != tx_ids:
+        for m in consumer.consume(100, 0.5):
+            if m.error() is None:
+                event = TransactionPosted.model_validate_json(m.value())
+                assert m.key() == event.wallet_id.encode()
+                events.append(event)
+    consumer.close()
+    assert {e.transaction_id for e in events} == tx_ids and len(tx_ids) == 5
+    a_events = sorted(e.amount_minor for e in {e.transaction_id: e for e in events}.values() if e.wallet_id == "A")
+    # the two partitions' order is free: 90 → 93 → 100 posts −1, −3; 90 → 97 → 100 posts −2, −2
+    assert a_events in ([-36, -3, -1], [-36, -2, -2]) and sum(a_events) == -40
+    invariants()
+
+
+def test_start_up_refuses_missing_topics_and_pending_migrations(engines, database_url: str, topics) -> None:  # type: ignore[no-untyped-def]
+    settings = _settings(database_url, topics)
+    missing = settings.model_copy(update={"topic_prefix": f"absent{uuid.uuid4().hex[:6]}."})
+    with pytest.raises(MissingTopicsError):
+        check_startup(missing)
+    empty = f"empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(libpq_url(engines.admin_database_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{empty}"')
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(settings.database_url.replace("postgresql://", "postgresql+psycopg://", 1)).set(database=empty)
+        unmigrated = settings.model_copy(update={"database_url": url.render_as_string(hide_password=False)})
+        with pytest.raises(MigrationsPending, match="meterline migrate"):
+            check_startup(unmigrated)
+    finally:
+        with psycopg.connect(libpq_url(engines.admin_database_url), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')

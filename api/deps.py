@@ -30,4 +30,6 @@ def get_connection(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[C
 
 SettingsDep = Annotated[ApiSettings, Depends(get_app_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
-ConnectionDep = Annotated[Connection, Depends(get_connection)]
+# scope="function": commit BEFORE the response is sent, so a failed commit is a 5xx, never a 2xx for
+# work that was rolled back (FastAPI's default runs the exit after the response is built).
+ConnectionDep = Annotated[Connection, Depends(get_connection, scope="function")]

@@ -57,6 +57,20 @@ class Unavailable(ApiError):
 #: Status for errors raised by the components (their ``code`` attribute). Extend as components add errors.
 STATUS_BY_CODE: dict[str, int] = {
     "kafka.missing_topics": 503,
+    "analytics.bad_query": 400,
+    "analytics.unavailable": 503,
+    # ledger (tenancy/wallets engineer)
+    "ledger.invalid_request": 422,
+    "ledger.unknown_wallet": 404,
+    "ledger.unknown_transaction": 404,
+    "ledger.unknown_hold": 404,
+    "ledger.wallet_conflict": 409,
+    "ledger.insufficient_credits": 402,
+    "ledger.wallet_blocked": 402,
+    "ledger.refund_exceeds_charge": 422,
+    "ledger.not_refundable": 409,
+    "ledger.hold_not_active": 409,
+    "ledger.idempotency_conflict": 409,
 }
 
 
@@ -72,7 +86,8 @@ def problem(status: int, code: str, detail: str, *, title: str | None = None, in
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.detail, instance=request.url.path, **exc.extra)
+        return problem(exc.status, exc.code, exc.detail, instance=request.url.path,
+                       headers=getattr(exc, "headers", None), **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,5 +104,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _component(request: Request, exc: Exception) -> JSONResponse:
         code = getattr(exc, "code", None)
         if isinstance(code, str):
-            return problem(STATUS_BY_CODE.get(code, 500), code, str(exc), instance=request.url.path)
+            extra = getattr(exc, "extra", None)
+            return problem(STATUS_BY_CODE.get(code, 500), code, str(exc), instance=request.url.path,
+                           **(extra if isinstance(extra, dict) else {}))
         return problem(500, "api.internal", "unexpected error; it has been logged", instance=request.url.path)

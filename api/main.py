@@ -9,12 +9,22 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.middleware import install_middleware
 from api.settings import ApiSettings, get_settings
 from ledger.db import make_engine
 
 #: Router modules, each exposing ``router`` (and optionally ``startup(app)`` / ``shutdown(app)``).
 ROUTER_MODULES: list[str] = [
     "api.routes.health",
+    "api.routes.auth",
+    "api.routes.projects",
+    "api.routes.members",
+    "api.routes.invitations",
+    "api.routes.audit",
+    "api.routes.keys",
+    "api.routes.events",
+    "api.routes.analytics",
+    "api.dashboard.routes",
 ]
 
 
@@ -45,6 +55,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
+    install_middleware(app)
     for module_name in ROUTER_MODULES:
         app.include_router(importlib.import_module(module_name).router)
     return app

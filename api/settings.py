@@ -29,6 +29,16 @@ class ApiSettings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     request_body_bytes_max: int = 5 * 1024 * 1024
     db_pool_size: int = 10
+    # people and tenancy (api/auth.py, api/invitations.py)
+    access_token_ttl_s: int = 900
+    refresh_token_ttl_s: int = 30 * 24 * 3600
+    invitation_ttl_s: int = 7 * 24 * 3600
+    public_base_url: str = "http://127.0.0.1:8080"
+    # per-principal token buckets (api/middleware.py); 0 disables. Auth endpoints are limited per client IP.
+    rate_limit_per_s: float = 1000.0
+    rate_limit_burst: int = 2000
+    auth_rate_limit_per_s: float = 5.0
+    auth_rate_limit_burst: int = 30
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> ApiSettings:

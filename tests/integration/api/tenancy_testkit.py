@@ -1,0 +1,97 @@
+"""Helpers for the tenancy and wallet API tests: an app on this test's database, users, projects, roles.
+
+Everything goes through HTTP (FastAPI's TestClient runs the real app with its lifespan against the real
+PostgreSQL of the ``database_url`` fixture); only reading the email outbox and forcing an expiry use SQL."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from api.settings import ApiSettings
+from ledger.db import libpq_url
+
+PASSWORD = "correct horse battery staple"
+ROLES = ("owner", "admin", "member", "viewer")
+
+
+@contextmanager
+def api_client(database_url: str, **overrides: Any) -> Iterator[TestClient]:
+    settings = ApiSettings(database_url=database_url, **{"auth_rate_limit_per_s": 1000.0,
+                                                          "auth_rate_limit_burst": 1000, **overrides})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@dataclass(frozen=True)
+class UserSession:
+    user_id: str
+    email: str
+    access_token: str
+    refresh_token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"}
+
+
+def signup(client: TestClient, name: str | None = None) -> UserSession:
+    email = f"{name or 'user'}-{uuid.uuid4().hex[:8]}@example.com"
+    r = client.post("/api/v1/auth/signup", json={"email": email, "password": PASSWORD, "display_name": name})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return UserSession(body["user"]["id"], email, body["access_token"], body["refresh_token"])
+
+
+def create_project(client: TestClient, owner: UserSession, name: str = "Acme", **extra: Any) -> str:
+    r = client.post("/api/v1/projects", json={"name": name, **extra}, headers=owner.headers)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def add_member(client: TestClient, project_id: str, owner: UserSession, user: UserSession, role: str) -> None:
+    r = client.post(f"/api/v1/projects/{project_id}/members", json={"user_id": user.user_id, "role": role},
+                    headers=owner.headers)
+    assert r.status_code == 201, r.text
+
+
+@dataclass(frozen=True)
+class Team:
+    project_id: str
+    by_role: dict[str, UserSession]  # owner, admin, member, viewer, outsider
+
+
+def team(client: TestClient, users: dict[str, UserSession], name: str = "Acme") -> Team:
+    """A project owned by users['owner'] with users admin/member/viewer in those roles; 'outsider' is not in it."""
+    project_id = create_project(client, users["owner"], name)
+    for role in ("admin", "member", "viewer"):
+        add_member(client, project_id, users["owner"], users[role], role)
+    return Team(project_id, users)
+
+
+def five_users(client: TestClient) -> dict[str, UserSession]:
+    return {role: signup(client, role) for role in (*ROLES, "outsider")}
+
+
+def sql(database_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def outbox_token(database_url: str, email: str) -> str:
+    """The invitation token in the newest email to ``email`` (what the invitee would click)."""
+    rows = sql(database_url, "SELECT body_text FROM email_outbox WHERE to_address = %s ORDER BY id DESC LIMIT 1",
+               email.lower())
+    assert rows, f"no email to {email}"
+    match = re.search(r"/invitations/(mli_[A-Za-z0-9_-]+)", rows[0][0])
+    assert match, rows[0][0]
+    return match.group(1)

@@ -21,10 +21,6 @@ ROUTER_MODULES: list[str] = [
     "api.routes.members",
     "api.routes.invitations",
     "api.routes.audit",
-    "api.routes.keys",
-    "api.routes.events",
-    "api.routes.analytics",
-    "api.dashboard.routes",
 ]
 
 

@@ -21,6 +21,8 @@ ROUTER_MODULES: list[str] = [
     "api.routes.members",
     "api.routes.invitations",
     "api.routes.audit",
+    "api.routes.keys",
+    "api.routes.events",
 ]
 
 

@@ -1,0 +1,178 @@
+"""The scheduler (``meterline run scheduler``): maintenance jobs, one runner at a time.
+
+Single runner via a LEASE ROW in PostgreSQL (table scheduler_leases): a holder takes the lease when it is
+free or expired and renews it every round; a holder that stops renewing (crash, pause, partition) loses
+it after ``scheduler_lease_s``. A row rather than a pg advisory lock, because the lease survives
+connection drops, is visible to operators (``SELECT * FROM scheduler_leases``) and needs no dedicated
+connection held open. Each job transaction re-checks the lease (fencing), and every job is idempotent
+anyway (conditional updates, idempotency keys), so an overlap during a takeover cannot double-post.
+
+Jobs are a small registry (``JOBS``): name, period, function(conn, now, settings) -> rows affected.
+Billing rules will be added here as more jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import FrameType
+
+import structlog
+from sqlalchemy import Connection, Engine, text
+
+from ledger import schema_migrations
+from ledger.consumer import MIGRATIONS, VERSION_TABLE, MigrationsPending
+from ledger.db import make_engine
+from ledger.expiry import expire_credits, expire_holds
+from ledger.settings import LedgerSettings, get_settings
+
+__all__ = ["JOBS", "LEASE_NAME", "Job", "Scheduler", "main"]
+
+log = structlog.get_logger("ledger.scheduler")
+
+LEASE_NAME = "ledger.scheduler"
+
+_ACQUIRE = text("""
+    INSERT INTO scheduler_leases (name, holder, expires_at) VALUES (:name, :holder, now() + make_interval(secs => :ttl))
+    ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at, renewed_at = now()
+    WHERE scheduler_leases.holder = EXCLUDED.holder OR scheduler_leases.expires_at < now()
+    RETURNING holder
+""")
+_STILL_HOLDER = text("""
+    SELECT 1 FROM scheduler_leases WHERE name = :name AND holder = :holder AND expires_at > now() FOR SHARE
+""")
+_RELEASE = text("DELETE FROM scheduler_leases WHERE name = :name AND holder = :holder")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    every_s: float
+    run: Callable[[Connection, datetime, LedgerSettings], int]
+
+
+def _expire_holds(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+    return expire_holds(conn, now=now)
+
+
+def _expire_credits(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+    return expire_credits(conn, now=now)
+
+
+def _purge_dedupe_keys(conn: Connection, now: datetime, settings: LedgerSettings) -> int:
+    """Dedupe keys older than the horizon can no longer catch a duplicate streams would accept."""
+    return conn.execute(text("""
+        DELETE FROM dedupe_keys WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM dedupe_keys WHERE seen_at < :cutoff LIMIT 50000))
+    """), {"cutoff": now - timedelta(seconds=settings.dedupe_horizon_s)}).rowcount
+
+
+def _purge_outbox(conn: Connection, now: datetime, settings: LedgerSettings) -> int:
+    """Published rows are only kept for inspection; unpublished rows are never purged."""
+    return conn.execute(text("""
+        DELETE FROM outbox WHERE id = ANY(ARRAY(
+            SELECT id FROM outbox WHERE published_at < :cutoff ORDER BY published_at LIMIT 50000))
+    """), {"cutoff": now - timedelta(seconds=settings.outbox_retention_s)}).rowcount
+
+
+JOBS: list[Job] = [
+    Job("expire_holds", 1.0, _expire_holds),
+    Job("expire_credits", 5.0, _expire_credits),
+    Job("purge_dedupe_keys", 300.0, _purge_dedupe_keys),
+    Job("purge_outbox", 300.0, _purge_outbox),
+]
+
+
+class Scheduler:
+    def __init__(self, *, engine: Engine, settings: LedgerSettings, jobs: list[Job] | None = None,
+                 holder: str | None = None) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._jobs = list(JOBS if jobs is None else jobs)
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._last_run: dict[str, float] = {}
+
+    def acquire(self) -> bool:
+        """Take or renew the lease; False when another live holder has it."""
+        with self._engine.begin() as conn:
+            row = conn.execute(_ACQUIRE, {"name": LEASE_NAME, "holder": self.holder,
+                                          "ttl": self._settings.scheduler_lease_s}).one_or_none()
+        return row is not None
+
+    def release(self) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(_RELEASE, {"name": LEASE_NAME, "holder": self.holder})
+
+    def run_round(self, *, now: datetime | None = None, force: bool = False) -> dict[str, int] | None:
+        """Run every due job (all of them with ``force``) while holding the lease; name -> rows affected.
+        None when another holder has the lease."""
+        if not self.acquire():
+            return None
+        results: dict[str, int] = {}
+        for job in self._jobs:
+            due = force or time.monotonic() - self._last_run.get(job.name, float("-inf")) >= job.every_s
+            if due:
+                results[job.name] = self._run_job(job, now)
+        return results
+
+    def _run_job(self, job: Job, now: datetime | None) -> int:
+        started = time.monotonic()
+        total = 0
+        # work off a backlog in bounded batches, each its own short transaction
+        for _ in range(100):
+            with self._engine.begin() as conn:
+                if conn.execute(_STILL_HOLDER, {"name": LEASE_NAME, "holder": self.holder}).first() is None:
+                    log.warning("scheduler_lease_lost", job=job.name, holder=self.holder)
+                    break
+                moment = now or conn.execute(text("SELECT now()")).scalar_one()
+                done = job.run(conn, moment, self._settings)
+            total += done
+            if done == 0:
+                break
+        self._last_run[job.name] = time.monotonic()
+        log.info("scheduler_job_ran", job=job.name, rows=total, duration_ms=round((time.monotonic() - started) * 1000, 1))
+        return total
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("scheduler_started", holder=self.holder, jobs=[j.name for j in self._jobs])
+        holding = False
+        while not stop.is_set():
+            try:
+                results = self.run_round()
+                if (results is not None) != holding:
+                    holding = results is not None
+                    log.info("scheduler_lease_taken" if holding else "scheduler_lease_held_elsewhere",
+                             holder=self.holder)
+            except Exception:
+                log.exception("scheduler_round_failed")
+            stop.wait(self._settings.scheduler_interval_s)
+        self.release()
+        log.info("scheduler_stopped", holder=self.holder)
+
+
+def main() -> None:
+    settings = get_settings()
+    todo = schema_migrations.pending(settings.database_url, script_location=MIGRATIONS, version_table=VERSION_TABLE)
+    if todo:
+        error = MigrationsPending(f"ledger migrations are pending ({', '.join(todo)}); run `meterline migrate`")
+        log.error("scheduler_refused_to_start", code=error.code, error=str(error))
+        raise SystemExit(2)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    engine = make_engine(settings.database_url, pool_size=2, application_name="meterline-scheduler")
+    try:
+        Scheduler(engine=engine, settings=settings).run(stop)
+    finally:
+        engine.dispose()

@@ -1,0 +1,78 @@
+"""The scheduler runs maintenance only while it holds the PostgreSQL lease."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, text
+
+from ledger import queries, service
+from ledger.scheduler import Scheduler
+from ledger.settings import LedgerSettings
+
+pytestmark = pytest.mark.integration
+
+
+def _settings(database_url: str, **extra: object) -> LedgerSettings:
+    return LedgerSettings.model_validate({"DATABASE_URL": database_url, "scheduler_lease_s": 1.0,
+                                          "scheduler_interval_s": 0.1, **extra})
+
+
+def test_only_the_lease_holder_runs_and_a_dead_holder_is_replaced(engine: Engine, database_url: str) -> None:
+    first = Scheduler(engine=engine, settings=_settings(database_url), holder="first")
+    second = Scheduler(engine=engine, settings=_settings(database_url), holder="second")
+    assert first.run_round(force=True) is not None
+    assert second.run_round(force=True) is None  # lease held by a live holder
+    assert first.run_round(force=True) is not None  # renewal
+    time.sleep(1.2)  # "first" stops renewing (crashed): the lease runs out
+    assert second.run_round(force=True) is not None
+    assert first.run_round(force=True) is None
+    second.release()
+    assert first.run_round(force=True) is not None
+
+
+def test_a_round_expires_holds_and_credits_and_purges(engine: Engine, database_url: str,
+                                                      invariants: Callable[..., None]) -> None:
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p", owner_kind="user", owner_ref="u", wallet_id="W")
+        service.grant_credits(conn, wallet_id="W", amount_minor=30, idempotency_key="g", kind="promo",
+                              expires_at=now + timedelta(milliseconds=300))
+        service.grant_credits(conn, wallet_id="W", amount_minor=70, idempotency_key="g2")
+        hold = service.reserve(conn, wallet_id="W", amount_minor=50, timeout_s=0.3, idempotency_key="h")
+        conn.execute(text("INSERT INTO dedupe_keys (source_topic, partition, key_hash, seen_at) VALUES"
+                          " ('t', 0, 1, now() - interval '8 days'), ('t', 0, 2, now())"))
+        conn.execute(text("UPDATE outbox SET published_at = now() - interval '2 days' WHERE id = 1"))
+    time.sleep(0.4)
+    stop = threading.Event()
+    scheduler = Scheduler(engine=engine, settings=_settings(database_url))
+    thread = threading.Thread(target=scheduler.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                done = queries.get_hold(conn, hold.id).status == "expired" and queries.list_transactions(  # type: ignore[union-attr]
+                    conn, wallet_id="W", kinds=["expiry"]).items
+            if done:
+                break
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    with engine.connect() as conn:
+        expiry = queries.list_transactions(conn, wallet_id="W", kinds=["expiry"]).items
+        view = queries.get_balance(conn, "W")
+        dedupe = conn.execute(text("SELECT key_hash FROM dedupe_keys")).scalars().all()
+        outbox_ids = conn.execute(text("SELECT id FROM outbox ORDER BY id")).scalars().all()
+        lease = conn.execute(text("SELECT count(*) FROM scheduler_leases")).scalar()
+    assert [t.amount_minor for t in expiry] == [-30]
+    assert view is not None and (view.balance_minor, view.held_minor) == (70, 0)
+    assert dedupe == [2]
+    assert 1 not in outbox_ids  # the old published row is gone; unpublished rows stay
+    assert lease == 0  # released on stop
+    invariants(outbox_purged=True)

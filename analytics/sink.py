@@ -338,12 +338,16 @@ class Sink:
                 time.sleep(s.insert_retry_backoff_ms / 1000 * attempt)
 
 
-def run_forever(settings: AnalyticsSettings, stop: threading.Event, *, backoff_s_max: float = 10.0) -> None:
+def run_forever(settings: AnalyticsSettings, stop: threading.Event, *, backoff_s_max: float = 10.0,
+                on_sink: Callable[[Sink], None] | None = None) -> None:
     """Run the sink; after a failure (ClickHouse or broker unreachable) start again with backoff."""
     backoff = 0.5
     while not stop.is_set():
         try:
-            Sink(settings, stop=stop).run()
+            sink = Sink(settings, stop=stop)
+            if on_sink is not None:
+                on_sink(sink)
+            sink.run()
             return
         except Exception:
             log.exception("analytics sink failed; restarting", backoff_s=backoff)
@@ -356,8 +360,12 @@ class SinkThread:
 
     def __init__(self, settings: AnalyticsSettings) -> None:
         self.stop_event = threading.Event()
+        self.sink: Sink | None = None  # the current attempt (its stats are read by tests and health)
         self._thread = threading.Thread(target=run_forever, args=(settings, self.stop_event),
-                                        name="analytics-sink", daemon=True)
+                                        kwargs={"on_sink": self._attach}, name="analytics-sink", daemon=True)
+
+    def _attach(self, sink: Sink) -> None:
+        self.sink = sink
 
     def start(self) -> None:
         self._thread.start()

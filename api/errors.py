@@ -57,6 +57,8 @@ class Unavailable(ApiError):
 #: Status for errors raised by the components (their ``code`` attribute). Extend as components add errors.
 STATUS_BY_CODE: dict[str, int] = {
     "kafka.missing_topics": 503,
+    "analytics.bad_query": 400,
+    "analytics.unavailable": 503,
     # ledger (tenancy/wallets engineer)
     "ledger.invalid_request": 422,
     "ledger.unknown_wallet": 404,

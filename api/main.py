@@ -23,6 +23,8 @@ ROUTER_MODULES: list[str] = [
     "api.routes.audit",
     "api.routes.keys",
     "api.routes.events",
+    "api.routes.analytics",
+    "api.dashboard.routes",
 ]
 
 

@@ -92,3 +92,31 @@ def usage_event(*, project: str, subject: str, type_: str = "tokens", units: Any
     return {"specversion": "1.0", "id": event_id or uuid.uuid4().hex, "source": source, "type": type_,
             "subject": subject, "project": project,
             "time": (time_ or datetime.now(UTC)).isoformat(), "data": {"units": units, **data}}
+
+
+PASSWORD = "correct horse battery staple"
+
+
+def signup(client: Any, name: str = "user") -> dict[str, str]:
+    """A new user through the tenancy API; returns {email, user_id, token}."""
+    email = f"{name}-{uuid.uuid4().hex[:8]}@example.com"
+    r = client.post("/api/v1/auth/signup", json={"email": email, "password": PASSWORD, "display_name": name})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return {"email": email, "user_id": body["user"]["id"], "token": body["access_token"]}
+
+
+def auth(user: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {user['token']}"}
+
+
+def create_project(client: Any, owner: dict[str, str], name: str) -> str:
+    r = client.post("/api/v1/projects", json={"name": name}, headers=auth(owner))
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def add_member(client: Any, project_id: str, owner: dict[str, str], user: dict[str, str], role: str) -> None:
+    r = client.post(f"/api/v1/projects/{project_id}/members", json={"user_id": user["user_id"], "role": role},
+                    headers=auth(owner))
+    assert r.status_code == 201, r.text

@@ -1,0 +1,504 @@
+"""Project-scoped analytics: pure SQL builders (``build_*`` -> ``Query``) and their execution (``Analytics``).
+
+Every builder takes ``project_id`` and puts it in the WHERE clause as a bound parameter: no query can read
+another project's rows. Values are always bound (``{name:Type}``), never formatted into SQL; the only
+identifiers formatted in are the database name (validated by settings) and fixed expressions.
+
+Wallet figures (over a window [start, end), from ledger transactions, read with FINAL because the outbox
+relay may deliver a transaction twice):
+- issued   = credits granted: top_up + subscription_grant + bonus + promo + refund, and positive adjustments;
+- spent    = −(usage + debit + reservation_commit) (a volume-price credit-back is a negative spend);
+- expired  = −expiry (breakage);
+- adjusted_out = −(negative adjustments);
+- net_movement = Σ amount_minor of every transaction in the window = the change in outstanding credits;
+  issued − spent − expired − adjusted_out + other = net_movement, where ``other`` is any kind this module
+  does not classify (0 today; reported so nothing is silently dropped).
+- utilization_rate = spent / issued. It exceeds 1 when the window's spending burns balances issued BEFORE
+  the window (hoarded credits): issuance is counted only inside the window, consumption of any vintage is.
+- expiration_rate = expired / issued, likewise > 1 possible when older grants expire in the window.
+Rates are decimal strings rounded to 4 places (ratios, not money); null when nothing was issued.
+
+Usage figures come from usage_events; pre-aggregated projections answer them when the query shape allows
+(filters on toStartOfMinute(time) use ``by_minute``; day/month per-subject filters on toStartOfDay(time) use
+``by_subject_day``), otherwise the raw rows (primary key: project, event type, time) are scanned.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, Literal
+
+from clickhouse_connect.driver.client import Client
+
+from analytics.client import ClientPool
+from analytics.errors import BadQuery
+from analytics.settings import AnalyticsSettings
+
+Granularity = Literal["minute", "hour", "day", "month"]
+GRANULARITIES: tuple[str, ...] = ("minute", "hour", "day", "month")
+_STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1),
+         "month": timedelta(days=31)}
+_JSON_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_\-]{1,64}){0,4}$")
+
+ISSUED_KINDS = ("top_up", "subscription_grant", "bonus", "promo", "refund")
+SPENT_KINDS = ("usage", "debit", "reservation_commit")
+PURCHASE_KINDS = ("top_up", "subscription_grant")
+PAYWALL_REASONS = ("upgrade_required", "insufficient_balance", "insufficient_credits", "wallet_blocked",
+                   "paywall")
+RATE_PLACES = Decimal("0.0001")
+
+_FLOWS = f"""
+    sumIf(amount_minor, kind IN {ISSUED_KINDS!r} OR (kind = 'adjustment' AND amount_minor > 0)) AS issued_minor,
+    -sumIf(amount_minor, kind IN {SPENT_KINDS!r}) AS spent_minor,
+    -sumIf(amount_minor, kind = 'expiry') AS expired_minor,
+    -sumIf(amount_minor, kind = 'adjustment' AND amount_minor < 0) AS adjusted_out_minor,
+    sum(amount_minor) AS net_movement_minor,
+    count() AS transactions"""
+
+#: A grant's source: the bucket source the ledger reported, else derived from the kind.
+_SOURCE = ("if(bucket_source != '', bucket_source, multiIf(kind = 'top_up', 'top_up', kind = 'subscription_grant', "
+           "'subscription', kind = 'bonus', 'bonus', kind = 'promo', 'promo', kind = 'refund', 'refund', "
+           "'adjustment'))")
+
+#: The pack or plan of a purchase: the first two ':' segments of source_ref ("pack:starter:cs_123" ->
+#: "pack:starter"); a ref without ':' is its own key; no ref -> "(none)".
+_OFFER = ("if(source_ref = '', '(none)', arrayStringConcat(arraySlice(splitByChar(':', source_ref), 1, 2), ':'))")
+
+
+@dataclass(frozen=True)
+class Query:
+    sql: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    end: datetime
+
+    def as_dict(self) -> dict[str, str]:
+        return {"from": self.start.isoformat(), "to": self.end.isoformat()}
+
+
+# ----------------------------------------------------------------------------- windows and buckets
+
+
+def _aware(moment: datetime, name: str) -> datetime:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise BadQuery(f"{name} must carry a timezone (e.g. 2026-11-01T00:00:00Z)")
+    return moment.astimezone(UTC)
+
+
+def _floor(moment: datetime, unit: str) -> datetime:
+    if unit == "minute":
+        return moment.replace(second=0, microsecond=0)
+    if unit == "hour":
+        return moment.replace(minute=0, second=0, microsecond=0)
+    if unit == "day":
+        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def _ceil(moment: datetime, unit: str) -> datetime:
+    floored = _floor(moment, unit)
+    if floored == moment:
+        return moment
+    if unit == "month":
+        return (floored + timedelta(days=32)).replace(day=1)
+    return floored + _STEP[unit]
+
+
+def window(start: datetime | None, end: datetime | None, *, default_days: int = 30,
+           now: datetime | None = None) -> Window:
+    """[start, end) in UTC; defaults to the last ``default_days`` days."""
+    end = _aware(end, "to") if end else (now or datetime.now(UTC))
+    start = _aware(start, "from") if start else end - timedelta(days=default_days)
+    if start >= end:
+        raise BadQuery("`from` must be before `to`")
+    if end - start > timedelta(days=3_660):
+        raise BadQuery("a window may span at most ten years")
+    return Window(start, end)
+
+
+def aligned(win: Window, unit: str) -> Window:
+    """The window widened to whole ``unit``s (the pre-aggregations hold whole minutes/days)."""
+    return Window(_floor(win.start, unit), _ceil(win.end, unit))
+
+
+def check_buckets(win: Window, granularity: str, buckets_max: int) -> None:
+    if granularity not in GRANULARITIES:
+        raise BadQuery(f"granularity must be one of {', '.join(GRANULARITIES)}")
+    count = (win.end - win.start) / _STEP[granularity]
+    if count > buckets_max:
+        raise BadQuery(f"{granularity} buckets over this window would be ~{int(count)}; at most {buckets_max} "
+                       "— use a coarser granularity or a shorter window")
+
+
+def _bucket(granularity: str, base: str) -> str:
+    """Bucket expression over ``base`` (toStartOfMinute(time) or toStartOfDay(time)), as UTC DateTime."""
+    if granularity == "minute":
+        return base
+    if granularity == "hour":
+        return f"toStartOfHour({base})"
+    if granularity == "day":
+        return f"toStartOfDay({base})"
+    return f"toDateTime(toStartOfMonth({base}), 'UTC')"
+
+
+def _tx_bucket(granularity: str) -> str:
+    if granularity == "month":
+        return "toDateTime(toStartOfMonth(created_at), 'UTC')"
+    fn = {"minute": "toStartOfMinute", "hour": "toStartOfHour", "day": "toStartOfDay"}[granularity]
+    return f"toDateTime({fn}(created_at), 'UTC')"
+
+
+def _json_key(key: str) -> list[str]:
+    if not _JSON_KEY.match(key):
+        raise BadQuery("a data key is letters, digits, '_' or '-', dotted for nesting (at most 5 levels)")
+    return key.split(".")
+
+
+def _json_args(parts: list[str], params: dict[str, Any], prefix: str) -> str:
+    names = []
+    for i, part in enumerate(parts):
+        params[f"{prefix}{i}"] = part
+        names.append(f"{{{prefix}{i}:String}}")
+    return ", ".join(names)
+
+
+# ----------------------------------------------------------------------------- usage builders
+
+
+def build_usage(*, db: str, project_id: str, win: Window, granularity: str, meter: str | None = None,
+                subject: str | None = None, group_by: str | None = None, value_key: str | None = None,
+                buckets_max: int = 5_000) -> tuple[Query, Window]:
+    """Events and units per bucket (and per meter, subject or data key). ``group_by``: "meter" (default),
+    "subject", or "data.<key>". ``value_key`` sums that data key instead of the stored units."""
+    group_by = group_by or "meter"
+    per_subject = subject is not None or group_by == "subject"
+    raw = value_key is not None or group_by.startswith("data.") or (
+        per_subject and granularity in ("minute", "hour"))
+    unit = "day" if per_subject and not raw else "minute"
+    win = aligned(win, unit)
+    check_buckets(win, granularity, buckets_max)
+    base = "toStartOfDay(time)" if unit == "day" else "toStartOfMinute(time)"
+    params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end}
+    where = ["project_id = {project:String}", f"{base} >= {{start:DateTime64(3, 'UTC')}}",
+             f"{base} < {{end:DateTime64(3, 'UTC')}}"]
+    if meter is not None:
+        where.append("event_type = {meter:String}")
+        params["meter"] = meter
+    if subject is not None:
+        where.append("subject = {subject:String}")
+        params["subject"] = subject
+    if group_by == "meter":
+        group = "event_type"
+    elif group_by == "subject":
+        group = "subject"
+    elif group_by.startswith("data."):
+        group = f"JSONExtractString(data, {_json_args(_json_key(group_by[5:]), params, 'g')})"
+    else:
+        raise BadQuery("group_by must be meter, subject or data.<key>")
+    units = "sum(units)"
+    if value_key is not None:
+        units = (f"sum(toDecimal128OrZero(JSONExtractRaw(data, {_json_args(_json_key(value_key), params, 'v')}), 9))")
+    sql = (f"SELECT {_bucket(granularity, base)} AS bucket, {group} AS grp, count() AS events, {units} AS units "
+           f"FROM `{db}`.usage_events WHERE {' AND '.join(where)} GROUP BY bucket, grp ORDER BY bucket, grp")
+    return Query(sql, params), win
+
+
+def build_usage_totals(*, db: str, project_id: str, win: Window) -> tuple[Query, Window]:
+    """Totals per meter over the window (the dashboard's summary tiles)."""
+    win = aligned(win, "minute")
+    return Query(
+        f"SELECT event_type AS meter, count() AS events, sum(units) AS units FROM `{db}`.usage_events "
+        "WHERE project_id = {project:String} AND toStartOfMinute(time) >= {start:DateTime64(3, 'UTC')} "
+        "AND toStartOfMinute(time) < {end:DateTime64(3, 'UTC')} GROUP BY meter ORDER BY meter",
+        {"project": project_id, "start": win.start, "end": win.end}), win
+
+
+def build_top_consumers(*, db: str, project_id: str, win: Window, meter: str | None = None,
+                        limit: int = 10) -> tuple[Query, Window]:
+    """Subjects by units of one meter (or by events across meters, when no meter is given)."""
+    if not 1 <= limit <= 1_000:
+        raise BadQuery("limit must be between 1 and 1000")
+    win = aligned(win, "day")
+    params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end, "limit": limit}
+    where = ("project_id = {project:String} AND toStartOfDay(time) >= {start:DateTime64(3, 'UTC')} "
+             "AND toStartOfDay(time) < {end:DateTime64(3, 'UTC')}")
+    if meter is None:
+        sql = (f"SELECT subject, count() AS events FROM `{db}`.usage_events WHERE {where} "
+               "GROUP BY subject ORDER BY events DESC, subject LIMIT {limit:UInt32}")
+    else:
+        params["meter"] = meter
+        sql = (f"SELECT subject, count() AS events, sum(units) AS units FROM `{db}`.usage_events WHERE {where} "
+               "AND event_type = {meter:String} GROUP BY subject ORDER BY units DESC, subject LIMIT {limit:UInt32}")
+    return Query(sql, params), win
+
+
+# ----------------------------------------------------------------------------- wallet builders
+
+
+def _tx_where(project_id: str, win: Window, wallet_id: str | None) -> tuple[str, dict[str, Any]]:
+    params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end}
+    where = ("project_id = {project:String} AND created_at >= {start:DateTime64(6, 'UTC')} "
+             "AND created_at < {end:DateTime64(6, 'UTC')}")
+    if wallet_id is not None:
+        where += " AND wallet_id = {wallet:String}"
+        params["wallet"] = wallet_id
+    return where, params
+
+
+def build_wallet_flows(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
+    where, params = _tx_where(project_id, win, wallet_id)
+    return Query(f"SELECT {_FLOWS} FROM `{db}`.ledger_transactions FINAL WHERE {where}", params)
+
+
+def build_outstanding(*, db: str, project_id: str, at: datetime, wallet_id: str | None = None) -> Query:
+    """Outstanding credits at ``at``: the sum over wallets of the balance after their last transaction before it."""
+    params: dict[str, Any] = {"project": project_id, "at": at}
+    where = "project_id = {project:String} AND created_at < {at:DateTime64(6, 'UTC')}"
+    if wallet_id is not None:
+        where += " AND wallet_id = {wallet:String}"
+        params["wallet"] = wallet_id
+    return Query(
+        "SELECT sum(balance) AS outstanding_minor, countIf(balance < 0) AS wallets_in_debt FROM ("
+        "SELECT wallet_id, argMax(balance_after_minor, (created_at, transaction_id)) AS balance "
+        f"FROM `{db}`.ledger_transactions FINAL WHERE {where} GROUP BY wallet_id)", params)
+
+
+def build_credit_flow(*, db: str, project_id: str, win: Window, granularity: str, wallet_id: str | None = None,
+                      buckets_max: int = 5_000) -> Query:
+    check_buckets(win, granularity, buckets_max)
+    where, params = _tx_where(project_id, win, wallet_id)
+    return Query(f"SELECT {_tx_bucket(granularity)} AS bucket, {_FLOWS} FROM `{db}`.ledger_transactions FINAL "
+                 f"WHERE {where} GROUP BY bucket ORDER BY bucket", params)
+
+
+def build_source_breakdown(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
+    where, params = _tx_where(project_id, win, wallet_id)
+    return Query(
+        f"SELECT {_SOURCE} AS source, sum(amount_minor) AS issued_minor, count() AS grants "
+        f"FROM `{db}`.ledger_transactions FINAL WHERE {where} "
+        f"AND (kind IN {ISSUED_KINDS!r} OR (kind = 'adjustment' AND amount_minor > 0)) "
+        "GROUP BY source ORDER BY issued_minor DESC, source", params)
+
+
+def build_top_wallets(*, db: str, project_id: str, win: Window, limit: int = 10) -> Query:
+    if not 1 <= limit <= 1_000:
+        raise BadQuery("limit must be between 1 and 1000")
+    where, params = _tx_where(project_id, win, None)
+    params["limit"] = limit
+    return Query(f"SELECT wallet_id, {_FLOWS} FROM `{db}`.ledger_transactions FINAL WHERE {where} "
+                 "GROUP BY wallet_id ORDER BY spent_minor DESC, wallet_id LIMIT {limit:UInt32}", params)
+
+
+def build_wallet_transactions(*, db: str, project_id: str, wallet_id: str, limit: int = 100,
+                              before_id: int | None = None) -> Query:
+    if not 1 <= limit <= 500:
+        raise BadQuery("limit must be between 1 and 500")
+    params: dict[str, Any] = {"project": project_id, "wallet": wallet_id, "limit": limit}
+    where = "project_id = {project:String} AND wallet_id = {wallet:String}"
+    if before_id is not None:
+        where += " AND transaction_id < {before:Int64}"
+        params["before"] = before_id
+    return Query(
+        "SELECT transaction_id, kind, amount_minor, balance_before_minor, balance_after_minor, bucket_source, "
+        "source_ref, meter_id, related_transaction_id, reason, created_at "
+        f"FROM `{db}`.ledger_transactions FINAL WHERE {where} ORDER BY transaction_id DESC LIMIT {{limit:UInt32}}",
+        params)
+
+
+def build_revenue(*, db: str, project_id: str, win: Window) -> Query:
+    where, params = _tx_where(project_id, win, None)
+    return Query(
+        f"SELECT kind, {_OFFER} AS offer, sum(amount_minor) AS credits_minor, count() AS purchases, "
+        f"uniqExact(wallet_id) AS wallets FROM `{db}`.ledger_transactions FINAL WHERE {where} "
+        f"AND kind IN {PURCHASE_KINDS!r} AND amount_minor > 0 GROUP BY kind, offer "
+        "ORDER BY credits_minor DESC, offer", params)
+
+
+# ----------------------------------------------------------------------------- paywall and dead letters
+
+
+def build_decision_reasons(*, db: str, project_id: str, win: Window) -> Query:
+    params = {"project": project_id, "start": win.start, "end": win.end}
+    return Query(
+        "SELECT allowed, reason, policy_id, count() AS decisions, uniqExact(subject) AS subjects "
+        f"FROM `{db}`.access_decisions FINAL WHERE project_id = {{project:String}} "
+        "AND time >= {start:DateTime64(3, 'UTC')} AND time < {end:DateTime64(3, 'UTC')} "
+        "GROUP BY allowed, reason, policy_id ORDER BY decisions DESC", params)
+
+
+def build_paywall_funnel(*, db: str, project_id: str, win: Window) -> Query:
+    """Subjects that (1) asked for access, (2) were denied by a paywall reason, (3) then bought credits or a
+    plan (top_up / subscription_grant on the wallet of a paywalled decision, after the first denial), and
+    (4) were allowed again after buying."""
+    params = {"project": project_id, "start": win.start, "end": win.end}
+    sql = f"""
+WITH d AS (
+    SELECT subject, wallet_id, allowed, reason, time FROM `{db}`.access_decisions FINAL
+    WHERE project_id = {{project:String}} AND time >= {{start:DateTime64(3, 'UTC')}}
+      AND time < {{end:DateTime64(3, 'UTC')}}),
+walled AS (
+    SELECT subject, any(wallet_id) AS wallet_id, min(time) AS first_denied FROM d
+    WHERE allowed = 0 AND reason IN {PAYWALL_REASONS!r} GROUP BY subject),
+bought AS (
+    SELECT w.subject AS subject, min(t.created_at) AS first_purchase
+    FROM walled AS w INNER JOIN (
+        SELECT wallet_id, created_at FROM `{db}`.ledger_transactions FINAL
+        WHERE project_id = {{project:String}} AND kind IN {PURCHASE_KINDS!r} AND amount_minor > 0
+          AND created_at >= {{start:DateTime64(6, 'UTC')}} AND created_at < {{end:DateTime64(6, 'UTC')}}
+    ) AS t ON t.wallet_id = w.wallet_id
+    WHERE w.wallet_id != '' AND t.created_at >= w.first_denied GROUP BY w.subject)
+SELECT
+    (SELECT uniqExact(subject) FROM d) AS requested,
+    (SELECT count() FROM walled) AS paywalled,
+    (SELECT count() FROM bought) AS purchased,
+    (SELECT uniqExact(d.subject) FROM d INNER JOIN bought AS b ON b.subject = d.subject
+      WHERE d.allowed = 1 AND d.time >= b.first_purchase) AS returned"""
+    return Query(sql, params)
+
+
+def build_dead_letters(*, db: str, project_id: str, limit: int = 50) -> Query:
+    if not 1 <= limit <= 200:
+        raise BadQuery("limit must be between 1 and 200")
+    return Query(
+        "SELECT received_at, reason, payload, headers, kafka_partition, kafka_offset "
+        f"FROM `{db}`.dead_letters WHERE project_id = {{project:String}} "
+        "ORDER BY received_at DESC, kafka_partition, kafka_offset DESC LIMIT {limit:UInt32}",
+        {"project": project_id, "limit": limit})
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def rate(numerator: int, denominator: int) -> str | None:
+    if denominator <= 0:
+        return None
+    return str((Decimal(numerator) / Decimal(denominator)).quantize(RATE_PLACES, rounding=ROUND_HALF_EVEN))
+
+
+def _flows(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: int(row[k] or 0) for k in ("issued_minor", "spent_minor", "expired_minor", "adjusted_out_minor",
+                                          "net_movement_minor", "transactions")}
+    out["other_minor"] = out["net_movement_minor"] - (out["issued_minor"] - out["spent_minor"]
+                                                      - out["expired_minor"] - out["adjusted_out_minor"])
+    out["utilization_rate"] = rate(out["spent_minor"], out["issued_minor"])
+    out["expiration_rate"] = rate(out["expired_minor"], out["issued_minor"])
+    return out
+
+
+class Analytics:
+    """Executes the builders for one database through a client pool (thread-safe)."""
+
+    def __init__(self, settings: AnalyticsSettings, pool: ClientPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.db = settings.database
+        self._query_settings = {"max_execution_time": settings.query_timeout_s,
+                                "max_memory_usage": settings.query_memory_bytes_max,
+                                "do_not_merge_across_partitions_select_final": 1}
+
+    def rows(self, query: Query) -> list[dict[str, Any]]:
+        with self.pool.client() as client:
+            return list(_dicts(client, query, self._query_settings))
+
+    # usage
+    def usage(self, *, project_id: str, win: Window, granularity: str, meter: str | None = None,
+              subject: str | None = None, group_by: str | None = None, value_key: str | None = None
+              ) -> dict[str, Any]:
+        query, effective = build_usage(db=self.db, project_id=project_id, win=win, granularity=granularity,
+                                       meter=meter, subject=subject, group_by=group_by, value_key=value_key,
+                                       buckets_max=self.settings.buckets_max)
+        series = [{"bucket": r["bucket"], "group": r["grp"], "events": int(r["events"]), "units": r["units"]}
+                  for r in self.rows(query)]
+        return {"window": effective.as_dict(), "granularity": granularity, "group_by": group_by or "meter",
+                "series": series}
+
+    def usage_totals(self, *, project_id: str, win: Window) -> dict[str, Any]:
+        query, effective = build_usage_totals(db=self.db, project_id=project_id, win=win)
+        return {"window": effective.as_dict(), "meters": self.rows(query)}
+
+    def top_consumers(self, *, project_id: str, win: Window, meter: str | None = None,
+                      limit: int = 10) -> dict[str, Any]:
+        query, effective = build_top_consumers(db=self.db, project_id=project_id, win=win, meter=meter, limit=limit)
+        return {"window": effective.as_dict(), "meter": meter, "consumers": self.rows(query)}
+
+    # wallets
+    def wallet_summary(self, *, project_id: str, win: Window, wallet_id: str | None = None) -> dict[str, Any]:
+        flows = _flows(self.rows(build_wallet_flows(db=self.db, project_id=project_id, win=win,
+                                                    wallet_id=wallet_id))[0])
+        before = self.rows(build_outstanding(db=self.db, project_id=project_id, at=win.start, wallet_id=wallet_id))[0]
+        after = self.rows(build_outstanding(db=self.db, project_id=project_id, at=win.end, wallet_id=wallet_id))[0]
+        breakdown = self.source_breakdown(project_id=project_id, win=win, wallet_id=wallet_id)["sources"]
+        return {"window": win.as_dict(), "wallet_id": wallet_id, **flows,
+                "outstanding_start_minor": int(before["outstanding_minor"] or 0),
+                "outstanding_end_minor": int(after["outstanding_minor"] or 0),
+                "wallets_in_debt_end": int(after["wallets_in_debt"] or 0), "sources": breakdown}
+
+    def credit_flow(self, *, project_id: str, win: Window, granularity: str,
+                    wallet_id: str | None = None) -> dict[str, Any]:
+        query = build_credit_flow(db=self.db, project_id=project_id, win=win, granularity=granularity,
+                                  wallet_id=wallet_id, buckets_max=self.settings.buckets_max)
+        return {"window": win.as_dict(), "granularity": granularity, "wallet_id": wallet_id,
+                "series": [{"bucket": r["bucket"], **_flows(r)} for r in self.rows(query)]}
+
+    def source_breakdown(self, *, project_id: str, win: Window, wallet_id: str | None = None) -> dict[str, Any]:
+        rows = self.rows(build_source_breakdown(db=self.db, project_id=project_id, win=win, wallet_id=wallet_id))
+        total = sum(int(r["issued_minor"]) for r in rows)
+        return {"window": win.as_dict(), "issued_minor": total,
+                "sources": [{"source": r["source"], "issued_minor": int(r["issued_minor"]),
+                             "grants": int(r["grants"]), "share": rate(int(r["issued_minor"]), total)}
+                            for r in rows]}
+
+    def top_wallets(self, *, project_id: str, win: Window, limit: int = 10) -> dict[str, Any]:
+        rows = self.rows(build_top_wallets(db=self.db, project_id=project_id, win=win, limit=limit))
+        return {"window": win.as_dict(), "wallets": [{"wallet_id": r["wallet_id"], **_flows(r)} for r in rows]}
+
+    def wallet_transactions(self, *, project_id: str, wallet_id: str, limit: int = 100,
+                            before_id: int | None = None) -> dict[str, Any]:
+        rows = self.rows(build_wallet_transactions(db=self.db, project_id=project_id, wallet_id=wallet_id,
+                                                   limit=limit, before_id=before_id))
+        return {"wallet_id": wallet_id, "transactions": rows,
+                "next_before_id": rows[-1]["transaction_id"] if len(rows) == limit else None}
+
+    def revenue(self, *, project_id: str, win: Window) -> dict[str, Any]:
+        rows = self.rows(build_revenue(db=self.db, project_id=project_id, win=win))
+        return {"window": win.as_dict(), "offers": [
+            {"kind": r["kind"], "offer": r["offer"], "credits_minor": int(r["credits_minor"]),
+             "purchases": int(r["purchases"]), "wallets": int(r["wallets"])} for r in rows]}
+
+    # paywall and dead letters
+    def paywall_funnel(self, *, project_id: str, win: Window) -> dict[str, Any]:
+        funnel = self.rows(build_paywall_funnel(db=self.db, project_id=project_id, win=win))[0]
+        stages = [{"stage": name, "subjects": int(funnel[name])}
+                  for name in ("requested", "paywalled", "purchased", "returned")]
+        reasons = self.rows(build_decision_reasons(db=self.db, project_id=project_id, win=win))
+        return {"window": win.as_dict(), "stages": stages,
+                "conversion_rate": rate(int(funnel["purchased"]), int(funnel["paywalled"])),
+                "reasons": [{**r, "allowed": bool(r["allowed"]), "decisions": int(r["decisions"]),
+                             "subjects": int(r["subjects"])} for r in reasons]}
+
+    def dead_letters(self, *, project_id: str, limit: int = 50) -> dict[str, Any]:
+        return {"dead_letters": self.rows(build_dead_letters(db=self.db, project_id=project_id, limit=limit))}
+
+
+def _dicts(client: Client, query: Query, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    result = client.query(query.sql, parameters=query.params, settings=settings)
+    names = result.column_names
+    for row in result.result_rows:
+        yield {name: _plain(value) for name, value in zip(names, row, strict=True)}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready values: UTC datetimes as ISO strings, Decimals as exact strings."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f") if value else "0"
+    return value

@@ -109,6 +109,8 @@ class _ProducerRunner:
             with contextlib.suppress(Exception):
                 self.producer.purge()
             self.producer.flush(1.0)  # delivers the purge errors to the waiting requests
+        with contextlib.suppress(Exception):
+            self.producer.close()  # release the broker connections now, not at garbage collection
         return int(left)
 
 

@@ -90,6 +90,14 @@ def parse_json(body: bytes) -> Any:
         raise MalformedJson(f"the request body is not valid JSON: {exc}") from None
 
 
+def require_media_type(content_type: str | None, allowed: tuple[str, ...]) -> None:
+    """415 before the body is even parsed."""
+    kind = media_type(content_type)
+    if kind not in allowed:
+        raise UnsupportedMediaType(f"Content-Type {kind or '(none)'} is not supported; use {', '.join(allowed)}",
+                                   extra={"supported": list(allowed)})
+
+
 def classify(content_type: str | None, payload: Any) -> tuple[Shape, list[Any], bool]:
     """(shape, items, batch?) for POST /api/v1/events, or raise 400/415."""
     kind = media_type(content_type)
@@ -136,9 +144,7 @@ def binary_event(headers: dict[str, str], body: bytes) -> dict[str, Any]:
 
 
 def lago_batch_items(content_type: str | None, payload: Any) -> list[Any]:
-    if media_type(content_type) != JSON:
-        raise UnsupportedMediaType(f"use Content-Type {JSON} with {{\"events\": [...]}}",
-                                   extra={"supported": [JSON]})
+    require_media_type(content_type, (JSON,))
     if not isinstance(payload, dict) or not isinstance(payload.get("events"), list):
         raise InvalidBody("the body must be {\"events\": [ ...Lago events... ]}")
     return list(payload["events"])

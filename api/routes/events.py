@@ -33,6 +33,7 @@ from api.ingest.producer import KafkaEdge
 from api.ingest.service import (
     CLOUDEVENTS,
     CLOUDEVENTS_BATCH,
+    JSON,
     BodyTooLarge,
     IngestService,
     binary_event,
@@ -41,6 +42,7 @@ from api.ingest.service import (
     media_type,
     parse_json,
     rejection,
+    require_media_type,
 )
 from api.ingest.settings import IngestSettings
 from api.ingest.settings import get_settings as get_ingest_settings
@@ -212,9 +214,12 @@ _INGEST_DOC: dict[str, Any] = {
 async def ingest_events(request: Request, access: IngestAccess, settings: SettingsDep) -> Response:
     ingestion: _Ingestion = request.app.state.ingestion
     service = await ingestion.get()
-    body = await _body(request, settings.request_body_bytes_max)
     headers = request.headers
-    if "ce-specversion" in headers and media_type(headers.get("content-type")) not in STRUCTURED:
+    binary = "ce-specversion" in headers and media_type(headers.get("content-type")) not in STRUCTURED
+    if not binary:
+        require_media_type(headers.get("content-type"), (*STRUCTURED, JSON))
+    body = await _body(request, settings.request_body_bytes_max)
+    if binary:
         shape, items = "cloudevents", [binary_event(dict(headers), body)]
     else:
         shape, items, _batch = classify(headers.get("content-type"), parse_json(body))
@@ -233,6 +238,7 @@ async def ingest_events(request: Request, access: IngestAccess, settings: Settin
 async def ingest_lago_batch(request: Request, access: IngestAccess, settings: SettingsDep) -> Response:
     ingestion: _Ingestion = request.app.state.ingestion
     service = await ingestion.get()
+    require_media_type(request.headers.get("content-type"), (JSON,))
     body = await _body(request, settings.request_body_bytes_max)
     items = lago_batch_items(request.headers.get("content-type"), parse_json(body))
     outcome = await service.ingest(project_id=access.project_id, shape="lago", items=items)

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import Connection, text
 
 from ledger.books import load_books, lock_wallets
@@ -41,6 +42,7 @@ from ledger.contracts import ChargeCheckpoint, CounterValue, PriceModel, Transac
 from ledger.postings import DEFAULT_PRIORITY, NewBucket
 from ledger.pricing import price_minor
 from ledger.rows import CheckpointOutcome
+from ledger.sqlrows import rows_json
 from ledger.writer import Draft, write
 
 __all__ = ["apply_checkpoint", "merge_units", "usage_idempotency_key"]
@@ -62,22 +64,21 @@ _LOCK_PARTITION = text("""
 _ENSURE_WALLETS = text("""
     INSERT INTO wallets (id, project_id, owner_kind, owner_ref)
     SELECT w.id, w.project_id, 'subject', w.id
-    FROM unnest(CAST(:id AS text[]), CAST(:project_id AS text[])) AS w(id, project_id)
+    FROM json_to_recordset(CAST(:rows AS json)) AS w(id text, project_id text)
     ORDER BY w.id
     ON CONFLICT DO NOTHING
 """)
 
-_KEY_ARRAYS = """CAST(:wallet_id AS text[]), CAST(:meter_id AS text[]), CAST(:period_start AS timestamptz[]),
-                 CAST(:price_version_id AS text[])"""
+#: The key columns every statement reads from the checkpoint's rows (built once per checkpoint).
+_KEY_COLUMNS = "wallet_id text, meter_id text, period_start timestamptz, price_version_id text"
 
 _UPSERT_COUNTERS = text(f"""
     INSERT INTO usage_counters (wallet_id, meter_id, period_start, price_version_id, project_id, source_topic,
                                 partition, units, latest_at, events, late_events, as_of_offset, updated_at)
     SELECT v.wallet_id, v.meter_id, v.period_start, v.price_version_id, v.project_id, :topic, :partition,
            v.units, v.latest_at, v.events, v.late_events, :as_of, now()
-    FROM unnest({_KEY_ARRAYS}, CAST(:project_id AS text[]), CAST(:units AS numeric[]),
-                CAST(:latest_at AS timestamptz[]), CAST(:events AS bigint[]), CAST(:late_events AS bigint[]))
-         AS v(wallet_id, meter_id, period_start, price_version_id, project_id, units, latest_at, events, late_events)
+    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, project_id text, units numeric,
+                                                     latest_at timestamptz, events bigint, late_events bigint)
     ON CONFLICT (wallet_id, meter_id, period_start, price_version_id, source_topic, partition) DO UPDATE SET
         units = EXCLUDED.units, latest_at = EXCLUDED.latest_at, events = EXCLUDED.events,
         late_events = EXCLUDED.late_events, as_of_offset = EXCLUDED.as_of_offset, updated_at = now()
@@ -88,8 +89,7 @@ _LOCK_CHARGES = text(f"""
     INSERT INTO usage_charges (wallet_id, meter_id, period_start, price_version_id, project_id, aggregation, price)
     SELECT v.wallet_id, v.meter_id, v.period_start, v.price_version_id, v.project_id, v.aggregation,
            CAST(v.price AS jsonb)
-    FROM unnest({_KEY_ARRAYS}, CAST(:project_id AS text[]), CAST(:aggregation AS text[]), CAST(:price AS text[]))
-         AS v(wallet_id, meter_id, period_start, price_version_id, project_id, aggregation, price)
+    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, project_id text, aggregation text, price text)
     ORDER BY v.wallet_id, v.meter_id, v.period_start, v.price_version_id
     ON CONFLICT (wallet_id, meter_id, period_start, price_version_id) DO UPDATE SET updated_at = now()
     RETURNING wallet_id, meter_id, period_start, price_version_id, charged_minor
@@ -97,23 +97,22 @@ _LOCK_CHARGES = text(f"""
 
 _ALL_PARTITIONS = text(f"""
     SELECT c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.units, c.latest_at
-    FROM usage_counters c
-    JOIN unnest({_KEY_ARRAYS}) AS k(wallet_id, meter_id, period_start, price_version_id)
+    FROM json_to_recordset(CAST(:rows AS json)) AS k({_KEY_COLUMNS})
+    JOIN usage_counters c
       ON c.wallet_id = k.wallet_id AND c.meter_id = k.meter_id AND c.period_start = k.period_start
      AND c.price_version_id = k.price_version_id
 """)
 
 _UPDATE_CHARGES = text(f"""
     UPDATE usage_charges c SET units = v.units, charged_minor = v.charged, updated_at = now()
-    FROM unnest({_KEY_ARRAYS}, CAST(:units AS numeric[]), CAST(:charged AS bigint[]))
-         AS v(wallet_id, meter_id, period_start, price_version_id, units, charged)
+    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, units numeric, charged bigint)
     WHERE c.wallet_id = v.wallet_id AND c.meter_id = v.meter_id AND c.period_start = v.period_start
       AND c.price_version_id = v.price_version_id
 """)
 
 _INSERT_DEDUPE = text("""
     INSERT INTO dedupe_keys (source_topic, partition, key_hash, seen_at)
-    SELECT :topic, :partition, h, now() FROM unnest(CAST(:hashes AS bigint[])) AS h
+    SELECT :topic, :partition, CAST(h AS bigint), now() FROM json_array_elements_text(CAST(:hashes AS json)) AS h
     ON CONFLICT DO NOTHING
 """)
 
@@ -132,18 +131,20 @@ def apply_checkpoint(conn: Connection, checkpoint: ChargeCheckpoint) -> Checkpoi
     values = _last_value_per_key(checkpoint.counters)
     transactions = charged_total = 0
     if values:
-        conn.execute(_ENSURE_WALLETS, _wallet_params(values.values()))
-        conn.execute(_UPSERT_COUNTERS, {**_counter_params(values), "topic": topic, "partition": partition,
-                                        "as_of": as_of})
-        charged = _lock_charges(conn, values)
-        units = _merged(conn, values)
+        rows = _checkpoint_rows(values)
+        conn.execute(_ENSURE_WALLETS, {"rows": rows_json(
+            {"id": w, "project_id": p} for w, p in sorted({(k.wallet_id, v.key.project_id) for k, v in values.items()}))})
+        conn.execute(_UPSERT_COUNTERS, {"rows": rows, "topic": topic, "partition": partition, "as_of": as_of})
+        charged = _lock_charges(conn, rows)
+        units = _merged(conn, values, rows)
         deltas = {key: price_minor(values[key].price, units[key]) - charged[key] for key in values}
-        conn.execute(_UPDATE_CHARGES, {**_key_params(values), "units": [units[k] for k in values],
-                                       "charged": [charged[k] + deltas[k] for k in values]})
         cumulative = {key: charged[key] + deltas[key] for key in values}
+        conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
+            {**_key_row(k), "units": units[k], "charged": cumulative[k]} for k in values)})
         transactions, charged_total = _post_deltas(conn, checkpoint, values, units, deltas, cumulative)
     if checkpoint.dedupe_keys:
-        conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition, "hashes": checkpoint.dedupe_keys})
+        conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition,
+                                      "hashes": orjson.dumps(checkpoint.dedupe_keys).decode()})
     conn.execute(_SET_APPLIED, {"topic": topic, "partition": partition, "as_of": as_of})
     return CheckpointOutcome("applied", topic, partition, as_of, len(values), transactions, charged_total)
 
@@ -175,21 +176,18 @@ def _last_value_per_key(counters: list[CounterValue]) -> dict[Key, CounterValue]
     return dict(sorted(by_key.items()))
 
 
-def _key_params(values: dict[Key, CounterValue]) -> dict[str, list[Any]]:
-    return {"wallet_id": [k.wallet_id for k in values], "meter_id": [k.meter_id for k in values],
-            "period_start": [k.period_start for k in values], "price_version_id": [k.price_version_id for k in values]}
+def _key_row(key: Key) -> dict[str, Any]:
+    return {"wallet_id": key.wallet_id, "meter_id": key.meter_id, "period_start": key.period_start,
+            "price_version_id": key.price_version_id}
 
 
-def _wallet_params(values: Iterable[CounterValue]) -> dict[str, list[str]]:
-    wallets = dict(sorted({v.key.wallet_id: v.key.project_id for v in values}.items()))
-    return {"id": list(wallets), "project_id": list(wallets.values())}
-
-
-def _counter_params(values: dict[Key, CounterValue]) -> dict[str, list[Any]]:
-    vs = list(values.values())
-    return {**_key_params(values), "project_id": [v.key.project_id for v in vs], "units": [v.units for v in vs],
-            "latest_at": [v.latest_at for v in vs], "events": [v.events for v in vs],
-            "late_events": [v.late_events for v in vs]}
+def _checkpoint_rows(values: dict[Key, CounterValue]) -> str:
+    """Every column any statement needs, serialised once (json_to_recordset reads only what it names)."""
+    return rows_json(
+        {**_key_row(k), "project_id": v.key.project_id, "units": v.units, "latest_at": v.latest_at,
+         "events": v.events, "late_events": v.late_events, "aggregation": v.aggregation,
+         "price": _price_json(v.price)}
+        for k, v in values.items())
 
 
 _PRICE_JSON: dict[PriceModel, str] = {}
@@ -205,17 +203,14 @@ def _price_json(price: PriceModel) -> str:
     return cached
 
 
-def _lock_charges(conn: Connection, values: dict[Key, CounterValue]) -> dict[Key, int]:
-    vs = list(values.values())
-    rows = conn.execute(_LOCK_CHARGES, {**_key_params(values), "project_id": [v.key.project_id for v in vs],
-                                        "aggregation": [v.aggregation for v in vs],
-                                        "price": [_price_json(v.price) for v in vs]})
-    return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id): int(r.charged_minor) for r in rows}
+def _lock_charges(conn: Connection, rows: str) -> dict[Key, int]:
+    result = conn.execute(_LOCK_CHARGES, {"rows": rows})
+    return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id): int(r.charged_minor) for r in result}
 
 
-def _merged(conn: Connection, values: dict[Key, CounterValue]) -> dict[Key, Decimal]:
+def _merged(conn: Connection, values: dict[Key, CounterValue], rows: str) -> dict[Key, Decimal]:
     per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in values}
-    for r in conn.execute(_ALL_PARTITIONS, _key_params(values)):
+    for r in conn.execute(_ALL_PARTITIONS, {"rows": rows}):
         per_key[Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)].append((r.units, r.latest_at))
     return {key: merge_units(values[key].aggregation, per_key[key]) for key in values}
 

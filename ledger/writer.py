@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import Connection, text
 
 from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS, TransactionKind, TransactionPosted
 from ledger.errors import IdempotencyConflict
 from ledger.postings import Posting, WalletBook
 from ledger.rows import AllocationRow, TransactionRow
+from ledger.sqlrows import rows_json
 
 __all__ = ["Draft", "write"]
 
@@ -58,15 +58,13 @@ _INSERT_BUCKETS = text("""
     INSERT INTO credit_buckets (id, wallet_id, project_id, source, priority, granted_minor, remaining_minor,
                                 expires_at, created_at, source_ref)
     SELECT b.id, b.wallet_id, b.project_id, b.source, b.priority, b.granted, b.remaining, b.expires_at, :now, b.ref
-    FROM unnest(CAST(:id AS bigint[]), CAST(:wallet_id AS text[]), CAST(:project_id AS text[]),
-                CAST(:source AS text[]), CAST(:priority AS int[]), CAST(:granted AS bigint[]),
-                CAST(:remaining AS bigint[]), CAST(:expires_at AS timestamptz[]), CAST(:ref AS text[]))
-         AS b(id, wallet_id, project_id, source, priority, granted, remaining, expires_at, ref)
+    FROM json_to_recordset(CAST(:rows AS json)) AS b(id bigint, wallet_id text, project_id text, source text,
+         priority int, granted bigint, remaining bigint, expires_at timestamptz, ref text)
 """)
 
 _UPDATE_BUCKETS = text("""
     UPDATE credit_buckets c SET remaining_minor = u.remaining
-    FROM unnest(CAST(:id AS bigint[]), CAST(:remaining AS bigint[])) AS u(id, remaining)
+    FROM json_to_recordset(CAST(:rows AS json)) AS u(id bigint, remaining bigint)
     WHERE c.id = u.id
 """)
 
@@ -75,16 +73,10 @@ _INSERT_TRANSACTIONS = text("""
         balance_after_minor, idempotency_key, request_fingerprint, source_ref, related_transaction_id, hold_id,
         meter_id, period_start, price_version_id, reason, metadata, created_at)
     SELECT t.id, t.project_id, t.wallet_id, t.kind, t.amount, t.before, t.after, t.key, t.fingerprint, t.ref,
-           t.related, t.hold_id, t.meter_id, t.period_start, t.price_version_id, t.reason,
-           CAST(t.metadata AS jsonb), :now
-    FROM unnest(CAST(:id AS bigint[]), CAST(:project_id AS text[]), CAST(:wallet_id AS text[]),
-                CAST(:kind AS text[]), CAST(:amount AS bigint[]), CAST(:before AS bigint[]),
-                CAST(:after AS bigint[]), CAST(:key AS text[]), CAST(:fingerprint AS text[]),
-                CAST(:ref AS text[]), CAST(:related AS bigint[]), CAST(:hold_id AS text[]),
-                CAST(:meter_id AS text[]), CAST(:period_start AS timestamptz[]),
-                CAST(:price_version_id AS text[]), CAST(:reason AS text[]), CAST(:metadata AS text[]))
-         AS t(id, project_id, wallet_id, kind, amount, before, after, key, fingerprint, ref, related, hold_id,
-              meter_id, period_start, price_version_id, reason, metadata)
+           t.related, t.hold_id, t.meter_id, t.period_start, t.price_version_id, t.reason, t.metadata, :now
+    FROM json_to_recordset(CAST(:rows AS json)) AS t(id bigint, project_id text, wallet_id text, kind text,
+         amount bigint, before bigint, after bigint, key text, fingerprint text, ref text, related bigint,
+         hold_id text, meter_id text, period_start timestamptz, price_version_id text, reason text, metadata jsonb)
     ORDER BY t.id
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id
@@ -92,18 +84,19 @@ _INSERT_TRANSACTIONS = text("""
 
 _INSERT_ALLOCATIONS = text("""
     INSERT INTO transaction_allocations (transaction_id, bucket_id, amount_minor)
-    SELECT * FROM unnest(CAST(:tx AS bigint[]), CAST(:bucket AS bigint[]), CAST(:amount AS bigint[]))
+    SELECT a.tx, a.bucket, a.amount FROM json_to_recordset(CAST(:rows AS json)) AS a(tx bigint, bucket bigint, amount bigint)
 """)
 
 _UPDATE_WALLETS = text("""
     UPDATE wallets w SET balance_minor = u.balance, updated_at = :now
-    FROM unnest(CAST(:id AS text[]), CAST(:balance AS bigint[])) AS u(id, balance)
+    FROM json_to_recordset(CAST(:rows AS json)) AS u(id text, balance bigint)
     WHERE w.id = u.id
 """)
 
 _INSERT_OUTBOX = text("""
     INSERT INTO outbox (topic, key, payload, created_at)
-    SELECT :topic, o.key, o.payload, :now FROM unnest(CAST(:key AS text[]), CAST(:payload AS bytea[])) AS o(key, payload)
+    SELECT :topic, o.key, convert_to(o.payload, 'UTF8'), :now
+    FROM json_to_recordset(CAST(:rows AS json)) AS o(key text, payload text)
 """)
 
 
@@ -121,7 +114,7 @@ def write(conn: Connection, books: Mapping[str, WalletBook], drafts: Sequence[Dr
     _insert_transactions(conn, drafts, tx_ids, now)
     rows = [_row(d, tx_id, now, real_bucket, sources) for d, tx_id in zip(drafts, tx_ids, strict=True)]
     _insert_allocations(conn, rows)
-    conn.execute(_UPDATE_WALLETS, {"id": list(books), "balance": [b.balance_minor for b in books.values()],
+    conn.execute(_UPDATE_WALLETS, {"rows": rows_json({"id": w, "balance": b.balance_minor} for w, b in books.items()),
                                    "now": now})
     _insert_outbox(conn, rows, drafts)
     return rows
@@ -131,19 +124,12 @@ def _insert_buckets(conn: Connection, books: Mapping[str, WalletBook], created: 
                     real_bucket: dict[tuple[str, int], int], now: datetime) -> None:
     if not created:
         return
-    conn.execute(_INSERT_BUCKETS, {
-        "id": [real_bucket[(w, temp)] for w, temp, _, _ in created],
-        "wallet_id": [w for w, _, _, _ in created],
-        "project_id": [_project_of(books[w]) for w, _, _, _ in created],
-        "source": [spec.source for _, _, spec, _ in created],
-        "priority": [spec.priority for _, _, spec, _ in created],
-        "granted": [granted for _, _, _, granted in created],
-        # a bucket created by this plan may already be partly burned by a later posting of the same plan
-        "remaining": [books[w].changed.get(temp, granted) for w, temp, _, granted in created],
-        "expires_at": [spec.expires_at for _, _, spec, _ in created],
-        "ref": [spec.source_ref for _, _, spec, _ in created],
-        "now": now,
-    })
+    conn.execute(_INSERT_BUCKETS, {"now": now, "rows": rows_json(
+        {"id": real_bucket[(w, temp)], "wallet_id": w, "project_id": _project_of(books[w]), "source": spec.source,
+         "priority": spec.priority, "granted": granted,
+         # a bucket created by this plan may already be partly burned by a later posting of the same plan
+         "remaining": books[w].changed.get(temp, granted), "expires_at": spec.expires_at, "ref": spec.source_ref}
+        for w, temp, spec, granted in created)})
 
 
 def _project_of(book: WalletBook) -> str:
@@ -155,32 +141,20 @@ def _update_buckets(conn: Connection, books: Mapping[str, WalletBook]) -> None:
     changed = [(bucket_id, remaining) for book in books.values() for bucket_id, remaining in book.changed.items()
                if bucket_id > 0]
     if changed:
-        conn.execute(_UPDATE_BUCKETS, {"id": [c[0] for c in changed], "remaining": [c[1] for c in changed]})
+        conn.execute(_UPDATE_BUCKETS, {"rows": rows_json({"id": i, "remaining": r} for i, r in changed)})
 
 
 def _insert_transactions(conn: Connection, drafts: Sequence[Draft], tx_ids: list[int], now: datetime) -> None:
     if not drafts:
         return
-    inserted = conn.execute(_INSERT_TRANSACTIONS, {
-        "id": tx_ids,
-        "project_id": [d.project_id for d in drafts],
-        "wallet_id": [d.wallet_id for d in drafts],
-        "kind": [d.kind.value for d in drafts],
-        "amount": [d.posting.amount_minor for d in drafts],
-        "before": [d.posting.balance_before_minor for d in drafts],
-        "after": [d.posting.balance_after_minor for d in drafts],
-        "key": [d.idempotency_key for d in drafts],
-        "fingerprint": [d.request_fingerprint for d in drafts],
-        "ref": [d.source_ref for d in drafts],
-        "related": [d.related_transaction_id for d in drafts],
-        "hold_id": [d.hold_id for d in drafts],
-        "meter_id": [d.meter_id for d in drafts],
-        "period_start": [d.period_start for d in drafts],
-        "price_version_id": [d.price_version_id for d in drafts],
-        "reason": [d.reason for d in drafts],
-        "metadata": [orjson.dumps(d.metadata).decode() if d.metadata is not None else None for d in drafts],
-        "now": now,
-    }).all()
+    inserted = conn.execute(_INSERT_TRANSACTIONS, {"now": now, "rows": rows_json(
+        {"id": tx_id, "project_id": d.project_id, "wallet_id": d.wallet_id, "kind": d.kind.value,
+         "amount": d.posting.amount_minor, "before": d.posting.balance_before_minor,
+         "after": d.posting.balance_after_minor, "key": d.idempotency_key, "fingerprint": d.request_fingerprint,
+         "ref": d.source_ref, "related": d.related_transaction_id, "hold_id": d.hold_id, "meter_id": d.meter_id,
+         "period_start": d.period_start, "price_version_id": d.price_version_id, "reason": d.reason,
+         "metadata": d.metadata}
+        for d, tx_id in zip(drafts, tx_ids, strict=True))}).all()
     if len(inserted) != len(drafts):
         taken = sorted({d.idempotency_key for d in drafts} - _keys_of(drafts, tx_ids, {r.id for r in inserted}))
         raise IdempotencyConflict(f"idempotency keys already used by a concurrent request: {', '.join(taken)}",
@@ -214,16 +188,15 @@ def _row(draft: Draft, tx_id: int, now: datetime, real_bucket: dict[tuple[str, i
 def _insert_allocations(conn: Connection, rows: list[TransactionRow]) -> None:
     flat = [(row.id, a.bucket_id, a.amount_minor) for row in rows for a in row.allocations]
     if flat:
-        conn.execute(_INSERT_ALLOCATIONS, {"tx": [f[0] for f in flat], "bucket": [f[1] for f in flat],
-                                           "amount": [f[2] for f in flat]})
+        conn.execute(_INSERT_ALLOCATIONS, {"rows": rows_json({"tx": t, "bucket": b, "amount": a} for t, b, a in flat)})
 
 
 def _insert_outbox(conn: Connection, rows: list[TransactionRow], drafts: Sequence[Draft]) -> None:
     if not rows:
         return
-    payloads = [_event(row, draft).model_dump_json().encode() for row, draft in zip(rows, drafts, strict=True)]
-    conn.execute(_INSERT_OUTBOX, {"topic": TOPIC_LEDGER_TRANSACTIONS, "key": [r.wallet_id for r in rows],
-                                  "payload": payloads, "now": rows[0].created_at})
+    payloads = [_event(row, draft).model_dump_json() for row, draft in zip(rows, drafts, strict=True)]
+    conn.execute(_INSERT_OUTBOX, {"topic": TOPIC_LEDGER_TRANSACTIONS, "now": rows[0].created_at, "rows": rows_json(
+        {"key": r.wallet_id, "payload": p} for r, p in zip(rows, payloads, strict=True))})
 
 
 def _event(row: TransactionRow, draft: Draft) -> TransactionPosted:

@@ -1,0 +1,169 @@
+"""Benchmark apply_checkpoint: checkpoints/s and usage rows/s against a real PostgreSQL.
+
+    .venv/bin/python -m bench.ledger_apply [--keys 500] [--wallets 10000] [--seconds 30]
+
+Uses DATABASE_URL when set (a scratch database is created next to it and dropped after), otherwise starts
+the embedded PostgreSQL in a temporary directory. Each checkpoint carries ``--keys`` counters (random
+wallets out of ``--wallets``, one meter, per-unit price 0.4), every value cumulative and growing, so each
+key posts a usage transaction that burns a bucket; a phase with two appliers on different partitions
+sharing the wallets follows. Bounded by ``--seconds`` in total."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from bench.machine import describe
+from ledger.checkpoints import apply_checkpoint
+from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel, TransactionKind
+from ledger.db import libpq_url, make_engine, sqlalchemy_url
+from ledger.postings import NewBucket, WalletBook
+from ledger.rows import WalletRow
+from ledger.schema_migrations import upgrade
+from ledger.writer import Draft, write
+
+PRICE = PriceModel(model="per_unit", unit_price_minor=Decimal("0.4"))
+PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
+MIGRATIONS = Path(__file__).resolve().parent.parent / "ledger" / "migrations"
+
+
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    import os
+
+    base = os.environ.get("DATABASE_URL")
+    with contextlib.ExitStack() as stack:
+        if not base:
+            from meterline import services
+
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ledger-")))
+            base = services.start_embedded_postgres(home / "postgres")
+            stack.callback(services.stop_embedded_postgres, home / "postgres")
+        name = f"bench_ledger_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(libpq_url(base), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(sqlalchemy_url(base)).set(database=name).render_as_string(hide_password=False)
+        try:
+            yield url
+        finally:
+            with psycopg.connect(libpq_url(base), autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def seed(engine: Engine, wallets: int) -> None:
+    """Wallets with one 10^9-credit top-up each, written through the ledger's own set-based writer."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(text("""
+            INSERT INTO wallets (id, project_id, owner_kind, owner_ref)
+            SELECT 'w' || i, 'bench', 'subject', 'w' || i FROM generate_series(0, :n - 1) AS i
+        """), {"n": wallets})
+        rows = conn.execute(text("SELECT * FROM wallets")).mappings().all()
+        books = {r["id"]: WalletBook(balance_minor=0, buckets=[], now=now, project_id="bench") for r in rows}
+        drafts = [Draft(wallet_id=w.id, project_id="bench", kind=TransactionKind.TOP_UP, posting=books[w.id].credit(
+                        10**9, NewBucket("top_up", 100)), idempotency_key=f"seed:{w.id}")
+                  for w in (WalletRow.from_mapping(r) for r in rows)]
+        write(conn, books, drafts)
+
+
+class Load:
+    """Cumulative counters per (partition, wallet), growing with every checkpoint."""
+
+    def __init__(self, *, wallets: int, keys: int, partition: int, seed_: int, topic: str) -> None:
+        self.rng = random.Random(seed_)
+        self.wallets, self.keys, self.partition = wallets, keys, partition
+        self.units: dict[str, int] = {}
+        self.offset = 0
+        self.topic = topic
+
+    def next(self) -> ChargeCheckpoint:
+        self.offset += 2_000  # one checkpoint per take_events(2000) batch in streams
+        counters = []
+        for index in self.rng.sample(range(self.wallets), self.keys):
+            wallet = f"w{index}"
+            self.units[wallet] = self.units.get(wallet, 0) + self.rng.randint(1, 50)
+            counters.append(CounterValue(
+                key=CounterKey(wallet_id=wallet, project_id="bench", meter_id="tokens", period_start=PERIOD,
+                               price_version_id="v1"),
+                units=Decimal(self.units[wallet]), price=PRICE, events=self.units[wallet]))
+        return ChargeCheckpoint(source_topic=self.topic, partition=self.partition, as_of_offset=self.offset,
+                                counters=counters, dedupe_keys=[self.rng.getrandbits(63) for _ in range(self.keys)],
+                                emitted_at=datetime.now(UTC))
+
+
+def run_applier(engine: Engine, load: Load, deadline: float, out: list[tuple[float, int, int]]) -> None:
+    while time.monotonic() < deadline and len(out) < 100_000:
+        checkpoint = load.next()
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            outcome = apply_checkpoint(conn, checkpoint)
+        out.append((time.perf_counter() - started, outcome.keys, outcome.transactions))
+
+
+def phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    results: list[list[tuple[float, int, int]]] = [[] for _ in range(appliers)]
+    threads = [threading.Thread(target=run_applier, args=(
+        engine, Load(wallets=wallets, keys=keys, partition=p, seed_=p, topic=f"bench.usage.{appliers}"), deadline,
+        results[p])) for p in range(appliers)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    flat = [r for rs in results for r in rs]
+    latencies = sorted(r[0] * 1000 for r in flat)
+    checkpoints = len(flat)
+    rows = sum(r[1] for r in flat)
+    transactions = sum(r[2] for r in flat)
+    p95 = latencies[int(len(latencies) * 0.95) - 1] if latencies else 0.0
+    print(f"{appliers} applier(s), {keys} keys/checkpoint: {checkpoints} checkpoints in {elapsed:.1f} s = "
+          f"{checkpoints / elapsed:,.1f} checkpoints/s, {rows / elapsed:,.0f} usage rows/s, "
+          f"{transactions / elapsed:,.0f} transactions/s; per checkpoint median "
+          f"{statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms; "
+          f"≈ {checkpoints * 2000 / elapsed:,.0f} events/s if each checkpoint covers 2,000 events")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keys", type=int, default=500)
+    parser.add_argument("--wallets", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=30.0, help="total measuring time (split over phases)")
+    args = parser.parse_args()
+    print(describe())
+    with scratch_database() as url:
+        upgrade(url, script_location=MIGRATIONS, version_table="alembic_version_ledger")
+        engine = make_engine(url, pool_size=4, application_name="bench-ledger")
+        seed(engine, args.wallets)
+        with engine.connect() as conn:
+            version = conn.execute(text("SHOW server_version")).scalar_one()
+        print(f"PostgreSQL {version}; {args.wallets:,} wallets seeded")
+        phase(engine, appliers=1, wallets=args.wallets, keys=args.keys, seconds=args.seconds * 0.5)
+        phase(engine, appliers=2, wallets=args.wallets, keys=args.keys, seconds=args.seconds * 0.5)
+        with engine.connect() as conn:
+            broken = conn.execute(text("""
+                SELECT count(*) FROM usage_charges ch
+                WHERE ch.charged_minor <> (SELECT -coalesce(sum(amount_minor), 0) FROM transactions t
+                                           WHERE t.wallet_id = ch.wallet_id AND t.kind = 'usage')
+            """)).scalar_one()
+        print(f"check: keys whose posted usage differs from the charged cumulative: {broken}")
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    main()

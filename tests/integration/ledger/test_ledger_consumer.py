@@ -144,3 +144,37 @@ def test_start_up_refuses_missing_topics_and_pending_migrations(engines, databas
     finally:
         with psycopg.connect(libpq_url(engines.admin_database_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')
+
+
+def test_meterline_run_ledger_applies_and_stops_cleanly_on_sigterm(engine: Engine, stack_env: dict[str, str],  # type: ignore[no-untyped-def]
+                                                                   topics) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    producer = make_producer(topics.bootstrap)
+    producer.produce(topics.name(TOPIC_LEDGER_CHARGES), value=_checkpoint(0, 3, {"Z": 10}), partition=0)
+    assert producer.flush(15) == 0
+    meterline = Path(sys.executable).parent / "meterline"
+    env = {**os.environ, **stack_env, "LEDGER_CONSUMER_GROUP": f"ledger-{uuid.uuid4().hex[:8]}"}
+    process = subprocess.Popen([str(meterline), "run", "ledger"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        with engine.connect() as conn:
+            def applied() -> bool:
+                conn.rollback()
+                assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+                return queries.applied_offsets(conn, SOURCE, [0]) == {0: 3}
+            _wait(applied, timeout_s=60, what="the subprocess to apply the checkpoint")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = process.stdout.read().decode()  # type: ignore[union-attr]
+    assert "ledger_consumer_signal" in output and "ledger_consumer_stopping" in output
+    with engine.connect() as conn:
+        assert queries.get_balance(conn, "Z").balance_minor == -4  # type: ignore[union-attr]

@@ -83,6 +83,18 @@ def problem(status: int, code: str, detail: str, *, title: str | None = None, in
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+_PROBLEM_FIELDS = frozenset({"type", "title", "status", "detail", "code", "instance", "headers"})
+
+
+def _component_extra(code: str, extra: object) -> dict[str, Any]:
+    """A component error's details as problem members; a name the problem itself uses (e.g. a hold's
+    ``status``) is prefixed with the component (``ledger_status``) instead of clobbering it."""
+    if not isinstance(extra, dict):
+        return {}
+    component = code.split(".", 1)[0]
+    return {(f"{component}_{k}" if k in _PROBLEM_FIELDS else k): v for k, v in extra.items()}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -106,5 +118,5 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(code, str):
             extra = getattr(exc, "extra", None)
             return problem(STATUS_BY_CODE.get(code, 500), code, str(exc), instance=request.url.path,
-                           **(extra if isinstance(extra, dict) else {}))
+                           **_component_extra(code, extra))
         return problem(500, "api.internal", "unexpected error; it has been logged", instance=request.url.path)

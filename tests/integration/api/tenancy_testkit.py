@@ -23,10 +23,16 @@ PASSWORD = "correct horse battery staple"
 ROLES = ("owner", "admin", "member", "viewer")
 
 
+def _settings(database_url: str, engines: Any, overrides: dict[str, Any]) -> ApiSettings:
+    return ApiSettings(database_url=database_url, kafka_bootstrap_servers=engines.kafka_bootstrap_servers,
+                       clickhouse_url=engines.clickhouse_url,
+                       **{"auth_rate_limit_per_s": 1000.0, "auth_rate_limit_burst": 1000, **overrides})
+
+
 @contextmanager
-def api_client(database_url: str, **overrides: Any) -> Iterator[TestClient]:
-    settings = ApiSettings(database_url=database_url, **{"auth_rate_limit_per_s": 1000.0,
-                                                          "auth_rate_limit_burst": 1000, **overrides})
+def api_client(database_url: str, engines: Any, **overrides: Any) -> Iterator[TestClient]:
+    """The app on this test's database (and the session's broker, for routers that talk to Kafka)."""
+    settings = _settings(database_url, engines, overrides)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
 
@@ -95,3 +101,36 @@ def outbox_token(database_url: str, email: str) -> str:
     match = re.search(r"/invitations/(mli_[A-Za-z0-9_-]+)", rows[0][0])
     assert match, rows[0][0]
     return match.group(1)
+
+
+@contextmanager
+def live_server(database_url: str, engines: Any, **overrides: Any) -> Iterator[str]:
+    """The real app under uvicorn on 127.0.0.1 in a thread (for concurrency over real HTTP). Yields the base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from meterline.services import free_port
+
+    settings = _settings(database_url, engines, overrides)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def money(client: TestClient, path: str, body: dict[str, Any] | None, headers: dict[str, str],
+          key: str | None = None) -> Any:
+    """POST a money operation with a fresh (or the given) Idempotency-Key."""
+    return client.post(path, json=body, headers={**headers, "Idempotency-Key": key or uuid.uuid4().hex})

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 # ------------------------------------------------------------------------------------------ accounts
 
 
-def test_signup_login_refresh_rotation_and_reuse_revokes_the_family(database_url: str) -> None:
-    with api_client(database_url) as client:
+def test_signup_login_refresh_rotation_and_reuse_revokes_the_family(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
         ada = signup(client, "ada")
         assert client.post("/api/v1/auth/signup", json={"email": ada.email.upper(), "password": PASSWORD}
                            ).json()["code"] == "api.email_taken"
@@ -52,10 +52,10 @@ def test_signup_login_refresh_rotation_and_reuse_revokes_the_family(database_url
         assert client.post("/api/v1/auth/refresh", json={"refresh_token": ada.refresh_token}).status_code == 401
 
 
-def test_missing_expired_and_forged_tokens_are_401_problems(database_url: str) -> None:
+def test_missing_expired_and_forged_tokens_are_401_problems(database_url: str, engines: Any) -> None:
     import jwt
 
-    with api_client(database_url, access_token_ttl_s=-1) as client:
+    with api_client(database_url, engines, access_token_ttl_s=-1) as client:
         ada = signup(client, "ada")  # its access token was born expired
         r = client.get("/api/v1/auth/me", headers=ada.headers)
         assert r.status_code == 401 and r.headers["content-type"].startswith("application/problem+json")
@@ -69,8 +69,8 @@ def test_missing_expired_and_forged_tokens_are_401_problems(database_url: str) -
 # ------------------------------------------------------------------------------------------ projects
 
 
-def test_projects_are_private_and_found_by_external_key(database_url: str) -> None:
-    with api_client(database_url) as client:
+def test_projects_are_private_and_found_by_external_key(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
         ada, bob = signup(client, "ada"), signup(client, "bob")
         pid = create_project(client, ada, "Acme", external_key="acme-42")
         assert client.post("/api/v1/projects", json={"name": "Other", "external_key": "acme-42"},
@@ -110,8 +110,8 @@ def _refusal(response: Any) -> int | None:
     return None
 
 
-def test_role_by_endpoint_matrix_with_foreign_projects(database_url: str) -> None:
-    with api_client(database_url) as client:
+def test_role_by_endpoint_matrix_with_foreign_projects(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
         users = five_users(client)
         acme = team(client, users, "Acme")
         # a foreign project where nobody of ours is a member: everyone gets 404, whatever their role at home
@@ -138,8 +138,8 @@ def test_role_by_endpoint_matrix_with_foreign_projects(database_url: str) -> Non
 # ------------------------------------------------------------------------------------------ members
 
 
-def test_member_lifecycle_and_owner_protection(database_url: str) -> None:
-    with api_client(database_url) as client:
+def test_member_lifecycle_and_owner_protection(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
         users = five_users(client)
         t = team(client, users)
         base = f"/api/v1/projects/{t.project_id}/members"
@@ -172,8 +172,8 @@ def test_member_lifecycle_and_owner_protection(database_url: str) -> None:
                    t.project_id) == [(1,)]
 
 
-def test_ownership_transfer(database_url: str) -> None:
-    with api_client(database_url) as client:
+def test_ownership_transfer(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
         users = five_users(client)
         t = team(client, users)
         url = f"/api/v1/projects/{t.project_id}/ownership-transfer"
@@ -197,8 +197,8 @@ def test_ownership_transfer(database_url: str) -> None:
 # ------------------------------------------------------------------------------------------ invitations
 
 
-def test_invitation_lifecycle(database_url: str) -> None:
-    with api_client(database_url) as client:
+def test_invitation_lifecycle(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
         users = five_users(client)
         t = team(client, users)
         base = f"/api/v1/projects/{t.project_id}/invitations"
@@ -241,8 +241,8 @@ def test_invitation_lifecycle(database_url: str) -> None:
         assert client.post(base, json={"email": grace_email}, headers=admin.headers).json()["code"] == "api.already_member"
 
 
-def test_invitation_revoke_and_expiry(database_url: str) -> None:
-    with api_client(database_url) as client:
+def test_invitation_revoke_and_expiry(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
         users = five_users(client)
         t = team(client, users)
         base = f"/api/v1/projects/{t.project_id}/invitations"
@@ -276,10 +276,10 @@ def test_invitation_revoke_and_expiry(database_url: str) -> None:
 # ------------------------------------------------------------------------------------------ audit
 
 
-def test_audit_log_records_changes_and_is_append_only(database_url: str) -> None:
+def test_audit_log_records_changes_and_is_append_only(database_url: str, engines: Any) -> None:
     import psycopg
 
-    with api_client(database_url) as client:
+    with api_client(database_url, engines) as client:
         users = five_users(client)
         t = team(client, users)
         owner = users["owner"]

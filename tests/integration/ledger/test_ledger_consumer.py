@@ -178,3 +178,53 @@ def test_meterline_run_ledger_applies_and_stops_cleanly_on_sigterm(engine: Engin
     assert "ledger_consumer_signal" in output and "ledger_consumer_stopping" in output
     with engine.connect() as conn:
         assert queries.get_balance(conn, "Z").balance_minor == -4  # type: ignore[union-attr]
+
+
+def test_two_consumers_in_one_group_share_and_hand_over_partitions(engine: Engine, database_url: str,  # type: ignore[no-untyped-def]
+                                                                   topics, invariants: Callable[..., None]) -> None:
+    settings = _settings(database_url, topics)
+    charges = topics.name(TOPIC_LEDGER_CHARGES)
+    producer = make_producer(topics.bootstrap)
+    rounds = 30
+
+    def produce(first: int, last: int) -> None:  # cumulative units grow by 5 per checkpoint per partition
+        for as_of in range(first, last + 1):
+            for partition in (0, 1):
+                producer.produce(charges, partition=partition,
+                                 value=_checkpoint(partition, as_of, {f"S{partition}": 5 * as_of, "shared": as_of}))
+        assert producer.flush(15) == 0
+
+    stops = [threading.Event(), threading.Event()]
+    stats: list[dict[str, object]] = [{}, {}]
+    threads = [threading.Thread(target=lambda i=i: stats[i].update(s=run(settings, stops[i])), daemon=True)
+               for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    time.sleep(10)  # both join the group (join ≈ session timeout / 2, then a rebalance for the second)
+    try:
+        with engine.connect() as conn:
+            def applied_through(n: int) -> Callable[[], bool]:
+                def check() -> bool:
+                    conn.rollback()
+                    return queries.applied_offsets(conn, SOURCE, [0, 1]) == {0: n, 1: n}
+                return check
+            produce(1, rounds // 2)
+            _wait(applied_through(rounds // 2), timeout_s=60, what="phase 1 applied by both consumers")
+            stops[0].set()  # one consumer leaves; the other must take over its partition
+            threads[0].join(timeout=30)
+            produce(rounds // 2 + 1, rounds)
+            _wait(applied_through(rounds), timeout_s=90, what="the survivor to apply phase 2")
+    finally:
+        for stop in stops:
+            stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    first, second = stats[0]["s"], stats[1]["s"]
+    assert first.applied > 0 and second.applied > 0, (first, second)  # type: ignore[attr-defined]
+    assert first.applied + second.applied == 2 * rounds  # type: ignore[attr-defined]
+    expected = {"S0": int(Decimal(5 * rounds) * Decimal("0.4")), "S1": int(Decimal(5 * rounds) * Decimal("0.4")),
+                "shared": int(Decimal(2 * rounds) * Decimal("0.4"))}
+    with engine.connect() as conn:
+        charged = {w: -queries.get_balance(conn, w).balance_minor for w in expected}  # type: ignore[union-attr]
+    assert charged == expected
+    invariants()

@@ -12,9 +12,10 @@ queue is full → ``Overloaded``); a dedicated thread calls ``poll()``, which ru
 each request counts its outstanding messages and the callback of the last one resolves the request's
 future through ``loop.call_soon_threadsafe``.
 
-Fatal producer errors (the idempotent producer gives up, e.g. after a broker lost its producer state) make
-the edge replace its producer: the old one's queued messages are purged (their requests fail with 503 and
-are retried by clients), the next request uses a fresh producer.
+Fatal producer errors, and a producer that acknowledged nothing during a whole ack timeout (wedged after a
+broker lost its producer state, see ``send``), make the edge replace its producer: the old one's queued
+messages are purged (their requests fail with 503 and are retried by clients), the next request uses a fresh
+producer.
 """
 
 from __future__ import annotations
@@ -56,17 +57,21 @@ class Overloaded(BrokerUnavailable):
 class _Pending:
     """One request's outstanding messages; resolved (once) by the delivery callback of the last one."""
 
-    __slots__ = ("error", "future", "loop", "outstanding")
+    __slots__ = ("error", "future", "loop", "outstanding", "runner")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int, runner: _ProducerRunner) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
         self.outstanding = count
         self.error: KafkaError | None = None
+        self.runner = runner
 
     def delivered(self, err: KafkaError | None, _msg: Any) -> None:  # runs on the poll thread
-        if err is not None and self.error is None:
-            self.error = err
+        if err is not None:
+            if self.error is None:
+                self.error = err
+        else:
+            self.runner.last_ack_at = time.monotonic()
         self.outstanding -= 1
         if self.outstanding == 0:
             with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown: nobody is waiting
@@ -82,6 +87,9 @@ class _ProducerRunner:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.fatal: KafkaError | None = None
+        self.created_at = time.monotonic()
+        self.last_ack_at = 0.0  # monotonic time of the last successful delivery
+        self.stale = False
         config = {**config, "error_cb": self._on_error}
         self.producer = Producer(config)
         self._stop = threading.Event()
@@ -148,7 +156,7 @@ class KafkaEdge:
         runner = self._runner
         if runner is None:
             raise BrokerUnavailable("ingestion is not started", retry_after_s=self.broker_retry_after_s)
-        if runner.fatal is not None:
+        if runner.fatal is not None or runner.stale:
             with self._replace_lock:
                 if self._runner is runner:
                     self._runner = _ProducerRunner(self._config)
@@ -160,8 +168,9 @@ class KafkaEdge:
         """Return when the broker acknowledged every message; raise BrokerUnavailable/Overloaded otherwise."""
         if not messages:
             return
+        started = time.monotonic()
         runner = self._current()
-        pending = _Pending(asyncio.get_running_loop(), len(messages))
+        pending = _Pending(asyncio.get_running_loop(), len(messages), runner)
         produce = runner.producer.produce
         for queued, message in enumerate(messages):
             try:
@@ -171,10 +180,17 @@ class KafkaEdge:
                 # the messages already queued may still be delivered; the client's resend is deduped
                 raise Overloaded(f"ingestion is overloaded ({queued} of {len(messages)} messages queued); "
                                  "retry after the indicated delay", retry_after_s=self.overload_retry_after_s) from None
-        started = time.monotonic()
         try:
             await asyncio.wait_for(asyncio.shield(pending.future), self.ack_timeout_s)
         except TimeoutError:
+            if runner.last_ack_at < started and time.monotonic() - runner.created_at >= self.ack_timeout_s:
+                # Nothing at all was acknowledged while we waited. Besides "the broker is down", this is how a
+                # wedged idempotent producer looks: after a broker lost its producer state (a restart of the
+                # embedded broker) librdkafka bumps the epoch of a producer id the broker no longer knows, in a
+                # loop, and never recovers. A fresh producer gets a fresh id. Its queued messages are purged
+                # (their requests answer 503 and are resent by clients; resends are deduplicated downstream).
+                runner.stale = True
+                log.warning("no delivery acknowledged for %.1fs; replacing the ingest producer", self.ack_timeout_s)
             raise BrokerUnavailable(
                 f"the broker did not acknowledge the events within {self.ack_timeout_s:g}s; nothing was "
                 "acknowledged, resend the same events (resending is harmless)",

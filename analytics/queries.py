@@ -259,16 +259,15 @@ def build_wallet_flows(*, db: str, project_id: str, win: Window, wallet_id: str 
 
 
 def build_outstanding(*, db: str, project_id: str, at: datetime, wallet_id: str | None = None) -> Query:
-    """Outstanding credits at ``at``: the sum over wallets of the balance after their last transaction before it."""
+    """Outstanding credits at ``at`` = Σ amount_minor of every transaction before it (the ledger's invariant:
+    a wallet's balance is the sum of its transactions' amounts). One summing scan, no per-wallet state."""
     params: dict[str, Any] = {"project": project_id, "at": at}
     where = "project_id = {project:String} AND created_at < {at:DateTime64(6, 'UTC')}"
     if wallet_id is not None:
         where += " AND wallet_id = {wallet:String}"
         params["wallet"] = wallet_id
-    return Query(
-        "SELECT sum(balance) AS outstanding_minor, countIf(balance < 0) AS wallets_in_debt FROM ("
-        "SELECT wallet_id, argMax(balance_after_minor, (created_at, transaction_id)) AS balance "
-        f"FROM `{db}`.ledger_transactions FINAL WHERE {where} GROUP BY wallet_id)", params)
+    return Query(f"SELECT sum(amount_minor) AS outstanding_minor FROM `{db}`.ledger_transactions FINAL "
+                 f"WHERE {where}", params)
 
 
 def build_credit_flow(*, db: str, project_id: str, win: Window, granularity: str, wallet_id: str | None = None,
@@ -434,12 +433,11 @@ class Analytics:
         flows = _flows(self.rows(build_wallet_flows(db=self.db, project_id=project_id, win=win,
                                                     wallet_id=wallet_id))[0])
         before = self.rows(build_outstanding(db=self.db, project_id=project_id, at=win.start, wallet_id=wallet_id))[0]
-        after = self.rows(build_outstanding(db=self.db, project_id=project_id, at=win.end, wallet_id=wallet_id))[0]
+        start = int(before["outstanding_minor"] or 0)
         breakdown = self.source_breakdown(project_id=project_id, win=win, wallet_id=wallet_id)["sources"]
-        return {"window": win.as_dict(), "wallet_id": wallet_id, **flows,
-                "outstanding_start_minor": int(before["outstanding_minor"] or 0),
-                "outstanding_end_minor": int(after["outstanding_minor"] or 0),
-                "wallets_in_debt_end": int(after["wallets_in_debt"] or 0), "sources": breakdown}
+        # end = start + Σ amounts in [start, end): the same identity, without a second scan of history
+        return {"window": win.as_dict(), "wallet_id": wallet_id, **flows, "outstanding_start_minor": start,
+                "outstanding_end_minor": start + flows["net_movement_minor"], "sources": breakdown}
 
     def credit_flow(self, *, project_id: str, win: Window, granularity: str,
                     wallet_id: str | None = None) -> dict[str, Any]:

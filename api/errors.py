@@ -120,3 +120,10 @@ def install_error_handlers(app: FastAPI) -> None:
             return problem(STATUS_BY_CODE.get(code, 500), code, str(exc), instance=request.url.path,
                            **_component_extra(code, extra))
         return problem(500, "api.internal", "unexpected error; it has been logged", instance=request.url.path)
+
+    # Handlers for ``Exception`` run in Starlette's ServerErrorMiddleware, which logs a traceback and re-raises
+    # after answering (uvicorn then drops the keep-alive connection). Expected component errors (402 for
+    # insufficient credits is routine) are registered by class so they are answered like ApiError.
+    from ledger.errors import LedgerError
+
+    app.add_exception_handler(LedgerError, _component)  # type: ignore[arg-type]

@@ -64,12 +64,14 @@ def ledger_key(project_id: str, key: str, *, suffix: str = "") -> str:
 
 def lookup(conn: Connection, *, project_id: str, key: str, request_fingerprint: str) -> JSONResponse | None:
     """Lock the key for this transaction and return the stored response to replay, if any."""
+    # Two statements on purpose: under READ COMMITTED a statement's snapshot is taken when it starts, so a
+    # lookup in the same statement as the lock wait would not see the twin's record committed meanwhile.
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:p || chr(31) || :k, 7))"),
+                 {"p": project_id, "k": key})
     row = conn.execute(text("""
-        SELECT r.request_fingerprint, r.status_code, r.response_body
-        FROM (SELECT pg_advisory_xact_lock(hashtextextended(:p || chr(31) || :k, 7))) AS locked
-        LEFT JOIN idempotency_records r ON r.project_id = :p AND r.idempotency_key = :k"""),
-                       {"p": project_id, "k": key}).first()
-    if row is None or row.status_code is None:
+        SELECT request_fingerprint, status_code, response_body FROM idempotency_records
+        WHERE project_id = :p AND idempotency_key = :k"""), {"p": project_id, "k": key}).first()
+    if row is None:
         return None
     if row.request_fingerprint != request_fingerprint:
         raise IdempotencyKeyReused(f"the {IDEMPOTENCY_HEADER} {key!r} was already used for a different request",

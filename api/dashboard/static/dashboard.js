@@ -172,7 +172,7 @@ async function pageCredits() {
       { label: "issued", data: flow.series.map(r => r.issued_minor), backgroundColor: COLORS[3] },
       { label: "spent", data: flow.series.map(r => r.spent_minor), backgroundColor: COLORS[0] },
       { label: "expired", data: flow.series.map(r => r.expired_minor), backgroundColor: COLORS[1] }] } });
-  chart("sources", "chart-sources", { type: "doughnut", data: {
+  chart("sources", "chart-sources", { type: "doughnut", options: { aspectRatio: 2 }, data: {
     labels: summary.sources.map(s => s.source),
     datasets: [{ data: summary.sources.map(s => s.issued_minor), backgroundColor: COLORS }] } });
   table("revenue", [["offer", r => r.offer], ["kind", r => r.kind], ["credits", r => fmt(r.credits_minor)],
@@ -262,7 +262,7 @@ async function boot() {
   try { me = await api("/api/v1/auth/me"); } catch (err) { if (err.message !== "signed out") showError(err.message); return; }
   const select = $("project");
   const projects = me.projects || [];
-  for (const p of projects) select.add(new Option(p.name + " (" + p.role + ")", p.id || p.project_id));
+  for (const p of projects) select.add(new Option((p.project_name || p.name) + " (" + p.role + ")", p.project_id || p.id));
   if (!projects.length) { showError("You are not a member of any project yet."); return; }
   const saved = sessionStorage.getItem(PROJECT_KEY);
   const ids = Array.from(select.options).map(o => o.value);

@@ -1,0 +1,197 @@
+"""The dashboard in headless Debian Chromium, driven over the DevTools protocol, against a real api process
+(embedded ClickHouse owned by that process, its sink thread fed from the real broker).
+
+Checks that each page loads, signs in through the tenancy login, and that the charts hold the right data
+(read back from the Chart.js objects in the page); screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS
+from ledger.kafka import make_producer
+from meterline.services import free_port
+from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def api_url(stack_env, tmp_path) -> Any:
+    port = free_port()
+    env = {**os.environ, **stack_env, "API_PORT": str(port), "API_HOST": "127.0.0.1",
+           "CLICKHOUSE_URL": f"chdb://{(tmp_path / 'clickhouse').resolve()}",
+           "ANALYTICS_BATCH_AGE_MS_MAX": "100", "API_AUTH_RATE_LIMIT_PER_S": "1000",
+           "API_AUTH_RATE_LIMIT_BURST": "1000"}
+    log = (tmp_path / "api.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", "from api.server import main; main()"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, (tmp_path / "api.log").read_text()
+        time.sleep(0.2)
+    else:
+        raise AssertionError("api did not become healthy")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    log.close()
+
+
+@pytest.fixture
+def browser():
+    from chromium_cdp import Browser
+
+    b = Browser()
+    yield b
+    b.close()
+
+
+def _seed(api_url: str, topics: Any) -> dict[str, Any]:
+    """A user, a project, ledger transactions and usage events of the last days. Returns what pages must show."""
+    email = f"owner-{uuid.uuid4().hex[:8]}@example.com"
+    r = httpx.post(f"{api_url}/api/v1/auth/signup", json={"email": email, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    token = r.json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    r = httpx.post(f"{api_url}/api/v1/projects", json={"name": "Browser Co"}, headers=headers)
+    assert r.status_code == 201, r.text
+    project = r.json()["id"]
+    now = datetime.now(UTC)
+    ledger = [  # (wallet, kind, amount, days ago, bucket source, source ref)
+        ("wA", "top_up", 1000, 10, "top_up", "pack:starter:cs_1"), ("wA", "usage", -300, 5, None, None),
+        ("wA", "bonus", 200, 3, "bonus", None), ("wA", "expiry", -100, 2, None, None),
+        ("wB", "subscription_grant", 500, 4, "subscription", "plan:pro:c1"), ("wB", "debit", -50, 1, None, None)]
+    producer = make_producer(topics.bootstrap)
+    balances: dict[str, int] = defaultdict(int)
+    for n, (wallet, kind, amount, days, source, ref) in enumerate(ledger, start=1):
+        before = balances[wallet]
+        balances[wallet] += amount
+        producer.produce(topics.name(TOPIC_LEDGER_TRANSACTIONS), key=wallet, value=orjson.dumps({
+            "transaction_id": n, "project_id": project, "wallet_id": wallet, "kind": kind, "amount_minor": amount,
+            "balance_before_minor": before, "balance_after_minor": balances[wallet], "idempotency_key": f"k{n}",
+            "created_at": (now - timedelta(days=days)).isoformat(), "bucket_source": source, "source_ref": ref}))
+    units: dict[str, Decimal] = defaultdict(Decimal)
+    for i in range(30):
+        subject = ("ada", "bob", "cy")[i % 3]
+        value = Decimal(i + 1)
+        units[subject] += value
+        producer.produce(topics.name(TOPIC_USAGE_EVENTS), key=subject, value=orjson.dumps({
+            "specversion": "1.0", "id": uuid.uuid4().hex, "source": "browser-test", "type": "tokens",
+            "subject": subject, "project": project, "time": (now - timedelta(hours=i % 20)).isoformat(),
+            "data": {"units": str(value)}}))
+    producer.produce(topics.name(TOPIC_USAGE_DLQ), value=orjson.dumps({"event": {"project": project}}),
+                     headers=[("reason", b"unknown_meter")])
+    assert producer.flush(30) == 0
+    base = f"{api_url}/api/v1/projects/{project}/analytics"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        summary = httpx.get(f"{base}/wallets/summary", headers=headers).json()
+        totals = httpx.get(f"{base}/usage/totals", headers=headers).json()
+        dead = httpx.get(f"{base}/dead-letters", headers=headers).json()
+        if summary.get("transactions") == len(ledger) and sum(m["events"] for m in totals.get("meters", [])) == 30 \
+                and dead.get("dead_letters"):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the api's sink did not store the seeded messages")
+    return {"email": email, "project": project, "units": dict(units), "issued": 1700, "spent": 350,
+            "expired": 100, "sources": {"top_up": 1000, "subscription": 500, "bonus": 200},
+            "wallet_a_tx": 4}
+
+
+def _charts(browser: Any, name: str) -> Any:
+    return browser.evaluate(
+        f"(() => {{ const c = window.meterlineCharts[{name!r}]; return c && {{labels: c.data.labels, "
+        "datasets: c.data.datasets.map(d => ({label: d.label, data: d.data.map(Number)}))}; })()")
+
+
+def _open(browser: Any, url: str) -> None:
+    browser.goto(url)
+    state = browser.wait("document.readyState === 'complete' && document.body.dataset.ready")
+    assert state == "1", browser.evaluate("document.getElementById('error') && document.getElementById('error').textContent")
+
+
+def test_dashboard_pages_show_the_project_figures(api_url, topics, browser):
+    seeded = _seed(api_url, topics)
+    dash = f"{api_url}/dashboard"
+
+    _open(browser, f"{dash}/usage")  # no token yet: redirected to the login page
+    assert browser.evaluate("location.pathname") == "/dashboard/login"
+    browser.screenshot(ARTIFACTS / "dashboard-login.png")
+    browser.evaluate(f"document.getElementById('email').value = {seeded['email']!r}; "
+                     f"document.getElementById('password').value = {PASSWORD!r}; "
+                     "document.getElementById('login-form').requestSubmit(); true")
+    browser.wait("location.pathname === '/dashboard/usage' && document.body.dataset.ready === '1'")
+    assert browser.evaluate("sessionStorage.getItem('meterline.project')") == seeded["project"]
+
+    usage = _charts(browser, "usage")
+    assert [d["label"] for d in usage["datasets"]] == ["tokens"]
+    assert Decimal(str(sum(usage["datasets"][0]["data"]))) == sum(seeded["units"].values())
+    top = _charts(browser, "top")
+    assert dict(zip(top["labels"], top["datasets"][0]["data"], strict=True)) == {
+        s: 10 for s in seeded["units"]}  # events per subject across meters
+    browser.screenshot(ARTIFACTS / "dashboard-usage.png")
+
+    _open(browser, f"{dash}/credits")
+    flow = {d["label"]: sum(d["data"]) for d in _charts(browser, "flow")["datasets"]}
+    assert flow == {"issued": seeded["issued"], "spent": seeded["spent"], "expired": seeded["expired"]}
+    sources = _charts(browser, "sources")
+    assert dict(zip(sources["labels"], sources["datasets"][0]["data"], strict=True)) == seeded["sources"]
+    tiles = browser.evaluate("Object.fromEntries([...document.querySelectorAll('#credit-tiles .tile')]"
+                             ".map(t => [t.dataset.key, t.querySelector('.value').textContent]))")
+    assert tiles["net_movement_minor"] == "1,250" and tiles["utilization_rate"] == "20.6%"
+    assert browser.evaluate("document.querySelectorAll('#revenue tr').length") == 3  # header + pack + plan
+    browser.screenshot(ARTIFACTS / "dashboard-credits.png")
+
+    _open(browser, f"{dash}/wallets")
+    assert browser.evaluate("[...document.querySelectorAll('#top-wallets tr')].slice(1)"
+                            ".map(r => r.cells[0].textContent)") == ["wA", "wB"]
+    browser.evaluate("document.querySelectorAll('#top-wallets tr')[1].click(); true")
+    browser.wait("location.search === '?wallet=wA' && document.body.dataset.ready === '1'")
+    assert browser.evaluate("document.querySelectorAll('#wallet-transactions tr').length") == 1 + seeded["wallet_a_tx"]
+    wallet_flow = {d["label"]: sum(d["data"]) for d in _charts(browser, "wallet")["datasets"]}
+    assert wallet_flow == {"issued": 1200, "spent": 300, "expired": 100}
+    browser.screenshot(ARTIFACTS / "dashboard-wallet.png")
+
+    _open(browser, f"{dash}/paywall")
+    funnel = _charts(browser, "funnel")
+    assert funnel["labels"] == ["requested", "paywalled", "purchased", "returned"]
+    browser.screenshot(ARTIFACTS / "dashboard-paywall.png")
+
+    _open(browser, f"{dash}/audit")
+    actions = browser.evaluate("[...document.querySelectorAll('#audit tr')].slice(1).map(r => r.cells[1].textContent)")
+    assert "project.create" in actions
+    browser.screenshot(ARTIFACTS / "dashboard-audit.png")
+
+    _open(browser, f"{dash}/dead-letters")
+    assert browser.evaluate("[...document.querySelectorAll('#dead-letters tr')].slice(1)"
+                            ".map(r => r.cells[1].textContent)") == ["unknown_meter"]
+    browser.screenshot(ARTIFACTS / "dashboard-dead-letters.png")
+    assert not [line for line in browser.console if line.startswith("exception")], browser.console

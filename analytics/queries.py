@@ -51,13 +51,19 @@ PAYWALL_REASONS = ("upgrade_required", "insufficient_balance", "insufficient_cre
                    "paywall")
 RATE_PLACES = Decimal("0.0001")
 
-_FLOWS = f"""
-    sumIf(amount_minor, kind IN {ISSUED_KINDS!r} OR (kind = 'adjustment' AND amount_minor > 0)) AS issued_minor,
-    -sumIf(amount_minor, kind IN {SPENT_KINDS!r}) AS spent_minor,
-    -sumIf(amount_minor, kind = 'expiry') AS expired_minor,
-    -sumIf(amount_minor, kind = 'adjustment' AND amount_minor < 0) AS adjusted_out_minor,
-    sum(amount_minor) AS net_movement_minor,
-    count() AS transactions"""
+def _flows_sql(within: str = "1") -> str:
+    """The flow aggregates over rows matching ``within`` (a fixed SQL condition)."""
+    return f"""
+    sumIf(amount_minor, ({within}) AND (kind IN {ISSUED_KINDS!r} OR (kind = 'adjustment' AND amount_minor > 0)))
+        AS issued_minor,
+    -sumIf(amount_minor, ({within}) AND kind IN {SPENT_KINDS!r}) AS spent_minor,
+    -sumIf(amount_minor, ({within}) AND kind = 'expiry') AS expired_minor,
+    -sumIf(amount_minor, ({within}) AND kind = 'adjustment' AND amount_minor < 0) AS adjusted_out_minor,
+    sumIf(amount_minor, {within}) AS net_movement_minor,
+    countIf({within}) AS transactions"""
+
+
+_FLOWS = _flows_sql()
 
 #: A grant's source: the bucket source the ledger reported, else derived from the kind.
 _SOURCE = ("if(bucket_source != '', bucket_source, multiIf(kind = 'top_up', 'top_up', kind = 'subscription_grant', "
@@ -139,8 +145,8 @@ def check_buckets(win: Window, granularity: str, buckets_max: int) -> None:
 
 
 def _bucket(granularity: str, base: str) -> str:
-    """Bucket expression over ``base`` (toStartOfMinute(time) or toStartOfDay(time)), as UTC DateTime."""
-    if granularity == "minute":
+    """Bucket expression over ``base`` (toStartOf{Minute,Hour,Day}(time)), as UTC DateTime."""
+    if granularity == "minute" or (granularity == "hour" and base.startswith("toStartOfHour")):
         return base
     if granularity == "hour":
         return f"toStartOfHour({base})"
@@ -182,10 +188,12 @@ def build_usage(*, db: str, project_id: str, win: Window, granularity: str, mete
     per_subject = subject is not None or group_by == "subject"
     raw = value_key is not None or group_by.startswith("data.") or (
         per_subject and granularity in ("minute", "hour"))
-    unit = "day" if per_subject and not raw else "minute"
+    # The rollup each shape can use: per-subject day/month -> by_subject_day; minute -> by_minute;
+    # hour/day/month -> by_hour. Filters use the same expression as the rollup's key, or it cannot be used.
+    unit = "day" if per_subject and not raw else "minute" if granularity == "minute" else "hour"
     win = aligned(win, unit)
     check_buckets(win, granularity, buckets_max)
-    base = "toStartOfDay(time)" if unit == "day" else "toStartOfMinute(time)"
+    base = {"day": "toStartOfDay(time)", "hour": "toStartOfHour(time)", "minute": "toStartOfMinute(time)"}[unit]
     params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end}
     where = ["project_id = {project:String}", f"{base} >= {{start:DateTime64(3, 'UTC')}}",
              f"{base} < {{end:DateTime64(3, 'UTC')}}"]
@@ -203,21 +211,22 @@ def build_usage(*, db: str, project_id: str, win: Window, granularity: str, mete
         group = f"JSONExtractString(data, {_json_args(_json_key(group_by[5:]), params, 'g')})"
     else:
         raise BadQuery("group_by must be meter, subject or data.<key>")
-    units = "sum(units)"
+    units = "toString(sum(units))"  # exact decimal text, trailing zeros dropped by ClickHouse
     if value_key is not None:
-        units = (f"sum(toDecimal128OrZero(JSONExtractRaw(data, {_json_args(_json_key(value_key), params, 'v')}), 9))")
-    sql = (f"SELECT {_bucket(granularity, base)} AS bucket, {group} AS grp, count() AS events, {units} AS units "
+        units = (f"toString(sum(toDecimal128OrZero(JSONExtractRaw(data, "
+                 f"{_json_args(_json_key(value_key), params, 'v')}), 9)))")
+    sql = (f"SELECT {_bucket(granularity, base)} AS bucket, {group} AS grp, count() AS events, {units} AS total_units "
            f"FROM `{db}`.usage_events WHERE {' AND '.join(where)} GROUP BY bucket, grp ORDER BY bucket, grp")
     return Query(sql, params), win
 
 
 def build_usage_totals(*, db: str, project_id: str, win: Window) -> tuple[Query, Window]:
-    """Totals per meter over the window (the dashboard's summary tiles)."""
-    win = aligned(win, "minute")
+    """Totals per meter over the window widened to whole hours (the dashboard's summary tiles)."""
+    win = aligned(win, "hour")
     return Query(
-        f"SELECT event_type AS meter, count() AS events, sum(units) AS units FROM `{db}`.usage_events "
-        "WHERE project_id = {project:String} AND toStartOfMinute(time) >= {start:DateTime64(3, 'UTC')} "
-        "AND toStartOfMinute(time) < {end:DateTime64(3, 'UTC')} GROUP BY meter ORDER BY meter",
+        f"SELECT event_type AS meter, count() AS events, toString(sum(units)) AS total_units FROM `{db}`.usage_events "
+        "WHERE project_id = {project:String} AND toStartOfHour(time) >= {start:DateTime64(3, 'UTC')} "
+        "AND toStartOfHour(time) < {end:DateTime64(3, 'UTC')} GROUP BY meter ORDER BY meter",
         {"project": project_id, "start": win.start, "end": win.end}), win
 
 
@@ -235,8 +244,9 @@ def build_top_consumers(*, db: str, project_id: str, win: Window, meter: str | N
                "GROUP BY subject ORDER BY events DESC, subject LIMIT {limit:UInt32}")
     else:
         params["meter"] = meter
-        sql = (f"SELECT subject, count() AS events, sum(units) AS units FROM `{db}`.usage_events WHERE {where} "
-               "AND event_type = {meter:String} GROUP BY subject ORDER BY units DESC, subject LIMIT {limit:UInt32}")
+        sql = (f"SELECT subject, count() AS events, toString(sum(units) AS total) AS total_units FROM `{db}`.usage_events "
+               f"WHERE {where} AND event_type = {{meter:String}} GROUP BY subject ORDER BY total DESC, subject "
+               "LIMIT {limit:UInt32}")
     return Query(sql, params), win
 
 
@@ -256,6 +266,20 @@ def _tx_where(project_id: str, win: Window, wallet_id: str | None) -> tuple[str,
 def build_wallet_flows(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
     where, params = _tx_where(project_id, win, wallet_id)
     return Query(f"SELECT {_FLOWS} FROM `{db}`.ledger_transactions FINAL WHERE {where}", params)
+
+
+def build_wallet_summary(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
+    """The window's flows and the outstanding credits at its start, in ONE scan of history up to its end.
+    Outstanding at t = Σ amount_minor before t (the ledger's invariant: a balance is the sum of its
+    transactions' amounts)."""
+    params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end}
+    where = "project_id = {project:String} AND created_at < {end:DateTime64(6, 'UTC')}"
+    if wallet_id is not None:
+        where += " AND wallet_id = {wallet:String}"
+        params["wallet"] = wallet_id
+    within = "created_at >= {start:DateTime64(6, 'UTC')}"
+    return Query(f"SELECT sumIf(amount_minor, NOT ({within})) AS outstanding_start_minor, {_flows_sql(within)} "
+                 f"FROM `{db}`.ledger_transactions FINAL WHERE {where}", params)
 
 
 def build_outstanding(*, db: str, project_id: str, at: datetime, wallet_id: str | None = None) -> Query:
@@ -414,26 +438,28 @@ class Analytics:
         query, effective = build_usage(db=self.db, project_id=project_id, win=win, granularity=granularity,
                                        meter=meter, subject=subject, group_by=group_by, value_key=value_key,
                                        buckets_max=self.settings.buckets_max)
-        series = [{"bucket": r["bucket"], "group": r["grp"], "events": int(r["events"]), "units": r["units"]}
+        series = [{"bucket": r["bucket"], "group": r["grp"], "events": int(r["events"]), "units": r["total_units"]}
                   for r in self.rows(query)]
         return {"window": effective.as_dict(), "granularity": granularity, "group_by": group_by or "meter",
                 "series": series}
 
     def usage_totals(self, *, project_id: str, win: Window) -> dict[str, Any]:
         query, effective = build_usage_totals(db=self.db, project_id=project_id, win=win)
-        return {"window": effective.as_dict(), "meters": self.rows(query)}
+        return {"window": effective.as_dict(), "meters": [
+            {"meter": r["meter"], "events": int(r["events"]), "units": r["total_units"]} for r in self.rows(query)]}
 
     def top_consumers(self, *, project_id: str, win: Window, meter: str | None = None,
                       limit: int = 10) -> dict[str, Any]:
         query, effective = build_top_consumers(db=self.db, project_id=project_id, win=win, meter=meter, limit=limit)
-        return {"window": effective.as_dict(), "meter": meter, "consumers": self.rows(query)}
+        consumers = [{"subject": r["subject"], "events": int(r["events"]),
+                      **({"units": r["total_units"]} if "total_units" in r else {})} for r in self.rows(query)]
+        return {"window": effective.as_dict(), "meter": meter, "consumers": consumers}
 
     # wallets
     def wallet_summary(self, *, project_id: str, win: Window, wallet_id: str | None = None) -> dict[str, Any]:
-        flows = _flows(self.rows(build_wallet_flows(db=self.db, project_id=project_id, win=win,
-                                                    wallet_id=wallet_id))[0])
-        before = self.rows(build_outstanding(db=self.db, project_id=project_id, at=win.start, wallet_id=wallet_id))[0]
-        start = int(before["outstanding_minor"] or 0)
+        row = self.rows(build_wallet_summary(db=self.db, project_id=project_id, win=win, wallet_id=wallet_id))[0]
+        flows = _flows(row)
+        start = int(row["outstanding_start_minor"] or 0)
         breakdown = self.source_breakdown(project_id=project_id, win=win, wallet_id=wallet_id)["sources"]
         # end = start + Σ amounts in [start, end): the same identity, without a second scan of history
         return {"window": win.as_dict(), "wallet_id": wallet_id, **flows, "outstanding_start_minor": start,

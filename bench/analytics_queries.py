@@ -10,6 +10,7 @@ Memory is bounded per statement (max_memory_usage) and the whole run by --deadli
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.deadline_s
     print(describe())
+    print("load average before (1/5/15 min): {:.1f} {:.1f} {:.1f} — the machine is shared; high load inflates p99".format(*os.getloadavg()))
     print(f"engine: chDB (embedded ClickHouse), {args.events:,} usage events + {args.transactions:,} transactions "
           f"over {DAYS} days, 80% in one project; {args.runs} runs per query")
     root = args.path or Path(tempfile.mkdtemp(prefix="meterline-bench-"))
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "goal met (<= 100 ms)" if worst <= 100 else "first bar met (<= 200 ms)" if worst <= 200 else \
             "ABOVE the 200 ms bar"
         print(f"worst dashboard p99: {worst:.1f} ms -> {verdict}")
+        print("load average after (1/5/15 min): {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
         return 0 if worst <= 200 else 1
     finally:
         if args.path is None:

@@ -189,3 +189,32 @@ def test_sink_killed_with_sigkill_mid_stream_loses_and_doubles_nothing(topics, p
     assert counts["units"] == sent["units"]
     assert (counts["minute_rows"], counts["minute_units"]) == (sent["events"], sent["units"])
     assert sent["messages"] > 500
+
+
+def test_run_analytics_idles_when_the_api_owns_the_embedded_engine(analytics_settings, topics, tmp_path):
+    """chDB: `meterline run analytics` must not open the path the api owns; it says so and idles until
+    SIGTERM, then exits 0 (a crash loop under the supervisor would be the alternative)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not analytics_settings.embedded:
+        pytest.skip("only meaningful for an embedded (chdb://) ClickHouse URL")  # server mode runs the sink
+    env = {**os.environ, "CLICKHOUSE_URL": analytics_settings.clickhouse_url,
+           "KAFKA_BOOTSTRAP_SERVERS": topics.bootstrap, "METERLINE_TOPIC_PREFIX": topics.prefix}
+    env.pop("ANALYTICS_EMBEDDED_SINK_OWNER", None)
+    log_path = tmp_path / "analytics.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "from analytics.sink import main; main()"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while "the api process owns analytics" not in log_path.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()
+        time.sleep(0.1)
+    time.sleep(1)
+    assert proc.poll() is None, "it must idle, not exit"
+    assert not (tmp_path / "clickhouse").exists(), "it must not open the embedded engine"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0

@@ -43,8 +43,16 @@ def _setup(settings: AnalyticsSettings) -> tuple[Analytics | None, SinkThread | 
         log.warning("embedded ClickHouse is owned by `meterline run analytics`: this api cannot query it")
         return None, None
     pool = ClientPool(settings.clickhouse_url, size=settings.query_clients_max)
-    with pool.client() as client:
-        migrate(client, database=settings.database)
+    try:
+        with pool.client() as client:
+            migrate(client, database=settings.database)
+    except Exception as exc:
+        # e.g. a second api process on the same chdb:// path (chDB: one process per path), or a server that
+        # is down. The rest of the api keeps serving; analytics answers 503 with the reason in the log.
+        pool.close()
+        log.error("analytics unavailable: cannot open ClickHouse", error=str(exc),
+                  clickhouse=settings.clickhouse_url.split("@")[-1])
+        return None, None
     sink = None
     if sink_runs_in_api(settings):
         sink = SinkThread(settings)

@@ -126,4 +126,4 @@ def install_error_handlers(app: FastAPI) -> None:
     # insufficient credits is routine) are registered by class so they are answered like ApiError.
     from ledger.errors import LedgerError
 
-    app.add_exception_handler(LedgerError, _component)  # type: ignore[arg-type]
+    app.add_exception_handler(LedgerError, _component)

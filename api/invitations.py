@@ -21,10 +21,10 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
-from api.auth import sha256_hex
+from api.auth import ROLE_RANK, sha256_hex
 from api.email import EmailMessage, EmailSender
 from api.errors import ApiError, Conflict, Forbidden, NotFound
-from api.projects import ROLE_RANK, AlreadyMember, _check_assignable, get_project
+from api.projects import AlreadyMember, _check_assignable, get_project
 
 TOKEN_PREFIX = "mli_"
 

@@ -274,3 +274,46 @@ def authenticate_api_key(conn: Connection, token: str) -> Principal | None:
                      {"now": now, "id": row.id})
     return Principal(kind="api_key", user_id=None, key_id=row.id, project_id=row.project_id,
                      scopes=frozenset(row.scopes))
+
+
+# --------------------------------------------------------------------------- authentication cache
+
+
+class KeyCache:
+    """Recently authenticated keys, per app, for the ingest hot path (no database round trip per request).
+
+    Trade-off, stated: a key revoked or rotated through ANOTHER API process keeps working here for at most
+    ``ttl_s`` seconds; in this process the key routes invalidate it at once. Expiry is re-checked on every
+    hit. Entries are keyed by sha256(token), never the token; the size is bounded (oldest dropped)."""
+
+    def __init__(self, *, ttl_s: float, entries_max: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.entries_max = entries_max
+        self._entries: dict[str, tuple[Principal, datetime | None, float]] = {}
+
+    def get(self, token: str, *, now_monotonic: float) -> Principal | None:
+        if self.ttl_s <= 0:
+            return None
+        entry = self._entries.get(hash_token(token))
+        if entry is None:
+            return None
+        principal, expires_at, cached_at = entry
+        if now_monotonic - cached_at > self.ttl_s or (expires_at is not None and expires_at <= _now()):
+            self._entries.pop(hash_token(token), None)
+            return None
+        return principal
+
+    def put(self, token: str, principal: Principal, *, expires_at: datetime | None, now_monotonic: float) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.entries_max:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[hash_token(token)] = (principal, expires_at, now_monotonic)
+
+    def invalidate(self, key_id: str) -> None:
+        for digest in [d for d, (p, _, _) in self._entries.items() if p.key_id == key_id]:
+            self._entries.pop(digest, None)
+
+
+def key_expiry(conn: Connection, key_id: str) -> datetime | None:
+    return conn.execute(text("SELECT expires_at FROM api_keys WHERE id = :id"), {"id": key_id}).scalar()  # type: ignore[no-any-return]

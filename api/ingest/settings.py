@@ -26,6 +26,9 @@ class IngestSettings(BaseSettings):
     #: librdkafka queue bound; beyond it produce() raises BufferError and we answer 503 + Retry-After
     queue_messages_max: int = Field(default=100_000, ge=100)
     linger_ms: int = Field(default=2, ge=0)
+    #: how long an authenticated API key is trusted without a database round trip (0: every request checks).
+    #: A revocation through another API process takes effect here within this time; in-process at once.
+    auth_cache_s: float = Field(default=5.0, ge=0)
     #: what goes into the ingested_events log: every event, only rejected ones, or nothing
     log_mode: Literal["all", "rejected", "off"] = "all"
     log_queue_rows_max: int = Field(default=200_000, ge=1)

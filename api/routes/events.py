@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 
-from api.auth import ProjectAccess, get_principal, project_access
+from api.auth import Principal, ProjectAccess, get_principal, project_access
 from api.deps import EngineDep, SettingsDep
 from api.errors import ApiError, NotFound
 from api.ingest.log import IngestLog, LogQuery, list_ingested
@@ -47,6 +47,7 @@ from api.ingest.service import (
 from api.ingest.settings import IngestSettings
 from api.ingest.settings import get_settings as get_ingest_settings
 from api.ingest.validate import lago_response_event
+from api.keys import TOKEN_PREFIX, KeyCache, key_expiry
 from api.settings import ApiSettings
 from ledger.kafka import MissingTopicsError, require_topics, topic_name
 from streams.contracts import TOPIC_USAGE_EVENTS
@@ -128,6 +129,7 @@ class _Ingestion:
 
 async def startup(app: FastAPI) -> None:
     ingestion = _Ingestion(app)
+    app.state.key_cache = KeyCache(ttl_s=ingestion.settings.auth_cache_s)
     app.state.ingestion = ingestion
     ingestion.log.start()
 
@@ -151,24 +153,54 @@ async def shutdown(app: FastAPI) -> None:
 
 
 def _access(action: str) -> Any:
-    def dependency(request: Request, engine: EngineDep, settings: SettingsDep,
-                   project_id: Annotated[str | None, Query(description="the project (user tokens only; an API key "
-                                                                       "implies its project)")] = None,
-                   ) -> ProjectAccess:
+    """Authenticate and authorize for ``action`` on the key's project (or ``?project_id=`` for a user token).
+
+    Hot path for API keys: a key authenticated within the last ``auth_cache_s`` seconds is taken from the
+    per-app ``KeyCache`` without leaving the event loop; otherwise the full check (``get_principal``) runs in
+    a worker thread on a short-lived connection."""
+
+    async def dependency(request: Request,
+                         project_id: Annotated[str | None, Query(description="the project (user tokens only; an "
+                                                                             "API key implies its project)")] = None,
+                         ) -> ProjectAccess:
         rid = getattr(request.state, "request_id", None)
-        with engine.begin() as conn:  # short: released before the request waits for the broker
-            principal = get_principal(request, conn, settings)
-            if principal.kind == "api_key":
-                assert principal.project_id is not None
-                if project_id is not None and project_id != principal.project_id:
-                    raise NotFound("project not found")
-                return project_access(conn, principal, principal.project_id, action, rid)
-            if project_id is None:
-                raise ApiError("a user token must name the project: ?project_id=...", status=422)
-            return project_access(conn, principal, project_id, action, rid)
+        cache: KeyCache = request.app.state.key_cache
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        principal = cache.get(token, now_monotonic=time.monotonic()) \
+            if scheme.lower() == "bearer" and token.startswith(TOKEN_PREFIX) else None
+        if principal is not None:
+            request.app.state.rate_limiter.check(principal.rate_key)
+        else:
+            principal = await asyncio.to_thread(_authenticate, request, token)
+        if principal.kind == "api_key":
+            assert principal.project_id is not None
+            if project_id is not None and project_id != principal.project_id:
+                raise NotFound("project not found")
+            return project_access(None, principal, principal.project_id, action, rid)  # type: ignore[arg-type]
+        if project_id is None:
+            raise ApiError("a user token must name the project: ?project_id=...", status=422)
+        return await asyncio.to_thread(_user_access, request, principal, project_id, action, rid)
 
     dependency.__name__ = f"events_access_{action}"
     return Depends(dependency)
+
+
+def _user_access(request: Request, principal: Principal, project_id: str, action: str,
+                 rid: str | None) -> ProjectAccess:
+    with request.app.state.engine.connect() as conn:
+        return project_access(conn, principal, project_id, action, rid)
+
+
+def _authenticate(request: Request, token: str) -> Principal:
+    """The full check on a short connection (released before the request waits for the broker)."""
+    engine = request.app.state.engine
+    with engine.begin() as conn:
+        principal = get_principal(request, conn, request.app.state.settings)
+        if principal.kind == "api_key" and principal.key_id is not None:
+            request.app.state.key_cache.put(token, principal, expires_at=key_expiry(conn, principal.key_id),
+                                            now_monotonic=time.monotonic())
+    return principal
 
 
 IngestAccess = Annotated[ProjectAccess, _access("ingest")]

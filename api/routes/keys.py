@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.audit import audit
@@ -67,6 +67,13 @@ class ApiKeyRotated(BaseModel):
     key: ApiKeyIssued
 
 
+def _forget(request: Request, key_id: str) -> None:
+    """Drop the key from this process's authentication cache (other processes forget it within its TTL)."""
+    cache = getattr(request.app.state, "key_cache", None)
+    if cache is not None:
+        cache.invalidate(key_id)
+
+
 def _audit_view(key: ApiKey) -> dict[str, object]:
     return key.to_json(now=datetime.now(UTC))
 
@@ -96,12 +103,13 @@ def read_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep) -> ApiKeyO
 
 @router.post("/{key_id}/rotate", status_code=201, response_model=ApiKeyRotated,
              summary="Rotate: a new token with the same name and scopes; the old one ends now or after grace_s")
-def rotate_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep,
+def rotate_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep, request: Request,
                body: ApiKeyRotate | None = None) -> ApiKeyRotated:
     grace = timedelta(seconds=(body.grace_s if body else 0))
     before = get_api_key(conn, project_id=access.project_id, key_id=key_id)
     previous, issued = rotate_api_key(conn, project_id=access.project_id, key_id=key_id, grace=grace,
                                       created_by_user_id=access.principal.user_id)
+    _forget(request, key_id)
     audit(conn, access, action="api_key.rotate", target_kind="api_key", target_id=key_id,
           before=_audit_view(before), after={"previous": _audit_view(previous), "successor": _audit_view(issued.key)})
     return ApiKeyRotated(previous=ApiKeyOut.of(previous),
@@ -109,9 +117,10 @@ def rotate_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep,
 
 
 @router.post("/{key_id}/revoke", response_model=ApiKeyOut, summary="Revoke an API key (final; idempotent)")
-def revoke_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep) -> ApiKeyOut:
+def revoke_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep, request: Request) -> ApiKeyOut:
     before = get_api_key(conn, project_id=access.project_id, key_id=key_id)
     key = revoke_api_key(conn, project_id=access.project_id, key_id=key_id)
+    _forget(request, key_id)
     if before.revoked_at is None:
         audit(conn, access, action="api_key.revoke", target_kind="api_key", target_id=key_id,
               before=_audit_view(before), after=_audit_view(key))
@@ -119,5 +128,5 @@ def revoke_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep) -> ApiKe
 
 
 @router.delete("/{key_id}", response_model=ApiKeyOut, summary="Revoke an API key (same as POST .../revoke)")
-def delete_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep) -> ApiKeyOut:
-    return revoke_key(key_id, access, conn)
+def delete_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep, request: Request) -> ApiKeyOut:
+    return revoke_key(key_id, access, conn, request)

@@ -253,6 +253,18 @@ def build_top_consumers(*, db: str, project_id: str, win: Window, meter: str | N
 # ----------------------------------------------------------------------------- wallet builders
 
 
+def _tx_from(db: str, wallet_id: str | None) -> str:
+    """Where transactions are read from, each transaction once.
+
+    Project-wide: the table with FINAL (ReplacingMergeTree on the transaction). One wallet: its rows through
+    the ``by_wallet`` projection (FINAL would bypass projections), deduplicated with LIMIT 1 BY — duplicates
+    of a transaction are identical rows, so keeping any one of them is exact. Binds {project} and {wallet}."""
+    if wallet_id is None:
+        return f"`{db}`.ledger_transactions FINAL"
+    return (f"(SELECT * FROM `{db}`.ledger_transactions WHERE project_id = {{project:String}} "
+            "AND wallet_id = {wallet:String} ORDER BY transaction_id LIMIT 1 BY transaction_id)")
+
+
 def _tx_where(project_id: str, win: Window, wallet_id: str | None) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end}
     where = ("project_id = {project:String} AND created_at >= {start:DateTime64(6, 'UTC')} "
@@ -265,7 +277,7 @@ def _tx_where(project_id: str, win: Window, wallet_id: str | None) -> tuple[str,
 
 def build_wallet_flows(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
     where, params = _tx_where(project_id, win, wallet_id)
-    return Query(f"SELECT {_FLOWS} FROM `{db}`.ledger_transactions FINAL WHERE {where}", params)
+    return Query(f"SELECT {_FLOWS} FROM {_tx_from(db, wallet_id)} WHERE {where}", params)
 
 
 def build_wallet_summary(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
@@ -279,7 +291,7 @@ def build_wallet_summary(*, db: str, project_id: str, win: Window, wallet_id: st
         params["wallet"] = wallet_id
     within = "created_at >= {start:DateTime64(6, 'UTC')}"
     return Query(f"SELECT sumIf(amount_minor, NOT ({within})) AS outstanding_start_minor, {_flows_sql(within)} "
-                 f"FROM `{db}`.ledger_transactions FINAL WHERE {where}", params)
+                 f"FROM {_tx_from(db, wallet_id)} WHERE {where}", params)
 
 
 def build_outstanding(*, db: str, project_id: str, at: datetime, wallet_id: str | None = None) -> Query:
@@ -290,7 +302,7 @@ def build_outstanding(*, db: str, project_id: str, at: datetime, wallet_id: str 
     if wallet_id is not None:
         where += " AND wallet_id = {wallet:String}"
         params["wallet"] = wallet_id
-    return Query(f"SELECT sum(amount_minor) AS outstanding_minor FROM `{db}`.ledger_transactions FINAL "
+    return Query(f"SELECT sum(amount_minor) AS outstanding_minor FROM {_tx_from(db, wallet_id)} "
                  f"WHERE {where}", params)
 
 
@@ -298,7 +310,7 @@ def build_credit_flow(*, db: str, project_id: str, win: Window, granularity: str
                       buckets_max: int = 5_000) -> Query:
     check_buckets(win, granularity, buckets_max)
     where, params = _tx_where(project_id, win, wallet_id)
-    return Query(f"SELECT {_tx_bucket(granularity)} AS bucket, {_FLOWS} FROM `{db}`.ledger_transactions FINAL "
+    return Query(f"SELECT {_tx_bucket(granularity)} AS bucket, {_FLOWS} FROM {_tx_from(db, wallet_id)} "
                  f"WHERE {where} GROUP BY bucket ORDER BY bucket", params)
 
 
@@ -306,7 +318,7 @@ def build_source_breakdown(*, db: str, project_id: str, win: Window, wallet_id: 
     where, params = _tx_where(project_id, win, wallet_id)
     return Query(
         f"SELECT {_SOURCE} AS source, sum(amount_minor) AS issued_minor, count() AS grants "
-        f"FROM `{db}`.ledger_transactions FINAL WHERE {where} "
+        f"FROM {_tx_from(db, wallet_id)} WHERE {where} "
         f"AND (kind IN {ISSUED_KINDS!r} OR (kind = 'adjustment' AND amount_minor > 0)) "
         "GROUP BY source ORDER BY issued_minor DESC, source", params)
 
@@ -332,7 +344,7 @@ def build_wallet_transactions(*, db: str, project_id: str, wallet_id: str, limit
     return Query(
         "SELECT transaction_id, kind, amount_minor, balance_before_minor, balance_after_minor, bucket_source, "
         "source_ref, meter_id, related_transaction_id, reason, created_at "
-        f"FROM `{db}`.ledger_transactions FINAL WHERE {where} ORDER BY transaction_id DESC LIMIT {{limit:UInt32}}",
+        f"FROM {_tx_from(db, wallet_id)} WHERE {where} ORDER BY transaction_id DESC LIMIT {{limit:UInt32}}",
         params)
 
 

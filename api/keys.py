@@ -316,4 +316,4 @@ class KeyCache:
 
 
 def key_expiry(conn: Connection, key_id: str) -> datetime | None:
-    return conn.execute(text("SELECT expires_at FROM api_keys WHERE id = :id"), {"id": key_id}).scalar()  # type: ignore[no-any-return]
+    return conn.execute(text("SELECT expires_at FROM api_keys WHERE id = :id"), {"id": key_id}).scalar()

@@ -147,7 +147,7 @@ def _cpu_s(pid: int) -> float:
 
     process = psutil.Process(pid)
     times = [process.cpu_times(), *(c.cpu_times() for c in process.children(recursive=True))]
-    return sum(t.user + t.system for t in times)
+    return float(sum(t.user + t.system for t in times))
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -162,6 +162,7 @@ class KafkaEdge:
                     self._runner = _ProducerRunner(self._config)
                     threading.Thread(target=runner.close, kwargs={"flush_timeout_s": 0.0}, daemon=True).start()
                 runner = self._runner
+        assert runner is not None
         return runner
 
     async def send(self, messages: Sequence[Message]) -> None:

@@ -36,6 +36,7 @@ from api.ingest.service import (
     JSON,
     BodyTooLarge,
     IngestService,
+    Shape,
     binary_event,
     classify,
     lago_batch_items,
@@ -251,6 +252,7 @@ async def ingest_events(request: Request, access: IngestAccess, settings: Settin
     if not binary:
         require_media_type(headers.get("content-type"), (*STRUCTURED, JSON))
     body = await _body(request, settings.request_body_bytes_max)
+    shape: Shape
     if binary:
         shape, items = "cloudevents", [binary_event(dict(headers), body)]
     else:

@@ -27,7 +27,7 @@ class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"name": "production ingest", "scopes": ["ingest"], "expires_in_s": 7_776_000}]})
     name: str = Field(min_length=1, max_length=200)
-    scopes: list[Scope] = Field(default_factory=lambda: ["ingest"], min_length=1)
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["ingest"]), min_length=1)
     expires_at: AwareDatetime | None = Field(default=None, description="absolute expiry (UTC offset required)")
     expires_in_s: int | None = Field(default=None, gt=0, description="expiry relative to now")
 

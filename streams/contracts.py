@@ -1,14 +1,32 @@
-"""The usage-event contract streams owns (CloudEvents 1.0 + project) and its topic names.
+"""The usage-event contract streams owns (CloudEvents 1.0 + project), its topic names, the partitioner and
+the wire shape of messages on ``usage.events.v1``.
 
-Dependency-light: pydantic + stdlib only."""
+Dependency-light: pydantic + stdlib only (the api, the SDK and tests import it).
+
+Wire shape of ``usage.events.v1`` (every producer: api ingest, SDK, tests, foreign Kafka clients):
+
+- a message value is EITHER one event as a JSON object, OR a JSON array of events ("packed" message)
+  that all map to the message's partition. Packing amortizes faust's per-message cost (~70 µs here).
+- the partition is ``partition_for(subject, partitions)``: Kafka's murmur2 partitioner over the UTF-8
+  subject, i.e. exactly what the Java client's default partitioner, aiokafka/faust's default partitioner
+  and librdkafka's ``partitioner=murmur2_random`` (or ``murmur2``) do for a message KEYED by the subject.
+  So a foreign producer either sets the partition with this function, or keys each single-event message
+  by its subject with a murmur2 partitioner. (librdkafka's own default, ``consistent_random``, is CRC32
+  and places subjects elsewhere — configure ``partitioner=murmur2_random``.)
+- a misplaced event (wrong partitioner) is still charged exactly once: counters are kept per source
+  partition and the ledger merges partitions before pricing. What is lost for a misplaced event is
+  dedupe across partitions (a resend that lands in another partition is not recognised) and it is
+  counted in the worker's ``misplaced`` metric.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-__all__ = ["TOPIC_USAGE_DLQ", "TOPIC_USAGE_EVENTS", "UsageEvent"]
+__all__ = ["TOPIC_USAGE_DLQ", "TOPIC_USAGE_EVENTS", "UsageEvent", "murmur2", "pack_events", "partition_for"]
 
 TOPIC_USAGE_EVENTS = "usage.events.v1"
 TOPIC_USAGE_DLQ = "usage.events.dlq.v1"
@@ -29,3 +47,48 @@ class UsageEvent(BaseModel):
     time: AwareDatetime | None = None
     project: str = Field(min_length=1, max_length=64)
     data: dict[str, Any] | None = None
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2) as an unsigned 32-bit int."""
+    length = len(data)
+    m = 0x5BD1E995
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    whole = length - length % 4
+    for i in range(0, whole, 4):
+        k = data[i] | (data[i + 1] << 8) | (data[i + 2] << 16) | (data[i + 3] << 24)
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    extra = length % 4
+    if extra >= 3:
+        h ^= data[whole + 2] << 16
+    if extra >= 2:
+        h ^= data[whole + 1] << 8
+    if extra >= 1:
+        h ^= data[whole]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+
+@functools.lru_cache(maxsize=65_536)
+def partition_for(subject: str, partitions: int) -> int:
+    """The partition of ``usage.events.v1`` every event of ``subject`` goes to.
+
+    Pure and stable: Kafka's default (murmur2, positive, modulo) partitioner over the UTF-8 subject, so a
+    message keyed by the subject lands in the same partition with any murmur2-partitioning client."""
+    if partitions < 1:
+        raise ValueError("partitions must be >= 1")
+    return (murmur2(subject.encode("utf-8")) & 0x7FFFFFFF) % partitions
+
+
+def pack_events(events: list[dict[str, Any]], partitions: int) -> dict[int, list[dict[str, Any]]]:
+    """Group events (dicts with a ``subject``) by their partition, keeping their order within each."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for event in events:
+        out.setdefault(partition_for(str(event["subject"]), partitions), []).append(event)
+    return out

@@ -11,7 +11,7 @@ PLACEHOLDER_SECRETS = {"changethis", "change-me", "dev-secret", "secret", ""}
 
 
 class ApiSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True)
 
     env: str = Field(default="local", validation_alias=AliasChoices("METERLINE_ENV", "API_ENV"))
     host: str = "127.0.0.1"

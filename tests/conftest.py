@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,7 +63,7 @@ def _containers() -> Iterator[dict[str, str]]:  # pragma: no cover - needs a Doc
 
 
 @pytest.fixture(scope="session")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+def engines() -> Iterator[Engines]:
     from meterline import services
 
     wanted = ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")
@@ -70,7 +72,11 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
         if len(from_env) < len(wanted) and os.environ.get("METERLINE_TEST_CONTAINERS", "auto") != "off" \
                 and _docker_answers():
             from_env = {**stack.enter_context(_containers()), **from_env}
-        root = Path(os.environ.get("METERLINE_TEST_HOME") or tmp_path_factory.mktemp("engines"))
+        # Not under pytest's basetemp: pytest prunes old basetemps, which deleted a concurrent session's live
+        # PostgreSQL. A private directory per session, removed when the engines have stopped.
+        root = Path(os.environ.get("METERLINE_TEST_HOME") or tempfile.mkdtemp(prefix="meterline-engines-"))
+        if not os.environ.get("METERLINE_TEST_HOME"):
+            stack.callback(shutil.rmtree, root, True)
         database_url = from_env.get("DATABASE_URL")
         if not database_url:
             database_url = services.start_embedded_postgres(root / "postgres")

@@ -1,0 +1,62 @@
+"""Streams settings (prefix ``STREAMS_``), read lazily — never at import time.
+
+Shared infrastructure is read without the prefix (``DATABASE_URL``, ``KAFKA_BOOTSTRAP_SERVERS``,
+``METERLINE_TOPIC_PREFIX``), so one environment configures every component the same way."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StreamsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMS_", extra="ignore")
+
+    database_url: str = Field(
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/meterline",
+        validation_alias=AliasChoices("DATABASE_URL", "STREAMS_DATABASE_URL"),
+    )
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "STREAMS_KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    topic_prefix: str = Field(default="", validation_alias=AliasChoices("METERLINE_TOPIC_PREFIX"))
+
+    # the faust worker
+    app_id: str = Field(default="meterline-streams", description="faust app id = consumer group (prefixed)")
+    worker_index: int = Field(default=0, ge=0, description="which of the supervised workers this is")
+    worker_count: int = Field(default=2, ge=1, description="how many workers the supervisor runs (docs/ops)")
+    web_port: int = Field(default=0, ge=0, description="faust web server port; 0 = disabled")
+    broker_session_timeout_s: float = Field(default=6.0, gt=0, description="group join takes half of it here")
+    consumer_max_fetch_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+
+    # micro-batches and checkpoints (DESIGN §2.2)
+    flush_ms_max: int = Field(default=250, ge=1, description="a batch (and its checkpoint) closes after this")
+    batch_events_max: int = Field(default=2_000, ge=1, description="Kafka messages per take_events batch")
+    delivery_timeout_s: float = Field(default=30.0, gt=0, description="a checkpoint not acked by then = crash")
+
+    # validation
+    event_bytes_max: int = Field(default=64 * 1024, ge=256, description="one event's JSON size limit")
+    message_events_max: int = Field(default=10_000, ge=1, description="events in one packed message")
+    future_skew_s: int = Field(default=3_600, ge=0, description="event time may be this far past arrival")
+
+    # dedupe by (project, source, id)
+    dedupe_horizon_s: int = Field(default=86_400, ge=0, description="duplicates are caught within this window")
+    dedupe_seed_rows_max: int = Field(default=2_000_000, ge=0, description="dedupe keys read on assignment")
+    dedupe_memory_max: int = Field(default=5_000_000, ge=1_000, description="dedupe keys kept per partition")
+
+    # lateness and catalog
+    allowed_lateness_s: int = Field(default=3_600, ge=0, description="default when a project sets none")
+    unknown_subjects: str = Field(default="auto_provision", pattern="^(auto_provision|dead_letter)$",
+                                  description="default when a project sets none")
+    catalog_refresh_ms: int = Field(default=2_000, ge=50, description="catalog re-read period")
+
+    # assignment
+    ledger_wait_log_s: float = Field(default=10.0, gt=0, description="log while waiting for the ledger")
+
+
+@lru_cache
+def get_settings() -> StreamsSettings:
+    return StreamsSettings()

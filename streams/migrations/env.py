@@ -1,0 +1,3 @@
+from ledger.schema_migrations import run_env
+
+run_env()

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-__all__ = ["TOPIC_USAGE_DLQ", "TOPIC_USAGE_EVENTS", "UsageEvent", "murmur2", "pack_events", "partition_for"]
+__all__ = ["TOPIC_USAGE_DLQ", "TOPIC_USAGE_EVENTS", "DeadLetter", "UsageEvent", "murmur2", "pack_events", "partition_for"]
 
 TOPIC_USAGE_EVENTS = "usage.events.v1"
 TOPIC_USAGE_DLQ = "usage.events.dlq.v1"
@@ -92,3 +92,24 @@ def pack_events(events: list[dict[str, Any]], partitions: int) -> dict[int, list
     for event in events:
         out.setdefault(partition_for(str(event["subject"]), partitions), []).append(event)
     return out
+
+
+class DeadLetter(BaseModel):
+    """The value of a message on ``usage.events.dlq.v1``: why an event was refused, and the event itself.
+
+    ``original_b64`` is the exact bytes refused: the whole message for a message-level problem
+    (``index`` null), or the JSON of the one bad element of a packed message (``index`` = its position).
+    ``source_partition``/``source_offset`` locate it in ``usage.events.v1``; a worker crash can re-emit the
+    same dead letter, so readers de-duplicate on (source_partition, source_offset, index)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    reason: str = Field(description="stable code, see streams.metering.REASONS")
+    detail: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    index: int | None = None
+    original: str | None = Field(default=None, description="the refused bytes as text, when valid UTF-8")
+    original_b64: str
+    dead_lettered_at: AwareDatetime

@@ -333,6 +333,10 @@ class PartitionAggregator:
     #: the offset the last checkpoint was cut at
     checkpointed_through: int = -1
     counters: dict[CounterKeyTuple, Counter] = field(default_factory=dict)
+    #: counters of periods starting before this were NOT seeded: never write them (a cumulative starting
+    #: from zero would overwrite the ledger's value). Events that would land there are charged in the
+    #: first seeded period instead, marked late. None = everything was seeded.
+    periods_since: datetime | None = None
     stats: Stats = field(default_factory=Stats)
     _changed: set[CounterKeyTuple] = field(default_factory=set)
     _new_keys: list[int] = field(default_factory=list)
@@ -340,8 +344,10 @@ class PartitionAggregator:
     _seen: OrderedDict[int, float] = field(default_factory=OrderedDict)
 
     def seed(self, *, applied_through: int, counters: Iterable[SeedCounter],
-             dedupe_keys: Iterable[tuple[int, datetime]]) -> None:
-        """Start from the ledger's state: counters as of ``applied_through``, offsets up to it skipped."""
+             dedupe_keys: Iterable[tuple[int, datetime]], periods_since: datetime | None = None) -> None:
+        """Start from the ledger's state: counters as of ``applied_through``, offsets up to it skipped.
+        ``counters`` must hold every stored counter of periods starting at or after ``periods_since``."""
+        self.periods_since = periods_since
         self.counters.clear()
         self._changed.clear()
         self._new_keys.clear()
@@ -422,9 +428,13 @@ class PartitionAggregator:
                 continue
             start, end = period_bounds(at, price.period)
             late = arrival > end + timedelta(seconds=policy.allowed_lateness_s)
-            if late:  # beyond the allowed lateness: charged in the current period, never dropped
-                price = catalog.price_at(meter.id, arrival) or price
-                start, _ = period_bounds(arrival, price.period)
+            floor = self.periods_since
+            if late or (floor is not None and start < floor):
+                # beyond the allowed lateness: charged in the current period, marked late, never dropped
+                late = True
+                pivot = arrival if floor is None or arrival >= floor else floor
+                price = catalog.price_at(meter.id, pivot) or price
+                start, _ = period_bounds(pivot, price.period)
             measures.append(_Measure((wallet_id, event.project, meter.id, start, price.id), meter, price, value,
                                      at, late))
         if not measures:

@@ -54,6 +54,8 @@ class StreamsSettings(BaseSettings):
     catalog_refresh_ms: int = Field(default=2_000, ge=50, description="catalog re-read period")
 
     # assignment
+    seed_lookback_s: int = Field(default=40 * 86_400, ge=86_400,
+                                 description="counters of periods starting within this are seeded")
     ledger_wait_log_s: float = Field(default=10.0, gt=0, description="log while waiting for the ledger")
 
 

@@ -404,3 +404,14 @@ def test_partition_for_matches_kafka_murmur2_vectors() -> None:
     from streams.contracts import murmur2
 
     assert murmur2(b"21") - 2**32 == -973932308
+
+
+def test_periods_older_than_the_seeded_window_are_never_written() -> None:
+    a = agg()
+    floor = datetime(2026, 10, 1, tzinfo=UTC)
+    a.seed(applied_through=-1, counters=[], dedupe_keys=[], periods_since=floor)
+    # a backlog message: arrived (and happened) in August, long before the seeded window
+    old = datetime(2026, 8, 20, tzinfo=UTC)
+    a.process(offset=0, value=orjson.dumps(event(1, time="2026-08-20T00:00:00Z")), arrival=old, catalog=catalog())
+    [(key, counter)] = a.counters.items()
+    assert key[3] == floor and counter.late_events == 1

@@ -1,0 +1,452 @@
+"""The streams worker (``meterline run streams``): a faust agent that meters ``usage.events.v1`` in
+micro-batches and emits one cumulative ChargeCheckpoint per touched source partition per batch.
+
+The protocol (DESIGN §2.2; streams/README.md explains each step and the invariant it protects):
+
+- batch: ``take_events(batch_events_max, within=flush_ms_max)``; every message is metered by the
+  aggregator of its partition (streams/metering.py); bad events go to the DLQ.
+- end of batch: one checkpoint per touched aggregator → ``ledger.charges.v1`` through an idempotent
+  confluent producer, and the batch WAITS for broker acknowledgement of every checkpoint and dead letter
+  before it returns. faust acks (and later commits) a batch's offsets only after it returns, so a
+  committed offset is never ahead of an acknowledged checkpoint.
+- assignment: every partition of a new assignment is re-seeded (never trusted across a rebalance): its
+  gate closes; once this worker's in-flight checkpoints are out, the seeding task waits until the ledger's
+  ``applied_through[p]`` reaches both the group's committed offset − 1 and this worker's last emitted
+  checkpoint of p, reads applied_through + counters + dedupe keys in ONE repeatable-read snapshot, seeds a
+  fresh aggregator and opens the gate. Events of a partition whose gate is closed are deferred to the end
+  of the batch (never counted by a stale aggregator); offsets <= applied_through are skipped.
+- any failure inside a batch (delivery error, timeout, bug) or a cancellation mid-batch ends the process
+  at once (``os._exit``): unwinding would let faust ack — and commit — offsets whose checkpoint was never
+  acknowledged. The supervisor restarts the worker; the next owner replays from the committed offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import faust
+import orjson
+import structlog
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from sqlalchemy import Engine
+
+from ledger import queries as ledger_queries
+from ledger.contracts import TOPIC_LEDGER_CHARGES
+from ledger.db import make_engine
+from ledger.kafka import make_producer, require_topics, topic_name
+from streams import catalog as catalog_db
+from streams.catalog_model import CatalogSnapshot, ProjectPolicy
+from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
+from streams.errors import PendingMigrations
+from streams.metering import Limits, PartitionAggregator, Rejection, SeedCounter, period_bounds
+from streams.settings import StreamsSettings, get_settings
+
+__all__ = ["Runtime", "check_startup", "create_app", "main"]
+
+log = structlog.get_logger("streams.worker")
+
+#: exit code when a batch cannot be completed safely (the supervisor restarts the worker)
+EXIT_UNSAFE = 70
+
+
+def _die(message: str, **fields: Any) -> None:
+    """End the process without unwinding (see the module doc: unwinding would ack unprotected offsets)."""
+    log.error(message, **fields)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(EXIT_UNSAFE)
+
+
+class Runtime:
+    """The worker's state: per-partition aggregators and gates, the catalog, the producer."""
+
+    def __init__(self, settings: StreamsSettings, *, partitions: int | None = None) -> None:
+        self.settings = settings
+        prefix = settings.topic_prefix
+        self.usage_topic = topic_name(TOPIC_USAGE_EVENTS, prefix)
+        self.dlq_topic = topic_name(TOPIC_USAGE_DLQ, prefix)
+        self.charges_topic = topic_name(TOPIC_LEDGER_CHARGES, prefix)
+        self.group_id = f"{prefix}{settings.app_id}"
+        self.partitions = partitions
+        self.limits = Limits(event_bytes_max=settings.event_bytes_max, message_events_max=settings.message_events_max,
+                             future_skew_s=settings.future_skew_s, dedupe_horizon_s=settings.dedupe_horizon_s,
+                             dedupe_memory_max=settings.dedupe_memory_max)
+        self.default_policy = ProjectPolicy(settings.unknown_subjects,  # type: ignore[arg-type]
+                                            settings.allowed_lateness_s)
+        self.aggregators: dict[int, PartitionAggregator] = {}
+        self.gates: dict[int, asyncio.Event] = {}
+        self.seeding: dict[int, asyncio.Task[None]] = {}
+        self.last_emitted: dict[int, int] = {}
+        self.catalog: CatalogSnapshot | None = None
+        self.catalog_rev = -1
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="streams-io")
+        self._engine: Engine | None = None
+        self._producer: Producer | None = None
+        self._offsets_reader: Consumer | None = None
+        self._delivery_errors: list[str] = []
+        self._not_flushing: asyncio.Event | None = None
+        self._lock = threading.Lock()
+        self.counts = {"batches": 0, "checkpoints": 0, "dead_letters": 0, "deferred": 0, "unowned": 0,
+                       "seeded": 0}
+
+    # -- resources (created lazily: nothing at import or construction time) -----------------------------
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.settings.database_url, pool_size=4, application_name="meterline-streams")
+        return self._engine
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = make_producer(self.settings.kafka_bootstrap_servers, **{"linger.ms": 2})
+        return self._producer
+
+    @property
+    def not_flushing(self) -> asyncio.Event:
+        if self._not_flushing is None:
+            self._not_flushing = asyncio.Event()
+            self._not_flushing.set()
+        return self._not_flushing
+
+    async def io(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # -- catalog -----------------------------------------------------------------------------------------
+
+    def _load_catalog_sync(self, *, force: bool = False) -> bool:
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                revision = catalog_db.catalog_revision(conn)
+                if revision == self.catalog_rev and not force and self.catalog is not None:
+                    return False
+                snapshot = catalog_db.load_catalog(conn, default_policy=self.default_policy)
+        self.catalog, self.catalog_rev = snapshot, revision
+        return True
+
+    async def refresh_catalog(self) -> None:
+        try:
+            if await self.io(self._load_catalog_sync):
+                assert self.catalog is not None
+                log.info("catalog_loaded", revision=self.catalog_rev,
+                         meters=sum(len(v) for v in self.catalog.meters_by_type.values()),
+                         subject_keys=len(self.catalog.wallets_by_subject))
+        except Exception as exc:  # keep metering with the catalog we have; try again next tick
+            log.warning("catalog_refresh_failed", error=str(exc).splitlines()[0])
+
+    # -- assignment --------------------------------------------------------------------------------------
+
+    def on_assigned(self, assigned: set[Any]) -> None:
+        """Re-seed EVERY assigned partition: state is never trusted across a rebalance (this worker may have
+        been out of the group while another owner advanced the ledger)."""
+        mine = {tp.partition for tp in assigned if tp.topic == self.usage_topic}
+        for p, task in list(self.seeding.items()):
+            task.cancel()
+            del self.seeding[p]
+        for p in list(self.gates):
+            if p not in mine:  # revoked: deferred events of it are skipped (their commit is discarded)
+                self.gates[p].set()
+                self.aggregators.pop(p, None)
+        for p in sorted(mine):
+            self.gates[p] = asyncio.Event()
+            self.aggregators.pop(p, None)
+            self.seeding[p] = asyncio.ensure_future(self._seed(p))
+        log.info("partitions_assigned", partitions=sorted(mine))
+
+    async def _seed(self, p: int) -> None:
+        try:
+            await self.not_flushing.wait()  # this worker's in-flight checkpoints are out (last_emitted is final)
+            if self.partitions is None:
+                found = await self.io(lambda: require_topics(self.settings.kafka_bootstrap_servers, [self.usage_topic]))
+                self.partitions = found[self.usage_topic]
+            if self.catalog is None:
+                await self.io(lambda: self._load_catalog_sync(force=True))
+            committed = await self.io(self._committed_sync, p)
+            target = max(committed - 1, self.last_emitted.get(p, -1))
+            started = time.monotonic()
+            next_log = started + self.settings.ledger_wait_log_s
+            while True:
+                applied = await self.io(self._applied_sync, p)
+                if applied >= target:
+                    break
+                if time.monotonic() >= next_log:
+                    log.warning("waiting_for_ledger", partition=p, applied_through=applied, needed=target,
+                                waited_s=round(time.monotonic() - started, 1))
+                    next_log = time.monotonic() + self.settings.ledger_wait_log_s
+                await asyncio.sleep(0.05)
+            aggregator = await self.io(self._snapshot_sync, p)
+            if self.seeding.get(p) is not asyncio.current_task():
+                return  # a newer assignment took over
+            self.aggregators[p] = aggregator
+            self.gates[p].set()
+            self.seeding.pop(p, None)
+            self.counts["seeded"] += 1
+            log.info("partition_seeded", partition=p, applied_through=aggregator.processed_through,
+                     committed=committed, counters=len(aggregator.counters), dedupe_keys=aggregator.dedupe_size,
+                     waited_s=round(time.monotonic() - started, 2))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _die("partition_seed_failed", partition=p, error=repr(exc))
+
+    def _committed_sync(self, p: int) -> int:
+        """The group's committed offset of ``p`` (next offset to read), -1 when none is committed."""
+        with self._lock:
+            if self._offsets_reader is None:
+                # same group id as faust, never subscribes: only reads committed offsets
+                self._offsets_reader = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                                                 "group.id": self.group_id, "enable.auto.commit": False})
+            for attempt in range(20):
+                try:
+                    [tp] = self._offsets_reader.committed([TopicPartition(self.usage_topic, p)], timeout=10)
+                    return tp.offset if tp.offset >= 0 else -1
+                except KafkaException as exc:
+                    log.warning("committed_offset_retry", partition=p, attempt=attempt, error=str(exc))
+                    time.sleep(0.5)
+        raise RuntimeError(f"cannot read the committed offset of {self.usage_topic}[{p}]")
+
+    def _applied_sync(self, p: int) -> int:
+        with self.engine.connect() as conn:
+            return ledger_queries.applied_offsets(conn, self.usage_topic, [p])[p]
+
+    def _snapshot_sync(self, p: int) -> PartitionAggregator:
+        now = datetime.now(UTC)
+        lookback = max(self.settings.seed_lookback_s, self._max_lateness_s() + 86_400)
+        periods_since, _ = period_bounds(now - timedelta(seconds=lookback), "month")
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():  # ONE snapshot: applied mark, counters and dedupe keys cannot be torn apart
+                snap = ledger_queries.partition_snapshot(conn, self.usage_topic, [p], periods_since=periods_since)
+                keys = ledger_queries.dedupe_keys_since(
+                    conn, source_topic=self.usage_topic, partitions=[p],
+                    since=now - timedelta(seconds=self.settings.dedupe_horizon_s))[p]
+        if len(keys) > self.settings.dedupe_seed_rows_max:
+            log.warning("dedupe_seed_truncated", partition=p, keys=len(keys), kept=self.settings.dedupe_seed_rows_max)
+            keys = set(list(keys)[: self.settings.dedupe_seed_rows_max])
+        assert self.partitions is not None
+        aggregator = PartitionAggregator(source_topic=self.usage_topic, partition=p, partitions=self.partitions,
+                                         limits=self.limits)
+        aggregator.seed(
+            applied_through=snap.applied_through[p],
+            counters=[SeedCounter(c.wallet_id, c.project_id, c.meter_id, c.period_start, c.price_version_id,
+                                  c.units, c.events, c.late_events, c.latest_at) for c in snap.counters],
+            dedupe_keys=[(k, now) for k in keys],
+            periods_since=periods_since,
+        )
+        return aggregator
+
+    def _max_lateness_s(self) -> int:
+        policies = self.catalog.policies.values() if self.catalog else ()
+        return max([self.settings.allowed_lateness_s, *(p.allowed_lateness_s for p in policies)])
+
+    # -- batches -----------------------------------------------------------------------------------------
+
+    async def handle_batch(self, events: Sequence[Any]) -> None:
+        """Meter a batch and return only when its checkpoints are acknowledged (or end the process)."""
+        try:
+            await self._handle_batch(events)
+        except asyncio.CancelledError:
+            _die("cancelled_mid_batch_exiting_without_commit", events=len(events))
+        except BaseException as exc:  # anything here must not unwind into faust's ack
+            _die("batch_failed_exiting_without_commit", error=repr(exc), events=len(events))
+
+    async def _handle_batch(self, events: Sequence[Any]) -> None:
+        self.counts["batches"] += 1
+        deferred: list[Any] = []
+        touched: dict[int, PartitionAggregator] = {}
+        for ev in events:
+            self._meter(ev, touched, deferred)
+        await self._emit(touched)
+        while deferred:
+            self.counts["deferred"] += len(deferred)
+            for p in sorted({ev.message.partition for ev in deferred}):
+                gate = self.gates.get(p)
+                if gate is not None:
+                    await gate.wait()
+            retry: list[Any] = []
+            touched = {}
+            for ev in deferred:
+                self._meter(ev, touched, retry)
+            await self._emit(touched)
+            deferred = retry
+
+    def _meter(self, ev: Any, touched: dict[int, PartitionAggregator], deferred: list[Any]) -> None:
+        message = ev.message
+        p = message.partition
+        gate = self.gates.get(p)
+        if gate is None or not gate.is_set():
+            deferred.append(ev)
+            return
+        aggregator = self.aggregators.get(p)
+        if aggregator is None:  # no longer ours: faust discards the commit of a revoked partition
+            self.counts["unowned"] += 1
+            return
+        assert self.catalog is not None  # gates open only after the catalog is loaded
+        arrival = datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp else datetime.now(UTC)
+        rejections = aggregator.process(offset=message.offset, value=message.value, arrival=arrival,
+                                        catalog=self.catalog)
+        touched[id(aggregator)] = aggregator
+        for rejection in rejections:
+            self._dead_letter(rejection, p, message.offset, message.key)
+
+    def _dead_letter(self, rejection: Rejection, partition: int, offset: int, key: bytes | None) -> None:
+        try:
+            as_text: str | None = rejection.original.decode("utf-8")
+        except UnicodeDecodeError:
+            as_text = None
+        envelope = {"reason": rejection.reason, "detail": rejection.detail, "source_topic": self.usage_topic,
+                    "source_partition": partition, "source_offset": offset, "index": rejection.index,
+                    "original": as_text, "original_b64": base64.b64encode(rejection.original).decode(),
+                    "dead_lettered_at": datetime.now(UTC).isoformat()}
+        self._produce(self.dlq_topic, key, orjson.dumps(envelope),
+                      headers=[("reason", rejection.reason.encode())])
+        self.counts["dead_letters"] += 1
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
+                return
+            except BufferError:  # local queue full: let deliveries drain
+                self.producer.poll(0.05)
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    async def _emit(self, touched: dict[int, PartitionAggregator]) -> None:
+        """One checkpoint per touched aggregator, then wait for the broker to have all of them (and the dead
+        letters of the batch). Keyed by source partition so one partition's checkpoints stay in order."""
+        self.not_flushing.clear()
+        try:
+            now = datetime.now(UTC)
+            for aggregator in touched.values():
+                checkpoint = aggregator.checkpoint(now=now)
+                if checkpoint is None:
+                    continue
+                self._produce(self.charges_topic, f"{self.usage_topic}:{checkpoint.partition}".encode(),
+                              checkpoint.to_json(emitted_at=now))
+                self.counts["checkpoints"] += 1
+                self.last_emitted[checkpoint.partition] = max(self.last_emitted.get(checkpoint.partition, -1),
+                                                              checkpoint.as_of_offset)
+            remaining = await self.io(self.producer.flush, self.settings.delivery_timeout_s)
+            if remaining or self._delivery_errors:
+                _die("checkpoint_delivery_failed", undelivered=remaining, errors=self._delivery_errors[:5])
+        finally:
+            self.not_flushing.set()
+
+    def stats(self) -> dict[str, Any]:
+        totals: dict[str, int] = {}
+        for aggregator in self.aggregators.values():
+            for name, value in vars(aggregator.stats).items():
+                totals[name] = totals.get(name, 0) + value
+        return {**self.counts, **totals, "partitions": sorted(self.aggregators)}
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(10)
+        if self._offsets_reader is not None:
+            self._offsets_reader.close()
+        if self._engine is not None:
+            self._engine.dispose()
+        self.pool.shutdown(wait=False)
+
+
+def create_app(settings: StreamsSettings, *, partitions: int | None = None) -> faust.App:
+    """A faust app metering ``usage.events.v1``; nothing connects until the app starts."""
+    runtime = Runtime(settings, partitions=partitions)
+    brokers = ";".join(f"kafka://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))
+    app = faust.App(
+        runtime.group_id,
+        broker=brokers,
+        processing_guarantee="at_least_once",  # exactly_once fails on this broker; correctness is ours
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.broker_session_timeout_s / 4),
+        broker_commit_interval=1.0,
+        consumer_max_fetch_size=settings.consumer_max_fetch_bytes,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        web_enabled=settings.web_port > 0,
+        web_port=settings.web_port or 6066,
+        web_bind="127.0.0.1",
+        datadir=tempfile.mkdtemp(prefix="meterline-streams-"),
+        stream_wait_empty=False,
+    )
+    app.meterline = runtime  # type: ignore[attr-defined]
+    topic = app.topic(runtime.usage_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                      value_serializer="raw", allow_empty=True)
+
+    @app.agent(topic, name="meter")
+    async def meter(stream: faust.StreamT[bytes]) -> None:
+        async for events in stream.take_events(settings.batch_events_max, within=settings.flush_ms_max / 1000):
+            await runtime.handle_batch(events)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
+        runtime.on_assigned(assigned)
+
+    @app.timer(interval=settings.catalog_refresh_ms / 1000)
+    async def refresh_catalog() -> None:
+        await runtime.refresh_catalog()
+
+    @app.timer(interval=30.0)
+    async def report() -> None:
+        log.info("streams_stats", **runtime.stats())
+
+    return app
+
+
+def check_startup(settings: StreamsSettings) -> int:
+    """Loud refusals before faust starts: pending migrations, missing topics. Returns the usage partitions."""
+    from pathlib import Path
+
+    from ledger.schema_migrations import pending
+
+    for component in ("ledger", "streams"):
+        location = Path(__file__).resolve().parent.parent / component / "migrations"
+        todo = pending(settings.database_url, script_location=location, version_table=f"alembic_version_{component}")
+        if todo:
+            raise PendingMigrations(f"{component} migrations are pending ({', '.join(todo)}); "
+                                    "run `meterline migrate` first")
+    prefix = settings.topic_prefix
+    found = require_topics(settings.kafka_bootstrap_servers, [topic_name(TOPIC_USAGE_EVENTS, prefix),
+                                                              topic_name(TOPIC_USAGE_DLQ, prefix),
+                                                              topic_name(TOPIC_LEDGER_CHARGES, prefix)])
+    return found[topic_name(TOPIC_USAGE_EVENTS, prefix)]
+
+
+def main() -> None:
+    import sys
+
+    settings = get_settings()
+    try:
+        partitions = check_startup(settings)
+    except Exception as exc:
+        if getattr(exc, "code", None):
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    app = create_app(settings, partitions=partitions)
+    runtime: Runtime = app.meterline  # type: ignore[attr-defined]
+    runtime._load_catalog_sync(force=True)
+    log.info("streams_worker_starting", group=runtime.group_id, topic=runtime.usage_topic, partitions=partitions,
+             worker_index=settings.worker_index, flush_ms_max=settings.flush_ms_max)
+    worker = faust.Worker(app, loglevel=logging.getLevelName(logging.getLogger().level), override_logging=False,
+                          quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        runtime.close()

@@ -84,6 +84,10 @@ class Limits:
     future_skew_s: int = 3_600
     dedupe_horizon_s: int = 86_400
     dedupe_memory_max: int = 5_000_000
+    #: a checkpoint is cut early (mid-batch, at a message boundary) when it would carry more than these, so
+    #: one checkpoint stays well under the broker's 1 MiB message limit (~450 B per counter, ~21 B per key)
+    checkpoint_counters_max: int = 800
+    checkpoint_dedupe_keys_max: int = 16_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +492,11 @@ class PartitionAggregator:
         self._changed.add(m.key)
 
     # -- per batch ---------------------------------------------------------------------------------------
+
+    def checkpoint_full(self) -> bool:
+        """Cut a checkpoint now (before the next message) to keep its size bounded."""
+        return (len(self._changed) >= self.limits.checkpoint_counters_max
+                or len(self._new_keys) >= self.limits.checkpoint_dedupe_keys_max)
 
     def checkpoint(self, *, now: datetime | None = None) -> Checkpoint | None:
         """The changed keys as of ``processed_through``; None when nothing new was consumed."""

@@ -48,7 +48,7 @@ from streams import catalog as catalog_db
 from streams.catalog_model import CatalogSnapshot, ProjectPolicy
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 from streams.errors import PendingMigrations
-from streams.metering import Limits, PartitionAggregator, Rejection, SeedCounter, period_bounds
+from streams.metering import Checkpoint, Limits, PartitionAggregator, Rejection, SeedCounter, period_bounds
 from streams.settings import StreamsSettings, get_settings
 
 __all__ = ["Runtime", "check_startup", "create_app", "main"]
@@ -80,7 +80,9 @@ class Runtime:
         self.partitions = partitions
         self.limits = Limits(event_bytes_max=settings.event_bytes_max, message_events_max=settings.message_events_max,
                              future_skew_s=settings.future_skew_s, dedupe_horizon_s=settings.dedupe_horizon_s,
-                             dedupe_memory_max=settings.dedupe_memory_max)
+                             dedupe_memory_max=settings.dedupe_memory_max,
+                             checkpoint_counters_max=settings.checkpoint_counters_max,
+                             checkpoint_dedupe_keys_max=settings.checkpoint_dedupe_keys_max)
         self.default_policy = ProjectPolicy(settings.unknown_subjects,  # type: ignore[arg-type]
                                             settings.allowed_lateness_s)
         self.aggregators: dict[int, PartitionAggregator] = {}
@@ -300,6 +302,10 @@ class Runtime:
         touched[id(aggregator)] = aggregator
         for rejection in rejections:
             self._dead_letter(rejection, p, message.offset, message.key)
+        if aggregator.checkpoint_full():  # bounded size: cut at this message, the batch goes on
+            checkpoint = aggregator.checkpoint(now=datetime.now(UTC))
+            if checkpoint is not None:
+                self._send_checkpoint(checkpoint)
 
     def _dead_letter(self, rejection: Rejection, partition: int, offset: int, key: bytes | None) -> None:
         try:
@@ -334,18 +340,23 @@ class Runtime:
             now = datetime.now(UTC)
             for aggregator in touched.values():
                 checkpoint = aggregator.checkpoint(now=now)
-                if checkpoint is None:
-                    continue
-                self._produce(self.charges_topic, f"{self.usage_topic}:{checkpoint.partition}".encode(),
-                              checkpoint.to_json(emitted_at=now))
-                self.counts["checkpoints"] += 1
-                self.last_emitted[checkpoint.partition] = max(self.last_emitted.get(checkpoint.partition, -1),
-                                                              checkpoint.as_of_offset)
+                if checkpoint is not None:
+                    self._send_checkpoint(checkpoint)
             remaining = await self.io(self.producer.flush, self.settings.delivery_timeout_s)
             if remaining or self._delivery_errors:
                 _die("checkpoint_delivery_failed", undelivered=remaining, errors=self._delivery_errors[:5])
         finally:
             self.not_flushing.set()
+
+    def _send_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Queue one checkpoint; it counts as emitted for the seeding wait from now on (the batch flushes it
+        before returning, or the process ends)."""
+        now = datetime.now(UTC)
+        self._produce(self.charges_topic, f"{self.usage_topic}:{checkpoint.partition}".encode(),
+                      checkpoint.to_json(emitted_at=now))
+        self.counts["checkpoints"] += 1
+        self.last_emitted[checkpoint.partition] = max(self.last_emitted.get(checkpoint.partition, -1),
+                                                      checkpoint.as_of_offset)
 
     def stats(self) -> dict[str, Any]:
         totals: dict[str, int] = {}

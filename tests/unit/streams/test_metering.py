@@ -415,3 +415,18 @@ def test_periods_older_than_the_seeded_window_are_never_written() -> None:
     a.process(offset=0, value=orjson.dumps(event(1, time="2026-08-20T00:00:00Z")), arrival=old, catalog=catalog())
     [(key, counter)] = a.counters.items()
     assert key[3] == floor and counter.late_events == 1
+
+
+def test_a_checkpoint_is_cut_before_it_outgrows_one_kafka_message() -> None:
+    a = PartitionAggregator(source_topic="usage", partition=0, partitions=1,
+                            limits=Limits(checkpoint_counters_max=50, checkpoint_dedupe_keys_max=10**6))
+    cuts = []
+    for offset in range(10):
+        a.process(offset=offset, value=orjson.dumps([event(f"{offset}-{i}", subject=f"s{offset}-{i}")
+                                                     for i in range(20)]), arrival=ARRIVAL, catalog=catalog())
+        if a.checkpoint_full():
+            cp = a.checkpoint(now=ARRIVAL)
+            assert cp is not None and len(cp.counters) <= 60
+            assert len(cp.to_json(emitted_at=ARRIVAL)) < 1024 * 1024
+            cuts.append(cp.as_of_offset)
+    assert cuts == [2, 5, 8]

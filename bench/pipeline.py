@@ -1,0 +1,557 @@
+"""End-to-end pipeline benchmark: usage events → 2 streams workers → 1 ledger consumer → wallet balances.
+
+    .venv/bin/python bench/pipeline.py --seconds 60          # (or python -m bench.pipeline)
+
+Phases, each bounded in time:
+1. throughput: produce packed messages as fast as one producer can for --seconds; events/s end to end =
+   events / (last one applied in the ledger − first one sent).
+2. latency: produce at a fixed --rate (default 20,000 events/s, open loop) for --seconds; event → balance
+   latency = when the ledger's applied mark passed the message's offset − when the message was sent
+   (applied marks polled every 20 ms; the ledger updates balances in the same transaction).
+3. baseline: the naive faust design (bench/pipeline_baseline.py: one event per message, faust.Record, a
+   table update per event, 2 workers) consuming the same number of events as phase 1, as fast as it can.
+Both pipeline phases end with an exact-totals check of every wallet. Reports CPU seconds and peak RSS of
+every process (workers, ledger, broker, PostgreSQL, this producer) and the machine.
+
+Engines: embedded (PostgreSQL, Tansu broker) under a temporary directory, or DATABASE_URL /
+KAFKA_BOOTSTRAP_SERVERS from the environment (a scratch database is created and dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_FLOOR, Decimal
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import orjson
+import psutil
+import psycopg
+from confluent_kafka import Producer
+
+from bench.machine import describe
+from ledger.db import libpq_url, make_engine, sqlalchemy_url
+from meterline import services
+from meterline.stack import migrate
+from meterline.topics import ensure_topics, topic_specs
+from streams import catalog
+from streams.catalog_model import auto_wallet_id
+from streams.contracts import partition_for
+
+REPO = Path(__file__).resolve().parent.parent
+PROJECT = "prj_bench"
+PRICE = Decimal("0.4")
+USAGE_PARTITIONS = 8
+
+
+# -- engines -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Engines:
+    database_url: str
+    bootstrap: str
+    broker_pid: int | None
+    pg_dir: Path | None
+
+
+@contextlib.contextmanager
+def engines(home: Path) -> Iterator[Engines]:
+    with contextlib.ExitStack() as stack:
+        base = os.environ.get("DATABASE_URL")
+        pg_dir = None
+        if not base:
+            pg_dir = home / "postgres"
+            base = services.start_embedded_postgres(pg_dir)
+            stack.callback(services.stop_embedded_postgres, pg_dir)
+        name = f"bench_pipeline_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(libpq_url(base), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+        def drop() -> None:
+            with psycopg.connect(libpq_url(base), autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+        stack.callback(drop)
+        from sqlalchemy.engine import make_url
+
+        url = make_url(sqlalchemy_url(base)).set(database=name).render_as_string(hide_password=False)
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        broker_pid = None
+        if not bootstrap:
+            broker = services.start_embedded_broker(host="127.0.0.1", port=services.free_port(),
+                                                    log_path=home / "broker.log")
+            stack.callback(broker.stop)
+            bootstrap, broker_pid = broker.bootstrap, broker.process.pid
+        yield Engines(url, bootstrap, broker_pid, pg_dir)
+
+
+def postgres_pids(pg_dir: Path | None) -> list[int]:
+    if pg_dir is None:
+        return []
+    try:
+        master = int((pg_dir / "postmaster.pid").read_text().splitlines()[0])
+        return [master, *(c.pid for c in psutil.Process(master).children(recursive=True))]
+    except (OSError, ValueError, psutil.Error):
+        return []
+
+
+# -- process accounting ------------------------------------------------------------------------------------
+
+@dataclass
+class Usage:
+    cpu_s: float = 0.0
+    peak_rss: int = 0
+
+
+class Meter:
+    """CPU seconds over a phase and peak RSS (sampled every 0.25 s) of named process groups."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.start: dict[int, float] = {}
+        self.usage: dict[str, Usage] = {name: Usage() for name in groups}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+
+    def __enter__(self) -> Meter:
+        self.start = {pid: self._cpu(pid) for pids in self.groups.values() for pid in pids}
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            for name, pids in self.groups.items():
+                rss = 0
+                for pid in pids:
+                    with contextlib.suppress(psutil.Error):
+                        rss += psutil.Process(pid).memory_info().rss
+                self.usage[name].peak_rss = max(self.usage[name].peak_rss, rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for name, pids in self.groups.items():
+            self.usage[name].cpu_s = sum(self._cpu(pid) - self.start.get(pid, 0.0) for pid in pids)
+
+    def report(self, seconds: float) -> list[str]:
+        return [f"    {name:<16} cpu {u.cpu_s:7.1f} s ({100 * u.cpu_s / max(seconds, 1e-9):5.1f}% of a core)  "
+                f"peak rss {u.peak_rss / 2**20:7.0f} MiB" for name, u in self.usage.items()]
+
+
+# -- producing and measuring -------------------------------------------------------------------------------
+
+@dataclass
+class Sent:
+    events: int = 0
+    messages: int = 0
+    first_sent: float = 0.0
+    last_offset: dict[int, int] = field(default_factory=dict)
+    #: per partition, in offset order: (offset, sent at, events in the message)
+    deliveries: dict[int, list[tuple[int, float, int]]] = field(default_factory=lambda: defaultdict(list))
+    units: dict[tuple[str, datetime], Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    errors: list[str] = field(default_factory=list)
+
+
+class LoadProducer:
+    def __init__(self, bootstrap: str, topic: str, *, subjects: int, pack: int, seed: int) -> None:
+        self.topic = topic
+        self.pack = pack
+        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                                  "linger.ms": 5, "compression.type": "lz4",
+                                  "queue.buffering.max.kbytes": 262_144})
+        self.rng = random.Random(seed)
+        by_partition: dict[int, list[str]] = defaultdict(list)
+        for i in range(subjects):
+            subject = f"user-{i}"
+            by_partition[partition_for(subject, USAGE_PARTITIONS)].append(subject)
+        self.subjects = dict(by_partition)
+        self.next_id = 0
+
+    def run(self, sent: Sent, *, seconds: float, rate: float, tag: str) -> None:
+        """Send packed messages for ``seconds`` (at ``rate`` events/s when > 0, else as fast as possible)."""
+        started = time.monotonic()
+        sent.first_sent = time.time()
+        partition = 0
+        now_iso = datetime.now(UTC).isoformat()
+        month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        rng = self.rng
+        while True:
+            elapsed = time.monotonic() - started
+            if elapsed >= seconds:
+                break
+            if rate > 0 and sent.events > rate * elapsed:
+                time.sleep(min(0.002, sent.events / rate - elapsed))
+                self.producer.poll(0)
+                continue
+            subjects = self.subjects[partition]
+            events = []
+            for _ in range(self.pack):
+                subject = subjects[rng.randrange(len(subjects))]
+                tokens = rng.randint(1, 100)
+                self.next_id += 1
+                events.append({"specversion": "1.0", "id": f"{tag}-{self.next_id}", "source": "bench",
+                               "type": "llm.tokens", "subject": subject, "project": PROJECT, "time": now_iso,
+                               "data": {"tokens": tokens}})
+                sent.units[(subject, month)] += tokens
+            self._send(sent, partition, orjson.dumps(events), len(events))
+            partition = (partition + 1) % USAGE_PARTITIONS
+            if sent.messages % 50 == 0:
+                now_iso = datetime.now(UTC).isoformat()
+        assert self.producer.flush(120) == 0, "producer could not deliver"
+        assert not sent.errors, sent.errors[:3]
+
+    def _send(self, sent: Sent, partition: int, value: bytes, n: int) -> None:
+        sent_at = time.time()
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                sent.errors.append(str(err))
+                return
+            sent.deliveries[partition].append((msg.offset(), sent_at, n))
+            sent.last_offset[partition] = max(sent.last_offset.get(partition, -1), msg.offset())
+
+        while True:
+            try:
+                self.producer.produce(self.topic, value=value, partition=partition, on_delivery=delivered)
+                break
+            except BufferError:
+                self.producer.poll(0.01)
+        self.producer.poll(0)
+        sent.events += n
+        sent.messages += 1
+
+
+class AppliedWatcher:
+    """Polls applied_offsets every 20 ms; records when each delivered message's offset was applied."""
+
+    def __init__(self, database_url: str, topic: str, sent: Sent) -> None:
+        self.url = libpq_url(database_url)
+        self.topic = topic
+        self.sent = sent
+        self.latencies: list[tuple[float, int]] = []  # (seconds, events)
+        self.last_applied_at = 0.0
+        self._cursor: dict[int, int] = defaultdict(int)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> AppliedWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.is_set():
+                rows = conn.execute("SELECT partition, applied_through FROM applied_offsets WHERE source_topic = %s",
+                                    (self.topic,)).fetchall()
+                now = time.time()
+                for p, applied in rows:
+                    deliveries = self.sent.deliveries.get(p, [])
+                    i = self._cursor[p]
+                    while i < len(deliveries) and deliveries[i][0] <= applied:
+                        _offset, sent_at, n = deliveries[i]
+                        self.latencies.append((now - sent_at, n))
+                        self.last_applied_at = now
+                        i += 1
+                    self._cursor[p] = i
+                time.sleep(0.02)
+
+    def wait_all(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = sum(n for _, n in self.latencies)
+            if done >= self.sent.events:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        total = sum(n for _, n in ordered)
+        target = q * total
+        running = 0
+        for latency, n in ordered:
+            running += n
+            if running >= target:
+                return latency
+        return ordered[-1][0] if ordered else float("nan")
+
+
+def check_totals(database_url: str, sent: Sent) -> tuple[bool, str]:
+    expected: dict[str, int] = defaultdict(int)
+    for (subject, _month), units in sent.units.items():
+        expected[auto_wallet_id(PROJECT, subject)] -= int((units * PRICE).to_integral_value(rounding=ROUND_FLOOR))
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        actual = dict(conn.execute("SELECT id, balance_minor FROM wallets WHERE project_id = %s",
+                                   (PROJECT,)).fetchall())
+        dup = conn.execute("SELECT count(*) FROM (SELECT idempotency_key FROM transactions GROUP BY 1 "
+                           "HAVING count(*) > 1) d").fetchone()
+    wrong = [w for w in expected if actual.get(w) != expected[w]] + [w for w in actual if w not in expected]
+    ok = not wrong and dup is not None and dup[0] == 0
+    return ok, f"{len(expected)} wallets, {len(wrong)} wrong, {dup[0] if dup else '?'} duplicate keys"
+
+
+def ledger_rows(database_url: str) -> tuple[int, int]:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        row = conn.execute("SELECT (SELECT count(*) FROM transactions), (SELECT count(*) FROM usage_counters)"
+                           ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+# -- processes ---------------------------------------------------------------------------------------------
+
+def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    try:
+        return subprocess.Popen(argv, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        out.close()
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def warm_up(producer: LoadProducer, watcher_db: str, topic: str, timeout_s: float) -> None:
+    """One message per partition, then wait until the ledger applied them all (workers seeded, ledger up)."""
+    sent = Sent()
+    for p in range(USAGE_PARTITIONS):
+        subject = producer.subjects[p][0]
+        producer._send(sent, p, orjson.dumps({"specversion": "1.0", "id": f"warm-{p}", "source": "bench",
+                                              "type": "llm.tokens", "subject": subject, "project": PROJECT,
+                                              "data": {"tokens": 0}}), 1)
+    assert producer.producer.flush(60) == 0
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(libpq_url(watcher_db), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            applied = dict(conn.execute("SELECT partition, applied_through FROM applied_offsets "
+                                        "WHERE source_topic = %s", (topic,)).fetchall())
+            if all(applied.get(p, -1) >= o for p, o in sent.last_offset.items()):
+                return
+            time.sleep(0.1)
+    raise SystemExit("warm-up: the pipeline did not apply one message per partition in time; see the logs")
+
+
+def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: str, groups: dict[str, list[int]],
+                       *, seconds: float, rate: float) -> dict[str, Any]:
+    sent = Sent()
+    rows_before = ledger_rows(eng.database_url)
+    watcher = AppliedWatcher(eng.database_url, topic, sent).start()
+    with Meter({**groups, "producer (bench)": [os.getpid()]}) as meter:
+        t0 = time.time()
+        producer.run(sent, seconds=seconds, rate=rate, tag=name)
+        produced_s = time.time() - t0
+        complete = watcher.wait_all(timeout_s=max(60.0, seconds * 3))
+    watcher.stop()
+    rows_after = ledger_rows(eng.database_url)
+    wall = max(watcher.last_applied_at - sent.first_sent, 1e-3)
+    applied_events = sum(n for _, n in watcher.latencies)
+    return {"name": name, "sent": sent, "complete": complete, "wall_s": wall, "produced_s": produced_s,
+            "applied_events": applied_events, "events_per_s": applied_events / wall, "produce_rate": sent.events / produced_s,
+            "p50_s": watcher.percentile(0.50), "p99_s": watcher.percentile(0.99),
+            "max_s": max((lat for lat, _ in watcher.latencies), default=float("nan")),
+            "tx_rows": rows_after[0] - rows_before[0], "meter": meter}
+
+
+def run_baseline(eng: Engines, home: Path, *, events: int, workers: int, timeout_s: float) -> dict[str, Any]:
+    prefix = f"b{uuid.uuid4().hex[:6]}."
+    topic = f"{prefix}baseline.usage"
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": eng.bootstrap})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=USAGE_PARTITIONS, replication_factor=1)]).values():
+        future.result(15)
+    # one event per message, keyed by subject (what the faust docs' examples do)
+    producer = Producer({"bootstrap.servers": eng.bootstrap, "linger.ms": 5, "compression.type": "lz4",
+                         "queue.buffering.max.kbytes": 262_144})
+    rng = random.Random(5)
+    now_iso = datetime.now(UTC).isoformat()
+    expected = 0
+    for i in range(events):
+        subject = f"user-{rng.randrange(10_000)}"
+        tokens = rng.randint(1, 100)
+        expected += tokens
+        value = orjson.dumps({"id": f"b-{i}", "source": "bench", "type": "llm.tokens", "subject": subject,
+                              "project": PROJECT, "time": now_iso, "data": {"tokens": tokens}})
+        while True:
+            try:
+                producer.produce(topic, value=value, key=subject.encode(), partition=partition_for(subject, USAGE_PARTITIONS))
+                break
+            except BufferError:
+                producer.poll(0.01)
+    assert producer.flush(120) == 0
+    procs = []
+    progress = [home / f"baseline-{i}.progress" for i in range(workers)]
+    for i in range(workers):
+        procs.append(start([sys.executable, "-m", "bench.pipeline_baseline"],
+                           {"BASELINE_APP_ID": f"{prefix}baseline", "BASELINE_TOPIC": topic,
+                            "BASELINE_BROKER": eng.bootstrap, "BASELINE_PROGRESS": str(progress[i]),
+                            "BASELINE_PARTITIONS": str(USAGE_PARTITIONS)}, home / f"baseline-{i}.log"))
+    try:
+        first_progress = None
+        done = 0
+        with Meter({"baseline workers": [p.pid for p in procs]}) as meter:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                done = sum(int(p.read_text() or 0) for p in progress if p.exists())
+                if done and first_progress is None:
+                    first_progress = time.time()
+                if done >= events:
+                    break
+                if any(p.poll() is not None for p in procs):
+                    break
+                time.sleep(0.1)
+            finished = time.time()
+        wall = max(finished - (first_progress or finished), 1e-3)
+        if done < events:
+            for i in range(workers):
+                log = home / f"baseline-{i}.log"
+                if log.exists():
+                    print(f"--- baseline-{i}.log ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        return {"events": events, "done": done, "wall_s": wall, "events_per_s": done / max(wall, 1e-9),
+                "meter": meter}
+    finally:
+        stop(procs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each pipeline phase")
+    parser.add_argument("--rate", type=float, default=20_000.0, help="events/s of the latency phase")
+    parser.add_argument("--pack", type=int, default=200, help="events per packed message")
+    parser.add_argument("--subjects", type=int, default=10_000, help="distinct subjects (wallets)")
+    parser.add_argument("--workers", type=int, default=2, help="streams worker processes")
+    parser.add_argument("--baseline-events", type=int, default=0,
+                        help="events for the naive baseline (0 = as many as phase 1 sent, capped at 300k)")
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+
+    print(describe())
+    print("load average at start: {:.2f} {:.2f} {:.2f} (the machine is shared; other load skews every figure)"
+          .format(*os.getloadavg()))
+    print(f"cores: {os.cpu_count()}, usage partitions: {USAGE_PARTITIONS}, streams workers: {args.workers}, "
+          f"ledger consumers: 1, pack: {args.pack} events/message, subjects: {args.subjects}")
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        home = Path(tmp)
+        with engines(home) as eng:
+            prefix = f"bench{uuid.uuid4().hex[:6]}."
+            ensure_topics(eng.bootstrap, topic_specs(prefix=prefix, usage_partitions=USAGE_PARTITIONS,
+                                                     charges_partitions=4, transactions_partitions=4))
+            migrate(eng.database_url)
+            engine = make_engine(eng.database_url, pool_size=1)
+            with engine.begin() as conn:
+                catalog.create_meter(conn, project_id=PROJECT, slug="tokens", event_type="llm.tokens",
+                                     aggregation="SUM", value_property="$.tokens")
+                catalog.create_price(conn, project_id=PROJECT, meter="tokens",
+                                     model={"model": "per_unit", "unit_price_minor": str(PRICE)},
+                                     effective_from=datetime(2020, 1, 1, tzinfo=UTC))
+            engine.dispose()
+            env = {"DATABASE_URL": eng.database_url, "KAFKA_BOOTSTRAP_SERVERS": eng.bootstrap,
+                   "METERLINE_TOPIC_PREFIX": prefix, "METERLINE_ENV": "local", "METERLINE_LOG_LEVEL": "WARNING",
+                   "LEDGER_CONSUMER_GROUP": f"{prefix}ledger"}
+            topic = f"{prefix}usage.events.v1"
+            workers = [start([sys.executable, "-m", "meterline", "run", "streams"],
+                             {**env, "STREAMS_WORKER_INDEX": str(i)}, home / f"streams-{i}.log")
+                       for i in range(args.workers)]
+            ledger = start([sys.executable, "-m", "meterline", "run", "ledger"], env, home / "ledger.log")
+            procs = [*workers, ledger]
+            groups = {f"streams-{i}": [w.pid] for i, w in enumerate(workers)}
+            groups["ledger"] = [ledger.pid]
+            if eng.broker_pid:
+                groups["broker (tansu)"] = [eng.broker_pid]
+            groups["postgresql"] = postgres_pids(eng.pg_dir)
+            try:
+                producer = LoadProducer(eng.bootstrap, topic, subjects=args.subjects, pack=args.pack, seed=1)
+                warm_up(producer, eng.database_url, topic, timeout_s=90)
+                groups["postgresql"] = postgres_pids(eng.pg_dir)  # backends of the workers exist now
+                results = []
+                for name, rate in (("throughput", 0.0), ("latency", args.rate)):
+                    result = run_pipeline_phase(name, producer, eng, topic, groups, seconds=args.seconds, rate=rate)
+                    ok, detail = check_totals(eng.database_url, result["sent"])
+                    result["exact"], result["exact_detail"] = ok, detail
+                    results.append(result)
+                    label = "as fast as possible" if rate == 0 else f"open loop at {rate:,.0f} events/s"
+                    print(f"\n[{name}] {label} for {args.seconds:.0f} s")
+                    print(f"  produced {result['sent'].events:,} events in {result['sent'].messages:,} messages "
+                          f"({result['produce_rate']:,.0f} events/s offered)")
+                    print(f"  end to end (sent -> applied in the ledger): {result['events_per_s']:,.0f} events/s "
+                          f"({result['applied_events']:,} events over {result['wall_s']:.1f} s); "
+                          f"all applied: {result['complete']}")
+                    print(f"  event -> balance latency: p50 {1000 * result['p50_s']:.0f} ms, "
+                          f"p99 {1000 * result['p99_s']:.0f} ms, max {1000 * result['max_s']:.0f} ms")
+                    print(f"  ledger: {result['tx_rows']:,} transaction rows, "
+                          f"{result['tx_rows'] / result['wall_s']:,.0f} rows/s")
+                    print(f"  exact totals: {'OK' if ok else 'WRONG'} ({detail})")
+                    print("  processes:")
+                    print("\n".join(result["meter"].report(result["wall_s"])))
+            finally:
+                stop(procs)
+                for log in sorted(home.glob("*.log")):
+                    text = log.read_text(errors="replace")
+                    if "Traceback" in text or '"level": "error"' in text:
+                        print(f"\n--- {log.name} (errors) ---\n" + "\n".join(text.splitlines()[-15:]))
+            if not args.skip_baseline:
+                n = args.baseline_events or min(results[0]["sent"].events, 300_000)
+                print(f"\n[baseline] naive faust (one event per message, faust.Record, table += per event), "
+                      f"{args.workers} workers, {n:,} events pre-produced")
+                base = run_baseline(eng, home, events=n, workers=args.workers, timeout_s=max(120.0, n / 1_000))
+                print(f"  consumed {base['done']:,}/{base['events']:,} events in {base['wall_s']:.1f} s: "
+                      f"{base['events_per_s']:,.0f} events/s (no ledger, no exactly-once protocol)")
+                print("\n".join(base["meter"].report(base["wall_s"])))
+                ratio = results[0]["events_per_s"] / max(base["events_per_s"], 1e-9)
+                print(f"\nratio: Meterline end to end {results[0]['events_per_s']:,.0f} events/s vs naive "
+                      f"{base['events_per_s']:,.0f} events/s = {ratio:.1f}x")
+            lat = results[1]
+            bar = lat["events_per_s"] >= 20_000 * 0.97 and lat["p99_s"] <= 1.0 and lat["complete"]
+            print(f"\nfirst bar (>= 20,000 events/s with p99 <= 1 s): "
+                  f"{'MET' if bar and results[0]['events_per_s'] >= 20_000 else 'NOT MET'} "
+                  f"(throughput {results[0]['events_per_s']:,.0f}/s; at {args.rate:,.0f}/s p99 "
+                  f"{1000 * lat['p99_s']:.0f} ms)")
+            print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+            if not all(r["exact"] for r in results):
+                raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from typing import Annotated, Any, Literal
 import jwt
 from fastapi import Depends, Query, Request
 from sqlalchemy import Connection, text
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import ConnectionDep, SettingsDep
 from api.errors import ApiError, Forbidden, NotFound, Unauthorized
@@ -277,6 +279,72 @@ def require_ingest_project() -> Any:
             raise ApiError("a user token must name the project: ?project_id=...", status=422)
         return project_access(conn, principal, project_id, "ingest", rid)
 
+    return Depends(dependency)
+
+
+# ------------------------------------------------------------------------ the money hot path (async, no DB)
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredAccess:
+    """An authenticated caller whose project check may still need the database (a user's role).
+
+    API keys are checked completely in the dependency (the key names its project and scopes). A user's role
+    is read by ``resolve`` on the operation's own connection, in its transaction, BEFORE anything is locked:
+    the hot routes then need one thread hop and no extra connection checkout."""
+
+    principal: Principal
+    project_id: str
+    action: str
+    request_id: str | None
+    access: ProjectAccess | None  # already complete (API keys)
+
+    def resolve(self, conn: Connection) -> ProjectAccess:
+        if self.access is not None:
+            return self.access
+        return project_access(conn, self.principal, self.project_id, self.action, self.request_id)
+
+
+def _authenticate_key_and_cache(request: Request, token: str) -> Principal:
+    """The full API-key check on a short transaction; the principal is cached per app (``KeyCache``)."""
+    keys = importlib.import_module("api.keys")
+    with request.app.state.engine.begin() as conn:
+        principal = get_principal(request, conn, request.app.state.settings)
+        cache = getattr(request.app.state, "key_cache", None)
+        if cache is not None and principal.kind == "api_key" and principal.key_id is not None:
+            cache.put(token, principal, expires_at=keys.key_expiry(conn, principal.key_id),
+                      now_monotonic=time.monotonic())
+    return principal
+
+
+def require_project_deferred(action: Action) -> Any:
+    """``Depends`` for the hot money routes: like ``require_project``, but async and without a database round
+    trip for a recently seen API key.
+
+    Revocation, stated: API keys come from the same per-app ``KeyCache`` as ingestion (``app.state.key_cache``,
+    TTL ``API_INGEST_AUTH_CACHE_S``, 5 s). Revoking or rotating a key through THIS process drops it at once
+    (api/routes/keys.py); another API process keeps accepting it for at most the TTL. Expiry is re-checked on
+    every hit. User tokens are verified here (signature, expiry) and their role is read in the operation's
+    transaction (``DeferredAccess.resolve``), so a role change applies to the next request."""
+
+    async def dependency(project_id: str, request: Request) -> DeferredAccess:
+        rid = getattr(request.state, "request_id", None)
+        token = _bearer(request)
+        if token.startswith(API_KEY_PREFIX):
+            cache = getattr(request.app.state, "key_cache", None)
+            cached: Principal | None = cache.get(token, now_monotonic=time.monotonic()) if cache is not None else None
+            if cached is None:
+                key_principal = await run_in_threadpool(_authenticate_key_and_cache, request, token)
+            else:
+                key_principal = cached
+                request.app.state.rate_limiter.check(key_principal.rate_key)
+            access = project_access(None, key_principal, project_id, action, rid)  # type: ignore[arg-type]
+            return DeferredAccess(key_principal, project_id, action, rid, access)
+        principal = Principal(kind="user", user_id=verify_access_token(request.app.state.settings, token))
+        request.app.state.rate_limiter.check(principal.rate_key)
+        return DeferredAccess(principal, project_id, action, rid, None)
+
+    dependency.__name__ = f"require_project_deferred_{action}"
     return Depends(dependency)
 
 

@@ -8,7 +8,14 @@ Protocol, all inside the ONE database transaction that also performs the operati
 3. otherwise run the operation and store (fingerprint, status, body) before the transaction commits.
 
 Because the record and the operation commit together there is no window where one exists without the
-other. Only successful (2xx) results are stored: a refused request (402 insufficient credits, 409 hold not
+other.
+
+The hot money routes (debit, reserve, commit; api/routes/wallet_ops.py) run the same protocol in two round
+trips without the advisory lock: the WALLET row lock (taken first, ledger/staged.py) serializes twins of one
+request — both name the same wallet — and the lookup runs as the next statement, after that lock is granted,
+so it sees a twin's committed record (``QueuedLookup``). A key reused concurrently for another wallet cannot
+be serialized that way; the unique (project, key) of the record then fails the second commit, which is
+answered 409 ``api.idempotency_conflict`` like any reuse (``store_with_audit`` / ``conflict_from``). Only successful (2xx) results are stored: a refused request (402 insufficient credits, 409 hold not
 active...) rolls back and leaves the key unused, so the client may retry it with the same key once the
 situation has changed. Keys are scoped per project; the ledger key of the resulting posting is derived from
 the project and the client key, so even a lost record could not post twice.
@@ -18,15 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import orjson
+import psycopg
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from psycopg import errors as pg_errors
 from sqlalchemy import Connection, text
 
 from api.errors import ApiError, Conflict
+from ledger.service import conflict_from, pipelined
+
+T = TypeVar("T")
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -100,6 +113,124 @@ def run_idempotent(conn: Connection, request: Request, *, project_id: str, key: 
     store(conn, project_id=project_id, key=client_key, request_fingerprint=request_fingerprint,
           status_code=status_code, body=response_body)
     return JSONResponse(response_body, status_code=status_code, headers={REPLAYED_HEADER: "false"})
+
+
+# ------------------------------------------------------------------------------ the two-round-trip variant
+
+_LOOKUP = ("SELECT request_fingerprint, status_code, response_body FROM idempotency_records "
+           "WHERE project_id = %s AND idempotency_key = %s")
+
+# The audit row (api/audit.py's columns) and the idempotency record in ONE statement, queued with the
+# ledger's write and the COMMIT: both are durable in the same transaction as the money operation.
+_STORE_WITH_AUDIT = """
+WITH audit AS (
+    INSERT INTO audit_log (project_id, actor_kind, actor_user_id, actor_key_id, action, target_kind, target_id,
+                           before, after, request_id)
+    VALUES (%(project)s, %(actor_kind)s, %(user_id)s, %(key_id)s, %(action)s, %(target_kind)s, %(target_id)s,
+            %(before)s::jsonb, %(after)s::jsonb, %(request_id)s)
+)
+INSERT INTO idempotency_records (project_id, idempotency_key, request_fingerprint, status_code, response_body)
+VALUES (%(project)s, %(key)s, %(fingerprint)s, %(status)s, %(body)s::jsonb)
+"""
+
+
+class QueuedLookup:
+    """The record lookup, queued on a psycopg connection (in a pipeline: sent with the statements before it)."""
+
+    def __init__(self, raw: psycopg.Connection[Any], *, project_id: str, key: str) -> None:
+        self.key = key
+        self._cursor = raw.cursor()
+        self._cursor.execute(_LOOKUP, (project_id, key))
+
+    def replay(self, request_fingerprint: str) -> JSONResponse | None:
+        """The stored response to replay; 409 for a different request; None when the key is unused."""
+        row = self._cursor.fetchone()
+        if row is None:
+            return None
+        stored_fingerprint, status_code, response_body = row
+        if stored_fingerprint != request_fingerprint:
+            raise IdempotencyKeyReused(f"the {IDEMPOTENCY_HEADER} {self.key!r} was already used for a different "
+                                       "request", extra={"idempotency_key": self.key})
+        return JSONResponse(response_body, status_code=status_code, headers={REPLAYED_HEADER: "true"})
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value, default=str).decode()
+
+
+def store_with_audit(raw: psycopg.Connection[Any], *, project_id: str, key: str, request_fingerprint: str,
+                     status_code: int, body: bytes, audit_row: dict[str, Any]) -> None:
+    """Queue the audit row and the idempotency record (``body`` = the exact response bytes)."""
+    raw.cursor().execute(_STORE_WITH_AUDIT, {
+        "project": project_id, "key": key, "fingerprint": request_fingerprint, "status": status_code,
+        "body": body.decode(), "actor_kind": audit_row["actor_kind"], "user_id": audit_row.get("user_id"),
+        "key_id": audit_row.get("key_id"), "action": audit_row["action"], "target_kind": audit_row["target_kind"],
+        "target_id": audit_row["target_id"], "before": _json(audit_row.get("before")),
+        "after": _json(audit_row.get("after")), "request_id": audit_row.get("request_id")})
+
+
+def reused_key(exc: BaseException, key: str) -> IdempotencyKeyReused | None:
+    """The 409 a failed commit means when a concurrent request stored the same key first."""
+    if isinstance(exc, pg_errors.UniqueViolation) and exc.diag.constraint_name == "idempotency_records_pkey":
+        return IdempotencyKeyReused(f"the {IDEMPOTENCY_HEADER} {key!r} was used concurrently by another request",
+                                    extra={"idempotency_key": key})
+    return None
+
+
+class HotTransaction:
+    """One money operation in two round trips on ``conn`` (which must not have run anything yet):
+
+    1. ``stage(make)``: ``make()`` queues the ledger's wallet lock and reads; the record lookup is queued after
+       them; one round trip. Returns the stored response for a replay (409 for another request), else the
+       stage.
+    2. ``write()``: a pipeline in which the caller queues the ledger's write and calls ``store``; leaving it
+       queues COMMIT and waits for it, so a response exists only for committed work. A unique violation of a
+       key (a concurrent request on another wallet took it) becomes 409.
+    """
+
+    def __init__(self, conn: Connection, *, project_id: str, key: str, request_fingerprint: str) -> None:
+        self.conn = conn
+        self.project_id = project_id
+        self.key = key
+        self.request_fingerprint = request_fingerprint
+        self.response: Response | None = None
+
+    def stage(self, make: Callable[[], T]) -> T | JSONResponse:
+        with pipelined(self.conn) as raw:
+            staged = make()
+            lookup = QueuedLookup(raw, project_id=self.project_id, key=self.key)
+        replay = lookup.replay(self.request_fingerprint)
+        return replay if replay is not None else staged
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        try:
+            with pipelined(self.conn) as raw:
+                yield
+                raw.cursor().execute("COMMIT")
+        except psycopg.Error as exc:
+            conflict = conflict_from(exc) or reused_key(exc, self.key)
+            if conflict is not None:
+                raise conflict from exc
+            if isinstance(exc, psycopg.OperationalError):
+                self.conn.invalidate()  # no pre-ping on this pool: never hand a broken connection out again
+            raise
+        self.conn.commit()  # committed above; this keeps SQLAlchemy's view in step (no round trip)
+
+    def store(self, status_code: int, body: Any, audit_row: dict[str, Any]) -> None:
+        """Queue the record and the audit row; the response is sent only after the commit."""
+        content = orjson.dumps(body)
+        store_with_audit(pipelined_connection(self.conn), project_id=self.project_id, key=self.key,
+                         request_fingerprint=self.request_fingerprint, status_code=status_code, body=content,
+                         audit_row=audit_row)
+        self.response = Response(content, status_code=status_code, media_type="application/json",
+                                 headers={REPLAYED_HEADER: "false"})
+
+
+def pipelined_connection(conn: Connection) -> psycopg.Connection[Any]:
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver
 
 
 def purge_older_than(conn: Connection, *, days: int) -> int:

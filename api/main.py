@@ -35,7 +35,7 @@ ROUTER_MODULES: list[str] = [
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ApiSettings = app.state.settings
     app.state.engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
-                                   application_name="meterline-api")
+                                   application_name="meterline-api", pre_ping=False)
     modules = [importlib.import_module(m) for m in ROUTER_MODULES]
     for module in modules:
         if hasattr(module, "startup"):

@@ -21,11 +21,16 @@ def libpq_url(url: str) -> str:
     return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://") :]
 
 
-def make_engine(url: str, *, pool_size: int = 10, application_name: str = "meterline") -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, application_name: str = "meterline", pre_ping: bool = True,
+                recycle_s: int = 1800) -> Engine:
+    """A pooled engine. ``pre_ping`` costs a round trip per checkout; the API turns it off (its hot path is
+    two round trips) and relies on ``recycle_s`` plus invalidation on a connection error instead: after a
+    database restart the first request per pooled connection fails once, then the pool reconnects."""
     return create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
+        pool_recycle=recycle_s,
         connect_args={"application_name": application_name},
     )

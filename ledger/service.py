@@ -13,7 +13,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -26,31 +25,44 @@ from ledger.contracts import TransactionKind
 from ledger.errors import (
     HoldNotActive,
     IdempotencyConflict,
-    InsufficientCredits,
     InvalidRequest,
     NotRefundable,
     RefundExceedsCharge,
     UnknownHold,
     UnknownTransaction,
-    WalletBlocked,
     WalletConflict,
 )
 from ledger.expiry import expire_credits, expire_holds
-from ledger.postings import DEFAULT_PRIORITY, NewBucket, Posting, WalletBalance, WalletBook
+from ledger.postings import DEFAULT_PRIORITY, NewBucket, Posting, WalletBook
 from ledger.queries import get_transaction
 from ledger.rows import HoldRow, PostingResult, WalletRow
+from ledger.staged import (
+    CommitStage,
+    DebitStage,
+    Posted,
+    ReserveStage,
+    conflict_from,
+    pipelined,
+    request_fingerprint,
+)
 from ledger.writer import Draft, write
 
 __all__ = [
     "CREDIT_KINDS",
+    "CommitStage",
+    "DebitStage",
+    "Posted",
+    "ReserveStage",
     "adjust",
     "apply_checkpoint",
     "commit_hold",
+    "conflict_from",
     "debit",
     "ensure_wallet",
     "expire_credits",
     "expire_holds",
     "grant_credits",
+    "pipelined",
     "refund",
     "reserve",
     "set_floor",
@@ -147,41 +159,27 @@ def adjust(conn: Connection, *, wallet_id: str, amount_minor: int, reason: str, 
 
 def debit(conn: Connection, *, wallet_id: str, amount_minor: int, idempotency_key: str,
           source_ref: str | None = None, metadata: dict[str, Any] | None = None) -> PostingResult:
-    """Charge now or refuse: never takes balance - held below the floor, refused while in debt."""
+    """Charge now or refuse: never takes balance - held below the floor, refused while in debt.
+
+    Two round trips (ledger/staged.py): lock + reads in one pipeline, then one write statement."""
     _require_positive(amount_minor)
-
-    def plan(book: WalletBook, wallet: WalletRow) -> Posting:
-        _require_access(wallet, amount_minor)
-        return book.debit(amount_minor)
-
-    return _post(conn, wallet_id=wallet_id, key=idempotency_key,
-                 fingerprint=_fingerprint("debit", wallet_id, amount_minor), plan=plan,
-                 describe=dict(kind=TransactionKind.DEBIT, source_ref=source_ref, metadata=metadata))
+    with pipelined(conn):
+        stage = DebitStage(conn, wallet_id=wallet_id, idempotency_key=idempotency_key, project_id=None)
+    stage.fetch()
+    posted = stage.post(amount_minor=amount_minor, source_ref=source_ref, metadata=metadata)
+    return posted if isinstance(posted, PostingResult) else posted.result
 
 
 def reserve(conn: Connection, *, wallet_id: str, amount_minor: int, timeout_s: float,
             idempotency_key: str) -> HoldRow:
     """Hold credits for up to ``timeout_s``. A replay returns the original hold (any status)."""
     _require_positive(amount_minor)
-    if timeout_s <= 0:
-        raise InvalidRequest("timeout_s must be > 0")
-    replay = _hold_by_key(conn, idempotency_key, wallet_id, amount_minor)
-    if replay is not None:
-        return replay
-    wallet = lock_wallet(conn, wallet_id)
-    replay = _hold_by_key(conn, idempotency_key, wallet_id, amount_minor)
-    if replay is not None:
-        return replay
-    _require_access(wallet, amount_minor)
-    row = conn.execute(text("""
-        INSERT INTO holds (id, wallet_id, project_id, amount_minor, expires_at, idempotency_key)
-        VALUES (:id, :wallet_id, :project_id, :amount, now() + make_interval(secs => :timeout_s), :key)
-        RETURNING *
-    """), {"id": f"hold_{uuid.uuid4().hex}", "wallet_id": wallet_id, "project_id": wallet.project_id,
-           "amount": amount_minor, "timeout_s": timeout_s, "key": idempotency_key}).mappings().one()
-    conn.execute(text("UPDATE wallets SET held_minor = held_minor + :a, updated_at = now() WHERE id = :id"),
-                 {"a": amount_minor, "id": wallet_id})
-    return HoldRow.from_mapping(row)
+    _require_timeout(timeout_s)
+    with pipelined(conn):
+        stage = ReserveStage(conn, wallet_id=wallet_id, idempotency_key=idempotency_key, project_id=None)
+    stage.fetch()
+    hold, _ = stage.post(amount_minor=amount_minor, timeout_s=timeout_s)
+    return hold
 
 
 def commit_hold(conn: Connection, *, hold_id: str, amount_minor: int, idempotency_key: str,
@@ -192,31 +190,14 @@ def commit_hold(conn: Connection, *, hold_id: str, amount_minor: int, idempotenc
     then has drained the wallet — that shortfall becomes debt). Above the held amount only what is
     available is charged: posted = held-part + min(rest, available after posting the held part with this
     hold released and every other hold still in place). The requested amount is kept in metadata."""
-    if amount_minor < 0:
-        raise InvalidRequest("amount_minor must be >= 0")
+    _require_commit_amount(amount_minor)
     wallet_id = _hold_wallet(conn, hold_id)
-    holder: dict[str, HoldRow] = {}
-
-    def plan(book: WalletBook, wallet: WalletRow) -> Posting:
-        hold = _lock_active_hold(conn, hold_id)
-        holder["hold"] = hold
-        covered = min(amount_minor, hold.amount_minor)
-        # what stays available once the held part is posted and this hold (only) is released
-        after = WalletBalance(wallet.balance_minor - covered, wallet.held_minor - hold.amount_minor, wallet.floor_minor)
-        extra = min(amount_minor - covered, after.available_minor)
-        return book.debit(covered + extra)
-
-    result = _post(conn, wallet_id=wallet_id, key=idempotency_key,
-                   fingerprint=_fingerprint("commit", hold_id, amount_minor), plan=plan,
-                   describe=dict(kind=TransactionKind.RESERVATION_COMMIT, hold_id=hold_id,
-                                 metadata={**(metadata or {}), "requested_minor": amount_minor}))
-    if result.outcome == "created":
-        hold = holder["hold"]
-        conn.execute(text("""
-            UPDATE holds SET status = 'committed', committed_transaction_id = :tx, updated_at = now() WHERE id = :id
-        """), {"tx": result.transaction.id, "id": hold_id})
-        _release(conn, wallet_id, hold.amount_minor)
-    return result
+    with pipelined(conn):
+        stage = CommitStage(conn, wallet_id=wallet_id, hold_id=hold_id, idempotency_key=idempotency_key,
+                            project_id=None)
+    stage.fetch()
+    posted = stage.post(amount_minor=amount_minor, metadata=metadata)
+    return posted if isinstance(posted, PostingResult) else posted.result
 
 
 def void_hold(conn: Connection, *, hold_id: str) -> HoldRow:
@@ -303,8 +284,7 @@ def _replay(conn: Connection, key: str, fingerprint: str) -> PostingResult | Non
     return PostingResult("duplicate", original)
 
 
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+_fingerprint = request_fingerprint
 
 
 def _require_positive(amount_minor: int) -> None:
@@ -312,21 +292,19 @@ def _require_positive(amount_minor: int) -> None:
         raise InvalidRequest(f"amount_minor must be a positive integer, got {amount_minor!r}")
 
 
+def _require_timeout(timeout_s: float) -> None:
+    if timeout_s <= 0:
+        raise InvalidRequest("timeout_s must be > 0")
+
+
+def _require_commit_amount(amount_minor: int) -> None:
+    if amount_minor < 0:
+        raise InvalidRequest("amount_minor must be >= 0")
+
+
 def _require_aware(moment: datetime | None) -> None:
     if moment is not None and moment.utcoffset() is None:
         raise InvalidRequest("datetimes must be timezone-aware (UTC)")
-
-
-def _require_access(wallet: WalletRow, amount_minor: int) -> None:
-    """Synchronous access rules, checked under the wallet lock."""
-    state = wallet.state
-    if state.blocked:
-        raise WalletBlocked(f"wallet {wallet.id} owes {state.debt_minor}; settle the debt first",
-                            wallet_id=wallet.id, debt_minor=state.debt_minor)
-    if not state.can_debit(amount_minor):
-        raise InsufficientCredits(f"wallet {wallet.id} has {state.available_minor} available, {amount_minor} needed",
-                                  wallet_id=wallet.id, available_minor=state.available_minor,
-                                  requested_minor=amount_minor)
 
 
 # --- holds ------------------------------------------------------------------------------------------------
@@ -340,25 +318,6 @@ def _hold_wallet(conn: Connection, hold_id: str) -> str:
 
 def _lock_hold(conn: Connection, hold_id: str) -> HoldRow:
     row = conn.execute(text("SELECT * FROM holds WHERE id = :id FOR UPDATE"), {"id": hold_id}).mappings().one()
-    return HoldRow.from_mapping(row)
-
-
-def _lock_active_hold(conn: Connection, hold_id: str) -> HoldRow:
-    hold = _lock_hold(conn, hold_id)
-    expired = conn.execute(text("SELECT :e <= now()"), {"e": hold.expires_at}).scalar_one()
-    if hold.status != "active" or expired:
-        status = "expired" if hold.status == "active" else hold.status
-        raise HoldNotActive(f"hold {hold_id} is {status}", hold_id=hold_id, status=status)
-    return hold
-
-
-def _hold_by_key(conn: Connection, key: str, wallet_id: str, amount_minor: int) -> HoldRow | None:
-    row = conn.execute(text("SELECT * FROM holds WHERE idempotency_key = :k"), {"k": key}).mappings().one_or_none()
-    if row is None:
-        return None
-    if row["wallet_id"] != wallet_id or row["amount_minor"] != amount_minor:
-        raise IdempotencyConflict(f"idempotency key {key!r} was used for a different reservation",
-                                  idempotency_key=key, hold_id=row["id"])
     return HoldRow.from_mapping(row)
 
 

@@ -25,7 +25,7 @@ from ledger.postings import Posting, WalletBook
 from ledger.rows import AllocationRow, TransactionRow
 from ledger.sqlrows import rows_json
 
-__all__ = ["Draft", "write"]
+__all__ = ["Draft", "transaction_event", "transaction_row", "write"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ def write(conn: Connection, books: Mapping[str, WalletBook], drafts: Sequence[Dr
     _insert_buckets(conn, books, created, real_bucket, now)
     _update_buckets(conn, books)
     _insert_transactions(conn, drafts, tx_ids, now)
-    rows = [_row(d, tx_id, now, real_bucket, sources) for d, tx_id in zip(drafts, tx_ids, strict=True)]
+    rows = [transaction_row(d, tx_id, now, real_bucket, sources) for d, tx_id in zip(drafts, tx_ids, strict=True)]
     _insert_allocations(conn, rows)
     conn.execute(_UPDATE_WALLETS, {"rows": rows_json({"id": w, "balance": b.balance_minor} for w, b in books.items()),
                                    "now": now})
@@ -165,8 +165,9 @@ def _keys_of(drafts: Sequence[Draft], tx_ids: list[int], inserted: set[int]) -> 
     return {d.idempotency_key for d, tx_id in zip(drafts, tx_ids, strict=True) if tx_id in inserted}
 
 
-def _row(draft: Draft, tx_id: int, now: datetime, real_bucket: dict[tuple[str, int], int],
-         sources: dict[tuple[str, int], str]) -> TransactionRow:
+def transaction_row(draft: Draft, tx_id: int, now: datetime, real_bucket: dict[tuple[str, int], int],
+                    sources: dict[tuple[str, int], str]) -> TransactionRow:
+    """The row ``draft`` becomes as transaction ``tx_id`` (bucket ids of new buckets mapped to real ones)."""
     allocations = tuple(
         AllocationRow(
             real_bucket.get((draft.wallet_id, a.bucket_id), a.bucket_id) if a.bucket_id is not None else None,
@@ -194,12 +195,13 @@ def _insert_allocations(conn: Connection, rows: list[TransactionRow]) -> None:
 def _insert_outbox(conn: Connection, rows: list[TransactionRow], drafts: Sequence[Draft]) -> None:
     if not rows:
         return
-    payloads = [_event(row, draft).model_dump_json() for row, draft in zip(rows, drafts, strict=True)]
+    payloads = [transaction_event(row, draft).model_dump_json() for row, draft in zip(rows, drafts, strict=True)]
     conn.execute(_INSERT_OUTBOX, {"topic": TOPIC_LEDGER_TRANSACTIONS, "now": rows[0].created_at, "rows": rows_json(
         {"key": r.wallet_id, "payload": p} for r, p in zip(rows, payloads, strict=True))})
 
 
-def _event(row: TransactionRow, draft: Draft) -> TransactionPosted:
+def transaction_event(row: TransactionRow, draft: Draft) -> TransactionPosted:
+    """The TransactionPosted outbox payload of a written row."""
     credited = [a.bucket_source for a in row.allocations if a.amount_minor > 0 and a.bucket_source]
     return TransactionPosted(
         transaction_id=row.id, project_id=row.project_id, wallet_id=row.wallet_id, kind=draft.kind,

@@ -13,18 +13,20 @@ transaction as the posting."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Connection
+from starlette.concurrency import run_in_threadpool
 
 from api.audit import audit
-from api.auth import ProjectAccess, require_project
+from api.auth import DeferredAccess, ProjectAccess, require_project, require_project_deferred
 from api.deps import ConnectionDep
 from api.errors import NotFound
 from api.feature_costs import price_feature
-from api.idempotency import ledger_key, run_idempotent
+from api.idempotency import HotTransaction, fingerprint, ledger_key, require_key, run_idempotent
 from api.routes.wallets import wallet_in_project
 from api.wallet_models import (
     AdjustmentRequest,
@@ -41,11 +43,13 @@ from api.wallet_models import (
     TransactionOut,
 )
 from ledger import queries, service
-from ledger.rows import HoldRow, PostingResult
+from ledger.postings import WalletBalance
+from ledger.rows import HoldRow, PostingResult, WalletRow
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/wallets/{wallet_id}", tags=["wallet operations"])
 Write = Annotated[ProjectAccess, require_project("write")]
 Admin = Annotated[ProjectAccess, require_project("admin")]
+HotWrite = Annotated[DeferredAccess, require_project_deferred("write")]
 IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", description="unique per operation; send the same key (and body) to retry safely",
     examples=["job-77-debit"])]
@@ -97,61 +101,155 @@ def _hold_in_wallet(conn: Connection, *, hold_id: str, wallet_id: str) -> HoldRo
     return hold
 
 
-@router.post("/debit", status_code=201, response_model=PostingOut, responses=MONEY_ERRORS,
-             summary="Charge now: an amount, or a feature's configured cost × quantity (member or admin key)")
-def debit(wallet_id: str, body: DebitRequest, request: Request, access: Write, conn: ConnectionDep,
-          idempotency_key: IdempotencyKey = None) -> JSONResponse:
-    def operation(key: str) -> tuple[int, Any]:
-        wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet_id)
+# --- the hot routes: debit, reserve, commit ---------------------------------------------------------------
+# async, one thread hop, two database round trips (api/idempotency.py HotTransaction, ledger/staged.py):
+# [wallet lock, buckets, key's earlier use, record lookup] then [ledger write, audit + record, COMMIT].
+
+
+def _audit_row(access: ProjectAccess, *, action: str, target_kind: str, target_id: str,
+               after: dict[str, Any]) -> dict[str, Any]:
+    p = access.principal
+    return {"actor_kind": p.kind, "user_id": p.user_id, "key_id": p.key_id, "action": action,
+            "target_kind": target_kind, "target_id": target_id, "after": after, "request_id": access.request_id}
+
+
+def _balance_of(wallet: WalletRow, state: WalletBalance) -> dict[str, Any]:
+    return BalanceOut(balance_minor=state.balance_minor, held_minor=state.held_minor, floor_minor=state.floor_minor,
+                      available_minor=state.available_minor, debt_minor=state.debt_minor,
+                      blocked=state.blocked).model_dump(mode="json")
+
+
+def _hot(request: Request, deferred: DeferredAccess, idempotency_key: str | None, body: Any,
+         work: Callable[[Connection, ProjectAccess, HotTransaction], Response]) -> Callable[[], Response]:
+    client_key = require_key(idempotency_key)
+    request_fingerprint = fingerprint(method=request.method, path=request.url.path, body=body)
+    engine = request.app.state.engine
+
+    def run() -> Response:
+        with engine.connect() as conn:
+            access = deferred.resolve(conn)  # users: their role; API keys: nothing to read
+            hot = HotTransaction(conn, project_id=access.project_id, key=client_key,
+                                 request_fingerprint=request_fingerprint)
+            return work(conn, access, hot)
+
+    return run
+
+
+def _debit_work(wallet_id: str, body: DebitRequest, client_key: str
+                ) -> Callable[[Connection, ProjectAccess, HotTransaction], Response]:
+    def work(conn: Connection, access: ProjectAccess, hot: HotTransaction) -> Response:
+        stage = hot.stage(lambda: service.DebitStage(conn, wallet_id=wallet_id, project_id=access.project_id,
+                                                     idempotency_key=ledger_key(access.project_id, client_key)))
+        if isinstance(stage, Response):
+            return stage
+        wallet = stage.fetch()
+        if wallet is None:
+            raise NotFound("wallet not found", extra={"wallet_id": wallet_id})
         amount, pricing = _amount(conn, access, body)
         source_ref = body.source_ref or (f"feature:{body.feature_key}" if body.feature_key else None)
-        result = service.debit(conn, wallet_id=wallet_id, amount_minor=amount,
-                               idempotency_key=ledger_key(access.project_id, key), source_ref=source_ref,
-                               metadata={**(body.metadata or {}), **pricing, **_actor(access)})
-        audit(conn, access, action="wallet.debit", target_kind="transaction", target_id=str(result.transaction.id),
-              after={**_tx_audit(result), "wallet_id": wallet_id, **pricing})
-        return 201, _posting(conn, result)
+        duplicate = stage.duplicate(amount_minor=amount)  # a key older than its record (records are purged)
+        with hot.write():
+            posted = duplicate or stage.post(amount_minor=amount, source_ref=source_ref,
+                                             metadata={**(body.metadata or {}), **pricing, **_actor(access)})
+            if isinstance(posted, service.Posted):
+                result, balance = posted.result, _balance_of(wallet, posted.balance)
+            else:
+                result, balance = posted, _balance_of(wallet, wallet.state)
+            hot.store(201, {"outcome": result.outcome,
+                            "transaction": TransactionOut.of(result.transaction).model_dump(mode="json"),
+                            "balance": balance},
+                      _audit_row(access, action="wallet.debit", target_kind="transaction",
+                                 target_id=str(result.transaction.id),
+                                 after={**_tx_audit(result), "wallet_id": wallet_id, **pricing}))
+        assert hot.response is not None
+        return hot.response
 
-    return run_idempotent(conn, request, project_id=access.project_id, key=idempotency_key,
-                          body=body.model_dump(mode="json"), operation=operation)
+    return work
+
+
+@router.post("/debit", status_code=201, response_model=PostingOut, responses=MONEY_ERRORS,
+             summary="Charge now: an amount, or a feature's configured cost × quantity (member or admin key)")
+async def debit(wallet_id: str, body: DebitRequest, request: Request, access: HotWrite,
+                idempotency_key: IdempotencyKey = None) -> Response:
+    run = _hot(request, access, idempotency_key, body.model_dump(mode="json"),
+               _debit_work(wallet_id, body, require_key(idempotency_key)))
+    return await run_in_threadpool(run)
+
+
+def _reserve_work(wallet_id: str, body: ReserveRequest, client_key: str
+                  ) -> Callable[[Connection, ProjectAccess, HotTransaction], Response]:
+    def work(conn: Connection, access: ProjectAccess, hot: HotTransaction) -> Response:
+        stage = hot.stage(lambda: service.ReserveStage(conn, wallet_id=wallet_id, project_id=access.project_id,
+                                                       idempotency_key=ledger_key(access.project_id, client_key)))
+        if isinstance(stage, Response):
+            return stage
+        wallet = stage.fetch()
+        if wallet is None:
+            raise NotFound("wallet not found", extra={"wallet_id": wallet_id})
+        amount, pricing = _amount(conn, access, body)
+        with hot.write():
+            hold, state = stage.post(amount_minor=amount, timeout_s=body.timeout_s)
+            hot.store(201, {"hold": HoldOut.of(hold).model_dump(mode="json"),
+                            "balance": _balance_of(wallet, state or wallet.state)},
+                      _audit_row(access, action="wallet.reserve", target_kind="hold", target_id=hold.id,
+                                 after={"wallet_id": wallet_id, "amount_minor": amount,
+                                        "expires_at": hold.expires_at, **pricing}))
+        assert hot.response is not None
+        return hot.response
+
+    return work
 
 
 @router.post("/reservations", status_code=201, response_model=HoldResultOut, responses=MONEY_ERRORS,
              summary="Hold credits for up to timeout_s (an amount or a feature's cost); commit or void it later")
-def reserve(wallet_id: str, body: ReserveRequest, request: Request, access: Write, conn: ConnectionDep,
-            idempotency_key: IdempotencyKey = None) -> JSONResponse:
-    def operation(key: str) -> tuple[int, Any]:
-        wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet_id)
-        amount, pricing = _amount(conn, access, body)
-        hold = service.reserve(conn, wallet_id=wallet_id, amount_minor=amount, timeout_s=body.timeout_s,
-                               idempotency_key=ledger_key(access.project_id, key))
-        audit(conn, access, action="wallet.reserve", target_kind="hold", target_id=hold.id,
-              after={"wallet_id": wallet_id, "amount_minor": amount, "expires_at": hold.expires_at, **pricing})
-        return 201, {"hold": HoldOut.of(hold).model_dump(mode="json"), "balance": _balance(conn, wallet_id)}
+async def reserve(wallet_id: str, body: ReserveRequest, request: Request, access: HotWrite,
+                  idempotency_key: IdempotencyKey = None) -> Response:
+    run = _hot(request, access, idempotency_key, body.model_dump(mode="json"),
+               _reserve_work(wallet_id, body, require_key(idempotency_key)))
+    return await run_in_threadpool(run)
 
-    return run_idempotent(conn, request, project_id=access.project_id, key=idempotency_key,
-                          body=body.model_dump(mode="json"), operation=operation)
+
+def _commit_work(wallet_id: str, hold_id: str, body: CommitRequest, client_key: str
+                 ) -> Callable[[Connection, ProjectAccess, HotTransaction], Response]:
+    def work(conn: Connection, access: ProjectAccess, hot: HotTransaction) -> Response:
+        stage = hot.stage(lambda: service.CommitStage(conn, wallet_id=wallet_id, hold_id=hold_id,
+                                                      project_id=access.project_id,
+                                                      idempotency_key=ledger_key(access.project_id, client_key)))
+        if isinstance(stage, Response):
+            return stage
+        wallet = stage.fetch()
+        if wallet is None:
+            raise NotFound("wallet not found", extra={"wallet_id": wallet_id})
+        if stage.hold is None or stage.hold.wallet_id != wallet_id:
+            raise NotFound("reservation not found", extra={"hold_id": hold_id})
+        duplicate = stage.duplicate(amount_minor=body.amount_minor)
+        with hot.write():
+            posted = duplicate or stage.post(amount_minor=body.amount_minor,
+                                             metadata={**(body.metadata or {}), **_actor(access)})
+            if isinstance(posted, service.Posted):
+                result, balance = posted.result, _balance_of(wallet, posted.balance)
+            else:
+                result, balance = posted, _balance_of(wallet, wallet.state)
+            hot.store(200, {"hold_id": hold_id,
+                            "transaction": TransactionOut.of(result.transaction).model_dump(mode="json"),
+                            "balance": balance},
+                      _audit_row(access, action="wallet.commit", target_kind="hold", target_id=hold_id,
+                                 after={**_tx_audit(result), "transaction_id": result.transaction.id}))
+        assert hot.response is not None
+        return hot.response
+
+    return work
 
 
 @router.post("/reservations/{hold_id}/commit", response_model=CommitOut,
              responses={**MONEY_ERRORS, 409: {"description": "the hold is committed, voided or expired "
                                                              "(ledger.hold_not_active), or key reuse"}},
              summary="Post the actual cost of a reserved operation and release the hold")
-def commit(wallet_id: str, hold_id: str, body: CommitRequest, request: Request, access: Write,
-           conn: ConnectionDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
-    def operation(key: str) -> tuple[int, Any]:
-        wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet_id)
-        _hold_in_wallet(conn, hold_id=hold_id, wallet_id=wallet_id)
-        result = service.commit_hold(conn, hold_id=hold_id, amount_minor=body.amount_minor,
-                                     idempotency_key=ledger_key(access.project_id, key),
-                                     metadata={**(body.metadata or {}), **_actor(access)})
-        audit(conn, access, action="wallet.commit", target_kind="hold", target_id=hold_id,
-              after={**_tx_audit(result), "transaction_id": result.transaction.id})
-        return 200, {"hold_id": hold_id, "transaction": TransactionOut.of(result.transaction).model_dump(mode="json"),
-                     "balance": _balance(conn, wallet_id)}
-
-    return run_idempotent(conn, request, project_id=access.project_id, key=idempotency_key,
-                          body=body.model_dump(mode="json"), operation=operation)
+async def commit(wallet_id: str, hold_id: str, body: CommitRequest, request: Request, access: HotWrite,
+                 idempotency_key: IdempotencyKey = None) -> Response:
+    run = _hot(request, access, idempotency_key, body.model_dump(mode="json"),
+               _commit_work(wallet_id, hold_id, body, require_key(idempotency_key)))
+    return await run_in_threadpool(run)
 
 
 @router.post("/reservations/{hold_id}/void", response_model=HoldResultOut, responses=MONEY_ERRORS,

@@ -488,7 +488,8 @@ def load_catalog(conn: Connection, *, default_policy: ProjectPolicy) -> CatalogS
             SELECT v.id, v.price_id, p.meter_id, p.project_id, v.version, v.model, v.period, v.effective_from
             FROM price_versions v JOIN prices p ON p.id = v.price_id WHERE p.archived_at IS NULL""")):
         model = PriceModel.model_validate(r.model)
-        models[r.id] = (model, model.model_dump(mode="json"))
+        # defaults left out: the checkpoint embeds this for every counter (the ledger re-reads the same model)
+        models[r.id] = (model, model.model_dump(mode="json", exclude_defaults=True))
         versions.append(PriceVersion(id=r.id, price_id=r.price_id, meter_id=r.meter_id, project_id=r.project_id,
                                      version=r.version, model=model, period=r.period,
                                      effective_from=r.effective_from.astimezone(UTC),

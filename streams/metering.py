@@ -84,8 +84,9 @@ class Limits:
     future_skew_s: int = 3_600
     dedupe_horizon_s: int = 86_400
     dedupe_memory_max: int = 5_000_000
-    #: a checkpoint is cut early (mid-batch, at a message boundary) when it would carry more than these, so
-    #: one checkpoint stays well under the broker's 1 MiB message limit (~450 B per counter, ~21 B per key)
+    #: a checkpoint is cut early (mid-batch, at a message boundary) once it carries this many, so one ledger
+    #: transaction stays moderate and a message stays small (~330 B per counter, ~21 B per key). One packed
+    #: message of many distinct wallets can still exceed it: the limit is soft, never a reason to fail.
     checkpoint_counters_max: int = 800
     checkpoint_dedupe_keys_max: int = 16_000
 

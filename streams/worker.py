@@ -112,7 +112,11 @@ class Runtime:
     @property
     def producer(self) -> Producer:
         if self._producer is None:
-            self._producer = make_producer(self.settings.kafka_bootstrap_servers, **{"linger.ms": 2})
+            # a single packed message of thousands of distinct wallets makes a checkpoint larger than 1 MB (it
+            # cannot be cut inside a message); lz4 shrinks it ~5x on the wire. Apache Kafka brokers must allow
+            # it on ledger.charges.v1 (topic max.message.bytes), Tansu accepts it.
+            self._producer = make_producer(self.settings.kafka_bootstrap_servers, **{
+                "linger.ms": 2, "message.max.bytes": self.settings.checkpoint_bytes_max})
         return self._producer
 
     @property

@@ -12,6 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+import functools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,6 +42,7 @@ UnknownSubjects = Literal["auto_provision", "dead_letter"]
 WALLET_NAMESPACE = uuid.UUID("6f1c2b9e-4d4a-5c1e-9b7a-3e0d5a8c7f21")
 
 
+@functools.lru_cache(maxsize=262_144)  # on the per-event path: uuid5 + str cost ~8 µs
 def auto_wallet_id(project_id: str, subject: str) -> str:
     """The deterministic wallet of an unknown subject (``unknown_subjects = auto_provision``)."""
     return str(uuid.uuid5(WALLET_NAMESPACE, f"{project_id}\x00{subject}"))

@@ -26,6 +26,7 @@ and are converted through their shortest repr, which is the decimal literal that
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections import OrderedDict
@@ -180,8 +181,9 @@ def validate_event(raw: Any, *, index: int | None, message: bytes, arrival: date
             return Rejection("bad_time", f"cannot parse {time_value[:64]!r}", _original(raw, index, message), index)
         if when.tzinfo is None:
             return Rejection("bad_time", "time needs a UTC offset", _original(raw, index, message), index)
-        when = when.astimezone(UTC)
-        if when > arrival + timedelta(seconds=limits.future_skew_s):
+        if when.utcoffset():
+            when = when.astimezone(UTC)
+        if when > arrival + _seconds(limits.future_skew_s):
             return Rejection("time_in_future", f"{time_value} is after arrival {arrival.isoformat()}",
                              _original(raw, index, message), index)
     data = raw.get("data")
@@ -203,14 +205,22 @@ def _unique_hash(key: tuple[Any, ...], value: Any) -> int:
 
 
 def period_bounds(at: datetime, granularity: str) -> tuple[datetime, datetime]:
-    """[start, end) of the UTC calendar month or day containing ``at``."""
+    """[start, end) of the UTC calendar month or day containing ``at`` (a UTC datetime)."""
+    return _bounds(granularity, at.year, at.month, at.day if granularity == "day" else 1)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _bounds(granularity: str, year: int, month: int, day: int) -> tuple[datetime, datetime]:
+    start = datetime(year, month, day, tzinfo=UTC)
     if granularity == "day":
-        start = datetime(at.year, at.month, at.day, tzinfo=UTC)
         return start, start + timedelta(days=1)
-    start = datetime(at.year, at.month, 1, tzinfo=UTC)
-    end = datetime(at.year + 1, 1, 1, tzinfo=UTC) if at.month == 12 else datetime(at.year, at.month + 1, 1,
-                                                                                   tzinfo=UTC)
+    end = datetime(year + 1, 1, 1, tzinfo=UTC) if month == 12 else datetime(year, month + 1, 1, tzinfo=UTC)
     return start, end
+
+
+@functools.lru_cache(maxsize=1_024)
+def _seconds(value: int) -> timedelta:
+    return timedelta(seconds=value)
 
 
 def _number(value: Any) -> Decimal | None:
@@ -432,7 +442,7 @@ class PartitionAggregator:
                 self.stats.unpriced += 1
                 continue
             start, end = period_bounds(at, price.period)
-            late = arrival > end + timedelta(seconds=policy.allowed_lateness_s)
+            late = arrival > end + _seconds(policy.allowed_lateness_s)
             floor = self.periods_since
             if late or (floor is not None and start < floor):
                 # beyond the allowed lateness: charged in the current period, marked late, never dropped

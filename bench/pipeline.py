@@ -3,8 +3,9 @@
     .venv/bin/python bench/pipeline.py --seconds 60          # (or python -m bench.pipeline)
 
 Phases, each bounded in time:
-1. throughput: produce packed messages as fast as one producer can for --seconds; events/s end to end =
-   events / (last one applied in the ledger − first one sent).
+1. throughput: produce packed messages for --seconds as fast as the pipeline absorbs them (never more than
+   --backlog events sent but not yet applied); events/s end to end = events applied / (last one applied in
+   the ledger − first one sent).
 2. latency: produce at a fixed --rate (default 20,000 events/s, open loop) for --seconds; event → balance
    latency = when the ledger's applied mark passed the message's offset − when the message was sent
    (applied marks polled every 20 ms; the ledger updates balances in the same transaction).
@@ -192,8 +193,10 @@ class LoadProducer:
         self.subjects = dict(by_partition)
         self.next_id = 0
 
-    def run(self, sent: Sent, *, seconds: float, rate: float, tag: str) -> None:
-        """Send packed messages for ``seconds`` (at ``rate`` events/s when > 0, else as fast as possible)."""
+    def run(self, sent: Sent, *, seconds: float, rate: float, tag: str, backlog: Any = None,
+            backlog_max: int = 0) -> None:
+        """Send packed messages for ``seconds`` (at ``rate`` events/s when > 0, else as fast as possible but
+        never more than ``backlog_max`` events ahead of what the ledger applied: the sustained rate)."""
         started = time.monotonic()
         sent.first_sent = time.time()
         partition = 0
@@ -204,6 +207,10 @@ class LoadProducer:
             elapsed = time.monotonic() - started
             if elapsed >= seconds:
                 break
+            if backlog_max and backlog is not None and sent.events - backlog() > backlog_max:
+                time.sleep(0.005)
+                self.producer.poll(0)
+                continue
             if rate > 0 and sent.events > rate * elapsed:
                 time.sleep(min(0.002, sent.events / rate - elapsed))
                 self.producer.poll(0)
@@ -256,6 +263,7 @@ class AppliedWatcher:
         self.latencies: list[tuple[float, int]] = []  # (seconds, events)
         self.last_applied_at = 0.0
         self._cursor: dict[int, int] = defaultdict(int)
+        self.applied_events = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -275,6 +283,7 @@ class AppliedWatcher:
                     while i < len(deliveries) and deliveries[i][0] <= applied:
                         _offset, sent_at, n = deliveries[i]
                         self.latencies.append((now - sent_at, n))
+                        self.applied_events += n
                         self.last_applied_at = now
                         i += 1
                     self._cursor[p] = i
@@ -374,13 +383,14 @@ def warm_up(producer: LoadProducer, watcher_db: str, topic: str, timeout_s: floa
 
 
 def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: str, groups: dict[str, list[int]],
-                       *, seconds: float, rate: float) -> dict[str, Any]:
+                       *, seconds: float, rate: float, backlog_max: int) -> dict[str, Any]:
     sent = Sent()
     rows_before = ledger_rows(eng.database_url)
     watcher = AppliedWatcher(eng.database_url, topic, sent).start()
     with Meter({**groups, "producer (bench)": [os.getpid()]}) as meter:
         t0 = time.time()
-        producer.run(sent, seconds=seconds, rate=rate, tag=name)
+        producer.run(sent, seconds=seconds, rate=rate, tag=name, backlog=lambda: watcher.applied_events,
+                     backlog_max=backlog_max if rate == 0 else 0)
         produced_s = time.time() - t0
         complete = watcher.wait_all(timeout_s=max(60.0, seconds * 3))
     watcher.stop()
@@ -465,7 +475,11 @@ def main() -> None:
     parser.add_argument("--baseline-events", type=int, default=0,
                         help="events for the naive baseline (0 = as many as phase 1 sent, capped at 300k)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--backlog", type=int, default=100_000,
+                        help="throughput phase: most events sent but not yet applied")
+    parser.add_argument("--logs", type=Path, default=None, help="copy the processes' logs here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # run the cleanups
 
     print(describe())
     print("load average at start: {:.2f} {:.2f} {:.2f} (the machine is shared; other load skews every figure)"
@@ -488,7 +502,7 @@ def main() -> None:
                                      effective_from=datetime(2020, 1, 1, tzinfo=UTC))
             engine.dispose()
             env = {"DATABASE_URL": eng.database_url, "KAFKA_BOOTSTRAP_SERVERS": eng.bootstrap,
-                   "METERLINE_TOPIC_PREFIX": prefix, "METERLINE_ENV": "local", "METERLINE_LOG_LEVEL": "WARNING",
+                   "METERLINE_TOPIC_PREFIX": prefix, "METERLINE_ENV": "local", "METERLINE_LOG_LEVEL": "INFO",
                    "LEDGER_CONSUMER_GROUP": f"{prefix}ledger"}
             topic = f"{prefix}usage.events.v1"
             workers = [start([sys.executable, "-m", "meterline", "run", "streams"],
@@ -507,11 +521,13 @@ def main() -> None:
                 groups["postgresql"] = postgres_pids(eng.pg_dir)  # backends of the workers exist now
                 results = []
                 for name, rate in (("throughput", 0.0), ("latency", args.rate)):
-                    result = run_pipeline_phase(name, producer, eng, topic, groups, seconds=args.seconds, rate=rate)
+                    result = run_pipeline_phase(name, producer, eng, topic, groups, seconds=args.seconds, rate=rate,
+                                                backlog_max=args.backlog)
                     ok, detail = check_totals(eng.database_url, result["sent"])
                     result["exact"], result["exact_detail"] = ok, detail
                     results.append(result)
-                    label = "as fast as possible" if rate == 0 else f"open loop at {rate:,.0f} events/s"
+                    label = (f"as fast as the pipeline absorbs (at most {args.backlog:,} events unapplied)"
+                             if rate == 0 else f"open loop at {rate:,.0f} events/s")
                     print(f"\n[{name}] {label} for {args.seconds:.0f} s")
                     print(f"  produced {result['sent'].events:,} events in {result['sent'].messages:,} messages "
                           f"({result['produce_rate']:,.0f} events/s offered)")
@@ -529,6 +545,9 @@ def main() -> None:
                 stop(procs)
                 for log in sorted(home.glob("*.log")):
                     text = log.read_text(errors="replace")
+                    if args.logs:
+                        args.logs.mkdir(parents=True, exist_ok=True)
+                        (args.logs / log.name).write_text(text)
                     if "Traceback" in text or '"level": "error"' in text:
                         print(f"\n--- {log.name} (errors) ---\n" + "\n".join(text.splitlines()[-15:]))
             if not args.skip_baseline:

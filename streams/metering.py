@@ -86,10 +86,10 @@ class Limits:
     dedupe_horizon_s: int = 86_400
     dedupe_memory_max: int = 5_000_000
     #: a checkpoint is cut early (mid-batch, at a message boundary) once it carries this many, so one ledger
-    #: transaction stays moderate and a message stays small (~330 B per counter, ~21 B per key). One packed
+    #: transaction stays moderate and a message ~1.3 MB at most (~330 B per counter, ~21 B per key). One packed
     #: message of many distinct wallets can still exceed it: the limit is soft, never a reason to fail.
-    checkpoint_counters_max: int = 800
-    checkpoint_dedupe_keys_max: int = 16_000
+    checkpoint_counters_max: int = 4_000
+    checkpoint_dedupe_keys_max: int = 50_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,8 +35,8 @@ class StreamsSettings(BaseSettings):
     # micro-batches and checkpoints (DESIGN §2.2)
     flush_ms_max: int = Field(default=250, ge=1, description="a batch (and its checkpoint) closes after this")
     batch_events_max: int = Field(default=2_000, ge=1, description="Kafka messages per take_events batch")
-    checkpoint_counters_max: int = Field(default=800, ge=1, description="counters per checkpoint message")
-    checkpoint_dedupe_keys_max: int = Field(default=16_000, ge=1, description="dedupe keys per checkpoint message")
+    checkpoint_counters_max: int = Field(default=4_000, ge=1, description="counters per checkpoint message")
+    checkpoint_dedupe_keys_max: int = Field(default=50_000, ge=1, description="dedupe keys per checkpoint message")
     checkpoint_bytes_max: int = Field(default=64 * 1024 * 1024, ge=1_000_000,
                                       description="largest checkpoint message the producer accepts (uncompressed)")
     delivery_timeout_s: float = Field(default=30.0, gt=0, description="a checkpoint not acked by then = crash")

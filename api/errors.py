@@ -71,6 +71,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "ledger.not_refundable": 409,
     "ledger.hold_not_active": 409,
     "ledger.idempotency_conflict": 409,
+    # streams catalog (streams engineer)
+    "streams.invalid": 422,
+    "streams.not_found": 404,
+    "streams.conflict": 409,
 }
 
 

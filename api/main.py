@@ -27,6 +27,7 @@ ROUTER_MODULES: list[str] = [
     "api.routes.keys",
     "api.routes.events",
     "api.routes.analytics",
+    "api.routes.catalog",
     "api.dashboard.routes",
 ]
 

@@ -77,7 +77,12 @@ class LedgerConsumer:
         last_report = time.monotonic()
         try:
             while not self._stop.is_set():
-                messages = consumer.consume(self._settings.consumer_batch_messages_max, 0.5)
+                # consume(n, timeout) blocks for the WHOLE timeout unless n messages arrive (measured: 1
+                # message -> 2,001 ms with a 2 s timeout), which added up to 0.5 s to every checkpoint.
+                # Wait for the first message only, then take what is already fetched without waiting.
+                first = consumer.poll(0.5)
+                messages = ([first, *consumer.consume(self._settings.consumer_batch_messages_max - 1, 0)]
+                            if first is not None else [])
                 if messages:
                     self._handle_batch(consumer, messages)
                 if time.monotonic() - last_report > 30:

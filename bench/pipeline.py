@@ -314,16 +314,21 @@ class AppliedWatcher:
         return ordered[-1][0] if ordered else float("nan")
 
 
-def check_totals(database_url: str, sent: Sent) -> tuple[bool, str]:
+def check_totals(database_url: str, sents: list[Sent]) -> tuple[bool, str]:
+    """Balances are cumulative over every phase so far: the expected ones too."""
+    units_by_key: dict[tuple[str, datetime], Decimal] = defaultdict(Decimal)
+    for sent in sents:
+        for key, units in sent.units.items():
+            units_by_key[key] += units
     expected: dict[str, int] = defaultdict(int)
-    for (subject, _month), units in sent.units.items():
+    for (subject, _month), units in units_by_key.items():
         expected[auto_wallet_id(PROJECT, subject)] -= int((units * PRICE).to_integral_value(rounding=ROUND_FLOOR))
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         actual = dict(conn.execute("SELECT id, balance_minor FROM wallets WHERE project_id = %s",
                                    (PROJECT,)).fetchall())
         dup = conn.execute("SELECT count(*) FROM (SELECT idempotency_key FROM transactions GROUP BY 1 "
                            "HAVING count(*) > 1) d").fetchone()
-    wrong = [w for w in expected if actual.get(w) != expected[w]] + [w for w in actual if w not in expected]
+    wrong = [w for w in expected if actual.get(w) != expected[w]] + [w for w in actual if w not in expected and actual[w]]
     ok = not wrong and dup is not None and dup[0] == 0
     return ok, f"{len(expected)} wallets, {len(wrong)} wrong, {dup[0] if dup else '?'} duplicate keys"
 
@@ -523,7 +528,7 @@ def main() -> None:
                 for name, rate in (("throughput", 0.0), ("latency", args.rate)):
                     result = run_pipeline_phase(name, producer, eng, topic, groups, seconds=args.seconds, rate=rate,
                                                 backlog_max=args.backlog)
-                    ok, detail = check_totals(eng.database_url, result["sent"])
+                    ok, detail = check_totals(eng.database_url, [r["sent"] for r in [*results, result]])
                     result["exact"], result["exact_detail"] = ok, detail
                     results.append(result)
                     label = (f"as fast as the pipeline absorbs (at most {args.backlog:,} events unapplied)"

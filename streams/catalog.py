@@ -92,7 +92,7 @@ class MeterRow:
     archived_at: datetime | None
 
     @classmethod
-    def of(cls, row: Mapping[str, Any]) -> MeterRow:
+    def of(cls, row: Mapping[str, Any] | Any) -> MeterRow:
         return cls(**{name: row[name] for name in cls.__slots__})
 
     def to_json(self) -> dict[str, Any]:
@@ -110,7 +110,7 @@ class PriceVersionRow:
     created_at: datetime
 
     @classmethod
-    def of(cls, row: Mapping[str, Any]) -> PriceVersionRow:
+    def of(cls, row: Mapping[str, Any] | Any) -> PriceVersionRow:
         return cls(**{name: row[name] for name in cls.__slots__})
 
     def to_json(self) -> dict[str, Any]:
@@ -140,7 +140,7 @@ class SubjectKeyRow:
     created_at: datetime
 
     @classmethod
-    def of(cls, row: Mapping[str, Any]) -> SubjectKeyRow:
+    def of(cls, row: Mapping[str, Any] | Any) -> SubjectKeyRow:
         return cls(**{name: row[name] for name in cls.__slots__})
 
     def to_json(self) -> dict[str, Any]:

@@ -362,7 +362,8 @@ class Runtime:
                       headers=[("reason", rejection.reason.encode())])
         self.counts["dead_letters"] += 1
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes,
+                 headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
         while True:
             try:
                 self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
@@ -444,19 +445,19 @@ def create_app(settings: StreamsSettings, *, partitions: int | None = None) -> f
                       value_serializer="raw", allow_empty=True)
 
     @app.agent(topic, name="meter")
-    async def meter(stream: faust.StreamT[bytes]) -> None:
+    async def meter(stream: Any) -> None:  # a faust Stream (take_events is not on StreamT)
         async for events in stream.take_events(settings.batch_events_max, within=settings.flush_ms_max / 1000):
             await runtime.handle_batch(events)
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
         runtime.on_assigned(assigned)
 
-    @app.timer(interval=settings.catalog_refresh_ms / 1000)
+    @app.timer(interval=settings.catalog_refresh_ms / 1000)  # type: ignore[untyped-decorator]
     async def refresh_catalog() -> None:
         await runtime.refresh_catalog()
 
-    @app.timer(interval=10.0)
+    @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         log.info("streams_stats", **runtime.stats())
 

@@ -475,7 +475,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each pipeline phase")
     parser.add_argument("--rate", type=float, default=20_000.0, help="events/s of the latency phase")
     parser.add_argument("--pack", type=int, default=200, help="events per packed message")
-    parser.add_argument("--subjects", type=int, default=10_000, help="distinct subjects (wallets)")
+    parser.add_argument("--subjects", type=int, default=1_000, help="distinct subjects (wallets) active in the run")
     parser.add_argument("--workers", type=int, default=2, help="streams worker processes")
     parser.add_argument("--baseline-events", type=int, default=0,
                         help="events for the naive baseline (0 = as many as phase 1 sent, capped at 300k)")

@@ -293,15 +293,28 @@ class Runtime:
         while deferred:
             self.counts["deferred"] += len(deferred)
             for p in sorted({ev.message.partition for ev in deferred}):
-                gate = self.gates.get(p)
-                if gate is not None:
-                    await gate.wait()
+                await self._wait_gate(p)
             retry: list[Any] = []
             touched = {}
             for ev in deferred:
                 self._meter(ev, touched, retry)
             await self._emit(touched)
             deferred = retry
+
+    async def _wait_gate(self, p: int) -> None:
+        """Until partition p's CURRENT gate is open (an assignment may replace the gate while we wait)."""
+        started = time.monotonic()
+        warned = False
+        while True:
+            gate = self.gates.get(p)
+            if gate is None or gate.is_set():
+                return
+            try:
+                await asyncio.wait_for(gate.wait(), timeout=0.5)
+            except TimeoutError:
+                if not warned and time.monotonic() - started > 60:
+                    log.warning("deferred_events_waiting", partition=p, waited_s=round(time.monotonic() - started))
+                    warned = True
 
     async def _backpressure(self, previous: dict[int, int]) -> None:
         """Keep at most ONE batch of checkpoints per partition ahead of the ledger (bounded wait).
@@ -330,7 +343,9 @@ class Runtime:
         message = ev.message
         p = message.partition
         gate = self.gates.get(p)
-        if gate is None or not gate.is_set():
+        if gate is None:  # an event before our assignment hook ran: hold it until the hook seeds p
+            gate = self.gates[p] = asyncio.Event()
+        if not gate.is_set():
             deferred.append(ev)
             return
         aggregator = self.aggregators.get(p)

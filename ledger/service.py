@@ -94,6 +94,13 @@ def ensure_wallet(conn: Connection, *, project_id: str, owner_kind: str, owner_r
         ON CONFLICT DO NOTHING
     """), {"id": new_id, "project_id": project_id, "owner_kind": owner_kind, "owner_ref": owner_ref,
            "credit_scale": credit_scale, "credit_code": credit_code})
+    if wallet_id is not None and owner_kind == "subject":
+        # The ledger auto-provisions an unknown subject's wallet from a checkpoint, knowing only its id
+        # (owner_ref = id). Naming that subject later adopts the row: same id, so usage already charged stays put.
+        conn.execute(text("""
+            UPDATE wallets SET owner_ref = :owner_ref, updated_at = now()
+            WHERE id = :id AND project_id = :project_id AND owner_kind = 'subject' AND owner_ref = id
+        """), {"id": wallet_id, "project_id": project_id, "owner_ref": owner_ref})
     row = conn.execute(text("""
         SELECT * FROM wallets WHERE project_id = :project_id AND owner_kind = :owner_kind AND owner_ref = :owner_ref
     """), {"project_id": project_id, "owner_kind": owner_kind, "owner_ref": owner_ref}).mappings().one_or_none()

@@ -27,6 +27,7 @@ from api.wallet_models import (
 )
 from ledger import queries, service
 from ledger.rows import WalletRow
+from streams import catalog
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/wallets", tags=["wallets"])
 Read = Annotated[ProjectAccess, require_project("read")]
@@ -47,6 +48,19 @@ def _wallet_audit(w: WalletRow) -> dict[str, object]:
             "credit_scale": w.credit_scale, "floor_minor": w.floor_minor}
 
 
+def _subject_wallet_id(conn: Connection, project_id: str, subject: str) -> str:
+    """The wallet a subject's usage is charged to, so the API and the stream workers agree on ONE wallet.
+
+    An existing subject key wins; otherwise the subject's deterministic auto-provisioned id is used (adopting a
+    wallet the ledger already created from usage) and the key is recorded, so usage reaches this wallet even
+    under the ``dead_letter`` unknown-subject policy."""
+    mapped = conn.execute(text("SELECT wallet_id FROM subject_keys WHERE project_id = :p AND subject = :s"),
+                          {"p": project_id, "s": subject}).scalar()
+    if mapped is not None:
+        return str(mapped)
+    return catalog.set_subject_key(conn, project_id=project_id, subject=subject).wallet_id
+
+
 @router.post("", status_code=201, response_model=WalletOut,
              summary="Create the wallet of a member, the project or a subject (admin); existing → 200",
              responses={200: {"model": WalletOut, "description": "the wallet already existed"},
@@ -61,8 +75,10 @@ def create_wallet(body: WalletCreate, access: Admin, conn: ConnectionDep, respon
                            extra={"owner_ref": owner_ref})
     existing = conn.execute(text("SELECT id FROM wallets WHERE project_id = :p AND owner_kind = :k AND owner_ref = :r"),
                             {"p": access.project_id, "k": body.owner_kind, "r": owner_ref}).scalar()
+    wallet_id = _subject_wallet_id(conn, access.project_id, owner_ref) if body.owner_kind == "subject" else None
     wallet = service.ensure_wallet(conn, project_id=access.project_id, owner_kind=body.owner_kind,
-                                   owner_ref=owner_ref, credit_scale=body.credit_scale, credit_code=body.credit_code)
+                                   owner_ref=owner_ref, wallet_id=wallet_id, credit_scale=body.credit_scale,
+                                   credit_code=body.credit_code)
     if existing is not None:
         response.status_code = 200
         return WalletOut.of(wallet)

@@ -87,6 +87,38 @@ def test_wallet_creation_listing_and_visibility(database_url: str, engines: Any)
         assert client.get(f"{base}/{project_wallet}", headers=stranger.headers).status_code == 404
 
 
+def test_subject_wallet_is_the_one_usage_is_charged_to(database_url: str, engines: Any) -> None:
+    """A subject wallet made through the API and the wallet stream workers charge for that subject are ONE row:
+    the API uses the subject's auto-provisioned id, records the subject key, and adopts a row the ledger
+    already created from usage (so credits granted later settle the debt that usage left)."""
+    from streams.catalog_model import auto_wallet_id
+
+    with api_client(database_url, engines) as client:
+        t = team(client, five_users(client))
+        owner = t.by_role["owner"].headers
+        base = _wallets(t.project_id)
+        fresh = client.post(base, json={"owner_kind": "subject", "owner_ref": "cust-new"}, headers=owner).json()
+        assert fresh["id"] == auto_wallet_id(t.project_id, "cust-new")
+        keys = client.get(f"/api/v1/projects/{t.project_id}/subject-keys", headers=owner).json()
+        assert [(k["subject"], k["wallet_id"]) for k in keys] == [("cust-new", fresh["id"])]
+
+        # what the ledger does for an unknown subject's first checkpoint: the row knows only its id
+        early = auto_wallet_id(t.project_id, "cust-early")
+        sql(database_url, "INSERT INTO wallets (id, project_id, owner_kind, owner_ref, balance_minor)"
+                          " VALUES (%s, %s, 'subject', %s, -40)", early, t.project_id, early)
+        adopted = client.post(base, json={"owner_kind": "subject", "owner_ref": "cust-early"}, headers=owner)
+        assert adopted.status_code == 201, adopted.text
+        assert (adopted.json()["id"], adopted.json()["owner_ref"]) == (early, "cust-early")
+        assert adopted.json()["balance"]["debt_minor"] == 40
+
+        # an explicit subject key wins: the subject's wallet is the one it names
+        r = client.put(f"/api/v1/projects/{t.project_id}/subject-keys/cust-mapped", json={"wallet_id": "w-mapped"},
+                       headers=owner)
+        assert r.status_code == 200, r.text
+        mapped = client.post(base, json={"owner_kind": "subject", "owner_ref": "cust-mapped"}, headers=owner).json()
+        assert mapped["id"] == "w-mapped"
+
+
 WALLET_MATRIX: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("GET", "", None, "viewer"),
     ("GET", "/buckets", None, "viewer"),

@@ -7,7 +7,10 @@ from functools import lru_cache
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PLACEHOLDER_SECRETS = {"changethis", "change-me", "dev-secret", "secret", ""}
+#: The local-mode signing secret: long enough for HS256 (RFC 7518 §3.2 wants >= 32 bytes), useless elsewhere.
+LOCAL_JWT_SECRET = "meterline-local-development-secret-do-not-use"
+PLACEHOLDER_SECRETS = {"changethis", "change-me", "dev-secret", "secret", "", LOCAL_JWT_SECRET}
+JWT_SECRET_BYTES_MIN = 32
 
 
 class ApiSettings(BaseSettings):
@@ -22,7 +25,7 @@ class ApiSettings(BaseSettings):
                                          validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS"))
     clickhouse_url: str = Field(default="", validation_alias=AliasChoices("CLICKHOUSE_URL", "API_CLICKHOUSE_URL"))
     topic_prefix: str = Field(default="", validation_alias=AliasChoices("METERLINE_TOPIC_PREFIX"))
-    jwt_secret: SecretStr = SecretStr("dev-secret")
+    jwt_secret: SecretStr = SecretStr(LOCAL_JWT_SECRET)
     stripe_secret_key: SecretStr = SecretStr("sk_test_placeholder")
     stripe_webhook_secret: SecretStr = SecretStr("whsec_placeholder")
     stripe_api_base: str = "https://api.stripe.com"
@@ -47,6 +50,9 @@ class ApiSettings(BaseSettings):
                 value = getattr(self, name).get_secret_value()
                 if value in PLACEHOLDER_SECRETS or "placeholder" in value:
                     raise ValueError(f"API_{name.upper()} must be set to a real secret outside local mode")
+                if len(value.encode()) < JWT_SECRET_BYTES_MIN:
+                    raise ValueError(f"API_{name.upper()} must be at least {JWT_SECRET_BYTES_MIN} bytes "
+                                     "(try: openssl rand -hex 32)")
         return self
 
 

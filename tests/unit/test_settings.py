@@ -31,7 +31,8 @@ def test_settings_are_not_read_at_import_time(monkeypatch: pytest.MonkeyPatch, c
     assert ledger_settings.get_settings().database_url == "postgresql://second@h/db"
 
 
-@pytest.mark.parametrize("secret", ["dev-secret", "changethis", ""])
+@pytest.mark.parametrize("secret", ["dev-secret", "changethis", "", "meterline-local-development-secret-do-not-use",
+                                    "9f8e7d6c5b4a3928"])  # the last: real-looking but only 16 bytes
 def test_placeholder_secrets_are_refused_in_production(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
     monkeypatch.setenv("METERLINE_ENV", "production")
     monkeypatch.setenv("API_JWT_SECRET", secret)

@@ -82,22 +82,43 @@ def test_up_starts_every_component_and_down_leaves_nothing_behind(running_stack:
     assert _cli("status", env=env).returncode == 3
 
 
-def test_a_killed_child_is_restarted_and_the_restart_is_logged(running_stack: dict[str, str]) -> None:
+def test_every_killed_child_is_restarted_and_the_restart_is_logged(running_stack: dict[str, str]) -> None:
     env = running_stack
-    before = _status(env)["children"]["api"]  # type: ignore[index]
-    os.kill(before["pid"], signal.SIGKILL)
+    log_path = Path(env["METERLINE_HOME"]) / "logs" / "supervisor.log"
+    for name in ("api", "streams-0", "ledger", "analytics", "scheduler"):
+        before = _status(env)["children"][name]  # type: ignore[index]
+        os.kill(before["pid"], signal.SIGKILL)
 
-    def restarted() -> bool:
-        now = _status(env)
-        api = now["children"]["api"]  # type: ignore[index]
-        return api["pid"] != before["pid"] and api["alive"] and isinstance(now.get("api_health"), dict)
+        def restarted(name: str = name, old_pid: int = before["pid"]) -> bool:
+            now = _status(env)
+            child = now["children"][name]  # type: ignore[index]
+            return child["pid"] != old_pid and child["alive"] and isinstance(now.get("api_health"), dict)
 
-    _wait(restarted, 30, "the api process to come back")
-    after = _status(env)["children"]["api"]  # type: ignore[index]
-    assert after["restarts"] == before["restarts"] + 1
-    assert after["last_exit_code"] == -signal.SIGKILL
-    log = (Path(env["METERLINE_HOME"]) / "logs" / "supervisor.log").read_text()
-    assert '"child restarted"' in log and '"api"' in log
+        _wait(restarted, 30, f"the {name} process to come back")
+        after = _status(env)["children"][name]  # type: ignore[index]
+        assert after["restarts"] == before["restarts"] + 1, name
+        assert after["last_exit_code"] == -signal.SIGKILL, name
+        restarts = [json.loads(line) for line in log_path.read_text().splitlines() if '"child restarted"' in line]
+        assert any(json.dumps(name) in json.dumps(entry) for entry in restarts), f"no restart logged for {name}"
+
+
+def test_ctrl_c_on_up_stops_everything(tmp_path: Path) -> None:
+    env = _env(tmp_path / "home")
+    up = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: _status(env).get("running") is True
+              and isinstance(_status(env).get("api_health"), dict), 60, "the stack to be healthy")
+        state = json.loads((tmp_path / "home" / "stack.json").read_text())
+        pids = [info["pid"] for info in state["children"].values()] + [state["broker_pid"]]
+        up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            _cli("down", env=env)
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"processes left behind after Ctrl-C: {alive}"
+    assert not (tmp_path / "home" / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
 
 
 def test_up_refuses_loudly_when_the_kafka_port_is_taken(tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ Every builder takes ``project_id`` and puts it in the WHERE clause as a bound pa
 another project's rows. Values are always bound (``{name:Type}``), never formatted into SQL; the only
 identifiers formatted in are the database name (validated by settings) and fixed expressions.
 
-Wallet figures (over a window [start, end), from ledger transactions, read with FINAL because the outbox
-relay may deliver a transaction twice):
+Wallet figures (over a window [start, end), from ledger transactions; the sink stores each transaction once
+although the outbox relay may deliver it twice, so no FINAL; whole hours come from the ``flows_by_hour``
+rollup and only the partial hours at a window's edges from raw rows, see ``_tx_rows``):
 - issued   = credits granted: top_up + subscription_grant + bonus + promo + refund, and positive adjustments;
 - spent    = −(usage + debit + reservation_commit) (a volume-price credit-back is a negative spend);
 - expired  = −expiry (breakage);
@@ -51,16 +52,20 @@ PAYWALL_REASONS = ("upgrade_required", "insufficient_balance", "insufficient_cre
                    "paywall")
 RATE_PLACES = Decimal("0.0001")
 
+#: A flow row's classification, over the columns every flow query reads: ``kind``, ``pos`` (amount > 0),
+#: ``amount`` (a sum of amount_minor) and ``n`` (a count of transactions) — see ``_tx_rows``.
+_ISSUED = f"(kind IN {ISSUED_KINDS!r} OR (kind = 'adjustment' AND pos))"
+
+
 def _flows_sql(within: str = "1") -> str:
-    """The flow aggregates over rows matching ``within`` (a fixed SQL condition)."""
+    """The flow aggregates over flow rows matching ``within`` (a fixed SQL condition)."""
     return f"""
-    sumIf(amount_minor, ({within}) AND (kind IN {ISSUED_KINDS!r} OR (kind = 'adjustment' AND amount_minor > 0)))
-        AS issued_minor,
-    -sumIf(amount_minor, ({within}) AND kind IN {SPENT_KINDS!r}) AS spent_minor,
-    -sumIf(amount_minor, ({within}) AND kind = 'expiry') AS expired_minor,
-    -sumIf(amount_minor, ({within}) AND kind = 'adjustment' AND amount_minor < 0) AS adjusted_out_minor,
-    sumIf(amount_minor, {within}) AS net_movement_minor,
-    countIf({within}) AS transactions"""
+    sumIf(amount, ({within}) AND {_ISSUED}) AS issued_minor,
+    -sumIf(amount, ({within}) AND kind IN {SPENT_KINDS!r}) AS spent_minor,
+    -sumIf(amount, ({within}) AND kind = 'expiry') AS expired_minor,
+    -sumIf(amount, ({within}) AND kind = 'adjustment' AND NOT pos) AS adjusted_out_minor,
+    sumIf(amount, {within}) AS net_movement_minor,
+    sumIf(n, {within}) AS transactions"""
 
 
 _FLOWS = _flows_sql()
@@ -155,13 +160,6 @@ def _bucket(granularity: str, base: str) -> str:
     return f"toDateTime(toStartOfMonth({base}), 'UTC')"
 
 
-def _tx_bucket(granularity: str) -> str:
-    if granularity == "month":
-        return "toDateTime(toStartOfMonth(created_at), 'UTC')"
-    fn = {"minute": "toStartOfMinute", "hour": "toStartOfHour", "day": "toStartOfDay"}[granularity]
-    return f"toDateTime({fn}(created_at), 'UTC')"
-
-
 def _json_key(key: str) -> list[str]:
     if not _JSON_KEY.match(key):
         raise BadQuery("a data key is letters, digits, '_' or '-', dotted for nesting (at most 5 levels)")
@@ -215,8 +213,12 @@ def build_usage(*, db: str, project_id: str, win: Window, granularity: str, mete
     if value_key is not None:
         units = (f"toString(sum(toDecimal128OrZero(JSONExtractRaw(data, "
                  f"{_json_args(_json_key(value_key), params, 'v')}), 9)))")
-    sql = (f"SELECT {_bucket(granularity, base)} AS bucket, {group} AS grp, count() AS events, {units} AS total_units "
-           f"FROM `{db}`.usage_events WHERE {' AND '.join(where)} GROUP BY bucket, grp ORDER BY bucket, grp")
+    # The bucket leaves ClickHouse as ISO text (a series may hold thousands of points; text is what the API
+    # returns, and converting datetimes row by row in Python cost more than the query).
+    bucket = _bucket(granularity, base)
+    sql = (f"SELECT formatDateTime({bucket}, '%Y-%m-%dT%H:%i:%S+00:00', 'UTC') AS bucket, {group} AS grp, "
+           f"count() AS events, {units} AS total_units FROM `{db}`.usage_events WHERE {' AND '.join(where)} "
+           f"GROUP BY {bucket}, grp ORDER BY {bucket}, grp")
     return Query(sql, params), win
 
 
@@ -256,11 +258,13 @@ def build_top_consumers(*, db: str, project_id: str, win: Window, meter: str | N
 def _tx_from(db: str, wallet_id: str | None) -> str:
     """Where transactions are read from, each transaction once.
 
-    Project-wide: the table with FINAL (ReplacingMergeTree on the transaction). One wallet: its rows through
-    the ``by_wallet`` projection (FINAL would bypass projections), deduplicated with LIMIT 1 BY — duplicates
-    of a transaction are identical rows, so keeping any one of them is exact. Binds {project} and {wallet}."""
+    Project-wide: the table itself — the sink stores a transaction once (it drops a copy whose transaction_id
+    is already stored, analytics/sink.py), so no FINAL is needed and the ``flows_by_hour`` rollup can answer.
+    One wallet: its rows through the ``by_wallet`` projection, with LIMIT 1 BY transaction_id on top (a
+    wallet's rows are few; it also hides a copy a stalled former sink might have written until a merge drops
+    it). Binds {project} and {wallet}."""
     if wallet_id is None:
-        return f"`{db}`.ledger_transactions FINAL"
+        return f"`{db}`.ledger_transactions"
     return (f"(SELECT * FROM `{db}`.ledger_transactions WHERE project_id = {{project:String}} "
             "AND wallet_id = {wallet:String} ORDER BY transaction_id LIMIT 1 BY transaction_id)")
 
@@ -275,51 +279,133 @@ def _tx_where(project_id: str, win: Window, wallet_id: str | None) -> tuple[str,
     return where, params
 
 
+_HOUR = timedelta(hours=1)
+_RAW_ROW = ("created_at AS ts, kind, bucket_source, amount_minor > 0 AS pos, amount_minor AS amount, "
+            "toUInt64(1) AS n")
+
+
+@dataclass(frozen=True)
+class HourSplit:
+    """[lo, hi) cut into whole hours the ``flows_by_hour`` rollup answers and partial hours read raw.
+
+    An hour is read from the rollup only when no boundary (lo, hi, or a cut such as a summary's window start)
+    falls strictly inside it, so every rollup row lies wholly on one side of every boundary and comparing its
+    hour with a boundary classifies it exactly; the raw rows carry their own created_at. lo=None: unbounded."""
+
+    rollup: tuple[tuple[datetime | None, datetime], ...]  # hour-aligned [from, to) ranges (from None: -inf)
+    raw: tuple[tuple[datetime, datetime], ...]  # exact [from, to) ranges, each within one hour
+
+
+def split_hours(lo: datetime | None, hi: datetime, cuts: tuple[datetime, ...] = ()) -> HourSplit:
+    points = [p for p in (lo, *cuts, hi) if p is not None]
+    partial = sorted({_floor(p, "hour") for p in points if _floor(p, "hour") != p})
+    raw = tuple((max(h, lo) if lo is not None else h, min(h + _HOUR, hi)) for h in partial
+                if (lo is None or h + _HOUR > lo) and h < hi)
+    rollup: list[tuple[datetime | None, datetime]] = []
+    cursor: datetime | None = _ceil(lo, "hour") if lo is not None else None
+    whole_end = _floor(hi, "hour")
+    for h in [*partial, whole_end]:
+        if h > whole_end or (cursor is not None and h < cursor):
+            continue
+        if cursor is None or h > cursor:
+            rollup.append((cursor, h))
+        cursor = h + _HOUR
+    return HourSplit(tuple(rollup), raw)
+
+
+def _tx_rows(db: str, params: dict[str, Any], *, lo: datetime | None, hi: datetime,
+             cuts: tuple[datetime, ...] = (), wallet_id: str | None = None, rollup: bool = True) -> str:
+    """A subquery of flow rows (ts, kind, bucket_source, pos, amount, n) covering created_at in [lo, hi)
+    exactly, for the project {project} (and the wallet {wallet}). Project-wide with ``rollup``: whole hours
+    from the ``flows_by_hour`` projection (one row per hour/kind/source/sign, ts = the hour), partial hours
+    around lo, hi and ``cuts`` from raw rows (ts = created_at); so ``ts >= cut`` is exact for every row."""
+    if wallet_id is not None or not rollup:
+        where = ["project_id = {project:String}", "created_at < {tx_hi:DateTime64(6, 'UTC')}"]
+        params["tx_hi"] = hi
+        if lo is not None:
+            where.append("created_at >= {tx_lo:DateTime64(6, 'UTC')}")
+            params["tx_lo"] = lo
+        if wallet_id is not None:
+            where.append("wallet_id = {wallet:String}")
+            params["wallet"] = wallet_id
+        return f"(SELECT {_RAW_ROW} FROM {_tx_from(db, wallet_id)} WHERE {' AND '.join(where)})"
+    split = split_hours(lo, hi, cuts)
+    parts = []
+    if split.rollup:
+        hour = "toStartOfHour(created_at)"
+        ranges = []
+        for i, (a, b) in enumerate(split.rollup):
+            params[f"h{i}_hi"] = b
+            cond = f"{hour} < {{h{i}_hi:DateTime64(6, 'UTC')}}"
+            if a is not None:
+                params[f"h{i}_lo"] = a
+                cond = f"{hour} >= {{h{i}_lo:DateTime64(6, 'UTC')}} AND {cond}"
+            ranges.append(f"({cond})")
+        parts.append(
+            f"SELECT toDateTime64({hour}, 6, 'UTC') AS ts, kind, bucket_source, amount_minor > 0 AS pos, "
+            f"sum(amount_minor) AS amount, count() AS n FROM `{db}`.ledger_transactions "
+            f"WHERE project_id = {{project:String}} AND ({' OR '.join(ranges)}) GROUP BY ts, kind, bucket_source, pos")
+    if split.raw:
+        ranges = []
+        for i, (a, b) in enumerate(split.raw):
+            params[f"r{i}_lo"], params[f"r{i}_hi"] = a, b
+            ranges.append(f"(created_at >= {{r{i}_lo:DateTime64(6, 'UTC')}} AND created_at < {{r{i}_hi:DateTime64(6, 'UTC')}})")
+        parts.append(f"SELECT {_RAW_ROW} FROM `{db}`.ledger_transactions WHERE project_id = {{project:String}} "
+                     f"AND ({' OR '.join(ranges)})")
+    return "(" + " UNION ALL ".join(parts) + ")"
+
+
 def build_wallet_flows(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
-    where, params = _tx_where(project_id, win, wallet_id)
-    return Query(f"SELECT {_FLOWS} FROM {_tx_from(db, wallet_id)} WHERE {where}", params)
+    params: dict[str, Any] = {"project": project_id}
+    rows = _tx_rows(db, params, lo=win.start, hi=win.end, wallet_id=wallet_id)
+    return Query(f"SELECT {_FLOWS} FROM {rows}", params)
 
 
 def build_wallet_summary(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
-    """The window's flows and the outstanding credits at its start, in ONE scan of history up to its end.
-    Outstanding at t = Σ amount_minor before t (the ledger's invariant: a balance is the sum of its
-    transactions' amounts)."""
-    params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end}
-    where = "project_id = {project:String} AND created_at < {end:DateTime64(6, 'UTC')}"
-    if wallet_id is not None:
-        where += " AND wallet_id = {wallet:String}"
-        params["wallet"] = wallet_id
-    within = "created_at >= {start:DateTime64(6, 'UTC')}"
-    return Query(f"SELECT sumIf(amount_minor, NOT ({within})) AS outstanding_start_minor, {_flows_sql(within)} "
-                 f"FROM {_tx_from(db, wallet_id)} WHERE {where}", params)
+    """The window's flows, the outstanding credits at its start and the source breakdown, in ONE query over
+    history up to the window's end (whole hours from the rollup). Outstanding at t = Σ amount_minor before t
+    (the ledger's invariant: a balance is the sum of its transactions' amounts). Rows: one with
+    ``is_total = 1`` (the figures), one per source of credits issued in the window (``grants > 0``)."""
+    params: dict[str, Any] = {"project": project_id, "start": win.start}
+    rows = _tx_rows(db, params, lo=None, hi=win.end, cuts=(win.start,), wallet_id=wallet_id)
+    within = "ts >= {start:DateTime64(6, 'UTC')}"
+    return Query(
+        f"SELECT grouping({_SOURCE}) = 1 AS is_total, {_SOURCE} AS source, "
+        f"sumIf(amount, NOT ({within})) AS outstanding_start_minor, {_flows_sql(within)}, "
+        f"sumIf(n, ({within}) AND {_ISSUED}) AS grants FROM {rows} GROUP BY GROUPING SETS ((), ({_SOURCE}))",
+        params)
 
 
 def build_outstanding(*, db: str, project_id: str, at: datetime, wallet_id: str | None = None) -> Query:
     """Outstanding credits at ``at`` = Σ amount_minor of every transaction before it (the ledger's invariant:
-    a wallet's balance is the sum of its transactions' amounts). One summing scan, no per-wallet state."""
-    params: dict[str, Any] = {"project": project_id, "at": at}
-    where = "project_id = {project:String} AND created_at < {at:DateTime64(6, 'UTC')}"
-    if wallet_id is not None:
-        where += " AND wallet_id = {wallet:String}"
-        params["wallet"] = wallet_id
-    return Query(f"SELECT sum(amount_minor) AS outstanding_minor FROM {_tx_from(db, wallet_id)} "
-                 f"WHERE {where}", params)
+    a wallet's balance is the sum of its transactions' amounts). Whole hours from the rollup."""
+    params: dict[str, Any] = {"project": project_id}
+    rows = _tx_rows(db, params, lo=None, hi=at, wallet_id=wallet_id)
+    return Query(f"SELECT sum(amount) AS outstanding_minor FROM {rows}", params)
+
+
+def _tx_bucket(granularity: str) -> str:
+    if granularity == "month":
+        return "toDateTime(toStartOfMonth(ts), 'UTC')"
+    fn = {"minute": "toStartOfMinute", "hour": "toStartOfHour", "day": "toStartOfDay"}[granularity]
+    return f"toDateTime({fn}(ts), 'UTC')"
 
 
 def build_credit_flow(*, db: str, project_id: str, win: Window, granularity: str, wallet_id: str | None = None,
                       buckets_max: int = 5_000) -> Query:
+    """Flows per bucket; hour/day/month buckets from the hourly rollup, minute buckets from raw rows."""
     check_buckets(win, granularity, buckets_max)
-    where, params = _tx_where(project_id, win, wallet_id)
-    return Query(f"SELECT {_tx_bucket(granularity)} AS bucket, {_FLOWS} FROM {_tx_from(db, wallet_id)} "
-                 f"WHERE {where} GROUP BY bucket ORDER BY bucket", params)
+    params: dict[str, Any] = {"project": project_id}
+    rows = _tx_rows(db, params, lo=win.start, hi=win.end, wallet_id=wallet_id, rollup=granularity != "minute")
+    return Query(f"SELECT {_tx_bucket(granularity)} AS bucket, {_FLOWS} FROM {rows} GROUP BY bucket ORDER BY bucket",
+                 params)
 
 
 def build_source_breakdown(*, db: str, project_id: str, win: Window, wallet_id: str | None = None) -> Query:
-    where, params = _tx_where(project_id, win, wallet_id)
+    params: dict[str, Any] = {"project": project_id}
+    rows = _tx_rows(db, params, lo=win.start, hi=win.end, wallet_id=wallet_id)
     return Query(
-        f"SELECT {_SOURCE} AS source, sum(amount_minor) AS issued_minor, count() AS grants "
-        f"FROM {_tx_from(db, wallet_id)} WHERE {where} "
-        f"AND (kind IN {ISSUED_KINDS!r} OR (kind = 'adjustment' AND amount_minor > 0)) "
+        f"SELECT {_SOURCE} AS source, sum(amount) AS issued_minor, sum(n) AS grants FROM {rows} WHERE {_ISSUED} "
         "GROUP BY source ORDER BY issued_minor DESC, source", params)
 
 
@@ -328,8 +414,9 @@ def build_top_wallets(*, db: str, project_id: str, win: Window, limit: int = 10)
         raise BadQuery("limit must be between 1 and 1000")
     where, params = _tx_where(project_id, win, None)
     params["limit"] = limit
-    return Query(f"SELECT wallet_id, {_FLOWS} FROM `{db}`.ledger_transactions FINAL WHERE {where} "
-                 "GROUP BY wallet_id ORDER BY spent_minor DESC, wallet_id LIMIT {limit:UInt32}", params)
+    return Query(f"SELECT wallet_id, {_FLOWS} FROM (SELECT wallet_id, {_RAW_ROW} FROM {_tx_from(db, None)} "
+                 f"WHERE {where}) GROUP BY wallet_id ORDER BY spent_minor DESC, wallet_id LIMIT {{limit:UInt32}}",
+                 params)
 
 
 def build_wallet_transactions(*, db: str, project_id: str, wallet_id: str, limit: int = 100,
@@ -352,7 +439,7 @@ def build_revenue(*, db: str, project_id: str, win: Window) -> Query:
     where, params = _tx_where(project_id, win, None)
     return Query(
         f"SELECT kind, {_OFFER} AS offer, sum(amount_minor) AS credits_minor, count() AS purchases, "
-        f"uniqExact(wallet_id) AS wallets FROM `{db}`.ledger_transactions FINAL WHERE {where} "
+        f"uniqExact(wallet_id) AS wallets FROM {_tx_from(db, None)} WHERE {where} "
         f"AND kind IN {PURCHASE_KINDS!r} AND amount_minor > 0 GROUP BY kind, offer "
         "ORDER BY credits_minor DESC, offer", params)
 
@@ -450,8 +537,11 @@ class Analytics:
         query, effective = build_usage(db=self.db, project_id=project_id, win=win, granularity=granularity,
                                        meter=meter, subject=subject, group_by=group_by, value_key=value_key,
                                        buckets_max=self.settings.buckets_max)
-        series = [{"bucket": r["bucket"], "group": r["grp"], "events": int(r["events"]), "units": r["total_units"]}
-                  for r in self.rows(query)]
+        with self.pool.client() as client:
+            result = client.query(query.sql, parameters=query.params, settings=self._query_settings)
+        # text columns already (bucket, group, units): no per-value conversion
+        series = [{"bucket": bucket, "group": group, "events": events, "units": units}
+                  for bucket, group, events, units in result.result_rows]
         return {"window": effective.as_dict(), "granularity": granularity, "group_by": group_by or "meter",
                 "series": series}
 
@@ -469,10 +559,14 @@ class Analytics:
 
     # wallets
     def wallet_summary(self, *, project_id: str, win: Window, wallet_id: str | None = None) -> dict[str, Any]:
-        row = self.rows(build_wallet_summary(db=self.db, project_id=project_id, win=win, wallet_id=wallet_id))[0]
-        flows = _flows(row)
-        start = int(row["outstanding_start_minor"] or 0)
-        breakdown = self.source_breakdown(project_id=project_id, win=win, wallet_id=wallet_id)["sources"]
+        rows = self.rows(build_wallet_summary(db=self.db, project_id=project_id, win=win, wallet_id=wallet_id))
+        total = next(r for r in rows if r["is_total"])
+        flows = _flows(total)
+        start = int(total["outstanding_start_minor"] or 0)
+        issued = [r for r in rows if not r["is_total"] and int(r["grants"]) > 0]
+        issued.sort(key=lambda r: (-int(r["issued_minor"]), r["source"]))
+        breakdown = [{"source": r["source"], "issued_minor": int(r["issued_minor"]), "grants": int(r["grants"]),
+                      "share": rate(int(r["issued_minor"]), flows["issued_minor"])} for r in issued]
         # end = start + Σ amounts in [start, end): the same identity, without a second scan of history
         return {"window": win.as_dict(), "wallet_id": wallet_id, **flows, "outstanding_start_minor": start,
                 "outstanding_end_minor": start + flows["net_movement_minor"], "sources": breakdown}

@@ -20,8 +20,13 @@ Exactly-once into ClickHouse without transactions — why a redelivered batch ne
 5. Pre-aggregations are projections (inside the same part as their rows), so 3 and 4 keep them exact too.
 6. Producer duplicates — the same (project, source, id) in two messages — are dropped within
    ANALYTICS_DEDUPE_HORIZON_S (seeded from ClickHouse on assignment), as streams does before charging.
-   Ledger transactions and access decisions are additionally ReplacingMergeTrees on their own ids (the
-   outbox relay may publish a transaction twice at different offsets) and are read with FINAL.
+7. Ledger transactions: the outbox relay may publish a transaction twice at different offsets. Before each
+   insert the sink drops every transaction whose transaction_id is already stored (one indexed lookup per
+   batch) or repeated in the batch, so the table holds each transaction once and is read WITHOUT FINAL, and
+   its rollup (projection ``flows_by_hour``) counts it once. The relay keys by wallet, so both copies reach the
+   same partition and one owner at a time checks and inserts them (the stalled-former-owner window of 4 is the
+   residual; the table stays a ReplacingMergeTree, whose merges drop such a copy and rebuild the rollup).
+   Access decisions are a ReplacingMergeTree read with FINAL.
 
 Embedded ClickHouse (chDB) allows ONE process per data path: there the api process runs this sink in a
 background thread (``SinkThread``) and serves the queries; `meterline run analytics` then idles and says so.
@@ -62,6 +67,7 @@ class TableSpec:
     columns: tuple[str, ...]
     parse: Callable[[Message, R.Origin], R.Parsed]
     dedupe_events: bool = False
+    unique_transactions: bool = False  # invariant 7: drop rows whose transaction_id is already stored
 
 
 @dataclass
@@ -87,13 +93,15 @@ class SinkStats:
     rejected: int = 0
     duplicates_dropped: int = 0
     redelivered_rows_skipped: int = 0
+    transactions_already_stored: int = 0
     batches: int = 0
     commits_failed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"inserted_rows": dict(self.inserted_rows), "messages": dict(self.messages), "rejected": self.rejected,
                 "duplicates_dropped": self.duplicates_dropped,
-                "redelivered_rows_skipped": self.redelivered_rows_skipped, "batches": self.batches,
+                "redelivered_rows_skipped": self.redelivered_rows_skipped,
+                "transactions_already_stored": self.transactions_already_stored, "batches": self.batches,
                 "commits_failed": self.commits_failed}
 
 
@@ -132,7 +140,8 @@ class Sink:
         specs = {
             topic_name(TOPIC_USAGE_EVENTS, s.topic_prefix): TableSpec("usage_events", R.USAGE_COLUMNS, usage, True),
             topic_name(TOPIC_LEDGER_TRANSACTIONS, s.topic_prefix): TableSpec(
-                "ledger_transactions", R.TRANSACTION_COLUMNS, lambda m, o: R.transaction_rows(m.value(), o)),
+                "ledger_transactions", R.TRANSACTION_COLUMNS, lambda m, o: R.transaction_rows(m.value(), o),
+                unique_transactions=True),
             topic_name(TOPIC_USAGE_DLQ, s.topic_prefix): TableSpec(
                 "dead_letters", R.DEAD_LETTER_COLUMNS, lambda m, o: R.dead_letter_rows(m.value(), m.headers(), o)),
         }
@@ -300,6 +309,9 @@ class Sink:
             by_table.setdefault(self._specs[key[0]].table, []).append((key, batch))
         for table, batches in by_table.items():
             rows = [row for _, b in batches for row in b.rows]
+            spec = self._specs[batches[0][0][0]]
+            if rows and spec.unique_transactions:
+                rows = self._drop_stored_transactions(rows)
             if not rows:
                 continue
             token = batch_token(table, [(t, p, b.first_offset, b.last_offset, len(b.rows)) for (t, p), b in batches])
@@ -321,6 +333,27 @@ class Sink:
         self._pending.clear()
         self._pending_rows = 0
         self._pending_since = None
+
+    def _drop_stored_transactions(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Invariant 7: keep the first row of each transaction_id that ClickHouse does not hold yet. A copy has
+        the same project and created_at, so the lookup reads only the granules of the batch's time span."""
+        assert self._client is not None
+        col = {name: i for i, name in enumerate(R.TRANSACTION_COLUMNS)}
+        tx_i, project_i, created_i = col["transaction_id"], col["project_id"], col["created_at"]
+        stored = {int(v) for (v,) in self._client.query(
+            f"SELECT DISTINCT transaction_id FROM `{self.db}`.ledger_transactions "
+            "WHERE project_id IN {projects:Array(String)} AND created_at >= {lo:DateTime64(6, 'UTC')} "
+            "AND created_at <= {hi:DateTime64(6, 'UTC')} AND transaction_id IN {ids:Array(Int64)}",
+            parameters={"projects": sorted({r[project_i] for r in rows}), "lo": min(r[created_i] for r in rows),
+                        "hi": max(r[created_i] for r in rows), "ids": sorted({r[tx_i] for r in rows})}).result_rows}
+        kept = []
+        for row in rows:
+            if row[tx_i] in stored:
+                self.stats.transactions_already_stored += 1
+                continue
+            stored.add(row[tx_i])
+            kept.append(row)
+        return kept
 
     def _insert(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]], token: str) -> None:
         assert self._client is not None

@@ -1,19 +1,23 @@
-"""The transaction rollup (projection ``flows_by_hour``, schema 0007) stays exact under redelivery: the outbox
-relay publishing every transaction twice, a full replay by a fresh consumer group, and windows whose edges cut
-hours (raw rows there, rollup rows elsewhere). Expected values are computed in Python from what was sent."""
+"""The rollups stay exact under redelivery. Transactions (projection ``flows_by_hour``, schema 0007): the outbox
+relay publishing transactions twice, a full replay by a fresh consumer group, windows whose edges cut hours (raw
+rows there, rollup rows elsewhere). Usage per subject and month (schema 0008): months, months minus days, days,
+before and after a replay. Expected values are computed in Python from what was sent."""
 
 from __future__ import annotations
 
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from analytics_testkit import usage_event
 
 from analytics.client import ClientPool
-from analytics.queries import ISSUED_KINDS, SPENT_KINDS, Analytics, Window, split_hours
+from analytics.queries import ISSUED_KINDS, SPENT_KINDS, Analytics, Window, month_plan, split_hours
 from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS
+from streams.contracts import TOPIC_USAGE_EVENTS
 
 pytestmark = pytest.mark.integration
 
@@ -164,3 +168,58 @@ def test_split_hours_covers_a_range_exactly_once_and_keeps_rollup_hours_whole():
             covered += sum(a <= moment < b for a, b in split.raw)
             assert covered == 1, (lo, cut, hi, moment, split)
             moment += timedelta(minutes=1)
+
+
+def test_top_consumers_from_month_rollups_minus_days_match_the_events_under_replay(topics, producer, ch,
+                                                                                  analytics_settings, run_sink):
+    """Windows answered from whole months, from months minus their days outside the window, and from days
+    alone (``month_plan``) give the totals of the events sent, also after a full replay."""
+    rng = random.Random(21)
+    start = datetime(2026, 10, 20, tzinfo=UTC)
+    events = [usage_event(project="prj_m", subject=f"s{rng.randint(1, 12)}", type_=rng.choice(["tokens", "images"]),
+                          units=str(Decimal(rng.randint(1, 999)) / 4),
+                          time_=start + timedelta(minutes=rng.randint(0, 46 * 24 * 60)))
+              for _ in range(600)]
+    usage_topic = topics.name(TOPIC_USAGE_EVENTS)
+    for i in range(0, len(events), 5):
+        producer.send(usage_topic, events[i:i + 5], key=str(i))
+    producer.flush()
+    messages = {usage_topic: len(events) // 5}
+    sink = run_sink()
+    sink.wait_messages(messages)
+    sink.stop()
+
+    def day(m: int, d: int) -> datetime:
+        return datetime(2026, m, d, tzinfo=UTC)
+
+    windows = [Window(day(11, 1), day(12, 1)),  # a whole month
+               Window(day(10, 31), day(11, 30)),  # a day + November minus its last day
+               Window(day(10, 22), day(12, 4)),  # days of October, November, days of December
+               Window(day(11, 10), day(11, 20))]  # days only
+    assert {bool(month_plan(w).minus_days) for w in windows} == {True, False}
+
+    def check(service: Analytics) -> None:
+        for win in windows:
+            inside = [e for e in events if win.start <= datetime.fromisoformat(e["time"]) < win.end]
+            counts: dict[str, int] = {}
+            units: dict[str, Decimal] = {}
+            for e in inside:
+                counts[e["subject"]] = counts.get(e["subject"], 0) + 1
+                if e["type"] == "images":
+                    units[e["subject"]] = units.get(e["subject"], Decimal(0)) + Decimal(e["data"]["units"])
+            everyone = service.top_consumers(project_id="prj_m", win=win, limit=100)["consumers"]
+            assert {c["subject"]: c["events"] for c in everyone} == counts, win
+            images = service.top_consumers(project_id="prj_m", win=win, meter="images", limit=5)["consumers"]
+            assert [(c["subject"], Decimal(c["units"])) for c in images] == sorted(
+                units.items(), key=lambda kv: (-kv[1], kv[0]))[:5], win
+
+    pool = ClientPool(analytics_settings.clickhouse_url, size=1)
+    try:
+        check(Analytics(analytics_settings, pool))
+        replay = run_sink(group_id=f"replay-{uuid.uuid4().hex[:6]}")
+        replay.wait_messages(messages)
+        replay.stop()
+        assert replay.sink.stats.inserted_rows == {}
+        check(Analytics(analytics_settings, pool))
+    finally:
+        pool.close()

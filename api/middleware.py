@@ -9,10 +9,11 @@ endpoints charge ``app.state.auth_rate_limiter`` per client address.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -37,6 +38,25 @@ _SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
 # JSON never needs to run anything; HTML pages (docs, dashboard) bring their own policy.
 _JSON_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
 _HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
+
+
+class _RequestIds:
+    """32 hex digits (a UUID's shape): a random per-process prefix and a counter. ``uuid4`` reads the OS random
+    source, which releases the GIL on every request: with worker threads busy, the event loop then waits up to a
+    switch interval (5 ms) to get it back (measured: ~1 ms per request under load)."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.prefix = ""
+        self.counter = itertools.count()
+
+    def new(self) -> str:
+        if self.pid != os.getpid():  # a forked worker draws its own prefix
+            self.pid, self.prefix, self.counter = os.getpid(), os.urandom(8).hex(), itertools.count()
+        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+new_request_id = _RequestIds().new
 
 
 class RateLimited(ApiError):
@@ -128,7 +148,7 @@ class HttpHygieneMiddleware:
                     content_length = int(value)
                 except ValueError:
                     content_length = None
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         rid = request_id.encode()
 

@@ -25,7 +25,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,10 +45,10 @@ from ledger.errors import (
 )
 from ledger.postings import Bucket, Posting, WalletBalance, WalletBook
 from ledger.queries import get_transaction
-from ledger.rows import HoldRow, PostingResult, WalletRow
+from ledger.rows import HoldRow, PostingResult, TransactionRow, WalletRow
 from ledger.writer import Draft, transaction_event, transaction_row
 
-__all__ = ["CommitStage", "DebitStage", "Posted", "ReserveStage", "conflict_from", "pipelined", "raw_connection",
+__all__ = ["BatchedDebit", "CommitStage", "DebitBatch", "DebitStage", "Posted", "ReserveStage", "conflict_from", "pipelined", "raw_connection",
            "request_fingerprint"]
 
 _WALLET_COLUMNS = ("id, project_id, owner_kind, owner_ref, credit_code, credit_scale, balance_minor, held_minor, "
@@ -386,3 +386,151 @@ class ReserveStage:
              {"id": hold.id, "wallet": wallet.id, "project": wallet.project_id, "amount": amount_minor,
               "expires": hold.expires_at, "key": self.key, "now": self.now})
         return hold, WalletBalance(wallet.balance_minor, wallet.held_minor + amount_minor, wallet.floor_minor)
+
+
+# ------------------------------------------------------------------------------------------ group commit
+
+_LOCK_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
+_BATCH_BUCKETS = ("SELECT wallet_id, id, priority, expires_at, created_at, remaining_minor, source FROM credit_buckets "
+                  "WHERE wallet_id = ANY(%s::text[]) AND remaining_minor > 0")
+_BATCH_CONTEXT = "SELECT now(), nextval('transactions_id_seq') FROM generate_series(1, %s)"
+_BATCH_EARLIER_USE = ("SELECT idempotency_key, id, request_fingerprint FROM transactions "
+                      "WHERE idempotency_key = ANY(%s::text[])")
+
+# Every posting of a batch in ONE statement. Arrays are addressed by primary key (= ANY), never joined to a
+# set-returning function (that plans a sequential scan of the whole table).
+_WRITE_BATCH = """
+WITH tx AS (
+    INSERT INTO transactions (id, project_id, wallet_id, kind, amount_minor, balance_before_minor,
+        balance_after_minor, idempotency_key, request_fingerprint, source_ref, metadata, created_at)
+    SELECT t.id, t.project, t.wallet, %(kind)s, t.amount, t.before, t.after, t.key, t.fingerprint, t.ref, t.metadata,
+           %(now)s
+    FROM json_to_recordset(%(tx)s::json) AS t(id bigint, project text, wallet text, amount bigint, before bigint,
+                                               after bigint, key text, fingerprint text, ref text, metadata jsonb)
+), allocations AS (
+    INSERT INTO transaction_allocations (transaction_id, bucket_id, amount_minor)
+    SELECT a.tx, a.bucket, a.amount FROM json_to_recordset(%(allocations)s::json) AS a(tx bigint, bucket bigint,
+                                                                                       amount bigint)
+), burned AS (
+    UPDATE credit_buckets c
+    SET remaining_minor = (%(burned_remaining)s::bigint[])[array_position(%(burned_ids)s::bigint[], c.id)]
+    WHERE c.id = ANY(%(burned_ids)s::bigint[])
+), outbox AS (
+    INSERT INTO outbox (topic, key, payload, created_at)
+    SELECT %(topic)s, o.wallet, convert_to(o.payload, 'UTF8'), %(now)s
+    FROM json_to_recordset(%(outbox)s::json) AS o(wallet text, payload text)  -- a function scan keeps array order
+)
+UPDATE wallets w SET balance_minor = (%(balances)s::bigint[])[array_position(%(wallets)s::text[], w.id)],
+                     updated_at = %(now)s
+WHERE w.id = ANY(%(wallets)s::text[])
+"""
+
+
+@dataclass(frozen=True)
+class BatchedDebit:
+    """One debit of a ``DebitBatch`` (``idempotency_key`` is the ledger's key)."""
+
+    wallet_id: str
+    idempotency_key: str
+    amount_minor: int
+    source_ref: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class DebitBatch:
+    """Several debits in ONE database transaction (group commit), in the same two stages as ``DebitStage``.
+
+    1. ``__init__`` queues: lock every wallet of the batch (``FOR UPDATE``, ascending id: the ledger's lock order),
+       then — separate statements, so they see what earlier lock holders committed — their live buckets, one
+       pre-allocated transaction id per debit, and the keys' earlier use. ``fetch`` reads them.
+    2. ``post`` decides ONE debit in Python against the wallet's state after the batch's earlier debits (floor,
+       debt, burn plan), or raises exactly what ``DebitStage.post`` raises (nothing is written for it);
+       ``write`` queues ONE statement for every posting.
+
+    The caller runs debits in arrival order and never puts the same key twice in a batch, nor a key that was
+    used before (``earlier_use``): those go through ``DebitStage``. A racing use of a key on a wallet outside
+    the batch fails the write (UNIQUE), which fails the whole batch: the caller then runs each debit alone.
+    Transaction ids are allocated under the locks and handed out in posting order, so a wallet's rows still
+    chain in id order."""
+
+    def __init__(self, conn: Connection, debits: list[BatchedDebit]) -> None:
+        self.conn = conn
+        raw = raw_connection(conn)
+        wallet_ids = sorted({d.wallet_id for d in debits})
+        self._lock = raw.cursor()
+        self._lock.execute(_LOCK_WALLETS, (wallet_ids,))
+        self._buckets = raw.cursor()
+        self._buckets.execute(_BATCH_BUCKETS, (wallet_ids,))
+        self._context = raw.cursor()
+        self._context.execute(_BATCH_CONTEXT, (len(debits),))
+        self._earlier = raw.cursor()
+        self._earlier.execute(_BATCH_EARLIER_USE, ([d.idempotency_key for d in debits],))
+        self._posted: list[tuple[BatchedDebit, Posting, TransactionRow, Draft]] = []
+
+    def fetch(self) -> None:
+        self.wallets: dict[str, WalletRow] = {}
+        for row in self._lock.fetchall():
+            wallet = WalletRow(*row)
+            self.wallets[wallet.id] = wallet
+        buckets: dict[str, list[Bucket]] = {}
+        for wallet_id, *bucket in self._buckets.fetchall():
+            buckets.setdefault(wallet_id, []).append(Bucket(*bucket))
+        self._sources = {b.id: b.source for bs in buckets.values() for b in bs}
+        context = self._context.fetchall()
+        self.now: datetime = context[0][0]
+        self._ids = sorted(r[1] for r in context)
+        self._earlier_use = {key: (tx_id, fp) for key, tx_id, fp in self._earlier.fetchall()}
+        self._books = {w.id: WalletBook(balance_minor=w.balance_minor, buckets=buckets.get(w.id, []), now=self.now,
+                                        project_id=w.project_id) for w in self.wallets.values()}
+
+    def wallet(self, wallet_id: str) -> WalletRow | None:
+        """The wallet as the batch's postings so far left it (None: it does not exist)."""
+        return self.wallets.get(wallet_id)
+
+    def earlier_use(self, idempotency_key: str) -> bool:
+        return idempotency_key in self._earlier_use
+
+    def post(self, debit: BatchedDebit) -> Posted:
+        """Charge now or refuse (raises UnknownWallet, WalletBlocked, InsufficientCredits); the write is queued
+        by ``write``."""
+        assert debit.idempotency_key not in self._earlier_use
+        wallet = self.wallets.get(debit.wallet_id)
+        if wallet is None:
+            raise UnknownWallet(f"wallet {debit.wallet_id!r} does not exist", wallet_id=debit.wallet_id)
+        _require_access(wallet, debit.amount_minor)
+        book = self._books[wallet.id]
+        posting = book.debit(debit.amount_minor)
+        fingerprint = request_fingerprint("debit", debit.wallet_id, debit.amount_minor)
+        draft = Draft(wallet_id=wallet.id, project_id=wallet.project_id, kind=TransactionKind.DEBIT, posting=posting,
+                      idempotency_key=debit.idempotency_key, request_fingerprint=fingerprint,
+                      source_ref=debit.source_ref, hold_id=None, metadata=debit.metadata)
+        row = transaction_row(draft, self._ids[len(self._posted)], self.now, {},
+                              {(wallet.id, i): s for i, s in self._sources.items()})
+        self._posted.append((debit, posting, row, draft))
+        self.wallets[wallet.id] = replace(wallet, balance_minor=posting.balance_after_minor, updated_at=self.now)
+        return Posted(PostingResult("created", row), self.wallets[wallet.id].state, self.wallets[wallet.id])
+
+    def write(self) -> None:
+        """Queue ONE statement for every posting (nothing when nothing was posted)."""
+        if not self._posted:
+            return
+        changed: dict[int, int] = {}
+        for book in self._books.values():
+            changed.update(book.changed)
+        touched = sorted({row.wallet_id for _, _, row, _ in self._posted})
+        params = {
+            "kind": TransactionKind.DEBIT.value, "now": self.now, "topic": TOPIC_LEDGER_TRANSACTIONS,
+            "tx": orjson.dumps([{"id": row.id, "project": row.project_id, "wallet": row.wallet_id,
+                                 "amount": row.amount_minor, "before": row.balance_before_minor,
+                                 "after": row.balance_after_minor, "key": row.idempotency_key,
+                                 "fingerprint": draft.request_fingerprint, "ref": row.source_ref,
+                                 "metadata": row.metadata} for _, _, row, draft in self._posted]).decode(),
+            "allocations": orjson.dumps([{"tx": row.id, "bucket": a.bucket_id, "amount": a.amount_minor}
+                                         for _, posting, row, _ in self._posted
+                                         for a in posting.allocations]).decode(),
+            "burned_ids": list(changed), "burned_remaining": list(changed.values()),
+            "outbox": orjson.dumps([{"wallet": row.wallet_id, "payload": transaction_event(row, draft).model_dump_json()}
+                                    for _, _, row, draft in self._posted]).decode(),
+            "wallets": touched, "balances": [self.wallets[w].balance_minor for w in touched],
+        }
+        _run(raw_connection(self.conn).cursor(), _WRITE_BATCH, params)

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.audit import audit
 from api.auth import DeferredAccess, ProjectAccess, require_project, require_project_deferred
+from api.debit_batch import PendingDebit, batcher_of
 from api.deps import ConnectionDep
 from api.errors import NotFound
 from api.feature_costs import price_feature
@@ -171,8 +172,19 @@ def _debit_work(wallet_id: str, body: DebitRequest, client_key: str
              summary="Charge now: an amount, or a feature's configured cost × quantity (member or admin key)")
 async def debit(wallet_id: str, body: DebitRequest, request: Request, access: HotWrite,
                 idempotency_key: IdempotencyKey = None) -> Response:
-    run = _hot(request, access, idempotency_key, body.model_dump(mode="json"),
-               _debit_work(wallet_id, body, require_key(idempotency_key)))
+    client_key = require_key(idempotency_key)
+    body_json = body.model_dump(mode="json")
+    if body.feature_key is None:  # group commit (api/debit_batch.py); it hands a debit back when it must run alone
+        assert body.amount_minor is not None
+        outcome = await batcher_of(request.app.state, request.app.state.engine).debit(PendingDebit(
+            deferred=access, wallet_id=wallet_id, client_key=client_key,
+            request_fingerprint=fingerprint(method=request.method, path=request.url.path, body=body_json),
+            amount_minor=body.amount_minor, source_ref=body.source_ref, metadata=body.metadata))
+        if isinstance(outcome, Response):
+            return outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+    run = _hot(request, access, idempotency_key, body_json, _debit_work(wallet_id, body, client_key))
     return await run_in_threadpool(run)
 
 

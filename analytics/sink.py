@@ -126,6 +126,8 @@ class Sink:
         self._pending_since: float | None = None
         self._pending_rows = 0
         self._seen: OrderedDict[bytes, float] = OrderedDict()  # event identity -> monotonic time stored
+        # topic -> the identity of its current life, stored as kafka_topic (see _resolve_lives)
+        self._lives: dict[str, str] = {}
         self.ready = threading.Event()  # set once subscribed (tests and the api wait on it)
 
     # ------------------------------------------------------------------ set-up
@@ -186,7 +188,26 @@ class Sink:
 
     # ------------------------------------------------------------------ assignment (invariant 4)
 
+    def _resolve_lives(self, topics: set[str]) -> None:
+        """Name each topic's current life ``topic@<topic id>``: offsets, marks and insert tokens are only
+        meaningful within one life. The embedded broker recreates its topics empty on every start while
+        ClickHouse keeps the rows of the previous life; under the bare name the new life's offsets would sit
+        below the old mark and its rows would be skipped as redeliveries (or its inserts dropped as
+        duplicate tokens). A broker without topic ids keeps the bare name."""
+        from confluent_kafka import TopicCollection
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+        for topic, future in admin.describe_topics(TopicCollection(sorted(topics))).items():
+            try:
+                topic_id = future.result(10).topic_id
+            except Exception as exc:  # the bare name still works while the topic keeps its first life
+                log.warning("topic id unavailable; using the bare topic name", topic=topic, error=str(exc))
+                topic_id = None
+            self._lives[topic] = f"{topic}@{topic_id}" if topic_id is not None else topic
+
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._resolve_lives({tp.topic for tp in partitions})
         committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)}
         for tp in partitions:
             key = (tp.topic, tp.partition)
@@ -211,7 +232,7 @@ class Sink:
     def _load_state(self, key: TP, committed: int) -> PartitionState:
         assert self._client is not None
         table = f"`{self.db}`.{self._specs[key[0]].table}"
-        params = {"t": key[0], "p": key[1]}
+        params = {"t": self._lives.get(key[0], key[0]), "p": key[1]}
         mark_rows = self._client.query(
             f"SELECT max(kafka_offset), count() FROM {table} WHERE kafka_topic = {{t:String}} "
             "AND kafka_partition = {p:UInt32}", parameters=params).result_rows
@@ -233,9 +254,11 @@ class Sink:
         now = time.monotonic()
         for project, source, event_id in self._client.query(
                 f"SELECT project_id, source, event_id FROM `{self.db}`.usage_events "
-                "WHERE kafka_topic = {t:String} AND kafka_partition = {p:UInt32} "
+                "WHERE (kafka_topic = {t:String} OR startsWith(kafka_topic, {t_life:String})) "
+                "AND kafka_partition = {p:UInt32} "
                 "AND ingested_at >= now64(3) - toIntervalSecond({h:UInt32}) LIMIT {n:UInt64}",
-                parameters={"t": key[0], "p": key[1], "h": s.dedupe_horizon_s, "n": s.dedupe_keys_max}
+                parameters={"t": key[0], "t_life": f"{key[0]}@", "p": key[1], "h": s.dedupe_horizon_s,
+                            "n": s.dedupe_keys_max}
         ).result_rows:
             self._seen[R.event_identity(project, source, event_id)] = now
         self._trim_seen(now)
@@ -258,7 +281,7 @@ class Sink:
         key = (topic, partition)
         spec = self._specs[topic]
         kind, ts_ms = msg.timestamp()
-        origin = R.Origin(topic, partition, offset, datetime.now(UTC),
+        origin = R.Origin(self._lives.get(topic, topic), partition, offset, datetime.now(UTC),
                           datetime.fromtimestamp(ts_ms / 1000, tz=UTC) if kind and ts_ms > 0 else None)
         parsed = spec.parse(msg, origin)
         self.stats.rejected += parsed.rejected
@@ -314,7 +337,8 @@ class Sink:
                 rows = self._drop_stored_transactions(rows)
             if not rows:
                 continue
-            token = batch_token(table, [(t, p, b.first_offset, b.last_offset, len(b.rows)) for (t, p), b in batches])
+            token = batch_token(table, [(self._lives.get(t, t), p, b.first_offset, b.last_offset, len(b.rows))
+                                        for (t, p), b in batches])
             self._insert(table, self._specs[batches[0][0][0]].columns, rows, token)
             self.stats.inserted_rows[table] = self.stats.inserted_rows.get(table, 0) + len(rows)
         offsets = [TopicPartition(t, p, b.last_offset + 1) for (t, p), b in self._pending.items()]

@@ -25,6 +25,7 @@ from ledger.rows import (
     TransactionRow,
     WalletRow,
 )
+from ledger.source_logs import IDENTITY_SEPARATOR, base_topic
 
 __all__ = [
     "TransactionPage",
@@ -202,12 +203,16 @@ def partition_snapshot(conn: Connection, source_topic: str, partitions: Sequence
 
 def dedupe_keys_since(conn: Connection, *, source_topic: str, partitions: Sequence[int],
                       since: datetime) -> dict[int, set[int]]:
-    """partition -> the (signed 64-bit) dedupe hashes recorded at or after ``since`` (the dedupe horizon)."""
+    """partition -> the (signed 64-bit) dedupe hashes recorded at or after ``since`` (the dedupe horizon),
+    across every life of the topic (ledger/source_logs.py): an event resent after the topic was recreated is
+    still a duplicate."""
     out: dict[int, set[int]] = {p: set() for p in partitions}
+    topic = base_topic(source_topic)
     rows = conn.execute(text("""
         SELECT partition, key_hash FROM dedupe_keys
-        WHERE source_topic = :t AND partition = ANY(CAST(:p AS int[])) AND seen_at >= :since
-    """), {"t": source_topic, "p": list(partitions), "since": since})
+        WHERE (source_topic = :t OR starts_with(source_topic, :t_life))
+          AND partition = ANY(CAST(:p AS int[])) AND seen_at >= :since
+    """), {"t": topic, "t_life": topic + IDENTITY_SEPARATOR, "p": list(partitions), "since": since})
     for r in rows:
         out[int(r.partition)].add(int(r.key_hash))
     return out

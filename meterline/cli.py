@@ -158,7 +158,13 @@ def topics_create(then_migrate: Annotated[bool, typer.Option("--then-migrate", h
         charges_partitions=settings.charges_partitions, transactions_partitions=settings.transactions_partitions))
     console.print(f"created: {', '.join(created) or 'nothing (all present)'}")
     if then_migrate:
+        from meterline.stack import record_topic_lives
+
         migrate()
+        record_topic_lives(os.environ.get("DATABASE_URL", ""), created)
+    elif created:
+        console.print("[yellow]note:[/] run `meterline topics create --then-migrate` (with DATABASE_URL) when "
+                      "topics may have existed before: the ledger must learn they were recreated")
 
 
 def _register_optional_commands() -> None:

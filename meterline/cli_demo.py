@@ -7,7 +7,8 @@ then, through the public HTTP API only — what a new user would do:
 2. create the wallet of one customer (a *subject*) and grant it credits;
 3. send usage events with the Python SDK, then resend some of them (same ids: the pipeline dedupes them);
 4. wait until the ledger has applied every event and check the balance against the price computed here,
-   independently, from the events that were sent — exact to the minor unit, or the demo fails;
+   independently, from the events that were sent — exact to the minor unit, or the demo fails — and until
+   ClickHouse holds every distinct event (the analytics the dashboard shows);
 5. charge a synchronous debit twice with one Idempotency-Key (charged once).
 
 The scenario (events, price, expected charge) is built by the pure ``plan_demo``; the rest is I/O."""
@@ -141,6 +142,23 @@ def _wait_for_balance(http: httpx.Client, wallet_url: str, expected_minor: int, 
                      "see `meterline status` and the logs under the stack's home")
 
 
+def _wait_for_analytics(http: httpx.Client, base: str, events: int, timeout_s: float) -> dict[str, Any]:
+    """Poll the analytics API until ClickHouse holds every distinct event of the demo (the sink drops the
+    resent duplicates), or fail."""
+    deadline = time.monotonic() + timeout_s
+    row: dict[str, Any] = {}
+    with console.status("waiting for the analytics sink…"):
+        while time.monotonic() < deadline:
+            totals = _ok(http.get(f"{base}/analytics/usage/totals"), "usage totals")
+            row = next((m for m in totals["meters"] if m["meter"] == DEMO_EVENT_TYPE), {"events": 0})
+            if int(row["events"]) == events:
+                return row
+            if int(row["events"]) > events:
+                raise DemoFailed(f"analytics counts {row['events']} events, {events} were sent: duplicates counted")
+            time.sleep(0.5)
+    raise DemoFailed(f"analytics holds {row.get('events')} of {events} events after {timeout_s:.0f}s")
+
+
 def _debit_twice(http: httpx.Client, wallet_url: str, amount_minor: int) -> tuple[dict[str, Any], bool]:
     """One synchronous debit sent twice with the same Idempotency-Key: the replay returns the same answer."""
     headers = {"Idempotency-Key": f"demo-debit-{uuid.uuid4().hex}"}
@@ -163,6 +181,7 @@ def run_demo(api_url: str, *, events: int, seed: int, timeout_s: float, stays_up
         started = time.monotonic()
         _wait_for_balance(http, wallet_url, plan.grant_minor - plan.expected_charge_minor, timeout_s)
         settled_s = time.monotonic() - started
+        analytics = _wait_for_analytics(http, ids["base"], len(plan.events), timeout_s)
         debit, replay_same = _debit_twice(http, wallet_url, plan.debit_minor)
         wallet = _ok(http.get(wallet_url), "read wallet")
         balance = int(wallet["balance"]["balance_minor"])
@@ -184,6 +203,7 @@ def run_demo(api_url: str, *, events: int, seed: int, timeout_s: float, stays_up
     table.add_row("balance now", f"[bold green]{balance:,}[/]")
     table.add_row("ledger transactions on the wallet", f"{len(transactions):,}")
     table.add_row("last event → balance settled in", f"{settled_s:.1f} s")
+    table.add_row("events in analytics (ClickHouse, duplicates dropped)", f"{int(analytics['events']):,}")
     out.print(table)
     if stays_up:
         console.print(f"Dashboard: {api_url}/dashboard  (log in as {ids['email']} / {ids['password']})\n"

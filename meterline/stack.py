@@ -151,7 +151,30 @@ def prepare(settings: StackSettings, urls: services.ServiceUrls) -> list[str]:
         prefix=settings.topic_prefix, usage_partitions=settings.usage_partitions,
         charges_partitions=settings.charges_partitions, transactions_partitions=settings.transactions_partitions))
     migrate(urls.database_url)
+    record_topic_lives(urls.database_url, created)
     return created
+
+
+def record_topic_lives(database_url: str, created: list[str]) -> dict[str, int]:
+    """Tell the ledger which topics were just created (after migrating, before any consumer starts): a topic
+    it holds offset marks for starts a new life under a new identity (ledger/source_logs.py). Without this,
+    the embedded broker's fresh, empty logs would look already applied after every restart."""
+    if not created:
+        return {}
+    from ledger.db import make_engine
+    from ledger.source_logs import record_created
+
+    engine = make_engine(database_url, pool_size=1, application_name="meterline-stack")
+    try:
+        with engine.begin() as conn:
+            epochs = record_created(conn, created)
+    finally:
+        engine.dispose()
+    renewed = {topic: epoch for topic, epoch in epochs.items() if epoch > 0}
+    if renewed:
+        log.warning("topics recreated: their offsets start a new life; earlier marks and charges are kept",
+                    topics=renewed)
+    return epochs
 
 
 def child_specs(settings: StackSettings) -> list[ChildSpec]:

@@ -44,6 +44,7 @@ from ledger import queries as ledger_queries
 from ledger.contracts import TOPIC_LEDGER_CHARGES
 from ledger.db import make_engine
 from ledger.kafka import make_producer, require_topics, topic_name
+from ledger.source_logs import current_identity
 from streams import catalog as catalog_db
 from streams.catalog_model import CatalogSnapshot, ProjectPolicy
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
@@ -74,6 +75,9 @@ class Runtime:
         self.settings = settings
         prefix = settings.topic_prefix
         self.usage_topic = topic_name(TOPIC_USAGE_EVENTS, prefix)
+        # The identity the ledger keeps this topic's marks under: the topic's current life
+        # (ledger/source_logs.py). Kafka calls use usage_topic; everything stored in the ledger uses source_id.
+        self.source_id = self.usage_topic
         self.dlq_topic = topic_name(TOPIC_USAGE_DLQ, prefix)
         self.charges_topic = topic_name(TOPIC_LEDGER_CHARGES, prefix)
         self.group_id = f"{prefix}{settings.app_id}"
@@ -228,7 +232,7 @@ class Runtime:
 
     def _applied_sync(self, p: int) -> int:
         with self.engine.connect() as conn:
-            return ledger_queries.applied_offsets(conn, self.usage_topic, [p])[p]
+            return ledger_queries.applied_offsets(conn, self.source_id, [p])[p]
 
     def _snapshot_sync(self, p: int) -> PartitionAggregator:
         now = datetime.now(UTC)
@@ -237,15 +241,15 @@ class Runtime:
         with self.engine.connect() as conn:
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():  # ONE snapshot: applied mark, counters and dedupe keys cannot be torn apart
-                snap = ledger_queries.partition_snapshot(conn, self.usage_topic, [p], periods_since=periods_since)
+                snap = ledger_queries.partition_snapshot(conn, self.source_id, [p], periods_since=periods_since)
                 keys = ledger_queries.dedupe_keys_since(
-                    conn, source_topic=self.usage_topic, partitions=[p],
+                    conn, source_topic=self.source_id, partitions=[p],
                     since=now - timedelta(seconds=self.settings.dedupe_horizon_s))[p]
         if len(keys) > self.settings.dedupe_seed_rows_max:
             log.warning("dedupe_seed_truncated", partition=p, keys=len(keys), kept=self.settings.dedupe_seed_rows_max)
             keys = set(list(keys)[: self.settings.dedupe_seed_rows_max])
         assert self.partitions is not None
-        aggregator = PartitionAggregator(source_topic=self.usage_topic, partition=p, partitions=self.partitions,
+        aggregator = PartitionAggregator(source_topic=self.source_id, partition=p, partitions=self.partitions,
                                          limits=self.limits)
         aggregator.seed(
             applied_through=snap.applied_through[p],
@@ -277,6 +281,11 @@ class Runtime:
             self.timings["between_batches"] += started - self._batch_ended
         self.counts["batches"] += 1
         self.counts["batch_messages"] += len(events)
+        # A meter, price or subject key committed before these events were produced must apply to them:
+        # probe the catalog's revision first (one cheap query; a reload only when it moved). The periodic
+        # refresh alone left a window of up to catalog_refresh_ms in which events of a meter created a moment
+        # earlier were dead-lettered as unknown_meter.
+        await self.refresh_catalog()
         deferred: list[Any] = []
         touched: dict[int, PartitionAggregator] = {}
         previous = dict(self.last_emitted)
@@ -337,7 +346,7 @@ class Runtime:
 
     def _applied_many_sync(self, partitions: list[int]) -> dict[int, int]:
         with self.engine.connect() as conn:
-            return ledger_queries.applied_offsets(conn, self.usage_topic, partitions)
+            return ledger_queries.applied_offsets(conn, self.source_id, partitions)
 
     def _meter(self, ev: Any, touched: dict[int, PartitionAggregator], deferred: list[Any]) -> None:
         message = ev.message
@@ -512,7 +521,10 @@ def main() -> None:
     app = create_app(settings, partitions=partitions)
     runtime: Runtime = app.meterline  # type: ignore[attr-defined]
     runtime._load_catalog_sync(force=True)
-    log.info("streams_worker_starting", group=runtime.group_id, topic=runtime.usage_topic, partitions=partitions,
+    with runtime.engine.connect() as conn:
+        runtime.source_id = current_identity(conn, runtime.usage_topic)
+    log.info("streams_worker_starting", group=runtime.group_id, topic=runtime.usage_topic,
+             source_id=runtime.source_id, partitions=partitions,
              worker_index=settings.worker_index, flush_ms_max=settings.flush_ms_max)
     worker = faust.Worker(app, loglevel=logging.getLevelName(logging.getLogger().level), override_logging=False,
                           quiet=True)

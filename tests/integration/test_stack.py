@@ -164,3 +164,14 @@ def test_an_unreachable_external_database_is_a_clear_error(tmp_path: Path) -> No
     assert result.returncode != 0
     assert "cannot reach PostgreSQL" in result.stderr
     assert f"127.0.0.1:{dead}" in result.stderr
+
+
+def test_usage_after_a_restart_of_the_embedded_stack_is_charged(tmp_path: Path) -> None:
+    """The embedded broker keeps its logs in memory: after `down` + `up` the topics are new and empty while
+    PostgreSQL still holds the offset marks of the old ones. The demo run twice on one home must be exact
+    both times (the second run failed — usage skipped as 'already applied' — before topic lives existed)."""
+    env = _env(tmp_path / "home")
+    for run in (1, 2):
+        result = _cli("demo", "--events", "300", "--timeout-s", "60", env=env, timeout_s=240)
+        assert result.returncode == 0, f"demo run {run} failed:\n{result.stdout}\n{result.stderr[-3000:]}"
+        assert "balance now" in result.stdout

@@ -28,6 +28,8 @@ ROUTER_MODULES: list[str] = [
     "api.routes.events",
     "api.routes.analytics",
     "api.routes.catalog",
+    "api.routes.payments",
+    "api.routes.webhooks",
     "api.dashboard.routes",
 ]
 

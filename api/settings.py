@@ -29,6 +29,9 @@ class ApiSettings(BaseSettings):
     stripe_secret_key: SecretStr = SecretStr("sk_test_placeholder")
     stripe_webhook_secret: SecretStr = SecretStr("whsec_placeholder")
     stripe_api_base: str = "https://api.stripe.com"
+    # payments (api/payments): deployment-wide webhook secrets, used when a project has none of its own
+    lemonsqueezy_webhook_secret: SecretStr = SecretStr("")
+    revenuecat_webhook_authorization: SecretStr = SecretStr("")
     cors_origins: list[str] = Field(default_factory=list)
     request_body_bytes_max: int = 5 * 1024 * 1024
     db_pool_size: int = 10

@@ -1,0 +1,79 @@
+"""Per-project payment provider settings: the webhook secret each provider signs or sends with (and, for
+Stripe, an optional secret API key of the project's own Stripe account).
+
+A project's own row wins; without one the deployment-wide default from the settings is used
+(``API_STRIPE_WEBHOOK_SECRET``, ``API_LEMONSQUEEZY_WEBHOOK_SECRET``, ``API_REVENUECAT_WEBHOOK_AUTHORIZATION``;
+``API_STRIPE_SECRET_KEY`` for checkout). A placeholder or empty default counts as "not configured": every
+webhook is then refused with 400. Secrets are never returned by the API (only whether one is set and its last
+four characters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from api.settings import ApiSettings
+
+PROVIDERS = ("stripe", "revenuecat", "lemonsqueezy")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    project_id: str
+    provider: str
+    webhook_secret: str
+    api_key: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        return {"provider": self.provider, "webhook_secret_set": True,
+                "webhook_secret_last4": self.webhook_secret[-4:], "api_key_set": self.api_key is not None,
+                "updated_at": self.updated_at.isoformat()}
+
+
+def _usable(value: str) -> str | None:
+    return None if not value or "placeholder" in value else value
+
+
+def default_secret(settings: ApiSettings, provider: str) -> str | None:
+    value = {"stripe": settings.stripe_webhook_secret,
+             "revenuecat": getattr(settings, "revenuecat_webhook_authorization", None),
+             "lemonsqueezy": getattr(settings, "lemonsqueezy_webhook_secret", None)}[provider]
+    return _usable(value.get_secret_value()) if value is not None else None
+
+
+def get_config(conn: Connection, *, project_id: str, provider: str) -> ProviderConfig | None:
+    row = conn.execute(text("""
+        SELECT project_id, provider, webhook_secret, api_key, created_at, updated_at
+        FROM payment_provider_configs WHERE project_id = :p AND provider = :v"""),
+                       {"p": project_id, "v": provider}).mappings().first()
+    return ProviderConfig(**row) if row else None
+
+
+def webhook_secret(conn: Connection, settings: ApiSettings, *, project_id: str, provider: str) -> str | None:
+    config = get_config(conn, project_id=project_id, provider=provider)
+    return config.webhook_secret if config else default_secret(settings, provider)
+
+
+def stripe_api_key(conn: Connection, settings: ApiSettings, *, project_id: str) -> str | None:
+    config = get_config(conn, project_id=project_id, provider="stripe")
+    if config and config.api_key:
+        return config.api_key
+    return _usable(settings.stripe_secret_key.get_secret_value())
+
+
+def put_config(conn: Connection, *, project_id: str, provider: str, webhook_secret: str,
+               api_key: str | None) -> tuple[ProviderConfig | None, ProviderConfig]:
+    before = get_config(conn, project_id=project_id, provider=provider)
+    row = conn.execute(text("""
+        INSERT INTO payment_provider_configs (project_id, provider, webhook_secret, api_key)
+        VALUES (:p, :v, :s, :k)
+        ON CONFLICT (project_id, provider) DO UPDATE
+            SET webhook_secret = excluded.webhook_secret, api_key = excluded.api_key, updated_at = now()
+        RETURNING project_id, provider, webhook_secret, api_key, created_at, updated_at"""),
+                       {"p": project_id, "v": provider, "s": webhook_secret, "k": api_key}).mappings().one()
+    return before, ProviderConfig(**row)

@@ -1,0 +1,274 @@
+"""What a verified provider event may do, as small steps shared by the three providers. Every step runs in
+the webhook's transaction (the event row, the ledger postings, payments and entitlements commit together).
+
+Exactly once:
+- a purchase or subscription payment grants credits with the ledger idempotency key
+  ``pay:{project}:{provider}:{external payment id}`` (checkout session, invoice, store transaction, order) and
+  is recorded once in ``payments``; a second event for the same payment (redelivery, invoice.paid next to
+  invoice.payment_succeeded) finds the payment and posts nothing;
+- refunds and chargebacks are *cumulative*: the payment keeps the money refunded/disputed so far, the credits
+  to claw back are ``ceil(credits × reversed money / paid money)`` (all of them for a full reversal), and only
+  the difference to what was already clawed back is posted (a negative ``adjustment``, which may create debt;
+  a won dispute or a reversed refund posts it back). Replays and reordered partial refunds converge;
+- entitlements move by provider time (``state_at``): an older event never overwrites a newer state, ``ended``
+  is final, and the paid period only ever grows.
+
+Out of order: an event about something not seen yet (an invoice of a subscription whose checkout has not
+arrived, a refund before its purchase) raises ``Defer(ref)``; the event is stored as ``deferred`` and re-run
+when an event creates that thing (``ctx.wakes``). The result is the state in-order delivery gives."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from api.payments.offers import Offer, get_offer
+from ledger import queries, service
+from ledger.contracts import TransactionKind
+from streams import catalog
+
+ACCESS_STATUSES = ("trialing", "active", "past_due", "cancelled")
+
+
+class Defer(Exception):
+    """The event needs something that has not arrived yet (``ref``); keep it and re-run it later."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        super().__init__(reason)
+        self.ref = ref
+        self.reason = reason
+
+
+class Unmatched(Exception):
+    """The event is valid but maps to nothing configured (no offer, no wallet); an admin may replay it."""
+
+
+@dataclass
+class Ctx:
+    conn: Connection
+    project_id: str
+    provider: str
+    event_id: str
+    event_type: str
+    at: datetime  # the provider's time of the event
+    transaction_ids: list[int] = field(default_factory=list)
+    wakes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    ignored: bool = False
+
+    def ignore(self, reason: str) -> None:
+        """The event changes nothing (it is stored as ``ignored`` with the reason)."""
+        self.notes.append(reason)
+        self.ignored = True
+
+
+@dataclass(frozen=True, slots=True)
+class Entitlement:
+    id: str
+    project_id: str
+    wallet_id: str
+    offer_id: str
+    provider: str
+    external_subscription_id: str
+    external_customer_id: str | None
+    status: str
+    will_renew: bool
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+    ended_at: datetime | None
+    state_at: datetime
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> Entitlement:
+        return cls(**{name: row[name] for name in cls.__slots__})
+
+    def active_at(self, moment: datetime) -> bool:
+        return self.status in ACCESS_STATUSES and (self.current_period_end is None or self.current_period_end > moment)
+
+
+# ---------------------------------------------------------------------------------------------- wallets
+
+
+def resolve_wallet(ctx: Ctx, ref: object) -> str:
+    """A wallet of this project named by a provider-side reference: a wallet id, else a subject key (the
+    customer's id in the product; its subject wallet is created if needed, as usage would)."""
+    if ref is None or str(ref).strip() == "":
+        raise Unmatched("the event names no customer (wallet id or subject)")
+    ref = str(ref)
+    wallet = queries.get_wallet(ctx.conn, ref)
+    if wallet is not None:
+        if wallet.project_id != ctx.project_id:
+            raise Unmatched("the wallet named by the event belongs to another project")
+        return wallet.id
+    mapped = ctx.conn.execute(text("SELECT wallet_id FROM subject_keys WHERE project_id = :p AND subject = :s"),
+                              {"p": ctx.project_id, "s": ref}).scalar()
+    wallet_id = str(mapped) if mapped else catalog.set_subject_key(ctx.conn, project_id=ctx.project_id,
+                                                                    subject=ref).wallet_id
+    existing = queries.get_wallet(ctx.conn, wallet_id)
+    if existing is not None:
+        return existing.id
+    return service.ensure_wallet(ctx.conn, project_id=ctx.project_id, owner_kind="subject", owner_ref=ref,
+                                 wallet_id=wallet_id).id
+
+
+def offer_by_id(ctx: Ctx, offer_id: str) -> Offer:
+    offer = get_offer(ctx.conn, project_id=ctx.project_id, offer_id=offer_id)
+    assert offer is not None
+    return offer
+
+
+# --------------------------------------------------------------------------------------------- payments
+
+
+def _payment(ctx: Ctx, refs: list[str]) -> Any:
+    return ctx.conn.execute(text("""
+        SELECT * FROM payments WHERE project_id = :p AND provider = :v
+          AND (external_id = ANY(:refs) OR payment_ref = ANY(:refs))
+        ORDER BY created_at LIMIT 1 FOR UPDATE"""),
+                            {"p": ctx.project_id, "v": ctx.provider, "refs": refs}).mappings().first()
+
+
+def grant_payment(ctx: Ctx, *, external_id: str, wallet_id: str, offer: Offer, amount_minor: int, currency: str,
+                  payment_ref: str | None = None, entitlement_id: str | None = None) -> bool:
+    """Credit the offer's credits for a received payment, once. False when the payment was already recorded."""
+    if _payment(ctx, [external_id]) is not None:
+        ctx.ignore(f"payment {external_id} was already credited")
+        return False
+    kind = TransactionKind.SUBSCRIPTION_GRANT if offer.kind == "plan" else TransactionKind.TOP_UP
+    posted = service.grant_credits(
+        ctx.conn, wallet_id=wallet_id, amount_minor=offer.credits_minor, kind=kind,
+        idempotency_key=f"pay:{ctx.project_id}:{ctx.provider}:{external_id}",
+        source_ref=f"{ctx.provider}:{external_id}",
+        metadata={"provider": ctx.provider, "offer": offer.slug, "event_id": ctx.event_id,
+                  "amount_minor": amount_minor, "currency": currency, **({"payment_ref": payment_ref} if payment_ref
+                                                                          else {})})
+    ctx.conn.execute(text("""
+        INSERT INTO payments (id, project_id, provider, external_id, payment_ref, wallet_id, offer_id, entitlement_id,
+                              amount_minor, currency, credits_minor, grant_transaction_id)
+        VALUES (:id, :p, :v, :x, :r, :w, :o, :e, :a, :c, :cr, :t)"""),
+                     {"id": f"pay_{uuid.uuid4().hex[:20]}", "p": ctx.project_id, "v": ctx.provider, "x": external_id,
+                      "r": payment_ref, "w": wallet_id, "o": offer.id, "e": entitlement_id, "a": amount_minor,
+                      "c": currency.lower(), "cr": offer.credits_minor, "t": posted.transaction.id})
+    if posted.outcome == "created":
+        ctx.transaction_ids.append(posted.transaction.id)
+    ctx.wakes.extend(f"pay:{r}" for r in (external_id, payment_ref) if r)
+    return True
+
+
+def reverse_payment(ctx: Ctx, *, refs: list[str | None], refunded_minor: int | None = None,
+                    disputed_minor: int | None = None, monotonic: bool = True) -> None:
+    """Record money given back (refund) or taken back (dispute) for a payment and claw back the matching share
+    of its credits. Amounts are the provider's cumulative figures; ``monotonic`` keeps the larger of the stored
+    and the given value (reordered partial refunds), False sets it (a won dispute, a reversed refund)."""
+    wanted = [r for r in refs if r]
+    payment = _payment(ctx, wanted)
+    if payment is None:
+        raise Defer(f"pay:{wanted[0]}", f"no payment {wanted[0]} yet (refund or dispute before the purchase)")
+    refunded = payment["refunded_minor"] if refunded_minor is None else (
+        max(payment["refunded_minor"], refunded_minor) if monotonic else refunded_minor)
+    disputed = payment["disputed_minor"] if disputed_minor is None else (
+        max(payment["disputed_minor"], disputed_minor) if monotonic else disputed_minor)
+    paid = payment["amount_minor"]
+    credits = payment["credits_minor"]
+    reversed_money = min(paid, refunded + disputed)
+    target = (-(-credits * reversed_money // paid) if paid > 0 else (credits if refunded + disputed > 0 else 0))
+    delta = target - payment["clawed_back_minor"]
+    if delta:
+        posted = service.adjust(
+            ctx.conn, wallet_id=payment["wallet_id"], amount_minor=-delta,
+            reason=f"{ctx.provider} {ctx.event_type}: {'claw back' if delta > 0 else 'restore'} credits of "
+                   f"payment {payment['external_id']}",
+            idempotency_key=f"reversal:{ctx.project_id}:{ctx.provider}:{ctx.event_id}:{payment['id']}",
+            metadata={"provider": ctx.provider, "event_id": ctx.event_id, "payment": payment["external_id"],
+                      "refunded_minor": refunded, "disputed_minor": disputed})
+        if posted.outcome == "created":
+            ctx.transaction_ids.append(posted.transaction.id)
+    status = ("disputed" if disputed > 0 else "refunded" if refunded >= paid and refunded > 0
+              else "partially_refunded" if refunded > 0 else "paid")
+    ctx.conn.execute(text("""
+        UPDATE payments SET refunded_minor = :r, disputed_minor = :d, clawed_back_minor = :c, status = :s,
+                            updated_at = now() WHERE id = :id"""),
+                     {"r": refunded, "d": disputed, "c": target, "s": status, "id": payment["id"]})
+
+
+# ----------------------------------------------------------------------------------------- entitlements
+
+
+def find_entitlement(ctx: Ctx, external_subscription_id: str) -> Entitlement | None:
+    row = ctx.conn.execute(text("""
+        SELECT * FROM entitlements WHERE project_id = :p AND provider = :v AND external_subscription_id = :s
+        FOR UPDATE"""), {"p": ctx.project_id, "v": ctx.provider, "s": external_subscription_id}).mappings().first()
+    return Entitlement.of(row) if row else None
+
+
+def require_entitlement(ctx: Ctx, external_subscription_id: str) -> Entitlement:
+    found = find_entitlement(ctx, external_subscription_id)
+    if found is None:
+        raise Defer(f"sub:{external_subscription_id}",
+                    f"subscription {external_subscription_id} is not known yet (its purchase has not arrived)")
+    return found
+
+
+def upsert_entitlement(ctx: Ctx, *, external_subscription_id: str, status: str | None,
+                       wallet_id: str | None = None, offer: Offer | None = None, will_renew: bool | None = None,
+                       period_start: datetime | None = None, period_end: datetime | None = None,
+                       customer_id: str | None = None, ended_at: datetime | None = None) -> Entitlement:
+    """Create the entitlement (needs wallet and offer, else the event is deferred until its purchase arrives)
+    or move it: state fields only when this event is not older than the state shown and it has not ended;
+    the period only forward; the plan when a newer event names another plan."""
+    existing = find_entitlement(ctx, external_subscription_id)
+    if existing is None:
+        if wallet_id is None or offer is None:
+            raise Defer(f"sub:{external_subscription_id}",
+                        f"subscription {external_subscription_id} is not known yet (its purchase has not arrived)")
+        row = ctx.conn.execute(text("""
+            INSERT INTO entitlements (id, project_id, wallet_id, offer_id, provider, external_subscription_id,
+                external_customer_id, status, will_renew, current_period_start, current_period_end, ended_at,
+                state_at)
+            VALUES (:id, :p, :w, :o, :v, :s, :c, :status, :renew, :ps, :pe, :ended, :at)
+            RETURNING *"""), {
+            "id": f"ent_{uuid.uuid4().hex[:20]}", "p": ctx.project_id, "w": wallet_id, "o": offer.id,
+            "v": ctx.provider, "s": external_subscription_id, "c": customer_id, "status": status or "active",
+            "renew": True if will_renew is None else will_renew, "ps": period_start, "pe": period_end,
+            "ended": ended_at if status == "ended" else None, "at": ctx.at}).mappings().one()
+        ctx.wakes.append(f"sub:{external_subscription_id}")
+        return Entitlement.of(row)
+    newer = ctx.at >= existing.state_at and existing.status != "ended"
+    row = ctx.conn.execute(text("""
+        UPDATE entitlements SET
+            status = CASE WHEN :newer AND CAST(:status AS text) IS NOT NULL THEN CAST(:status AS text)
+                          ELSE status END,
+            will_renew = CASE WHEN :newer AND CAST(:renew AS boolean) IS NOT NULL THEN CAST(:renew AS boolean)
+                              ELSE will_renew END,
+            ended_at = CASE WHEN :newer AND CAST(:status AS text) = 'ended'
+                            THEN coalesce(CAST(:ended AS timestamptz), CAST(:at AS timestamptz)) ELSE ended_at END,
+            offer_id = CASE WHEN :newer AND CAST(:o AS text) IS NOT NULL THEN CAST(:o AS text) ELSE offer_id END,
+            external_customer_id = coalesce(external_customer_id, CAST(:c AS text)),
+            current_period_start = CASE WHEN CAST(:pe AS timestamptz) > coalesce(current_period_end, '-infinity')
+                                        THEN CAST(:ps AS timestamptz) ELSE current_period_start END,
+            current_period_end = greatest(current_period_end, CAST(:pe AS timestamptz)),
+            state_at = CASE WHEN :newer THEN CAST(:at AS timestamptz) ELSE state_at END,
+            updated_at = now()
+        WHERE id = :id RETURNING *"""), {
+        "newer": newer, "status": status, "renew": will_renew, "ended": ended_at, "at": ctx.at,
+        "o": offer.id if offer else None, "c": customer_id, "ps": period_start, "pe": period_end,
+        "id": existing.id}).mappings().one()
+    if not newer:
+        ctx.notes.append("an older or post-end event: entitlement state kept")
+    return Entitlement.of(row)
+
+
+def grant_period(ctx: Ctx, ent: Entitlement, *, external_id: str, amount_minor: int, currency: str,
+                 period_start: datetime | None, offer: Offer | None = None, payment_ref: str | None = None) -> None:
+    """A paid subscription period: the plan's credits, unless the period starts after the entitlement ended."""
+    if ent.ended_at is not None and period_start is not None and period_start >= ent.ended_at:
+        ctx.ignore("the subscription had ended before this period; no credits")
+        return
+    grant_payment(ctx, external_id=external_id, wallet_id=ent.wallet_id, offer=offer or offer_by_id(ctx, ent.offer_id),
+                  amount_minor=amount_minor, currency=currency, payment_ref=payment_ref, entitlement_id=ent.id)

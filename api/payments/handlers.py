@@ -1,0 +1,404 @@
+"""Provider events → effects (api/payments/effects.py). ``parse`` turns a VERIFIED raw body into the event's
+identity; ``handle`` applies it. Only the fields named here are read; unknown event types are stored as
+``ignored``. JSON numbers with a fraction are parsed as Decimal (RevenueCat prices), never float.
+
+How a webhook finds its wallet and offer (first match wins):
+- Stripe: the checkout session Meterline created (``checkout_sessions``); else the metadata Meterline puts on
+  sessions and subscriptions (``meterline_wallet_id``, ``meterline_offer``); else ``client_reference_id`` as a
+  wallet id or subject and ``metadata.plan`` / ``metadata.pack`` as an offer slug; for a one-off payment with
+  no offer named, the ONE live pack of exactly that price and currency. Invoices and subscription events find
+  the entitlement by subscription id.
+- RevenueCat: ``app_user_id`` as a wallet id or subject; ``product_id`` → the offer's ``revenuecat_product_id``;
+  subscriptions by ``original_transaction_id``, payments by ``transaction_id``.
+- Lemon Squeezy: ``meta.custom_data`` (``meterline_wallet_id``, ``wallet_id``, ``subject``, ``customer_id``,
+  ``user_id``) and ``meterline_offer``; else the variant id → the offer's ``lemonsqueezy_variant_id``;
+  subscriptions by id, invoices by ``subscription_id``, orders by id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from sqlalchemy import text
+
+from api.payments.effects import (
+    Ctx,
+    Unmatched,
+    find_entitlement,
+    grant_payment,
+    grant_period,
+    offer_by_id,
+    require_entitlement,
+    resolve_wallet,
+    reverse_payment,
+    upsert_entitlement,
+)
+from api.payments.offers import Offer, get_offer, offer_for_product, pack_by_price
+from api.payments.signatures import WebhookMalformed
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    event_id: str
+    event_type: str
+    at: datetime
+    payload: dict[str, Any]
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body, parse_float=Decimal)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WebhookMalformed("the webhook body is not JSON") from exc
+    if not isinstance(value, dict):
+        raise WebhookMalformed("the webhook body is not a JSON object")
+    return value
+
+
+def _ts(seconds: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(seconds), UTC) if seconds is not None else None
+
+
+def _ms(millis: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(millis) / 1000, UTC) if millis is not None else None
+
+
+def _iso(value: Any) -> datetime | None:
+    if not value:
+        return None
+    moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _offer_slug(ctx: Ctx, slug: Any, kind: str | None = None) -> Offer | None:
+    if not slug:
+        return None
+    return get_offer(ctx.conn, project_id=ctx.project_id, slug=str(slug), kind=kind)
+
+
+def _require_kind(offer: Offer | None, kind: str, what: str) -> Offer:
+    if offer is None:
+        raise Unmatched(f"no {kind} in this project matches {what}")
+    if offer.kind != kind:
+        raise Unmatched(f"{what} maps to {offer.kind} {offer.slug!r}, not a {kind}")
+    return offer
+
+
+# =============================================================================================== Stripe
+
+STRIPE_STATUS = {"trialing": "trialing", "active": "active", "past_due": "past_due", "unpaid": "past_due",
+                 "incomplete": "past_due", "paused": "paused", "canceled": "ended", "incomplete_expired": "ended"}
+
+
+def parse_stripe(body: bytes) -> Parsed:
+    event = _json(body)
+    try:
+        return Parsed(str(event["id"]), str(event["type"]), _ts(event["created"]) or datetime.now(UTC), event)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WebhookMalformed("a Stripe event needs id, type and created") from exc
+
+
+def handle_stripe(ctx: Ctx, event: dict[str, Any]) -> None:
+    obj = event["data"]["object"]
+    kind = event["type"]
+    if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+        _stripe_session(ctx, obj)
+    elif kind in ("invoice.paid", "invoice.payment_succeeded"):
+        _stripe_invoice(ctx, obj)
+    elif kind in ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
+                  "customer.subscription.paused", "customer.subscription.resumed"):
+        _stripe_subscription(ctx, obj)
+    elif kind == "charge.refunded":
+        reverse_payment(ctx, refs=[obj.get("payment_intent"), obj.get("id")], refunded_minor=int(obj["amount_refunded"]))
+    elif kind in ("charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed"):
+        won = kind == "charge.dispute.closed" and obj.get("status") == "won"
+        reverse_payment(ctx, refs=[obj.get("payment_intent"), obj.get("charge")],
+                        disputed_minor=0 if won else int(obj["amount"]), monotonic=not won)
+    else:
+        ctx.ignore(f"{kind} has no effect")
+
+
+def _stripe_metadata_project(ctx: Ctx, metadata: dict[str, Any]) -> None:
+    owner = metadata.get("meterline_project_id")
+    if owner and owner != ctx.project_id:
+        raise Unmatched(f"the object belongs to project {owner}, not this one")
+
+
+def _stripe_session(ctx: Ctx, session: dict[str, Any]) -> None:
+    metadata = session.get("metadata") or {}
+    _stripe_metadata_project(ctx, metadata)
+    stored = ctx.conn.execute(text("""
+        UPDATE checkout_sessions SET completed_at = coalesce(completed_at, now())
+        WHERE id = :id AND project_id = :p RETURNING wallet_id, offer_id"""),
+                              {"id": session["id"], "p": ctx.project_id}).first()
+    mode = session.get("mode")
+    if stored is not None:
+        offer: Offer | None = offer_by_id(ctx, stored.offer_id)
+        wallet_id = stored.wallet_id
+    else:
+        offer = (_offer_slug(ctx, metadata.get("meterline_offer")) or _offer_slug(ctx, metadata.get("plan"), "plan")
+                 or _offer_slug(ctx, metadata.get("pack"), "pack"))
+        if offer is None and mode == "payment" and session.get("amount_total") is not None:
+            offer = pack_by_price(ctx.conn, project_id=ctx.project_id, price_minor=int(session["amount_total"]),
+                                  currency=str(session.get("currency") or ""))
+        wallet_id = None
+    if mode == "payment":
+        offer = _require_kind(offer, "pack", f"checkout session {session['id']}")
+        if session.get("payment_status") not in ("paid", "no_payment_required"):
+            ctx.ignore("payment not settled yet; credits follow checkout.session.async_payment_succeeded")
+            return
+        wallet_id = wallet_id or resolve_wallet(ctx, metadata.get("meterline_wallet_id")
+                                                or session.get("client_reference_id"))
+        grant_payment(ctx, external_id=session["id"], payment_ref=session.get("payment_intent"), wallet_id=wallet_id,
+                      offer=offer, amount_minor=int(session.get("amount_total") or 0),
+                      currency=str(session.get("currency") or offer.currency))
+    elif mode == "subscription":
+        offer = _require_kind(offer, "plan", f"checkout session {session['id']}")
+        if not session.get("subscription"):
+            raise Unmatched("a subscription checkout without a subscription id")
+        wallet_id = wallet_id or resolve_wallet(ctx, metadata.get("meterline_wallet_id")
+                                                or session.get("client_reference_id"))
+        upsert_entitlement(ctx, external_subscription_id=str(session["subscription"]), status="active",
+                           wallet_id=wallet_id, offer=offer, customer_id=session.get("customer"))
+    else:
+        ctx.ignore(f"checkout mode {mode} has no effect")
+
+
+def _stripe_line_prices(invoice: dict[str, Any]) -> tuple[list[str], datetime | None, datetime | None]:
+    prices: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    for line in ((invoice.get("lines") or {}).get("data") or []):
+        price = ((line.get("pricing") or {}).get("price_details") or {}).get("price") or \
+            (line.get("price") or {}).get("id")
+        if price:
+            prices.append(str(price))
+        period = line.get("period") or {}
+        if period.get("start") is not None:
+            starts.append(int(period["start"]))
+        if period.get("end") is not None:
+            ends.append(int(period["end"]))
+    return prices, _ts(min(starts)) if starts else None, _ts(max(ends)) if ends else None
+
+
+def _plan_for_prices(ctx: Ctx, prices: list[str]) -> Offer | None:
+    for price in prices:
+        offer = offer_for_product(ctx.conn, project_id=ctx.project_id, provider="stripe", product_id=price)
+        if offer is not None and offer.kind == "plan":
+            return offer
+    return None
+
+
+def _stripe_invoice(ctx: Ctx, invoice: dict[str, Any]) -> None:
+    parent = invoice.get("parent") or {}
+    subscription = (parent.get("subscription_details") or {}).get("subscription") or invoice.get("subscription")
+    if not subscription:
+        ctx.ignore("an invoice outside a subscription has no effect")
+        return
+    if invoice.get("status") != "paid":
+        ctx.ignore(f"invoice status {invoice.get('status')}: nothing paid")
+        return
+    ent = require_entitlement(ctx, str(subscription))
+    prices, period_start, period_end = _stripe_line_prices(invoice)
+    plan = _plan_for_prices(ctx, prices)
+    ent = upsert_entitlement(ctx, external_subscription_id=str(subscription), status=None, offer=plan,
+                             period_start=period_start, period_end=period_end)
+    amount = int(invoice.get("amount_paid") or 0)
+    if amount <= 0:
+        ctx.notes.append("a $0 invoice (trial) grants no credits")
+        return
+    grant_period(ctx, ent, external_id=str(invoice["id"]), amount_minor=amount,
+                 currency=str(invoice.get("currency") or ""), period_start=period_start, offer=plan)
+
+
+def _stripe_subscription(ctx: Ctx, sub: dict[str, Any]) -> None:
+    metadata = sub.get("metadata") or {}
+    _stripe_metadata_project(ctx, metadata)
+    items = (sub.get("items") or {}).get("data") or []
+    starts = [int(i["current_period_start"]) for i in items if i.get("current_period_start") is not None]
+    ends = [int(i["current_period_end"]) for i in items if i.get("current_period_end") is not None]
+    plan = _plan_for_prices(ctx, [str((i.get("price") or {}).get("id")) for i in items if i.get("price")])
+    status = STRIPE_STATUS.get(str(sub.get("status")), "active")
+    if status == "active" and sub.get("cancel_at_period_end"):
+        status = "cancelled"
+    wallet_id = None
+    if metadata.get("meterline_wallet_id"):
+        wallet_id = resolve_wallet(ctx, metadata["meterline_wallet_id"])
+        plan = plan or _offer_slug(ctx, metadata.get("meterline_offer"), "plan")
+    upsert_entitlement(ctx, external_subscription_id=str(sub["id"]), status=status, wallet_id=wallet_id, offer=plan,
+                       will_renew=status in ("active", "trialing", "past_due") and not sub.get("cancel_at_period_end"),
+                       period_start=_ts(min(starts)) if starts else None, period_end=_ts(max(ends)) if ends else None,
+                       customer_id=sub.get("customer"), ended_at=_ts(sub.get("ended_at")))
+
+
+# =========================================================================================== RevenueCat
+
+
+def parse_revenuecat(body: bytes) -> Parsed:
+    payload = _json(body)
+    event = payload.get("event")
+    if not isinstance(event, dict) or not event.get("id") or not event.get("type"):
+        raise WebhookMalformed("a RevenueCat webhook needs event.id and event.type")
+    at = _ms(event.get("event_timestamp_ms")) or datetime.now(UTC)
+    return Parsed(str(event["id"]), str(event["type"]), at, event)
+
+
+def _rc_amount_minor(event: dict[str, Any]) -> int:
+    price = event.get("price")
+    if price is None:
+        return 0
+    return int((abs(Decimal(str(price))) * 100).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+def _rc_offer(ctx: Ctx, product_id: Any) -> Offer | None:
+    if not product_id:
+        return None
+    return offer_for_product(ctx.conn, project_id=ctx.project_id, provider="revenuecat", product_id=str(product_id))
+
+
+def handle_revenuecat(ctx: Ctx, event: dict[str, Any]) -> None:
+    kind = event["type"]
+    subscription = str(event.get("original_transaction_id") or event.get("transaction_id") or "")
+    transaction = str(event.get("transaction_id") or "")
+    if kind in ("INITIAL_PURCHASE", "RENEWAL"):
+        offer = _require_kind(_rc_offer(ctx, event.get("product_id")), "plan", f"product {event.get('product_id')}")
+        trial = event.get("period_type") == "TRIAL"
+        found = find_entitlement(ctx, subscription)
+        existing_wallet = found.wallet_id if found else None
+        wallet_id = existing_wallet or resolve_wallet(ctx, event.get("app_user_id"))
+        ent = upsert_entitlement(ctx, external_subscription_id=subscription, status="trialing" if trial else "active",
+                                 wallet_id=wallet_id, offer=offer, will_renew=True,
+                                 period_start=_ms(event.get("purchased_at_ms")),
+                                 period_end=_ms(event.get("expiration_at_ms")))
+        if trial:
+            ctx.notes.append("a trial period grants no credits")
+            return
+        grant_period(ctx, ent, external_id=transaction, amount_minor=_rc_amount_minor(event),
+                     currency=str(event.get("currency") or "usd"), period_start=_ms(event.get("purchased_at_ms")),
+                     offer=offer)
+    elif kind == "NON_RENEWING_PURCHASE":
+        offer = _require_kind(_rc_offer(ctx, event.get("product_id")), "pack", f"product {event.get('product_id')}")
+        grant_payment(ctx, external_id=transaction, wallet_id=resolve_wallet(ctx, event.get("app_user_id")),
+                      offer=offer, amount_minor=_rc_amount_minor(event), currency=str(event.get("currency") or "usd"))
+    elif kind == "CANCELLATION" and event.get("cancel_reason") == "CUSTOMER_SUPPORT":
+        # RevenueCat's refund: the whole transaction's credits come back, and access ends now
+        _rc_refund(ctx, event, transaction, subscription, refunded=True)
+    elif kind == "REFUND_REVERSED":
+        _rc_refund(ctx, event, transaction, subscription, refunded=False)
+    elif kind == "CANCELLATION":
+        require_entitlement(ctx, subscription)
+        upsert_entitlement(ctx, external_subscription_id=subscription, status="cancelled", will_renew=False)
+    elif kind == "UNCANCELLATION":
+        require_entitlement(ctx, subscription)
+        upsert_entitlement(ctx, external_subscription_id=subscription, status="active", will_renew=True)
+    elif kind == "BILLING_ISSUE":
+        require_entitlement(ctx, subscription)
+        upsert_entitlement(ctx, external_subscription_id=subscription, status="past_due")
+    elif kind == "EXPIRATION":
+        require_entitlement(ctx, subscription)
+        upsert_entitlement(ctx, external_subscription_id=subscription, status="ended", will_renew=False,
+                           ended_at=_ms(event.get("expiration_at_ms")) or ctx.at)
+    else:  # PRODUCT_CHANGE takes effect with the next RENEWAL, which names the new product
+        ctx.ignore(f"{kind} has no effect")
+
+
+def _rc_refund(ctx: Ctx, event: dict[str, Any], transaction: str, subscription: str, *, refunded: bool) -> None:
+    payment = ctx.conn.execute(text("""
+        SELECT amount_minor, entitlement_id FROM payments
+        WHERE project_id = :p AND provider = 'revenuecat' AND external_id = :x"""),
+                               {"p": ctx.project_id, "x": transaction}).first()
+    full = int(payment.amount_minor) if payment is not None else 0
+    reverse_payment(ctx, refs=[transaction], refunded_minor=max(full, 1) if refunded else 0, monotonic=False)
+    if payment is not None and payment.entitlement_id is not None and refunded:
+        upsert_entitlement(ctx, external_subscription_id=subscription, status="ended", will_renew=False,
+                           ended_at=ctx.at)
+
+
+# ======================================================================================== Lemon Squeezy
+
+LS_STATUS = {"on_trial": "trialing", "active": "active", "past_due": "past_due", "unpaid": "past_due",
+             "paused": "paused", "cancelled": "cancelled", "expired": "ended"}
+LS_CUSTOMER_KEYS = ("meterline_wallet_id", "wallet_id", "subject", "customer_id", "user_id")
+
+
+def parse_lemonsqueezy(body: bytes) -> Parsed:
+    payload = _json(body)
+    meta = payload.get("meta") or {}
+    data = payload.get("data") or {}
+    if not meta.get("event_name") or not data.get("type") or data.get("id") is None:
+        raise WebhookMalformed("a Lemon Squeezy webhook needs meta.event_name and data.type/id")
+    attributes = data.get("attributes") or {}
+    # Lemon Squeezy sends no event id: the event is identified by what happened to which object, when
+    event_id = f"{meta['event_name']}:{data['type']}:{data['id']}:{attributes.get('updated_at') or ''}"
+    at = _iso(attributes.get("updated_at")) or _iso(attributes.get("created_at")) or datetime.now(UTC)
+    return Parsed(event_id, str(meta["event_name"]), at, payload)
+
+
+def _ls_customer(payload: dict[str, Any]) -> Any:
+    custom = (payload.get("meta") or {}).get("custom_data") or {}
+    for key in LS_CUSTOMER_KEYS:
+        if custom.get(key) not in (None, ""):
+            return custom[key]
+    return None
+
+
+def _ls_offer(ctx: Ctx, payload: dict[str, Any], variant_id: Any) -> Offer | None:
+    custom = (payload.get("meta") or {}).get("custom_data") or {}
+    return _offer_slug(ctx, custom.get("meterline_offer")) or (
+        offer_for_product(ctx.conn, project_id=ctx.project_id, provider="lemonsqueezy", product_id=str(variant_id))
+        if variant_id is not None else None)
+
+
+def handle_lemonsqueezy(ctx: Ctx, payload: dict[str, Any]) -> None:
+    kind = payload["meta"]["event_name"]
+    data = payload["data"]
+    attrs = data.get("attributes") or {}
+    if kind == "order_created":
+        if attrs.get("status") != "paid":
+            ctx.ignore(f"order status {attrs.get('status')}: nothing paid")
+            return
+        variant = (attrs.get("first_order_item") or {}).get("variant_id")
+        offer = _ls_offer(ctx, payload, variant)
+        if offer is not None and offer.kind == "plan":
+            ctx.ignore("a subscription's order: credits follow subscription_payment_success")
+            return
+        offer = _require_kind(offer, "pack", f"variant {variant}")
+        grant_payment(ctx, external_id=f"order:{data['id']}", wallet_id=resolve_wallet(ctx, _ls_customer(payload)),
+                      offer=offer, amount_minor=int(attrs.get("total") or 0),
+                      currency=str(attrs.get("currency") or offer.currency))
+    elif kind == "order_refunded":
+        reverse_payment(ctx, refs=[f"order:{data['id']}"], refunded_minor=int(attrs.get("refunded_amount") or 0))
+    elif kind in ("subscription_created", "subscription_updated", "subscription_cancelled", "subscription_resumed",
+                  "subscription_expired", "subscription_paused", "subscription_unpaused"):
+        subscription = str(data["id"])
+        offer = _ls_offer(ctx, payload, attrs.get("variant_id"))
+        plan = offer if offer is not None and offer.kind == "plan" else None
+        status = LS_STATUS.get(str(attrs.get("status")), "active")
+        wallet_id = None
+        if find_entitlement(ctx, subscription) is None:
+            if plan is None:
+                raise Unmatched(f"no plan in this project matches variant {attrs.get('variant_id')}")
+            wallet_id = resolve_wallet(ctx, _ls_customer(payload))
+        upsert_entitlement(ctx, external_subscription_id=subscription, status=status, wallet_id=wallet_id, offer=plan,
+                           will_renew=status in ("active", "trialing", "past_due"),
+                           period_end=_iso(attrs.get("ends_at")) or _iso(attrs.get("renews_at")),
+                           customer_id=str(attrs["customer_id"]) if attrs.get("customer_id") is not None else None,
+                           ended_at=_iso(attrs.get("ends_at")))
+    elif kind == "subscription_payment_success":
+        if attrs.get("status") != "paid":
+            ctx.ignore(f"invoice status {attrs.get('status')}: nothing paid")
+            return
+        ent = require_entitlement(ctx, str(attrs.get("subscription_id")))
+        grant_period(ctx, ent, external_id=f"invoice:{data['id']}", amount_minor=int(attrs.get("total") or 0),
+                     currency=str(attrs.get("currency") or "usd"), period_start=_iso(attrs.get("created_at")))
+    elif kind == "subscription_payment_refunded":
+        reverse_payment(ctx, refs=[f"invoice:{data['id']}"], refunded_minor=int(attrs.get("refunded_amount") or 0))
+    else:
+        ctx.ignore(f"{kind} has no effect")
+
+
+PARSERS = {"stripe": parse_stripe, "revenuecat": parse_revenuecat, "lemonsqueezy": parse_lemonsqueezy}
+HANDLERS = {"stripe": handle_stripe, "revenuecat": handle_revenuecat, "lemonsqueezy": handle_lemonsqueezy}

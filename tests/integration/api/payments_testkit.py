@@ -1,0 +1,226 @@
+"""Helpers for the payments tests: the webhook fixtures (tests/fixtures/webhooks, byte-for-byte copies of the
+provider samples) and their secrets, signing as each provider does, a project with provider secrets and
+offers, sending a webhook, reading balances/transactions, and a fake of Stripe's HTTP API on 127.0.0.1 (the one
+fake DESIGN §4 allows)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+from httpx import Response
+from tenancy_testkit import UserSession, create_project, money, signup, sql
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "webhooks"
+VECTORS: dict[str, Any] = json.loads((FIXTURES / "signature-test-vectors.json").read_text())
+STRIPE_SECRET = VECTORS["stripe"]["endpoint_secret"]
+LS_SECRET = VECTORS["lemonsqueezy"]["signing_secret"]
+RC_AUTHORIZATION = VECTORS["revenuecat"]["authorization_header_value"]
+SECRETS = {"stripe": STRIPE_SECRET, "lemonsqueezy": LS_SECRET, "revenuecat": RC_AUTHORIZATION}
+
+
+def fixture(name: str) -> bytes:
+    """The exact bytes of a fixture file, e.g. ``fixture("stripe/invoice.paid.json")``."""
+    return (FIXTURES / name).read_bytes()
+
+
+def stripe_signature(body: bytes, secret: str = STRIPE_SECRET, t: int | None = None) -> str:
+    """``Stripe-Signature`` as Stripe computes it: v1 = hex HMAC-SHA256(secret, f"{t}.{body}")."""
+    t = int(time.time()) if t is None else t
+    v1 = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={v1}"
+
+
+def ls_signature(body: bytes, secret: str = LS_SECRET) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def headers_for(provider: str, body: bytes, name: str | None = None) -> dict[str, str]:
+    """Valid headers: Stripe re-signed with a FRESH timestamp (the vectors' t is beyond the 300 s tolerance),
+    Lemon Squeezy with the vector's X-Signature when the body is the fixture's, RevenueCat's Authorization."""
+    if provider == "stripe":
+        return {"Stripe-Signature": stripe_signature(body), "Content-Type": "application/json"}
+    if provider == "lemonsqueezy":
+        vector = VECTORS["lemonsqueezy"]["vectors"].get(name or "")
+        signature = vector["X-Signature"] if vector and fixture(name or "") == body else ls_signature(body)
+        event = json.loads(body)["meta"]["event_name"]
+        return {"X-Signature": signature, "X-Event-Name": event, "Content-Type": "application/json"}
+    return {"Authorization": RC_AUTHORIZATION, "Content-Type": "application/json"}
+
+
+def send(client: TestClient, project_id: str, provider: str, name_or_body: str | bytes,
+         headers: dict[str, str] | None = None) -> Response:
+    """POST a fixture (by name) or a body to the provider's webhook endpoint of the project."""
+    if isinstance(name_or_body, str):
+        body, name = fixture(name_or_body), name_or_body
+    else:
+        body, name = name_or_body, None
+    return client.post(f"/api/v1/webhooks/{provider}/{project_id}", content=body,
+                       headers=headers if headers is not None else headers_for(provider, body, name))
+
+
+def rc_body(name: str, **event_overrides: Any) -> bytes:
+    """A RevenueCat fixture with some event fields replaced (the upstream samples share event ids)."""
+    payload = json.loads(fixture(name))
+    payload["event"].update(event_overrides)
+    return json.dumps(payload, indent=4).encode()
+
+
+@dataclass
+class Shop:
+    client: TestClient
+    owner: UserSession
+    project_id: str
+
+    @property
+    def base(self) -> str:
+        return f"/api/v1/projects/{self.project_id}"
+
+    def offer(self, kind: str, **body: Any) -> dict[str, Any]:
+        r = self.client.post(f"{self.base}/{'credit-packs' if kind == 'pack' else 'plans'}", json=body,
+                             headers=self.owner.headers)
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def wallet_of(self, subject: str) -> str | None:
+        r = self.client.get(f"{self.base}/wallets", params={"owner_kind": "subject", "owner_ref": subject},
+                            headers=self.owner.headers)
+        assert r.status_code == 200, r.text
+        rows = r.json()["items"]
+        return rows[0]["id"] if rows else None
+
+    def balance(self, wallet_id: str | None) -> int:
+        if wallet_id is None:
+            return 0
+        r = self.client.get(f"{self.base}/wallets/{wallet_id}", headers=self.owner.headers)
+        assert r.status_code == 200, r.text
+        return int(r.json()["balance"]["balance_minor"])
+
+    def transactions(self, wallet_id: str | None) -> list[dict[str, Any]]:
+        if wallet_id is None:
+            return []
+        r = self.client.get(f"{self.base}/wallets/{wallet_id}/transactions", params={"limit": 200},
+                            headers=self.owner.headers)
+        assert r.status_code == 200, r.text
+        return list(reversed(r.json()["items"]))
+
+    def entitlements(self, wallet_id: str | None = None) -> list[dict[str, Any]]:
+        params = {"wallet_id": wallet_id} if wallet_id else {}
+        r = self.client.get(f"{self.base}/entitlements", params=params, headers=self.owner.headers)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def events(self, **params: Any) -> list[dict[str, Any]]:
+        r = self.client.get(f"{self.base}/webhook-events", params={"limit": 200, **params},
+                            headers=self.owner.headers)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def grant(self, wallet_id: str, amount: int) -> None:
+        r = money(self.client, f"{self.base}/wallets/{wallet_id}/grants", {"amount_minor": amount}, self.owner.headers)
+        assert r.status_code == 201, r.text
+
+    def debit(self, wallet_id: str, amount: int) -> None:
+        r = money(self.client, f"{self.base}/wallets/{wallet_id}/debit", {"amount_minor": amount}, self.owner.headers)
+        assert r.status_code in (200, 201), r.text
+
+
+def shop(client: TestClient, owner: UserSession | None = None, *, secrets: dict[str, str] | None = None) -> Shop:
+    """A new project whose provider webhook secrets are the fixtures' (or ``secrets``)."""
+    owner = owner or signup(client, "merchant")
+    project_id = create_project(client, owner, "Shop")
+    for provider, secret in (SECRETS if secrets is None else secrets).items():
+        r = client.put(f"/api/v1/projects/{project_id}/payment-providers/{provider}",
+                       json={"webhook_secret": secret}, headers=owner.headers)
+        assert r.status_code == 200, r.text
+        assert secret not in r.text
+    return Shop(client, owner, project_id)
+
+
+def ledger_rows(database_url: str, project_id: str) -> list[tuple[Any, ...]]:
+    """Every transaction of the project as (wallet, kind, amount, source_ref), in order — to compare states."""
+    return sql(database_url, """SELECT wallet_id, kind, amount_minor, coalesce(source_ref, '') FROM transactions
+                               WHERE project_id = %s ORDER BY kind, amount_minor, source_ref""", project_id)
+
+
+# ------------------------------------------------------------------------------------------- fake Stripe
+
+
+@dataclass
+class FakeStripe:
+    """Stripe's HTTP API for POST /v1/checkout/sessions, on 127.0.0.1: records every request (headers and the
+    form-decoded body) and, like Stripe, answers a repeated Idempotency-Key with the first response (or 400
+    idempotency_error when the parameters differ)."""
+
+    base_url: str = ""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    _by_key: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def handle(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, Any]]:
+        form = dict(urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True))
+        self.requests.append({"method": method, "path": path, "headers": headers, "form": form})
+        if method != "POST" or path != "/v1/checkout/sessions":
+            return 404, {"error": {"type": "invalid_request_error", "message": f"no fake for {method} {path}"}}
+        key = headers.get("idempotency-key", "")
+        if key in self._by_key:
+            stored_raw, response = self._by_key[key]
+            if stored_raw != raw.decode():
+                return 400, {"error": {"type": "idempotency_error",
+                                       "message": "Keys for idempotent requests can only be used with the same "
+                                                  "parameters they were first used with."}}
+            return 200, response
+        session_id = f"cs_test_fake{next(self._ids):04d}"
+        metadata = {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}
+        response = {"id": session_id, "object": "checkout.session", "mode": form.get("mode"),
+                    "url": f"https://checkout.stripe.test/c/pay/{session_id}", "status": "open",
+                    "payment_status": "unpaid", "client_reference_id": form.get("client_reference_id"),
+                    "metadata": metadata, "livemode": False}
+        self._by_key[key] = (raw.decode(), response)
+        return 200, response
+
+
+@contextmanager
+def fake_stripe() -> Iterator[FakeStripe]:
+    fake = FakeStripe()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, body = fake.handle(self.command, self.path.split("?")[0],
+                                       {k.lower(): v for k, v in self.headers.items()}, raw)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Request-Id", f"req_fake_{len(fake.requests)}")
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_POST = _serve
+        do_GET = _serve
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="fake-stripe", daemon=True)
+    thread.start()
+    fake.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,4 +1,4 @@
-"""`meterline meters|prices|subjects ...`: the streams catalog from the command line (DATABASE_URL).
+"""`meterline meters|prices|subjects ...`: the streams catalog from the command line (DATABASE_URL or the local stack).
 
 Every command is a thin shell over ``streams.catalog``; output is JSON (one object or a list), errors exit 1
 with the component's stable code. A running streams worker picks changes up within its catalog refresh
@@ -6,7 +6,6 @@ period (STREAMS_CATALOG_REFRESH_MS), no restart needed."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -41,12 +40,14 @@ def _emit(value: Any) -> None:
 @contextmanager
 def _conn() -> Iterator[Connection]:
     from ledger.db import make_engine
+    from meterline.urls import EngineUrlMissing, engine_url
     from streams.errors import StreamsError
 
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        console.print("[bold red]error:[/] DATABASE_URL is not set")
-        raise typer.Exit(2)
+    try:
+        url = engine_url("database_url")
+    except EngineUrlMissing as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
     engine = make_engine(url, pool_size=1, application_name="meterline-cli")
     try:
         with engine.begin() as conn:

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 
+from ledger.db import libpq_url
 from meterline.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -171,7 +173,21 @@ def test_usage_after_a_restart_of_the_embedded_stack_is_charged(tmp_path: Path) 
     PostgreSQL still holds the offset marks of the old ones. The demo run twice on one home must be exact
     both times (the second run failed — usage skipped as 'already applied' — before topic lives existed)."""
     env = _env(tmp_path / "home")
-    for run in (1, 2):
-        result = _cli("demo", "--events", "300", "--timeout-s", "60", env=env, timeout_s=240)
-        assert result.returncode == 0, f"demo run {run} failed:\n{result.stdout}\n{result.stderr[-3000:]}"
-        assert "balance now" in result.stdout
+    try:
+        for run, extra in ((1, ()), (2, ("--keep-running",))):
+            result = _cli("demo", "--events", "300", "--timeout-s", "60", *extra, env=env, timeout_s=240)
+            assert result.returncode == 0, f"demo run {run} failed:\n{result.stdout}\n{result.stderr[-3000:]}"
+            assert "balance now" in result.stdout
+
+        # `meterline reconcile` replays the new life of the usage topic and finds the ledger faithful...
+        result = _cli("reconcile", "--timeout-s", "60", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        # ...and finds a counter that no longer matches the log
+        database_url = json.loads((tmp_path / "home" / "stack.json").read_text())["urls"]["database_url"]
+        with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+            assert conn.execute("UPDATE usage_counters SET units = units + 1 WHERE source_topic LIKE "
+                                "'usage.events.v1@%'").rowcount == 1
+        result = _cli("reconcile", "--timeout-s", "60", env=env)
+        assert result.returncode == 1 and "ledger" in result.stderr, result.stdout + result.stderr
+    finally:
+        _cli("down", env=env)

@@ -540,7 +540,7 @@ walled AS (
 bought AS (
     SELECT w.subject AS subject, min(t.created_at) AS first_purchase
     FROM walled AS w INNER JOIN (
-        SELECT wallet_id, created_at FROM `{db}`.ledger_transactions FINAL
+        SELECT wallet_id, created_at FROM {_tx_from(db, None)}
         WHERE project_id = {{project:String}} AND kind IN {PURCHASE_KINDS!r} AND amount_minor > 0
           AND created_at >= {{start:DateTime64(6, 'UTC')}} AND created_at < {{end:DateTime64(6, 'UTC')}}
     ) AS t ON t.wallet_id = w.wallet_id

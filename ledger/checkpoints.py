@@ -25,16 +25,22 @@ Steps, and the invariant each protects:
    Outbox rows are written for every transaction.
 7. Record the checkpoint's dedupe keys and set applied_through = as_of_offset.
    → dedupe state, counters, money and the offset mark commit atomically or not at all.
+
+``apply_checkpoints`` applies several consecutive checkpoints of one partition (what the consumer fetched
+in one go while the ledger was busy) as ONE merged checkpoint: step 1 is decided checkpoint by checkpoint
+against a running mark, exactly as one-by-one application would, and the accepted ones merge (last value
+per key, union of dedupe keys, the last offset). Values are cumulative, so every key ends where one-by-one
+application would leave it and posts the same total — once instead of once per checkpoint, which is what
+lets the ledger catch up: its cost is per key and checkpoint, not per event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-import orjson
 from sqlalchemy import Connection, text
 
 from ledger.books import load_books, lock_wallets
@@ -45,7 +51,7 @@ from ledger.rows import CheckpointOutcome
 from ledger.sqlrows import rows_json
 from ledger.writer import Draft, write
 
-__all__ = ["apply_checkpoint", "merge_units", "usage_idempotency_key"]
+__all__ = ["MergedOutcome", "apply_checkpoint", "apply_checkpoints", "merge_units", "usage_idempotency_key"]
 
 
 class Key(NamedTuple):
@@ -110,9 +116,11 @@ _UPDATE_CHARGES = text(f"""
       AND c.price_version_id = v.price_version_id
 """)
 
+# One bigint[] literal ('{1,-2,3}': PostgreSQL's int8 array parser, no JSON), sorted so the primary-key
+# index is walked in order instead of at random.
 _INSERT_DEDUPE = text("""
     INSERT INTO dedupe_keys (source_topic, partition, key_hash, seen_at)
-    SELECT :topic, :partition, CAST(h AS bigint), now() FROM json_array_elements_text(CAST(:hashes AS json)) AS h
+    SELECT :topic, :partition, h, now() FROM unnest(CAST(:hashes AS bigint[])) AS h ORDER BY h
     ON CONFLICT DO NOTHING
 """)
 
@@ -124,11 +132,48 @@ _SET_APPLIED = text("""
 
 def apply_checkpoint(conn: Connection, checkpoint: ChargeCheckpoint) -> CheckpointOutcome:
     """Apply ``checkpoint`` inside the caller's transaction (the caller commits). See the module doc."""
-    topic, partition, as_of = checkpoint.source_topic, checkpoint.partition, checkpoint.as_of_offset
+    return apply_checkpoints(conn, [checkpoint]).outcome
+
+
+class MergedOutcome(NamedTuple):
+    """What ``apply_checkpoints`` did: the outcome of the merged application and how many of the given
+    checkpoints were applied (merged) or stale."""
+
+    outcome: CheckpointOutcome
+    applied: int
+    stale: int
+
+
+def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint]) -> MergedOutcome:
+    """Apply consecutive checkpoints of ONE source partition, in the given (arrival) order, as one merged
+    checkpoint inside the caller's transaction.
+
+    Exactly what applying them one by one would leave behind: walking the list with a running mark that
+    starts at ``applied_through``, a checkpoint is accepted only if its ``as_of_offset`` is beyond the mark
+    (which then moves to it), otherwise it is stale — the rule of step 1, checkpoint by checkpoint. The
+    accepted ones merge into one: for every key the value of the LAST accepted checkpoint listing it (values
+    are cumulative), the union of their dedupe keys, ``as_of`` = the last accepted offset. Each key then posts
+    ``price(final) − charged`` once instead of once per checkpoint — the same total, one transaction row
+    instead of several. The merged checkpoint's offset is new for the partition, so its idempotency keys
+    are too."""
+    if not checkpoints:
+        raise ValueError("apply_checkpoints needs at least one checkpoint")
+    first = checkpoints[0]
+    topic, partition = first.source_topic, first.partition
+    if any(c.source_topic != topic or c.partition != partition for c in checkpoints):
+        raise ValueError("apply_checkpoints merges checkpoints of one source partition only")
     applied = int(conn.execute(_LOCK_PARTITION, {"topic": topic, "partition": partition}).scalar_one())
-    if as_of <= applied:
-        return CheckpointOutcome("stale", topic, partition, applied)
-    values = _last_value_per_key(checkpoint.counters)
+    mark = applied
+    accepted: list[ChargeCheckpoint] = []
+    for checkpoint in checkpoints:
+        if checkpoint.as_of_offset > mark:
+            accepted.append(checkpoint)
+            mark = checkpoint.as_of_offset
+    stale = len(checkpoints) - len(accepted)
+    if not accepted:
+        return MergedOutcome(CheckpointOutcome("stale", topic, partition, applied), 0, stale)
+    as_of = mark
+    values = _last_value_per_key(c for checkpoint in accepted for c in checkpoint.counters)
     transactions = charged_total = 0
     if values:
         rows = _checkpoint_rows(values)
@@ -141,16 +186,21 @@ def apply_checkpoint(conn: Connection, checkpoint: ChargeCheckpoint) -> Checkpoi
         cumulative = {key: charged[key] + deltas[key] for key in values}
         conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
             {**_key_row(k), "units": units[k], "charged": cumulative[k]} for k in values)})
-        transactions, charged_total = _post_deltas(conn, checkpoint, values, units, deltas, cumulative)
-    if checkpoint.dedupe_keys:
-        conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition,
-                                      "hashes": orjson.dumps(checkpoint.dedupe_keys).decode()})
+        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), values, units, deltas, cumulative)
+    hashes = [h for checkpoint in accepted for h in checkpoint.dedupe_keys]
+    if hashes:
+        conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition, "hashes": _bigint_array(hashes)})
     conn.execute(_SET_APPLIED, {"topic": topic, "partition": partition, "as_of": as_of})
-    return CheckpointOutcome("applied", topic, partition, as_of, len(values), transactions, charged_total)
+    outcome = CheckpointOutcome("applied", topic, partition, as_of, len(values), transactions, charged_total)
+    return MergedOutcome(outcome, len(accepted), stale)
 
 
-def usage_idempotency_key(checkpoint: ChargeCheckpoint, key: Key) -> str:
-    return (f"usage:{checkpoint.source_topic}:{checkpoint.partition}:{checkpoint.as_of_offset}:{key.wallet_id}:"
+def usage_idempotency_key(checkpoint: ChargeCheckpoint | tuple[str, int, int], key: Key) -> str:
+    """``usage:{topic}:{partition}:{as_of}:{wallet}:{meter}:{period}:{version}`` of a checkpoint (or of a
+    (topic, partition, as_of) triple: a merged checkpoint is named by its last offset)."""
+    topic, partition, as_of = (checkpoint if isinstance(checkpoint, tuple) else
+                               (checkpoint.source_topic, checkpoint.partition, checkpoint.as_of_offset))
+    return (f"usage:{topic}:{partition}:{as_of}:{key.wallet_id}:"
             f"{key.meter_id}:{key.period_start.astimezone(UTC).isoformat()}:{key.price_version_id}")
 
 
@@ -168,9 +218,13 @@ def merge_units(aggregation: str, values: Iterable[tuple[Decimal, datetime | Non
     return sum((units for units, _ in items), Decimal(0))
 
 
+def _bigint_array(values: Iterable[int]) -> str:
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 # --- steps ------------------------------------------------------------------------------------------------
 
-def _last_value_per_key(counters: list[CounterValue]) -> dict[Key, CounterValue]:
+def _last_value_per_key(counters: Iterable[CounterValue]) -> dict[Key, CounterValue]:
     """Keys in sorted order (the order every statement processes them); a repeated key keeps its last value."""
     by_key = {Key(c.key.wallet_id, c.key.meter_id, c.key.period_start, c.key.price_version_id): c for c in counters}
     return dict(sorted(by_key.items()))
@@ -215,11 +269,12 @@ def _merged(conn: Connection, values: dict[Key, CounterValue], rows: str) -> dic
     return {key: merge_units(values[key].aggregation, per_key[key]) for key in values}
 
 
-def _post_deltas(conn: Connection, checkpoint: ChargeCheckpoint, values: dict[Key, CounterValue],
+def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], values: dict[Key, CounterValue],
                  units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int]) -> tuple[int, int]:
     moving = [key for key in values if deltas[key] != 0]
     if not moving:
         return 0, 0
+    source_ref = "{}:{}:{}".format(*checkpoint)
     wallets = lock_wallets(conn, {key.wallet_id for key in moving})
     books = load_books(conn, wallets.values(), now=datetime.now(UTC))
     drafts: list[Draft] = []
@@ -231,7 +286,7 @@ def _post_deltas(conn: Connection, checkpoint: ChargeCheckpoint, values: dict[Ke
         drafts.append(Draft(
             wallet_id=key.wallet_id, project_id=wallets[key.wallet_id].project_id, kind=TransactionKind.USAGE,
             posting=posting, idempotency_key=usage_idempotency_key(checkpoint, key),
-            source_ref=f"{checkpoint.source_topic}:{checkpoint.partition}:{checkpoint.as_of_offset}",
+            source_ref=source_ref,
             meter_id=key.meter_id, period_start=key.period_start, price_version_id=key.price_version_id,
             metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key]},
         ))

@@ -181,3 +181,75 @@ def test_a_big_checkpoint_posts_every_key_once(engine: Engine, invariants: Calla
     expected = [int(Decimal(i + 1) * Decimal("0.4")) for i in range(300) for _ in range(2)]
     assert count == sum(1 for e in expected if e) and -total == sum(expected)
     invariants()
+
+
+def _state(engine: Engine, topic: str, wallets: list[str]) -> tuple[object, ...]:
+    with engine.connect() as conn:
+        counters = conn.execute(text(
+            "SELECT wallet_id, meter_id, partition, units, events, latest_at FROM usage_counters "
+            "WHERE source_topic = :t ORDER BY 1, 2, 3"), {"t": topic}).all()
+        charges = conn.execute(text(
+            "SELECT wallet_id, meter_id, units, charged_minor FROM usage_charges WHERE wallet_id = ANY(:w) "
+            "ORDER BY 1, 2"), {"w": wallets}).all()
+        balances = [queries.get_balance(conn, w).balance_minor for w in wallets]  # type: ignore[union-attr]
+        applied = queries.applied_offsets(conn, topic, [0])
+        dedupe = queries.dedupe_keys_since(conn, source_topic=topic, partitions=[0],
+                                           since=datetime(2000, 1, 1, tzinfo=UTC))
+    return ([(w[-1], *rest) for w, *rest in counters], [(w[-1], *rest) for w, *rest in charges], balances,
+            applied, dedupe)
+
+
+def test_merged_checkpoints_leave_exactly_what_one_by_one_application_leaves(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """apply_checkpoints (the consumer's merge of a fetched backlog) vs apply_checkpoint one at a time, on
+    the same arrival sequence: duplicates, an older zombie checkpoint, a falling LATEST gauge, a cheaper
+    volume tier, dedupe keys. Counters, charges, balances, applied marks and dedupe keys must be equal."""
+    from ledger.checkpoints import apply_checkpoints
+
+    volume = PriceModel(model="volume", tiers=(PriceTier(up_to=Decimal(100), unit_price_minor=Decimal(1)),
+                                               PriceTier(unit_price_minor=Decimal("0.5"))))
+    one = PriceModel(model="per_unit", unit_price_minor=Decimal(1))
+    t1, t2 = datetime(2026, 11, 2, tzinfo=UTC), datetime(2026, 11, 3, tzinfo=UTC)
+
+    def sequence(topic: str, p: str) -> list[ChargeCheckpoint]:
+        def cp(as_of: int, *values: CounterValue, dedupe: list[int] | None = None) -> ChargeCheckpoint:
+            return ChargeCheckpoint(source_topic=topic, partition=0, as_of_offset=as_of, counters=list(values),
+                                    dedupe_keys=dedupe or [], emitted_at=datetime.now(UTC))
+        return [
+            cp(10, _value(f"{p}A", "90"), _value(f"{p}B", "60", price=volume), dedupe=[1, 2]),
+            cp(10, _value(f"{p}A", "90")),                                    # redelivered: stale
+            cp(20, _value(f"{p}A", "93"), _value(f"{p}G", "12", price=one, meter="seats", aggregation="latest",
+                                                   latest_at=t1), dedupe=[3]),
+            cp(15, _value(f"{p}A", "999"), dedupe=[99]),                       # older (zombie): stale
+            cp(30, _value(f"{p}B", "101", price=volume), _value(f"{p}G", "5", price=one, meter="seats",
+                                                                 aggregation="latest", latest_at=t2)),
+            cp(31, dedupe=[4]),                                                # only dedupe keys
+            cp(40, _value(f"{p}A", "100"), _value(f"{p}C", "25"), dedupe=[5, 6]),
+        ]
+
+    wallets = {p: [f"{p}A", f"{p}B", f"{p}C", f"{p}G"] for p in ("x", "y")}
+    with engine.begin() as conn:
+        for p in ("x", "y"):
+            for w in wallets[p]:
+                service.ensure_wallet(conn, project_id="p1", owner_kind="subject", owner_ref=w, wallet_id=w)
+                service.grant_credits(conn, wallet_id=w, amount_minor=100, idempotency_key=f"g{w}")
+        for topic in ("one.by.one", "merged"):  # both start from an applied mark
+            conn.execute(text("INSERT INTO applied_offsets (source_topic, partition, applied_through) "
+                              "VALUES (:t, 0, 5)"), {"t": topic})
+    statuses = [_apply(engine, c) for c in sequence("one.by.one", "x")]
+    assert statuses == ["applied", "stale", "applied", "stale", "applied", "applied", "applied"]
+    with engine.begin() as conn:
+        merged = apply_checkpoints(conn, sequence("merged", "y"))
+    assert (merged.applied, merged.stale, merged.outcome.status, merged.outcome.applied_through) == (5, 2, "applied", 40)
+    assert _state(engine, "one.by.one", wallets["x"]) == _state(engine, "merged", wallets["y"])
+    # one posting per key instead of one per checkpoint, named by the merged (last) offset
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT idempotency_key FROM transactions WHERE kind = 'usage' AND wallet_id LIKE 'y%' "
+                                 "ORDER BY id")).scalars().all()
+    assert len(keys) == 4 and all(k.startswith("usage:merged:0:40:") for k in keys)
+    # a fully stale batch changes nothing
+    with engine.begin() as conn:
+        again = apply_checkpoints(conn, sequence("merged", "y"))
+    assert (again.applied, again.stale, again.outcome.status) == (0, 7, "stale")
+    assert _state(engine, "one.by.one", wallets["x"]) == _state(engine, "merged", wallets["y"])
+    invariants()

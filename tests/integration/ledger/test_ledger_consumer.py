@@ -119,10 +119,13 @@ def test_consumer_applies_checkpoints_once_and_relays_transactions(engine: Engin
                 assert m.key() == event.wallet_id.encode()
                 events.append(event)
     consumer.close()
-    assert {e.transaction_id for e in events} == tx_ids and len(tx_ids) == 5
+    # the consumer fetched partition 0's checkpoints together (merged: one transaction for 10 → 20) or apart
+    assert {e.transaction_id for e in events} == tx_ids and len(tx_ids) == stats.transactions in (4, 5)  # type: ignore[attr-defined]
     a_events = sorted(e.amount_minor for e in {e.transaction_id: e for e in events}.values() if e.wallet_id == "A")
-    # the two partitions' order is free: 90 → 93 → 100 posts −1, −3; 90 → 97 → 100 posts −2, −2
-    assert a_events in ([-36, -3, -1], [-36, -2, -2]) and sum(a_events) == -40
+    # the two partitions' order is free: 90 → 93 → 100 posts −1, −3; 90 → 97 → 100 posts −2, −2;
+    # merged (partition 0 at 93 in one step): 93 → 100 posts −37, −3; 7 → 100 posts −2, −38
+    assert a_events in ([-36, -3, -1], [-36, -2, -2], [-37, -3], [-38, -2]) and sum(a_events) == -40
+    assert len(a_events) == len(tx_ids) - 2  # B and C once each
     invariants()
 
 

@@ -46,6 +46,7 @@ from ledger.db import make_engine
 from ledger.kafka import make_producer, require_topics, topic_name
 from ledger.source_logs import current_identity
 from streams import catalog as catalog_db
+from streams import faust_transport
 from streams.catalog_model import CatalogSnapshot, ProjectPolicy
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 from streams.errors import PendingMigrations
@@ -446,7 +447,8 @@ class Runtime:
 def create_app(settings: StreamsSettings, *, partitions: int | None = None) -> faust.App:
     """A faust app metering ``usage.events.v1``; nothing connects until the app starts."""
     runtime = Runtime(settings, partitions=partitions)
-    brokers = ";".join(f"kafka://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))
+    faust_transport.register()  # aiokafka with a short fetch wait (streams/faust_transport.py)
+    brokers = ";".join(f"{faust_transport.SCHEME}://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))
     app = faust.App(
         runtime.group_id,
         broker=brokers,

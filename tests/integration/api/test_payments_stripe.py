@@ -20,7 +20,7 @@ from payments_testkit import (
     shop,
     stripe_signature,
 )
-from tenancy_testkit import api_client, sql
+from tenancy_testkit import add_member, api_client, signup, sql
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +273,53 @@ def test_forged_unsigned_stale_and_tampered_deliveries_change_nothing(database_u
         # the genuine delivery still works afterwards
         _ok(send(client, s.project_id, "stripe", PAY), "processed")
         assert s.balance(s.wallet_of(CUSTOMER)) == 1000
+
+
+def test_concurrent_redeliveries_over_real_http_credit_once(database_url: str, engines: Any) -> None:
+    """Ten simultaneous deliveries of a purchase and its refund (uvicorn, threads): one grant, one clawback."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from tenancy_testkit import live_server
+
+    with api_client(database_url, engines) as client:
+        s = _pack_shop(client)
+    with live_server(database_url, engines) as base:
+        bodies = [fixture(PAY)] * 5 + [fixture(REFUNDED)] * 5
+        random.Random(7).shuffle(bodies)
+
+        def deliver(body: bytes) -> str:
+            with httpx.Client(base_url=base, timeout=30) as http:
+                r = http.post(f"/api/v1/webhooks/stripe/{s.project_id}", content=body,
+                              headers={"Stripe-Signature": stripe_signature(body)})
+                assert r.status_code == 200, r.text
+                return str(r.json()["status"])
+
+        with ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(deliver, bodies))
+    assert statuses.count("duplicate") == 8 and statuses.count("deferred") + statuses.count("processed") == 2
+    rows = sql(database_url, "SELECT kind, amount_minor FROM transactions WHERE project_id = %s ORDER BY id",
+               s.project_id)
+    assert sorted(rows) == [("adjustment", -1000), ("top_up", 1000)]
+    assert sql(database_url, "SELECT balance_minor FROM wallets WHERE project_id = %s", s.project_id) == [(0,)]
+
+
+def test_unmatched_purchase_is_replayed_after_the_pack_exists(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
+        s = shop(client)
+        unmatched = _ok(send(client, s.project_id, "stripe", PAY), "unmatched")
+        assert "no pack" in unmatched["detail"]
+        _ok(send(client, s.project_id, "stripe", PAY), "duplicate")
+        s.offer("pack", slug="starter", name="Starter", credits_minor=1000, price_minor=2000, currency="usd")
+        replay = f"{s.base}/webhook-events/{unmatched['webhook_event_id']}/replay"
+        member = signup(client, "member")
+        add_member(client, s.project_id, s.owner, member, "member")
+        assert client.post(replay, headers=member.headers).status_code == 403
+        r = client.post(replay, headers=s.owner.headers)
+        assert r.status_code == 200 and r.json()["status"] == "processed", r.text
+        assert s.balance(s.wallet_of(CUSTOMER)) == 1000
+        assert client.post(replay, headers=s.owner.headers).status_code == 404  # settled: nothing to replay
+        raw = client.get(f"{s.base}/webhook-events/{unmatched['webhook_event_id']}/body", headers=s.owner.headers)
+        assert raw.content == fixture(PAY)
+        assert sql(database_url, "SELECT count(*) FROM audit_log WHERE action = 'webhook_event.replay'")[0][0] == 1

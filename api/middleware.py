@@ -221,6 +221,9 @@ def install_middleware(app: FastAPI) -> None:
                                                 burst=settings.rate_limit_burst)
     app.state.auth_rate_limiter = TokenBucketLimiter(rate_per_s=settings.auth_rate_limit_per_s,
                                                      burst=settings.auth_rate_limit_burst)
+    from api.fast_debit import FastDebitMiddleware  # (imports the routes' modules)
+
+    app.add_middleware(FastDebitMiddleware)  # inside the hygiene middleware: ids, headers, body limit apply
     app.add_middleware(HttpHygieneMiddleware, body_bytes_max=settings.request_body_bytes_max,
                        hsts=settings.env != "local")
     if settings.cors_origins:

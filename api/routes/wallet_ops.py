@@ -172,7 +172,12 @@ def _debit_work(wallet_id: str, body: DebitRequest, client_key: str
              summary="Charge now: an amount, or a feature's configured cost × quantity (member or admin key)")
 async def debit(wallet_id: str, body: DebitRequest, request: Request, access: HotWrite,
                 idempotency_key: IdempotencyKey = None) -> Response:
-    client_key = require_key(idempotency_key)
+    return await debit_response(request, access, wallet_id, body, require_key(idempotency_key))
+
+
+async def debit_response(request: Request, access: DeferredAccess, wallet_id: str, body: DebitRequest,
+                         client_key: str) -> Response:
+    """The debit (also answered by api/fast_debit.py without FastAPI's routing); raises a refusal."""
     body_json = body.model_dump(mode="json")
     if body.feature_key is None:  # group commit (api/debit_batch.py); it hands a debit back when it must run alone
         assert body.amount_minor is not None
@@ -184,7 +189,7 @@ async def debit(wallet_id: str, body: DebitRequest, request: Request, access: Ho
             return outcome
         if isinstance(outcome, BaseException):
             raise outcome
-    run = _hot(request, access, idempotency_key, body_json, _debit_work(wallet_id, body, client_key))
+    run = _hot(request, access, client_key, body_json, _debit_work(wallet_id, body, client_key))
     return await run_in_threadpool(run)
 
 

@@ -155,3 +155,59 @@ def test_hot_routes_keep_the_idempotency_protocol_for_users_and_keys(database_ur
         audit = sql(database_url, "SELECT action FROM audit_log WHERE project_id = %s AND action IN "
                                   "('wallet.grant', 'wallet.reserve', 'wallet.commit', 'wallet.debit') ORDER BY id", project)
         assert audit == [("wallet.grant",), ("wallet.reserve",), ("wallet.commit",)]
+
+
+def test_the_debit_fast_lane_answers_like_the_route(database_url: str, engines: Any, monkeypatch: Any) -> None:
+    """api/fast_debit.py answers debits without FastAPI's routing; every answer (created, replay, 402, 404, 409)
+    is the route's, and whatever it does not take (bad body, missing key, unknown token) reaches the route."""
+    from api.fast_debit import FastDebitMiddleware
+
+    taken: list[bool] = []
+    answer = FastDebitMiddleware._answer
+
+    async def spy(self: Any, *args: Any) -> bool:
+        taken.append(await answer(self, *args))
+        return taken[-1]
+
+    async def never(self: Any, *args: Any) -> bool:
+        taken.append(False)
+        return False
+
+    def scenario(client: Any, wallet: str, auth: dict[str, str], tag: str) -> list[tuple[int, Any, str | None]]:
+        out = []
+        for path, body, key in ((f"{wallet}/debit", {"amount_minor": 5}, f"{tag}-a"),   # created
+                                (f"{wallet}/debit", {"amount_minor": 5}, f"{tag}-a"),   # replay
+                                (f"{wallet}/debit", {"amount_minor": 6}, f"{tag}-a"),   # 409 another request
+                                (f"{wallet}/debit", {"amount_minor": 10**6}, f"{tag}-b"),  # 402
+                                (f"{wallet}x/debit", {"amount_minor": 1}, f"{tag}-c"),  # 404
+                                (f"{wallet}/debit", {"amount_minor": -1}, f"{tag}-d"),  # 422 (the route)
+                                (f"{wallet}/debit", {"amount_minor": 1}, None)):         # 400 (the route)
+            headers = {**auth, **({"Idempotency-Key": key} if key else {})}
+            r = client.post(path, json=body, headers=headers)
+            data = r.json()
+            for volatile in ("transaction", "instance"):
+                data.pop(volatile, None) if isinstance(data, dict) else None
+            out.append((r.status_code, data, r.headers.get("idempotent-replayed")))
+            assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-request-id"]
+        return out
+
+    with api_client(database_url, engines) as client:
+        _, wallet, headers = _funded_wallet_with_key(client)
+        key_headers = {"Authorization": headers["Authorization"]}
+        user = {"Authorization": f"Bearer {headers['x-owner']}"}
+        assert money(client, f"{wallet}/debit", {"amount_minor": 1}, key_headers).status_code == 201  # key cached
+        taken.clear()
+        monkeypatch.setattr(FastDebitMiddleware, "_answer", spy)
+        fast_key, fast_user = scenario(client, wallet, key_headers, "k1"), scenario(client, wallet, user, "u1")
+        assert taken == [True] * 5 + [False, False] + [True] * 5 + [False, False]
+        monkeypatch.setattr(FastDebitMiddleware, "_answer", never)
+        route_key, route_user = scenario(client, wallet, key_headers, "k2"), scenario(client, wallet, user, "u2")
+
+    def same(rows: list[tuple[int, Any, str | None]]) -> list[tuple[int, Any, str | None]]:
+        # balances differ between the two runs (each charged 5); statuses, codes and headers must not
+        return [(s, {k: v for k, v in d.items() if k not in ("balance", "detail", "idempotency_key", "available_minor")}
+                 if isinstance(d, dict) else d, h) for s, d, h in rows]
+
+    assert [s for s, _, _ in fast_key] == [201, 201, 409, 402, 404, 422, 400]
+    assert same(fast_key) == same(route_key) and same(fast_user) == same(route_user)
+    assert fast_key[1][2] == "true" and fast_key[0][2] == "false"

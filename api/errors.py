@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ledger.errors import HTTP_STATUS as LEDGER_HTTP_STATUS
+
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -59,18 +61,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "kafka.missing_topics": 503,
     "analytics.bad_query": 400,
     "analytics.unavailable": 503,
-    # ledger (tenancy/wallets engineer)
-    "ledger.invalid_request": 422,
-    "ledger.unknown_wallet": 404,
-    "ledger.unknown_transaction": 404,
-    "ledger.unknown_hold": 404,
-    "ledger.wallet_conflict": 409,
-    "ledger.insufficient_credits": 402,
-    "ledger.wallet_blocked": 402,
-    "ledger.refund_exceeds_charge": 422,
-    "ledger.not_refundable": 409,
-    "ledger.hold_not_active": 409,
-    "ledger.idempotency_conflict": 409,
+    # ledger: its own map (ledger/errors.py), one place for both
+    **LEDGER_HTTP_STATUS,
     # streams catalog (streams engineer)
     "streams.invalid": 422,
     "streams.not_found": 404,

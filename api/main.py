@@ -30,6 +30,7 @@ ROUTER_MODULES: list[str] = [
     "api.routes.catalog",
     "api.routes.payments",
     "api.routes.webhooks",
+    "api.routes.billing_rules",
     "api.dashboard.routes",
 ]
 

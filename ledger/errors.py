@@ -64,22 +64,27 @@ class HoldNotActive(LedgerError):
     code = "ledger.hold_not_active"
 
 
+class UnknownBillingRule(LedgerError):
+    code = "ledger.unknown_billing_rule"
+
+
 class IdempotencyConflict(LedgerError):
     """The idempotency key was already used for a DIFFERENT request (a replay of the same one is fine)."""
 
     code = "ledger.idempotency_conflict"
 
 
-#: HTTP statuses the API should use for these codes (api/errors.py STATUS_BY_CODE may import it).
+#: HTTP statuses of these codes (api/errors.py serves them through STATUS_BY_CODE).
 HTTP_STATUS: dict[str, int] = {
     InvalidRequest.code: 422,
     UnknownWallet.code: 404,
     UnknownTransaction.code: 404,
     UnknownHold.code: 404,
+    UnknownBillingRule.code: 404,
     WalletConflict.code: 409,
     InsufficientCredits.code: 402,
     WalletBlocked.code: 402,
-    RefundExceedsCharge.code: 409,
+    RefundExceedsCharge.code: 422,
     NotRefundable.code: 409,
     HoldNotActive.code: 409,
     IdempotencyConflict.code: 409,

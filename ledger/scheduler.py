@@ -8,7 +8,7 @@ connection held open. Each job transaction re-checks the lease (fencing), and ev
 anyway (conditional updates, idempotency keys), so an overlap during a takeover cannot double-post.
 
 Jobs are a small registry (``JOBS``): name, period, function(conn, now, settings) -> rows affected.
-Billing rules will be added here as more jobs.
+Billing rules (ledger/billing.py) are one of the jobs.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import structlog
 from sqlalchemy import Connection, Engine, text
 
 from ledger import schema_migrations
+from ledger.billing import run_due
 from ledger.consumer import MIGRATIONS, VERSION_TABLE, MigrationsPending
 from ledger.db import make_engine
 from ledger.expiry import expire_credits, expire_holds
@@ -82,8 +83,13 @@ def _purge_outbox(conn: Connection, now: datetime, settings: LedgerSettings) -> 
     """), {"cutoff": now - timedelta(seconds=settings.outbox_retention_s)}).rowcount
 
 
+def _billing_rules(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+    return run_due(conn, now=now)
+
+
 JOBS: list[Job] = [
     Job("expire_holds", 1.0, _expire_holds),
+    Job("billing_rules", 5.0, _billing_rules),
     Job("expire_credits", 5.0, _expire_credits),
     Job("purge_dedupe_keys", 300.0, _purge_dedupe_keys),
     Job("purge_outbox", 300.0, _purge_outbox),

@@ -162,6 +162,19 @@ def adjust(conn: Connection, *, wallet_id: str, amount_minor: int, reason: str, 
                  describe=dict(kind=TransactionKind.ADJUSTMENT, reason=reason, metadata=metadata))
 
 
+def charge_owed(conn: Connection, *, wallet_id: str, amount_minor: int, idempotency_key: str,
+                source_ref: str | None = None, reason: str | None = None,
+                metadata: dict[str, Any] | None = None) -> PostingResult:
+    """Post an amount that is owed whatever the balance (a scheduled fee): burns buckets in burn order and
+    whatever they cannot cover becomes debt, which blocks the wallet for new access until settled — the same
+    rule as usage that already happened (DESIGN §2.4). Kind ``debit``. Idempotent per key."""
+    _require_positive(amount_minor)
+    return _post(conn, wallet_id=wallet_id, key=idempotency_key,
+                 fingerprint=_fingerprint("charge_owed", wallet_id, amount_minor),
+                 plan=lambda book, wallet: book.debit(amount_minor),
+                 describe=dict(kind=TransactionKind.DEBIT, source_ref=source_ref, reason=reason, metadata=metadata))
+
+
 # --- synchronous debits -----------------------------------------------------------------------------------
 
 def debit(conn: Connection, *, wallet_id: str, amount_minor: int, idempotency_key: str,

@@ -25,6 +25,7 @@ PAGES: dict[str, str] = {
     "credits": "Credit flow",
     "wallets": "Wallets",
     "paywall": "Paywall funnel",
+    "billing": "Billing runs",
     "audit": "Audit log",
     "dead-letters": "Dead letters",
 }

@@ -138,8 +138,34 @@ def _open(browser: Any, url: str) -> None:
     assert state == "1", browser.evaluate("document.getElementById('error') && document.getElementById('error').textContent")
 
 
-def test_dashboard_pages_show_the_project_figures(api_url, topics, browser):
+def _seed_billing(api_url: str, database_url: str, email: str, project: str) -> None:
+    """A funded wallet and a daily fee the scheduler's job has run for two days (one run left unpaid: debt)."""
+    from ledger import billing
+    from ledger.db import make_engine
+
+    token = httpx.post(f"{api_url}/api/v1/auth/login", json={"email": email, "password": PASSWORD}).json()
+    headers = {"Authorization": f"Bearer {token['access_token']}"}
+    base = f"{api_url}/api/v1/projects/{project}"
+    wallet = httpx.post(f"{base}/wallets", json={"owner_kind": "subject", "owner_ref": "seat-holder"},
+                        headers=headers).json()["id"]
+    r = httpx.post(f"{base}/wallets/{wallet}/grants", json={"amount_minor": 150},
+                   headers={**headers, "Idempotency-Key": "browser-grant"})
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{base}/billing-rules", json={"wallet_id": wallet, "name": "Seat fee", "amount_minor": 100,
+                                                  "schedule": {"kind": "daily"}}, headers=headers)
+    assert r.status_code == 201, r.text
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        for _ in range(3):
+            with engine.begin() as conn:
+                billing.run_due(conn, now=datetime.now(UTC) + timedelta(days=2))
+    finally:
+        engine.dispose()
+
+
+def test_dashboard_pages_show_the_project_figures(api_url, topics, browser, stack_env):
     seeded = _seed(api_url, topics)
+    _seed_billing(api_url, stack_env["DATABASE_URL"], seeded["email"], seeded["project"])
     dash = f"{api_url}/dashboard"
 
     _open(browser, f"{dash}/usage")  # no token yet: redirected to the login page
@@ -184,6 +210,15 @@ def test_dashboard_pages_show_the_project_figures(api_url, topics, browser):
     funnel = _charts(browser, "funnel")
     assert funnel["labels"] == ["requested", "paywalled", "purchased", "returned"]
     browser.screenshot(ARTIFACTS / "dashboard-paywall.png")
+
+    _open(browser, f"{dash}/billing")
+    runs = {d["label"]: sum(d["data"]) for d in _charts(browser, "billing")["datasets"]}
+    assert runs == {"charged": 1, "debt": 1}  # 150 credits pay one 100 fee; the second leaves a debt of 50
+    assert browser.evaluate("[...document.querySelectorAll('#billing-rules tr')].slice(1)"
+                            ".map(r => r.cells[0].textContent)") == ["Seat fee"]
+    assert browser.evaluate("[...document.querySelectorAll('#billing-runs tr')].slice(1)"
+                            ".map(r => r.cells[3].textContent)") == ["debt", "charged"]
+    browser.screenshot(ARTIFACTS / "dashboard-billing.png")
 
     _open(browser, f"{dash}/audit")
     actions = browser.evaluate("[...document.querySelectorAll('#audit tr')].slice(1).map(r => r.cells[1].textContent)")

@@ -96,6 +96,7 @@ function chart(name, canvasId, config) {
   if (window.meterlineCharts[name]) window.meterlineCharts[name].destroy();
   config.options = Object.assign({ animation: false, responsive: true }, config.options || {});
   window.meterlineCharts[name] = new Chart($(canvasId), config);
+  window.meterlineCharts[name].resize();  // size to the card now, not on the next ResizeObserver tick
   return window.meterlineCharts[name];
 }
 
@@ -233,6 +234,23 @@ async function pageAudit(cursor) {
   more.onclick = () => run(() => pageAudit(page.next_cursor));
 }
 
+async function pageBilling() {
+  const w = windowParams();
+  const [rules, runs] = await Promise.all([api(projectPath("/billing-rules")),
+                                           api(projectPath("/billing-runs") + query({ limit: 500 }))]);
+  const names = new Map(rules.map(r => [r.id, r.name]));
+  const inWindow = runs.items.filter(r => r.due_at >= w.from);
+  const series = inWindow.map(r => ({ bucket: r.due_at.slice(0, 10), group: r.status, value: 1 }));
+  chart("billing", "chart-billing", { type: "bar", data: pivot(series, r => r.value),
+    options: { scales: { x: { stacked: true }, y: { stacked: true, ticks: { precision: 0 } } } } });
+  table("billing-rules", [["name", r => r.name], ["wallet", r => r.wallet_id], ["schedule (UTC cron)", r => r.cron],
+    ["amount", r => fmt(r.amount_minor)], ["if unpaid", r => r.when_insufficient], ["status", r => r.status],
+    ["next run", r => r.status === "active" ? label(r.next_run_at) : "–"]], rules);
+  table("billing-runs", [["due", r => label(r.due_at)], ["rule", r => names.get(r.rule_id) || r.rule_id],
+    ["wallet", r => r.wallet_id], ["status", r => r.status], ["amount", r => fmt(r.amount_minor)],
+    ["transaction", r => r.transaction_id], ["detail", r => r.detail]], inWindow.slice(0, 100));
+}
+
 async function pageDeadLetters() {
   const body = await api(projectPath("/analytics/dead-letters") + query({ limit: 100 }));
   table("dead-letters", [["received", r => label(r.received_at)], ["reason", r => r.reason],
@@ -241,7 +259,7 @@ async function pageDeadLetters() {
 }
 
 const PAGES = { usage: pageUsage, credits: pageCredits, wallets: pageWallets, paywall: pagePaywall,
-                audit: () => pageAudit(undefined), "dead-letters": pageDeadLetters };
+                billing: pageBilling, audit: () => pageAudit(undefined), "dead-letters": pageDeadLetters };
 
 async function run(render) {
   document.body.dataset.ready = "";

@@ -21,8 +21,8 @@ Rates are decimal strings rounded to 4 places (ratios, not money); null when not
 
 Usage figures come from usage_events; pre-aggregated projections answer them when the query shape allows
 (filters on toStartOfMinute(time) use ``by_minute``; toStartOfHour(time) ``by_hour``; day/month per-subject
-filters on toStartOfDay(time) use ``by_subject_day`` / ``by_subject_meter_day``; top consumers also take whole
-months from ``by_subject_month``), otherwise the raw rows (primary key: project, event type, time) are scanned.
+filters on toStartOfDay(time) use ``by_subject_day`` / ``by_subject_meter_day``), otherwise the raw rows
+(primary key: project, event type, time) are scanned.
 """
 
 from __future__ import annotations
@@ -233,91 +233,24 @@ def build_usage_totals(*, db: str, project_id: str, win: Window) -> tuple[Query,
         {"project": project_id, "start": win.start, "end": win.end}), win
 
 
-#: Reading a month of per-subject rollup rows costs about as much as this many days of them (a month holds
-#: about as many subjects as a couple of days); used only to choose between two exact plans.
-MONTH_COST_DAYS = 2
-
-
-@dataclass(frozen=True)
-class MonthPlan:
-    """A day-aligned window as whole months (+), days added (+) and days of those months subtracted (−)."""
-
-    months: tuple[datetime, ...]
-    plus_days: tuple[tuple[datetime, datetime], ...]
-    minus_days: tuple[tuple[datetime, datetime], ...]
-
-
-def month_plan(win: Window) -> MonthPlan:
-    """For each month the window touches: the whole month if the window covers it; otherwise its days in the
-    window, or — when that reads fewer rows — the month minus its days outside the window. Counts and sums
-    are additive, so every plan gives the window's exact totals."""
-    months: list[datetime] = []
-    plus: list[tuple[datetime, datetime]] = []
-    minus: list[tuple[datetime, datetime]] = []
-    month = _floor(win.start, "month")
-    while month < win.end:
-        after = _ceil(month + timedelta(days=1), "month")
-        lo, hi = max(win.start, month), min(win.end, after)
-        inside = (hi - lo).days
-        outside = (after - month).days - inside
-        if outside == 0:
-            months.append(month)
-        elif outside + MONTH_COST_DAYS < inside:
-            months.append(month)
-            minus.extend(r for r in ((month, lo), (hi, after)) if r[0] < r[1])
-        else:
-            plus.append((lo, hi))
-        month = after
-    return MonthPlan(tuple(months), tuple(plus), tuple(minus))
-
-
 def build_top_consumers(*, db: str, project_id: str, win: Window, meter: str | None = None,
                         limit: int = 10) -> tuple[Query, Window]:
-    """Subjects by units of one meter (or by events across meters, when no meter is given), over the window
-    widened to whole days: whole months from ``by_subject_month(_all_meters)``, days from ``by_subject_day
-    (_all_meters)``, subtracting a month's days outside the window where that reads less (``month_plan``)."""
+    """Subjects by units of one meter (or by events across meters, when no meter is given)."""
     if not 1 <= limit <= 1_000:
         raise BadQuery("limit must be between 1 and 1000")
     win = aligned(win, "day")
-    plan = month_plan(win)
-    params: dict[str, Any] = {"project": project_id, "limit": limit}
-    where = "project_id = {project:String}"
-    if meter is not None:
-        params["meter"] = meter
-        where += " AND event_type = {meter:String}"
-    aggregates = "toInt64(count()) AS e" + (", sum(units) AS u" if meter is not None else "")
-    negated = "-toInt64(count()) AS e" + (", -sum(units) AS u" if meter is not None else "")
-
-    def branch(select: str, conditions: list[str]) -> str:
-        return (f"SELECT subject, {select} FROM `{db}`.usage_events WHERE {where} AND ({' OR '.join(conditions)}) "
-                "GROUP BY subject")
-
-    def day_ranges(name: str, ranges: tuple[tuple[datetime, datetime], ...]) -> list[str]:
-        out = []
-        for i, (a, b) in enumerate(ranges):
-            params[f"{name}{i}_lo"], params[f"{name}{i}_hi"] = a, b
-            out.append(f"(toStartOfDay(time) >= {{{name}{i}_lo:DateTime64(3, 'UTC')}} "
-                       f"AND toStartOfDay(time) < {{{name}{i}_hi:DateTime64(3, 'UTC')}})")
-        return out
-
-    parts = []
-    if plan.months:
-        for i, month in enumerate(plan.months):
-            params[f"m{i}"] = month.date()
-        parts.append(branch(aggregates, [f"toStartOfMonth(time) = {{m{i}:Date}}" for i in range(len(plan.months))]))
-    if plan.plus_days:
-        parts.append(branch(aggregates, day_ranges("p", plan.plus_days)))
-    if plan.minus_days:
-        parts.append(branch(negated, day_ranges("n", plan.minus_days)))
-    rows = " UNION ALL ".join(parts)
+    params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end, "limit": limit}
+    where = ("project_id = {project:String} AND toStartOfDay(time) >= {start:DateTime64(3, 'UTC')} "
+             "AND toStartOfDay(time) < {end:DateTime64(3, 'UTC')}")
     if meter is None:
-        sql = (f"SELECT subject, sum(e) AS events FROM ({rows}) GROUP BY subject HAVING events > 0 "
-               "ORDER BY events DESC, subject LIMIT {limit:UInt32}")
+        sql = (f"SELECT subject, count() AS events FROM `{db}`.usage_events WHERE {where} "
+               "GROUP BY subject ORDER BY events DESC, subject LIMIT {limit:UInt32}")
     else:
-        sql = (f"SELECT subject, sum(e) AS events, toString(sum(u) AS total) AS total_units FROM ({rows}) "
-               "GROUP BY subject HAVING events > 0 ORDER BY total DESC, subject LIMIT {limit:UInt32}")
+        params["meter"] = meter
+        sql = (f"SELECT subject, count() AS events, toString(sum(units) AS total) AS total_units FROM `{db}`.usage_events "
+               f"WHERE {where} AND event_type = {{meter:String}} GROUP BY subject ORDER BY total DESC, subject "
+               "LIMIT {limit:UInt32}")
     return Query(sql, params), win
-
 
 
 # ----------------------------------------------------------------------------- wallet builders

@@ -117,6 +117,8 @@ def next_due(cron: str, after: datetime) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class BillingRuleRow:
+    """A fixed fee on a UTC schedule (``cron``, derived from ``schedule``); ``next_run_at`` = the next due time."""
+
     id: str
     project_id: str
     wallet_id: str
@@ -141,6 +143,9 @@ class BillingRuleRow:
 
 @dataclass(frozen=True, slots=True)
 class BillingRunRow:
+    """One due time of a rule, run: ``charged``; ``debt`` (posted, the wallet went into debt); ``skipped``
+    (the wallet could not pay and the rule says skip: nothing posted, ``amount_minor`` 0)."""
+
     id: int
     rule_id: str
     project_id: str

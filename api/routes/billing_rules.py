@@ -5,7 +5,6 @@ money side and its invariants live in ``ledger/billing.py``."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
@@ -51,36 +50,9 @@ class BillingRulePatch(BaseModel):
         default=None, description="paused due times are never charged; resuming starts at the next due time")
 
 
-class BillingRuleOut(BaseModel):
-    id: str
-    project_id: str
-    wallet_id: str
-    name: str
-    schedule: dict[str, Any]
-    cron: str
-    amount_minor: int
-    when_insufficient: str
-    status: str
-    next_run_at: datetime
-    last_run_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, rule: billing.BillingRuleRow) -> BillingRuleOut:
-        return cls(**rule.as_dict())
-
-
-class BillingRunOut(BaseModel):
-    id: int
-    rule_id: str
-    wallet_id: str
-    due_at: datetime
-    status: str = Field(description="charged | debt (posted, the wallet went into debt) | skipped (nothing posted)")
-    amount_minor: int
-    transaction_id: int | None
-    detail: str | None
-    ran_at: datetime
+# The ledger's row types are the wire shapes too (FastAPI serializes dataclasses): one definition each.
+BillingRuleOut = billing.BillingRuleRow
+BillingRunOut = billing.BillingRunRow
 
 
 class BillingRunPage(BaseModel):
@@ -100,20 +72,19 @@ def create_rule(body: BillingRuleIn, access: Admin, conn: ConnectionDep) -> Bill
                                when_insufficient=body.when_insufficient, starts_at=body.starts_at)
     audit(conn, access, action="billing_rule.create", target_kind="billing_rule", target_id=rule.id,
           after=_audit_view(rule))
-    return BillingRuleOut.of(rule)
+    return rule
 
 
 @router.get("/billing-rules", response_model=list[BillingRuleOut], summary="The project's billing rules")
 def list_rules(access: Read, conn: ConnectionDep,
                wallet_id: Annotated[str | None, Query(max_length=200)] = None,
                status: Annotated[Literal["active", "paused", "archived"] | None, Query()] = None) -> list[BillingRuleOut]:
-    return [BillingRuleOut.of(r) for r in billing.list_rules(conn, project_id=access.project_id,
-                                                             wallet_id=wallet_id, status=status)]
+    return billing.list_rules(conn, project_id=access.project_id, wallet_id=wallet_id, status=status)
 
 
 @router.get("/billing-rules/{rule_id}", response_model=BillingRuleOut, summary="One billing rule")
 def get_rule(rule_id: Annotated[str, RULE_ID], access: Read, conn: ConnectionDep) -> BillingRuleOut:
-    return BillingRuleOut.of(billing.get_rule(conn, project_id=access.project_id, rule_id=rule_id))
+    return billing.get_rule(conn, project_id=access.project_id, rule_id=rule_id)
 
 
 @router.patch("/billing-rules/{rule_id}", response_model=BillingRuleOut,
@@ -124,7 +95,7 @@ def update_rule(rule_id: Annotated[str, RULE_ID], body: BillingRulePatch, access
                                         amount_minor=body.amount_minor, status=body.status)
     audit(conn, access, action="billing_rule.update", target_kind="billing_rule", target_id=rule_id,
           before=_audit_view(before), after=_audit_view(after))
-    return BillingRuleOut.of(after)
+    return after
 
 
 @router.delete("/billing-rules/{rule_id}", response_model=BillingRuleOut,
@@ -133,7 +104,7 @@ def archive_rule(rule_id: Annotated[str, RULE_ID], access: Admin, conn: Connecti
     before, after = billing.update_rule(conn, project_id=access.project_id, rule_id=rule_id, status="archived")
     audit(conn, access, action="billing_rule.archive", target_kind="billing_rule", target_id=rule_id,
           before=_audit_view(before), after=_audit_view(after))
-    return BillingRuleOut.of(after)
+    return after
 
 
 @router.get("/billing-runs", response_model=BillingRunPage, summary="Billing runs, newest first")
@@ -144,8 +115,4 @@ def list_runs(access: Read, conn: ConnectionDep, rule_id: Annotated[str | None, 
               limit: Annotated[int, Query(ge=1, le=500)] = 50) -> BillingRunPage:
     runs = billing.list_runs(conn, project_id=access.project_id, rule_id=rule_id, wallet_id=wallet_id,
                              status=status, before_id=before_id, limit=limit)
-    return BillingRunPage(items=[BillingRunOut(id=r.id, rule_id=r.rule_id, wallet_id=r.wallet_id, due_at=r.due_at,
-                                               status=r.status, amount_minor=r.amount_minor,
-                                               transaction_id=r.transaction_id, detail=r.detail, ran_at=r.ran_at)
-                                 for r in runs],
-                          next_before_id=runs[-1].id if len(runs) == limit else None)
+    return BillingRunPage(items=runs, next_before_id=runs[-1].id if len(runs) == limit else None)

@@ -391,11 +391,18 @@ class ReserveStage:
 # ------------------------------------------------------------------------------------------ group commit
 
 _LOCK_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
-_BATCH_BUCKETS = ("SELECT wallet_id, id, priority, expires_at, created_at, remaining_minor, source FROM credit_buckets "
-                  "WHERE wallet_id = ANY(%s::text[]) AND remaining_minor > 0")
-_BATCH_CONTEXT = "SELECT now(), nextval('transactions_id_seq') FROM generate_series(1, %s)"
-_BATCH_EARLIER_USE = ("SELECT idempotency_key, id, request_fingerprint FROM transactions "
-                      "WHERE idempotency_key = ANY(%s::text[])")
+# After the lock, ONE statement: the transaction time, one transaction id per debit (allocated under the locks,
+# in order), the keys used before, and the wallets' live buckets column by column.
+_BATCH_CONTEXT = """
+SELECT now(),
+       ARRAY(SELECT nextval('transactions_id_seq') FROM generate_series(1, %(n)s)),
+       ARRAY(SELECT idempotency_key FROM transactions WHERE idempotency_key = ANY(%(keys)s::text[])),
+       b.wallets, b.ids, b.priorities, b.expires, b.created, b.remaining, b.sources
+FROM (SELECT array_agg(wallet_id) AS wallets, array_agg(id) AS ids, array_agg(priority) AS priorities,
+             array_agg(expires_at) AS expires, array_agg(created_at) AS created,
+             array_agg(remaining_minor) AS remaining, array_agg(source) AS sources
+      FROM credit_buckets WHERE wallet_id = ANY(%(wallets)s::text[]) AND remaining_minor > 0) AS b
+"""
 
 # Every posting of a batch in ONE statement. Arrays are addressed by primary key (= ANY), never joined to a
 # set-returning function (that plans a sequential scan of the whole table).
@@ -441,7 +448,7 @@ class DebitBatch:
     """Several debits in ONE database transaction (group commit), in the same two stages as ``DebitStage``.
 
     1. ``__init__`` queues: lock every wallet of the batch (``FOR UPDATE``, ascending id: the ledger's lock order),
-       then — separate statements, so they see what earlier lock holders committed — their live buckets, one
+       then — a separate statement, so it sees what earlier lock holders committed — their live buckets, one
        pre-allocated transaction id per debit, and the keys' earlier use. ``fetch`` reads them.
     2. ``post`` decides ONE debit in Python against the wallet's state after the batch's earlier debits (floor,
        debt, burn plan), or raises exactly what ``DebitStage.post`` raises (nothing is written for it);
@@ -459,12 +466,9 @@ class DebitBatch:
         wallet_ids = sorted({d.wallet_id for d in debits})
         self._lock = raw.cursor()
         self._lock.execute(_LOCK_WALLETS, (wallet_ids,))
-        self._buckets = raw.cursor()
-        self._buckets.execute(_BATCH_BUCKETS, (wallet_ids,))
         self._context = raw.cursor()
-        self._context.execute(_BATCH_CONTEXT, (len(debits),))
-        self._earlier = raw.cursor()
-        self._earlier.execute(_BATCH_EARLIER_USE, ([d.idempotency_key for d in debits],))
+        self._context.execute(_BATCH_CONTEXT, {"n": len(debits), "keys": [d.idempotency_key for d in debits],
+                                               "wallets": wallet_ids})
         self._posted: list[tuple[BatchedDebit, Posting, TransactionRow, Draft]] = []
 
     def fetch(self) -> None:
@@ -472,14 +476,16 @@ class DebitBatch:
         for row in self._lock.fetchall():
             wallet = WalletRow(*row)
             self.wallets[wallet.id] = wallet
+        context = self._context.fetchone()
+        assert context is not None
+        self.now: datetime = context[0]
+        self._ids: list[int] = sorted(context[1])
+        self._earlier_use = set(context[2])
         buckets: dict[str, list[Bucket]] = {}
-        for wallet_id, *bucket in self._buckets.fetchall():
+        wallet_of, *columns = context[3:]
+        for wallet_id, *bucket in zip(wallet_of or [], *(c or [] for c in columns), strict=True):
             buckets.setdefault(wallet_id, []).append(Bucket(*bucket))
         self._sources = {b.id: b.source for bs in buckets.values() for b in bs}
-        context = self._context.fetchall()
-        self.now: datetime = context[0][0]
-        self._ids = sorted(r[1] for r in context)
-        self._earlier_use = {key: (tx_id, fp) for key, tx_id, fp in self._earlier.fetchall()}
         self._books = {w.id: WalletBook(balance_minor=w.balance_minor, buckets=buckets.get(w.id, []), now=self.now,
                                         project_id=w.project_id) for w in self.wallets.values()}
 

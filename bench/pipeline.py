@@ -341,6 +341,38 @@ def ledger_rows(database_url: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+def where_time_went(home: Path, since: float, until: float) -> list[str]:
+    """Per process, the per-step seconds of its periodic stats log (streams_stats every 10 s,
+    ledger_consumer_stats every 10 s) between the last lines before ``since`` and ``until``: where a phase's
+    time went, as a share of the window between those two lines."""
+    lines = []
+    for log in [*sorted(home.glob("streams-*.log")), home / "ledger.log"]:
+        event = "ledger_consumer_stats" if log.name == "ledger.log" else "streams_stats"
+        stats = []
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if event not in line or not line.startswith("{"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    record = orjson.loads(line)
+                    at = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
+                    stats.append((at, record))
+        before = [s for s in stats if s[0] <= since] or stats[:1]
+        within = [s for s in stats if s[0] <= until]
+        if not before or not within or within[-1][0] <= before[-1][0]:
+            continue
+        (t0, a), (t1, b) = before[-1], within[-1]
+        window = t1 - t0
+        steps = ", ".join(f"{k[:-2]} {100 * (b[k] - a[k]) / window:.0f}%" for k in b if k.endswith("_s") and k in a)
+        counts = ("checkpoints {:,}, batches {:,}".format(b["checkpoints"] - a["checkpoints"], b["batches"] - a["batches"])
+                  if "batches" in b else
+                  "checkpoints {:,} in {:,} db transactions, {:,} usage transactions".format(
+                      b["applied"] - a["applied"], b.get("apply_transactions", 0) - a.get("apply_transactions", 0),
+                      b["transactions"] - a["transactions"]))
+        lines.append(f"    {log.stem:<16} over {window:4.0f} s: {steps}; {counts}")
+    return lines
+
+
 # -- processes ---------------------------------------------------------------------------------------------
 
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -546,6 +578,11 @@ def main() -> None:
                     print(f"  exact totals: {'OK' if ok else 'WRONG'} ({detail})")
                     print("  processes:")
                     print("\n".join(result["meter"].report(result["wall_s"])))
+                    time.sleep(10.5)  # one more stats line of every process covers the phase's end
+                    steps = where_time_went(home, result["sent"].first_sent, time.time())
+                    if steps:
+                        print("  where the time went (per-step seconds from the stats logs, share of the window):")
+                        print("\n".join(steps))
             finally:
                 stop(procs)
                 for log in sorted(home.glob("*.log")):

@@ -142,6 +142,11 @@ def test_sink_killed_with_sigkill_mid_stream_loses_and_doubles_nothing(topics, p
            "METERLINE_TOPIC_PREFIX": topics.prefix, "ANALYTICS_CONSUMER_GROUP": group,
            "ANALYTICS_EMBEDDED_SINK_OWNER": "process", "ANALYTICS_BATCH_ROWS_MAX": "40",
            "ANALYTICS_BATCH_AGE_MS_MAX": "20"}
+    # Migrate first, in a process of its own (chDB: one process per path at a time), so each killed sink spends
+    # its few seconds consuming rather than creating the schema (ten versions take seconds on a loaded machine).
+    subprocess.run([sys.executable, "-c", "import os; from analytics.client import connect; "
+                    "from analytics.migrate import migrate; c = connect(os.environ['CLICKHOUSE_URL']); "
+                    "migrate(c, database=os.environ['ANALYTICS_DATABASE']); c.close()"], env=env, check=True, timeout=120)
     feeder = threading.Thread(target=produce, daemon=True)
     feeder.start()
     rng = random.Random(11)

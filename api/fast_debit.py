@@ -21,11 +21,12 @@ from typing import Any
 import orjson
 from fastapi import Request
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import API_KEY_PREFIX, DeferredAccess, Principal, project_access, verify_access_token
 from api.errors import ApiError
 from api.idempotency import require_key
+from api.middleware import replay_body
 from api.wallet_models import DebitRequest
 
 _DEBIT_PATH = re.compile(r"^/api/v1/projects/([^/]+)/wallets/([^/]+)/debit$")
@@ -47,7 +48,7 @@ class FastDebitMiddleware:
         if body is None:
             return  # the client went away before sending its body
         if not await self._answer(scope, receive, send, match, body):
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str], body: bytes) -> bool:
         """Answer the debit; False (nothing sent) when the FastAPI route must answer it."""
@@ -124,16 +125,3 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

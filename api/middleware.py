@@ -174,7 +174,7 @@ class HttpHygieneMiddleware:
             if body is None:
                 await self._refuse_too_large(scope, send_with_headers)
                 return
-            receive = _replay(body, receive)
+            receive = replay_body(body, receive)
         await self.app(scope, receive, send_with_headers)
 
     async def _buffer_limited(self, receive: Receive) -> bytes | None:
@@ -201,7 +201,8 @@ class HttpHygieneMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the already-read ``body`` to the app, then defers to the real one."""
     sent = False
 
     async def replay() -> Message:

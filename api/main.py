@@ -12,6 +12,7 @@ from api.errors import install_error_handlers
 from api.middleware import install_middleware
 from api.settings import ApiSettings, get_settings
 from ledger.db import make_engine
+from ledger.runtime import freeze_startup_heap
 
 #: Router modules, each exposing ``router`` (and optionally ``startup(app)`` / ``shutdown(app)``).
 ROUTER_MODULES: list[str] = [
@@ -44,6 +45,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for module in modules:
         if hasattr(module, "startup"):
             await module.startup(app)
+    freeze_startup_heap()
     try:
         yield
     finally:

@@ -51,6 +51,7 @@ import psycopg
 
 from bench.machine import describe
 from ledger.db import libpq_url, make_engine
+from ledger.runtime import freeze_startup_heap
 
 GRANT_MINOR = 10**12
 BIG_WALLETS_GRANT_MINOR = 10**9
@@ -120,6 +121,7 @@ def _load_process(base_url: str, project: str, token: str, scenario: Scenario, d
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvicorn[standard] brings uvloop
         runner = asyncio.run
+    freeze_startup_heap()  # the client's own GC pauses would count against the server (latency from schedule)
     before = resource.getrusage(resource.RUSAGE_SELF)
     result = runner(_load(base_url, project, token, scenario, duration_s, requests_max, concurrency, rate))
     after = resource.getrusage(resource.RUSAGE_SELF)

@@ -41,6 +41,7 @@ from ledger.contracts import TOPIC_LEDGER_CHARGES, TOPIC_LEDGER_TRANSACTIONS, Ch
 from ledger.db import make_engine
 from ledger.kafka import make_consumer, make_producer, require_topics, topic_name
 from ledger.outbox import OutboxRelay
+from ledger.runtime import freeze_startup_heap
 from ledger.settings import LedgerSettings, get_settings
 
 __all__ = ["ConsumerStats", "LedgerConsumer", "MigrationsPending", "main", "run"]
@@ -252,6 +253,7 @@ def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
     relay_thread.start()
     consumer = LedgerConsumer(settings=settings, engine=engine, stop=stop)
     log.info("ledger_consumer_started", topic=consumer.topic, group=settings.consumer_group)
+    freeze_startup_heap()  # a full GC pass over the import-time heap would stall every apply thread
     try:
         consumer.run()
     finally:

@@ -44,6 +44,7 @@ from ledger import queries as ledger_queries
 from ledger.contracts import TOPIC_LEDGER_CHARGES
 from ledger.db import make_engine
 from ledger.kafka import make_producer, require_topics, topic_name
+from ledger.runtime import freeze_startup_heap
 from ledger.source_logs import current_identity
 from streams import catalog as catalog_db
 from streams import faust_transport
@@ -528,6 +529,7 @@ def main() -> None:
     log.info("streams_worker_starting", group=runtime.group_id, topic=runtime.usage_topic,
              source_id=runtime.source_id, partitions=partitions,
              worker_index=settings.worker_index, flush_ms_max=settings.flush_ms_max)
+    freeze_startup_heap()  # a full GC pass over faust's import-time heap would stall the event loop
     worker = faust.Worker(app, loglevel=logging.getLevelName(logging.getLogger().level), override_logging=False,
                           quiet=True)
     try:

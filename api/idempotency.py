@@ -27,6 +27,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -233,7 +234,21 @@ def pipelined_connection(conn: Connection) -> psycopg.Connection[Any]:
     return driver
 
 
-def purge_older_than(conn: Connection, *, days: int) -> int:
-    """Maintenance: keys are kept ``days`` (Stripe keeps 24 h; keep longer than any client's retry window)."""
-    return int(conn.execute(text("DELETE FROM idempotency_records WHERE created_at < now() - make_interval(days => :d)"),
-                            {"d": days}).rowcount or 0)
+#: records deleted per purge statement: one short transaction each (the scheduler repeats it while rows remain,
+#: at most 100 times a round; ledger/scheduler.py ``Scheduler._run_job``)
+PURGE_BATCH_ROWS = 50_000
+
+
+def purge_older_than(conn: Connection, *, cutoff: datetime, limit: int = PURGE_BATCH_ROWS) -> int:
+    """Maintenance: delete up to ``limit`` records created before ``cutoff``, oldest first; returns how many.
+
+    The scheduler's ``purge_idempotency_records`` job (meterline/scheduler.py) calls it with ``cutoff`` = the
+    database's now() minus ``API_IDEMPOTENCY_RETENTION_S``. A record younger than that is never touched, so within
+    the retention every key replays its stored response exactly as before. A retry after it still cannot move money
+    twice — the ledger posting carries its own key (``ledger_key``): a debit answers ``outcome: duplicate``, and
+    the group commit hands such a debit to the one-debit path (api/debit_batch.py) — but the answer is no longer
+    the original one; hence a retention longer than any client's retry window."""
+    return int(conn.execute(text("""
+        DELETE FROM idempotency_records WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM idempotency_records WHERE created_at < :cutoff ORDER BY created_at LIMIT :limit))
+    """), {"cutoff": cutoff, "limit": limit}).rowcount or 0)

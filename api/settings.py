@@ -13,7 +13,22 @@ PLACEHOLDER_SECRETS = {"changethis", "change-me", "dev-secret", "secret", "", LO
 JWT_SECRET_BYTES_MIN = 32
 
 
-class ApiSettings(BaseSettings):
+class IdempotencySettings(BaseSettings):
+    """The API settings the scheduler reads too (its ``purge_idempotency_records`` job, meterline/scheduler.py):
+    a class of their own so that process needs none of the API's secrets."""
+
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True)
+
+    idempotency_retention_s: int = Field(
+        default=3 * 24 * 3600, ge=24 * 3600,
+        description="Idempotency-Key records (api/idempotency.py) older than this are purged by the scheduler. Keep "
+                    "it longer than any client's retry window: a retry within it replays the stored response; a "
+                    "later one is still never applied twice (the ledger key), but its answer is no longer the "
+                    "original one (a debit answers outcome 'duplicate' with today's balance). Default 3 days, at "
+                    "least 24 h (Stripe keeps keys 24 h); the SDK retries for at most 2 minutes.")
+
+
+class ApiSettings(IdempotencySettings):
     model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True)
 
     env: str = Field(default="local", validation_alias=AliasChoices("METERLINE_ENV", "API_ENV"))

@@ -40,7 +40,7 @@ PROCESSES: dict[str, str] = {
     "streams": "streams.worker:main",
     "ledger": "ledger.consumer:main",
     "analytics": "analytics.sink:main",
-    "scheduler": "ledger.scheduler:main",
+    "scheduler": "meterline.scheduler:main",  # ledger/scheduler.py with the API's jobs added
 }
 
 

@@ -23,7 +23,7 @@ Steps, and the invariant each protects:
    amount that repays debt first and puts the rest in a 'refund' bucket. Idempotency key:
    ``usage:{topic}:{partition}:{as_of}:{wallet}:{meter}:{period}:{version}`` (deterministic).
    Outbox rows are written for every transaction.
-7. Record the checkpoint's dedupe keys and set applied_through = as_of_offset.
+7. Record the checkpoint's dedupe keys (one array row) and set applied_through = as_of_offset.
    → dedupe state, counters, money and the offset mark commit atomically or not at all.
 
 ``apply_checkpoints`` applies several consecutive checkpoints of one partition (what the consumer fetched
@@ -116,12 +116,11 @@ _UPDATE_CHARGES = text(f"""
       AND c.price_version_id = v.price_version_id
 """)
 
-# One bigint[] literal ('{1,-2,3}': PostgreSQL's int8 array parser, no JSON), sorted so the primary-key
-# index is walked in order instead of at random.
+# One row per applied checkpoint; the hashes as one bigint[] literal ('{1,-2,3}': PostgreSQL's int8 array
+# parser, no JSON). as_of is new for the partition (step 1), so the primary key cannot collide.
 _INSERT_DEDUPE = text("""
-    INSERT INTO dedupe_keys (source_topic, partition, key_hash, seen_at)
-    SELECT :topic, :partition, h, now() FROM unnest(CAST(:hashes AS bigint[])) AS h ORDER BY h
-    ON CONFLICT DO NOTHING
+    INSERT INTO dedupe_key_sets (source_topic, partition, as_of_offset, key_hashes)
+    VALUES (:topic, :partition, :as_of, CAST(:hashes AS bigint[]))
 """)
 
 _SET_APPLIED = text("""
@@ -189,7 +188,8 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint])
         transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), values, units, deltas, cumulative)
     hashes = [h for checkpoint in accepted for h in checkpoint.dedupe_keys]
     if hashes:
-        conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition, "hashes": _bigint_array(hashes)})
+        conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition, "as_of": as_of,
+                                      "hashes": _bigint_array(hashes)})
     conn.execute(_SET_APPLIED, {"topic": topic, "partition": partition, "as_of": as_of})
     outcome = CheckpointOutcome("applied", topic, partition, as_of, len(values), transactions, charged_total)
     return MergedOutcome(outcome, len(accepted), stale)

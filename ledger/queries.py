@@ -209,10 +209,10 @@ def dedupe_keys_since(conn: Connection, *, source_topic: str, partitions: Sequen
     out: dict[int, set[int]] = {p: set() for p in partitions}
     topic = base_topic(source_topic)
     rows = conn.execute(text("""
-        SELECT partition, key_hash FROM dedupe_keys
+        SELECT partition, key_hashes FROM dedupe_key_sets
         WHERE (source_topic = :t OR starts_with(source_topic, :t_life))
           AND partition = ANY(CAST(:p AS int[])) AND seen_at >= :since
     """), {"t": topic, "t_life": topic + IDENTITY_SEPARATOR, "p": list(partitions), "since": since})
     for r in rows:
-        out[int(r.partition)].add(int(r.key_hash))
+        out[int(r.partition)].update(r.key_hashes)
     return out

@@ -68,10 +68,11 @@ def _expire_credits(conn: Connection, now: datetime, _settings: LedgerSettings) 
 
 
 def _purge_dedupe_keys(conn: Connection, now: datetime, settings: LedgerSettings) -> int:
-    """Dedupe keys older than the horizon can no longer catch a duplicate streams would accept."""
+    """Dedupe keys older than the horizon can no longer catch a duplicate streams would accept. A row holds one
+    checkpoint's keys (hundreds to tens of thousands), so a round deletes at most 1,000 rows."""
     return conn.execute(text("""
-        DELETE FROM dedupe_keys WHERE ctid = ANY(ARRAY(
-            SELECT ctid FROM dedupe_keys WHERE seen_at < :cutoff LIMIT 50000))
+        DELETE FROM dedupe_key_sets WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM dedupe_key_sets WHERE seen_at < :cutoff LIMIT 1000))
     """), {"cutoff": now - timedelta(seconds=settings.dedupe_horizon_s)}).rowcount
 
 
@@ -163,7 +164,9 @@ class Scheduler:
         log.info("scheduler_stopped", holder=self.holder)
 
 
-def main() -> None:
+def main(jobs: list[Job] | None = None) -> None:
+    """``jobs``: what to run (default ``JOBS``); the composition root adds the jobs of the layers above the
+    ledger, which this package may not import (meterline/scheduler.py)."""
     settings = get_settings()
     todo = schema_migrations.pending(settings.database_url, script_location=MIGRATIONS, version_table=VERSION_TABLE)
     if todo:
@@ -179,6 +182,6 @@ def main() -> None:
     signal.signal(signal.SIGINT, on_signal)
     engine = make_engine(settings.database_url, pool_size=2, application_name="meterline-scheduler")
     try:
-        Scheduler(engine=engine, settings=settings).run(stop)
+        Scheduler(engine=engine, settings=settings, jobs=jobs).run(stop)
     finally:
         engine.dispose()

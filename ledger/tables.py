@@ -17,7 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 metadata = MetaData()
 
@@ -124,12 +124,13 @@ applied_offsets = Table(
     _ts("updated_at"),
 )
 
-dedupe_keys = Table(
-    "dedupe_keys", metadata,
+dedupe_key_sets = Table(
+    "dedupe_key_sets", metadata,
     Column("source_topic", Text, primary_key=True),
     Column("partition", Integer, primary_key=True),
-    Column("key_hash", BigInteger, primary_key=True),
+    Column("as_of_offset", BigInteger, primary_key=True),
     _ts("seen_at"),
+    Column("key_hashes", ARRAY(BigInteger), nullable=False),
 )
 
 holds = Table(

@@ -44,8 +44,8 @@ def test_a_round_expires_holds_and_credits_and_purges(engine: Engine, database_u
                               expires_at=now + timedelta(milliseconds=300))
         service.grant_credits(conn, wallet_id="W", amount_minor=70, idempotency_key="g2")
         hold = service.reserve(conn, wallet_id="W", amount_minor=50, timeout_s=0.3, idempotency_key="h")
-        conn.execute(text("INSERT INTO dedupe_keys (source_topic, partition, key_hash, seen_at) VALUES"
-                          " ('t', 0, 1, now() - interval '8 days'), ('t', 0, 2, now())"))
+        conn.execute(text("INSERT INTO dedupe_key_sets (source_topic, partition, as_of_offset, seen_at, key_hashes)"
+                          " VALUES ('t', 0, 5, now() - interval '8 days', '{1,3}'), ('t', 0, 9, now(), '{2}')"))
         conn.execute(text("UPDATE outbox SET published_at = now() - interval '2 days' WHERE id = 1"))
     time.sleep(0.4)
     stop = threading.Event()
@@ -67,7 +67,7 @@ def test_a_round_expires_holds_and_credits_and_purges(engine: Engine, database_u
     with engine.connect() as conn:
         expiry = queries.list_transactions(conn, wallet_id="W", kinds=["expiry"]).items
         view = queries.get_balance(conn, "W")
-        dedupe = conn.execute(text("SELECT key_hash FROM dedupe_keys")).scalars().all()
+        dedupe = conn.execute(text("SELECT unnest(key_hashes) FROM dedupe_key_sets")).scalars().all()
         outbox_ids = conn.execute(text("SELECT id FROM outbox ORDER BY id")).scalars().all()
         lease = conn.execute(text("SELECT count(*) FROM scheduler_leases")).scalar()
     assert [t.amount_minor for t in expiry] == [-30]

@@ -39,9 +39,6 @@ class StreamsSettings(BaseSettings):
     checkpoint_dedupe_keys_max: int = Field(default=50_000, ge=1, description="dedupe keys per checkpoint message")
     checkpoint_bytes_max: int = Field(default=64 * 1024 * 1024, ge=1_000_000,
                                       description="largest checkpoint message the producer accepts (uncompressed)")
-    ledger_backpressure_wait_ms_max: int = Field(
-        default=1_000, ge=0, description="wait this long at most for the ledger to apply the previous batch's "
-                                          "checkpoints before taking the next batch (0 = never wait)")
     delivery_timeout_s: float = Field(default=30.0, gt=0, description="a checkpoint not acked by then = crash")
 
     # validation

@@ -105,9 +105,9 @@ class Runtime:
         self._not_flushing: asyncio.Event | None = None
         self._lock = threading.Lock()
         self.counts = {"batches": 0, "checkpoints": 0, "dead_letters": 0, "deferred": 0, "unowned": 0,
-                       "seeded": 0, "backpressure_waits": 0, "batch_messages": 0}
+                       "seeded": 0, "batch_messages": 0}
         #: seconds spent per step (in the periodic stats log: where a worker's time goes)
-        self.timings = {"metering": 0.0, "delivery": 0.0, "backpressure": 0.0, "between_batches": 0.0}
+        self.timings = {"metering": 0.0, "delivery": 0.0, "between_batches": 0.0}
         self._batch_ended = 0.0
 
     # -- resources (created lazily: nothing at import or construction time) -----------------------------
@@ -290,17 +290,13 @@ class Runtime:
         await self.refresh_catalog()
         deferred: list[Any] = []
         touched: dict[int, PartitionAggregator] = {}
-        previous = dict(self.last_emitted)
         for ev in events:
             self._meter(ev, touched, deferred)
         metered = time.monotonic()
         await self._emit(touched)
-        emitted = time.monotonic()
-        await self._backpressure(previous)
         self._batch_ended = time.monotonic()
         self.timings["metering"] += metered - started
-        self.timings["delivery"] += emitted - metered
-        self.timings["backpressure"] += self._batch_ended - emitted
+        self.timings["delivery"] += self._batch_ended - metered
         while deferred:
             self.counts["deferred"] += len(deferred)
             for p in sorted({ev.message.partition for ev in deferred}):
@@ -326,29 +322,6 @@ class Runtime:
                 if not warned and time.monotonic() - started > 60:
                     log.warning("deferred_events_waiting", partition=p, waited_s=round(time.monotonic() - started))
                     warned = True
-
-    async def _backpressure(self, previous: dict[int, int]) -> None:
-        """Keep at most ONE batch of checkpoints per partition ahead of the ledger (bounded wait).
-
-        The ledger applies a partition's checkpoints one transaction at a time and each costs about the same
-        whatever the number of events behind it. While the ledger is behind, waiting here lets faust buffer
-        more messages, so the next batch — and its checkpoint — covers more events: the ledger's work per
-        event falls exactly when it is the bottleneck, instead of a queue of small checkpoints growing."""
-        wait_s = self.settings.ledger_backpressure_wait_ms_max / 1000
-        waiting = {p: o for p, o in previous.items() if p in self.aggregators and o >= 0}
-        if wait_s <= 0 or not waiting:
-            return
-        deadline = time.monotonic() + wait_s
-        while True:
-            applied = await self.io(self._applied_many_sync, sorted(waiting))
-            if all(applied.get(p, -1) >= o for p, o in waiting.items()) or time.monotonic() >= deadline:
-                return
-            self.counts["backpressure_waits"] += 1
-            await asyncio.sleep(0.01)
-
-    def _applied_many_sync(self, partitions: list[int]) -> dict[int, int]:
-        with self.engine.connect() as conn:
-            return ledger_queries.applied_offsets(conn, self.source_id, partitions)
 
     def _meter(self, ev: Any, touched: dict[int, PartitionAggregator], deferred: list[Any]) -> None:
         message = ev.message

@@ -419,6 +419,27 @@ def warm_up(producer: LoadProducer, watcher_db: str, topic: str, timeout_s: floa
     raise SystemExit("warm-up: the pipeline did not apply one message per partition in time; see the logs")
 
 
+def settle(database_url: str, *, timeout_s: float = 120.0) -> str:
+    """Wait until the previous phase's after-work is done: the ledger's outbox relay has published every row and
+    no (auto)vacuum runs in the bench database. Without this the latency phase's first ~12 s measured the
+    throughput phase's aftermath (60 s of overload leave ~100k outbox rows and freshly dirtied tables behind),
+    not a pipeline at 20,000 events/s. Returns what was waited for, printed with the phase."""
+    started = time.monotonic()
+    first: tuple[int, int] | None = None
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        while time.monotonic() - started < timeout_s:
+            unpublished = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
+            vacuums = conn.execute("SELECT count(*) FROM pg_stat_progress_vacuum WHERE datname = current_database()"
+                                   ).fetchone()[0]
+            first = first or (unpublished, vacuums)
+            if unpublished == 0 and vacuums == 0:
+                break
+            time.sleep(0.5)
+    assert first is not None
+    return (f"settled in {time.monotonic() - started:.1f} s (at start: {first[0]:,} outbox rows unpublished, "
+            f"{first[1]} vacuums running)")
+
+
 def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: str, groups: dict[str, list[int]],
                        *, seconds: float, rate: float, backlog_max: int) -> dict[str, Any]:
     sent = Sent()
@@ -558,6 +579,7 @@ def main() -> None:
                 groups["postgresql"] = postgres_pids(eng.pg_dir)  # backends of the workers exist now
                 results = []
                 for name, rate in (("throughput", 0.0), ("latency", args.rate)):
+                    settled = settle(eng.database_url)
                     result = run_pipeline_phase(name, producer, eng, topic, groups, seconds=args.seconds, rate=rate,
                                                 backlog_max=args.backlog)
                     ok, detail = check_totals(eng.database_url, [r["sent"] for r in [*results, result]])
@@ -565,7 +587,7 @@ def main() -> None:
                     results.append(result)
                     label = (f"as fast as the pipeline absorbs (at most {args.backlog:,} events unapplied)"
                              if rate == 0 else f"open loop at {rate:,.0f} events/s")
-                    print(f"\n[{name}] {label} for {args.seconds:.0f} s")
+                    print(f"\n[{name}] {label} for {args.seconds:.0f} s; before it: {settled}")
                     print(f"  produced {result['sent'].events:,} events in {result['sent'].messages:,} messages "
                           f"({result['produce_rate']:,.0f} events/s offered)")
                     print(f"  end to end (sent -> applied in the ledger): {result['events_per_s']:,.0f} events/s "

@@ -2,7 +2,7 @@
 
 A Kafka offset names a record only within one life of a topic. The embedded broker keeps its logs in memory,
 so every ``meterline up`` creates the topics anew, empty, while PostgreSQL keeps what names offsets of the
-previous life: ``applied_offsets``, ``usage_counters``, ``dedupe_keys`` and the idempotency keys of usage
+previous life: ``applied_offsets``, ``usage_counters``, ``dedupe_key_sets`` and the idempotency keys of usage
 transactions (``usage:{topic}:{partition}:{offset}:…``). Reusing the bare topic name would make the new
 life's events look applied already (skipped: under-charged) and could make a new charge collide with an old
 key (taken for a duplicate: under-charged again). The same happens when an operator deletes and recreates a

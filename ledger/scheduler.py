@@ -9,6 +9,11 @@ anyway (conditional updates, idempotency keys), so an overlap during a takeover 
 
 Jobs are a small registry (``JOBS``): name, period, function(conn, now, settings) -> rows affected.
 Billing rules (ledger/billing.py) are one of the jobs.
+
+Jobs are independent: a job that raises is logged (``scheduler_job_failed``) and retried next round, and
+the jobs after it still run. A job with a backlog works it off in short transactions for at most
+``scheduler_job_budget_s`` per round, then yields to the others and stays due, so one large purge cannot
+hold back hold expiry or billing for minutes.
 """
 
 from __future__ import annotations
@@ -105,6 +110,8 @@ class Scheduler:
         self._jobs = list(JOBS if jobs is None else jobs)
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._last_run: dict[str, float] = {}
+        #: job name -> the error of its last failed run; cleared when it runs again without one
+        self.failures: dict[str, str] = {}
 
     def acquire(self) -> bool:
         """Take or renew the lease; False when another live holder has it."""
@@ -118,22 +125,30 @@ class Scheduler:
             conn.execute(_RELEASE, {"name": LEASE_NAME, "holder": self.holder})
 
     def run_round(self, *, now: datetime | None = None, force: bool = False) -> dict[str, int] | None:
-        """Run every due job (all of them with ``force``) while holding the lease; name -> rows affected.
-        None when another holder has the lease."""
+        """Run every due job (all of them with ``force``) while holding the lease; name -> rows affected by the
+        jobs that ran without an error (failed ones are in ``failures``). None when another holder has the lease."""
         if not self.acquire():
             return None
         results: dict[str, int] = {}
         for job in self._jobs:
             due = force or time.monotonic() - self._last_run.get(job.name, float("-inf")) >= job.every_s
-            if due:
+            if not due:
+                continue
+            try:
                 results[job.name] = self._run_job(job, now)
+            except Exception as error:  # one job's failure must not starve the others
+                self.failures[job.name] = f"{type(error).__name__}: {error}"
+                log.exception("scheduler_job_failed", job=job.name)
+            else:
+                self.failures.pop(job.name, None)
         return results
 
     def _run_job(self, job: Job, now: datetime | None) -> int:
         started = time.monotonic()
         total = 0
-        # work off a backlog in bounded batches, each its own short transaction
-        for _ in range(100):
+        backlog_left = False
+        # work off a backlog in bounded batches, each its own short transaction, within the round's budget
+        while True:
             with self._engine.begin() as conn:
                 if conn.execute(_STILL_HOLDER, {"name": LEASE_NAME, "holder": self.holder}).first() is None:
                     log.warning("scheduler_lease_lost", job=job.name, holder=self.holder)
@@ -143,8 +158,13 @@ class Scheduler:
             total += done
             if done == 0:
                 break
-        self._last_run[job.name] = time.monotonic()
-        log.info("scheduler_job_ran", job=job.name, rows=total, duration_ms=round((time.monotonic() - started) * 1000, 1))
+            if time.monotonic() - started >= self._settings.scheduler_job_budget_s:
+                backlog_left = True
+                break
+        if not backlog_left:  # a job with work left stays due, so the next round continues it
+            self._last_run[job.name] = time.monotonic()
+        log.info("scheduler_job_ran", job=job.name, rows=total, backlog_left=backlog_left,
+                 duration_ms=round((time.monotonic() - started) * 1000, 1))
         return total
 
     def run(self, stop: threading.Event) -> None:

@@ -38,6 +38,9 @@ class LedgerSettings(BaseSettings):
     # scheduler (ledger.scheduler)
     scheduler_interval_s: float = Field(default=5.0, gt=0, description="pause between maintenance rounds")
     scheduler_lease_s: float = Field(default=30.0, gt=0, description="a holder that stops renewing loses the lease")
+    scheduler_job_budget_s: float = Field(default=2.0, gt=0,
+                                          description="a job with a backlog yields to the others after this long "
+                                                      "per round and continues in the next")
     dedupe_horizon_s: int = Field(default=7 * 24 * 3600, gt=0, description="dedupe keys older than this are purged")
     outbox_retention_s: int = Field(default=24 * 3600, gt=0, description="published outbox rows kept this long")
 

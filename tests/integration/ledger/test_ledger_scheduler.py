@@ -8,10 +8,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from ledger import queries, service
-from ledger.scheduler import Scheduler
+from ledger.scheduler import Job, Scheduler
 from ledger.settings import LedgerSettings
 
 pytestmark = pytest.mark.integration
@@ -76,3 +76,58 @@ def test_a_round_expires_holds_and_credits_and_purges(engine: Engine, database_u
     assert 1 not in outbox_ids  # the old published row is gone; unpublished rows stay
     assert lease == 0  # released on stop
     invariants(outbox_purged=True)
+
+
+def test_a_failing_job_is_logged_and_retried_and_the_others_still_run(engine: Engine, database_url: str) -> None:
+    ran: list[str] = []
+    broken = {"yes": True}
+
+    def flaky(conn: Connection, now: datetime, settings: LedgerSettings) -> int:
+        ran.append("flaky")
+        if broken["yes"]:
+            raise RuntimeError("disk on fire")
+        return 0
+
+    def steady(conn: Connection, now: datetime, settings: LedgerSettings) -> int:
+        ran.append("steady")
+        return 0
+
+    scheduler = Scheduler(engine=engine, settings=_settings(database_url),
+                          jobs=[Job("flaky", 3600.0, flaky), Job("steady", 3600.0, steady)])
+    assert scheduler.run_round() == {"steady": 0}
+    assert scheduler.failures == {"flaky": "RuntimeError: disk on fire"}
+    broken["yes"] = False
+    # the failed job is due again at once; the one that succeeded waits for its period
+    assert scheduler.run_round() == {"flaky": 0}
+    assert scheduler.failures == {}
+    assert ran == ["flaky", "steady", "flaky"]
+
+
+def test_a_job_with_a_backlog_yields_after_its_budget_and_continues_next_round(engine: Engine,
+                                                                               database_url: str) -> None:
+    backlog = {"rows": 1_000}
+    order: list[str] = []
+
+    def purge(conn: Connection, now: datetime, settings: LedgerSettings) -> int:
+        time.sleep(0.02)
+        done = min(10, backlog["rows"])
+        backlog["rows"] -= done
+        return done
+
+    def expire(conn: Connection, now: datetime, settings: LedgerSettings) -> int:
+        order.append(f"expire after {1_000 - backlog['rows']} purged")
+        return 0
+
+    scheduler = Scheduler(engine=engine, settings=_settings(database_url, scheduler_job_budget_s=0.2),
+                          jobs=[Job("purge", 3600.0, purge), Job("expire", 0.0, expire)])
+    started = time.monotonic()
+    first = scheduler.run_round()
+    assert first is not None and 0 < first["purge"] < 1_000 and time.monotonic() - started < 5
+    assert order == [f"expire after {first['purge']} purged"]  # the other job did not wait for the backlog
+    rounds = 1
+    while backlog["rows"] and rounds < 200:  # still due although its period is an hour: the backlog continues
+        result = scheduler.run_round()
+        assert result is not None and "purge" in result
+        rounds += 1
+    assert backlog["rows"] == 0 and rounds > 1
+    assert "purge" not in (scheduler.run_round() or {})  # worked off: due again only after its period

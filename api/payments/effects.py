@@ -10,6 +10,9 @@ Exactly once:
   to claw back are ``ceil(credits × reversed money / paid money)`` (all of them for a full reversal), and only
   the difference to what was already clawed back is posted (a negative ``adjustment``, which may create debt;
   a won dispute or a reversed refund posts it back). Replays and reordered partial refunds converge;
+- a plan with ``credits_expire = period_end`` grants each paid period as its own bucket expiring at the
+  period's end (from the provider event) + the plan's grace; the ledger's expiry job posts what is left then as
+  ``expiry``. The expiry comes from the event alone, so reordered events give the same buckets;
 - entitlements move by provider time (``state_at``): an older event never overwrites a newer state, ``ended``
   is final, and the paid period only ever grows.
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -135,8 +138,10 @@ def _payment(ctx: Ctx, refs: list[str]) -> Any:
 
 
 def grant_payment(ctx: Ctx, *, external_id: str, wallet_id: str, offer: Offer, amount_minor: int, currency: str,
-                  payment_ref: str | None = None, entitlement_id: str | None = None) -> bool:
-    """Credit the offer's credits for a received payment, once. False when the payment was already recorded."""
+                  payment_ref: str | None = None, entitlement_id: str | None = None,
+                  expires_at: datetime | None = None) -> bool:
+    """Credit the offer's credits for a received payment, once, as a bucket expiring at ``expires_at`` (None:
+    never). False when the payment was already recorded."""
     if _payment(ctx, [external_id]) is not None:
         ctx.ignore(f"payment {external_id} was already credited")
         return False
@@ -144,17 +149,18 @@ def grant_payment(ctx: Ctx, *, external_id: str, wallet_id: str, offer: Offer, a
     posted = service.grant_credits(
         ctx.conn, wallet_id=wallet_id, amount_minor=offer.credits_minor, kind=kind,
         idempotency_key=f"pay:{ctx.project_id}:{ctx.provider}:{external_id}",
-        source_ref=f"{ctx.provider}:{external_id}",
+        source_ref=f"{ctx.provider}:{external_id}", expires_at=expires_at,
         metadata={"provider": ctx.provider, "offer": offer.slug, "event_id": ctx.event_id,
                   "amount_minor": amount_minor, "currency": currency, **({"payment_ref": payment_ref} if payment_ref
                                                                           else {})})
     ctx.conn.execute(text("""
         INSERT INTO payments (id, project_id, provider, external_id, payment_ref, wallet_id, offer_id, entitlement_id,
-                              amount_minor, currency, credits_minor, grant_transaction_id)
-        VALUES (:id, :p, :v, :x, :r, :w, :o, :e, :a, :c, :cr, :t)"""),
+                              amount_minor, currency, credits_minor, grant_transaction_id, credits_expire_at)
+        VALUES (:id, :p, :v, :x, :r, :w, :o, :e, :a, :c, :cr, :t, :exp)"""),
                      {"id": f"pay_{uuid.uuid4().hex[:20]}", "p": ctx.project_id, "v": ctx.provider, "x": external_id,
                       "r": payment_ref, "w": wallet_id, "o": offer.id, "e": entitlement_id, "a": amount_minor,
-                      "c": currency.lower(), "cr": offer.credits_minor, "t": posted.transaction.id})
+                      "c": currency.lower(), "cr": offer.credits_minor, "t": posted.transaction.id,
+                      "exp": expires_at})
     if posted.outcome == "created":
         ctx.transaction_ids.append(posted.transaction.id)
     ctx.wakes.extend(f"pay:{r}" for r in (external_id, payment_ref) if r)
@@ -264,11 +270,40 @@ def upsert_entitlement(ctx: Ctx, *, external_subscription_id: str, status: str |
     return Entitlement.of(row)
 
 
+def period_credits_expiry(ctx: Ctx, offer: Offer, *, period_start: datetime | None,
+                          period_end: datetime | None) -> datetime | None:
+    """When the credits of a paid period expire: None for a plan whose credits roll over (``never``); else the
+    period's end as the provider event states it, plus the plan's ``credits_grace_s``. An event that states no
+    period end (Lemon Squeezy's subscription invoice) is taken to pay one interval of the plan starting at
+    ``period_start`` (else at the event's time), and the event's detail says so. Only the event is read (not
+    the entitlement), so the same event gives the same expiry whatever arrived before it."""
+    if not offer.expires_with_period:
+        return None
+    end = period_end
+    if end is None:
+        start = period_start or ctx.at
+        end = offer.period_end_after(start)
+        ctx.notes.append(f"the event states no period end: the period is taken as {offer.interval_count} "
+                         f"{offer.billing_interval}(s) from {start.isoformat()}, to {end.isoformat()}")
+    expires_at = end + timedelta(seconds=offer.credits_grace_s)
+    if expires_at <= datetime.now(UTC):
+        ctx.notes.append(f"the period's credits expired at {expires_at.isoformat()}, before they arrived: the "
+                         "expiry job posts them as expiry on its next run")
+    return expires_at
+
+
 def grant_period(ctx: Ctx, ent: Entitlement, *, external_id: str, amount_minor: int, currency: str,
-                 period_start: datetime | None, offer: Offer | None = None, payment_ref: str | None = None) -> None:
-    """A paid subscription period: the plan's credits, unless the period starts after the entitlement ended."""
+                 period_start: datetime | None, period_end: datetime | None = None, offer: Offer | None = None,
+                 payment_ref: str | None = None) -> None:
+    """A paid subscription period: the plan's credits (expiring with the period when the plan says so), unless
+    the period starts after the entitlement ended."""
     if ent.ended_at is not None and period_start is not None and period_start >= ent.ended_at:
         ctx.ignore("the subscription had ended before this period; no credits")
         return
-    grant_payment(ctx, external_id=external_id, wallet_id=ent.wallet_id, offer=offer or offer_by_id(ctx, ent.offer_id),
-                  amount_minor=amount_minor, currency=currency, payment_ref=payment_ref, entitlement_id=ent.id)
+    offer = offer or offer_by_id(ctx, ent.offer_id)
+    if _payment(ctx, [external_id]) is not None:
+        ctx.ignore(f"payment {external_id} was already credited")
+        return
+    grant_payment(ctx, external_id=external_id, wallet_id=ent.wallet_id, offer=offer, amount_minor=amount_minor,
+                  currency=currency, payment_ref=payment_ref, entitlement_id=ent.id,
+                  expires_at=period_credits_expiry(ctx, offer, period_start=period_start, period_end=period_end))

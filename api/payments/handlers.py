@@ -211,7 +211,8 @@ def _stripe_invoice(ctx: Ctx, invoice: dict[str, Any]) -> None:
         ctx.notes.append("a $0 invoice (trial) grants no credits")
         return
     grant_period(ctx, ent, external_id=str(invoice["id"]), amount_minor=amount,
-                 currency=str(invoice.get("currency") or ""), period_start=period_start, offer=plan)
+                 currency=str(invoice.get("currency") or ""), period_start=period_start, period_end=period_end,
+                 offer=plan)
 
 
 def _stripe_subscription(ctx: Ctx, sub: dict[str, Any]) -> None:
@@ -278,7 +279,7 @@ def handle_revenuecat(ctx: Ctx, event: dict[str, Any]) -> None:
             return
         grant_period(ctx, ent, external_id=transaction, amount_minor=_rc_amount_minor(event),
                      currency=str(event.get("currency") or "usd"), period_start=_ms(event.get("purchased_at_ms")),
-                     offer=offer)
+                     period_end=_ms(event.get("expiration_at_ms")), offer=offer)
     elif kind == "NON_RENEWING_PURCHASE":
         offer = _require_kind(_rc_offer(ctx, event.get("product_id")), "pack", f"product {event.get('product_id')}")
         grant_payment(ctx, external_id=transaction, wallet_id=resolve_wallet(ctx, event.get("app_user_id")),
@@ -392,8 +393,10 @@ def handle_lemonsqueezy(ctx: Ctx, payload: dict[str, Any]) -> None:
             ctx.ignore(f"invoice status {attrs.get('status')}: nothing paid")
             return
         ent = require_entitlement(ctx, str(attrs.get("subscription_id")))
+        # a subscription invoice states no period: it pays one interval of the plan from its creation
         grant_period(ctx, ent, external_id=f"invoice:{data['id']}", amount_minor=int(attrs.get("total") or 0),
-                     currency=str(attrs.get("currency") or "usd"), period_start=_iso(attrs.get("created_at")))
+                     currency=str(attrs.get("currency") or "usd"), period_start=_iso(attrs.get("created_at")),
+                     period_end=None)
     elif kind == "subscription_payment_refunded":
         reverse_payment(ctx, refs=[f"invoice:{data['id']}"], refunded_minor=int(attrs.get("refunded_amount") or 0))
     else:

@@ -4,13 +4,18 @@ its credits once per billing interval while its subscription is paid.
 Offers are immutable once created (payments and entitlements point at them); changing a price means a new
 offer and archiving the old one. Archived offers cannot be bought but keep mapping webhooks of existing
 subscriptions. Provider product ids (Stripe price, RevenueCat product, Lemon Squeezy variant) are how a
-webhook that did not come from a Meterline checkout finds its offer."""
+webhook that did not come from a Meterline checkout finds its offer.
+
+A plan says what happens to a period's credits when the period ends (``credits_expire``): ``period_end`` — the
+bucket a paid period grants expires at that period's end plus ``credits_grace_s`` and the ledger's expiry job
+posts what is left as ``expiry`` (breakage); ``never`` — they roll over. Packs never expire with a period."""
 
 from __future__ import annotations
 
+import calendar
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg import errors as pg_errors
@@ -20,7 +25,9 @@ from sqlalchemy.exc import IntegrityError
 from api.errors import Conflict, NotFound
 
 COLUMNS = ("id, project_id, slug, kind, name, credits_minor, price_minor, currency, billing_interval, interval_count, "
-           "stripe_price_id, revenuecat_product_id, lemonsqueezy_variant_id, created_at, archived_at")
+           "stripe_price_id, revenuecat_product_id, lemonsqueezy_variant_id, credits_expire, credits_grace_s, created_at, "
+           "archived_at")
+CREDITS_EXPIRE = ("period_end", "never")
 PRODUCT_COLUMNS = {"stripe": "stripe_price_id", "revenuecat": "revenuecat_product_id",
                    "lemonsqueezy": "lemonsqueezy_variant_id"}
 
@@ -44,8 +51,27 @@ class Offer:
     stripe_price_id: str | None
     revenuecat_product_id: str | None
     lemonsqueezy_variant_id: str | None
+    credits_expire: str
+    credits_grace_s: int
     created_at: datetime
     archived_at: datetime | None
+
+    @property
+    def expires_with_period(self) -> bool:
+        return self.kind == "plan" and self.credits_expire == "period_end"
+
+    def period_end_after(self, start: datetime) -> datetime:
+        """The end of one billing period of this plan starting at ``start`` (calendar months and years: the same
+        day, clamped to the month's last day)."""
+        count = self.interval_count
+        if self.billing_interval == "day":
+            return start + timedelta(days=count)
+        if self.billing_interval == "week":
+            return start + timedelta(weeks=count)
+        months = count * (12 if self.billing_interval == "year" else 1)
+        index = start.month - 1 + months
+        year, month = start.year + index // 12, index % 12 + 1
+        return start.replace(year=year, month=month, day=min(start.day, calendar.monthrange(year, month)[1]))
 
     @classmethod
     def of(cls, row: Any) -> Offer:
@@ -58,20 +84,25 @@ class Offer:
 def create_offer(conn: Connection, *, project_id: str, kind: str, slug: str, name: str, credits_minor: int,
                  price_minor: int, currency: str, billing_interval: str | None, interval_count: int,
                  stripe_price_id: str | None, revenuecat_product_id: str | None,
-                 lemonsqueezy_variant_id: str | None) -> Offer:
+                 lemonsqueezy_variant_id: str | None, credits_expire: str = "never",
+                 credits_grace_s: int = 0) -> Offer:
+    if kind != "plan" and (credits_expire != "never" or credits_grace_s):
+        raise ValueError("a pack's credits never expire with a period")
     params = {"id": f"off_{uuid.uuid4().hex[:20]}", "project_id": project_id, "slug": slug, "kind": kind,
               "name": name, "credits_minor": credits_minor, "price_minor": price_minor, "currency": currency.lower(),
               "billing_interval": billing_interval, "interval_count": interval_count,
               "stripe_price_id": stripe_price_id, "revenuecat_product_id": revenuecat_product_id,
-              "lemonsqueezy_variant_id": lemonsqueezy_variant_id}
+              "lemonsqueezy_variant_id": lemonsqueezy_variant_id, "credits_expire": credits_expire,
+              "credits_grace_s": credits_grace_s}
     try:
         with conn.begin_nested():
             row = conn.execute(text(f"""
                 INSERT INTO payment_offers (id, project_id, slug, kind, name, credits_minor, price_minor, currency,
-                    billing_interval, interval_count, stripe_price_id, revenuecat_product_id, lemonsqueezy_variant_id)
+                    billing_interval, interval_count, stripe_price_id, revenuecat_product_id, lemonsqueezy_variant_id,
+                    credits_expire, credits_grace_s)
                 VALUES (:id, :project_id, :slug, :kind, :name, :credits_minor, :price_minor, :currency,
                     :billing_interval, :interval_count, :stripe_price_id, :revenuecat_product_id,
-                    :lemonsqueezy_variant_id)
+                    :lemonsqueezy_variant_id, :credits_expire, :credits_grace_s)
                 RETURNING {COLUMNS}"""), params).mappings().one()
     except IntegrityError as exc:
         if isinstance(exc.orig, pg_errors.UniqueViolation):

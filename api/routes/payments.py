@@ -49,14 +49,47 @@ class _OfferIn(BaseModel):
 class PackIn(_OfferIn):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "slug": "starter", "name": "Starter pack", "credits_minor": 1000, "price_minor": 1000, "currency": "usd"}]})
+    credits_expire: None = Field(default=None, description="plans only: a pack's credits never expire with a "
+                                                           "period (leave it out)")
+    credits_grace_s: None = Field(default=None, description="plans only (leave it out)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plans_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (data.get("credits_expire") is not None
+                                       or data.get("credits_grace_s") is not None):
+            raise ValueError("credits_expire and credits_grace_s are for plans: a pack's credits never expire with "
+                             "a billing period. Leave them out here, or sell credits that end with their cycle as "
+                             "a plan (POST /plans)")
+        return data
+
+
+GRACE_MAX_S = 365 * 86400
 
 
 class PlanIn(_OfferIn):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "slug": "pro_monthly", "name": "Pro", "credits_minor": 5000, "price_minor": 5000, "currency": "usd",
-        "interval": "month"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"slug": "pro_monthly", "name": "Pro", "credits_minor": 5000, "price_minor": 5000, "currency": "usd",
+         "interval": "month"},
+        {"slug": "team_yearly", "name": "Team (credits roll over)", "credits_minor": 100000, "price_minor": 50000,
+         "currency": "usd", "interval": "year", "credits_expire": "never"},
+        {"slug": "pro_monthly_grace", "name": "Pro, 3 days to use up a month", "credits_minor": 5000,
+         "price_minor": 5000, "currency": "usd", "interval": "month", "credits_expire": "period_end",
+         "credits_grace_s": 259200}]})
     interval: Literal["day", "week", "month", "year"] = "month"
     interval_count: int = Field(default=1, ge=1, le=365)
+    credits_expire: Literal["period_end", "never"] = Field(default="period_end", description=(
+        "period_end (default): the credits of a paid period expire when the period ends (+ credits_grace_s) and "
+        "what is left is posted as expiry; never: they roll over into the next periods"))
+    credits_grace_s: int = Field(default=0, ge=0, le=GRACE_MAX_S, description=(
+        "seconds after the period's end before its credits expire (0-31536000); only with period_end"))
+
+    @model_validator(mode="after")
+    def _grace_needs_expiry(self) -> PlanIn:
+        if self.credits_grace_s and self.credits_expire == "never":
+            raise ValueError("credits_grace_s only applies when credits expire: set credits_expire to "
+                             "'period_end', or drop credits_grace_s for credits that roll over")
+        return self
 
 
 class OfferOut(BaseModel):
@@ -72,6 +105,10 @@ class OfferOut(BaseModel):
     stripe_price_id: str | None
     revenuecat_product_id: str | None
     lemonsqueezy_variant_id: str | None
+    credits_expire: Literal["period_end", "never"] = Field(description=(
+        "period_end: a paid period's credits expire at the period's end + credits_grace_s; never: they roll over "
+        "(always never for a pack)"))
+    credits_grace_s: int
     created_at: datetime
     archived_at: datetime | None
 
@@ -81,6 +118,7 @@ class OfferOut(BaseModel):
                    price_minor=o.price_minor, currency=o.currency, interval=o.billing_interval,
                    interval_count=o.interval_count if o.kind == "plan" else None, stripe_price_id=o.stripe_price_id,
                    revenuecat_product_id=o.revenuecat_product_id, lemonsqueezy_variant_id=o.lemonsqueezy_variant_id,
+                   credits_expire=o.credits_expire, credits_grace_s=o.credits_grace_s,  # type: ignore[arg-type]
                    created_at=o.created_at, archived_at=o.archived_at)
 
 
@@ -90,7 +128,9 @@ def _create(access: ProjectAccess, conn: Any, body: _OfferIn, kind: str) -> Offe
         credits_minor=body.credits_minor, price_minor=body.price_minor, currency=body.currency,
         billing_interval=getattr(body, "interval", None), interval_count=getattr(body, "interval_count", 1),
         stripe_price_id=body.stripe_price_id, revenuecat_product_id=body.revenuecat_product_id,
-        lemonsqueezy_variant_id=body.lemonsqueezy_variant_id)
+        lemonsqueezy_variant_id=body.lemonsqueezy_variant_id,
+        credits_expire=getattr(body, "credits_expire", None) or "never",
+        credits_grace_s=getattr(body, "credits_grace_s", None) or 0)
     audit(conn, access, action=f"{kind}.create", target_kind=kind, target_id=offer.id, after=offer.as_dict())
     return OfferOut.of(offer)
 
@@ -115,12 +155,19 @@ def list_packs(access: Read, conn: ConnectionDep, include_archived: bool = False
                                                        include_archived=include_archived)]
 
 
+@router.get("/credit-packs/{slug}", response_model=OfferOut, summary="One credit pack (archived ones too)",
+            responses={404: {"description": "no such pack in this project"}})
+def show_pack(slug: Annotated[str, SLUG], access: Read, conn: ConnectionDep) -> OfferOut:
+    return OfferOut.of(offers.require_offer(conn, project_id=access.project_id, slug=slug, kind="pack"))
+
+
 @router.post("/credit-packs/{slug}/archive", response_model=OfferOut, summary="Stop selling a pack (admin)")
 def archive_pack(slug: Annotated[str, SLUG], access: Admin, conn: ConnectionDep) -> OfferOut:
     return _archive(access, conn, slug, "pack")
 
 
-@router.post("/plans", status_code=201, response_model=OfferOut, summary="Sell a plan: credits per period (admin)",
+@router.post("/plans", status_code=201, response_model=OfferOut,
+             summary="Sell a plan: credits per period, by default expiring at the period's end (admin)",
              responses={409: {"description": "slug or provider product id already used"}})
 def create_plan(body: PlanIn, access: Admin, conn: ConnectionDep) -> OfferOut:
     return _create(access, conn, body, "plan")
@@ -130,6 +177,12 @@ def create_plan(body: PlanIn, access: Admin, conn: ConnectionDep) -> OfferOut:
 def list_plans(access: Read, conn: ConnectionDep, include_archived: bool = False) -> list[OfferOut]:
     return [OfferOut.of(o) for o in offers.list_offers(conn, project_id=access.project_id, kind="plan",
                                                        include_archived=include_archived)]
+
+
+@router.get("/plans/{slug}", response_model=OfferOut, summary="One plan (archived ones too)",
+            responses={404: {"description": "no such plan in this project"}})
+def show_plan(slug: Annotated[str, SLUG], access: Read, conn: ConnectionDep) -> OfferOut:
+    return OfferOut.of(offers.require_offer(conn, project_id=access.project_id, slug=slug, kind="plan"))
 
 
 @router.post("/plans/{slug}/archive", response_model=OfferOut,
@@ -306,6 +359,8 @@ class PaymentOut(BaseModel):
     currency: str
     credits_minor: int
     grant_transaction_id: int
+    credits_expire_at: datetime | None = Field(description="when the credits this payment granted expire (null: "
+                                                           "they roll over)")
     refunded_minor: int
     disputed_minor: int
     clawed_back_minor: int

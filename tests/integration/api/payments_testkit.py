@@ -78,6 +78,28 @@ def rc_body(name: str, **event_overrides: Any) -> bytes:
     return json.dumps(payload, indent=4).encode()
 
 
+def stripe_invoice(event_id: str, invoice_id: str, start: int, end: int, *, payment_intent: str | None = None,
+                   event_type: str = "invoice.paid") -> bytes:
+    """The invoice.paid fixture for another invoice / period; ``payment_intent``: include ``invoice.payments``
+    (the includable list of InvoicePayments, as an expanded delivery carries it)."""
+    event = json.loads(fixture("stripe/invoice.paid.json"))
+    event["id"], event["type"] = event_id, event_type
+    invoice = event["data"]["object"]
+    invoice["id"] = invoice_id
+    for line in invoice["lines"]["data"]:
+        line["period"] = {"start": start, "end": end}
+        line["invoice"] = invoice_id
+    if payment_intent:
+        invoice["payments"] = {"object": "list", "has_more": False, "url": f"/v1/invoice_payments?invoice={invoice_id}",
+                               "data": [{"id": f"inpay_{invoice_id[3:]}", "object": "invoice_payment",
+                                         "amount_paid": invoice["amount_paid"], "amount_requested": invoice["amount_due"],
+                                         "currency": "usd", "invoice": invoice_id, "is_default": True,
+                                         "livemode": False, "created": start, "status": "paid",
+                                         "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+                                         "status_transitions": {"canceled_at": None, "paid_at": start}}]}
+    return json.dumps(event, indent=2).encode()
+
+
 @dataclass
 class Shop:
     client: TestClient

@@ -20,12 +20,18 @@ class UnknownFeature(ApiError):
     code = "api.unknown_feature"
 
 
+class UnknownPlan(ApiError):
+    status = 422
+    code = "api.unknown_plan"
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureCost:
     project_id: str
     feature_key: str
     cost_minor: int
     description: str | None
+    requires_entitlement: str | None  # None, "*" (any active plan) or a plan offer slug (api/access_policy.py)
     created_at: datetime
     updated_at: datetime
 
@@ -34,10 +40,11 @@ class FeatureCost:
         return cls(**{name: row[name] for name in cls.__slots__})
 
     def as_dict(self) -> dict[str, Any]:
-        return {"feature_key": self.feature_key, "cost_minor": self.cost_minor, "description": self.description}
+        return {"feature_key": self.feature_key, "cost_minor": self.cost_minor, "description": self.description,
+                "requires_entitlement": self.requires_entitlement}
 
 
-_COLUMNS = "project_id, feature_key, cost_minor, description, created_at, updated_at"
+_COLUMNS = "project_id, feature_key, cost_minor, description, requires_entitlement, created_at, updated_at"
 
 
 def list_feature_costs(conn: Connection, *, project_id: str) -> list[FeatureCost]:
@@ -53,15 +60,25 @@ def get_feature_cost(conn: Connection, *, project_id: str, feature_key: str) -> 
 
 
 def put_feature_cost(conn: Connection, *, project_id: str, feature_key: str, cost_minor: int,
-                     description: str | None) -> tuple[FeatureCost | None, FeatureCost]:
-    """Create or replace; returns (before, after)."""
+                     description: str | None, requires_entitlement: str | None = None
+                     ) -> tuple[FeatureCost | None, FeatureCost]:
+    """Create or replace; returns (before, after). ``requires_entitlement`` gates access checks: None (no gate),
+    ``*`` (any active plan) or the slug of a plan of this project (else 422)."""
+    if requires_entitlement not in (None, "*"):
+        plan = conn.execute(text("SELECT 1 FROM payment_offers WHERE project_id = :p AND slug = :s AND kind = 'plan'"),
+                            {"p": project_id, "s": requires_entitlement}).first()
+        if plan is None:
+            raise UnknownPlan(f"no plan {requires_entitlement!r} in this project",
+                              extra={"requires_entitlement": requires_entitlement})
     before = get_feature_cost(conn, project_id=project_id, feature_key=feature_key)
     row = conn.execute(text(f"""
-        INSERT INTO feature_costs (project_id, feature_key, cost_minor, description) VALUES (:p, :k, :c, :d)
+        INSERT INTO feature_costs (project_id, feature_key, cost_minor, description, requires_entitlement)
+        VALUES (:p, :k, :c, :d, :e)
         ON CONFLICT (project_id, feature_key) DO UPDATE
-            SET cost_minor = excluded.cost_minor, description = excluded.description, updated_at = now()
-        RETURNING {_COLUMNS}"""), {"p": project_id, "k": feature_key, "c": cost_minor, "d": description}
-                       ).mappings().one()
+            SET cost_minor = excluded.cost_minor, description = excluded.description,
+                requires_entitlement = excluded.requires_entitlement, updated_at = now()
+        RETURNING {_COLUMNS}"""), {"p": project_id, "k": feature_key, "c": cost_minor, "d": description,
+                                   "e": requires_entitlement}).mappings().one()
     return before, FeatureCost.from_mapping(row)
 
 

@@ -29,12 +29,17 @@ class TopicSpec:
 
 
 def topic_specs(*, prefix: str, usage_partitions: int, charges_partitions: int,
-                transactions_partitions: int) -> list[TopicSpec]:
+                transactions_partitions: int, decisions_partitions: int | None = None) -> list[TopicSpec]:
+    """Every topic Meterline uses. Access decisions (relayed from the API's decision record through the ledger's
+    outbox, keyed by wallet) get ``transactions_partitions`` unless told otherwise."""
+    from api.access_decisions import TOPIC_ACCESS_DECISIONS
+
     return [
         TopicSpec(topic_name(TOPIC_USAGE_EVENTS, prefix), usage_partitions, {}, fixed_partitions=True),
         TopicSpec(topic_name(TOPIC_USAGE_DLQ, prefix), 1, {}),
         TopicSpec(topic_name(TOPIC_LEDGER_CHARGES, prefix), charges_partitions, {}),
         TopicSpec(topic_name(TOPIC_LEDGER_TRANSACTIONS, prefix), transactions_partitions, {}),
+        TopicSpec(topic_name(TOPIC_ACCESS_DECISIONS, prefix), decisions_partitions or transactions_partitions, {}),
     ]
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,6 +39,7 @@ import orjson
 
 from streams.catalog_model import MISSING, CatalogSnapshot, Meter, PriceVersion, auto_wallet_id, read_path
 from streams.contracts import partition_for
+from streams.dedupe_memory import DedupeMemory, slot_seconds
 
 __all__ = [
     "REASONS",
@@ -355,8 +355,12 @@ class PartitionAggregator:
     stats: Stats = field(default_factory=Stats)
     _changed: set[CounterKeyTuple] = field(default_factory=set)
     _new_keys: list[int] = field(default_factory=list)
-    #: dedupe hash -> arrival (epoch seconds); insertion order ≈ arrival order, so the oldest is first
-    _seen: OrderedDict[int, float] = field(default_factory=OrderedDict)
+    #: dedupe hashes (events and UNIQUE_COUNT values) seen within the horizon
+    _seen: DedupeMemory = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._seen = DedupeMemory(slot_s=slot_seconds(self.limits.dedupe_horizon_s),
+                                  keys_max=self.limits.dedupe_memory_max)
 
     def seed(self, *, applied_through: int, counters: Iterable[SeedCounter],
              dedupe_keys: Iterable[tuple[int, datetime]], periods_since: datetime | None = None) -> None:
@@ -372,7 +376,7 @@ class PartitionAggregator:
             self.counters[key] = Counter(Decimal(sc.units), sc.events, sc.late_events,
                                          sc.latest_at.astimezone(UTC) if sc.latest_at else None)
         for key_hash, seen_at in sorted(dedupe_keys, key=lambda kv: kv[1]):
-            self._seen[key_hash] = seen_at.timestamp()
+            self._seen.remember(key_hash, seen_at.timestamp())
         self.processed_through = applied_through
         self.checkpointed_through = applied_through
 
@@ -464,10 +468,8 @@ class PartitionAggregator:
         return None
 
     def _remember(self, key_hash: int, arrival: datetime) -> None:
-        self._seen[key_hash] = arrival.timestamp()
+        self._seen.remember(key_hash, arrival.timestamp())
         self._new_keys.append(key_hash)
-        if len(self._seen) > self.limits.dedupe_memory_max:
-            self._seen.popitem(last=False)
 
     def _apply(self, m: _Measure, arrival: datetime) -> None:
         counter = self.counters.get(m.key)
@@ -524,17 +526,9 @@ class PartitionAggregator:
         return result
 
     def forget_before(self, cutoff: datetime) -> int:
-        """Drop dedupe keys older than the horizon (oldest first). Returns how many were dropped."""
-        limit = cutoff.timestamp()
-        dropped = 0
-        seen = self._seen
-        while seen:
-            first = next(iter(seen))
-            if seen[first] >= limit:
-                break
-            seen.popitem(last=False)
-            dropped += 1
-        return dropped
+        """Drop dedupe keys older than the horizon (oldest first; kept up to one time slot longer, never
+        shorter). Returns how many were dropped."""
+        return self._seen.forget_before(cutoff.timestamp())
 
     @property
     def dedupe_size(self) -> int:

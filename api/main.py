@@ -24,6 +24,7 @@ ROUTER_MODULES: list[str] = [
     "api.routes.audit",
     "api.routes.wallets",
     "api.routes.wallet_ops",
+    "api.routes.signup_bonus",
     "api.routes.feature_costs",
     "api.routes.access",
     "api.routes.keys",

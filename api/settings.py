@@ -60,6 +60,10 @@ class ApiSettings(IdempotencySettings):
     rate_limit_burst: int = 2000
     auth_rate_limit_per_s: float = 5.0
     auth_rate_limit_burst: int = 30
+    # sign-up bonus (api/signup_bonus.py): optional MaxMind .mmdb for the end user's country; the key of the
+    # device-id hash (empty: derived from API_JWT_SECRET — set it to keep device hashes across JWT key rotations)
+    geoip_database_path: str = Field(default="", description="a MaxMind GeoIP2/GeoLite2 Country or City .mmdb")
+    device_hash_secret: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> ApiSettings:

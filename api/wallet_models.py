@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, IPvAnyAddress, model_validator
 
 from ledger.rows import AllocationRow, BalanceView, BucketRow, HoldRow, TransactionRow, WalletRow
 
@@ -50,6 +50,30 @@ class WalletOut(BaseModel):
         return cls(id=w.id, project_id=w.project_id, owner_kind=w.owner_kind, owner_ref=w.owner_ref,
                    credit_code=w.credit_code, credit_scale=w.credit_scale, created_at=w.created_at,
                    balance=BalanceOut.of(BalanceView.of(w)))
+
+
+class BonusOut(BaseModel):
+    granted_minor: int = Field(description="credits granted (0 = refused; see reason)")
+    reason: str = Field(description="granted, not_configured, disabled, country_zero, no_amount, device_seen, "
+                                    "device_id_required, ip_network_limit or existing_wallet")
+    detail: str = Field(description="the reason in words")
+    country: str | None = Field(description="the country the amount was chosen for (None = unknown: default)")
+    country_source: str | None = Field(description="explicit, geoip or none")
+    expires_at: datetime | None = Field(description="when the bonus credits expire")
+    transaction_id: int | None = Field(description="the ledger's bonus transaction")
+
+
+class WalletCreatedOut(WalletOut):
+    """A created (201) or existing (200) wallet; subject wallets carry the sign-up bonus decision."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "9b1c...", "project_id": "prj_0123456789abcdef", "owner_kind": "subject", "owner_ref": "customer-882",
+        "credit_code": "credits", "credit_scale": 0, "created_at": "2026-01-01T00:00:00Z",
+        "balance": {"balance_minor": 500, "held_minor": 0, "floor_minor": 0, "available_minor": 500,
+                    "debt_minor": 0, "blocked": False},
+        "bonus": {"granted_minor": 500, "reason": "granted", "detail": "the bonus was granted", "country": "GB",
+                  "country_source": "explicit", "expires_at": "2026-01-31T00:00:00Z", "transaction_id": 77}}]})
+    bonus: BonusOut | None = Field(default=None, description="subject wallets only; None elsewhere")
 
 
 class WalletPage(BaseModel):
@@ -165,10 +189,25 @@ class CommitOut(BaseModel):
 # ------------------------------------------------------------------------------------------------- inputs
 
 
+class SignupFacts(BaseModel):
+    """What your backend knows about the end user signing up (for the sign-up bonus; all optional). Send the
+    USER's IP and device, not your backend's: Meterline only sees your server's address."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"country": "US", "ip": "203.0.113.7", "device_id": "idfv-5E1C7A2B"}]})
+    country: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$",
+                                description="ISO 3166-1 alpha-2 (e.g. US, GB); wins over GeoIP")
+    ip: IPvAnyAddress | None = Field(default=None, description="the end user's IP (GeoIP country, IP-network limit)")
+    device_id: str | None = Field(default=None, min_length=1, max_length=200,
+                                  description="a stable device id (IDFV, Android ID...); only a keyed hash is stored")
+
+
 class WalletCreate(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"owner_kind": "user", "owner_ref": "usr_0a1b2c"}, {"owner_kind": "project"},
-        {"owner_kind": "subject", "owner_ref": "customer-881", "credit_scale": 2, "credit_code": "usd_credits"}]})
+        {"owner_kind": "subject", "owner_ref": "customer-881", "credit_scale": 2, "credit_code": "usd_credits"},
+        {"owner_kind": "subject", "owner_ref": "customer-882",
+         "signup": {"country": "GB", "ip": "203.0.113.7", "device_id": "idfv-5E1C7A2B"}}]})
     owner_kind: Literal["user", "project", "subject"]
     owner_ref: str | None = Field(default=None, max_length=200,
                                   description="user: a member's user id; subject: your customer id; "
@@ -177,11 +216,16 @@ class WalletCreate(BaseModel):
     credit_scale: int = Field(default=0, ge=0, le=18, description="decimal places of one credit")
     floor_minor: int | None = Field(default=None, ge=-10**15, le=10**15,
                                     description="negative allows an overdraft for synchronous debits")
+    signup: SignupFacts | None = Field(default=None, description="subject wallets: the end user's sign-up facts "
+                                                                 "for the project's sign-up bonus")
 
     @model_validator(mode="after")
     def _ref(self) -> WalletCreate:
         if self.owner_kind != "project" and not self.owner_ref:
             raise ValueError("owner_ref is required for user and subject wallets")
+        if self.signup is not None and self.owner_kind != "subject":
+            raise ValueError("signup applies to subject wallets (your end users) only; drop it or use "
+                             "owner_kind 'subject'")
         return self
 
 

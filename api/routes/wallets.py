@@ -10,17 +10,23 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import Connection, text
 
+from api import signup_bonus
 from api.audit import audit
 from api.auth import ProjectAccess, require_project
-from api.deps import ConnectionDep
+from api.deps import ConnectionDep, SettingsDep
 from api.errors import ApiError, NotFound
+from api.geoip import GeoIpLookup, lookup_for
 from api.pagination import LIMIT_DEFAULT, LIMIT_MAX, decode_cursor, encode_cursor
+from api.settings import ApiSettings
 from api.wallet_models import (
+    BonusOut,
     BucketOut,
     HoldOut,
+    SignupFacts,
     TransactionOut,
     TransactionPageOut,
     WalletCreate,
+    WalletCreatedOut,
     WalletOut,
     WalletPage,
     WalletPatch,
@@ -61,11 +67,39 @@ def _subject_wallet_id(conn: Connection, project_id: str, subject: str) -> str:
     return catalog.set_subject_key(conn, project_id=project_id, subject=subject).wallet_id
 
 
-@router.post("", status_code=201, response_model=WalletOut,
-             summary="Create the wallet of a member, the project or a subject (admin); existing → 200",
-             responses={200: {"model": WalletOut, "description": "the wallet already existed"},
+def _bonus(conn: Connection, settings: ApiSettings, *, project_id: str, wallet_id: str, body: WalletCreate,
+           created: bool) -> BonusOut:
+    """The sign-up bonus of a subject (end-user) wallet: decided and granted on creation; a retry (the wallet
+    exists) answers the recorded decision."""
+    if created:
+        facts = body.signup or SignupFacts()
+        decision, transaction_id = signup_bonus.grant_signup_bonus(
+            conn, project_id=project_id, wallet_id=wallet_id,
+            facts=signup_bonus.SignupFacts(country=facts.country, ip=str(facts.ip) if facts.ip else None,
+                                           device_id=facts.device_id),
+            device_secret=signup_bonus.device_secret(settings), geoip=_geoip(settings))
+    else:
+        found = signup_bonus.recorded(conn, project_id, wallet_id)
+        decision = found or signup_bonus.Decision(0, "existing_wallet", None, "none")
+        transaction_id = signup_bonus.transaction_id_of(conn, project_id, wallet_id) if found else None
+    return BonusOut(granted_minor=decision.granted_minor, reason=decision.reason,
+                    detail=signup_bonus.REASONS[decision.reason], country=decision.country,
+                    country_source=decision.country_source, expires_at=decision.expires_at,
+                    transaction_id=transaction_id)
+
+
+def _geoip(settings: ApiSettings) -> GeoIpLookup | None:
+    return lookup_for(settings.geoip_database_path) if settings.geoip_database_path else None
+
+
+@router.post("", status_code=201, response_model=WalletCreatedOut,
+             summary="Create the wallet of a member, the project or a subject (admin); existing → 200. A subject "
+                     "(end-user) wallet gets the project's sign-up bonus",
+             responses={200: {"model": WalletCreatedOut, "description": "the wallet already existed (a subject "
+                                                                       "wallet answers its recorded bonus)"},
                         422: {"description": "owner_ref is not a member of the project"}})
-def create_wallet(body: WalletCreate, access: Admin, conn: ConnectionDep, response: Response) -> WalletOut:
+def create_wallet(body: WalletCreate, access: Admin, conn: ConnectionDep, response: Response,
+                  settings: SettingsDep) -> WalletCreatedOut:
     owner_ref = access.project_id if body.owner_kind == "project" else str(body.owner_ref)
     if body.owner_kind == "user":
         is_member = conn.execute(text("SELECT 1 FROM project_members WHERE project_id = :p AND user_id = :u"),
@@ -81,12 +115,20 @@ def create_wallet(body: WalletCreate, access: Admin, conn: ConnectionDep, respon
                                    credit_code=body.credit_code)
     if existing is not None:
         response.status_code = 200
-        return WalletOut.of(wallet)
+        bonus = _bonus(conn, settings, project_id=access.project_id, wallet_id=wallet.id, body=body,
+                       created=False) if body.owner_kind == "subject" else None
+        return WalletCreatedOut(**WalletOut.of(wallet).model_dump(), bonus=bonus)
     if body.floor_minor is not None and body.floor_minor != wallet.floor_minor:
         wallet = service.set_floor(conn, wallet_id=wallet.id, floor_minor=body.floor_minor)
+    bonus = None
+    if body.owner_kind == "subject":
+        bonus = _bonus(conn, settings, project_id=access.project_id, wallet_id=wallet.id, body=body, created=True)
+        if bonus.granted_minor:
+            wallet = wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet.id)
     audit(conn, access, action="wallet.create", target_kind="wallet", target_id=wallet.id,
-          after=_wallet_audit(wallet))
-    return WalletOut.of(wallet)
+          after={**_wallet_audit(wallet),
+                 **({"bonus": bonus.model_dump(mode="json", exclude={"detail"})} if bonus else {})})
+    return WalletCreatedOut(**WalletOut.of(wallet).model_dump(), bonus=bonus)
 
 
 @router.get("", response_model=WalletPage, summary="The project's wallets (oldest first)")

@@ -5,7 +5,12 @@ A project's own row wins; without one the deployment-wide default from the setti
 (``API_STRIPE_WEBHOOK_SECRET``, ``API_LEMONSQUEEZY_WEBHOOK_SECRET``, ``API_REVENUECAT_WEBHOOK_AUTHORIZATION``;
 ``API_STRIPE_SECRET_KEY`` for checkout). A placeholder or empty default counts as "not configured": every
 webhook is then refused with 400. Secrets are never returned by the API (only whether one is set and its last
-four characters)."""
+four characters).
+
+``accept_sandbox`` (RevenueCat, Lemon Squeezy): whether sandbox / test-mode purchases (RevenueCat
+``environment: SANDBOX``, Lemon Squeezy ``test_mode: true``) grant credits. Off by default — and for a project
+without its own row — such events are stored and answered ``ignored`` with how to accept them. Stripe keeps
+test and live apart by keys (a test event only verifies with the test endpoint secret), so it has no flag."""
 
 from __future__ import annotations
 
@@ -26,13 +31,14 @@ class ProviderConfig:
     provider: str
     webhook_secret: str
     api_key: str | None
+    accept_sandbox: bool
     created_at: datetime
     updated_at: datetime
 
     def public(self) -> dict[str, Any]:
         return {"provider": self.provider, "webhook_secret_set": True,
                 "webhook_secret_last4": self.webhook_secret[-4:], "api_key_set": self.api_key is not None,
-                "updated_at": self.updated_at.isoformat()}
+                "accept_sandbox": self.accept_sandbox, "updated_at": self.updated_at.isoformat()}
 
 
 def _usable(value: str) -> str | None:
@@ -48,7 +54,7 @@ def default_secret(settings: ApiSettings, provider: str) -> str | None:
 
 def get_config(conn: Connection, *, project_id: str, provider: str) -> ProviderConfig | None:
     row = conn.execute(text("""
-        SELECT project_id, provider, webhook_secret, api_key, created_at, updated_at
+        SELECT project_id, provider, webhook_secret, api_key, accept_sandbox, created_at, updated_at
         FROM payment_provider_configs WHERE project_id = :p AND provider = :v"""),
                        {"p": project_id, "v": provider}).mappings().first()
     return ProviderConfig(**row) if row else None
@@ -59,6 +65,11 @@ def webhook_secret(conn: Connection, settings: ApiSettings, *, project_id: str, 
     return config.webhook_secret if config else default_secret(settings, provider)
 
 
+def accepts_sandbox(conn: Connection, *, project_id: str, provider: str) -> bool:
+    config = get_config(conn, project_id=project_id, provider=provider)
+    return bool(config and config.accept_sandbox)
+
+
 def stripe_api_key(conn: Connection, settings: ApiSettings, *, project_id: str) -> str | None:
     config = get_config(conn, project_id=project_id, provider="stripe")
     if config and config.api_key:
@@ -66,14 +77,22 @@ def stripe_api_key(conn: Connection, settings: ApiSettings, *, project_id: str) 
     return _usable(settings.stripe_secret_key.get_secret_value())
 
 
-def put_config(conn: Connection, *, project_id: str, provider: str, webhook_secret: str,
-               api_key: str | None) -> tuple[ProviderConfig | None, ProviderConfig]:
+def put_config(conn: Connection, *, project_id: str, provider: str, webhook_secret: str | None,
+               api_key: str | None, accept_sandbox: bool | None = None) -> tuple[ProviderConfig | None, ProviderConfig]:
+    """Create or replace the project's row. ``webhook_secret=None`` keeps the stored secret and api key (the
+    caller checked there is a row); ``accept_sandbox=None`` keeps the stored flag (off for a new row)."""
     before = get_config(conn, project_id=project_id, provider=provider)
+    if webhook_secret is None:
+        assert before is not None
+        webhook_secret, api_key = before.webhook_secret, before.api_key
+    sandbox = accept_sandbox if accept_sandbox is not None else (before.accept_sandbox if before else False)
     row = conn.execute(text("""
-        INSERT INTO payment_provider_configs (project_id, provider, webhook_secret, api_key)
-        VALUES (:p, :v, :s, :k)
+        INSERT INTO payment_provider_configs (project_id, provider, webhook_secret, api_key, accept_sandbox)
+        VALUES (:p, :v, :s, :k, :sb)
         ON CONFLICT (project_id, provider) DO UPDATE
-            SET webhook_secret = excluded.webhook_secret, api_key = excluded.api_key, updated_at = now()
-        RETURNING project_id, provider, webhook_secret, api_key, created_at, updated_at"""),
-                       {"p": project_id, "v": provider, "s": webhook_secret, "k": api_key}).mappings().one()
+            SET webhook_secret = excluded.webhook_secret, api_key = excluded.api_key,
+                accept_sandbox = excluded.accept_sandbox, updated_at = now()
+        RETURNING project_id, provider, webhook_secret, api_key, accept_sandbox, created_at, updated_at"""),
+                       {"p": project_id, "v": provider, "s": webhook_secret, "k": api_key,
+                        "sb": sandbox}).mappings().one()
     return before, ProviderConfig(**row)

@@ -403,5 +403,24 @@ def handle_lemonsqueezy(ctx: Ctx, payload: dict[str, Any]) -> None:
         ctx.ignore(f"{kind} has no effect")
 
 
+# ============================================================================================== sandbox
+
+
+def sandbox_revenuecat(event: dict[str, Any]) -> str | None:
+    return "a RevenueCat SANDBOX event" if str(event.get("environment") or "").upper() == "SANDBOX" else None
+
+
+def sandbox_lemonsqueezy(payload: dict[str, Any]) -> str | None:
+    attrs = (payload.get("data") or {}).get("attributes") or {}
+    test = (payload.get("meta") or {}).get("test_mode") is True or attrs.get("test_mode") is True
+    return "a Lemon Squeezy test-mode event" if test else None
+
+
+def sandbox_stripe(event: dict[str, Any]) -> None:
+    """Stripe's test mode has its own keys and endpoint secret: a test event only verifies with the test secret."""
+    return None
+
+
 PARSERS = {"stripe": parse_stripe, "revenuecat": parse_revenuecat, "lemonsqueezy": parse_lemonsqueezy}
 HANDLERS = {"stripe": handle_stripe, "revenuecat": handle_revenuecat, "lemonsqueezy": handle_lemonsqueezy}
+SANDBOX = {"stripe": sandbox_stripe, "revenuecat": sandbox_revenuecat, "lemonsqueezy": sandbox_lemonsqueezy}

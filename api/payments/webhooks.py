@@ -6,7 +6,10 @@
    deferred event and the event it waits for can never miss each other.
 3. The event row is inserted with a settling status; the partial unique index on (project, provider, event id)
    makes a redelivery (or a concurrent twin) a ``duplicate``: 200, and the ledger is not touched.
-4. The handler runs in a savepoint. ``Defer`` → ``deferred`` (nothing it did is kept); ``Unmatched`` →
+4. A sandbox / test-mode event (RevenueCat ``environment: SANDBOX``, Lemon Squeezy ``test_mode``) of a project
+   whose provider config does not ``accept_sandbox`` is ``ignored`` with how to accept it (the handler does not
+   run); after accepting, ``replay`` re-runs it.
+   Otherwise the handler runs in a savepoint. ``Defer`` → ``deferred`` (nothing it did is kept); ``Unmatched`` →
    ``unmatched``; otherwise ``processed`` (``ignored`` when it had no effect) with the ledger transaction ids.
 5. Every thing the event created (a subscription, a payment) wakes the deferred events waiting for it; they run
    in the same transaction, in arrival order.
@@ -26,9 +29,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from api.payments.config import webhook_secret
+from api.payments.config import accepts_sandbox, webhook_secret
 from api.payments.effects import Ctx, Defer, Unmatched
-from api.payments.handlers import HANDLERS, PARSERS, Parsed
+from api.payments.handlers import HANDLERS, PARSERS, SANDBOX, Parsed
 from api.payments.signatures import WebhookMalformed, WebhookRejected, signature_header, verify
 from api.settings import ApiSettings
 
@@ -116,9 +119,17 @@ def apply(conn: Connection, *, project_id: str, provider: str, row_id: int, pars
     ctx = Ctx(conn=conn, project_id=project_id, provider=provider, event_id=parsed.event_id,
               event_type=parsed.event_type, at=parsed.at)
     status, detail, defer_ref = "processed", None, None
+    sandbox = SANDBOX[provider](parsed.payload)
     try:
-        with conn.begin_nested():
-            HANDLERS[provider](ctx, parsed.payload)
+        if sandbox and not accepts_sandbox(conn, project_id=project_id, provider=provider):
+            ctx.ignore(
+                f"{sandbox}: this project does not accept sandbox purchases from {provider}, nothing was granted. "
+                f"To accept them: PUT /api/v1/projects/{project_id}/payment-providers/{provider} with "
+                f'{{"accept_sandbox": true}}, then replay this event: '
+                f"POST /api/v1/projects/{project_id}/webhook-events/{row_id}/replay")
+        else:
+            with conn.begin_nested():
+                HANDLERS[provider](ctx, parsed.payload)
     except Defer as deferred:
         status, detail, defer_ref = "deferred", deferred.reason, deferred.ref
         ctx.transaction_ids.clear()
@@ -155,12 +166,20 @@ def wake(conn: Connection, *, project_id: str, provider: str, refs: list[str]) -
             pending.extend(woken)
 
 
+def replayable(provider: str, status: str, body: bytes) -> bool:
+    """Deferred and unmatched events, and sandbox events that were ignored (the project may accept them now)."""
+    if status in ("deferred", "unmatched"):
+        return True
+    return status == "ignored" and SANDBOX[provider](PARSERS[provider](body).payload) is not None
+
+
 def replay(conn: Connection, *, project_id: str, webhook_event_id: int) -> Outcome | None:
-    """Re-run a stored (already verified) deferred or unmatched event, e.g. after adding the missing offer."""
+    """Re-run a stored (already verified) deferred or unmatched event, e.g. after adding the missing offer, or
+    an ignored sandbox event after the project accepted sandbox purchases."""
     row = conn.execute(text("""
         SELECT id, provider, body, status FROM webhook_events WHERE id = :id AND project_id = :p FOR UPDATE"""),
                        {"id": webhook_event_id, "p": project_id}).first()
-    if row is None or row.status not in ("deferred", "unmatched"):
+    if row is None or not replayable(row.provider, row.status, bytes(row.body)):
         return None
     conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 11))"),
                  {"k": f"webhooks:{project_id}:{row.provider}"})

@@ -195,12 +195,19 @@ def archive_plan(slug: Annotated[str, SLUG], access: Admin, conn: ConnectionDep)
 
 
 class ProviderIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"webhook_secret": "whsec_..."}]})
-    webhook_secret: str = Field(min_length=6, max_length=500, description=(
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"webhook_secret": "whsec_..."}, {"webhook_secret": "ls_signing_secret", "accept_sandbox": True},
+        {"accept_sandbox": False}]})
+    webhook_secret: str | None = Field(default=None, min_length=6, max_length=500, description=(
         "stripe: the endpoint's signing secret (whsec_...); lemonsqueezy: the webhook signing secret; "
-        "revenuecat: the exact Authorization header value configured in RevenueCat (e.g. 'Bearer ...')"))
+        "revenuecat: the exact Authorization header value configured in RevenueCat (e.g. 'Bearer ...'). "
+        "Required the first time; left out, the stored secret (and api_key) are kept"))
     api_key: str | None = Field(default=None, min_length=6, max_length=500,
                                 description="stripe only: the project's own secret key for checkout")
+    accept_sandbox: bool | None = Field(default=None, description=(
+        "revenuecat and lemonsqueezy: grant credits for sandbox / test-mode purchases (RevenueCat environment "
+        "SANDBOX, Lemon Squeezy test_mode). Off by default: such events are stored and answered 'ignored'. "
+        "Left out, the stored value is kept. Not for stripe (test and live mode have their own secrets)"))
 
 
 class ProviderOut(BaseModel):
@@ -208,17 +215,31 @@ class ProviderOut(BaseModel):
     webhook_secret_set: bool
     webhook_secret_last4: str | None
     api_key_set: bool
+    accept_sandbox: bool | None = Field(description=(
+        "whether sandbox / test-mode purchases grant credits (revenuecat, lemonsqueezy); null for stripe"))
     webhook_url: str
 
 
 @router.put("/payment-providers/{provider}", response_model=ProviderOut,
-            summary="Set a provider's webhook secret for this project (admin; never returned)")
+            summary="Set a provider's webhook secret and sandbox acceptance for this project (admin; secrets never "
+                    "returned)")
 def put_provider(provider: Provider, body: ProviderIn, access: Admin, conn: ConnectionDep,
                  settings: SettingsDep) -> ProviderOut:
     if body.api_key is not None and provider != "stripe":
         raise ApiError("api_key is for stripe only", status=422)
+    if body.accept_sandbox is not None and provider == "stripe":
+        raise ApiError("accept_sandbox is for revenuecat and lemonsqueezy: Stripe keeps test mode apart by its own "
+                       "keys; a test-mode event only verifies with the test endpoint's secret, so use a separate "
+                       "project (or endpoint secret) for test mode", status=422)
+    if body.webhook_secret is None:
+        if config.get_config(conn, project_id=access.project_id, provider=provider) is None:
+            raise ApiError(f"webhook_secret is required: {provider} has no settings in this project yet",
+                           status=422)
+        if body.api_key is not None:
+            raise ApiError("send webhook_secret with api_key (both are replaced together)", status=422)
     before, after = config.put_config(conn, project_id=access.project_id, provider=provider,
-                                      webhook_secret=body.webhook_secret, api_key=body.api_key)
+                                      webhook_secret=body.webhook_secret, api_key=body.api_key,
+                                      accept_sandbox=body.accept_sandbox)
     audit(conn, access, action="payment_provider.put", target_kind="payment_provider", target_id=provider,
           before=before.public() if before else None, after=after.public())
     return _provider_out(settings.public_base_url, access.project_id, provider, after)
@@ -234,6 +255,7 @@ def _provider_out(base: str, project_id: str, provider: str, cfg: config.Provide
     return ProviderOut(provider=provider, webhook_secret_set=cfg is not None,
                        webhook_secret_last4=cfg.webhook_secret[-4:] if cfg else None,
                        api_key_set=bool(cfg and cfg.api_key),
+                       accept_sandbox=None if provider == "stripe" else bool(cfg and cfg.accept_sandbox),
                        webhook_url=f"{base.rstrip('/')}/api/v1/webhooks/{provider}/{project_id}")
 
 
@@ -424,11 +446,12 @@ def webhook_event_body(event_row_id: int, access: Admin, conn: ConnectionDep) ->
     return Response(bytes(body), media_type="application/octet-stream")
 
 
-@router.post("/webhook-events/{event_row_id}/replay", summary="Re-run a deferred or unmatched webhook (admin)")
+@router.post("/webhook-events/{event_row_id}/replay",
+             summary="Re-run a deferred or unmatched webhook, or an ignored sandbox one (admin)")
 def replay_webhook_event(event_row_id: int, access: Admin, conn: ConnectionDep) -> dict[str, Any]:
     outcome = webhooks.replay(conn, project_id=access.project_id, webhook_event_id=event_row_id)
     if outcome is None:
-        raise NotFound("no deferred or unmatched webhook event with this id")
+        raise NotFound("no deferred, unmatched or ignored sandbox webhook event with this id")
     audit(conn, access, action="webhook_event.replay", target_kind="webhook_event", target_id=str(event_row_id),
           after={"status": outcome.status, "transaction_ids": list(outcome.transaction_ids)})
     return outcome.body()

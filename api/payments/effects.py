@@ -167,6 +167,26 @@ def grant_payment(ctx: Ctx, *, external_id: str, wallet_id: str, offer: Offer, a
     return True
 
 
+def link_payment_ref(ctx: Ctx, *, external_id: str, payment_ref: str) -> None:
+    """Record the handle refunds and disputes of a payment will name (Stripe: the payment intent that paid an
+    invoice, told by ``invoice_payment.paid``) and wake the refunds/disputes deferred on it. Before the payment
+    itself is known the event is deferred until it is."""
+    payment = _payment(ctx, [external_id])
+    if payment is None:
+        raise Defer(f"pay:{external_id}", f"no payment {external_id} yet (the invoice's payment has not arrived)")
+    if payment["payment_ref"] == payment_ref:
+        ctx.ignore(f"payment {external_id} is already linked to {payment_ref}")
+        return
+    if payment["payment_ref"] is not None:
+        ctx.ignore(f"payment {external_id} is already linked to {payment['payment_ref']}; refunds of a second "
+                   f"payment ({payment_ref}) of the same invoice are not matched")
+        return
+    ctx.conn.execute(text("UPDATE payments SET payment_ref = :r, updated_at = now() WHERE id = :id"),
+                     {"r": payment_ref, "id": payment["id"]})
+    ctx.notes.append(f"payment {external_id} linked to {payment_ref}")
+    ctx.wakes.append(f"pay:{payment_ref}")
+
+
 def reverse_payment(ctx: Ctx, *, refs: list[str | None], refunded_minor: int | None = None,
                     disputed_minor: int | None = None, monotonic: bool = True) -> None:
     """Record money given back (refund) or taken back (dispute) for a payment and claw back the matching share

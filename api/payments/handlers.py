@@ -7,7 +7,10 @@ How a webhook finds its wallet and offer (first match wins):
   sessions and subscriptions (``meterline_wallet_id``, ``meterline_offer``); else ``client_reference_id`` as a
   wallet id or subject and ``metadata.plan`` / ``metadata.pack`` as an offer slug; for a one-off payment with
   no offer named, the ONE live pack of exactly that price and currency. Invoices and subscription events find
-  the entitlement by subscription id.
+  the entitlement by subscription id. A subscription invoice's payment is recorded with the payment intent (or
+  charge) that paid it — from the invoice's ``payments`` when the event carries them, else from the
+  ``invoice_payment.paid`` event — because that is what ``charge.refunded`` / ``charge.dispute.*`` name (since
+  API version 2025-03-31.basil neither the invoice nor the charge points at the other).
 - RevenueCat: ``app_user_id`` as a wallet id or subject; ``product_id`` → the offer's ``revenuecat_product_id``;
   subscriptions by ``original_transaction_id``, payments by ``transaction_id``.
 - Lemon Squeezy: ``meta.custom_data`` (``meterline_wallet_id``, ``wallet_id``, ``subject``, ``customer_id``,
@@ -30,6 +33,7 @@ from api.payments.effects import (
     find_entitlement,
     grant_payment,
     grant_period,
+    link_payment_ref,
     offer_by_id,
     require_entitlement,
     resolve_wallet,
@@ -108,6 +112,8 @@ def handle_stripe(ctx: Ctx, event: dict[str, Any]) -> None:
         _stripe_session(ctx, obj)
     elif kind in ("invoice.paid", "invoice.payment_succeeded"):
         _stripe_invoice(ctx, obj)
+    elif kind == "invoice_payment.paid":
+        _stripe_invoice_payment(ctx, obj)
     elif kind in ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
                   "customer.subscription.paused", "customer.subscription.resumed"):
         _stripe_subscription(ctx, obj)
@@ -192,6 +198,44 @@ def _plan_for_prices(ctx: Ctx, prices: list[str]) -> Offer | None:
     return None
 
 
+def _id(value: Any) -> str | None:
+    """An object reference as Stripe sends it: an id, or the expanded object."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return str(value) if value else None
+
+
+def _stripe_payment_ref(payment: dict[str, Any]) -> str | None:
+    """What refunds and disputes of an InvoicePayment's money name: its payment intent, else its charge."""
+    return _id(payment.get("payment_intent")) or _id(payment.get("charge"))
+
+
+def _stripe_invoice_payment_ref(invoice: dict[str, Any]) -> str | None:
+    """The payment intent (or charge) that paid the invoice: the first paid entry of ``invoice.payments`` (the
+    default one first) when the event includes them; the pre-basil ``payment_intent`` / ``charge`` fields."""
+    entries = [p for p in ((invoice.get("payments") or {}).get("data") or [])
+               if isinstance(p, dict) and p.get("status", "paid") == "paid"]
+    for entry in sorted(entries, key=lambda p: not p.get("is_default")):
+        ref = _stripe_payment_ref(entry.get("payment") or {})
+        if ref:
+            return ref
+    return _id(invoice.get("payment_intent")) or _id(invoice.get("charge"))
+
+
+def _stripe_invoice_payment(ctx: Ctx, invoice_payment: dict[str, Any]) -> None:
+    """``invoice_payment.paid``: which payment intent paid which invoice — recorded on the invoice's payment so a
+    later (or earlier, deferred) ``charge.refunded`` / ``charge.dispute.*`` finds the period it paid for."""
+    if invoice_payment.get("status") not in (None, "paid"):
+        ctx.ignore(f"invoice payment status {invoice_payment.get('status')}: nothing paid")
+        return
+    invoice = _id(invoice_payment.get("invoice"))
+    ref = _stripe_payment_ref(invoice_payment.get("payment") or {})
+    if not invoice or not ref:
+        ctx.ignore("an invoice payment without invoice or payment intent has no effect")
+        return
+    link_payment_ref(ctx, external_id=invoice, payment_ref=ref)
+
+
 def _stripe_invoice(ctx: Ctx, invoice: dict[str, Any]) -> None:
     parent = invoice.get("parent") or {}
     subscription = (parent.get("subscription_details") or {}).get("subscription") or invoice.get("subscription")
@@ -212,7 +256,7 @@ def _stripe_invoice(ctx: Ctx, invoice: dict[str, Any]) -> None:
         return
     grant_period(ctx, ent, external_id=str(invoice["id"]), amount_minor=amount,
                  currency=str(invoice.get("currency") or ""), period_start=period_start, period_end=period_end,
-                 offer=plan)
+                 offer=plan, payment_ref=_stripe_invoice_payment_ref(invoice))
 
 
 def _stripe_subscription(ctx: Ctx, sub: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from sqlalchemy import Connection, text
 
 from api.access_policy import Decision, FeatureRule, WalletFacts, evaluate, lost_race
 from api.auth import ProjectAccess
-from api.errors import NotFound
+from api.errors import ApiError, NotFound
 from api.feature_costs import UnknownFeature
 from api.idempotency import REPLAYED_HEADER, HotTransaction, ledger_key, lookup, pipelined_connection
 from api.pagination import LIMIT_DEFAULT, InvalidCursor, decode_cursor, encode_cursor
@@ -50,6 +50,8 @@ from streams.catalog_model import auto_wallet_id
 #: Kafka topic of access decisions (base name; the relay adds METERLINE_TOPIC_PREFIX). analytics reads it as
 #: ANALYTICS_ACCESS_DECISIONS_TOPIC (same default) and meterline/topics.py creates it.
 TOPIC_ACCESS_DECISIONS = "access.decisions.v1"
+#: the largest amount a money route accepts (api/wallet_models.py AMOUNT)
+COST_MAX_MINOR = 10**15
 
 _COLUMNS = ("id, project_id, wallet_id, subject, feature_key, quantity, asset_id, action, allowed, reason, "
             "policy_id, cost_minor, charged, transaction_id, balance_after_minor, created_at")
@@ -140,6 +142,13 @@ class QueuedFacts:
         return now, FeatureRule(self.feature_key, int(cost), gate), frozenset(plans or ())
 
 
+def require_cost_in_range(rule: FeatureRule, quantity: int) -> None:
+    """A cost beyond any amount the ledger accepts (10^15 minor units) is a bad request, not a decision."""
+    if rule.unit_cost_minor * quantity > COST_MAX_MINOR:
+        raise ApiError(f"{quantity} × {rule.unit_cost_minor} exceeds the largest amount ({COST_MAX_MINOR})",
+                       status=422, extra={"feature_key": rule.feature_key, "quantity": quantity})
+
+
 def wallet_facts(wallet: WalletRow | None, plans: frozenset[str]) -> WalletFacts:
     if wallet is None:
         return WalletFacts.empty()
@@ -224,6 +233,7 @@ def check_uncharged(conn: Connection, access: ProjectAccess, req: CheckRequest, 
     raw = pipelined_connection(conn)
     now, rule, plans = QueuedFacts(raw, project_id=access.project_id, wallet_id=target.wallet_id,
                                    feature_key=req.feature_key).fetch()
+    require_cost_in_range(rule, req.quantity)
     decision = evaluate(rule, req.quantity, wallet_facts(wallet, plans))
     row = _row(access, target, wallet, req, decision, now)
     body = {**decision_json(row), "balance": None}
@@ -256,6 +266,7 @@ def check_charged(conn: Connection, access: ProjectAccess, hot: HotTransaction, 
     if wallet is None and target.named_wallet:
         raise NotFound("wallet not found", extra={"wallet_id": target.wallet_id})
     now, rule, plans = queued.fetch()
+    require_cost_in_range(rule, req.quantity)
     decision = evaluate(rule, req.quantity, wallet_facts(wallet, plans))
     charging = decision.allowed and decision.cost_minor > 0
     if charging:

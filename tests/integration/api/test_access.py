@@ -103,6 +103,7 @@ def test_denial_reasons_allowed_checks_roles_and_the_record(database_url: str, e
         assert unknown_plan.status_code == 422 and unknown_plan.json()["code"] == "api.unknown_plan"
         listed = client.get(f"{_base(t.project_id)}/feature-costs", headers=viewer).json()
         assert {f["feature_key"]: f["requires_entitlement"] for f in listed} == {"export": "*", "gen": None}
+        assert _feature(client, t, "export", 0, "Not a slug").status_code == 422
         audit = client.get(f"{_base(t.project_id)}/audit-log", params={"action": "feature_cost.put"},
                            headers=users["admin"].headers).json()["items"]
         assert {a["after"]["feature_key"]: a["after"]["requires_entitlement"] for a in audit} == {
@@ -128,6 +129,8 @@ def test_denial_reasons_allowed_checks_roles_and_the_record(database_url: str, e
         r = _check(client, t.project_id, member, wallet_id=alice, feature_key="nope")
         assert r.status_code == 422 and r.json()["code"] == "api.unknown_feature"
         assert _check(client, t.project_id, member, feature_key="gen").status_code == 422  # no wallet nor subject
+        assert _feature(client, t, "huge", 10**15).status_code == 200
+        assert _check(client, t.project_id, member, wallet_id=alice, feature_key="huge", quantity=2).status_code == 422
 
         # in debt: blocked for every feature until settled
         bob = _wallet(client, t, "bob", grant=10)

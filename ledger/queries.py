@@ -31,6 +31,7 @@ __all__ = [
     "TransactionPage",
     "applied_offsets",
     "dedupe_keys_since",
+    "expired_of_grant",
     "get_balance",
     "get_hold",
     "get_transaction",
@@ -144,6 +145,18 @@ def _allocations(conn: Connection, transaction_ids: list[int]) -> dict[int, tupl
     for r in rows:
         out[r.transaction_id].append(AllocationRow(r.bucket_id, r.amount_minor, r.source))
     return {k: tuple(v) for k, v in out.items()}
+
+
+def expired_of_grant(conn: Connection, transaction_id: int) -> int:
+    """How much of the bucket a credit transaction created has been posted as ``expiry`` (breakage), >= 0."""
+    value = conn.execute(text("""
+        SELECT coalesce(-sum(e.amount_minor), 0)
+        FROM transaction_allocations g
+        JOIN transaction_allocations e ON e.bucket_id = g.bucket_id
+        JOIN transactions t ON t.id = e.transaction_id AND t.kind = 'expiry'
+        WHERE g.transaction_id = :id AND g.amount_minor > 0 AND g.bucket_id IS NOT NULL
+    """), {"id": transaction_id}).scalar_one()
+    return int(value)
 
 
 def list_buckets(conn: Connection, wallet_id: str, *, include_empty: bool = False) -> list[BucketRow]:

@@ -9,7 +9,8 @@ Exactly once:
 - refunds and chargebacks are *cumulative*: the payment keeps the money refunded/disputed so far, the credits
   to claw back are ``ceil(credits × reversed money / paid money)`` (all of them for a full reversal), and only
   the difference to what was already clawed back is posted (a negative ``adjustment``, which may create debt;
-  a won dispute or a reversed refund posts it back). Replays and reordered partial refunds converge;
+  a won dispute or a reversed refund posts it back). Replays and reordered partial refunds converge. What of
+  the payment's bucket already expired is not clawed back again (at most credits − expired);
 - a plan with ``credits_expire = period_end`` grants each paid period as its own bucket expiring at the
   period's end (from the provider event) + the plan's grace; the ledger's expiry job posts what is left then as
   ``expiry``. The expiry comes from the event alone, so reordered events give the same buckets;
@@ -204,6 +205,8 @@ def reverse_payment(ctx: Ctx, *, refs: list[str | None], refunded_minor: int | N
     credits = payment["credits_minor"]
     reversed_money = min(paid, refunded + disputed)
     target = (-(-credits * reversed_money // paid) if paid > 0 else (credits if refunded + disputed > 0 else 0))
+    # credits of the payment that already expired (breakage) are gone: never claw them back a second time
+    target = min(target, credits - queries.expired_of_grant(ctx.conn, payment["grant_transaction_id"]))
     delta = target - payment["clawed_back_minor"]
     if delta:
         posted = service.adjust(

@@ -150,3 +150,42 @@ def test_any_arrival_order_ends_in_the_same_ledger(database_url: str, engines: A
             assert _kinds(s) == [("subscription_grant", 5000), ("adjustment", -2500)], name
             states[name] = [(k, a, r) for _, k, a, r in ledger_rows(database_url, s.project_id)]
     assert len({json.dumps(v) for v in states.values()}) == 1, states
+
+
+def test_refund_after_the_period_expired_does_not_claw_back_the_expired_credits(database_url: str,
+                                                                                engines: Any) -> None:
+    """Period credits 5000, 1200 used, the full refund arriving before or after the period's 3800 expired: the
+    same end (the 1200 used become debt), never 3800 lost twice."""
+    from datetime import timedelta
+
+    from ledger import service
+    from ledger.db import make_engine
+
+    engine = make_engine(database_url, pool_size=2)
+    ends = {}
+    try:
+        with api_client(database_url, engines) as client:
+            for refund_first in (True, False):
+                s = _shop(client)
+                _ok(send(client, s.project_id, "stripe", SUB), "processed")
+                _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_inv1", "in_sub1", START, END,
+                                                                          payment_intent=PI)), "processed")
+                wallet = s.wallet_of(CUSTOMER)
+                assert wallet is not None
+                s.debit(wallet, 1200)
+                if refund_first:
+                    _ok(send(client, s.project_id, "stripe", refund("evt_ref", 2000)), "processed")
+                with engine.begin() as conn:
+                    service.expire_credits(conn, now=datetime.fromtimestamp(END, UTC) + timedelta(seconds=1))
+                if not refund_first:
+                    _ok(send(client, s.project_id, "stripe", refund("evt_ref", 2000)), "processed")
+                r = client.get(f"{s.base}/wallets/{wallet}", headers=s.owner.headers).json()["balance"]
+                payment = client.get(f"{s.base}/payments", headers=s.owner.headers).json()[0]
+                ends[refund_first] = (r["balance_minor"], r["debt_minor"], payment["status"])
+                # a later dispute of the same money claws back nothing more
+                _ok(send(client, s.project_id, "stripe", dispute("evt_dp")), "processed")
+                assert client.get(f"{s.base}/wallets/{wallet}", headers=s.owner.headers).json()[
+                    "balance"]["balance_minor"] == -1200
+    finally:
+        engine.dispose()
+    assert ends[True] == ends[False] == (-1200, 1200, "refunded")

@@ -50,6 +50,14 @@ class WalletBlocked(LedgerError):
     code = "ledger.wallet_blocked"
 
 
+class WalletClosed(WalletBlocked):
+    """The wallet is closed (its end user's account erasure was requested): no new debits, reservations,
+    grants or refunds. A ``WalletBlocked`` so callers that treat a blocked wallet as "cannot pay" (billing rules'
+    skip) treat a closed one the same."""
+
+    code = "ledger.wallet_closed"
+
+
 class RefundExceedsCharge(LedgerError):
     code = "ledger.refund_exceeds_charge"
 
@@ -84,6 +92,7 @@ HTTP_STATUS: dict[str, int] = {
     WalletConflict.code: 409,
     InsufficientCredits.code: 402,
     WalletBlocked.code: 402,
+    WalletClosed.code: 409,
     RefundExceedsCharge.code: 422,
     NotRefundable.code: 409,
     HoldNotActive.code: 409,

@@ -37,6 +37,7 @@ class WalletRow:
     floor_minor: int
     created_at: datetime
     updated_at: datetime
+    closed_at: datetime | None = None  # closed: new debits, reservations, grants and refunds are refused
 
     @classmethod
     def from_mapping(cls, row: Mapping[Any, Any]) -> WalletRow:

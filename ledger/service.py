@@ -30,6 +30,7 @@ from ledger.errors import (
     RefundExceedsCharge,
     UnknownHold,
     UnknownTransaction,
+    WalletClosed,
     WalletConflict,
 )
 from ledger.expiry import expire_credits, expire_holds
@@ -55,17 +56,21 @@ __all__ = [
     "ReserveStage",
     "adjust",
     "apply_checkpoint",
+    "close_wallet",
     "commit_hold",
     "conflict_from",
     "debit",
     "ensure_wallet",
     "expire_credits",
     "expire_holds",
+    "forfeit_balance",
     "grant_credits",
     "pipelined",
     "refund",
+    "reopen_wallet",
     "reserve",
     "set_floor",
+    "set_owner_ref",
     "void_hold",
 ]
 
@@ -139,8 +144,11 @@ def grant_credits(conn: Connection, *, wallet_id: str, amount_minor: int, idempo
                      expires_at, source_ref)
     fingerprint = _fingerprint("grant", wallet_id, kind.value, amount_minor, bucket_source, spec.priority,
                                expires_at.isoformat() if expires_at else None)
-    return _post(conn, wallet_id=wallet_id, key=idempotency_key, fingerprint=fingerprint,
-                 plan=lambda book, wallet: book.credit(amount_minor, spec),
+    def plan(book: WalletBook, wallet: WalletRow) -> Posting:
+        _require_open(wallet)
+        return book.credit(amount_minor, spec)
+
+    return _post(conn, wallet_id=wallet_id, key=idempotency_key, fingerprint=fingerprint, plan=plan,
                  describe=dict(kind=kind, source_ref=source_ref, reason=reason, metadata=metadata))
 
 
@@ -169,10 +177,78 @@ def charge_owed(conn: Connection, *, wallet_id: str, amount_minor: int, idempote
     whatever they cannot cover becomes debt, which blocks the wallet for new access until settled — the same
     rule as usage that already happened (DESIGN §2.4). Kind ``debit``. Idempotent per key."""
     _require_positive(amount_minor)
+
+    def plan(book: WalletBook, wallet: WalletRow) -> Posting:
+        _require_open(wallet)
+        return book.debit(amount_minor)
+
     return _post(conn, wallet_id=wallet_id, key=idempotency_key,
-                 fingerprint=_fingerprint("charge_owed", wallet_id, amount_minor),
-                 plan=lambda book, wallet: book.debit(amount_minor),
+                 fingerprint=_fingerprint("charge_owed", wallet_id, amount_minor), plan=plan,
                  describe=dict(kind=TransactionKind.DEBIT, source_ref=source_ref, reason=reason, metadata=metadata))
+
+
+# --- closing a wallet (account erasure) --------------------------------------------------------------------
+
+def close_wallet(conn: Connection, *, wallet_id: str) -> WalletRow:
+    """Close the wallet: from now on debits, reservations, grants, refunds and owed fees are refused
+    (``WalletClosed``); active holds are voided (released), so nothing reserved can be committed. Usage that already
+    happened is still posted by checkpoints, and adjustments still post. Idempotent (keeps the first closed_at)."""
+    lock_wallet(conn, wallet_id)
+    for (hold_id,) in conn.execute(text("SELECT id FROM holds WHERE wallet_id = :w AND status = 'active' ORDER BY id"),
+                                   {"w": wallet_id}).all():
+        void_hold(conn, hold_id=hold_id)
+    row = conn.execute(text("""
+        UPDATE wallets SET closed_at = coalesce(closed_at, now()), updated_at = now() WHERE id = :id RETURNING *
+    """), {"id": wallet_id}).mappings().one()
+    return WalletRow.from_mapping(row)
+
+
+def reopen_wallet(conn: Connection, *, wallet_id: str) -> WalletRow:
+    """Undo ``close_wallet`` (voided holds stay voided)."""
+    lock_wallet(conn, wallet_id)
+    row = conn.execute(text("UPDATE wallets SET closed_at = NULL, updated_at = now() WHERE id = :id RETURNING *"),
+                       {"id": wallet_id}).mappings().one()
+    return WalletRow.from_mapping(row)
+
+
+def set_owner_ref(conn: Connection, *, wallet_id: str, owner_ref: str) -> WalletRow:
+    """Replace the wallet's owner reference (account erasure puts an irreversible tombstone there). Only a
+    closed subject wallet: an open wallet's owner is how usage and the API find it."""
+    wallet = lock_wallet(conn, wallet_id)
+    if wallet.closed_at is None or wallet.owner_kind != "subject":
+        raise InvalidRequest(f"wallet {wallet_id}: only a closed subject wallet's owner can be replaced")
+    row = conn.execute(text("UPDATE wallets SET owner_ref = :r, updated_at = now() WHERE id = :id RETURNING *"),
+                       {"r": owner_ref, "id": wallet_id}).mappings().one()
+    return WalletRow.from_mapping(row)
+
+
+def forfeit_balance(conn: Connection, *, wallet_id: str, idempotency_key: str, reason: str,
+                    metadata: dict[str, Any] | None = None) -> PostingResult | None:
+    """Post what is left on a CLOSED wallet as a negative ``adjustment`` with ``reason`` (burning every bucket in
+    burn order), exactly once per key: a second call answers ``duplicate`` with the original posting. The amount
+    is the positive balance read under the wallet lock (held is 0: closing voided the holds); None when there is
+    nothing to forfeit (zero or debt — debt is never forgiven here)."""
+    if not reason or not reason.strip():
+        raise InvalidRequest("a forfeiture needs a reason")
+    fingerprint = _fingerprint("forfeit", wallet_id)
+    replay = _replay(conn, idempotency_key, fingerprint)
+    if replay is not None:
+        return replay
+    wallet = lock_wallet(conn, wallet_id)
+    if wallet.closed_at is None:
+        raise InvalidRequest(f"wallet {wallet_id} is open; close it before forfeiting its balance")
+    if wallet.balance_minor - wallet.held_minor <= 0:
+        return _replay(conn, idempotency_key, fingerprint)
+    amount = wallet.balance_minor - wallet.held_minor
+    return _post(conn, wallet_id=wallet_id, key=idempotency_key, fingerprint=fingerprint,
+                 plan=lambda book, locked: book.debit(amount),
+                 describe=dict(kind=TransactionKind.ADJUSTMENT, reason=reason, metadata=metadata))
+
+
+def _require_open(wallet: WalletRow) -> None:
+    if wallet.closed_at is not None:
+        raise WalletClosed(f"wallet {wallet.id} is closed (account erasure requested); cancel the erasure to "
+                           "reopen it", wallet_id=wallet.id, closed_at=wallet.closed_at.isoformat())
 
 
 # --- synchronous debits -----------------------------------------------------------------------------------
@@ -252,6 +328,7 @@ def refund(conn: Connection, *, transaction_id: int, idempotency_key: str, amoun
     spec = NewBucket("refund", DEFAULT_PRIORITY["refund"], source_ref=f"refund:{transaction_id}")
 
     def plan(book: WalletBook, wallet: WalletRow) -> Posting:
+        _require_open(wallet)
         refunded = conn.execute(text("""
             SELECT coalesce(sum(amount_minor), 0) FROM transactions
             WHERE related_transaction_id = :id AND kind = 'refund'

@@ -42,6 +42,7 @@ from ledger.errors import (
     UnknownHold,
     UnknownWallet,
     WalletBlocked,
+    WalletClosed,
 )
 from ledger.postings import Bucket, Posting, WalletBalance, WalletBook
 from ledger.queries import get_transaction
@@ -52,7 +53,7 @@ __all__ = ["BatchedDebit", "CommitStage", "DebitBatch", "DebitStage", "Posted", 
            "request_fingerprint"]
 
 _WALLET_COLUMNS = ("id, project_id, owner_kind, owner_ref, credit_code, credit_scale, balance_minor, held_minor, "
-                   "floor_minor, created_at, updated_at")
+                   "floor_minor, created_at, updated_at, closed_at")
 _HOLD_COLUMNS = ("id, wallet_id, project_id, amount_minor, status, expires_at, idempotency_key, "
                  "committed_transaction_id, created_at, updated_at")
 
@@ -154,6 +155,9 @@ def _run(cursor: psycopg.Cursor[Any], sql: str, params: Any) -> None:
 
 def _require_access(wallet: WalletRow, amount_minor: int) -> None:
     """Synchronous access rules, checked under the wallet lock."""
+    if wallet.closed_at is not None:
+        raise WalletClosed(f"wallet {wallet.id} is closed (account erasure requested); cancel the erasure to "
+                           "reopen it", wallet_id=wallet.id, closed_at=wallet.closed_at.isoformat())
     state = wallet.state
     if state.blocked:
         raise WalletBlocked(f"wallet {wallet.id} owes {state.debt_minor}; settle the debt first",

@@ -25,6 +25,7 @@ ROUTER_MODULES: list[str] = [
     "api.routes.wallets",
     "api.routes.wallet_ops",
     "api.routes.signup_bonus",
+    "api.routes.erasure",
     "api.routes.feature_costs",
     "api.routes.access",
     "api.routes.keys",

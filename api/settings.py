@@ -64,6 +64,8 @@ class ApiSettings(IdempotencySettings):
     # device-id hash (empty: derived from API_JWT_SECRET — set it to keep device hashes across JWT key rotations)
     geoip_database_path: str = Field(default="", description="a MaxMind GeoIP2/GeoLite2 Country or City .mmdb")
     device_hash_secret: SecretStr = SecretStr("")
+    # account erasure (api/erasure.py): how long a closed wallet can still be restored before its data is erased
+    erasure_grace_s: int = Field(default=30 * 24 * 3600, ge=0, le=366 * 24 * 3600)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> ApiSettings:

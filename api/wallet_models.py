@@ -44,12 +44,14 @@ class WalletOut(BaseModel):
     credit_scale: int
     created_at: datetime
     balance: BalanceOut
+    closed_at: datetime | None = Field(default=None, description="set while the end user's account erasure is "
+                                                                 "pending or done: no new debits or grants")
 
     @classmethod
     def of(cls, w: WalletRow) -> WalletOut:
         return cls(id=w.id, project_id=w.project_id, owner_kind=w.owner_kind, owner_ref=w.owner_ref,
                    credit_code=w.credit_code, credit_scale=w.credit_scale, created_at=w.created_at,
-                   balance=BalanceOut.of(BalanceView.of(w)))
+                   balance=BalanceOut.of(BalanceView.of(w)), closed_at=w.closed_at)
 
 
 class BonusOut(BaseModel):

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection
 
+from api.erasure import erase_due
 from api.idempotency import purge_older_than
 from api.settings import IdempotencySettings
 from ledger import scheduler
@@ -19,6 +20,8 @@ from ledger.settings import LedgerSettings
 
 #: how often the API's purges run (like the ledger's purges)
 PURGE_EVERY_S = 300.0
+#: how often due account erasures are looked for (a grace period is days long; a minute late is fine)
+ERASE_EVERY_S = 60.0
 
 
 def api_jobs(settings: IdempotencySettings) -> list[Job]:
@@ -28,7 +31,12 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
         """Idempotency-Key records past ``API_IDEMPOTENCY_RETENTION_S`` (``now`` is the database's clock)."""
         return purge_older_than(conn, cutoff=now - retention)
 
-    return [Job("purge_idempotency_records", PURGE_EVERY_S, purge_idempotency_records)]
+    def erase_accounts(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+        """Account erasures whose grace period is over (api/erasure.py), a bounded batch per transaction."""
+        return erase_due(conn, now=now)
+
+    return [Job("purge_idempotency_records", PURGE_EVERY_S, purge_idempotency_records),
+            Job("erase_accounts", ERASE_EVERY_S, erase_accounts)]
 
 
 def jobs(settings: IdempotencySettings | None = None) -> list[Job]:

@@ -109,6 +109,13 @@ def create_wallet(body: WalletCreate, access: Admin, conn: ConnectionDep, respon
                            extra={"owner_ref": owner_ref})
     existing = conn.execute(text("SELECT id FROM wallets WHERE project_id = :p AND owner_kind = :k AND owner_ref = :r"),
                             {"p": access.project_id, "k": body.owner_kind, "r": owner_ref}).scalar()
+    if existing is not None and body.owner_kind == "subject":
+        found = wallet_in_project(conn, project_id=access.project_id, wallet_id=str(existing))
+        if found.closed_at is not None:  # erasure pending: answer as it is, never map its subject again
+            response.status_code = 200
+            return WalletCreatedOut(**WalletOut.of(found).model_dump(),
+                                    bonus=_bonus(conn, settings, project_id=access.project_id, wallet_id=found.id,
+                                                 body=body, created=False))
     wallet_id = _subject_wallet_id(conn, access.project_id, owner_ref) if body.owner_kind == "subject" else None
     wallet = service.ensure_wallet(conn, project_id=access.project_id, owner_kind=body.owner_kind,
                                    owner_ref=owner_ref, wallet_id=wallet_id, credit_scale=body.credit_scale,

@@ -10,10 +10,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import psycopg
 
 from analytics.settings import AnalyticsSettings
 from analytics.sink import Sink
+from ledger.db import libpq_url, make_engine
 from ledger.kafka import make_producer
+from ledger.outbox import OutboxRelay
 
 
 class Producer:
@@ -120,3 +123,26 @@ def add_member(client: Any, project_id: str, owner: dict[str, str], user: dict[s
     r = client.post(f"/api/v1/projects/{project_id}/members", json={"user_id": user["user_id"], "role": role},
                     headers=auth(owner))
     assert r.status_code == 201, r.text
+
+
+def pg_rows(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def relay_then_republish(database_url: str, topics: Any, *, only_topic: str | None = None) -> int:
+    """The real outbox relay, then the same payloads once more (a relay that crashed before marking its rows
+    published), all of them or those of ``only_topic``; returns how many rows the real relay published."""
+    engine = make_engine(database_url)
+    producer = make_producer(topics.bootstrap)
+    try:
+        published = OutboxRelay(engine=engine, producer=producer, topic_prefix=topics.prefix).drain(timeout_s=30)
+        rows = (pg_rows(database_url, "SELECT topic, key, payload FROM outbox ORDER BY id") if only_topic is None
+                else pg_rows(database_url, "SELECT topic, key, payload FROM outbox WHERE topic = %s ORDER BY id",
+                             only_topic))
+        for topic, key, payload in rows:
+            producer.produce(topics.name(topic), key=key.encode(), value=bytes(payload))
+        assert producer.flush(30) == 0
+        return published
+    finally:
+        engine.dispose()

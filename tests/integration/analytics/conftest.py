@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 from analytics_testkit import Producer, RunningSink
 from clickhouse_connect.driver.client import Client
+from fastapi.testclient import TestClient
 
 from analytics.client import connect
 from analytics.migrate import migrate
 from analytics.settings import AnalyticsSettings
+from api.main import create_app
+from api.settings import ApiSettings
 
 
 @pytest.fixture
@@ -70,3 +73,20 @@ def run_sink(analytics_settings: AnalyticsSettings) -> Iterator[Callable[..., Ru
         running._thread.join(30)
 
 
+
+
+@pytest.fixture
+def api(database_url: str, topics: Any, analytics_settings: AnalyticsSettings,
+        run_sink: Callable[..., RunningSink]) -> Iterator[TestClient]:
+    """The api on the test's PostgreSQL and topics. Embedded: the api owns the chDB path and runs the sink
+    thread (production shape). Server: the sink runs on its own, as its own process would."""
+    settings = ApiSettings(database_url=database_url, kafka_bootstrap_servers=topics.bootstrap,
+                           topic_prefix=topics.prefix, auth_rate_limit_per_s=1000.0, auth_rate_limit_burst=1000)
+    app = create_app(settings)
+    embedded = analytics_settings.embedded
+    app.state.analytics_settings = analytics_settings.model_copy(
+        update={"embedded_sink_owner": "auto" if embedded else "none"})
+    if not embedded:
+        run_sink()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client

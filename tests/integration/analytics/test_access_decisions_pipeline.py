@@ -6,42 +6,17 @@ and the paywall funnel and the decision reasons count each decision once."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 import pytest
-from analytics_testkit import auth, create_project, signup, wait_for
-from fastapi.testclient import TestClient
+from analytics_testkit import auth, create_project, pg_rows, relay_then_republish, signup, wait_for
 
 from api.access_decisions import TOPIC_ACCESS_DECISIONS
-from api.main import create_app
-from api.settings import ApiSettings
-from ledger.db import libpq_url, make_engine
-from ledger.kafka import make_producer
-from ledger.outbox import OutboxRelay
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def api(database_url, topics, analytics_settings, run_sink) -> Iterator[TestClient]:
-    settings = ApiSettings(database_url=database_url, kafka_bootstrap_servers=topics.bootstrap,
-                           topic_prefix=topics.prefix, auth_rate_limit_per_s=1000.0, auth_rate_limit_burst=1000)
-    app = create_app(settings)
-    embedded = analytics_settings.embedded
-    app.state.analytics_settings = analytics_settings.model_copy(
-        update={"embedded_sink_owner": "auto" if embedded else "none"})
-    if not embedded:
-        run_sink()
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield client
-
-
-def _pg(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def test_decisions_reach_clickhouse_and_fill_the_paywall_funnel(api, database_url, topics, analytics_settings):
@@ -75,21 +50,12 @@ def test_decisions_reach_clickhouse_and_fill_the_paywall_funnel(api, database_ur
     buy("s3", 50)
     for _ in range(3):
         assert check("s3", charge=True)["allowed"]
-    decisions = _pg(database_url, "SELECT count(*) FROM access_decisions WHERE project_id = %s", project)[0][0]
+    decisions = pg_rows(database_url, "SELECT count(*) FROM access_decisions WHERE project_id = %s", project)[0][0]
     assert decisions == 7
 
     # the relay publishes every outbox row (transactions and decisions), then the decisions go out once more
-    engine = make_engine(database_url)
-    producer = make_producer(topics.bootstrap)
-    try:
-        OutboxRelay(engine=engine, producer=producer, topic_prefix=topics.prefix).drain(timeout_s=30)
-        for topic, key, payload in _pg(database_url, "SELECT topic, key, payload FROM outbox WHERE topic = %s "
-                                                     "ORDER BY id", TOPIC_ACCESS_DECISIONS):
-            producer.produce(topics.name(topic), key=key.encode(), value=bytes(payload))
-        assert producer.flush(30) == 0
-    finally:
-        engine.dispose()
-    assert _pg(database_url, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == [(0,)]
+    relay_then_republish(database_url, topics, only_topic=TOPIC_ACCESS_DECISIONS)
+    assert pg_rows(database_url, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == [(0,)]
 
     window = {"from": start.isoformat(), "to": (datetime.now(UTC) + timedelta(minutes=5)).isoformat()}
     funnel_url = f"{base}/analytics/paywall-funnel"

@@ -7,48 +7,31 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
-import psycopg
 import pytest
-from analytics_testkit import add_member, auth, create_project, signup, usage_event, wait_for
-from fastapi.testclient import TestClient
+from analytics_testkit import (
+    add_member,
+    auth,
+    create_project,
+    pg_rows,
+    relay_then_republish,
+    signup,
+    usage_event,
+    wait_for,
+)
 
 from analytics.queries import ISSUED_KINDS, SPENT_KINDS
-from api.main import create_app
-from api.settings import ApiSettings
 from ledger import service
 from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS, TransactionKind
-from ledger.db import libpq_url, make_engine
+from ledger.db import make_engine
 from ledger.expiry import expire_credits
-from ledger.kafka import make_producer
-from ledger.outbox import OutboxRelay
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def api(database_url, topics, analytics_settings, run_sink) -> Iterator[TestClient]:
-    settings = ApiSettings(database_url=database_url, kafka_bootstrap_servers=topics.bootstrap,
-                           topic_prefix=topics.prefix, auth_rate_limit_per_s=1000.0, auth_rate_limit_burst=1000)
-    app = create_app(settings)
-    embedded = analytics_settings.embedded
-    # Embedded: the api owns the chDB path and runs the sink thread (production shape). Server: own process.
-    app.state.analytics_settings = analytics_settings.model_copy(
-        update={"embedded_sink_owner": "auto" if embedded else "none"})
-    if not embedded:
-        run_sink()
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield client
-
-
-def _pg(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def _post_ledger_scenario(database_url: str, project: str, other_project: str) -> None:
@@ -82,20 +65,6 @@ def _post_ledger_scenario(database_url: str, project: str, other_project: str) -
         engine.dispose()
 
 
-def _relay_twice(database_url: str, topics: Any) -> int:
-    """The real relay, then the same payloads again (a relay that crashed before marking rows published)."""
-    engine = make_engine(database_url)
-    producer = make_producer(topics.bootstrap)
-    try:
-        published = OutboxRelay(engine=engine, producer=producer, topic_prefix=topics.prefix).drain(timeout_s=30)
-        for topic, key, payload in _pg(database_url, "SELECT topic, key, payload FROM outbox ORDER BY id"):
-            producer.produce(topics.name(topic), key=key.encode(), value=bytes(payload))
-        assert producer.flush(30) == 0
-        return published
-    finally:
-        engine.dispose()
-
-
 def _expected_flows(rows: list[tuple[str, int]]) -> dict[str, int]:
     """The definitions, applied in Python to PostgreSQL's transactions."""
     issued = sum(a for k, a in rows if k in ISSUED_KINDS or (k == "adjustment" and a > 0))
@@ -115,8 +84,8 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
     add_member(api, project, owner, viewer, "viewer")
     start = datetime.now(UTC) - timedelta(minutes=1)
     _post_ledger_scenario(database_url, project, other)
-    published = _relay_twice(database_url, topics)
-    total = _pg(database_url, "SELECT count(*) FROM transactions")[0][0]
+    published = relay_then_republish(database_url, topics)
+    total = pg_rows(database_url, "SELECT count(*) FROM transactions")[0][0]
     assert published == total
 
     # usage events for both projects and a dead letter
@@ -135,7 +104,7 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
     window = {"from": start.isoformat(), "to": (datetime.now(UTC) + timedelta(minutes=5)).isoformat()}
     headers = auth(owner)
     base = f"/api/v1/projects/{project}/analytics"
-    mine = _pg(database_url, "SELECT count(*) FROM transactions WHERE project_id = %s", project)[0][0]
+    mine = pg_rows(database_url, "SELECT count(*) FROM transactions WHERE project_id = %s", project)[0][0]
 
     def arrived() -> bool:
         summary = api.get(f"{base}/wallets/summary", params=window, headers=headers).json()
@@ -154,11 +123,11 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
         time.sleep(2)
     summary = api.get(f"{base}/wallets/summary", params=window, headers=headers).json()
 
-    rows = _pg(database_url, "SELECT kind, amount_minor FROM transactions WHERE project_id = %s", project)
+    rows = pg_rows(database_url, "SELECT kind, amount_minor FROM transactions WHERE project_id = %s", project)
     expected = _expected_flows([(k, int(a)) for k, a in rows])
     assert {k: summary[k] for k in expected} == expected
     assert expected["expired_minor"] > 0 and expected["spent_minor"] > 0  # the scenario exercises each flow
-    outstanding = _pg(database_url, "SELECT sum(balance_minor) FROM wallets WHERE project_id = %s", project)[0][0]
+    outstanding = pg_rows(database_url, "SELECT sum(balance_minor) FROM wallets WHERE project_id = %s", project)[0][0]
     assert summary["outstanding_end_minor"] == int(outstanding)
     assert summary["outstanding_start_minor"] == 0
     assert summary["net_movement_minor"] == summary["outstanding_end_minor"] - summary["outstanding_start_minor"]
@@ -168,7 +137,7 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
         (Decimal(expected["expired_minor"]) / Decimal(expected["issued_minor"])).quantize(Decimal("0.0001")))
 
     # source breakdown == the buckets the ledger created
-    buckets = dict(_pg(database_url, "SELECT source, sum(granted_minor)::bigint FROM credit_buckets "
+    buckets = dict(pg_rows(database_url, "SELECT source, sum(granted_minor)::bigint FROM credit_buckets "
                                      "WHERE project_id = %s GROUP BY source", project))
     assert {s["source"]: s["issued_minor"] for s in summary["sources"]} == {k: int(v) for k, v in buckets.items()}
 
@@ -177,13 +146,13 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
         ("pack:starter", 1_000, 1), ("plan:pro", 500, 1)}
 
     # wallet drill-down == the wallet's ledger rows, newest first
-    alice = _pg(database_url, "SELECT id FROM wallets WHERE owner_ref = 'alice'")[0][0]
+    alice = pg_rows(database_url, "SELECT id FROM wallets WHERE owner_ref = 'alice'")[0][0]
     detail = api.get(f"{base}/wallets/{alice}", params=window, headers=headers).json()
-    ledger_rows = _pg(database_url, "SELECT id, kind, amount_minor, balance_after_minor FROM transactions "
+    ledger_rows = pg_rows(database_url, "SELECT id, kind, amount_minor, balance_after_minor FROM transactions "
                                     "WHERE wallet_id = %s ORDER BY id DESC", alice)
     assert [(t["transaction_id"], t["kind"], t["amount_minor"], t["balance_after_minor"])
             for t in detail["transactions"]] == [(i, k, int(a), int(b)) for i, k, a, b in ledger_rows]
-    assert detail["outstanding_end_minor"] == _pg(database_url, "SELECT balance_minor FROM wallets WHERE id = %s",
+    assert detail["outstanding_end_minor"] == pg_rows(database_url, "SELECT balance_minor FROM wallets WHERE id = %s",
                                                   alice)[0][0]
 
     flow = api.get(f"{base}/credit-flow", params={**window, "granularity": "hour"}, headers=headers).json()

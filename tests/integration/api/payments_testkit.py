@@ -71,6 +71,14 @@ def send(client: TestClient, project_id: str, provider: str, name_or_body: str |
                        headers=headers if headers is not None else headers_for(provider, body, name))
 
 
+def handled(r: Response, status: str) -> dict[str, Any]:
+    """A webhook answer: 200 with the outcome ``status`` (credited, duplicate, ignored, ...); its body."""
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    assert body["status"] == status, body
+    return body
+
+
 def rc_body(name: str, **event_overrides: Any) -> bytes:
     """A RevenueCat fixture with some event fields replaced (the upstream samples share event ids)."""
     payload = json.loads(fixture(name))

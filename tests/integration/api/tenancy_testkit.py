@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import psycopg
 from fastapi.testclient import TestClient
 
@@ -49,7 +50,7 @@ class UserSession:
         return {"Authorization": f"Bearer {self.access_token}"}
 
 
-def signup(client: TestClient, name: str | None = None) -> UserSession:
+def signup(client: httpx.Client, name: str | None = None) -> UserSession:
     email = f"{name or 'user'}-{uuid.uuid4().hex[:8]}@example.com"
     r = client.post("/api/v1/auth/signup", json={"email": email, "password": PASSWORD, "display_name": name})
     assert r.status_code == 201, r.text
@@ -57,10 +58,16 @@ def signup(client: TestClient, name: str | None = None) -> UserSession:
     return UserSession(body["user"]["id"], email, body["access_token"], body["refresh_token"])
 
 
-def create_project(client: TestClient, owner: UserSession, name: str = "Acme", **extra: Any) -> str:
+def create_project(client: httpx.Client, owner: UserSession, name: str = "Acme", **extra: Any) -> str:
     r = client.post("/api/v1/projects", json={"name": name, **extra}, headers=owner.headers)
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
+
+
+def owner_and_project(client: httpx.Client, name: str = "Acme") -> tuple[dict[str, str], str]:
+    """A new owner and their project (works over TestClient and over real HTTP): the owner's headers, the id."""
+    owner = signup(client, "owner")
+    return owner.headers, create_project(client, owner, name)
 
 
 def add_member(client: TestClient, project_id: str, owner: UserSession, user: UserSession, role: str) -> None:

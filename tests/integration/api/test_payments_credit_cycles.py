@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from payments_testkit import Shop, rc_body, send, shop, stripe_invoice
+from payments_testkit import Shop, handled, rc_body, send, shop, stripe_invoice
 from sqlalchemy import Engine
 from tenancy_testkit import api_client, sql
 
@@ -34,13 +34,6 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng = make_engine(database_url, pool_size=2)
     yield eng
     eng.dispose()
-
-
-def _ok(r: Any, status: str) -> dict[str, Any]:
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status, body
-    return body
 
 
 def _expire(engine: Engine, now: datetime) -> int:
@@ -120,10 +113,10 @@ def test_stripe_period_credits_expire_at_period_end(database_url: str, engines: 
     grace = 3600
     with api_client(database_url, engines) as client:
         s = _stripe_plan_shop(client, credits_grace_s=grace)
-        _ok(send(client, s.project_id, "stripe", SUB), "processed")
+        handled(send(client, s.project_id, "stripe", SUB), "processed")
         wallet = s.wallet_of(CUSTOMER)
         assert wallet is not None
-        first = _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_p1", "in_p1", start1, end1)),
+        first = handled(send(client, s.project_id, "stripe", stripe_invoice("evt_p1", "in_p1", start1, end1)),
                     "processed")
         expires1 = datetime.fromtimestamp(end1 + grace, UTC)
         assert buckets(database_url, wallet) == [("stripe:in_p1", 5000, 5000, expires1, False)]
@@ -136,8 +129,8 @@ def test_stripe_period_credits_expire_at_period_end(database_url: str, engines: 
         assert s.balance(wallet) == 4500
 
         # replays: the same event (duplicate) and the same invoice under another event (invoice.payment_succeeded)
-        _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_p1", "in_p1", start1, end1)), "duplicate")
-        again = _ok(send(client, s.project_id, "stripe", stripe_invoice(
+        handled(send(client, s.project_id, "stripe", stripe_invoice("evt_p1", "in_p1", start1, end1)), "duplicate")
+        again = handled(send(client, s.project_id, "stripe", stripe_invoice(
             "evt_p1_succeeded", "in_p1", start1, end1, event_type="invoice.payment_succeeded")), "ignored")
         assert "already credited" in again["detail"]
         assert s.balance(wallet) == 4500 and len(buckets(database_url, wallet)) == 2
@@ -151,8 +144,8 @@ def test_stripe_period_credits_expire_at_period_end(database_url: str, engines: 
         assert s.balance(wallet) == 700  # the pack's credits, exactly
 
         # the next period's renewal is its own bucket, expiring at ITS end
-        _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_p2", "in_p2", end1, end2)), "processed")
-        _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_p2", "in_p2", end1, end2)), "duplicate")
+        handled(send(client, s.project_id, "stripe", stripe_invoice("evt_p2", "in_p2", end1, end2)), "processed")
+        handled(send(client, s.project_id, "stripe", stripe_invoice("evt_p2", "in_p2", end1, end2)), "duplicate")
         expires2 = datetime.fromtimestamp(end2 + grace, UTC)
         rows = buckets(database_url, wallet)
         assert rows[0] == ("stripe:in_p1", 5000, 0, expires1, True)
@@ -171,10 +164,10 @@ def test_stripe_never_plan_credits_roll_over(database_url: str, engines: Any, en
     now = int(datetime.now(UTC).timestamp())
     with api_client(database_url, engines) as client:
         s = _stripe_plan_shop(client, credits_expire="never")
-        _ok(send(client, s.project_id, "stripe", SUB), "processed")
-        _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_n1", "in_n1", now - DAY, now + DAY)),
+        handled(send(client, s.project_id, "stripe", SUB), "processed")
+        handled(send(client, s.project_id, "stripe", stripe_invoice("evt_n1", "in_n1", now - DAY, now + DAY)),
             "processed")
-        _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_n2", "in_n2", now + DAY, now + 2 * DAY)),
+        handled(send(client, s.project_id, "stripe", stripe_invoice("evt_n2", "in_n2", now + DAY, now + 2 * DAY)),
             "processed")
         wallet = s.wallet_of(CUSTOMER)
         assert [(b[0], b[3]) for b in buckets(database_url, wallet)] == [("stripe:in_n1", None),
@@ -200,8 +193,8 @@ def test_period_already_over_when_paid_expires_at_the_next_run(database_url: str
     """The fixture's period (July-August 2026) is over: granted, noted, and expired by the next job run."""
     with api_client(database_url, engines) as client:
         s = _stripe_plan_shop(client)
-        _ok(send(client, s.project_id, "stripe", SUB), "processed")
-        paid = _ok(send(client, s.project_id, "stripe", INVOICE), "processed")
+        handled(send(client, s.project_id, "stripe", SUB), "processed")
+        paid = handled(send(client, s.project_id, "stripe", INVOICE), "processed")
         assert "expiry job" in paid["detail"]
         wallet = s.wallet_of(CUSTOMER)
         assert s.balance(wallet) == 5000
@@ -222,7 +215,7 @@ def test_revenuecat_periods_expire_at_expiration_at(database_url: str, engines: 
                 interval="week", revenuecat_product_id="com.subscription.weekly", credits_grace_s=60)
         first = rc_body("revenuecat/initial_purchase.json", id="rc-evt-1", purchased_at_ms=now_ms - DAY * 1000,
                         expiration_at_ms=now_ms + week_ms, event_timestamp_ms=now_ms)
-        _ok(send(client, s.project_id, "revenuecat", first), "processed")
+        handled(send(client, s.project_id, "revenuecat", first), "processed")
         wallet = s.wallet_of("1234567890")
         end1 = datetime.fromtimestamp((now_ms + week_ms) // 1000 + 60, UTC)
         assert [(b[1], b[3]) for b in buckets(database_url, wallet)] == [(700, end1)]
@@ -230,13 +223,13 @@ def test_revenuecat_periods_expire_at_expiration_at(database_url: str, engines: 
         renewal = rc_body("revenuecat/renewal.json", id="rc-evt-2", transaction_id="rc-tx-2",
                           original_transaction_id="123456789012345", purchased_at_ms=now_ms + week_ms,
                           expiration_at_ms=now_ms + 2 * week_ms, event_timestamp_ms=now_ms + 1)
-        _ok(send(client, s.project_id, "revenuecat", renewal), "processed")
-        _ok(send(client, s.project_id, "revenuecat", renewal), "duplicate")
+        handled(send(client, s.project_id, "revenuecat", renewal), "processed")
+        handled(send(client, s.project_id, "revenuecat", renewal), "duplicate")
         # RevenueCat re-sent the renewal under a new event id: the store transaction is credited once
         resent = rc_body("revenuecat/renewal.json", id="rc-evt-2b", transaction_id="rc-tx-2",
                          original_transaction_id="123456789012345", purchased_at_ms=now_ms + week_ms,
                          expiration_at_ms=now_ms + 2 * week_ms, event_timestamp_ms=now_ms + 2)
-        _ok(send(client, s.project_id, "revenuecat", resent), "ignored")
+        handled(send(client, s.project_id, "revenuecat", resent), "ignored")
         end2 = datetime.fromtimestamp((now_ms + 2 * week_ms) // 1000 + 60, UTC)
         assert [(b[1], b[2], b[3]) for b in buckets(database_url, wallet)] == [(700, 600, end1), (700, 700, end2)]
         assert _expire(engine, end1 + timedelta(seconds=1)) == 1
@@ -253,8 +246,8 @@ def test_lemonsqueezy_invoice_states_no_period_one_interval_from_its_creation(da
         s = shop(client)
         s.offer("plan", slug="citrus", name="Citrus", credits_minor=3000, price_minor=999, currency="usd",
                 lemonsqueezy_variant_id="1")
-        _ok(send(client, s.project_id, "lemonsqueezy", "lemonsqueezy/subscription_created.json"), "processed")
-        paid = _ok(send(client, s.project_id, "lemonsqueezy", "lemonsqueezy/subscription_payment_success.json"),
+        handled(send(client, s.project_id, "lemonsqueezy", "lemonsqueezy/subscription_created.json"), "processed")
+        paid = handled(send(client, s.project_id, "lemonsqueezy", "lemonsqueezy/subscription_payment_success.json"),
                    "processed")
         # created_at 2026-08-25T17:20:04Z + one month
         assert "states no period end" in paid["detail"] and "2026-09-25T17:20:04" in paid["detail"]

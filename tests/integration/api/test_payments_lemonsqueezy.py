@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from payments_testkit import VECTORS, Shop, fixture, ledger_rows, ls_signature, send, shop
+from payments_testkit import VECTORS, Shop, fixture, handled, ledger_rows, ls_signature, send, shop
 from tenancy_testkit import api_client, sql
 
 pytestmark = pytest.mark.integration
@@ -18,13 +18,6 @@ ORDER, REFUND = "lemonsqueezy/order_created.json", "lemonsqueezy/order_refunded.
 CREATED, UPDATED = "lemonsqueezy/subscription_created.json", "lemonsqueezy/subscription_updated.json"
 PAID, CANCELLED = "lemonsqueezy/subscription_payment_success.json", "lemonsqueezy/subscription_cancelled.json"
 EXPIRED = "lemonsqueezy/subscription_expired.json"
-
-
-def _ok(r: Any, status: str) -> dict[str, Any]:
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status, body
-    return body
 
 
 def _plans(client: Any) -> Shop:
@@ -46,14 +39,14 @@ def test_order_credited_once_and_refunded(database_url: str, engines: Any) -> No
         s = shop(client)
         s.offer("pack", slug="tokens", name="Tokens", credits_minor=1500, price_minor=1859, currency="eur",
                 lemonsqueezy_variant_id="1")
-        _ok(send(client, s.project_id, "lemonsqueezy", ORDER), "processed")
-        _ok(send(client, s.project_id, "lemonsqueezy", ORDER), "duplicate")
+        handled(send(client, s.project_id, "lemonsqueezy", ORDER), "processed")
+        handled(send(client, s.project_id, "lemonsqueezy", ORDER), "duplicate")
         wallet = s.wallet_of(CUSTOMER)
         assert s.balance(wallet) == 1500
         (tx,) = s.transactions(wallet)
         assert tx["kind"] == "top_up" and tx["source_ref"] == "lemonsqueezy:order:1"
-        _ok(send(client, s.project_id, "lemonsqueezy", REFUND), "processed")
-        _ok(send(client, s.project_id, "lemonsqueezy", REFUND), "duplicate")
+        handled(send(client, s.project_id, "lemonsqueezy", REFUND), "processed")
+        handled(send(client, s.project_id, "lemonsqueezy", REFUND), "duplicate")
         assert s.balance(wallet) == 0
         assert [(t["kind"], t["amount_minor"]) for t in s.transactions(wallet)] == [("top_up", 1500),
                                                                                    ("adjustment", -1500)]
@@ -62,26 +55,26 @@ def test_order_credited_once_and_refunded(database_url: str, engines: Any) -> No
 def test_every_fixture_through_a_subscription_lifecycle(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
         s = _plans(client)
-        _ok(send(client, s.project_id, "lemonsqueezy", ORDER), "ignored")  # a plan's order: the invoice pays
-        _ok(send(client, s.project_id, "lemonsqueezy", CREATED), "processed")
+        handled(send(client, s.project_id, "lemonsqueezy", ORDER), "ignored")  # a plan's order: the invoice pays
+        handled(send(client, s.project_id, "lemonsqueezy", CREATED), "processed")
         wallet = s.wallet_of(CUSTOMER)
         (ent,) = s.entitlements(wallet)
         assert (ent["plan"], ent["status"], ent["external_subscription_id"]) == ("citrus", "active", "1")
-        _ok(send(client, s.project_id, "lemonsqueezy", UPDATED), "processed")  # moves to variant 11
+        handled(send(client, s.project_id, "lemonsqueezy", UPDATED), "processed")  # moves to variant 11
         assert s.entitlements(wallet)[0]["plan"] == "citrus_plus"
-        _ok(send(client, s.project_id, "lemonsqueezy", PAID), "processed")
-        _ok(send(client, s.project_id, "lemonsqueezy", PAID), "duplicate")
+        handled(send(client, s.project_id, "lemonsqueezy", PAID), "processed")
+        handled(send(client, s.project_id, "lemonsqueezy", PAID), "duplicate")
         assert s.balance(wallet) == 9000
         (tx,) = s.transactions(wallet)
         assert tx["kind"] == "subscription_grant" and tx["source_ref"] == "lemonsqueezy:invoice:2"
-        _ok(send(client, s.project_id, "lemonsqueezy", CANCELLED), "processed")
+        handled(send(client, s.project_id, "lemonsqueezy", CANCELLED), "processed")
         (ent,) = s.entitlements(wallet)
         assert ent["status"] == "cancelled" and ent["will_renew"] is False
         assert ent["current_period_end"].startswith("2026-09-25")
-        _ok(send(client, s.project_id, "lemonsqueezy", EXPIRED), "processed")
+        handled(send(client, s.project_id, "lemonsqueezy", EXPIRED), "processed")
         (ent,) = s.entitlements(wallet)
         assert ent["status"] == "ended" and ent["active"] is False
-        _ok(send(client, s.project_id, "lemonsqueezy", REFUND), "deferred")  # a plan order was never credited
+        handled(send(client, s.project_id, "lemonsqueezy", REFUND), "deferred")  # a plan order was never credited
         assert s.balance(wallet) == 9000
 
 
@@ -89,16 +82,16 @@ def test_renewal_before_subscription_is_deferred(database_url: str, engines: Any
     with api_client(database_url, engines) as client:
         in_order = _plans(client)
         for name in (CREATED, PAID, CANCELLED):
-            _ok(send(client, in_order.project_id, "lemonsqueezy", name), "processed")
+            handled(send(client, in_order.project_id, "lemonsqueezy", name), "processed")
         reordered = _plans(client)
-        _ok(send(client, reordered.project_id, "lemonsqueezy", PAID), "deferred")
+        handled(send(client, reordered.project_id, "lemonsqueezy", PAID), "deferred")
         assert reordered.wallet_of(CUSTOMER) is None
         # a subscription event carries the whole subscription: the cancellation creates it and wakes the renewal
-        _ok(send(client, reordered.project_id, "lemonsqueezy", CANCELLED), "processed")
+        handled(send(client, reordered.project_id, "lemonsqueezy", CANCELLED), "processed")
         wallet = reordered.wallet_of(CUSTOMER)
         assert reordered.balance(wallet) == 3000
         assert [e["status"] for e in reordered.events()] == ["processed", "processed"]
-        _ok(send(client, reordered.project_id, "lemonsqueezy", CREATED), "processed")  # older: state kept
+        handled(send(client, reordered.project_id, "lemonsqueezy", CREATED), "processed")  # older: state kept
         assert [(k, a) for _, k, a, _ in ledger_rows(database_url, reordered.project_id)] == \
             [(k, a) for _, k, a, _ in ledger_rows(database_url, in_order.project_id)]
         keep = ("plan", "status", "will_renew", "current_period_end")

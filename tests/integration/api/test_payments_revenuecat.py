@@ -8,20 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from payments_testkit import RC_AUTHORIZATION, Shop, fixture, rc_body, send, shop
+from payments_testkit import RC_AUTHORIZATION, Shop, fixture, handled, rc_body, send, shop
 from tenancy_testkit import api_client, signup, sql
 
 pytestmark = pytest.mark.integration
 
 APP_USER = "1234567890"
 ANON_REFUNDED = "$RCAnonymousID:12345678-1234-ABCD-1234-123456789123"
-
-
-def _ok(r: Any, status: str) -> dict[str, Any]:
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status, body
-    return body
 
 
 def _catalog(s: Shop) -> None:
@@ -56,8 +49,8 @@ def test_every_fixture_byte_for_byte(database_url: str, engines: Any) -> None:
         for name, status, credits in ALONE:
             s = shop(client, owner)
             _catalog(s)
-            _ok(send(client, s.project_id, "revenuecat", name), status)
-            _ok(send(client, s.project_id, "revenuecat", name), "duplicate")
+            handled(send(client, s.project_id, "revenuecat", name), status)
+            handled(send(client, s.project_id, "revenuecat", name), "duplicate")
             wallet = s.wallet_of(APP_USER)
             assert s.balance(wallet) == credits, name
         assert len(ALONE) == 12
@@ -72,21 +65,21 @@ def test_purchase_renewal_refund_and_reversal(database_url: str, engines: Any) -
                            product_id="com.revenuecat.myapp.monthly", transaction_id="100000000000000",
                            original_transaction_id="100000000000000", event_timestamp_ms=1601258901000,
                            purchased_at_ms=1601258901000, expiration_at_ms=1601336705000)
-        _ok(send(client, s.project_id, "revenuecat", purchase), "processed")
-        _ok(send(client, s.project_id, "revenuecat", purchase), "duplicate")
+        handled(send(client, s.project_id, "revenuecat", purchase), "processed")
+        handled(send(client, s.project_id, "revenuecat", purchase), "duplicate")
         wallet = s.wallet_of(ANON_REFUNDED)
         assert s.balance(wallet) == 700
         (ent,) = s.entitlements(wallet)
         assert ent["status"] == "active" and ent["plan"] == "monthly"
         s.debit(wallet, 200)
-        _ok(send(client, s.project_id, "revenuecat", "revenuecat/refund_cancellation_customer_support.json"),
+        handled(send(client, s.project_id, "revenuecat", "revenuecat/refund_cancellation_customer_support.json"),
             "processed")
         assert s.balance(wallet) == -200  # all 700 clawed back; 200 were spent → debt
         (ent,) = s.entitlements(wallet)
         assert ent["status"] == "ended"
         reversed_refund = rc_body("revenuecat/refund_reversed.json", id="evt-reversed", app_user_id=ANON_REFUNDED,
                                   transaction_id="100000000000000", original_transaction_id="100000000000000")
-        _ok(send(client, s.project_id, "revenuecat", reversed_refund), "processed")
+        handled(send(client, s.project_id, "revenuecat", reversed_refund), "processed")
         assert s.balance(wallet) == 500
         kinds = [(t["kind"], t["amount_minor"]) for t in s.transactions(wallet)]
         assert kinds == [("subscription_grant", 700), ("debit", -200), ("adjustment", -700), ("adjustment", 700)]
@@ -96,21 +89,21 @@ def test_renewals_expiry_and_no_grant_after_the_end(database_url: str, engines: 
     with api_client(database_url, engines) as client:
         s = shop(client)
         _catalog(s)
-        _ok(send(client, s.project_id, "revenuecat", "revenuecat/initial_purchase.json"), "processed")
+        handled(send(client, s.project_id, "revenuecat", "revenuecat/initial_purchase.json"), "processed")
         renewal = rc_body("revenuecat/renewal.json", id="evt-renewal-2", transaction_id="123456789012399",
                           product_id="com.subscription.yearly")
-        _ok(send(client, s.project_id, "revenuecat", renewal), "processed")
+        handled(send(client, s.project_id, "revenuecat", renewal), "processed")
         wallet = s.wallet_of(APP_USER)
         assert s.balance(wallet) == 1400
         assert s.entitlements(wallet)[0]["plan"] == "yearly"  # the renewal named another product
         expired = rc_body("revenuecat/expiration.json", id="evt-expired", expiration_at_ms=1659400000000,
                           event_timestamp_ms=1659400000000)
-        _ok(send(client, s.project_id, "revenuecat", expired), "processed")
+        handled(send(client, s.project_id, "revenuecat", expired), "processed")
         (ent,) = s.entitlements(wallet)
         assert ent["status"] == "ended" and ent["will_renew"] is False
         late = rc_body("revenuecat/renewal.json", id="evt-after-end", transaction_id="123456789012400",
                        purchased_at_ms=1659500000000, expiration_at_ms=1660000000000, event_timestamp_ms=1659500000000)
-        _ok(send(client, s.project_id, "revenuecat", late), "ignored")
+        handled(send(client, s.project_id, "revenuecat", late), "ignored")
         assert s.balance(wallet) == 1400 and s.entitlements(wallet)[0]["status"] == "ended"
 
 

@@ -9,17 +9,10 @@ import json
 from typing import Any
 
 import pytest
-from payments_testkit import LS_SECRET, SECRETS, fixture, rc_body, send, shop
+from payments_testkit import LS_SECRET, SECRETS, fixture, handled, rc_body, send, shop
 from tenancy_testkit import api_client, sql
 
 pytestmark = pytest.mark.integration
-
-
-def _ok(r: Any, status: str) -> dict[str, Any]:
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status, body
-    return body
 
 
 def _provider(client: Any, s: Any, provider: str, body: dict[str, Any] | None = None) -> Any:
@@ -34,16 +27,16 @@ def test_revenuecat_sandbox_is_ignored_until_accepted(database_url: str, engines
         s.offer("plan", slug="weekly", name="Weekly", credits_minor=700, price_minor=499, currency="usd",
                 interval="week", revenuecat_product_id="com.subscription.weekly", credits_expire="never")
         sandbox = rc_body("revenuecat/initial_purchase.json", id="rc-sandbox-1", environment="SANDBOX")
-        ignored = _ok(send(client, s.project_id, "revenuecat", sandbox), "ignored")
+        ignored = handled(send(client, s.project_id, "revenuecat", sandbox), "ignored")
         assert "SANDBOX" in ignored["detail"] and '"accept_sandbox": true' in ignored["detail"]
         assert f"/webhook-events/{ignored['webhook_event_id']}/replay" in ignored["detail"]
         assert s.wallet_of("1234567890") is None and s.entitlements() == []
         assert sql(database_url, "SELECT count(*) FROM transactions")[0][0] == 0
-        _ok(send(client, s.project_id, "revenuecat", sandbox), "duplicate")
+        handled(send(client, s.project_id, "revenuecat", sandbox), "duplicate")
         # production events of the same project are credited as before
         live = rc_body("revenuecat/initial_purchase.json", id="rc-live-1", transaction_id="rc-live-tx",
                        original_transaction_id="rc-live-sub")
-        _ok(send(client, s.project_id, "revenuecat", live), "processed")
+        handled(send(client, s.project_id, "revenuecat", live), "processed")
         assert s.balance(s.wallet_of("1234567890")) == 700
 
         # accept sandbox purchases (the secret stays as it was and is never returned)
@@ -62,13 +55,13 @@ def test_revenuecat_sandbox_is_ignored_until_accepted(database_url: str, engines
         # the old secret still authorizes; new sandbox events are credited at once
         renewal = rc_body("revenuecat/renewal.json", id="rc-sandbox-2", environment="SANDBOX",
                           transaction_id="rc-sandbox-tx-2")
-        _ok(send(client, s.project_id, "revenuecat", renewal), "processed")
+        handled(send(client, s.project_id, "revenuecat", renewal), "processed")
         assert s.balance(s.wallet_of("1234567890")) == 2100
         # and switching it off again stops them
         assert _provider(client, s, "revenuecat", {"accept_sandbox": False}).json()["accept_sandbox"] is False
         third = rc_body("revenuecat/renewal.json", id="rc-sandbox-3", environment="SANDBOX",
                         transaction_id="rc-sandbox-tx-3")
-        _ok(send(client, s.project_id, "revenuecat", third), "ignored")
+        handled(send(client, s.project_id, "revenuecat", third), "ignored")
         assert s.balance(s.wallet_of("1234567890")) == 2100
         audit = sql(database_url, "SELECT after::text FROM audit_log WHERE action = 'payment_provider.put'")
         assert all(SECRETS["revenuecat"] not in row[0] for row in audit)
@@ -94,26 +87,26 @@ def test_lemonsqueezy_test_mode_is_ignored_until_accepted(database_url: str, eng
         s.offer("plan", slug="citrus", name="Citrus", credits_minor=3000, price_minor=999, currency="usd",
                 lemonsqueezy_variant_id="2")
         order = _ls("lemonsqueezy/order_created.json", meta_test_mode=True)  # signed for real by send()
-        ignored = _ok(send(client, s.project_id, "lemonsqueezy", order), "ignored")
+        ignored = handled(send(client, s.project_id, "lemonsqueezy", order), "ignored")
         assert "test-mode" in ignored["detail"] and "accept_sandbox" in ignored["detail"]
         sub = _ls("lemonsqueezy/subscription_created.json", meta_test_mode=True, variant_id=2)
-        _ok(send(client, s.project_id, "lemonsqueezy", sub), "ignored")
+        handled(send(client, s.project_id, "lemonsqueezy", sub), "ignored")
         paid = _ls("lemonsqueezy/subscription_payment_success.json", attr_test_mode=True)
-        _ok(send(client, s.project_id, "lemonsqueezy", paid), "ignored")  # the attribute alone also counts
+        handled(send(client, s.project_id, "lemonsqueezy", paid), "ignored")  # the attribute alone also counts
         assert s.wallet_of("25") is None and s.entitlements() == []
         # a live order still works
         live = _ls("lemonsqueezy/order_created.json", meta_test_mode=False)
         assert live != order
         with_id = json.loads(live)
         with_id["data"]["id"] = "2"
-        _ok(send(client, s.project_id, "lemonsqueezy", json.dumps(with_id).encode()), "processed")
+        handled(send(client, s.project_id, "lemonsqueezy", json.dumps(with_id).encode()), "processed")
         assert s.balance(s.wallet_of("25")) == 1500
         # a new secret and acceptance in one PUT
         r = _provider(client, s, "lemonsqueezy", {"webhook_secret": LS_SECRET, "accept_sandbox": True})
         assert r.status_code == 200 and r.json()["accept_sandbox"] is True and LS_SECRET not in r.text
         order2 = json.loads(order)
         order2["data"]["id"] = "3"
-        _ok(send(client, s.project_id, "lemonsqueezy", json.dumps(order2).encode()), "processed")
+        handled(send(client, s.project_id, "lemonsqueezy", json.dumps(order2).encode()), "processed")
         assert s.balance(s.wallet_of("25")) == 3000
         # the ignored subscription and its payment are replayed in order: entitlement, then the period's credits
         events = {e["event_type"]: e for e in s.events(status="ignored")}
@@ -141,6 +134,6 @@ def test_provider_config_validation(database_url: str, engines: Any) -> None:
                 revenuecat_product_id="com.subscription.weekly")
         r = _provider(client, s, "revenuecat", {"webhook_secret": SECRETS["revenuecat"]})
         assert r.status_code == 200 and r.json()["accept_sandbox"] is False
-        ignored = _ok(send(client, s.project_id, "revenuecat", "revenuecat/product_change.json"), "ignored")
+        ignored = handled(send(client, s.project_id, "revenuecat", "revenuecat/product_change.json"), "ignored")
         assert client.post(f"{s.base}/webhook-events/{ignored['webhook_event_id']}/replay",
                            headers=s.owner.headers).status_code == 404

@@ -15,6 +15,7 @@ from payments_testkit import (
     VECTORS,
     Shop,
     fixture,
+    handled,
     ledger_rows,
     send,
     shop,
@@ -49,13 +50,6 @@ def _plan_shop(client: Any) -> Shop:
     return s
 
 
-def _ok(r: Any, status: str) -> dict[str, Any]:
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status, body
-    return body
-
-
 def test_signature_vectors_are_reproduced() -> None:
     """Our Stripe signer is Stripe's scheme: it reproduces every vector for the vector's timestamp."""
     for name, vector in VECTORS["stripe"]["vectors"].items():
@@ -72,7 +66,7 @@ def test_every_stripe_fixture_is_accepted_byte_for_byte(database_url: str, engin
         expected = {PAY: "processed", SUB: "processed", INVOICE: "processed", UPDATED: "processed",
                     DELETED: "processed", REFUNDED: "processed", DISPUTE: "processed"}
         for name, status in expected.items():
-            _ok(send(client, s.project_id, "stripe", name), status)
+            handled(send(client, s.project_id, "stripe", name), status)
         wallet = s.wallet_of(CUSTOMER)
         # pack 1000 + plan period 5000, then the pack's charge refunded AND disputed: its 1000 clawed back once
         assert s.balance(wallet) == 5000
@@ -87,7 +81,7 @@ def test_every_stripe_fixture_is_accepted_byte_for_byte(database_url: str, engin
 def test_pack_purchase_duplicate_and_refund(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
         s = _pack_shop(client)
-        first = _ok(send(client, s.project_id, "stripe", PAY), "processed")
+        first = handled(send(client, s.project_id, "stripe", PAY), "processed")
         wallet = s.wallet_of(CUSTOMER)
         assert s.balance(wallet) == 1000
         (tx,) = s.transactions(wallet)
@@ -96,14 +90,14 @@ def test_pack_purchase_duplicate_and_refund(database_url: str, engines: Any) -> 
         assert first["transaction_ids"] == [tx["id"]]
         # redelivered (Stripe re-signs each attempt): 200, nothing changes
         for _ in range(3):
-            _ok(send(client, s.project_id, "stripe", PAY), "duplicate")
+            handled(send(client, s.project_id, "stripe", PAY), "duplicate")
         assert s.balance(wallet) == 1000 and len(s.transactions(wallet)) == 1
         payments = client.get(f"{s.base}/payments", headers=s.owner.headers).json()
         assert [(p["offer"], p["amount_minor"], p["credits_minor"], p["status"]) for p in payments] == [
             ("starter", 2000, 1000, "paid")]
         # full refund: the credits go back
-        _ok(send(client, s.project_id, "stripe", REFUNDED), "processed")
-        _ok(send(client, s.project_id, "stripe", REFUNDED), "duplicate")
+        handled(send(client, s.project_id, "stripe", REFUNDED), "processed")
+        handled(send(client, s.project_id, "stripe", REFUNDED), "duplicate")
         assert s.balance(wallet) == 0
         assert [(t["kind"], t["amount_minor"]) for t in s.transactions(wallet)] == [("top_up", 1000),
                                                                                    ("adjustment", -1000)]
@@ -116,7 +110,7 @@ def test_pack_purchase_duplicate_and_refund(database_url: str, engines: Any) -> 
 def test_partial_refunds_in_any_order_claw_back_proportionally(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
         s = _pack_shop(client)
-        _ok(send(client, s.project_id, "stripe", PAY), "processed")
+        handled(send(client, s.project_id, "stripe", PAY), "processed")
         wallet = s.wallet_of(CUSTOMER)
         event = json.loads(fixture(REFUNDED))
 
@@ -127,23 +121,23 @@ def test_partial_refunds_in_any_order_claw_back_proportionally(database_url: str
             return json.dumps(event).encode()
 
         # cumulative amounts arrive out of order: 1500 (75%) then the older 500 (25%), then redelivery
-        _ok(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "processed")
+        handled(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "processed")
         assert s.balance(wallet) == 250
-        _ok(send(client, s.project_id, "stripe", refund("evt_refund_1", 500)), "processed")
+        handled(send(client, s.project_id, "stripe", refund("evt_refund_1", 500)), "processed")
         assert s.balance(wallet) == 250
-        _ok(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "duplicate")
-        _ok(send(client, s.project_id, "stripe", refund("evt_refund_3", 2000)), "processed")
+        handled(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "duplicate")
+        handled(send(client, s.project_id, "stripe", refund("evt_refund_3", 2000)), "processed")
         assert s.balance(wallet) == 0
 
 
 def test_dispute_after_spending_creates_debt(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
         s = _pack_shop(client)
-        _ok(send(client, s.project_id, "stripe", PAY), "processed")
+        handled(send(client, s.project_id, "stripe", PAY), "processed")
         wallet = s.wallet_of(CUSTOMER)
         assert wallet is not None
         s.debit(wallet, 700)
-        _ok(send(client, s.project_id, "stripe", DISPUTE), "processed")
+        handled(send(client, s.project_id, "stripe", DISPUTE), "processed")
         r = client.get(f"{s.base}/wallets/{wallet}", headers=s.owner.headers).json()
         assert r["balance"]["balance_minor"] == -700 and r["balance"]["debt_minor"] == 700 and r["balance"]["blocked"]
         payment = client.get(f"{s.base}/payments", headers=s.owner.headers).json()[0]
@@ -152,7 +146,7 @@ def test_dispute_after_spending_creates_debt(database_url: str, engines: Any) ->
         won = json.loads(fixture(DISPUTE))
         won["id"], won["type"] = "evt_dispute_won", "charge.dispute.closed"
         won["data"]["object"]["status"] = "won"
-        _ok(send(client, s.project_id, "stripe", json.dumps(won).encode()), "processed")
+        handled(send(client, s.project_id, "stripe", json.dumps(won).encode()), "processed")
         assert s.balance(wallet) == 300
 
 
@@ -160,13 +154,13 @@ def test_refund_before_purchase_is_deferred_then_applied(database_url: str, engi
     with api_client(database_url, engines) as client:
         in_order = _pack_shop(client)
         for name in (PAY, REFUNDED):
-            _ok(send(client, in_order.project_id, "stripe", name), "processed")
+            handled(send(client, in_order.project_id, "stripe", name), "processed")
         reordered = _pack_shop(client)
-        deferred = _ok(send(client, reordered.project_id, "stripe", REFUNDED), "deferred")
+        deferred = handled(send(client, reordered.project_id, "stripe", REFUNDED), "deferred")
         assert "pi_1PgafyB7WZ01zgkWSjxsAJo3" in deferred["detail"]
         assert reordered.wallet_of(CUSTOMER) is None
-        _ok(send(client, reordered.project_id, "stripe", REFUNDED), "duplicate")  # a retry of a deferred event
-        _ok(send(client, reordered.project_id, "stripe", PAY), "processed")
+        handled(send(client, reordered.project_id, "stripe", REFUNDED), "duplicate")  # a retry of a deferred event
+        handled(send(client, reordered.project_id, "stripe", PAY), "processed")
         wallet = reordered.wallet_of(CUSTOMER)
         assert reordered.balance(wallet) == 0
         assert [(t["kind"], t["amount_minor"]) for t in reordered.transactions(wallet)] == [
@@ -188,19 +182,19 @@ def _subscription_state(s: Shop) -> tuple[int, list[tuple[str, int]], dict[str, 
 def test_subscription_lifecycle_in_order(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
         s = _plan_shop(client)
-        _ok(send(client, s.project_id, "stripe", SUB), "processed")
+        handled(send(client, s.project_id, "stripe", SUB), "processed")
         wallet = s.wallet_of(CUSTOMER)
         (ent,) = s.entitlements(wallet)
         assert ent["status"] == "active" and s.balance(wallet) == 0  # credits come with the paid invoice
-        _ok(send(client, s.project_id, "stripe", INVOICE), "processed")
-        _ok(send(client, s.project_id, "stripe", INVOICE), "duplicate")
+        handled(send(client, s.project_id, "stripe", INVOICE), "processed")
+        handled(send(client, s.project_id, "stripe", INVOICE), "duplicate")
         assert s.balance(wallet) == 5000
         (tx,) = s.transactions(wallet)
         assert tx["kind"] == "subscription_grant" and tx["source_ref"] == "stripe:in_1Pgc6tB7WZ01zgkWu9fdqL6I"
-        _ok(send(client, s.project_id, "stripe", UPDATED), "processed")
+        handled(send(client, s.project_id, "stripe", UPDATED), "processed")
         (ent,) = s.entitlements(wallet)
         assert ent["status"] == "cancelled" and ent["will_renew"] is False
-        _ok(send(client, s.project_id, "stripe", DELETED), "processed")
+        handled(send(client, s.project_id, "stripe", DELETED), "processed")
         (ent,) = s.entitlements(wallet)
         assert ent["status"] == "ended" and ent["active"] is False and ent["ended_at"].startswith("2026-08-25")
         r = client.get(f"{s.base}/wallets/{wallet}/entitlements", params={"active": True}, headers=s.owner.headers)
@@ -211,7 +205,7 @@ def test_subscription_lifecycle_in_order(database_url: str, engines: Any) -> Non
         late["data"]["object"]["id"] = "in_after_end"
         for line in late["data"]["object"]["lines"]["data"]:
             line["period"] = {"start": 1787678400, "end": 1790000000}
-        _ok(send(client, s.project_id, "stripe", json.dumps(late).encode()), "ignored")
+        handled(send(client, s.project_id, "stripe", json.dumps(late).encode()), "ignored")
         assert s.balance(wallet) == 5000
 
 
@@ -219,18 +213,18 @@ def test_subscription_events_out_of_order_end_in_the_same_state(database_url: st
     with api_client(database_url, engines) as client:
         in_order = _plan_shop(client)
         for name in (SUB, INVOICE, UPDATED, DELETED):
-            _ok(send(client, in_order.project_id, "stripe", name), "processed")
+            handled(send(client, in_order.project_id, "stripe", name), "processed")
         reordered = _plan_shop(client)
         for name in (DELETED, INVOICE, UPDATED):
-            _ok(send(client, reordered.project_id, "stripe", name), "deferred")
-        _ok(send(client, reordered.project_id, "stripe", SUB), "processed")
+            handled(send(client, reordered.project_id, "stripe", name), "deferred")
+        handled(send(client, reordered.project_id, "stripe", SUB), "processed")
         assert _subscription_state(reordered) == _subscription_state(in_order)
         assert _subscription_state(reordered)[0] == 5000
         assert {e["status"] for e in reordered.events()} == {"processed"}
         # and the stale "cancel at period end" arriving after the deletion changes nothing
         third = _plan_shop(client)
         for name in (SUB, DELETED, INVOICE, UPDATED):
-            _ok(send(client, third.project_id, "stripe", name), "processed")
+            handled(send(client, third.project_id, "stripe", name), "processed")
         assert _subscription_state(third) == _subscription_state(in_order)
 
 
@@ -271,7 +265,7 @@ def test_forged_unsigned_stale_and_tampered_deliveries_change_nothing(database_u
         rejected = s.events(status="rejected")
         assert len(rejected) == 5 and all(e["error"] for e in rejected)
         # the genuine delivery still works afterwards
-        _ok(send(client, s.project_id, "stripe", PAY), "processed")
+        handled(send(client, s.project_id, "stripe", PAY), "processed")
         assert s.balance(s.wallet_of(CUSTOMER)) == 1000
 
 
@@ -308,9 +302,9 @@ def test_concurrent_redeliveries_over_real_http_credit_once(database_url: str, e
 def test_unmatched_purchase_is_replayed_after_the_pack_exists(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
         s = shop(client)
-        unmatched = _ok(send(client, s.project_id, "stripe", PAY), "unmatched")
+        unmatched = handled(send(client, s.project_id, "stripe", PAY), "unmatched")
         assert "no pack" in unmatched["detail"]
-        _ok(send(client, s.project_id, "stripe", PAY), "duplicate")
+        handled(send(client, s.project_id, "stripe", PAY), "duplicate")
         s.offer("pack", slug="starter", name="Starter", credits_minor=1000, price_minor=2000, currency="usd")
         replay = f"{s.base}/webhook-events/{unmatched['webhook_event_id']}/replay"
         member = signup(client, "member")

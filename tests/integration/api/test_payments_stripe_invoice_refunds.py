@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from payments_testkit import Shop, fixture, ledger_rows, send, shop, stripe_invoice
+from payments_testkit import Shop, fixture, handled, ledger_rows, send, shop, stripe_invoice
 from tenancy_testkit import api_client
 
 pytestmark = pytest.mark.integration
@@ -24,13 +24,6 @@ CHARGE = "ch_3SubInvoice0001"
 DAY = 86400
 NOW = int(datetime.now(UTC).timestamp())
 START, END = NOW - DAY, NOW + 29 * DAY
-
-
-def _ok(r: Any, status: str) -> dict[str, Any]:
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status, body
-    return body
 
 
 def _shop(client: Any) -> Shop:
@@ -78,23 +71,23 @@ def _kinds(s: Shop) -> list[tuple[str, int]]:
 def test_refund_of_an_invoice_with_payments_claws_back_that_period(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
         s = _shop(client)
-        _ok(send(client, s.project_id, "stripe", SUB), "processed")
-        _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_inv1", "in_sub1", START, END,
+        handled(send(client, s.project_id, "stripe", SUB), "processed")
+        handled(send(client, s.project_id, "stripe", stripe_invoice("evt_inv1", "in_sub1", START, END,
                                                                   payment_intent=PI)), "processed")
         payment = client.get(f"{s.base}/payments", headers=s.owner.headers).json()[0]
         assert (payment["external_id"], payment["payment_ref"]) == ("in_sub1", PI)
         # a partial refund (500 of 2000) claws back ceil(5000 × 1/4); the full refund the rest; replays nothing
-        _ok(send(client, s.project_id, "stripe", refund("evt_ref1", 500)), "processed")
+        handled(send(client, s.project_id, "stripe", refund("evt_ref1", 500)), "processed")
         assert s.balance(s.wallet_of(CUSTOMER)) == 3750
-        _ok(send(client, s.project_id, "stripe", refund("evt_ref1", 500)), "duplicate")
-        _ok(send(client, s.project_id, "stripe", refund("evt_ref2", 2000)), "processed")
-        _ok(send(client, s.project_id, "stripe", refund("evt_ref2", 2000)), "duplicate")
+        handled(send(client, s.project_id, "stripe", refund("evt_ref1", 500)), "duplicate")
+        handled(send(client, s.project_id, "stripe", refund("evt_ref2", 2000)), "processed")
+        handled(send(client, s.project_id, "stripe", refund("evt_ref2", 2000)), "duplicate")
         assert _kinds(s) == [("subscription_grant", 5000), ("adjustment", -1250), ("adjustment", -3750)]
         assert s.balance(s.wallet_of(CUSTOMER)) == 0
         payment = client.get(f"{s.base}/payments", headers=s.owner.headers).json()[0]
         assert payment["status"] == "refunded" and payment["clawed_back_minor"] == 5000
         # a refund of some other payment intent is not this period's
-        _ok(send(client, s.project_id, "stripe", refund("evt_other", 2000, payment_intent="pi_other",
+        handled(send(client, s.project_id, "stripe", refund("evt_other", 2000, payment_intent="pi_other",
                                                         charge="ch_other")), "deferred")
         assert s.balance(s.wallet_of(CUSTOMER)) == 0
 
@@ -103,22 +96,22 @@ def test_invoice_payment_event_links_the_payment_intent(database_url: str, engin
     """The usual delivery: invoice.paid WITHOUT payments; invoice_payment.paid names the payment intent."""
     with api_client(database_url, engines) as client:
         s = _shop(client)
-        _ok(send(client, s.project_id, "stripe", SUB), "processed")
-        _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_inv1", "in_sub1", START, END)), "processed")
+        handled(send(client, s.project_id, "stripe", SUB), "processed")
+        handled(send(client, s.project_id, "stripe", stripe_invoice("evt_inv1", "in_sub1", START, END)), "processed")
         assert client.get(f"{s.base}/payments", headers=s.owner.headers).json()[0]["payment_ref"] is None
         # the dispute arrives before the link: it waits for the payment intent
-        deferred = _ok(send(client, s.project_id, "stripe", dispute("evt_dp1")), "deferred")
+        deferred = handled(send(client, s.project_id, "stripe", dispute("evt_dp1")), "deferred")
         assert PI in deferred["detail"]
         assert s.balance(s.wallet_of(CUSTOMER)) == 5000
-        linked = _ok(send(client, s.project_id, "stripe", invoice_payment("evt_ip1")), "processed")
+        linked = handled(send(client, s.project_id, "stripe", invoice_payment("evt_ip1")), "processed")
         assert "linked" in linked["detail"]
         # the link woke the dispute: the whole period clawed back, once
         assert _kinds(s) == [("subscription_grant", 5000), ("adjustment", -5000)]
         assert [e["status"] for e in s.events(status="deferred")] == []
-        _ok(send(client, s.project_id, "stripe", invoice_payment("evt_ip1")), "duplicate")
-        _ok(send(client, s.project_id, "stripe", invoice_payment("evt_ip1_again")), "ignored")
+        handled(send(client, s.project_id, "stripe", invoice_payment("evt_ip1")), "duplicate")
+        handled(send(client, s.project_id, "stripe", invoice_payment("evt_ip1_again")), "ignored")
         # a won dispute gives them back
-        _ok(send(client, s.project_id, "stripe", dispute("evt_dp_won", event_type="charge.dispute.closed",
+        handled(send(client, s.project_id, "stripe", dispute("evt_dp_won", event_type="charge.dispute.closed",
                                                          status="won")), "processed")
         assert s.balance(s.wallet_of(CUSTOMER)) == 5000
 
@@ -145,7 +138,7 @@ def test_any_arrival_order_ends_in_the_same_ledger(database_url: str, engines: A
                 r = send(client, s.project_id, "stripe", bodies[step])
                 assert r.status_code == 200 and r.json()["status"] in ("processed", "deferred"), (name, step, r.text)
             for step in order:  # every redelivery afterwards changes nothing
-                _ok(send(client, s.project_id, "stripe", bodies[step]), "duplicate")
+                handled(send(client, s.project_id, "stripe", bodies[step]), "duplicate")
             assert [e["status"] for e in s.events(status="deferred")] == [], name
             assert _kinds(s) == [("subscription_grant", 5000), ("adjustment", -2500)], name
             states[name] = [(k, a, r) for _, k, a, r in ledger_rows(database_url, s.project_id)]
@@ -167,23 +160,23 @@ def test_refund_after_the_period_expired_does_not_claw_back_the_expired_credits(
         with api_client(database_url, engines) as client:
             for refund_first in (True, False):
                 s = _shop(client)
-                _ok(send(client, s.project_id, "stripe", SUB), "processed")
-                _ok(send(client, s.project_id, "stripe", stripe_invoice("evt_inv1", "in_sub1", START, END,
+                handled(send(client, s.project_id, "stripe", SUB), "processed")
+                handled(send(client, s.project_id, "stripe", stripe_invoice("evt_inv1", "in_sub1", START, END,
                                                                           payment_intent=PI)), "processed")
                 wallet = s.wallet_of(CUSTOMER)
                 assert wallet is not None
                 s.debit(wallet, 1200)
                 if refund_first:
-                    _ok(send(client, s.project_id, "stripe", refund("evt_ref", 2000)), "processed")
+                    handled(send(client, s.project_id, "stripe", refund("evt_ref", 2000)), "processed")
                 with engine.begin() as conn:
                     service.expire_credits(conn, now=datetime.fromtimestamp(END, UTC) + timedelta(seconds=1))
                 if not refund_first:
-                    _ok(send(client, s.project_id, "stripe", refund("evt_ref", 2000)), "processed")
+                    handled(send(client, s.project_id, "stripe", refund("evt_ref", 2000)), "processed")
                 r = client.get(f"{s.base}/wallets/{wallet}", headers=s.owner.headers).json()["balance"]
                 payment = client.get(f"{s.base}/payments", headers=s.owner.headers).json()[0]
                 ends[refund_first] = (r["balance_minor"], r["debt_minor"], payment["status"])
                 # a later dispute of the same money claws back nothing more
-                _ok(send(client, s.project_id, "stripe", dispute("evt_dp")), "processed")
+                handled(send(client, s.project_id, "stripe", dispute("evt_dp")), "processed")
                 assert client.get(f"{s.base}/wallets/{wallet}", headers=s.owner.headers).json()[
                     "balance"]["balance_minor"] == -1200
     finally:

@@ -12,7 +12,17 @@ from typing import Any
 
 import httpx
 import pytest
-from tenancy_testkit import api_client, create_project, five_users, live_server, money, signup, sql, team
+from tenancy_testkit import (
+    api_client,
+    create_project,
+    five_users,
+    live_server,
+    money,
+    owner_and_project,
+    signup,
+    sql,
+    team,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +33,7 @@ GRANTED = 5_000
 def test_1000_concurrent_debits_with_duplicate_twins_never_overspend(database_url: str, engines: Any) -> None:
     with live_server(database_url, engines, rate_limit_per_s=0) as base_url, \
             httpx.Client(base_url=base_url, timeout=30) as setup:
-        owner = setup.post("/api/v1/auth/signup", json={"email": "owner@example.com",
-                                                         "password": "correct horse battery"}).json()
-        headers = {"Authorization": f"Bearer {owner['access_token']}"}
-        project = setup.post("/api/v1/projects", json={"name": "Race"}, headers=headers).json()["id"]
+        headers, project = owner_and_project(setup, "Race")
         wallets = f"/api/v1/projects/{project}/wallets"
         wallet = setup.post(wallets, json={"owner_kind": "project", "floor_minor": 0}, headers=headers).json()["id"]
         setup.post(f"{wallets}/{wallet}/grants", json={"amount_minor": GRANTED},

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tenancy_testkit import live_server, sql
+from tenancy_testkit import live_server, owner_and_project, sql
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +23,7 @@ FLOOR = 100
 def test_concurrent_debits_share_transactions_and_stay_exact(database_url: str, engines: Any) -> None:
     with live_server(database_url, engines, rate_limit_per_s=0) as base_url, \
             httpx.Client(base_url=base_url, timeout=30) as setup:
-        owner = setup.post("/api/v1/auth/signup", json={"email": "owner@example.com",
-                                                         "password": "correct horse battery"}).json()
-        headers = {"Authorization": f"Bearer {owner['access_token']}"}
-        project = setup.post("/api/v1/projects", json={"name": "Batch"}, headers=headers).json()["id"]
+        headers, project = owner_and_project(setup, "Batch")
         token = setup.post(f"/api/v1/projects/{project}/api-keys", json={"name": "k", "scopes": ["admin"]},
                            headers=headers).json()["token"]
         key_headers = {"Authorization": f"Bearer {token}"}
@@ -108,10 +105,7 @@ def test_a_batch_that_fails_at_commit_runs_its_debits_alone(database_url: str, e
 
     with live_server(database_url, engines, rate_limit_per_s=0) as base_url, \
             httpx.Client(base_url=base_url, timeout=30) as setup:
-        owner = setup.post("/api/v1/auth/signup", json={"email": "owner@example.com",
-                                                         "password": "correct horse battery"}).json()
-        headers = {"Authorization": f"Bearer {owner['access_token']}"}
-        project = setup.post("/api/v1/projects", json={"name": "Race"}, headers=headers).json()["id"]
+        headers, project = owner_and_project(setup, "Race")
         wallets = f"/api/v1/projects/{project}/wallets"
         a = setup.post(wallets, json={"owner_kind": "project"}, headers=headers).json()["id"]
         setup.post(f"{wallets}/{a}/grants", json={"amount_minor": 100},

@@ -153,7 +153,8 @@ def wallet_facts(wallet: WalletRow | None, plans: frozenset[str]) -> WalletFacts
     if wallet is None:
         return WalletFacts.empty()
     state = wallet.state
-    return WalletFacts(debt_minor=state.debt_minor, available_minor=state.available_minor, active_plans=plans)
+    return WalletFacts(debt_minor=state.debt_minor, available_minor=state.available_minor, active_plans=plans,
+                       closed=wallet.closed_at is not None)
 
 
 # ------------------------------------------------------------------------------------------------ output

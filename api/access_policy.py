@@ -4,6 +4,9 @@ The caller (api/access_decisions.py) reads the facts — the wallet's figures un
 plans, the feature's price and gate — and records whatever this returns. Rules run in a FIXED order; the first
 that denies decides, so a request has exactly one reason:
 
+0. ``wallet_closed`` → deny ``wallet_closed``: the wallet's account erasure was requested (ledger_0005
+   ``closed_at``); nothing is granted to it, not even a free feature, until the erasure is cancelled. First,
+   because a closed account must not be used whatever it still holds.
 1. ``debt_block`` → deny ``wallet_blocked``: the wallet is in debt (DESIGN §2.4: blocked for new access until
    settled). First, because a refund or chargeback that claws credits back into debt must revoke access at
    once, whatever else the wallet has (an active plan, a free feature).
@@ -22,17 +25,19 @@ from dataclasses import dataclass
 #: ``FeatureRule.requires_entitlement`` value meaning "any active plan"
 ANY_PLAN = "*"
 
+REASON_WALLET_CLOSED = "wallet_closed"
 REASON_WALLET_BLOCKED = "wallet_blocked"
 REASON_UPGRADE_REQUIRED = "upgrade_required"
 REASON_INSUFFICIENT_CREDITS = "insufficient_credits"
-REASONS = (REASON_WALLET_BLOCKED, REASON_UPGRADE_REQUIRED, REASON_INSUFFICIENT_CREDITS)
+REASONS = (REASON_WALLET_CLOSED, REASON_WALLET_BLOCKED, REASON_UPGRADE_REQUIRED, REASON_INSUFFICIENT_CREDITS)
 
+POLICY_WALLET_CLOSED = "wallet_closed"
 POLICY_DEBT_BLOCK = "debt_block"
 POLICY_ENTITLEMENT_GATE = "entitlement_gate"
 POLICY_CREDIT_BALANCE = "credit_balance"
 POLICY_NO_COST = "no_cost"
 #: evaluation order (documentation and tests)
-RULE_ORDER = (POLICY_DEBT_BLOCK, POLICY_ENTITLEMENT_GATE, POLICY_CREDIT_BALANCE)
+RULE_ORDER = (POLICY_WALLET_CLOSED, POLICY_DEBT_BLOCK, POLICY_ENTITLEMENT_GATE, POLICY_CREDIT_BALANCE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,7 @@ class WalletFacts:
     debt_minor: int
     available_minor: int
     active_plans: frozenset[str] = frozenset()  # slugs of the plans with an entitlement active now
+    closed: bool = False  # account erasure requested (the ledger refuses its debits too)
 
     @classmethod
     def empty(cls) -> WalletFacts:
@@ -78,6 +84,8 @@ def evaluate(rule: FeatureRule, quantity: int, wallet: WalletFacts) -> Decision:
     if rule.unit_cost_minor < 0:
         raise ValueError("a feature's cost is never negative")
     cost = rule.unit_cost_minor * quantity
+    if wallet.closed:
+        return Decision(False, REASON_WALLET_CLOSED, POLICY_WALLET_CLOSED, cost)
     if wallet.debt_minor > 0:
         return Decision(False, REASON_WALLET_BLOCKED, POLICY_DEBT_BLOCK, cost)
     if not _entitled(rule, wallet.active_plans):

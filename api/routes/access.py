@@ -27,7 +27,7 @@ from ledger.rows import WalletRow
 router = APIRouter(prefix="/api/v1/projects/{project_id}/access", tags=["access"])
 Read = Annotated[ProjectAccess, require_project("read")]
 Deferred = Annotated[DeferredAccess, require_project_deferred("read")]
-DenialReason = Literal["wallet_blocked", "upgrade_required", "insufficient_credits"]  # access_policy.REASONS
+DenialReason = Literal["wallet_closed", "wallet_blocked", "upgrade_required", "insufficient_credits"]  # access_policy.REASONS
 
 
 class AccessCheckRequest(BaseModel):
@@ -64,10 +64,10 @@ class AccessDecisionOut(BaseModel):
         "transaction_id": None, "balance_after_minor": None, "created_at": "2026-01-01T00:00:00Z"}]})
     decision_id: str
     allowed: bool
-    reason: str | None = Field(description="why it was denied: wallet_blocked, upgrade_required, "
+    reason: str | None = Field(description="why it was denied: wallet_closed, wallet_blocked, upgrade_required, "
                                            "insufficient_credits; null when allowed")
-    policy_id: str = Field(description="the rule that decided: debt_block, entitlement_gate, credit_balance, "
-                                       "no_cost")
+    policy_id: str = Field(description="the rule that decided: wallet_closed, debt_block, entitlement_gate, "
+                                       "credit_balance, no_cost")
     wallet_id: str
     subject: str
     feature_key: str
@@ -112,7 +112,7 @@ def _balance(_wallet: WalletRow, state: WalletBalance) -> dict[str, Any]:
                  422: {"description": "unknown feature (api.unknown_feature) or invalid body"}})
 async def check(body: AccessCheckRequest, request: Request, access: Deferred,
                 idempotency_key: IdempotencyKey = None) -> Response:
-    """Rules, in order: wallet in debt → ``wallet_blocked``; feature needs an active plan the wallet lacks →
+    """Rules, in order: wallet closed by an account erasure → ``wallet_closed``; wallet in debt → ``wallet_blocked``; feature needs an active plan the wallet lacks →
     ``upgrade_required``; cost > available credits → ``insufficient_credits``; else allowed. Allowed and denied
     decisions are both answered 200 and recorded; with ``charge`` an allowed decision debits its cost in the
     same transaction (a check that loses a race is denied, never an overspend)."""

@@ -24,6 +24,7 @@ from tenancy_testkit import (
     five_users,
     live_server,
     money,
+    owner_and_project,
     signup,
     sql,
     team,
@@ -331,10 +332,7 @@ COST = 7
 def test_200_concurrent_charged_checks_on_one_wallet_never_overspend(database_url: str, engines: Any) -> None:
     with live_server(database_url, engines, rate_limit_per_s=0) as base_url, \
             httpx.Client(base_url=base_url, timeout=30) as setup:
-        owner = setup.post("/api/v1/auth/signup", json={"email": "owner@example.com",
-                                                         "password": "correct horse battery"}).json()
-        headers = {"Authorization": f"Bearer {owner['access_token']}"}
-        project = setup.post("/api/v1/projects", json={"name": "Race"}, headers=headers).json()["id"]
+        headers, project = owner_and_project(setup, "Race")
         setup.put(f"/api/v1/projects/{project}/feature-costs/gen", json={"cost_minor": COST},
                   headers=headers).raise_for_status()
         wallet = setup.post(f"/api/v1/projects/{project}/wallets", json={"owner_kind": "subject", "owner_ref": "race"},

@@ -60,6 +60,9 @@ def test_request_closes_at_once_and_cancel_within_grace_restores(database_url: s
         t = team(client, five_users(client))
         wallet = _customer(client, t)
         base = f"{_wallets(t)}/{wallet}"
+        for feature, cost in (("ping", 0), ("gen", 5)):
+            client.put(f"/api/v1/projects/{t.project_id}/feature-costs/{feature}", json={"cost_minor": cost},
+                       headers=t.by_role["admin"].headers).raise_for_status()
         held = money(client, f"{base}/reservations", {"amount_minor": 50}, t.by_role["member"].headers)
         assert held.status_code == 201, held.text
         assert _subject_keys(database_url, t.project_id) == [(SUBJECT, wallet)]
@@ -86,6 +89,17 @@ def test_request_closes_at_once_and_cancel_within_grace_restores(database_url: s
         assert same.status_code == 200 and same.json()["id"] == wallet and same.json()["closed_at"] is not None
         assert _subject_keys(database_url, t.project_id) == []
 
+        # access checks on the closed wallet are denied, free features too, and nothing is charged
+        for target, feature in (({"wallet_id": wallet}, "ping"), ({"wallet_id": wallet}, "gen"),
+                                ({"subject": SUBJECT}, "gen")):  # by subject: its deterministic id is this wallet
+            check = money(client, f"/api/v1/projects/{t.project_id}/access/check",
+                          {**target, "feature_key": feature, "charge": True}, t.by_role["member"].headers)
+            assert check.status_code == 200, check.text
+            assert (check.json()["allowed"], check.json()["reason"], check.json()["charged"]) == \
+                (False, "wallet_closed", False)
+        assert read["balance"]["balance_minor"] == client.get(base, headers=t.by_role["viewer"].headers).json()[
+            "balance"]["balance_minor"]
+
         # the job leaves a request inside its grace alone
         assert _run_scheduler(database_url)["erase_accounts"] == 0
 
@@ -95,6 +109,9 @@ def test_request_closes_at_once_and_cancel_within_grace_restores(database_url: s
         assert client.get(base, headers=t.by_role["viewer"].headers).json()["closed_at"] is None
         ok = money(client, f"{base}/debit", {"amount_minor": 5}, t.by_role["member"].headers)
         assert ok.status_code == 201, ok.text
+        reopened = money(client, f"/api/v1/projects/{t.project_id}/access/check",
+                         {"wallet_id": wallet, "feature_key": "gen", "charge": True}, t.by_role["member"].headers)
+        assert (reopened.json()["allowed"], reopened.json()["charged"]) == (True, True), reopened.text
         assert client.post(f"{base}/erasure/cancel", headers=t.by_role["admin"].headers).status_code == 404
         # a new request after a cancel is a new request
         renewed = client.post(f"{base}/erasure", headers=t.by_role["admin"].headers)

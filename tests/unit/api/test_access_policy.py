@@ -12,9 +12,11 @@ from api.access_policy import (
     POLICY_DEBT_BLOCK,
     POLICY_ENTITLEMENT_GATE,
     POLICY_NO_COST,
+    POLICY_WALLET_CLOSED,
     REASON_INSUFFICIENT_CREDITS,
     REASON_UPGRADE_REQUIRED,
     REASON_WALLET_BLOCKED,
+    REASON_WALLET_CLOSED,
     RULE_ORDER,
     Decision,
     FeatureRule,
@@ -68,18 +70,25 @@ def test_an_entitled_wallet_still_pays_for_what_costs_credits() -> None:
     assert evaluate(gated, 1, poor_pro) == Decision(False, REASON_INSUFFICIENT_CREDITS, POLICY_CREDIT_BALANCE, 30)
 
 
-@pytest.mark.parametrize("in_debt,entitled,enough", list(itertools.product([True, False], repeat=3)))
-def test_the_first_failing_rule_in_order_decides(in_debt: bool, entitled: bool, enough: bool) -> None:
+@pytest.mark.parametrize("closed,in_debt,entitled,enough", list(itertools.product([True, False], repeat=4)))
+def test_the_first_failing_rule_in_order_decides(closed: bool, in_debt: bool, entitled: bool, enough: bool) -> None:
     rule = FeatureRule("f", 10, "pro")
     wallet = WalletFacts(debt_minor=5 if in_debt else 0, available_minor=10 if enough else 9,
-                         active_plans=frozenset({"pro"}) if entitled else frozenset())
-    failing = [policy for policy, ok in zip(RULE_ORDER, (not in_debt, entitled, enough), strict=True) if not ok]
+                         active_plans=frozenset({"pro"}) if entitled else frozenset(), closed=closed)
+    passes = (not closed, not in_debt, entitled, enough)
+    failing = [policy for policy, ok in zip(RULE_ORDER, passes, strict=True) if not ok]
     decision = evaluate(rule, 1, wallet)
-    assert RULE_ORDER == (POLICY_DEBT_BLOCK, POLICY_ENTITLEMENT_GATE, POLICY_CREDIT_BALANCE)
+    assert RULE_ORDER == (POLICY_WALLET_CLOSED, POLICY_DEBT_BLOCK, POLICY_ENTITLEMENT_GATE, POLICY_CREDIT_BALANCE)
     if failing:
         assert not decision.allowed and decision.policy_id == failing[0]
     else:
         assert decision == Decision(True, None, POLICY_CREDIT_BALANCE, 10)
+
+
+def test_a_closed_wallet_gets_not_even_a_free_feature() -> None:
+    free = FeatureRule("ping", 0)
+    closed = WalletFacts(debt_minor=0, available_minor=1_000, active_plans=frozenset({"pro"}), closed=True)
+    assert evaluate(free, 1, closed) == Decision(False, REASON_WALLET_CLOSED, POLICY_WALLET_CLOSED, 0)
 
 
 def test_a_lost_race_is_a_denial_for_lack_of_credits() -> None:

@@ -28,13 +28,16 @@ def slot_seconds(horizon_s: int) -> int:
 
 
 class DedupeMemory:
-    __slots__ = ("_keys", "_slots", "keys_max", "slot_s")
+    __slots__ = ("_keys", "_newest", "_newest_keys", "_slots", "keys_max", "slot_s")
 
     def __init__(self, *, slot_s: int, keys_max: int) -> None:
         self.slot_s = slot_s
         self.keys_max = keys_max
         self._keys: dict[int, int] = {}  # key -> slot number it entered in
         self._slots: deque[tuple[int, deque[int]]] = deque()  # (slot number, keys), oldest first
+        # the newest slot, kept apart for the per-event path (``remember`` runs once per accepted event)
+        self._newest = -1
+        self._newest_keys: deque[int] = deque()
 
     def __contains__(self, key: int) -> bool:
         return key in self._keys
@@ -48,17 +51,21 @@ class DedupeMemory:
     def clear(self) -> None:
         self._keys.clear()
         self._slots.clear()
+        self._newest = -1
+        self._newest_keys = deque()
 
     def remember(self, key: int, arrival_s: float) -> None:
         slot = int(arrival_s // self.slot_s)
-        if not self._slots or slot > self._slots[-1][0]:
-            self._slots.append((slot, deque()))
-        number, keys = self._slots[-1]
+        if slot > self._newest or not self._slots:
+            self._newest, self._newest_keys = slot, deque()
+            self._slots.append((slot, self._newest_keys))
         # a key remembered again moves to the newest slot; its old deque entry is skipped when that slot goes
-        self._keys[key] = number
-        keys.append(key)
-        while len(self._keys) > self.keys_max:
-            self._forget_oldest_key()
+        keys = self._keys
+        keys[key] = self._newest
+        self._newest_keys.append(key)
+        if len(keys) > self.keys_max:
+            while len(keys) > self.keys_max:
+                self._forget_oldest_key()
 
     def forget_before(self, cutoff_s: float) -> int:
         """Forget every slot that ended at or before ``cutoff_s``. Returns how many keys were forgotten."""

@@ -507,7 +507,7 @@ def rate(numerator: int, denominator: int) -> str | None:
 
 
 def _flows(row: dict[str, Any]) -> dict[str, Any]:
-    out = {k: int(row[k] or 0) for k in ("issued_minor", "spent_minor", "expired_minor", "adjusted_out_minor",
+    out: dict[str, Any] = {k: int(row[k] or 0) for k in ("issued_minor", "spent_minor", "expired_minor", "adjusted_out_minor",
                                           "net_movement_minor", "transactions")}
     out["other_minor"] = out["net_movement_minor"] - (out["issued_minor"] - out["spent_minor"]
                                                       - out["expired_minor"] - out["adjusted_out_minor"])

@@ -11,7 +11,7 @@ shortest string that round-trips, i.e. the literal the producer wrote for up to 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -50,6 +50,10 @@ class Origin:
     offset: int
     ingested_at: datetime
     timestamp: datetime | None = None  # the Kafka message timestamp, if any
+
+
+#: a Kafka message's headers as confluent-kafka hands them over (pairs; a mapping is accepted too)
+Headers = Sequence[tuple[str, str | bytes | None]] | Mapping[str, str | bytes | None]
 
 
 @dataclass
@@ -209,10 +213,10 @@ def _find(doc: Any, *keys: str) -> str:
     return ""
 
 
-def dead_letter_rows(value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None,
-                     origin: Origin) -> Parsed:
+def dead_letter_rows(value: bytes | None, headers: Headers | None, origin: Origin) -> Parsed:
     """One row per dead-letter message, whatever its shape: the viewer must show even unparseable input."""
-    header_map = {k: (v or b"").decode(errors="replace") for k, v in (headers or [])}
+    items = headers.items() if isinstance(headers, Mapping) else (headers or [])
+    header_map = {k: v.decode(errors="replace") if isinstance(v, bytes) else (v or "") for k, v in items}
     payload = (value or b"")[:DEAD_LETTER_PAYLOAD_BYTES_MAX].decode(errors="replace")
     try:
         doc: Any = orjson.loads(value) if value else None

@@ -53,7 +53,7 @@ from analytics.client import connect
 from analytics.migrate import migrate
 from analytics.settings import AnalyticsSettings, get_settings
 from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS
-from ledger.kafka import existing_topics, make_consumer, require_topics, topic_name
+from ledger.kafka import existing_topics, make_consumer, message_position, require_topics, topic_name
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 
 log = structlog.get_logger("analytics.sink")
@@ -277,7 +277,7 @@ class Sink:
             if error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error", error=str(error))
             return
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        topic, partition, offset = message_position(msg)
         key = (topic, partition)
         spec = self._specs[topic]
         kind, ts_ms = msg.timestamp()

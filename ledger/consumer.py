@@ -39,7 +39,7 @@ from ledger import schema_migrations
 from ledger.checkpoints import apply_checkpoints
 from ledger.contracts import TOPIC_LEDGER_CHARGES, TOPIC_LEDGER_TRANSACTIONS, ChargeCheckpoint
 from ledger.db import make_engine
-from ledger.kafka import make_consumer, make_producer, require_topics, topic_name
+from ledger.kafka import make_consumer, make_producer, message_position, require_topics, topic_name
 from ledger.outbox import OutboxRelay
 from ledger.runtime import freeze_startup_heap
 from ledger.settings import LedgerSettings, get_settings
@@ -216,15 +216,11 @@ def _merge_chunks(checkpoints: list[ChargeCheckpoint]) -> list[list[ChargeCheckp
 
 
 def _partition(message: Message) -> int:
-    partition = message.partition()
-    assert partition is not None
-    return partition
+    return message_position(message)[1]
 
 
 def _offset(message: Message) -> int:
-    offset = message.offset()
-    assert offset is not None
-    return offset
+    return message_position(message)[2]
 
 
 def _log_assignment(event: str) -> Callable[[Consumer, list[TopicPartition]], None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 
@@ -25,6 +25,14 @@ class MissingTopicsError(RuntimeError):
             f"topics {', '.join(sorted(missing))} do not exist on {bootstrap}. "
             "Run `meterline topics create` (or `meterline up`, which creates them) before starting this process."
         )
+
+
+def message_position(message: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed message without an error: librdkafka's accessors are typed
+    optional because an error event has none of them; a delivered message always has all three."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None, "an error event has no position"
+    return topic, partition, offset
 
 
 def topic_name(base: str, prefix: str = "") -> str:

@@ -15,6 +15,7 @@ The scenario (events, price, expected charge) is built by the pure ``plan_demo``
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 import uuid
@@ -25,7 +26,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -108,6 +109,10 @@ def _set_up_project(http: httpx.Client, plan: DemoPlan) -> dict[str, str]:
             "base": base}
 
 
+def _advance(bar: Progress, task: TaskID, sent: int, _result: object) -> None:
+    bar.advance(task, sent)
+
+
 def _send_usage(api_url: str, api_key: str, plan: DemoPlan) -> tuple[int, int]:
     """Send the events and then the resent ones; returns (accepted, rejected)."""
     from meterline.client import MeterlineClient
@@ -117,7 +122,7 @@ def _send_usage(api_url: str, api_key: str, plan: DemoPlan) -> tuple[int, int]:
     with MeterlineClient(api_url, api_key, batch_size=250) as client, Progress(*columns, console=console) as bar:
         for label, events in (("sending usage", plan.events), ("resending 10% (same ids)", plan.resent)):
             task = bar.add_task(label, total=len(events))
-            result = client.send(events, on_batch=lambda n, _r, t=task: bar.advance(t, n))
+            result = client.send(events, on_batch=functools.partial(_advance, bar, task))
             accepted += result.accepted
             rejected += len(result.rejected)
     return accepted, rejected

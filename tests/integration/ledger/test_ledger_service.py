@@ -17,6 +17,7 @@ from ledger.errors import (
     InvalidRequest,
     NotRefundable,
     RefundExceedsCharge,
+    UnknownTransaction,
     UnknownWallet,
     WalletBlocked,
 )
@@ -255,6 +256,41 @@ def test_debt_blocks_access_and_credits_settle_it_first(engine: Engine, invarian
         service.debit(conn, wallet_id=wallet, amount_minor=25, idempotency_key="d")
     with engine.begin() as conn, pytest.raises(InvalidRequest):
         service.adjust(conn, wallet_id=wallet, amount_minor=5, reason=" ", idempotency_key="a2")
+    invariants()
+
+
+def test_a_negative_adjustment_burns_the_named_grant_first(engine: Engine, invariants: Callable[[], None]) -> None:
+    """burn_first_of: the named grant's bucket first (not the soon-expiring promo), the rest in burn order, then
+    debt; the allocations say which; the preference is part of the request; a foreign grant is refused."""
+    wallet, other = _wallet(engine), _wallet(engine, credits=5, ref="u2")
+    with engine.begin() as conn:
+        promo = service.grant_credits(conn, wallet_id=wallet, amount_minor=200, kind="promo", idempotency_key="pr",
+                                      expires_at=NOW + timedelta(days=2)).transaction
+        top_up = service.grant_credits(conn, wallet_id=wallet, amount_minor=1000, idempotency_key="tu").transaction
+        service.debit(conn, wallet_id=wallet, amount_minor=250, idempotency_key="spend")  # promo 200 + top-up 50
+        clawback = service.adjust(conn, wallet_id=wallet, amount_minor=-960, reason="refund", idempotency_key="cb",
+                                  burn_first_of=top_up.id)
+        again = service.adjust(conn, wallet_id=wallet, amount_minor=-960, reason="refund", idempotency_key="cb",
+                               burn_first_of=top_up.id)
+    (promo_bucket,), (top_up_bucket,) = ([a.bucket_id for a in t.allocations] for t in (promo, top_up))
+    assert [(a.bucket_id, a.amount_minor) for a in clawback.transaction.allocations] == [
+        (top_up_bucket, -950), (None, -10)]
+    assert again.outcome == "duplicate" and again.transaction.id == clawback.transaction.id
+    assert _balance(engine, wallet) == (-10, 0, 0, 10)
+    with engine.begin() as conn:
+        service.grant_credits(conn, wallet_id=wallet, amount_minor=310, kind="promo", idempotency_key="pr2")
+        next_one = service.adjust(conn, wallet_id=wallet, amount_minor=-100, reason="refund", idempotency_key="cb2",
+                                  burn_first_of=top_up.id)  # its bucket is empty now: plain burn order
+    assert [a.amount_minor for a in next_one.transaction.allocations] == [-100]
+    assert next_one.transaction.allocations[0].bucket_id not in (promo_bucket, top_up_bucket)
+    with engine.begin() as conn, pytest.raises(IdempotencyConflict):
+        service.adjust(conn, wallet_id=wallet, amount_minor=-960, reason="refund", idempotency_key="cb")
+    with engine.begin() as conn, pytest.raises(UnknownTransaction):
+        service.adjust(conn, wallet_id=other, amount_minor=-1, reason="x", idempotency_key="cb3",
+                       burn_first_of=top_up.id)
+    with engine.begin() as conn, pytest.raises(InvalidRequest):
+        service.adjust(conn, wallet_id=wallet, amount_minor=1, reason="x", idempotency_key="cb4",
+                       burn_first_of=top_up.id)
     invariants()
 
 

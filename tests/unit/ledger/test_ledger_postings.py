@@ -58,6 +58,49 @@ def test_a_credit_settles_debt_first_and_buckets_the_rest() -> None:
     assert book.balance_minor == -6
 
 
+def _promo_and_top_up(top_up_left: int = 1000) -> WalletBook:
+    """A promo bucket expiring soon (burns first in burn order) next to a top-up bucket (id 2)."""
+    buckets = [_bucket(1, 200, priority=10, expires_days=3), _bucket(2, top_up_left), _bucket(3, 50, priority=20)]
+    return WalletBook(balance_minor=250 + top_up_left, buckets=buckets, now=T0)
+
+
+def test_a_named_bucket_burns_before_the_burn_order() -> None:
+    book = _promo_and_top_up()
+    posting = book.debit(1000, first={2})
+    assert posting.allocations == (Allocation(2, -1000),)  # the promo and the bonus are untouched
+    assert book.changed == {2: 0} and book.balance_minor == 250
+
+
+def test_a_partly_spent_named_bucket_gives_what_is_left_then_burn_order() -> None:
+    book = _promo_and_top_up(top_up_left=300)
+    posting = book.debit(420, first=[2])
+    assert posting.allocations == (Allocation(2, -300), Allocation(1, -120))
+    assert book.changed == {2: 0, 1: 80} and book.balance_minor == 130
+
+
+@pytest.mark.parametrize("named", [{2}, {99}, set()], ids=["spent or expired", "not this wallet's", "none"])
+def test_a_named_bucket_with_nothing_left_leaves_the_burn_order(named: set[int]) -> None:
+    """An emptied bucket (spent, or its remainder posted as expiry) is not in the book: plain burn order."""
+    book = WalletBook(balance_minor=250, buckets=[_bucket(1, 200, priority=10, expires_days=3), _bucket(2, 0),
+                                                  _bucket(3, 50, priority=20)], now=T0)
+    posting = book.debit(220, first=named)
+    assert posting.allocations == (Allocation(1, -200), Allocation(3, -20))
+
+
+def test_a_named_debit_beyond_every_bucket_becomes_debt() -> None:
+    book = _promo_and_top_up(top_up_left=100)
+    posting = book.debit(400, first={2})
+    assert posting.allocations == (Allocation(2, -100), Allocation(1, -200), Allocation(3, -50),
+                                   Allocation(None, -50))
+    assert book.balance_minor == -50 and WalletBalance(book.balance_minor, 0, 0).blocked
+
+
+def test_several_named_buckets_burn_in_burn_order_among_themselves() -> None:
+    book = _promo_and_top_up(top_up_left=100)
+    posting = book.debit(120, first={2, 3})
+    assert posting.allocations == (Allocation(3, -50), Allocation(2, -70))
+
+
 def test_expiry_posts_only_the_remainder() -> None:
     book = WalletBook(balance_minor=25, buckets=[_bucket(1, 5, expires_days=1), _bucket(2, 20)], now=T0)
     posting = book.expire(1)
@@ -88,7 +131,8 @@ def test_sync_debits_respect_held_and_floor(balance: int, held: int, floor: int,
     assert state.available_minor == available
 
 
-ops = st.lists(st.tuples(st.sampled_from(["debit", "credit", "expire"]), st.integers(0, 200)), max_size=40)
+ops = st.lists(st.tuples(st.sampled_from(["debit", "debit_first", "credit", "expire"]), st.integers(0, 200)),
+               max_size=40)
 
 
 @given(initial=st.lists(st.integers(1, 100), max_size=6), operations=ops)
@@ -101,6 +145,12 @@ def test_any_sequence_keeps_balance_equal_to_bucket_credit_and_chains(initial: l
     for op, amount in operations:
         if op == "debit":
             posting = book.debit(amount)
+        elif op == "debit_first":  # a named bucket (maybe empty or unknown) gives first, the rest in burn order
+            named = amount % 8
+            before = next((b.remaining_minor for b in book.buckets if b.id == named), 0)
+            posting = book.debit(amount, first={named})
+            if amount and before:
+                assert posting.allocations[0] == Allocation(named, -min(amount, before))
         elif op == "credit":
             posting = book.credit(amount, NewBucket("refund", 30))
         else:

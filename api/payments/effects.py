@@ -8,9 +8,10 @@ Exactly once:
   invoice.payment_succeeded) finds the payment and posts nothing;
 - refunds and chargebacks are *cumulative*: the payment keeps the money refunded/disputed so far, the credits
   to claw back are ``ceil(credits × reversed money / paid money)`` (all of them for a full reversal), and only
-  the difference to what was already clawed back is posted (a negative ``adjustment``, which may create debt;
-  a won dispute or a reversed refund posts it back). Replays and reordered partial refunds converge. What of
-  the payment's bucket already expired is not clawed back again (at most credits − expired);
+  the difference to what was already clawed back is posted (a negative ``adjustment`` that burns what is left
+  of the payment's own bucket first, then the other buckets in burn order, and may create debt; a won dispute
+  or a reversed refund posts it back). Replays and reordered partial refunds converge. What of the payment's
+  bucket already expired is not clawed back again (at most credits − expired);
 - a plan with ``credits_expire = period_end`` grants each paid period as its own bucket expiring at the
   period's end (from the provider event) + the plan's grace; the ledger's expiry job posts what is left then as
   ``expiry``. The expiry comes from the event alone, so reordered events give the same buckets;
@@ -214,6 +215,8 @@ def reverse_payment(ctx: Ctx, *, refs: list[str | None], refunded_minor: int | N
             reason=f"{ctx.provider} {ctx.event_type}: {'claw back' if delta > 0 else 'restore'} credits of "
                    f"payment {payment['external_id']}",
             idempotency_key=f"reversal:{ctx.project_id}:{ctx.provider}:{ctx.event_id}:{payment['id']}",
+            # a clawback takes what is left of the payment's own bucket first, then burn order, then debt
+            burn_first_of=payment["grant_transaction_id"] if delta > 0 else None,
             metadata={"provider": ctx.provider, "event_id": ctx.event_id, "payment": payment["external_id"],
                       "refunded_minor": refunded, "disputed_minor": disputed})
         if posted.outcome == "created":

@@ -146,6 +146,15 @@ class Shop:
         assert r.status_code == 200, r.text
         return list(reversed(r.json()["items"]))
 
+    def last_allocations(self, wallet_id: str | None) -> dict[str | None, int]:
+        """bucket source -> amount the wallet's newest transaction took from (or gave to) its buckets of that source;
+        None = debt. (GET transactions lists allocations by bucket id, not in the order they were burned.)"""
+        *_, last = self.transactions(wallet_id)
+        out: dict[str | None, int] = {}
+        for a in last["allocations"]:
+            out[a["bucket_source"]] = out.get(a["bucket_source"], 0) + a["amount_minor"]
+        return out
+
     def entitlements(self, wallet_id: str | None = None) -> list[dict[str, Any]]:
         params = {"wallet_id": wallet_id} if wallet_id else {}
         r = self.client.get(f"{self.base}/entitlements", params=params, headers=self.owner.headers)
@@ -158,9 +167,22 @@ class Shop:
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
-    def grant(self, wallet_id: str, amount: int) -> None:
-        r = money(self.client, f"{self.base}/wallets/{wallet_id}/grants", {"amount_minor": amount}, self.owner.headers)
+    def grant(self, wallet_id: str, amount: int, **body: Any) -> None:
+        """An admin grant; ``body``: kind, source, priority, expires_at (ISO string), ..."""
+        r = money(self.client, f"{self.base}/wallets/{wallet_id}/grants", {"amount_minor": amount, **body},
+                  self.owner.headers)
         assert r.status_code == 201, r.text
+
+    def buckets(self, wallet_id: str | None) -> dict[str, int]:
+        """source -> remaining of every bucket of the wallet, empty ones too (one bucket per source expected)."""
+        if wallet_id is None:
+            return {}
+        r = self.client.get(f"{self.base}/wallets/{wallet_id}/buckets", params={"include_empty": True},
+                            headers=self.owner.headers)
+        assert r.status_code == 200, r.text
+        found = {b["source"]: int(b["remaining_minor"]) for b in r.json()}
+        assert len(found) == len(r.json()), r.json()
+        return found
 
     def debit(self, wallet_id: str, amount: int) -> None:
         r = money(self.client, f"{self.base}/wallets/{wallet_id}/debit", {"amount_minor": amount}, self.owner.headers)

@@ -5,6 +5,7 @@ once per store transaction, expiry ending the entitlement, and a wrong or missin
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -83,6 +84,31 @@ def test_purchase_renewal_refund_and_reversal(database_url: str, engines: Any) -
         assert s.balance(wallet) == 500
         kinds = [(t["kind"], t["amount_minor"]) for t in s.transactions(wallet)]
         assert kinds == [("subscription_grant", 700), ("debit", -200), ("adjustment", -700), ("adjustment", 700)]
+
+
+def test_a_pack_refund_takes_the_packs_own_bucket_and_its_reversal_restores(database_url: str,
+                                                                           engines: Any) -> None:
+    """A 2100-token pack next to a soon-expiring promo (100 of its 200 spent): the refund empties the pack's bucket
+    and leaves the promo (which burns first in burn order) alone; once; REFUND_REVERSED posts the credits back."""
+    with api_client(database_url, engines) as client:
+        s = shop(client)
+        _catalog(s)
+        handled(send(client, s.project_id, "revenuecat", "revenuecat/non_renewing_purchase.json"), "processed")
+        wallet = s.wallet_of(APP_USER)
+        assert wallet is not None
+        s.grant(wallet, 200, kind="promo", expires_at=(datetime.now(UTC) + timedelta(days=3)).isoformat())
+        s.debit(wallet, 100)
+        assert s.buckets(wallet) == {"promo": 100, "top_up": 2100}
+        ids = {"app_user_id": APP_USER, "product_id": "2100_tokens", "transaction_id": "123456789012345",
+               "original_transaction_id": "123456789012345"}
+        refund = rc_body("revenuecat/refund_cancellation_customer_support.json", id="evt-pack-refund", **ids)
+        handled(send(client, s.project_id, "revenuecat", refund), "processed")
+        handled(send(client, s.project_id, "revenuecat", refund), "duplicate")
+        assert s.last_allocations(wallet) == {"top_up": -2100}
+        assert s.buckets(wallet) == {"promo": 100, "top_up": 0} and s.balance(wallet) == 100
+        reversed_refund = rc_body("revenuecat/refund_reversed.json", id="evt-pack-reversed", **ids)
+        handled(send(client, s.project_id, "revenuecat", reversed_refund), "processed")
+        assert s.last_allocations(wallet) == {"adjustment": 2100} and s.balance(wallet) == 2200
 
 
 def test_renewals_expiry_and_no_grant_after_the_end(database_url: str, engines: Any) -> None:

@@ -7,6 +7,7 @@ chargebacks clawing credits back (into debt when they were spent)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -148,6 +149,80 @@ def test_dispute_after_spending_creates_debt(database_url: str, engines: Any) ->
         won["data"]["object"]["status"] = "won"
         handled(send(client, s.project_id, "stripe", json.dumps(won).encode()), "processed")
         assert s.balance(wallet) == 300
+
+
+def _promo_expiring_soon(s: Shop, wallet: str | None, amount: int = 200) -> None:
+    """A promo bucket that burns before the top-up in burn order (lower priority, expires in 3 days)."""
+    assert wallet is not None
+    s.grant(wallet, amount, kind="promo", expires_at=(datetime.now(UTC) + timedelta(days=3)).isoformat())
+
+
+def test_a_refund_claws_back_the_top_ups_own_bucket_not_an_earlier_expiring_promo(database_url: str,
+                                                                                 engines: Any) -> None:
+    with api_client(database_url, engines) as client:
+        s = _pack_shop(client)
+        handled(send(client, s.project_id, "stripe", PAY), "processed")
+        wallet = s.wallet_of(CUSTOMER)
+        _promo_expiring_soon(s, wallet)
+        assert s.buckets(wallet) == {"promo": 200, "top_up": 1000}
+        handled(send(client, s.project_id, "stripe", REFUNDED), "processed")
+        assert s.last_allocations(wallet) == {"top_up": -1000}
+        assert s.buckets(wallet) == {"promo": 200, "top_up": 0} and s.balance(wallet) == 200
+        # redelivered, and the dispute of the same charge on top: nothing more is taken
+        handled(send(client, s.project_id, "stripe", REFUNDED), "duplicate")
+        handled(send(client, s.project_id, "stripe", DISPUTE), "processed")
+        assert s.buckets(wallet) == {"promo": 200, "top_up": 0} and len(s.transactions(wallet)) == 3
+
+
+def test_partial_refunds_take_their_share_from_the_top_ups_bucket(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
+        s = _pack_shop(client)
+        handled(send(client, s.project_id, "stripe", PAY), "processed")
+        wallet = s.wallet_of(CUSTOMER)
+        _promo_expiring_soon(s, wallet)
+        event = json.loads(fixture(REFUNDED))
+
+        def refund(event_id: str, refunded: int) -> bytes:
+            event["id"] = event_id
+            event["data"]["object"].update(amount_refunded=refunded, refunded=refunded == 2000)
+            return json.dumps(event).encode()
+
+        handled(send(client, s.project_id, "stripe", refund("evt_refund_1", 500)), "processed")  # 25%: 250
+        assert s.last_allocations(wallet) == {"top_up": -250}
+        handled(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "processed")  # 75%: 500 more
+        assert s.last_allocations(wallet) == {"top_up": -500}
+        handled(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "duplicate")
+        assert s.buckets(wallet) == {"promo": 200, "top_up": 250} and s.balance(wallet) == 450
+        handled(send(client, s.project_id, "stripe", refund("evt_refund_3", 2000)), "processed")
+        assert s.buckets(wallet) == {"promo": 200, "top_up": 0} and s.balance(wallet) == 200
+        clawbacks = [t["amount_minor"] for t in s.transactions(wallet) if t["kind"] == "adjustment"]
+        assert clawbacks == [-250, -500, -250]
+
+
+def test_refunds_after_spending_take_the_rest_of_the_bucket_then_burn_order_then_debt(database_url: str,
+                                                                                     engines: Any) -> None:
+    """1000 bought, 700 spent, then a bonus (300) and a soon-expiring promo (200): a 75 % refund claws back 750 —
+    the top-up's 300, the promo, 250 of the bonus —, the full refund the last 250: the bonus's 50, then debt."""
+    with api_client(database_url, engines) as client:
+        s = _pack_shop(client)
+        handled(send(client, s.project_id, "stripe", PAY), "processed")
+        wallet = s.wallet_of(CUSTOMER)
+        assert wallet is not None
+        s.debit(wallet, 700)
+        s.grant(wallet, 300, kind="bonus")
+        _promo_expiring_soon(s, wallet)
+        event = json.loads(fixture(REFUNDED))
+        event["id"] = "evt_refund_75"
+        event["data"]["object"].update(amount_refunded=1500, refunded=False)
+        handled(send(client, s.project_id, "stripe", json.dumps(event).encode()), "processed")
+        assert s.last_allocations(wallet) == {"top_up": -300, "promo": -200, "bonus": -250}
+        assert s.buckets(wallet) == {"promo": 0, "bonus": 50, "top_up": 0}
+        handled(send(client, s.project_id, "stripe", REFUNDED), "processed")
+        handled(send(client, s.project_id, "stripe", REFUNDED), "duplicate")
+        assert s.last_allocations(wallet) == {"bonus": -50, None: -200}
+        r = client.get(f"{s.base}/wallets/{wallet}", headers=s.owner.headers).json()["balance"]
+        assert (r["balance_minor"], r["debt_minor"], r["blocked"]) == (-200, 200, True)
+        assert [t["amount_minor"] for t in s.transactions(wallet) if t["kind"] == "adjustment"] == [-750, -250]
 
 
 def test_refund_before_purchase_is_deferred_then_applied(database_url: str, engines: Any) -> None:

@@ -51,6 +51,23 @@ def _plan_shop(client: Any) -> Shop:
     return s
 
 
+def _bought_pack(client: Any) -> tuple[Shop, str]:
+    """A pack shop whose customer bought the 1000-credit starter pack (the payment fixture); the wallet."""
+    s = _pack_shop(client)
+    handled(send(client, s.project_id, "stripe", PAY), "processed")
+    wallet = s.wallet_of(CUSTOMER)
+    assert wallet is not None
+    return s, wallet
+
+
+def _refund(event_id: str, refunded: int) -> bytes:
+    """charge.refunded of the pack's charge (2000 paid) as another event, with the cumulative ``refunded``."""
+    event = json.loads(fixture(REFUNDED))
+    event["id"] = event_id
+    event["data"]["object"].update(amount_refunded=refunded, refunded=refunded == 2000)
+    return json.dumps(event).encode()
+
+
 def test_signature_vectors_are_reproduced() -> None:
     """Our Stripe signer is Stripe's scheme: it reproduces every vector for the vector's timestamp."""
     for name, vector in VECTORS["stripe"]["vectors"].items():
@@ -110,33 +127,20 @@ def test_pack_purchase_duplicate_and_refund(database_url: str, engines: Any) -> 
 
 def test_partial_refunds_in_any_order_claw_back_proportionally(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
-        s = _pack_shop(client)
-        handled(send(client, s.project_id, "stripe", PAY), "processed")
-        wallet = s.wallet_of(CUSTOMER)
-        event = json.loads(fixture(REFUNDED))
-
-        def refund(event_id: str, refunded: int) -> bytes:
-            event["id"] = event_id
-            event["data"]["object"]["amount_refunded"] = refunded
-            event["data"]["object"]["refunded"] = refunded == 2000
-            return json.dumps(event).encode()
-
+        s, wallet = _bought_pack(client)
         # cumulative amounts arrive out of order: 1500 (75%) then the older 500 (25%), then redelivery
-        handled(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "processed")
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_2", 1500)), "processed")
         assert s.balance(wallet) == 250
-        handled(send(client, s.project_id, "stripe", refund("evt_refund_1", 500)), "processed")
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_1", 500)), "processed")
         assert s.balance(wallet) == 250
-        handled(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "duplicate")
-        handled(send(client, s.project_id, "stripe", refund("evt_refund_3", 2000)), "processed")
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_2", 1500)), "duplicate")
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_3", 2000)), "processed")
         assert s.balance(wallet) == 0
 
 
 def test_dispute_after_spending_creates_debt(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
-        s = _pack_shop(client)
-        handled(send(client, s.project_id, "stripe", PAY), "processed")
-        wallet = s.wallet_of(CUSTOMER)
-        assert wallet is not None
+        s, wallet = _bought_pack(client)
         s.debit(wallet, 700)
         handled(send(client, s.project_id, "stripe", DISPUTE), "processed")
         r = client.get(f"{s.base}/wallets/{wallet}", headers=s.owner.headers).json()
@@ -151,18 +155,15 @@ def test_dispute_after_spending_creates_debt(database_url: str, engines: Any) ->
         assert s.balance(wallet) == 300
 
 
-def _promo_expiring_soon(s: Shop, wallet: str | None, amount: int = 200) -> None:
+def _promo_expiring_soon(s: Shop, wallet: str, amount: int = 200) -> None:
     """A promo bucket that burns before the top-up in burn order (lower priority, expires in 3 days)."""
-    assert wallet is not None
     s.grant(wallet, amount, kind="promo", expires_at=(datetime.now(UTC) + timedelta(days=3)).isoformat())
 
 
 def test_a_refund_claws_back_the_top_ups_own_bucket_not_an_earlier_expiring_promo(database_url: str,
                                                                                  engines: Any) -> None:
     with api_client(database_url, engines) as client:
-        s = _pack_shop(client)
-        handled(send(client, s.project_id, "stripe", PAY), "processed")
-        wallet = s.wallet_of(CUSTOMER)
+        s, wallet = _bought_pack(client)
         _promo_expiring_soon(s, wallet)
         assert s.buckets(wallet) == {"promo": 200, "top_up": 1000}
         handled(send(client, s.project_id, "stripe", REFUNDED), "processed")
@@ -176,24 +177,15 @@ def test_a_refund_claws_back_the_top_ups_own_bucket_not_an_earlier_expiring_prom
 
 def test_partial_refunds_take_their_share_from_the_top_ups_bucket(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
-        s = _pack_shop(client)
-        handled(send(client, s.project_id, "stripe", PAY), "processed")
-        wallet = s.wallet_of(CUSTOMER)
+        s, wallet = _bought_pack(client)
         _promo_expiring_soon(s, wallet)
-        event = json.loads(fixture(REFUNDED))
-
-        def refund(event_id: str, refunded: int) -> bytes:
-            event["id"] = event_id
-            event["data"]["object"].update(amount_refunded=refunded, refunded=refunded == 2000)
-            return json.dumps(event).encode()
-
-        handled(send(client, s.project_id, "stripe", refund("evt_refund_1", 500)), "processed")  # 25%: 250
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_1", 500)), "processed")  # 25%: 250
         assert s.last_allocations(wallet) == {"top_up": -250}
-        handled(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "processed")  # 75%: 500 more
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_2", 1500)), "processed")  # 75%: 500 more
         assert s.last_allocations(wallet) == {"top_up": -500}
-        handled(send(client, s.project_id, "stripe", refund("evt_refund_2", 1500)), "duplicate")
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_2", 1500)), "duplicate")
         assert s.buckets(wallet) == {"promo": 200, "top_up": 250} and s.balance(wallet) == 450
-        handled(send(client, s.project_id, "stripe", refund("evt_refund_3", 2000)), "processed")
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_3", 2000)), "processed")
         assert s.buckets(wallet) == {"promo": 200, "top_up": 0} and s.balance(wallet) == 200
         clawbacks = [t["amount_minor"] for t in s.transactions(wallet) if t["kind"] == "adjustment"]
         assert clawbacks == [-250, -500, -250]
@@ -204,17 +196,11 @@ def test_refunds_after_spending_take_the_rest_of_the_bucket_then_burn_order_then
     """1000 bought, 700 spent, then a bonus (300) and a soon-expiring promo (200): a 75 % refund claws back 750 —
     the top-up's 300, the promo, 250 of the bonus —, the full refund the last 250: the bonus's 50, then debt."""
     with api_client(database_url, engines) as client:
-        s = _pack_shop(client)
-        handled(send(client, s.project_id, "stripe", PAY), "processed")
-        wallet = s.wallet_of(CUSTOMER)
-        assert wallet is not None
+        s, wallet = _bought_pack(client)
         s.debit(wallet, 700)
         s.grant(wallet, 300, kind="bonus")
         _promo_expiring_soon(s, wallet)
-        event = json.loads(fixture(REFUNDED))
-        event["id"] = "evt_refund_75"
-        event["data"]["object"].update(amount_refunded=1500, refunded=False)
-        handled(send(client, s.project_id, "stripe", json.dumps(event).encode()), "processed")
+        handled(send(client, s.project_id, "stripe", _refund("evt_refund_75", 1500)), "processed")
         assert s.last_allocations(wallet) == {"top_up": -300, "promo": -200, "bonus": -250}
         assert s.buckets(wallet) == {"promo": 0, "bonus": 50, "top_up": 0}
         handled(send(client, s.project_id, "stripe", REFUNDED), "processed")

@@ -2,8 +2,9 @@
 
 ``OutboxEmailSender`` (the default) writes to ``email_outbox`` in the caller's transaction: an invitation
 and its email commit together, so a rolled-back invitation never sends mail and a committed one always
-has its message queued. In development the outbox IS the mailbox (read it with SQL or the tests); a
-production relay picks unsent rows, delivers them through SMTP or a provider, and sets ``sent_at``."""
+has its message queued. With ``API_SMTP_URL`` set, the scheduler's ``deliver_emails`` job (api/email_relay.py)
+sends due rows over SMTP and sets ``sent_at`` (or ``failed_at``); without it (development) the outbox IS the
+mailbox (read it with SQL or the tests)."""
 
 from __future__ import annotations
 

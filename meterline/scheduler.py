@@ -3,17 +3,23 @@
 The scheduler lives in ``ledger``, which may not import ``api``; the composition root hands it the ledger's
 ``JOBS`` plus the API's maintenance, so those run under the same lease, in bounded batches, and are logged like
 every job (``scheduler_job_ran`` with the job's name and rows).
+
+``deliver_emails`` (api/email_relay.py) runs only when ``API_SMTP_URL`` is set; without it the outbox stays the
+mailbox (development) and the start says so once. A bad SMTP setting stops the start with what to fix.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import structlog
+from pydantic import ValidationError
 from sqlalchemy import Connection
 
+from api.email_relay import deliver_due, relay_for
 from api.erasure import erase_due
 from api.idempotency import purge_older_than
-from api.settings import IdempotencySettings
+from api.settings import EmailDeliverySettings, IdempotencySettings
 from ledger import scheduler
 from ledger.scheduler import JOBS, Job
 from ledger.settings import LedgerSettings
@@ -22,6 +28,10 @@ from ledger.settings import LedgerSettings
 PURGE_EVERY_S = 300.0
 #: how often due account erasures are looked for (a grace period is days long; a minute late is fine)
 ERASE_EVERY_S = 60.0
+#: how often queued emails are looked for (an invitee waits for the email)
+EMAIL_EVERY_S = 5.0
+
+log = structlog.get_logger("meterline.scheduler")
 
 
 def api_jobs(settings: IdempotencySettings) -> list[Job]:
@@ -39,10 +49,37 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
             Job("erase_accounts", ERASE_EVERY_S, erase_accounts)]
 
 
-def jobs(settings: IdempotencySettings | None = None) -> list[Job]:
+def email_jobs(settings: EmailDeliverySettings) -> list[Job]:
+    """``deliver_emails`` when SMTP is configured, else nothing (logged: the outbox is the mailbox)."""
+    relay = relay_for(settings)
+    if relay is None:
+        log.warning("email_delivery_off", detail="API_SMTP_URL is not set: emails (invitations) stay in "
+                    "email_outbox and are not sent (development mode); set API_SMTP_URL and API_EMAIL_FROM to send")
+        return []
+    policy = settings.retry_policy
+    log.info("email_delivery_on", smtp=relay.config.describe(), sender=str(relay.sender),
+             max_attempts=policy.max_attempts)
+    if relay.config.username and relay.config.tls == "none":
+        log.warning("email_credentials_unencrypted", detail="API_SMTP_URL logs in without TLS; use smtps:// or "
+                    "?starttls=true unless the server is on this host")
+
+    def deliver_emails(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+        """A batch of due ``email_outbox`` rows over SMTP (api/email_relay.py)."""
+        return deliver_due(conn, now=now, relay=relay, policy=policy)
+
+    return [Job("deliver_emails", EMAIL_EVERY_S, deliver_emails)]
+
+
+def jobs(settings: IdempotencySettings | None = None, email: EmailDeliverySettings | None = None) -> list[Job]:
     """Everything ``meterline run scheduler`` runs: the ledger's jobs, then the API's."""
-    return [*JOBS, *api_jobs(settings or IdempotencySettings())]
+    return [*JOBS, *api_jobs(settings or IdempotencySettings()), *email_jobs(email or EmailDeliverySettings())]
 
 
 def main() -> None:
-    scheduler.main(jobs=jobs())
+    try:
+        todo = jobs()
+    except ValidationError as error:  # e.g. an unparsable API_SMTP_URL: refuse to start, saying what to fix
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in error.errors())
+        log.error("scheduler_refused_to_start", code="api.settings_invalid", error=problems)
+        raise SystemExit(2) from error
+    scheduler.main(jobs=todo)

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -18,7 +19,9 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from api.settings import ApiSettings
-from ledger.db import libpq_url
+from ledger.db import libpq_url, make_engine
+from ledger.scheduler import Job, Scheduler
+from ledger.settings import LedgerSettings
 
 PASSWORD = "correct horse battery staple"
 ROLES = ("owner", "admin", "member", "viewer")
@@ -135,6 +138,22 @@ def live_server(database_url: str, engines: Any, **overrides: Any) -> Iterator[s
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def scheduler_round(database_url: str, jobs: list[Job], *, now: datetime | None = None) -> dict[str, int]:
+    """One forced round of the real scheduler running ``jobs`` on this test's database, as a new holder that
+    releases the lease after it (like a restarted scheduler); ``now`` stands in for the database clock. Returns
+    name -> rows; fails on a job error."""
+    engine = make_engine(database_url, pool_size=2)
+    try:
+        scheduler = Scheduler(engine=engine, settings=LedgerSettings.model_validate({"DATABASE_URL": database_url}),
+                              jobs=jobs)
+        results = scheduler.run_round(now=now, force=True)
+        scheduler.release()
+    finally:
+        engine.dispose()
+    assert results is not None and not scheduler.failures, scheduler.failures
+    return results
 
 
 def money(client: TestClient, path: str, body: dict[str, Any] | None, headers: dict[str, str],

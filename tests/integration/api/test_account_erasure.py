@@ -9,12 +9,20 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from tenancy_testkit import Team, api_client, create_project, five_users, money, signup, sql, team
+from tenancy_testkit import (
+    Team,
+    api_client,
+    create_project,
+    five_users,
+    money,
+    scheduler_round,
+    signup,
+    sql,
+    team,
+)
 
 from api.settings import IdempotencySettings
 from ledger.db import make_engine
-from ledger.scheduler import Scheduler
-from ledger.settings import LedgerSettings
 from meterline.scheduler import jobs
 
 pytestmark = pytest.mark.integration
@@ -38,16 +46,7 @@ def _customer(client: TestClient, t: Team, subject: str = SUBJECT, credits: int 
 
 
 def _run_scheduler(database_url: str) -> dict[str, int]:
-    engine = make_engine(database_url, pool_size=2)
-    try:
-        scheduler = Scheduler(engine=engine, settings=LedgerSettings.model_validate({"DATABASE_URL": database_url}),
-                              jobs=jobs(IdempotencySettings()))
-        results = scheduler.run_round(force=True)
-        scheduler.release()  # the next call is another holder (as a restarted scheduler would be)
-    finally:
-        engine.dispose()
-    assert results is not None and not scheduler.failures, scheduler.failures
-    return results
+    return scheduler_round(database_url, jobs(IdempotencySettings()))
 
 
 def _subject_keys(database_url: str, project_id: str) -> list[tuple[Any, ...]]:

@@ -16,13 +16,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from tenancy_testkit import api_client, create_project, money, signup, sql
+from tenancy_testkit import api_client, create_project, money, scheduler_round, signup, sql
 
 from api.idempotency import purge_older_than
 from api.settings import IdempotencySettings
 from ledger.db import make_engine
-from ledger.scheduler import Scheduler
-from ledger.settings import LedgerSettings
 from meterline.scheduler import jobs
 
 pytestmark = pytest.mark.integration
@@ -51,14 +49,7 @@ def test_the_job_purges_records_past_the_retention_and_fresh_ones_still_replay(d
         _age(database_url, project, "old", RETENTION_S + 60)  # just past the retention
         _age(database_url, project, "edge", RETENTION_S - 60)  # just inside it
 
-        engine = make_engine(database_url, pool_size=2)
-        try:
-            scheduler = Scheduler(engine=engine, settings=LedgerSettings.model_validate({"DATABASE_URL": database_url}),
-                                  jobs=jobs(IdempotencySettings()))
-            results = scheduler.run_round(force=True)
-        finally:
-            engine.dispose()
-        assert results is not None and results["purge_idempotency_records"] == 1
+        assert scheduler_round(database_url, jobs(IdempotencySettings()))["purge_idempotency_records"] == 1
         kept = {k for (k,) in sql(database_url, "SELECT idempotency_key FROM idempotency_records "
                                                 "WHERE project_id = %s", project)}
         assert kept == {"grant", "edge", "fresh"}

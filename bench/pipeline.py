@@ -261,6 +261,7 @@ class AppliedWatcher:
         self.topic = topic
         self.sent = sent
         self.latencies: list[tuple[float, int]] = []  # (seconds, events)
+        self.timeline: list[tuple[float, float, int]] = []  # (sent at, seconds, events)
         self.last_applied_at = 0.0
         self._cursor: dict[int, int] = defaultdict(int)
         self.applied_events = 0
@@ -283,6 +284,7 @@ class AppliedWatcher:
                     while i < len(deliveries) and deliveries[i][0] <= applied:
                         _offset, sent_at, n = deliveries[i]
                         self.latencies.append((now - sent_at, n))
+                        self.timeline.append((sent_at, now - sent_at, n))
                         self.applied_events += n
                         self.last_applied_at = now
                         i += 1
@@ -302,8 +304,8 @@ class AppliedWatcher:
         self._stop.set()
         self._thread.join()
 
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
+    def percentile(self, q: float, latencies: list[tuple[float, int]] | None = None) -> float:
+        ordered = sorted(self.latencies if latencies is None else latencies)
         total = sum(n for _, n in ordered)
         target = q * total
         running = 0
@@ -312,6 +314,18 @@ class AppliedWatcher:
             if running >= target:
                 return latency
         return ordered[-1][0] if ordered else float("nan")
+
+    def windows(self, width_s: float = 10.0) -> list[tuple[int, float, float]]:
+        """(window start in s since the first send, p50, p99) per ``width_s`` of send time: shows whether a
+        phase's p99 is spread evenly or made by one stall."""
+        if not self.timeline:
+            return []
+        first = min(t for t, _, _ in self.timeline)
+        by_window: dict[int, list[tuple[float, int]]] = defaultdict(list)
+        for sent_at, latency, n in self.timeline:
+            by_window[int((sent_at - first) // width_s)].append((latency, n))
+        return [(int(w * width_s), self.percentile(0.50, lat), self.percentile(0.99, lat))
+                for w, lat in sorted(by_window.items())]
 
 
 def check_totals(database_url: str, sents: list[Sent]) -> tuple[bool, str]:
@@ -339,6 +353,17 @@ def ledger_rows(database_url: str) -> tuple[int, int]:
                            ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+def pg_checkpoints(database_url: str) -> int:
+    """PostgreSQL checkpoints so far (timed + requested): one during a phase is an I/O burst the latency feels."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        try:
+            row = conn.execute("SELECT num_timed + num_requested FROM pg_stat_checkpointer").fetchone()
+        except psycopg.errors.UndefinedTable:  # before PostgreSQL 17
+            row = conn.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def where_time_went(home: Path, since: float, until: float) -> list[str]:
@@ -444,6 +469,7 @@ def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: s
                        *, seconds: float, rate: float, backlog_max: int) -> dict[str, Any]:
     sent = Sent()
     rows_before = ledger_rows(eng.database_url)
+    checkpoints_before = pg_checkpoints(eng.database_url)
     watcher = AppliedWatcher(eng.database_url, topic, sent).start()
     with Meter({**groups, "producer (bench)": [os.getpid()]}) as meter:
         t0 = time.time()
@@ -453,12 +479,15 @@ def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: s
         complete = watcher.wait_all(timeout_s=max(60.0, seconds * 3))
     watcher.stop()
     rows_after = ledger_rows(eng.database_url)
+    pg_checkpoints_during = pg_checkpoints(eng.database_url) - checkpoints_before
     wall = max(watcher.last_applied_at - sent.first_sent, 1e-3)
     applied_events = sum(n for _, n in watcher.latencies)
     return {"name": name, "sent": sent, "complete": complete, "wall_s": wall, "produced_s": produced_s,
             "applied_events": applied_events, "events_per_s": applied_events / wall, "produce_rate": sent.events / produced_s,
             "p50_s": watcher.percentile(0.50), "p99_s": watcher.percentile(0.99),
             "max_s": max((lat for lat, _ in watcher.latencies), default=float("nan")),
+            "windows": watcher.windows(),
+            "pg_checkpoints": pg_checkpoints_during,
             "tx_rows": rows_after[0] - rows_before[0], "meter": meter}
 
 
@@ -595,8 +624,11 @@ def main() -> None:
                           f"all applied: {result['complete']}")
                     print(f"  event -> balance latency: p50 {1000 * result['p50_s']:.0f} ms, "
                           f"p99 {1000 * result['p99_s']:.0f} ms, max {1000 * result['max_s']:.0f} ms")
+                    print("  p50/p99 ms per 10 s of send time: " + ", ".join(
+                        f"{start}s {1000 * p50:.0f}/{1000 * p99:.0f}" for start, p50, p99 in result["windows"]))
                     print(f"  ledger: {result['tx_rows']:,} transaction rows, "
-                          f"{result['tx_rows'] / result['wall_s']:,.0f} rows/s")
+                          f"{result['tx_rows'] / result['wall_s']:,.0f} rows/s; PostgreSQL checkpoints during "
+                          f"the phase: {result['pg_checkpoints']}")
                     print(f"  exact totals: {'OK' if ok else 'WRONG'} ({detail})")
                     print("  processes:")
                     print("\n".join(result["meter"].report(result["wall_s"])))

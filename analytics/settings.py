@@ -43,6 +43,10 @@ class AnalyticsSettings(BaseSettings):
     #: Where the sink runs when ClickHouse is embedded: "auto" = inside the api process (chDB allows one
     #: process per data path); "process" = in `meterline run analytics` (then the api cannot query).
     embedded_sink_owner: str = Field(default="auto", pattern=r"^(auto|process|none)$")
+    # probes: /health, /ready and /metrics of `meterline run analytics` (ledger/probes.py); -1 = off, 0 = any port
+    metrics_host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("ANALYTICS_METRICS_HOST",
+                                                                                 "METERLINE_METRICS_HOST"))
+    metrics_port: int = Field(default=9104, ge=-1, le=65535, description="the analytics process's probe port")
     query_clients_max: int = Field(default=4, ge=1, description="pooled ClickHouse clients for queries")
     query_timeout_s: int = Field(default=20, ge=1)
     query_memory_bytes_max: int = Field(default=2 * 1024**3, ge=64 * 1024**2)

@@ -48,12 +48,15 @@ import structlog
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, Message, TopicPartition
 
+from analytics import metrics as analytics_metrics
 from analytics import rows as R
 from analytics.client import connect
 from analytics.migrate import migrate
 from analytics.settings import AnalyticsSettings, get_settings
 from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS
 from ledger.kafka import existing_topics, make_consumer, message_position, require_topics, topic_name
+from ledger.metrics import forget_lag, record_lag
+from ledger.probes import Check, start_probe_server
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 
 log = structlog.get_logger("analytics.sink")
@@ -129,6 +132,8 @@ class Sink:
         # topic -> the identity of its current life, stored as kafka_topic (see _resolve_lives)
         self._lives: dict[str, str] = {}
         self.ready = threading.Event()  # set once subscribed (tests and the api wait on it)
+        self.assigned: set[TP] = set()
+        self.loop_turned_at = time.monotonic()  # readiness: the consume loop keeps turning
 
     # ------------------------------------------------------------------ set-up
 
@@ -173,11 +178,16 @@ class Sink:
                      clickhouse="embedded" if s.embedded else "server")
             self.ready.set()
             poll_s = s.poll_timeout_ms / 1000
+            last_lag = 0.0
             while not self.stop_event.is_set():
+                self.loop_turned_at = time.monotonic()
                 for msg in consumer.consume(num_messages=min(s.batch_rows_max, 5_000), timeout=poll_s):
                     self._accept(msg)
                 if self._due():
                     self._flush(consumer)
+                if time.monotonic() - last_lag >= 1.0:
+                    self._record_lag(consumer)
+                    last_lag = time.monotonic()
             if self._pending:
                 self._flush(consumer)
         finally:
@@ -185,6 +195,28 @@ class Sink:
                 consumer.close()
             self._client.close()
             self._client = None
+
+    def _record_lag(self, consumer: Any) -> None:
+        """Per assigned partition: cached high watermark of the latest fetch − position (ledger/metrics.py)."""
+        if not self.assigned:
+            return
+        try:
+            positions = consumer.position([TopicPartition(t, p) for t, p in sorted(self.assigned)])
+        except KafkaException:
+            return
+        for tp in positions:
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            record_lag(self.group_id, tp.topic, tp.partition, next_offset=tp.offset, high_watermark=high)
+
+    def readiness_checks(self) -> dict[str, Check]:
+        def subscribed() -> tuple[bool, str]:
+            if not self.ready.is_set():
+                return False, "not subscribed yet (connecting to ClickHouse and the broker)"
+            idle_s = time.monotonic() - self.loop_turned_at
+            if idle_s >= 30.0:
+                return False, f"consume loop stuck for {idle_s:.0f} s (an insert retrying?)"
+            return True, f"{len(self.assigned)} partitions assigned"
+        return {"sink": subscribed}
 
     # ------------------------------------------------------------------ assignment (invariant 4)
 
@@ -207,6 +239,7 @@ class Sink:
             self._lives[topic] = f"{topic}@{topic_id}" if topic_id is not None else topic
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
         self._resolve_lives({tp.topic for tp in partitions})
         committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)}
         for tp in partitions:
@@ -223,6 +256,8 @@ class Sink:
         # owner reads them again. Their identities leave the pending sets with them.
         for tp in partitions:
             key = (tp.topic, tp.partition)
+            self.assigned.discard(key)
+            forget_lag(self.group_id, tp.topic, tp.partition)
             self._pending.pop(key, None)
             self._states.pop(key, None)
         self._pending_rows = sum(len(b.rows) for b in self._pending.values())
@@ -285,6 +320,8 @@ class Sink:
                           datetime.fromtimestamp(ts_ms / 1000, tz=UTC) if kind and ts_ms > 0 else None)
         parsed = spec.parse(msg, origin)
         self.stats.rejected += parsed.rejected
+        if parsed.rejected:
+            analytics_metrics.ROWS_REJECTED.inc(parsed.rejected)
         rows = parsed.rows
         identities = parsed.identities
         state = self._states.setdefault(key, PartitionState())
@@ -339,7 +376,10 @@ class Sink:
                 continue
             token = batch_token(table, [(self._lives.get(t, t), p, b.first_offset, b.last_offset, len(b.rows))
                                         for (t, p), b in batches])
+            started = time.monotonic()
             self._insert(table, self._specs[batches[0][0][0]].columns, rows, token)
+            analytics_metrics.INSERT_SECONDS.labels(table).observe(time.monotonic() - started)
+            analytics_metrics.ROWS_INSERTED.labels(table).inc(len(rows))
             self.stats.inserted_rows[table] = self.stats.inserted_rows.get(table, 0) + len(rows)
         offsets = [TopicPartition(t, p, b.last_offset + 1) for (t, p), b in self._pending.items()]
         try:
@@ -407,6 +447,7 @@ def run_forever(settings: AnalyticsSettings, stop: threading.Event, *, backoff_s
             sink.run()
             return
         except Exception:
+            analytics_metrics.SINK_RESTARTS.inc()
             log.exception("analytics sink failed; restarting", backoff_s=backoff)
             stop.wait(backoff)
             backoff = min(backoff * 2, backoff_s_max)
@@ -462,11 +503,33 @@ def main() -> None:
     if not settings.clickhouse_url:
         log.error("CLICKHOUSE_URL is not set; nothing to sink into")
         raise SystemExit(2)
-    if settings.embedded and settings.embedded_sink_owner != "process":
-        # chDB allows one process per data path; the api process owns it (sink thread + queries). Idle rather
-        # than exit so the supervisor does not treat this as a crash loop.
-        log.info("embedded ClickHouse: the api process owns analytics (sink and queries); this process idles",
-                 clickhouse_url=settings.clickhouse_url, owner_setting=settings.embedded_sink_owner)
-        stop.wait()
-        return
-    run_forever(settings, stop)
+    current: list[Sink] = []
+    idle = settings.embedded and settings.embedded_sink_owner != "process"
+
+    def sink_check() -> tuple[bool, str]:
+        if idle:
+            return True, "idle: embedded ClickHouse, the api process runs the sink (see the api's /ready)"
+        if not current:
+            return False, "sink not started yet"
+        return current[-1].readiness_checks()["sink"]()
+
+    probes = None
+    if settings.metrics_port >= 0:
+        probes = start_probe_server("analytics", host=settings.metrics_host, port=settings.metrics_port,
+                                    checks={"sink": sink_check})
+    try:
+        if idle:
+            # chDB allows one process per data path; the api process owns it (sink thread + queries). Idle rather
+            # than exit so the supervisor does not treat this as a crash loop.
+            log.info("embedded ClickHouse: the api process owns analytics (sink and queries); this process idles",
+                     clickhouse_url=settings.clickhouse_url, owner_setting=settings.embedded_sink_owner)
+            stop.wait()
+            return
+
+        def attach(sink: Sink) -> None:  # each restart builds a new Sink: readiness follows the current one
+            current[:] = [sink]
+
+        run_forever(settings, stop, on_sink=attach)
+    finally:
+        if probes is not None:
+            probes.stop()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +29,18 @@ from types import FrameType
 
 import orjson
 import structlog
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from ledger import schema_migrations
+from ledger import metrics, schema_migrations
 from ledger.checkpoints import apply_checkpoints
 from ledger.contracts import TOPIC_LEDGER_CHARGES, TOPIC_LEDGER_TRANSACTIONS, ChargeCheckpoint
 from ledger.db import make_engine
 from ledger.kafka import make_consumer, make_producer, message_position, require_topics, topic_name
 from ledger.outbox import OutboxRelay
+from ledger.probes import Check, database_check, start_probe_server
 from ledger.runtime import freeze_startup_heap
 from ledger.settings import LedgerSettings, get_settings
 
@@ -54,6 +54,10 @@ VERSION_TABLE = "alembic_version_ledger"
 
 #: threads applying different source partitions' checkpoints at once (each uses its own connection)
 APPLY_THREADS = 4
+#: a partition whose checkpoint keeps failing to apply this long makes the process not ready ("halted")
+HALTED_AFTER_S = 30.0
+#: the poll loop turns at least every 0.5 s; this long without a turn means it is stuck
+LOOP_STALE_S = 15.0
 
 class MigrationsPending(RuntimeError):
     code = "ledger.migrations_pending"
@@ -85,14 +89,73 @@ class LedgerConsumer:
         self.stats = ConsumerStats()
         #: seconds per step (in the periodic stats log: where the consumer's time goes)
         self.timings = {"poll_wait": 0.0, "decode": 0.0, "apply": 0.0, "commit": 0.0}
+        # readiness (read by the probe thread): the assignment (None until the first one), the loop's last turn,
+        # and since when each source partition's apply has been failing
+        self.assigned: set[int] | None = None
+        self.loop_turned_at = time.monotonic()
+        self.retrying_since: dict[tuple[str, int], float] = {}
+
+    def readiness_checks(self) -> dict[str, Check]:
+        return {"consumer_loop": self._loop_check, "partitions": self._assignment_check,
+                "not_halted": self._halted_check}
+
+    def _loop_check(self) -> tuple[bool, str]:
+        idle_s = time.monotonic() - self.loop_turned_at
+        return idle_s < LOOP_STALE_S, f"last turn {idle_s:.1f} s ago"
+
+    def _assignment_check(self) -> tuple[bool, str]:
+        assigned = self.assigned
+        if assigned is None:
+            return False, f"no assignment yet in group {self._settings.consumer_group}"
+        return True, (f"{self.topic} partitions {sorted(assigned)}" if assigned
+                      else "standby: the group gave this member no partitions")
+
+    def _halted_check(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        halted = {f"{t}[{p}]": round(now - since, 1) for (t, p), since in list(self.retrying_since.items())
+                  if now - since >= HALTED_AFTER_S}
+        return (not halted, f"retrying the database for: {halted}" if halted else "applying")
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = (self.assigned or set()) | {p.partition for p in partitions}
+        log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {p.partition for p in partitions}
+        self.assigned = (self.assigned or set()) - revoked
+        for p in revoked:
+            metrics.forget_lag(self._settings.consumer_group, self.topic, p)
+        log.info("partitions_revoked", partitions=sorted(revoked))
+
+    def _record_lag(self, consumer: Consumer) -> None:
+        """Lag per assigned partition from what this consumer knows: the high watermark of its latest fetch
+        response (cached by librdkafka, no broker request) minus its position (next offset to hand out; the
+        batch before it is applied and committed by the time this runs). See ledger/metrics.py."""
+        assigned = self.assigned or set()
+        if not assigned:
+            return
+        try:
+            positions = consumer.position([TopicPartition(self.topic, p) for p in sorted(assigned)])
+        except KafkaException:
+            return
+        for tp in positions:
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            metrics.record_lag(self._settings.consumer_group, self.topic, tp.partition,
+                               next_offset=tp.offset, high_watermark=high)
 
     def run(self) -> None:
         consumer = make_consumer(self._settings.kafka_bootstrap_servers, self._settings.consumer_group,
                                  session_timeout_ms=self._settings.consumer_session_timeout_ms)
-        consumer.subscribe([self.topic], on_assign=_log_assignment("assigned"), on_revoke=_log_assignment("revoked"))
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_revoke)
         last_report = time.monotonic()
+        last_lag = 0.0
         try:
             while not self._stop.is_set():
+                self.loop_turned_at = time.monotonic()
+                if self.loop_turned_at - last_lag >= 1.0:
+                    self._record_lag(consumer)
+                    last_lag = self.loop_turned_at
                 # consume(n, timeout) blocks for the WHOLE timeout unless n messages arrive (measured: 1
                 # message -> 2,001 ms with a 2 s timeout), which added up to 0.5 s to every checkpoint.
                 # Wait for the first message only, then take what is already fetched without waiting.
@@ -102,7 +165,11 @@ class LedgerConsumer:
                 messages = ([first, *consumer.consume(self._settings.consumer_batch_messages_max - 1, 0)]
                             if first is not None else [])
                 if messages:
+                    metrics.QUEUE_CHECKPOINTS.set(len(messages))
                     self._handle_batch(consumer, messages)
+                    metrics.QUEUE_CHECKPOINTS.set(0)
+                    self._record_lag(consumer)
+                    last_lag = time.monotonic()
                 if time.monotonic() - last_report > 10:
                     log.info("ledger_consumer_stats", **self._stats_fields())
                     last_report = time.monotonic()
@@ -156,11 +223,19 @@ class LedgerConsumer:
 
     def _apply(self, checkpoints: list[ChargeCheckpoint]) -> bool:
         backoff = 0.05
+        source = (checkpoints[0].source_topic, checkpoints[0].partition)
+        first_started = time.time()
+        for checkpoint in checkpoints:
+            metrics.CHECKPOINT_QUEUE_SECONDS.observe(max(0.0, first_started - checkpoint.emitted_at.timestamp()))
         while not self._stop.is_set():
             try:
+                started = time.monotonic()
                 with self._engine.begin() as conn:
                     merged = apply_checkpoints(conn, checkpoints)
+                metrics.APPLY_SECONDS.observe(time.monotonic() - started)
             except DBAPIError as exc:
+                self.retrying_since.setdefault(source, time.monotonic())
+                metrics.DB_RETRIES.inc()
                 with self._stats_lock:
                     self.stats.db_retries += 1
                 log.warning("checkpoint_apply_retry", source_topic=checkpoints[0].source_topic,
@@ -170,6 +245,13 @@ class LedgerConsumer:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._settings.consumer_retry_backoff_s_max)
                 continue
+            self.retrying_since.pop(source, None)
+            committed_at = time.time()
+            for checkpoint in checkpoints:
+                metrics.CHECKPOINT_EMIT_TO_APPLY_SECONDS.observe(
+                    max(0.0, committed_at - checkpoint.emitted_at.timestamp()))
+            metrics.CHECKPOINTS.labels("applied").inc(merged.applied)
+            metrics.CHECKPOINTS.labels("stale").inc(merged.stale)
             with self._stats_lock:
                 self.stats.applied += merged.applied
                 self.stats.stale += merged.stale
@@ -186,6 +268,7 @@ class LedgerConsumer:
             return ChargeCheckpoint.model_validate(orjson.loads(message.value() or b""))
         except (orjson.JSONDecodeError, ValidationError) as exc:
             self.stats.undecodable += 1
+            metrics.CHECKPOINTS.labels("undecodable").inc()
             log.error("undecodable_checkpoint_skipped", topic=message.topic(), partition=_partition(message),
                       offset=_offset(message), undecodable_total=self.stats.undecodable,
                       error=str(exc).splitlines()[0])
@@ -223,12 +306,6 @@ def _offset(message: Message) -> int:
     return message_position(message)[2]
 
 
-def _log_assignment(event: str) -> Callable[[Consumer, list[TopicPartition]], None]:
-    def callback(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info(f"partitions_{event}", partitions=sorted(p.partition for p in partitions))
-    return callback
-
-
 def check_startup(settings: LedgerSettings) -> None:
     """Loud start-up refusals: pending ledger migrations, missing topics."""
     todo = schema_migrations.pending(settings.database_url, script_location=MIGRATIONS, version_table=VERSION_TABLE)
@@ -248,11 +325,19 @@ def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
     relay_thread = threading.Thread(target=relay.run, args=(stop,), name="ledger-outbox", daemon=True)
     relay_thread.start()
     consumer = LedgerConsumer(settings=settings, engine=engine, stop=stop)
-    log.info("ledger_consumer_started", topic=consumer.topic, group=settings.consumer_group)
+    probes = None
+    if settings.metrics_port >= 0:
+        probes = start_probe_server("ledger", host=settings.metrics_host, port=settings.metrics_port, checks={
+            "database": database_check(engine), **consumer.readiness_checks(),
+            "outbox_relay": lambda: (relay_thread.is_alive(), "running" if relay_thread.is_alive() else "stopped")})
+    log.info("ledger_consumer_started", topic=consumer.topic, group=settings.consumer_group,
+             metrics_port=probes.port if probes else None)
     freeze_startup_heap()  # a full GC pass over the import-time heap would stall every apply thread
     try:
         consumer.run()
     finally:
+        if probes is not None:
+            probes.stop()
         stop.set()
         relay_thread.join(timeout=30)
         engine.dispose()

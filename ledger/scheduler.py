@@ -32,11 +32,12 @@ from types import FrameType
 import structlog
 from sqlalchemy import Connection, Engine, text
 
-from ledger import schema_migrations
+from ledger import metrics, schema_migrations
 from ledger.billing import run_due
 from ledger.consumer import MIGRATIONS, VERSION_TABLE, MigrationsPending
 from ledger.db import make_engine
 from ledger.expiry import expire_credits, expire_holds
+from ledger.probes import Check, database_check, start_probe_server
 from ledger.settings import LedgerSettings, get_settings
 
 __all__ = ["JOBS", "LEASE_NAME", "Job", "Scheduler", "main"]
@@ -112,6 +113,9 @@ class Scheduler:
         self._last_run: dict[str, float] = {}
         #: job name -> the error of its last failed run; cleared when it runs again without one
         self.failures: dict[str, str] = {}
+        #: readiness: when the last round ended without a round error, and whether it held the lease
+        self.round_at: float | None = None
+        self.holding = False
 
     def acquire(self) -> bool:
         """Take or renew the lease; False when another live holder has it."""
@@ -134,14 +138,30 @@ class Scheduler:
             due = force or time.monotonic() - self._last_run.get(job.name, float("-inf")) >= job.every_s
             if not due:
                 continue
+            started = time.monotonic()
             try:
                 results[job.name] = self._run_job(job, now)
             except Exception as error:  # one job's failure must not starve the others
                 self.failures[job.name] = f"{type(error).__name__}: {error}"
+                metrics.SCHEDULER_JOB_RUNS.labels(job.name, "failed").inc()
                 log.exception("scheduler_job_failed", job=job.name)
             else:
                 self.failures.pop(job.name, None)
+                metrics.SCHEDULER_JOB_RUNS.labels(job.name, "ok").inc()
+            metrics.SCHEDULER_JOB_SECONDS.labels(job.name).observe(time.monotonic() - started)
         return results
+
+    def readiness_checks(self) -> dict[str, Check]:
+        """Rounds keep turning (a round waits ``scheduler_interval_s``; three missed = stuck). Whether this
+        process holds the lease is a detail, not a failure: a standby is ready to take over."""
+        def rounds() -> tuple[bool, str]:
+            if self.round_at is None:
+                return False, "no round yet"
+            ago = time.monotonic() - self.round_at
+            stale = ago > 3 * self._settings.scheduler_interval_s + self._settings.scheduler_job_budget_s * len(
+                self._jobs)
+            return not stale, f"last round {ago:.1f} s ago ({'holding the lease' if self.holding else 'standby'})"
+        return {"rounds": rounds}
 
     def _run_job(self, job: Job, now: datetime | None) -> int:
         started = time.monotonic()
@@ -173,6 +193,7 @@ class Scheduler:
         while not stop.is_set():
             try:
                 results = self.run_round()
+                self.round_at, self.holding = time.monotonic(), results is not None
                 if (results is not None) != holding:
                     holding = results is not None
                     log.info("scheduler_lease_taken" if holding else "scheduler_lease_held_elsewhere",
@@ -201,7 +222,14 @@ def main(jobs: list[Job] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     engine = make_engine(settings.database_url, pool_size=2, application_name="meterline-scheduler")
+    scheduler = Scheduler(engine=engine, settings=settings, jobs=jobs)
+    probes = None
+    if settings.scheduler_metrics_port >= 0:
+        probes = start_probe_server("scheduler", host=settings.metrics_host, port=settings.scheduler_metrics_port,
+                                    checks={"database": database_check(engine), **scheduler.readiness_checks()})
     try:
-        Scheduler(engine=engine, settings=settings, jobs=jobs).run(stop)
+        scheduler.run(stop)
     finally:
+        if probes is not None:
+            probes.stop()
         engine.dispose()

@@ -35,6 +35,11 @@ class LedgerSettings(BaseSettings):
     outbox_poll_ms: int = 200
     outbox_delivery_timeout_s: float = Field(default=30.0, gt=0)
     db_pool_size: int = 10
+    # probes: /health, /ready and /metrics of the ledger consumer (ledger/probes.py); -1 = off, 0 = any free port
+    metrics_host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("LEDGER_METRICS_HOST",
+                                                                                 "METERLINE_METRICS_HOST"))
+    metrics_port: int = Field(default=9101, ge=-1, le=65535, description="the ledger consumer's probe port")
+    scheduler_metrics_port: int = Field(default=9103, ge=-1, le=65535, description="the scheduler's probe port")
     # scheduler (ledger.scheduler)
     scheduler_interval_s: float = Field(default=5.0, gt=0, description="pause between maintenance rounds")
     scheduler_lease_s: float = Field(default=30.0, gt=0, description="a holder that stops renewing loses the lease")

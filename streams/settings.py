@@ -29,6 +29,11 @@ class StreamsSettings(BaseSettings):
     worker_index: int = Field(default=0, ge=0, description="which of the supervised workers this is")
     worker_count: int = Field(default=2, ge=1, description="how many workers the supervisor runs (docs/ops)")
     web_port: int = Field(default=0, ge=0, description="faust web server port; 0 = disabled")
+    # probes: /health, /ready and /metrics of this worker (ledger/probes.py); -1 = off, 0 = any free port.
+    # Two workers on one host need two ports (`meterline up` gives each its own).
+    metrics_host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("STREAMS_METRICS_HOST",
+                                                                                 "METERLINE_METRICS_HOST"))
+    metrics_port: int = Field(default=9102, ge=-1, le=65535, description="this worker's probe port")
     broker_session_timeout_s: float = Field(default=6.0, gt=0, description="group join takes half of it here")
     consumer_max_fetch_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
 

@@ -38,16 +38,20 @@ import faust
 import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from faust.types import TP
 from sqlalchemy import Engine
 
 from ledger import queries as ledger_queries
 from ledger.contracts import TOPIC_LEDGER_CHARGES
 from ledger.db import make_engine
 from ledger.kafka import make_producer, require_topics, topic_name
+from ledger.metrics import forget_lag, record_lag
+from ledger.probes import Check, database_check, start_probe_server
 from ledger.runtime import freeze_startup_heap
 from ledger.source_logs import current_identity
 from streams import catalog as catalog_db
 from streams import faust_transport
+from streams import metrics as streams_metrics
 from streams.catalog_model import CatalogSnapshot, ProjectPolicy
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 from streams.errors import PendingMigrations
@@ -109,6 +113,13 @@ class Runtime:
         #: seconds spent per step (in the periodic stats log: where a worker's time goes)
         self.timings = {"metering": 0.0, "delivery": 0.0, "between_batches": 0.0}
         self._batch_ended = 0.0
+        self._batch_started = 0.0
+        # readiness (read by the probe thread): the partitions of the latest assignment (None before the first)
+        # and the last turn of the event loop (a timer)
+        self.assigned: set[int] | None = None
+        self.loop_turned_at = time.monotonic()
+        #: the high watermark of a partition from the consumer's latest fetch (set by create_app: faust's consumer)
+        self.highwater: Any = None
 
     # -- resources (created lazily: nothing at import or construction time) -----------------------------
 
@@ -167,6 +178,9 @@ class Runtime:
         """Re-seed EVERY assigned partition: state is never trusted across a rebalance (this worker may have
         been out of the group while another owner advanced the ledger)."""
         mine = {tp.partition for tp in assigned if tp.topic == self.usage_topic}
+        for p in (self.assigned or set()) - mine:
+            forget_lag(self.group_id, self.usage_topic, p)
+        self.assigned = mine
         for p, task in list(self.seeding.items()):
             task.cancel()
             del self.seeding[p]
@@ -268,17 +282,56 @@ class Runtime:
 
     # -- batches -----------------------------------------------------------------------------------------
 
+    # -- observability ---------------------------------------------------------------------------------
+
+    def readiness_checks(self) -> dict[str, Check]:
+        return {"database": database_check(self.engine), "partitions": self._partitions_check,
+                "event_loop": self._loop_check}
+
+    def _partitions_check(self) -> tuple[bool, str]:
+        if self.assigned is None:
+            return False, f"no assignment yet in group {self.group_id}"
+        seeding = sorted(self.seeding)
+        if seeding:
+            return False, f"seeding partitions {seeding} (waiting for the ledger's applied marks)"
+        return True, (f"{self.usage_topic} partitions {sorted(self.assigned)} seeded" if self.assigned
+                      else "standby: the group gave this worker no partitions")
+
+    def _loop_check(self) -> tuple[bool, str]:
+        idle_s = time.monotonic() - self.loop_turned_at
+        return idle_s < 15.0, f"last turn {idle_s:.1f} s ago"
+
+    def record_observations(self) -> None:
+        """Lag of each owned, seeded partition and the partition gauge (a 1 s timer and the end of each batch)."""
+        self.loop_turned_at = time.monotonic()
+        seeding = len(self.seeding)
+        streams_metrics.PARTITIONS.labels("seeding").set(seeding)
+        streams_metrics.PARTITIONS.labels("seeded").set(len(self.aggregators))
+        if self.highwater is None:
+            return
+        for p, aggregator in list(self.aggregators.items()):
+            try:
+                high = self.highwater(p)
+            except Exception:  # not fetched yet / consumer restarting: keep the last value
+                continue
+            if high is not None:
+                record_lag(self.group_id, self.usage_topic, p, next_offset=aggregator.processed_through + 1,
+                           high_watermark=int(high))
+
     async def handle_batch(self, events: Sequence[Any]) -> None:
         """Meter a batch and return only when its checkpoints are acknowledged (or end the process)."""
         try:
             await self._handle_batch(events)
+            streams_metrics.MESSAGES.inc(len(events))
+            streams_metrics.BATCH_SECONDS.observe(time.monotonic() - self._batch_started)
+            self.record_observations()
         except asyncio.CancelledError:
             _die("cancelled_mid_batch_exiting_without_commit", events=len(events))
         except BaseException as exc:  # anything here must not unwind into faust's ack
             _die("batch_failed_exiting_without_commit", error=repr(exc), events=len(events))
 
     async def _handle_batch(self, events: Sequence[Any]) -> None:
-        started = time.monotonic()
+        started = self._batch_started = time.monotonic()
         if self._batch_ended:
             self.timings["between_batches"] += started - self._batch_ended
         self.counts["batches"] += 1
@@ -360,6 +413,7 @@ class Runtime:
         self._produce(self.dlq_topic, key, orjson.dumps(envelope),
                       headers=[("reason", rejection.reason.encode())])
         self.counts["dead_letters"] += 1
+        streams_metrics.DEAD_LETTERS.labels(rejection.reason).inc()
 
     def _produce(self, topic: str, key: bytes | None, value: bytes,
                  headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
@@ -397,6 +451,7 @@ class Runtime:
         self._produce(self.charges_topic, f"{self.usage_topic}:{checkpoint.partition}".encode(),
                       checkpoint.to_json(emitted_at=now))
         self.counts["checkpoints"] += 1
+        streams_metrics.CHECKPOINTS_EMITTED.inc()
         self.last_emitted[checkpoint.partition] = max(self.last_emitted.get(checkpoint.partition, -1),
                                                       checkpoint.as_of_offset)
 
@@ -457,6 +512,15 @@ def create_app(settings: StreamsSettings, *, partitions: int | None = None) -> f
     async def refresh_catalog() -> None:
         await runtime.refresh_catalog()
 
+    def highwater(p: int) -> Any:
+        return app.consumer.highwater(TP(runtime.usage_topic, p))
+
+    runtime.highwater = highwater
+
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def observe() -> None:
+        runtime.record_observations()
+
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         log.info("streams_stats", **runtime.stats())
@@ -502,10 +566,16 @@ def main() -> None:
     log.info("streams_worker_starting", group=runtime.group_id, topic=runtime.usage_topic,
              source_id=runtime.source_id, partitions=partitions,
              worker_index=settings.worker_index, flush_ms_max=settings.flush_ms_max)
+    probes = None
+    if settings.metrics_port >= 0:
+        probes = start_probe_server(f"streams-{settings.worker_index}", host=settings.metrics_host,
+                                    port=settings.metrics_port, checks=runtime.readiness_checks())
     freeze_startup_heap()  # a full GC pass over faust's import-time heap would stall the event loop
     worker = faust.Worker(app, loglevel=logging.getLevelName(logging.getLogger().level), override_logging=False,
                           quiet=True)
     try:
         worker.execute_from_commandline()
     finally:
+        if probes is not None:
+            probes.stop()
         runtime.close()

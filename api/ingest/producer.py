@@ -165,6 +165,21 @@ class KafkaEdge:
         assert runner is not None
         return runner
 
+    def broker_answers(self, *, timeout_s: float = 2.0) -> tuple[bool, str]:
+        """Readiness (/ready): the broker answers a metadata request for the usage topic through the ingest
+        producer's own connections."""
+        runner = self._runner
+        if runner is None:
+            return False, "ingestion is not started"
+        try:
+            metadata = runner.producer.list_topics(self.topic, timeout=timeout_s)
+        except Exception as error:  # KafkaException: the broker did not answer in time
+            return False, f"the broker does not answer: {error}"
+        topic = metadata.topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            return False, f"topic {self.topic} unavailable: {topic.error if topic else 'missing'}"
+        return True, f"{self.topic}: {len(topic.partitions)} partitions"
+
     async def send(self, messages: Sequence[Message]) -> None:
         """Return when the broker acknowledged every message; raise BrokerUnavailable/Overloaded otherwise."""
         if not messages:

@@ -35,9 +35,10 @@ import orjson
 from api.errors import ApiError
 from api.ingest.log import IngestLog
 from api.ingest.packing import pack
-from api.ingest.producer import KafkaEdge
+from api.ingest.producer import KafkaEdge, Overloaded
 from api.ingest.settings import IngestSettings
 from api.ingest.validate import Accepted, Limits, Rejected, check_cloudevents, check_lago_events, utc_iso
+from api.metrics import INGEST_ACCEPTED, INGEST_REJECTED
 
 Shape = Literal["cloudevents", "lago"]
 
@@ -174,10 +175,18 @@ class IngestService:
         now_iso = utc_iso(datetime.now(UTC))
         check = check_cloudevents if shape == "cloudevents" else check_lago_events
         accepted, rejected = check(items, project_id=project_id, now_iso=now_iso, limits=self.limits)
+        for refused in rejected:
+            INGEST_REJECTED.labels(refused.reason).inc()
         if accepted:
             messages = pack(accepted, partitions=self.edge.partitions,
                             message_bytes_max=self.settings.message_bytes_max)
-            await self.edge.send(messages)
+            try:
+                await self.edge.send(messages)
+            except ApiError as error:  # 503: none of them counts as accepted (the client resends them)
+                INGEST_REJECTED.labels("overloaded" if isinstance(error, Overloaded) else "unavailable").inc(
+                    len(accepted))
+                raise
+            INGEST_ACCEPTED.inc(len(accepted))
         self.log.record(project_id, accepted, rejected, now_iso)
         return Outcome(accepted, rejected, now_iso)
 

@@ -13,6 +13,7 @@ transaction as the posting."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -25,9 +26,10 @@ from api.audit import audit
 from api.auth import DeferredAccess, ProjectAccess, require_project, require_project_deferred
 from api.debit_batch import PendingDebit, batcher_of
 from api.deps import ConnectionDep
-from api.errors import NotFound
+from api.errors import ApiError, NotFound
 from api.feature_costs import price_feature
 from api.idempotency import HotTransaction, fingerprint, ledger_key, require_key, run_idempotent
+from api.metrics import DEBIT_SECONDS
 from api.routes.wallets import wallet_in_project
 from api.wallet_models import (
     AdjustmentRequest,
@@ -44,6 +46,7 @@ from api.wallet_models import (
     TransactionOut,
 )
 from ledger import queries, service
+from ledger.errors import LedgerError
 from ledger.postings import WalletBalance
 from ledger.rows import HoldRow, PostingResult, WalletRow
 
@@ -177,7 +180,23 @@ async def debit(wallet_id: str, body: DebitRequest, request: Request, access: Ho
 
 async def debit_response(request: Request, access: DeferredAccess, wallet_id: str, body: DebitRequest,
                          client_key: str) -> Response:
-    """The debit (also answered by api/fast_debit.py without FastAPI's routing); raises a refusal."""
+    """The debit (also answered by api/fast_debit.py without FastAPI's routing); raises a refusal. Timed into
+    ``meterline_debit_seconds`` by outcome."""
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        response = await _debit_response(request, access, wallet_id, body, client_key)
+        outcome = "ok" if response.status_code < 400 else "refused"
+        return response
+    except (ApiError, LedgerError):  # mapped to a 4xx problem (402 insufficient credits, 409, 404...)
+        outcome = "refused"
+        raise
+    finally:
+        DEBIT_SECONDS.labels(outcome).observe(time.perf_counter() - started)
+
+
+async def _debit_response(request: Request, access: DeferredAccess, wallet_id: str, body: DebitRequest,
+                          client_key: str) -> Response:
     body_json = body.model_dump(mode="json")
     if body.feature_key is None:  # group commit (api/debit_batch.py); it hands a debit back when it must run alone
         assert body.amount_minor is not None

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Request
 from starlette.concurrency import run_in_threadpool
 
+from api.errors import ApiError
+from api.metrics import WEBHOOKS
 from api.payments.webhooks import receive
 
 router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
@@ -25,6 +27,14 @@ async def webhook(provider: Literal["stripe", "revenuecat", "lemonsqueezy"], pro
                   request: Request) -> dict[str, Any]:
     body = await request.body()
     headers = {k.lower(): v for k, v in request.headers.items()}
-    outcome = await run_in_threadpool(receive, request.app.state.engine, request.app.state.settings,
-                                      project_id=project_id, provider=provider, body=body, headers=headers)
+    try:
+        outcome = await run_in_threadpool(receive, request.app.state.engine, request.app.state.settings,
+                                          project_id=project_id, provider=provider, body=body, headers=headers)
+    except ApiError:  # forged, unsigned, stale or malformed: 400, nothing changed
+        WEBHOOKS.labels(provider, "rejected").inc()
+        raise
+    except Exception:
+        WEBHOOKS.labels(provider, "failed").inc()
+        raise
+    WEBHOOKS.labels(provider, outcome.status).inc()
     return outcome.body()

@@ -54,8 +54,14 @@ from analytics.client import connect
 from analytics.migrate import migrate
 from analytics.settings import AnalyticsSettings, get_settings
 from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS
-from ledger.kafka import existing_topics, make_consumer, message_position, require_topics, topic_name
-from ledger.metrics import forget_lag, record_lag
+from ledger.kafka import (
+    LagRecorder,
+    existing_topics,
+    make_consumer,
+    message_position,
+    require_topics,
+    topic_name,
+)
 from ledger.probes import Check, start_probe_server
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 
@@ -132,7 +138,7 @@ class Sink:
         # topic -> the identity of its current life, stored as kafka_topic (see _resolve_lives)
         self._lives: dict[str, str] = {}
         self.ready = threading.Event()  # set once subscribed (tests and the api wait on it)
-        self.assigned: set[TP] = set()
+        self._lag = LagRecorder(self.group_id)
         self.loop_turned_at = time.monotonic()  # readiness: the consume loop keeps turning
 
     # ------------------------------------------------------------------ set-up
@@ -186,7 +192,7 @@ class Sink:
                 if self._due():
                     self._flush(consumer)
                 if time.monotonic() - last_lag >= 1.0:
-                    self._record_lag(consumer)
+                    self._lag.record(consumer)
                     last_lag = time.monotonic()
             if self._pending:
                 self._flush(consumer)
@@ -196,18 +202,6 @@ class Sink:
             self._client.close()
             self._client = None
 
-    def _record_lag(self, consumer: Any) -> None:
-        """Per assigned partition: cached high watermark of the latest fetch − position (ledger/metrics.py)."""
-        if not self.assigned:
-            return
-        try:
-            positions = consumer.position([TopicPartition(t, p) for t, p in sorted(self.assigned)])
-        except KafkaException:
-            return
-        for tp in positions:
-            _low, high = consumer.get_watermark_offsets(tp, cached=True)
-            record_lag(self.group_id, tp.topic, tp.partition, next_offset=tp.offset, high_watermark=high)
-
     def readiness_checks(self) -> dict[str, Check]:
         def subscribed() -> tuple[bool, str]:
             if not self.ready.is_set():
@@ -215,7 +209,7 @@ class Sink:
             idle_s = time.monotonic() - self.loop_turned_at
             if idle_s >= 30.0:
                 return False, f"consume loop stuck for {idle_s:.0f} s (an insert retrying?)"
-            return True, f"{len(self.assigned)} partitions assigned"
+            return True, f"{len(self._lag.assigned)} partitions assigned"
         return {"sink": subscribed}
 
     # ------------------------------------------------------------------ assignment (invariant 4)
@@ -239,7 +233,7 @@ class Sink:
             self._lives[topic] = f"{topic}@{topic_id}" if topic_id is not None else topic
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self._lag.assign(partitions)
         self._resolve_lives({tp.topic for tp in partitions})
         committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)}
         for tp in partitions:
@@ -252,12 +246,11 @@ class Sink:
                  marks={f"{t}[{p}]": st.mark for (t, p), st in self._states.items()})
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._lag.revoke(partitions)
         # Uninserted rows of a revoked partition are dropped: their offsets were not committed, so the next
         # owner reads them again. Their identities leave the pending sets with them.
         for tp in partitions:
             key = (tp.topic, tp.partition)
-            self.assigned.discard(key)
-            forget_lag(self.group_id, tp.topic, tp.partition)
             self._pending.pop(key, None)
             self._states.pop(key, None)
         self._pending_rows = sum(len(b.rows) for b in self._pending.values())

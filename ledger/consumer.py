@@ -29,7 +29,7 @@ from types import FrameType
 
 import orjson
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -38,7 +38,14 @@ from ledger import metrics, schema_migrations
 from ledger.checkpoints import apply_checkpoints
 from ledger.contracts import TOPIC_LEDGER_CHARGES, TOPIC_LEDGER_TRANSACTIONS, ChargeCheckpoint
 from ledger.db import make_engine
-from ledger.kafka import make_consumer, make_producer, message_position, require_topics, topic_name
+from ledger.kafka import (
+    LagRecorder,
+    make_consumer,
+    make_producer,
+    message_position,
+    require_topics,
+    topic_name,
+)
 from ledger.outbox import OutboxRelay
 from ledger.probes import Check, database_check, start_probe_server
 from ledger.runtime import freeze_startup_heap
@@ -92,6 +99,7 @@ class LedgerConsumer:
         # readiness (read by the probe thread): the assignment (None until the first one), the loop's last turn,
         # and since when each source partition's apply has been failing
         self.assigned: set[int] | None = None
+        self._lag = LagRecorder(settings.consumer_group)
         self.loop_turned_at = time.monotonic()
         self.retrying_since: dict[tuple[str, int], float] = {}
 
@@ -118,30 +126,14 @@ class LedgerConsumer:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned = (self.assigned or set()) | {p.partition for p in partitions}
+        self._lag.assign(partitions)
         log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {p.partition for p in partitions}
         self.assigned = (self.assigned or set()) - revoked
-        for p in revoked:
-            metrics.forget_lag(self._settings.consumer_group, self.topic, p)
+        self._lag.revoke(partitions)
         log.info("partitions_revoked", partitions=sorted(revoked))
-
-    def _record_lag(self, consumer: Consumer) -> None:
-        """Lag per assigned partition from what this consumer knows: the high watermark of its latest fetch
-        response (cached by librdkafka, no broker request) minus its position (next offset to hand out; the
-        batch before it is applied and committed by the time this runs). See ledger/metrics.py."""
-        assigned = self.assigned or set()
-        if not assigned:
-            return
-        try:
-            positions = consumer.position([TopicPartition(self.topic, p) for p in sorted(assigned)])
-        except KafkaException:
-            return
-        for tp in positions:
-            _low, high = consumer.get_watermark_offsets(tp, cached=True)
-            metrics.record_lag(self._settings.consumer_group, self.topic, tp.partition,
-                               next_offset=tp.offset, high_watermark=high)
 
     def run(self) -> None:
         consumer = make_consumer(self._settings.kafka_bootstrap_servers, self._settings.consumer_group,
@@ -154,7 +146,7 @@ class LedgerConsumer:
             while not self._stop.is_set():
                 self.loop_turned_at = time.monotonic()
                 if self.loop_turned_at - last_lag >= 1.0:
-                    self._record_lag(consumer)
+                    self._lag.record(consumer)
                     last_lag = self.loop_turned_at
                 # consume(n, timeout) blocks for the WHOLE timeout unless n messages arrive (measured: 1
                 # message -> 2,001 ms with a 2 s timeout), which added up to 0.5 s to every checkpoint.
@@ -168,7 +160,7 @@ class LedgerConsumer:
                     metrics.QUEUE_CHECKPOINTS.set(len(messages))
                     self._handle_batch(consumer, messages)
                     metrics.QUEUE_CHECKPOINTS.set(0)
-                    self._record_lag(consumer)
+                    self._lag.record(consumer)
                     last_lag = time.monotonic()
                 if time.monotonic() - last_report > 10:
                     log.info("ledger_consumer_stats", **self._stats_fields())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 
@@ -93,3 +93,47 @@ def require_topics(bootstrap: str, names: list[str], *, timeout_s: float = 10.0)
     if missing:
         raise MissingTopicsError(missing, bootstrap)
     return {n: present[n] for n in names}
+
+
+class LagRecorder:
+    """``meterline_consumer_lag_messages`` for a confluent consumer's assigned partitions (ledger/metrics.py says
+    what it means). The next offset is the consumer's position (the offset after the last message handed to the
+    process); before the process has taken any message of a partition it is the group's committed offset, read
+    once per assignment. The high watermark is librdkafka's cached value from the latest fetch response: no
+    request to the broker, whose ListOffsets answer is wrong here (DESIGN §5)."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.assigned: set[tuple[str, int]] = set()
+        self._committed: dict[tuple[str, int], int] = {}
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.assigned.add((tp.topic, tp.partition))
+            self._committed.pop((tp.topic, tp.partition), None)
+
+    def revoke(self, partitions: list[TopicPartition]) -> None:
+        from ledger.metrics import forget_lag
+
+        for tp in partitions:
+            self.assigned.discard((tp.topic, tp.partition))
+            self._committed.pop((tp.topic, tp.partition), None)
+            forget_lag(self.group, tp.topic, tp.partition)
+
+    def record(self, consumer: Consumer) -> None:
+        from ledger.metrics import record_lag
+
+        if not self.assigned:
+            return
+        try:
+            positions = consumer.position([TopicPartition(t, p) for t, p in sorted(self.assigned)])
+            unknown = [tp for tp in positions if tp.offset < 0 and (tp.topic, tp.partition) not in self._committed]
+            if unknown:
+                for tp in consumer.committed(unknown, timeout=2):
+                    self._committed[(tp.topic, tp.partition)] = max(tp.offset, 0)
+        except KafkaException:
+            return
+        for tp in positions:
+            next_offset = tp.offset if tp.offset >= 0 else self._committed.get((tp.topic, tp.partition), -1)
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            record_lag(self.group, tp.topic, tp.partition, next_offset=next_offset, high_watermark=high)

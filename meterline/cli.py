@@ -85,27 +85,64 @@ def _up_detached(settings: object, timeout_s: float) -> None:
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Show each component's health."""
+    """Engines, every process (pid, restarts, /health, /ready, metrics URL), consumer lag per group, dead letters
+    and the invariant check. Exit 0 when all is healthy, 1 when something is not, 3 when no stack runs."""
     from meterline import stack
 
-    report = stack.status(get_settings())
+    report = stack.status(get_settings(), deep=True)
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
-        raise typer.Exit(0 if report["running"] else 3)
+        raise typer.Exit(0 if report.get("healthy") else 1 if report["running"] else 3)
     if not report["running"]:
         console.print(f"Meterline is not running (home {report['home']}).")
         raise typer.Exit(3)
-    table = Table(title=f"Meterline at {report['api_url']}")
-    for column in ("process", "pid", "alive", "restarts", "last exit"):
+    _print_status(report)
+    raise typer.Exit(0 if report["healthy"] else 1)
+
+
+def _yes_no(value: object) -> str:
+    return "[green]yes[/]" if value else "[red]no[/]"
+
+
+def _print_status(report: dict[str, object]) -> None:
+    out = Console()
+    engines = report["engines"]
+    assert isinstance(engines, dict)
+    table = Table(title="engines")
+    for column in ("engine", "reachable", "detail"):
         table.add_column(column)
-    children = report["children"]
-    assert isinstance(children, dict)
+    for name, engine in engines.items():
+        table.add_row(name, _yes_no(engine["reachable"]), str(engine["detail"]))
+    out.print(table)
+    table = Table(title=f"Meterline at {report['api_url']}")
+    for column in ("process", "pid", "alive", "restarts", "last exit", "health", "ready", "metrics"):
+        table.add_column(column)
+    children, probes = report["children"], report["probes"]
+    assert isinstance(children, dict) and isinstance(probes, dict)
     for name, info in children.items():
-        table.add_row(name, str(info["pid"]), "[green]yes[/]" if info["alive"] else "[red]no[/]",
-                      str(info["restarts"]), str(info["last_exit_code"]))
-    Console().print(table)
-    health = report.get("api_health")
-    Console().print(f"api health: {json.dumps(health) if health else '[red]not answering[/]'}")
+        probe = probes.get(name, {})
+        table.add_row(name, str(info["pid"]), _yes_no(info["alive"]), str(info["restarts"]),
+                      str(info["last_exit_code"]), _yes_no(probe.get("health")), _yes_no(probe.get("ready")),
+                      f"{probe['url']}/metrics" if probe.get("url") else "-")
+    out.print(table)
+    lag = report["consumer_lag"]
+    assert isinstance(lag, dict)
+    out.print("consumer lag: " + (", ".join(f"{group} {g['messages']}" for group, g in sorted(lag.items()))
+                                  or "no partitions reported"))
+    dead = report["dead_letters"]
+    assert isinstance(dead, dict)
+    out.print(f"dead letters: {dead['total']} {dead['by_reason'] or ''} ({dead['note']})")
+    invariants = report["invariant_check"]
+    assert isinstance(invariants, dict)
+    out.print(f"invariant check: {invariants['state']} {invariants.get('violations') or ''}")
+    problems = report["problems"]
+    assert isinstance(problems, list)
+    if problems:
+        out.print("[bold red]unhealthy:[/]")
+        for problem in problems:
+            out.print(f"  - {problem}")
+    else:
+        out.print("[green]healthy[/]")
 
 
 @app.command()

@@ -44,6 +44,16 @@ PROCESSES: dict[str, str] = {
 }
 
 
+#: the setting of each supervised process's probe port (/health, /ready, /metrics; ledger/probes.py). The api
+#: serves them on its own port. `meterline up` gives every child a free port and records it in stack.json.
+PROBE_PORT_SETTINGS: dict[str, str] = {
+    "streams": "STREAMS_METRICS_PORT",
+    "ledger": "LEDGER_METRICS_PORT",
+    "analytics": "ANALYTICS_METRICS_PORT",
+    "scheduler": "LEDGER_SCHEDULER_METRICS_PORT",
+}
+
+
 class StackError(RuntimeError):
     code = "stack.start_refused"
 
@@ -179,14 +189,35 @@ def record_topic_lives(database_url: str, created: list[str]) -> dict[str, int]:
 
 def child_specs(settings: StackSettings) -> list[ChildSpec]:
     specs = []
+    ports = _free_ports(settings.streams_workers + len(PROBE_PORT_SETTINGS) - 1)
     for name in PROCESSES:
         if name == "streams":
             for i in range(settings.streams_workers):
                 specs.append(ChildSpec(f"streams-{i}", component_argv("streams"),
-                                       {"STREAMS_WORKER_INDEX": str(i)}))
+                                       {"STREAMS_WORKER_INDEX": str(i), PROBE_PORT_SETTINGS[name]: str(ports.pop())}))
+        elif name in PROBE_PORT_SETTINGS:
+            specs.append(ChildSpec(name, component_argv(name), {PROBE_PORT_SETTINGS[name]: str(ports.pop())}))
         else:
             specs.append(ChildSpec(name, component_argv(name)))
     return specs
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports on 127.0.0.1 (each was bindable a moment ago)."""
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(services.free_port())
+    return sorted(ports)
+
+
+def probe_urls(specs: list[ChildSpec], api_url: str) -> dict[str, str]:
+    """Where `meterline status` finds each process's /health, /ready and /metrics."""
+    urls = {"api": api_url}
+    for spec in specs:
+        port = next((spec.env[v] for v in PROBE_PORT_SETTINGS.values() if v in spec.env), None)
+        if port is not None:
+            urls[spec.name] = f"http://127.0.0.1:{port}"
+    return urls
 
 
 def up(settings: StackSettings, *, should_stop: callable, on_ready: callable | None = None) -> None:  # type: ignore[valid-type]
@@ -202,10 +233,12 @@ def up(settings: StackSettings, *, should_stop: callable, on_ready: callable | N
         base_env = {**os.environ, **running.urls.as_env(),
                     "METERLINE_HOME": str(paths.home), "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
                     "API_PORT": str(settings.api_port), "API_HOST": settings.api_host}
+        specs = child_specs(settings)
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
         supervisor = Supervisor(
-            child_specs(settings), base_env=base_env, log_dir=paths.logs, state_path=paths.state,
+            specs, base_env=base_env, log_dir=paths.logs, state_path=paths.state,
             extra_state={"urls": running.urls.to_dict(), "home": str(paths.home),
-                         "api_url": f"http://{settings.api_host}:{settings.api_port}",
+                         "api_url": api_url, "probes": probe_urls(specs, api_url),
                          "broker_pid": running.broker.process.pid if running.broker else None,
                          "embedded_postgres": str(running.embedded_postgres) if running.embedded_postgres else None},
             backoff_s_max=settings.restart_backoff_s_max,
@@ -235,7 +268,9 @@ def api_health(api_url: str, *, timeout_s: float = 2.0) -> dict[str, object] | N
     return health
 
 
-def status(settings: StackSettings) -> dict[str, object]:
+def status(settings: StackSettings, *, deep: bool = False) -> dict[str, object]:
+    """The supervisor's process table and the API's health; with ``deep`` also engines, every process's probes,
+    consumer lag, dead letters, the invariant check and the verdict ``healthy`` (meterline/health.py)."""
     paths = Paths(settings.home.resolve())
     state = read_state(paths)
     if not supervisor_alive(state):
@@ -245,9 +280,16 @@ def status(settings: StackSettings) -> dict[str, object]:
     assert isinstance(children, dict)
     report = {name: {**info, "alive": bool(info.get("pid")) and psutil.pid_exists(info["pid"])}
               for name, info in children.items()}
-    return {"running": True, "home": str(paths.home), "api_url": state.get("api_url"),
-            "urls": state.get("urls"), "children": report,
-            "api_health": api_health(str(state.get("api_url")))}
+    out: dict[str, object] = {"running": True, "home": str(paths.home), "api_url": state.get("api_url"),
+                              "urls": state.get("urls"), "children": report,
+                              "api_health": api_health(str(state.get("api_url")))}
+    if deep:
+        from meterline import health
+
+        urls, probes = state.get("urls"), state.get("probes")
+        out.update(health.collect(urls=urls if isinstance(urls, dict) else {},
+                                  probe_urls=probes if isinstance(probes, dict) else {}, children=report))
+    return out
 
 
 def down(settings: StackSettings, *, timeout_s: float = 40.0) -> bool:

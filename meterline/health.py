@@ -1,0 +1,158 @@
+"""What `meterline status` reports beyond the supervisor's process table: engines, probes, lag, dead letters and
+the invariant check — and whether all of it is healthy (status exits non-zero when not).
+
+Everything is read from the outside, the way an operator's tools would: each engine is contacted directly; each
+process's ``/health``, ``/ready`` and ``/metrics`` (ledger/probes.py; the API on its own port) are fetched over
+HTTP and the metrics parsed with prometheus-client's own parser. Nothing here needs the processes' internals.
+
+- consumer lag per group: the sum over partitions of ``meterline_consumer_lag_messages`` reported by the
+  processes of that group (each reports the partitions it owns; see ledger/metrics.py for what it means);
+- dead letters: ``meterline_dead_letters_total`` summed over the stream workers, by reason (since each worker
+  started: a restarted worker counts from 0; the durable record is ClickHouse's ``dead_letters`` table);
+- invariant check: ``meterline_invariant_check_violations`` from the scheduler's metrics (the job that sets it
+  runs in the scheduler); "not run" while no run has been recorded since the scheduler started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from meterline import services
+
+#: how long status waits for one probe; a process that does not answer in this time is not healthy
+PROBE_TIMEOUT_S = 3.0
+
+
+def engines(urls: Mapping[str, str], api_ready: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Reachability of PostgreSQL, the broker and ClickHouse, each contacted directly (embedded chDB cannot be
+    opened from a second process: its state is the api's ``analytics_sink`` readiness check)."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        services.check_database(urls.get("database_url", ""), timeout_s=PROBE_TIMEOUT_S)
+        out["postgresql"] = {"reachable": True, "detail": "answers"}
+    except Exception as error:
+        out["postgresql"] = {"reachable": False, "detail": str(error).splitlines()[0]}
+    try:
+        services.check_broker(urls.get("kafka_bootstrap_servers", ""), timeout_s=PROBE_TIMEOUT_S)
+        out["broker"] = {"reachable": True, "detail": f"answers at {urls.get('kafka_bootstrap_servers')}"}
+    except Exception as error:
+        out["broker"] = {"reachable": False, "detail": str(error).splitlines()[0]}
+    clickhouse = urls.get("clickhouse_url", "")
+    if clickhouse.startswith("chdb://"):
+        sink = ((api_ready or {}).get("checks") or {}).get("analytics_sink")
+        out["clickhouse"] = {"reachable": bool(sink and sink.get("ok")),
+                             "detail": "embedded (chDB) in the api process: "
+                                       + (sink.get("detail", "") if sink else "the api does not answer")}
+    else:
+        out["clickhouse"] = _clickhouse_ping(clickhouse)
+    return out
+
+
+def _clickhouse_ping(url: str) -> dict[str, Any]:
+    parsed = httpx.URL(url)
+    ping = parsed.copy_with(path="/ping", query=None, username=None, password=None)
+    try:
+        response = httpx.get(ping, timeout=PROBE_TIMEOUT_S)
+        ok = response.status_code == 200
+        return {"reachable": ok, "detail": f"/ping answered {response.status_code}"}
+    except httpx.HTTPError as error:
+        return {"reachable": False, "detail": f"{type(error).__name__}: {error}"}
+
+
+def probe(base_url: str) -> dict[str, Any]:
+    """GET /health, /ready and /metrics of one process; parsed metrics as {name: [(labels, value)]}."""
+    report: dict[str, Any] = {"url": base_url, "health": False, "ready": False, "checks": {}, "metrics": None,
+                              "error": None}
+    try:
+        with httpx.Client(timeout=PROBE_TIMEOUT_S) as client:
+            report["health"] = client.get(f"{base_url}/health").status_code == 200
+            ready = client.get(f"{base_url}/ready")
+            report["ready"] = ready.status_code == 200
+            if ready.headers.get("content-type", "").startswith("application/json"):
+                report["checks"] = ready.json().get("checks", {})
+            metrics = client.get(f"{base_url}/metrics")
+            if metrics.status_code == 200:
+                report["metrics"] = parse_metrics(metrics.text)
+    except httpx.HTTPError as error:
+        report["error"] = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return report
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples by sample name (``_total`` and ``_bucket`` names included), via prometheus-client's parser."""
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return samples
+
+
+def consumer_lag(probes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Lag per consumer group (sum of its partitions) and per partition, from every process's metrics."""
+    groups: dict[str, dict[str, Any]] = {}
+    for report in probes.values():
+        for labels, value in (report.get("metrics") or {}).get("meterline_consumer_lag_messages", []):
+            group = groups.setdefault(labels.get("group", "?"), {"messages": 0, "partitions": {}})
+            group["messages"] += int(value)
+            group["partitions"][f"{labels.get('topic')}[{labels.get('partition')}]"] = int(value)
+    return groups
+
+
+def dead_letters(probes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    by_reason: dict[str, int] = {}
+    for report in probes.values():
+        for labels, value in (report.get("metrics") or {}).get("meterline_dead_letters_total", []):
+            reason = labels.get("reason", "?")
+            by_reason[reason] = by_reason.get(reason, 0) + int(value)
+    return {"total": sum(by_reason.values()), "by_reason": by_reason,
+            "note": "since each stream worker started (durable record: ClickHouse dead_letters)"}
+
+
+def invariant_check(scheduler: Mapping[str, Any] | None) -> dict[str, Any]:
+    metrics = (scheduler or {}).get("metrics")
+    if metrics is None:
+        return {"state": "unknown", "detail": "the scheduler's metrics do not answer", "violations": {}}
+    violations = {labels.get("check", "?"): int(value)
+                  for labels, value in metrics.get("meterline_invariant_check_violations", [])}
+    last_run = [value for _labels, value in metrics.get("meterline_invariant_check_last_run_timestamp_seconds", [])]
+    if not violations and not (last_run and last_run[0] > 0):
+        return {"state": "not_run", "detail": "no invariant check has run since the scheduler started",
+                "violations": {}}
+    state = "violated" if any(violations.values()) else "ok"
+    return {"state": state, "violations": violations, "last_run_unix_s": last_run[0] if last_run else None}
+
+
+def collect(*, urls: Mapping[str, str], probe_urls: Mapping[str, str],
+            children: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The whole health picture and its verdict (``healthy``; ``problems`` says why not)."""
+    with ThreadPoolExecutor(max_workers=max(1, len(probe_urls))) as pool:
+        futures = {name: pool.submit(probe, url) for name, url in probe_urls.items()}
+        probes = {name: future.result() for name, future in futures.items()}
+    engine_report = engines(urls, {"checks": probes.get("api", {}).get("checks", {})} if "api" in probes else None)
+    invariants = invariant_check(probes.get("scheduler"))
+    problems: list[str] = []
+    for name, engine in engine_report.items():
+        if not engine["reachable"]:
+            problems.append(f"engine {name} unreachable: {engine['detail']}")
+    for name, child in children.items():
+        if not child.get("alive"):
+            problems.append(f"process {name} is not running")
+            continue
+        report = probes.get(name)
+        if report is None:
+            continue
+        if not report["health"]:
+            problems.append(f"process {name}: /health does not answer ({report['error'] or 'not 200'})")
+        elif not report["ready"]:
+            failing = {k: v.get("detail") for k, v in report["checks"].items() if not v.get("ok")}
+            problems.append(f"process {name} not ready: {failing or report['error']}")
+    if invariants["state"] == "violated":
+        problems.append(f"invariant check violated: {invariants['violations']}")
+    processes = {name: {k: v for k, v in report.items() if k != "metrics"} for name, report in probes.items()}
+    return {"healthy": not problems, "problems": problems, "engines": engine_report, "probes": processes,
+            "consumer_lag": consumer_lag(probes), "dead_letters": dead_letters(probes), "invariant_check": invariants}

@@ -278,8 +278,7 @@ def status(settings: StackSettings, *, deep: bool = False) -> dict[str, object]:
     assert state is not None
     children = state.get("children", {})
     assert isinstance(children, dict)
-    report = {name: {**info, "alive": bool(info.get("pid")) and psutil.pid_exists(info["pid"])}
-              for name, info in children.items()}
+    report = {name: {**info, "alive": _running(info.get("pid"))} for name, info in children.items()}
     out: dict[str, object] = {"running": True, "home": str(paths.home), "api_url": state.get("api_url"),
                               "urls": state.get("urls"), "children": report,
                               "api_health": api_health(str(state.get("api_url")))}
@@ -290,6 +289,16 @@ def status(settings: StackSettings, *, deep: bool = False) -> dict[str, object]:
         out.update(health.collect(urls=urls if isinstance(urls, dict) else {},
                                   probe_urls=probes if isinstance(probes, dict) else {}, children=report))
     return out
+
+
+def _running(pid: object) -> bool:
+    """A live process (a killed child its supervisor has not reaped yet is a zombie: not running)."""
+    if not isinstance(pid, int) or not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def down(settings: StackSettings, *, timeout_s: float = 40.0) -> bool:

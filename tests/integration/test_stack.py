@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import psycopg
 import pytest
@@ -69,10 +70,12 @@ def running_stack(home: Path) -> Iterator[dict[str, str]]:
     env = _env(home)
     started = time.monotonic()
     result = _cli("up", "--detach", "--timeout-s", "60", env=env)
-    assert result.returncode == 0, result.stderr
-    assert time.monotonic() - started < 30, "every component must be healthy within 30 s"
-    yield env
-    _cli("down", env=env)
+    try:  # a failed start-up must not leave its processes behind either
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 30, "every component must be healthy within 30 s"
+        yield env
+    finally:
+        _cli("down", env=env)
 
 
 def test_up_starts_every_component_and_down_leaves_nothing_behind(running_stack: dict[str, str]) -> None:
@@ -204,3 +207,53 @@ def test_usage_after_a_restart_of_the_embedded_stack_is_charged(home: Path) -> N
         assert result.returncode == 1 and "ledger" in result.stderr, result.stdout + result.stderr
     finally:
         _cli("down", env=env)
+
+
+def _status_rc(env: dict[str, str]) -> tuple[int, dict[str, object]]:
+    result = _cli("status", "--json", env=env)
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_status_shows_engines_probes_and_lag_and_fails_while_a_process_is_down(running_stack: dict[str, str]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    env = running_stack
+    _wait(lambda: _status_rc(env)[0] == 0, 60, "`meterline status` to report a healthy stack (exit 0)")
+    rc, report = _status_rc(env)
+    assert report["healthy"] is True and report["problems"] == []
+    engines = report["engines"]
+    assert isinstance(engines, dict) and set(engines) == {"postgresql", "broker", "clickhouse"}
+    assert all(engine["reachable"] for engine in engines.values()), engines
+    probes = report["probes"]
+    assert isinstance(probes, dict) and set(probes) == {"api", "streams-0", "ledger", "analytics", "scheduler"}
+    for name, probe in probes.items():
+        assert probe["health"] and probe["ready"], (name, probe)
+        # each process's metrics port answers /metrics in the Prometheus format (prometheus-client's own parser)
+        families = {f.name for f in text_string_to_metric_families(httpx.get(f"{probe['url']}/metrics").text)}
+        assert families, name
+    assert {"meterline-streams", "meterline-ledger", "meterline-analytics"} <= set(report["consumer_lag"])  # type: ignore[arg-type]
+    assert report["dead_letters"]["total"] == 0  # type: ignore[index]
+    assert report["invariant_check"]["state"] == "not_run"  # type: ignore[index]
+
+    # a process that is down: the supervisor is paused so it cannot restart the killed ledger at once
+    state = json.loads((Path(env["METERLINE_HOME"]) / "stack.json").read_text())
+    supervisor, ledger = state["supervisor_pid"], state["children"]["ledger"]["pid"]
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        os.killpg(ledger, signal.SIGKILL)
+        rc, report = _status_rc(env)
+        assert rc == 1 and report["healthy"] is False
+        assert any("ledger" in problem for problem in report["problems"]), report["problems"]  # type: ignore[union-attr]
+        assert _cli("status", env=env).returncode == 1  # the table view too
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    _wait(lambda: _status_rc(env)[0] == 0, 60, "the restarted ledger to make the stack healthy again")
+
+    # a process that hangs (alive, not answering) is unhealthy too
+    streams = _status(env)["children"]["streams-0"]["pid"]  # type: ignore[index]
+    os.killpg(streams, signal.SIGSTOP)
+    try:
+        rc, report = _status_rc(env)
+        assert rc == 1 and any("streams-0" in p and "/health" in p for p in report["problems"]), report  # type: ignore[union-attr]
+    finally:
+        os.killpg(streams, signal.SIGCONT)

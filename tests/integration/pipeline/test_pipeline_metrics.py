@@ -1,0 +1,110 @@
+"""The streams worker's and the ledger consumer's /health, /ready and /metrics (real processes, real broker).
+
+- every /metrics parses with prometheus-client's own parser;
+- the consumer lag of usage.events.v1 moves above 0 while a burst is being metered and comes back to 0 once the
+  worker has caught up (lag = high watermark of the latest fetch − next offset to process; ledger/metrics.py);
+- dead letters are counted by reason; the ledger reports checkpoints applied, emit→apply latency and its lag.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import orjson
+import pytest
+from pipeline_harness import EventProducer, Pipeline, make_event, setup_catalog
+from prometheus_client.parser import text_string_to_metric_families
+
+from meterline.services import free_port
+
+pytestmark = pytest.mark.integration
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(base_url: str) -> Samples:
+    r = httpx.get(f"{base_url}/metrics", timeout=5)
+    assert r.status_code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def wait_ready(base_url: str, timeout_s: float) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    body: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base_url}/ready", timeout=5)
+            body = r.json()
+            if r.status_code == 200:
+                return body
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{base_url} not ready within {timeout_s} s: {body}")
+
+
+def test_lag_moves_under_load_then_returns_to_zero_and_every_metric_parses(pipeline: Pipeline) -> None:
+    setup_catalog(pipeline.database_url)
+    streams_url, ledger_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    streams = pipeline.start("streams", STREAMS_METRICS_PORT=streams_url.rsplit(":", 1)[1])
+    ledger = pipeline.start("ledger", LEDGER_METRICS_PORT=ledger_url.rsplit(":", 1)[1])
+    assert wait_ready(streams_url, 60)["checks"]["partitions"]["ok"]  # type: ignore[index]
+    wait_ready(ledger_url, 60)
+    assert httpx.get(f"{streams_url}/health").status_code == 200
+    group = pipeline.env["STREAMS_APP_ID"]
+    lag_name = "meterline_consumer_lag_messages"
+
+    # a burst of one-event messages (faust's per-message cost makes the worker the slow side) and two bad ones
+    producer = EventProducer(pipeline.bootstrap, pipeline.usage_topic, pipeline.partitions)
+    producer.send_raw(b"{not json", partition=0)
+    producer.send_raw(orjson.dumps({"id": "x"}), partition=1)
+    events = [make_event(i, f"user-{i % 50}", 1) for i in range(40_000)]
+    deadline = time.monotonic() + 60
+    lag_seen = 0.0
+    for i, event in enumerate(events):
+        producer.send_packed([event], pack=1)
+        if i % 2_000 == 0:
+            lag_seen = max(lag_seen, total(scrape(streams_url), lag_name, group=f"{pipeline.prefix}{group}"))
+        assert time.monotonic() < deadline, "producing the burst took too long"
+    sent = producer.flush()
+    while lag_seen == 0 and time.monotonic() < deadline:
+        lag_seen = max(lag_seen, total(scrape(streams_url), lag_name, group=f"{pipeline.prefix}{group}"))
+        time.sleep(0.1)
+    assert lag_seen > 0, "the lag never moved while a 40,000-message burst was metered"
+
+    pipeline.wait_applied(sent.last_offset, timeout_s=120, watch=[streams, ledger])
+    lag_after: float | None = None
+    until = time.monotonic() + 20
+    while time.monotonic() < until:
+        samples = scrape(streams_url)
+        lag_after = total(samples, lag_name, group=f"{pipeline.prefix}{group}")
+        if lag_after == 0:
+            break
+        time.sleep(0.3)
+    assert lag_after == 0, f"the lag stayed at {lag_after} after everything was applied"
+    owned = [ls for (n, ls), _ in samples.items() if n == lag_name]
+    assert len(owned) == pipeline.partitions, "one lag sample per owned partition"
+
+    assert total(samples, "meterline_dead_letters_total") == 2
+    assert total(samples, "meterline_dead_letters_total", reason="bad_json") == 1, samples
+    assert total(samples, "meterline_streams_checkpoints_total") > 0
+
+    ledger_samples = scrape(ledger_url)
+    assert total(ledger_samples, "meterline_ledger_checkpoints_total", outcome="applied") > 0
+    assert total(ledger_samples, "meterline_ledger_checkpoint_emit_to_apply_seconds_count") > 0
+    assert total(ledger_samples, "meterline_ledger_apply_seconds_count") > 0
+    assert ("meterline_outbox_backlog_rows", ()) in ledger_samples
+    ledger_group = pipeline.env["LEDGER_CONSUMER_GROUP"]
+    until = time.monotonic() + 10
+    while total(ledger_samples, lag_name, group=ledger_group) != 0 and time.monotonic() < until:
+        time.sleep(0.5)
+        ledger_samples = scrape(ledger_url)
+    assert [ls for (n, ls), _ in ledger_samples.items() if n == lag_name], "the ledger reports its lag"
+    assert total(ledger_samples, lag_name, group=ledger_group) == 0

@@ -27,7 +27,9 @@ import pytest
 
 from ledger.db import libpq_url
 
-TEMPLATE_DB = "meterline_template"
+#: The migrated database every test clones, one per session: on a shared external server (DATABASE_URL, e.g. CI's
+#: PostgreSQL on 127.0.0.1:5432) two sessions at once must not drop each other's template.
+TEMPLATE_DB = f"meterline_template_{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ def engines() -> Iterator[Engines]:
             bootstrap = broker.bootstrap
         clickhouse_url = from_env.get("CLICKHOUSE_URL") or services.embedded_clickhouse_url(root / "clickhouse")
         _build_template(database_url)
+        stack.callback(_drop_database, database_url, TEMPLATE_DB)
         yield Engines(database_url, bootstrap, clickhouse_url)
 
 
@@ -100,6 +103,12 @@ def _build_template(admin_url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
     migrate(_with_database(admin_url, TEMPLATE_DB))
+
+
+def _drop_database(admin_url: str, name: str) -> None:
+    with contextlib.suppress(psycopg.OperationalError), \
+            psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _with_database(url: str, name: str) -> str:

@@ -296,7 +296,7 @@ def _running(pid: object) -> bool:
     if not isinstance(pid, int) or not pid:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the api process, served at ``GET /metrics`` on the API's own port (api/routes/health.py).
+"""Prometheus metrics of the api process, served at ``GET /metrics`` on the API's own port (api/health.py).
 
 The api process's registry also holds ``ledger``'s metrics it records (none on the hot path) and, with embedded
 ClickHouse, the analytics sink's (analytics/metrics.py) and its consumer lag, because the sink runs in this process.

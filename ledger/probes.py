@@ -6,7 +6,7 @@
   consumer loop running, not halted), else 503; the body lists each check, so the reason is visible.
 - ``/metrics``: the process's Prometheus registry in the text exposition format, served by prometheus-client.
 
-The API serves the same three paths on its own port (api/routes/health.py); the other processes (streams,
+The API serves the same three paths on its own port (api/health.py); the other processes (streams,
 ledger, analytics, scheduler) call ``start_probe_server`` with the port of their settings. The server runs in a
 daemon thread, so a probe never waits for the process's main loop; checks must therefore be cheap and
 thread-safe (read a flag or a timestamp, or run one short query with a timeout).

@@ -1,0 +1,70 @@
+"""meterline/health.py's verdict from probe reports (pure: the probes are given, no engines or processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meterline import health
+
+METRICS = """# HELP meterline_consumer_lag_messages lag
+# TYPE meterline_consumer_lag_messages gauge
+meterline_consumer_lag_messages{group="g",topic="t",partition="0"} 5.0
+meterline_consumer_lag_messages{group="g",topic="t",partition="1"} 2.0
+# HELP meterline_dead_letters_total dead letters
+# TYPE meterline_dead_letters_total counter
+meterline_dead_letters_total{reason="bad_json"} 3.0
+"""
+
+
+def _probe(metrics: str = "", *, ready: bool = True, health_ok: bool = True) -> dict[str, Any]:
+    return {"url": "http://x", "health": health_ok, "ready": ready,
+            "checks": {"db": {"ok": ready, "detail": "answers" if ready else "refused"}},
+            "metrics": health.parse_metrics(metrics), "error": None}
+
+
+def test_lag_is_summed_per_group_and_dead_letters_per_reason() -> None:
+    probes = {"streams-0": _probe(METRICS), "streams-1": _probe(METRICS.replace('"0"', '"2"').replace('"1"', '"3"'))}
+    lag = health.consumer_lag(probes)
+    assert lag["g"]["messages"] == 14 and lag["g"]["partitions"] == {"t[0]": 5, "t[1]": 2, "t[2]": 5, "t[3]": 2}
+    assert health.dead_letters(probes)["by_reason"] == {"bad_json": 6}
+
+
+@pytest.mark.parametrize(("metrics", "state"), [
+    ("", "not_run"),
+    ("# TYPE meterline_invariant_check_last_run_timestamp_seconds gauge\n"
+     "meterline_invariant_check_last_run_timestamp_seconds 0.0\n", "not_run"),
+    ("# TYPE meterline_invariant_check_violations gauge\nmeterline_invariant_check_violations{check=\"chain\"} 0.0\n"
+     "# TYPE meterline_invariant_check_last_run_timestamp_seconds gauge\n"
+     "meterline_invariant_check_last_run_timestamp_seconds 1.7e9\n", "ok"),
+    ("# TYPE meterline_invariant_check_violations gauge\nmeterline_invariant_check_violations{check=\"chain\"} 2.0\n",
+     "violated"),
+])
+def test_invariant_check_state(metrics: str, state: str) -> None:
+    assert health.invariant_check(_probe(metrics))["state"] == state
+
+
+def _verdict(monkeypatch: pytest.MonkeyPatch, probes: dict[str, dict[str, Any]],
+             children: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    monkeypatch.setattr(health, "probe", lambda url: probes[url])
+    monkeypatch.setattr(health, "engines", lambda urls, api: {"postgresql": {"reachable": True, "detail": "ok"}})
+    return health.collect(urls={}, probe_urls={name: name for name in probes}, children=children)
+
+
+def test_healthy_only_when_every_process_is_up_ready_and_no_invariant_is_violated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    alive = {"ledger": {"alive": True}, "scheduler": {"alive": True}}
+    assert _verdict(monkeypatch, {"ledger": _probe(), "scheduler": _probe()}, alive)["healthy"] is True
+
+    down = _verdict(monkeypatch, {"ledger": _probe(health_ok=False), "scheduler": _probe()},
+                    {"ledger": {"alive": False}, "scheduler": {"alive": True}})
+    assert down["healthy"] is False and down["problems"] == ["process ledger is not running"]
+
+    not_ready = _verdict(monkeypatch, {"ledger": _probe(ready=False), "scheduler": _probe()}, alive)
+    assert not_ready["problems"] == ["process ledger not ready: {'db': 'refused'}"]
+
+    violated = _verdict(monkeypatch, {"ledger": _probe(), "scheduler": _probe(
+        "# TYPE meterline_invariant_check_violations gauge\n"
+        "meterline_invariant_check_violations{check=\"balance\"} 1.0\n")}, alive)
+    assert violated["healthy"] is False and "invariant check violated" in violated["problems"][0]

@@ -172,7 +172,9 @@ class KafkaEdge:
         if runner is None:
             return False, "ingestion is not started"
         try:
-            metadata = runner.producer.list_topics(self.topic, timeout=timeout_s)
+            # all topics, not list_topics(self.topic): a producer's metadata request for one topic may auto-create
+            # it on a broker that allows that, and a probe must change nothing
+            metadata = runner.producer.list_topics(timeout=timeout_s)
         except Exception as error:  # KafkaException: the broker did not answer in time
             return False, f"the broker does not answer: {error}"
         topic = metadata.topics.get(self.topic)

@@ -257,3 +257,14 @@ def test_status_shows_engines_probes_and_lag_and_fails_while_a_process_is_down(r
         assert rc == 1 and any("streams-0" in p and "/health" in p for p in report["problems"]), report  # type: ignore[union-attr]
     finally:
         os.killpg(streams, signal.SIGCONT)
+
+    # an engine that is down: the embedded broker killed (the supervisor paused, so nothing restarts it meanwhile)
+    state = json.loads((Path(env["METERLINE_HOME"]) / "stack.json").read_text())
+    os.kill(state["supervisor_pid"], signal.SIGSTOP)
+    try:
+        os.kill(state["broker_pid"], signal.SIGKILL)
+        rc, report = _status_rc(env)
+        assert rc == 1 and report["engines"]["broker"]["reachable"] is False, report["engines"]  # type: ignore[index]
+        assert any(p.startswith("engine broker unreachable") for p in report["problems"]), report["problems"]  # type: ignore[union-attr]
+    finally:
+        os.kill(state["supervisor_pid"], signal.SIGCONT)

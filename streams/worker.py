@@ -280,9 +280,7 @@ class Runtime:
         policies = self.catalog.policies.values() if self.catalog else ()
         return max([self.settings.allowed_lateness_s, *(p.allowed_lateness_s for p in policies)])
 
-    # -- batches -----------------------------------------------------------------------------------------
-
-    # -- observability ---------------------------------------------------------------------------------
+    # -- observability (read by the probe thread: flags and timestamps only) ------------------------------
 
     def readiness_checks(self) -> dict[str, Check]:
         return {"database": database_check(self.engine), "partitions": self._partitions_check,
@@ -317,6 +315,8 @@ class Runtime:
             if high is not None:
                 record_lag(self.group_id, self.usage_topic, p, next_offset=aggregator.processed_through + 1,
                            high_watermark=int(high))
+
+    # -- batches -----------------------------------------------------------------------------------------
 
     async def handle_batch(self, events: Sequence[Any]) -> None:
         """Meter a batch and return only when its checkpoints are acknowledged (or end the process)."""

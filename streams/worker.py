@@ -297,7 +297,7 @@ class Runtime:
 
     def _loop_check(self) -> tuple[bool, str]:
         idle_s = time.monotonic() - self.loop_turned_at
-        return idle_s < 15.0, f"last turn {idle_s:.1f} s ago"
+        return idle_s < 30.0, f"last turn {idle_s:.1f} s ago"  # a 1 s timer; a large batch holds the loop for seconds
 
     def record_observations(self) -> None:
         """Lag of each owned, seeded partition and the partition gauge (a 1 s timer and the end of each batch)."""

@@ -35,6 +35,7 @@ ROUTER_MODULES: list[str] = [
     "api.routes.payments",
     "api.routes.webhooks",
     "api.routes.billing_rules",
+    "api.routes.ledger_chain",
     "api.dashboard.routes",
 ]
 

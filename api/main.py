@@ -36,6 +36,7 @@ ROUTER_MODULES: list[str] = [
     "api.routes.webhooks",
     "api.routes.billing_rules",
     "api.routes.ledger_chain",
+    "api.routes.dead_letters",
     "api.dashboard.routes",
 ]
 

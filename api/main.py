@@ -37,6 +37,7 @@ ROUTER_MODULES: list[str] = [
     "api.routes.billing_rules",
     "api.routes.ledger_chain",
     "api.routes.dead_letters",
+    "api.routes.exports",
     "api.dashboard.routes",
 ]
 

@@ -42,14 +42,12 @@ def _json(value: Any) -> str:
 
 def payload_of(row: Any) -> bytes:
     """The chained text of a transaction row (``metadata_text`` = ``metadata::text`` as PostgreSQL renders it)."""
-    items = [row.id, row.project_id, row.wallet_id, row.kind, row.amount_minor, row.balance_before_minor,
-             row.balance_after_minor, row.idempotency_key, row.request_fingerprint, row.source_ref,
-             row.related_transaction_id, row.hold_id, row.meter_id, _micros(row.period_start), row.price_version_id,
-             row.reason]
-    parts = [_json(v) for v in items]
-    parts.append(row.metadata_text if row.metadata_text is not None else "null")
-    parts.append(_json(_micros(row.created_at)))
-    return ("[" + ", ".join(parts) + "]").encode()
+    head = _json([row.id, row.project_id, row.wallet_id, row.kind, row.amount_minor, row.balance_before_minor,
+                  row.balance_after_minor, row.idempotency_key, row.request_fingerprint, row.source_ref,
+                  row.related_transaction_id, row.hold_id, row.meter_id, _micros(row.period_start),
+                  row.price_version_id, row.reason])
+    metadata = row.metadata_text if row.metadata_text is not None else "null"
+    return f"{head[:-1]}, {metadata}, {_json(_micros(row.created_at))}]".encode()
 
 
 def link(previous: bytes | None, payload: bytes) -> bytes:

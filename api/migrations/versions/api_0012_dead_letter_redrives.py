@@ -6,7 +6,7 @@ Create Date: 2026-12-03
 
 One row per redriven dead letter: (project, dead-letter id = source partition:offset:index, event source, event
 id) — the same letter re-emitted by a crashed worker has the same key; a position reused by a later topic life
-holds another event, hence another key. api/redrive.py inserts the rows of a redrive (``ON CONFLICT DO NOTHING``)
+holds another event, hence another key. api/ingest/redrive.py inserts the rows of a redrive (``ON CONFLICT DO NOTHING``)
 and produces only the events whose row it inserted, in the same transaction, committing after the broker
 acknowledged them — so a dead letter is redriven at most once. An event redriven too early (cause not fixed) is
 dead-lettered again as a NEW letter, which can be redriven once the cause is fixed; copies of one event are

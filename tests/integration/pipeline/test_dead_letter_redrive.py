@@ -1,4 +1,4 @@
-"""Dead-letter redrive over HTTP (api/routes/dead_letters.py, api/redrive.py, streams/redrive.py) with the real
+"""Dead-letter redrive over HTTP (api/ingest/routes_dead_letters.py, api/ingest/redrive.py, streams/redrive.py) with the real
 streams worker and ledger consumer: events of a type without a meter are dead-lettered; once the meter exists a
 redrive charges them once, and a second redrive charges nothing."""
 

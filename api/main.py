@@ -38,6 +38,7 @@ ROUTER_MODULES: list[str] = [
     "api.wallets.routes_billing_rules",
     "api.wallets.routes_ledger_chain",
     "api.wallets.routes_exports",
+    "api.wallets.routes_reconciliation",
     "api.ingest.routes_dead_letters",
     "api.dashboard.routes_pages",
 ]

@@ -200,3 +200,51 @@ def test_a_lost_checkpoint_is_found_repaired_once_and_the_pipeline_continues_exa
     assert _charged(engine, "carol") == price_floor(Decimal(100), PRICE)
     assert _replay(database_url, feeder, apply=False)["differences"] == []
     assert _charged(engine, "alice") == price_floor(Decimal(30), PRICE)
+
+
+def test_the_scheduled_reconciliation_names_the_drifted_wallet_and_reports_zero_after_the_repair(
+        database_url: str, topics: Any, engine: Engine) -> None:
+    import threading
+
+    from ledger.reconciliation import latest_report
+    from meterline.reconcile_job import Reconciler, run_once
+
+    setup_catalog(database_url)
+    feeder = Feeder(topics, engine)
+    carol_p = partition_for("carol", topics.usage_partitions)
+    feeder.send("carol", [11, 12])
+    feeder.send("carol", [13])
+    feeder.send(_same_partition("carol", topics.usage_partitions, "neighbour"), [9])
+    sent = feeder.producer.flush()
+    feeder.meter(drop=(carol_p, sent.last_offset[carol_p] - 1))
+    with engine.connect() as conn:
+        assert latest_report(conn, PROJECT) is None
+
+    run_once(database_url=database_url, bootstrap=topics.bootstrap, topic_prefix=topics.prefix, timeout_s=60)
+    with engine.connect() as conn:
+        report = latest_report(conn, PROJECT)
+        other = latest_report(conn, "another-project")
+    assert report is not None and report.complete and report.messages == 3
+    [(wallet, meter, units, amount)] = [(d["wallet_id"], d["meter_id"], d["replayed_units"], d["amount_minor"])
+                                        for d in report.differences]
+    assert (wallet, units, amount) == (wallet_of("carol"), "36", price_floor(Decimal(36), PRICE)
+                                       - price_floor(Decimal(23), PRICE)) and meter
+    assert report.drift_minor == amount and other is not None and other.differences == []
+
+    _replay(database_url, feeder, apply=True)
+    run_once(database_url=database_url, bootstrap=topics.bootstrap, topic_prefix=topics.prefix, timeout_s=60)
+    with engine.connect() as conn:
+        after = latest_report(conn, PROJECT)
+    assert after is not None and after.id > report.id and after.differences == []
+
+    # the job only starts a replay when due, on a thread, never two at once
+    release, runs = threading.Event(), []
+    reconciler = Reconciler(0.01, lambda: (runs.append(1), release.wait(10)))
+    time.sleep(0.02)
+    assert reconciler.tick() == 1 and reconciler.tick() == 0  # the first is still running
+    release.set()
+    assert reconciler.thread is not None
+    reconciler.thread.join(5)
+    time.sleep(0.02)
+    assert reconciler.tick() == 1 and len(runs) >= 1
+    assert Reconciler(0, lambda: None).tick() == 0  # 0 = never

@@ -73,3 +73,28 @@ def test_admins_download_exports_that_read_back_and_sum_to_the_ledger(database_u
         bad = client.get(f"/api/v1/projects/{project}/exports/transactions?from={day}&to={day}", headers=headers)
         assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
         assert client.get(f"/api/v1/projects/{other}/exports/usage?{query}", headers=headers).status_code == 404
+
+
+def test_the_reconciliation_route_serves_the_latest_report_of_the_project_only(database_url: str,
+                                                                               engines: Any) -> None:
+    from ledger.db import make_engine
+    from ledger.reconciliation import record_report
+
+    with api_client(database_url, engines) as client:
+        headers, project = owner_and_project(client)
+        r = client.get(f"/api/v1/projects/{project}/reconciliation", headers=headers)
+        assert r.status_code == 200 and r.json() == {"report": None}
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            with engine.begin() as conn:
+                for drift in (5, 7):
+                    record_report(conn, source_topic="usage.events.v1", replay_id=f"rp_{drift}", marks={"0": 9},
+                                  started_at=datetime.now(UTC), messages=10, incomplete=[], drift_minor=drift + 1,
+                                  differences=[{"project_id": project, "wallet_id": "w1", "meter_id": "m",
+                                                "period_start": "2026-12-01T00:00:00+00:00", "amount_minor": drift},
+                                               {"project_id": "elsewhere", "wallet_id": "w2", "amount_minor": 1}])
+        finally:
+            engine.dispose()
+        report = client.get(f"/api/v1/projects/{project}/reconciliation", headers=headers).json()["report"]
+        assert report["replay_id"] == "rp_7" and report["drift_minor"] == 7 and report["complete"]
+        assert [d["wallet_id"] for d in report["differences"]] == ["w1"]

@@ -73,6 +73,20 @@ def browser():
     b.close()
 
 
+def _worker_dead_letter(project: str, *, source_topic: str) -> Any:
+    """The dead letter the streams worker produces for an event whose ``time`` is unparseable: the worker's
+    own validation makes the rejection and its own builder the message (never a hand-made shape)."""
+    from streams.dead_letters import dead_letter_message
+    from streams.metering import Limits, Rejection, validate_event
+
+    raw = {"specversion": "1.0", "id": "evt-bad-time", "source": "browser-test", "type": "tokens",
+           "subject": "ada", "project": project, "time": "yesterday", "data": {"units": "1"}}
+    value = orjson.dumps(raw)
+    rejection = validate_event(raw, index=None, message=value, arrival=datetime.now(UTC), limits=Limits())
+    assert isinstance(rejection, Rejection)
+    return dead_letter_message(rejection, source_topic=source_topic, partition=0, offset=0, now=datetime.now(UTC))
+
+
 def _seed(api_url: str, topics: Any) -> dict[str, Any]:
     """A user, a project, ledger transactions and usage events of the last days. Returns what pages must show."""
     email = f"owner-{uuid.uuid4().hex[:8]}@example.com"
@@ -106,8 +120,8 @@ def _seed(api_url: str, topics: Any) -> dict[str, Any]:
             "specversion": "1.0", "id": uuid.uuid4().hex, "source": "browser-test", "type": "tokens",
             "subject": subject, "project": project, "time": (now - timedelta(hours=i % 20)).isoformat(),
             "data": {"units": str(value)}}))
-    producer.produce(topics.name(TOPIC_USAGE_DLQ), value=orjson.dumps({"event": {"project": project}}),
-                     headers=[("reason", b"unknown_meter")])
+    letter = _worker_dead_letter(project, source_topic=topics.name(TOPIC_USAGE_EVENTS))
+    producer.produce(topics.name(TOPIC_USAGE_DLQ), value=letter.value, headers=letter.headers)
     assert producer.flush(30) == 0
     base = f"{api_url}/api/v1/projects/{project}/analytics"
     deadline = time.monotonic() + 90
@@ -227,6 +241,6 @@ def test_dashboard_pages_show_the_project_figures(api_url, topics, browser, stac
 
     _open(browser, f"{dash}/dead-letters")
     assert browser.evaluate("[...document.querySelectorAll('#dead-letters tr')].slice(1)"
-                            ".map(r => r.cells[1].textContent)") == ["unknown_meter"]
+                            ".map(r => r.cells[1].textContent)") == ["bad_time"]
     browser.screenshot(ARTIFACTS / "dashboard-dead-letters.png")
     assert not [line for line in browser.console if line.startswith("exception")], browser.console

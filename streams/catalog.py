@@ -259,6 +259,16 @@ def meter_history(conn: Connection, *, project_id: str, meter: str) -> list[Mete
     return [MeterRow.of(r) for r in rows]
 
 
+def meter_histories(conn: Connection, *, project_id: str) -> dict[str, list[MeterRow]]:
+    """Every version of every meter of the project in one read: meter id -> versions, oldest first."""
+    rows = conn.execute(text(f"SELECT {_METER_COLUMNS} FROM meters WHERE project_id = :p ORDER BY id, version"),
+                        {"p": project_id}).mappings().all()
+    out: dict[str, list[MeterRow]] = {}
+    for row in rows:
+        out.setdefault(row["id"], []).append(MeterRow.of(row))
+    return out
+
+
 def update_meter(conn: Connection, *, project_id: str, meter: str, **changes: Any) -> MeterRow:
     """A new version with ``changes`` applied (name, description, event_type, aggregation, value_property,
     filters, group_by). The slug and the id stay: counters and prices keep referring to the meter."""

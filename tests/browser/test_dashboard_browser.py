@@ -97,6 +97,10 @@ def _seed(api_url: str, topics: Any) -> dict[str, Any]:
     r = httpx.post(f"{api_url}/api/v1/projects", json={"name": "Browser Co"}, headers=headers)
     assert r.status_code == 201, r.text
     project = r.json()["id"]
+    # usage analytics count units as a meter defines them: the seeded "tokens" events need their meter
+    r = httpx.post(f"{api_url}/api/v1/projects/{project}/meters", headers=headers, json={
+        "slug": "tokens", "event_type": "tokens", "aggregation": "SUM", "value_property": "$.units"})
+    assert r.status_code == 201, r.text
     now = datetime.now(UTC)
     ledger = [  # (wallet, kind, amount, days ago, bucket source, source ref)
         ("wA", "top_up", 1000, 10, "top_up", "pack:starter:cs_1"), ("wA", "usage", -300, 5, None, None),

@@ -25,8 +25,9 @@ from analytics.settings import get_settings as get_analytics_settings
 from analytics.sink import SinkThread, sink_runs_in_api
 from api.auth import ProjectAccess, require_project
 from api.deps import ConnectionDep
-from api.errors import NotFound, Unavailable
+from api.errors import Unavailable
 from streams import catalog
+from streams.errors import MeterNotFound
 
 log = structlog.get_logger("api.analytics")
 
@@ -118,10 +119,6 @@ def meter_specs(conn: Connection, project_id: str, meter: str | None = None) -> 
     if meter is not None and not specs:
         raise MeterNotFound(f"no meter {meter!r} in this project (GET /api/v1/projects/{{project}}/meters)")
     return sorted(specs, key=lambda m: m.slug)
-
-
-class MeterNotFound(NotFound):
-    code = "catalog.meter_not_found"
 
 
 MeterQ = Annotated[str | None, Query(max_length=100, description="a meter's slug or id (default: every meter)")]

@@ -100,6 +100,7 @@ _BEFORE_ANY_EVENT = datetime(1970, 1, 1, tzinfo=UTC)
 def meter_specs(conn: Connection, project_id: str, meter: str | None = None) -> list[MeterSpec]:
     """The project's current meters (or the one named by slug or id) with every version's definition, for
     units computed as each meter defines them (analytics/meter_units.py)."""
+    meter = meter or None  # an empty picker value means every meter
     histories = catalog.meter_histories(conn, project_id=project_id)
     priced = {p.meter_id for p in catalog.list_prices(conn, project_id=project_id)}
     specs = []

@@ -1,6 +1,6 @@
 """The README's quickstart, pasted as a user would: the blocks marked ``<!-- readme-test -->`` are taken from
-README.md itself (no copy lives here), run in ONE bash shell against a fresh ``meterline up`` stack on free ports,
-twice. The second run must log in instead of signing up, reuse the project, and charge only the new usage.
+README.md itself (no copy lives here), run in ONE bash shell against a fresh running stack (``meterline up`` on
+free ports in a new home), twice. The second run must log in instead of signing up, reuse the project, and charge only the new usage.
 The charge is checked against the ledger through the API: 0.4 credit per token after 1,000 free tokens."""
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ def test_readme_quickstart_runs_twice_against_a_fresh_stack(stack_home: Path) ->
     work.mkdir()
     api = f"http://127.0.0.1:{env['METERLINE_API_PORT']}/api/v1"
     try:
+        # the stack runs before the blocks do (the README's `meterline status || meterline up` then finds it):
+        # `up`'s default 60 s health wait is too short on a loaded CI machine
+        started = subprocess.run([sys.executable, "-m", "meterline", "up", "--detach", "--timeout-s", "180"],
+                                 env=env, capture_output=True, text=True, timeout=240)
+        assert started.returncode == 0, started.stdout + started.stderr
         outputs = []
         for run in (1, 2):
             done = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True,

@@ -51,6 +51,9 @@ class MeterSpec:
     versions: tuple[MeterVersion, ...]  # oldest first
     priced: bool = True
     event_type: str = field(default="")
+    #: (price version id, effective_from), ascending: the version in effect at an event's time prices it, and
+    #: events before the first version use the first (streams' CatalogSnapshot.price_at)
+    price_versions: tuple[tuple[str, datetime], ...] = ()
 
     @property
     def aggregation(self) -> str:
@@ -140,17 +143,30 @@ def units_expression(aggregation: str) -> str:
 
 
 def group_expression(meter: MeterSpec, group_by: str, params: dict[str, Any], *, prefix: str) -> str:
-    """``meter`` (one series), ``subject``, one of the meter's group-by paths (``$.model``), or ``data.<key>``."""
+    """``meter`` (one series), ``subject``, ``price_version`` (the version that prices each event, by event
+    time), one of the meter's group-by paths (``$.model``), or ``data.<key>``."""
     p = _Params(params, prefix)
     if group_by == "meter":
         return p.bind(meter.slug, "String")
     if group_by == "subject":
         return "subject"
+    if group_by == "price_version":
+        if not meter.price_versions:
+            return "'unpriced'"
+        (first, _), rest = meter.price_versions[0], meter.price_versions[1:]
+        if not rest:
+            return p.bind(first, "String")
+        # multiIf(time < start of v2, v1, time < start of v3, v2, ..., last)
+        arms = []
+        labels = [label for label, _ in meter.price_versions]
+        for (_, start), label in zip(rest, labels, strict=False):
+            arms.append(f"time < {p.bind(start, _TIME)}, {p.bind(label, 'String')}")
+        return f"multiIf({', '.join(arms)}, {p.bind(labels[-1], 'String')})"
     if group_by in meter.group_by or group_by.startswith(("$.", "data.")):
         if not _GROUP_PATH.match(group_by):
             raise BadQuery("a group-by key is a JSON path of letters, digits, '_' or '-' ($.model, data.model)")
         path = "$." + group_by[5:] if group_by.startswith("data.") else group_by
         args = _path_args(path, p)
         return f"if(JSONType(data, {args}) = 'String', JSONExtractString(data, {args}), JSONExtractRaw(data, {args}))"
-    raise BadQuery(f"group_by must be meter, subject, data.<key> or one of the meter's group-by keys "
+    raise BadQuery(f"group_by must be meter, subject, price_version, data.<key> or one of the meter's group-by keys "
                    f"({', '.join(meter.group_by) or 'none'})")

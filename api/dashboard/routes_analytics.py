@@ -102,7 +102,9 @@ def meter_specs(conn: Connection, project_id: str, meter: str | None = None) -> 
     units computed as each meter defines them (analytics/meter_units.py)."""
     meter = meter or None  # an empty picker value means every meter
     histories = catalog.meter_histories(conn, project_id=project_id)
-    priced = {p.meter_id for p in catalog.list_prices(conn, project_id=project_id)}
+    price_versions: dict[str, list[tuple[str, datetime]]] = {}
+    for price in catalog.list_prices(conn, project_id=project_id):  # active prices: one per meter
+        price_versions.setdefault(price.meter_id, []).extend((v.id, v.effective_from) for v in price.versions)
     specs = []
     for meter_id, versions in histories.items():
         current = versions[-1]
@@ -110,7 +112,8 @@ def meter_specs(conn: Connection, project_id: str, meter: str | None = None) -> 
             continue
         if meter is not None and meter not in (current.slug, meter_id):
             continue
-        specs.append(MeterSpec(id=meter_id, slug=current.slug, group_by=tuple(current.group_by), priced=meter_id in priced,
+        specs.append(MeterSpec(id=meter_id, slug=current.slug, group_by=tuple(current.group_by), priced=meter_id in price_versions,
+                               price_versions=tuple(sorted(price_versions.get(meter_id, []), key=lambda v: v[1])),
                                event_type=current.event_type, versions=tuple(
                                    MeterVersion(event_type=v.event_type, aggregation=v.aggregation,
                                                 value_property=v.value_property, filters=tuple(v.filters),
@@ -135,9 +138,9 @@ def meters(access: ReadAccess, conn: ConnectionDep) -> dict[str, Any]:
 def usage(access: ReadAccess, service: AnalyticsDep, conn: ConnectionDep, granularity: GranularityQ = "hour",
           start: From = None, end: To = None, meter: MeterQ = None,
           subject: Annotated[str | None, Query(max_length=256)] = None,
-          group_by: Annotated[str, Query(pattern=r"^(meter|subject|data\.[A-Za-z0-9_.\-]{1,200}|\$\.[A-Za-z0-9_.\[\]\-]{1,200})$",
-                                         description="meter, subject, or (with ?meter=) one of its group-by "
-                                                     "keys such as $.model, or data.<key>")] = "meter",
+          group_by: Annotated[str, Query(pattern=r"^(meter|subject|price_version|data\.[A-Za-z0-9_.\-]{1,200}|\$\.[A-Za-z0-9_.\[\]\-]{1,200})$",
+                                         description="meter, subject, or (with ?meter=) price_version, one of "
+                                                     "its group-by keys such as $.model, or data.<key>")] = "meter",
           ) -> dict[str, Any]:
     specs = meter_specs(conn, access.project_id, meter)
     return service.usage(project_id=access.project_id, win=window(start, end), granularity=granularity,

@@ -240,6 +240,19 @@ def test_usage_series_at_every_granularity_match_the_events_sent(topics, produce
     assert Decimal(v_units) == sum(Decimal(e["data"]["units"]) for e in events
                                    if (e["type"] == "images") == (datetime.fromisoformat(e["time"]) < later))
 
+    # units by the price version that prices each event (by event time; before the first version: the first)
+    priced = MeterSpec(id="mtr_p", slug="p", group_by=(), event_type="tokens", versions=tokens.versions,
+                       price_versions=(("pv_1", start + timedelta(days=1)), ("pv_2", later)))
+    by_version = service.usage(project_id="prj_u", win=win, granularity="month", meters=[priced],
+                               group_by="price_version")
+    per_version: dict[str, Decimal] = defaultdict(Decimal)
+    for e in token_events:
+        per_version["pv_1" if datetime.fromisoformat(e["time"]) < later else "pv_2"] += Decimal(e["data"]["units"])
+    got_versions: dict[str, Decimal] = defaultdict(Decimal)
+    for point in by_version["series"]:
+        got_versions[point["group"]] += Decimal(point["units"])
+    assert dict(got_versions) == dict(per_version)
+
     day_one = Window(start, start + timedelta(days=1))
     minutes = service.usage(project_id="prj_u", win=day_one, granularity="minute", meters=[tokens])
     in_day = [e for e in events if e["type"] == "tokens" and start <= datetime.fromisoformat(e["time"]) < day_one.end]

@@ -73,3 +73,47 @@ def test_admin_grant_of_a_plan_opens_the_gate_once_and_is_audited(database_url: 
         items = audit["items"] if isinstance(audit, dict) else audit
         actions = [a["action"] for a in items if a["target_id"] == granted["id"]]
         assert sorted(actions) == ["entitlement.end", "entitlement.grant"]
+
+
+def test_the_cli_grants_and_ends_a_plan_once_and_audits_it(database_url: str, engines: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import orjson
+
+    with api_client(database_url, engines) as client:
+        t = team(client, five_users(client))
+        base = f"/api/v1/projects/{t.project_id}"
+        admin = t.by_role["admin"].headers
+        assert client.post(f"{base}/plans", headers=admin, json={
+            "slug": "team", "name": "Team", "credits_minor": 100, "price_minor": 900, "currency": "usd",
+            "interval": "month"}).status_code == 201
+        assert client.put(f"{base}/feature-costs/export", headers=admin,
+                          json={"cost_minor": 0, "requires_entitlement": "*"}).status_code in (200, 201)
+        wallet = client.post(f"{base}/wallets", json={"owner_kind": "subject", "owner_ref": "cli-co"},
+                             headers=admin).json()["id"]
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "meterline", "entitlements", *args], capture_output=True,
+                                  text=True, timeout=120, env={**os.environ, "DATABASE_URL": database_url})
+
+        def allowed() -> bool:
+            r = client.post(f"{base}/access/check", headers=admin, json={"subject": "cli-co", "feature_key": "export"})
+            return bool(r.json()["allowed"])
+
+        assert not allowed()
+        args = ("grant", "-p", t.project_id, wallet, "--plan", "team", "--reason", "local test", "--reference", "CLI-1")
+        first, second = cli(*args), cli(*args)
+        assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+        one, two = orjson.loads(first.stdout), orjson.loads(second.stdout)
+        assert (one["created"], two["created"], one["id"]) == (True, False, two["id"])
+        assert allowed()
+        assert cli("grant", "-p", t.project_id, wallet, "--plan", "nope", "--reason", "x").returncode == 1
+        ended = cli("end", "-p", t.project_id, wallet, one["id"], "--reason", "done")
+        assert ended.returncode == 0 and orjson.loads(ended.stdout)["status"] == "ended", ended.stderr
+        assert not allowed()
+        audit = client.get(f"{base}/audit-log", headers=t.by_role["owner"].headers).json()
+        items = audit["items"] if isinstance(audit, dict) else audit
+        assert sorted(a["action"] for a in items if a["target_id"] == one["id"]) == ["entitlement.end",
+                                                                                    "entitlement.grant"]

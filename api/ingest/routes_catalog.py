@@ -1,6 +1,7 @@
 """The streams catalog over HTTP: meters (versioned), prices (immutable versions), subject keys and the
 project's unknown-subject policy. Thin: every rule lives in ``streams.catalog``; errors carry its codes
-(streams.invalid → 422, streams.not_found → 404, streams.conflict → 409). Reads need "read", changes "admin";
+(catalog.invalid → 422, catalog.meter_not_found / price_not_found / subject_key_not_found → 404,
+catalog.conflict → 409). Reads need "read", changes "admin";
 every change is audited. A running streams worker picks changes up within STREAMS_CATALOG_REFRESH_MS."""
 
 from __future__ import annotations

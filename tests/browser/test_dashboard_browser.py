@@ -73,6 +73,20 @@ def browser():
     b.close()
 
 
+def _worker_dead_letter(project: str, *, source_topic: str) -> Any:
+    """The dead letter the streams worker produces for an event whose ``time`` is unparseable: the worker's
+    own validation makes the rejection and its own builder the message (never a hand-made shape)."""
+    from streams.dead_letters import dead_letter_message
+    from streams.metering import Limits, Rejection, validate_event
+
+    raw = {"specversion": "1.0", "id": "evt-bad-time", "source": "browser-test", "type": "tokens",
+           "subject": "ada", "project": project, "time": "yesterday", "data": {"units": "1"}}
+    value = orjson.dumps(raw)
+    rejection = validate_event(raw, index=None, message=value, arrival=datetime.now(UTC), limits=Limits())
+    assert isinstance(rejection, Rejection)
+    return dead_letter_message(rejection, source_topic=source_topic, partition=0, offset=0, now=datetime.now(UTC))
+
+
 def _seed(api_url: str, topics: Any) -> dict[str, Any]:
     """A user, a project, ledger transactions and usage events of the last days. Returns what pages must show."""
     email = f"owner-{uuid.uuid4().hex[:8]}@example.com"
@@ -83,6 +97,10 @@ def _seed(api_url: str, topics: Any) -> dict[str, Any]:
     r = httpx.post(f"{api_url}/api/v1/projects", json={"name": "Browser Co"}, headers=headers)
     assert r.status_code == 201, r.text
     project = r.json()["id"]
+    # usage analytics count units as a meter defines them: the seeded "tokens" events need their meter
+    r = httpx.post(f"{api_url}/api/v1/projects/{project}/meters", headers=headers, json={
+        "slug": "tokens", "event_type": "tokens", "aggregation": "SUM", "value_property": "$.units"})
+    assert r.status_code == 201, r.text
     now = datetime.now(UTC)
     ledger = [  # (wallet, kind, amount, days ago, bucket source, source ref)
         ("wA", "top_up", 1000, 10, "top_up", "pack:starter:cs_1"), ("wA", "usage", -300, 5, None, None),
@@ -106,8 +124,8 @@ def _seed(api_url: str, topics: Any) -> dict[str, Any]:
             "specversion": "1.0", "id": uuid.uuid4().hex, "source": "browser-test", "type": "tokens",
             "subject": subject, "project": project, "time": (now - timedelta(hours=i % 20)).isoformat(),
             "data": {"units": str(value)}}))
-    producer.produce(topics.name(TOPIC_USAGE_DLQ), value=orjson.dumps({"event": {"project": project}}),
-                     headers=[("reason", b"unknown_meter")])
+    letter = _worker_dead_letter(project, source_topic=topics.name(TOPIC_USAGE_EVENTS))
+    producer.produce(topics.name(TOPIC_USAGE_DLQ), value=letter.value, headers=letter.headers)
     assert producer.flush(30) == 0
     base = f"{api_url}/api/v1/projects/{project}/analytics"
     deadline = time.monotonic() + 90
@@ -227,6 +245,6 @@ def test_dashboard_pages_show_the_project_figures(api_url, topics, browser, stac
 
     _open(browser, f"{dash}/dead-letters")
     assert browser.evaluate("[...document.querySelectorAll('#dead-letters tr')].slice(1)"
-                            ".map(r => r.cells[1].textContent)") == ["unknown_meter"]
+                            ".map(r => r.cells[1].textContent)") == ["bad_time"]
     browser.screenshot(ARTIFACTS / "dashboard-dead-letters.png")
     assert not [line for line in browser.console if line.startswith("exception")], browser.console

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
@@ -106,6 +107,7 @@ class LagRecorder:
         self.group = group
         self.assigned: set[tuple[str, int]] = set()
         self._committed: dict[tuple[str, int], int] = {}
+        self._committed_retry_at = 0.0
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -127,12 +129,17 @@ class LagRecorder:
             return
         try:
             positions = consumer.position([TopicPartition(t, p) for t, p in sorted(self.assigned)])
-            unknown = [tp for tp in positions if tp.offset < 0 and (tp.topic, tp.partition) not in self._committed]
-            if unknown:
-                for tp in consumer.committed(unknown, timeout=2):
-                    self._committed[(tp.topic, tp.partition)] = max(tp.offset, 0)
         except KafkaException:
             return
+        unknown = [tp for tp in positions if tp.offset < 0 and (tp.topic, tp.partition) not in self._committed]
+        if unknown and time.monotonic() >= self._committed_retry_at:
+            # a blocking request to the group coordinator, so at most once per assignment (and after a failure
+            # not again for 30 s): the consume loop that calls this must not stall on it
+            try:
+                for tp in consumer.committed(unknown, timeout=1):
+                    self._committed[(tp.topic, tp.partition)] = max(tp.offset, 0)
+            except KafkaException:
+                self._committed_retry_at = time.monotonic() + 30.0
         for tp in positions:
             next_offset = tp.offset if tp.offset >= 0 else self._committed.get((tp.topic, tp.partition), -1)
             _low, high = consumer.get_watermark_offsets(tp, cached=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
+from ledger import queries as ledger_queries
 from ledger.contracts import PriceModel
 from streams.catalog_model import (
     AGGREGATIONS,
@@ -403,10 +405,13 @@ def archive_price(conn: Connection, *, project_id: str, price_id: str) -> PriceR
 def set_subject_key(conn: Connection, *, project_id: str, subject: str, wallet_id: str | None = None) -> SubjectKeyRow:
     """Map ``subject`` to ``wallet_id`` (default: the subject's auto-provisioned wallet id). Idempotent for the
     same wallet; a subject already mapped to ANOTHER wallet is a conflict (delete the key first: moving a
-    subject between wallets is a deliberate act, it changes who pays)."""
+    subject between wallets is a deliberate act, it changes who pays).
+
+    The tenant boundary (DESIGN §2 invariant 7): the wallet must be this project's — see ``_check_wallet``."""
     if not subject or len(subject) > 256:
         raise CatalogInvalid("subject must be 1..256 characters")
     wallet = wallet_id or auto_wallet_id(project_id, subject)
+    _check_wallet(conn, project_id=project_id, subject=subject, wallet_id=wallet)
     row = conn.execute(text("""
         INSERT INTO subject_keys (project_id, subject, wallet_id) VALUES (:p, :s, :w)
         ON CONFLICT (project_id, subject) DO UPDATE SET wallet_id = subject_keys.wallet_id
@@ -415,6 +420,33 @@ def set_subject_key(conn: Connection, *, project_id: str, subject: str, wallet_i
     if row["wallet_id"] != wallet:
         raise CatalogConflict(f"subject {subject!r} is already mapped to wallet {row['wallet_id']}")
     return SubjectKeyRow.of(row)
+
+
+def _check_wallet(conn: Connection, *, project_id: str, subject: str, wallet_id: str) -> None:
+    """A subject key may point only at a wallet of its own project, else another tenant's usage would be posted
+    on it (issue 13: B mapped a subject to A's wallet and charged A at B's prices).
+
+    - an existing wallet must belong to ``project_id``;
+    - a wallet that does not exist yet is created by the ledger in THIS project on the first checkpoint (or by
+      the API's wallet creation), so a free name is fine — except a UUID other than the subject's own
+      auto-provisioned id: auto-provisioned ids are ``uuid5(project, subject)``, guessable, and naming one of
+      another project's before it exists would squat that project's future wallet.
+    Both refusals are the same 404 "no wallet in this project": whether the id exists elsewhere is not leaked."""
+    existing = ledger_queries.get_wallet(conn, wallet_id)
+    if existing is not None:
+        if existing.project_id == project_id:
+            return
+    elif wallet_id == auto_wallet_id(project_id, subject) or not _is_uuid(wallet_id):
+        return
+    raise CatalogNotFound(f"no wallet {wallet_id!r} in project {project_id}")
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def delete_subject_key(conn: Connection, *, project_id: str, subject: str) -> SubjectKeyRow:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ledger import queries as ledger_queries
 from ledger.contracts import PriceModel
+from ledger.limits import AMOUNT_MINOR_MAX, price_units_max
 from streams.catalog_model import (
     AGGREGATIONS,
     CatalogSnapshot,
@@ -184,11 +185,15 @@ def _check_meter(*, slug: str, event_type: str, aggregation: str, value_property
 
 def _price_model(model: PriceModel | Mapping[str, Any]) -> PriceModel:
     if isinstance(model, PriceModel):
-        return model
-    try:
-        return PriceModel.model_validate(dict(model))
-    except ValidationError as exc:
-        raise CatalogInvalid(f"invalid price model: {exc.errors()[0]['msg']}") from exc
+        checked = model
+    else:
+        try:
+            checked = PriceModel.model_validate(dict(model))
+        except ValidationError as exc:
+            raise CatalogInvalid(f"invalid price model: {exc.errors()[0]['msg']}") from exc
+    if price_units_max(checked) < 1:
+        raise CatalogInvalid(f"one unit may cost more than the ledger's bound of {AMOUNT_MINOR_MAX} minor units")
+    return checked
 
 
 # -- meters ------------------------------------------------------------------------------------------------

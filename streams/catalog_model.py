@@ -16,9 +16,11 @@ import functools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from ledger.contracts import Aggregation, PriceModel
+from ledger.limits import price_units_max
 
 __all__ = [
     "AGGREGATIONS",
@@ -164,6 +166,12 @@ class PriceVersion:
     effective_from: datetime
     #: the model as JSON-ready data, serialized once (checkpoints embed it for every counter)
     model_json: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: a key's cumulative units may not exceed this (``ledger.limits.price_units_max``: the price stays
+    #: below AMOUNT_MINOR_MAX); computed once here because the worker checks it per event
+    units_max: Decimal = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units_max", price_units_max(self.model))
 
 
 @dataclass(frozen=True, slots=True)

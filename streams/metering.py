@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from ledger.limits import UNITS_FRACTION_DIGITS_MAX, UNITS_PER_EVENT_MAX
 from streams.catalog_model import MISSING, CatalogSnapshot, Meter, PriceVersion, auto_wallet_id, read_path
 from streams.contracts import partition_for
 from streams.dedupe_memory import DedupeMemory, slot_seconds
@@ -70,6 +71,8 @@ REASONS: dict[str, str] = {
     "unknown_meter": "no meter of the project handles this event type",
     "unknown_subject": "the subject has no wallet and the project dead-letters unknown subjects",
     "bad_value": "the meter's value property is missing or not a valid number",
+    "value_out_of_range": "the value, or the key's cumulative units or charge, is beyond the ledger's bounds "
+                          "(ledger/limits.py)",
 }
 
 _REQUIRED = ("id", "source", "type", "subject", "project")
@@ -237,6 +240,15 @@ def _number(value: Any) -> Decimal | None:
             return None
         return number if number.is_finite() else None
     return None
+
+
+def _in_range(number: Decimal) -> bool:
+    """Within ``ledger.limits``: |number| ≤ UNITS_PER_EVENT_MAX and at most UNITS_FRACTION_DIGITS_MAX
+    decimal places (a JSON integer written out as 10^30 arrives as a float 1e+30; 1e300 likewise)."""
+    if abs(number) > UNITS_PER_EVENT_MAX:
+        return False
+    exponent = number.as_tuple().exponent
+    return isinstance(exponent, int) and exponent >= -UNITS_FRACTION_DIGITS_MAX
 
 
 #: key = (wallet_id, project_id, meter_id, period_start, price_version_id)
@@ -440,6 +452,11 @@ class PartitionAggregator:
                         why = "missing" if found is MISSING else "negative" if number is not None else "not a number"
                         return Rejection("bad_value", f"meter {meter.slug}: {meter.value_property} is {why}",
                                          _original(event.raw, event.index, message), event.index)
+                    if not _in_range(number):
+                        return Rejection("value_out_of_range",
+                                         f"meter {meter.slug}: {meter.value_property} = {number} is beyond "
+                                         f"±{UNITS_PER_EVENT_MAX} or has more than {UNITS_FRACTION_DIGITS_MAX}"
+                                         " decimal places", _original(event.raw, event.index, message), event.index)
                     value = number
             price = catalog.price_at(meter.id, at)
             if price is None:
@@ -459,6 +476,13 @@ class PartitionAggregator:
         if not measures:
             self.stats.unmetered += 1
             return None
+        for m in measures:  # before anything is counted: an event is accepted or rejected as a whole
+            units = self._units_after(m)
+            if units > m.price.units_max:
+                return Rejection("value_out_of_range",
+                                 f"meter {m.meter.slug}: the key's cumulative units would reach {units}, beyond "
+                                 f"{m.price.units_max} (ledger/limits.py: units and charge per key)",
+                                 _original(event.raw, event.index, message), event.index)
         self._remember(key_hash, arrival)
         self.stats.accepted += 1
         if partition_for(event.subject, self.partitions) != self.partition:
@@ -466,6 +490,21 @@ class PartitionAggregator:
         for m in measures:
             self._apply(m, arrival)
         return None
+
+    def _units_after(self, m: _Measure) -> Decimal:
+        """The key's cumulative units in this partition if ``m`` were counted (an upper bound for
+        UNIQUE_COUNT, whose value may be a repeat). Other partitions' units of the key are not known here:
+        the ledger merges them (ledger/README, "Bounds")."""
+        counter = self.counters.get(m.key)
+        units = counter.units if counter is not None and counter.events else _ZERO
+        aggregation = m.meter.aggregation
+        if aggregation == "SUM" or aggregation == "COUNT":
+            return units + m.value  # type: ignore[no-any-return]
+        if aggregation == "UNIQUE_COUNT":
+            return units + _ONE
+        if aggregation == "MAX":
+            return max(units, m.value)  # type: ignore[no-any-return]
+        return m.value  # type: ignore[no-any-return]  # LATEST (a negative gauge prices as zero)
 
     def _remember(self, key_hash: int, arrival: datetime) -> None:
         self._seen.remember(key_hash, arrival.timestamp())

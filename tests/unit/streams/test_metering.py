@@ -430,3 +430,64 @@ def test_a_checkpoint_is_cut_before_it_outgrows_one_kafka_message() -> None:
             assert len(cp.to_json(emitted_at=ARRIVAL)) < 1024 * 1024
             cuts.append(cp.as_of_offset)
     assert cuts == [2, 5, 8]
+
+
+# -- bounded arithmetic (DESIGN §2 invariant 8, ledger/limits.py) -------------------------------------------
+
+def test_values_beyond_the_ledgers_bounds_are_dead_lettered_and_the_partition_goes_on() -> None:
+    from ledger.limits import UNITS_PER_EVENT_MAX
+
+    a, cat = agg(), catalog()
+    huge_int = b'{"specversion":"1.0","id":"x1","source":"test","type":"llm","subject":"alice","project":"p1",' \
+               b'"time":"2026-11-15T11:00:00Z","data":{"tokens":' + b"1" + b"0" * 30 + b"}}"
+    hostile = [huge_int, orjson.dumps(event("x2", tokens=1e300)), orjson.dumps(event("x3", tokens="1e30")),
+               orjson.dumps(event("x4", tokens="1e-300")), orjson.dumps(event("x5", tokens=2**63)),
+               orjson.dumps(event("x6", tokens=int(UNITS_PER_EVENT_MAX) + 1))]
+    offset = 0
+    for value in hostile:
+        [rejection] = a.process(offset=offset, value=value, arrival=ARRIVAL, catalog=cat)
+        assert rejection.reason == "value_out_of_range", value
+        offset += 1
+    for i in range(3):  # the partition keeps charging exactly
+        assert a.process(offset=offset, value=orjson.dumps(event(f"ok{i}", tokens=100)), arrival=ARRIVAL,
+                         catalog=cat) == []
+        offset += 1
+    assert units_of(a) == {auto_wallet_id("p1", "alice"): D(300)}
+    cp = a.checkpoint()
+    assert cp is not None and cp.as_of_offset == offset - 1 and len(cp.dedupe_keys) == 3
+
+
+def test_a_cumulative_that_would_overflow_is_dead_lettered_not_emitted() -> None:
+    from ledger.limits import AMOUNT_MINOR_MAX, UNITS_PER_EVENT_MAX
+
+    # 1,000 minor per unit: the charge reaches the bound at 10^12 units, long before the units bound
+    pricey = PriceModel(model="per_unit", unit_price_minor=D(1000))
+    a, cat = agg(), catalog(prices=[price("pv1", "tokens", model=pricey)])
+    limit = D(AMOUNT_MINOR_MAX) / 1000
+    step = UNITS_PER_EVENT_MAX / 4
+    offset, accepted = 0, D(0)
+    while accepted + step <= limit:
+        assert a.process(offset=offset, value=orjson.dumps(event(f"e{offset}", tokens=int(step))),
+                         arrival=ARRIVAL, catalog=cat) == []
+        accepted += step
+        offset += 1
+    [rejection] = a.process(offset=offset, value=orjson.dumps(event("over", tokens=int(step))), arrival=ARRIVAL,
+                            catalog=cat)
+    assert rejection.reason == "value_out_of_range"
+    [(_, counter)] = a.checkpoint().counters  # type: ignore[union-attr]
+    assert counter.units == accepted == limit
+    # a smaller event still fits
+    assert a.process(offset=offset + 1, value=orjson.dumps(event("small", tokens=0)), arrival=ARRIVAL,
+                     catalog=cat) == []
+
+
+def test_a_price_whose_single_unit_exceeds_the_bound_is_refused() -> None:
+    from ledger.limits import AMOUNT_MINOR_MAX, price_units_max
+
+    assert price_units_max(PriceModel(model="per_unit", unit_price_minor=D(AMOUNT_MINOR_MAX) * 2)) == 0
+    assert price_units_max(PER_UNIT) == D(10**15)
+    graduated = PriceModel(model="graduated", tiers=({"up_to": "10", "unit_price_minor": "1"},
+                                                    {"unit_price_minor": "10", "flat_price_minor": "5"}))
+    from ledger.pricing import price_minor
+    bound = price_units_max(graduated)
+    assert price_minor(graduated, bound) <= AMOUNT_MINOR_MAX

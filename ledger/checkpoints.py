@@ -36,6 +36,7 @@ lets the ledger catch up: its cost is per key and checkpoint, not per event.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -46,7 +47,7 @@ from sqlalchemy import Connection, text
 from ledger.books import load_books, lock_wallets
 from ledger.contracts import ChargeCheckpoint, CounterValue, PriceModel, TransactionKind
 from ledger.postings import DEFAULT_PRIORITY, NewBucket
-from ledger.pricing import price_minor
+from ledger.pricing import continued_prices_minor, price_minor
 from ledger.rows import CheckpointOutcome
 from ledger.sqlrows import rows_json
 from ledger.writer import Draft, write
@@ -92,13 +93,30 @@ _UPSERT_COUNTERS = text(f"""
 
 # ON CONFLICT DO UPDATE locks each existing row; ORDER BY makes every applier lock keys in one order.
 _LOCK_CHARGES = text(f"""
-    INSERT INTO usage_charges (wallet_id, meter_id, period_start, price_version_id, project_id, aggregation, price)
+    INSERT INTO usage_charges (wallet_id, meter_id, period_start, price_version_id, project_id, aggregation, price,
+                               meter_version, price_effective_from)
     SELECT v.wallet_id, v.meter_id, v.period_start, v.price_version_id, v.project_id, v.aggregation,
-           CAST(v.price AS jsonb)
-    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, project_id text, aggregation text, price text)
+           CAST(v.price AS jsonb), v.meter_version, v.price_effective_from
+    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, project_id text, aggregation text, price text,
+                                                     meter_version integer, price_effective_from timestamptz)
     ORDER BY v.wallet_id, v.meter_id, v.period_start, v.price_version_id
     ON CONFLICT (wallet_id, meter_id, period_start, price_version_id) DO UPDATE SET updated_at = now()
     RETURNING wallet_id, meter_id, period_start, price_version_id, charged_minor
+""")
+
+# Price versions continue the period (step 5b): appliers of one (wallet, meter, period, meter_version) group
+# serialise on a transaction advisory lock per group, taken in ascending key order before any row lock (so no
+# two appliers can wait on each other), and the group's members are read after it.
+_LOCK_GROUPS = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k")
+
+_GROUP_MEMBERS = text("""
+    SELECT c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.meter_version, c.price_effective_from,
+           c.aggregation, c.price, c.charged_minor
+    FROM json_to_recordset(CAST(:groups AS json)) AS g(wallet_id text, meter_id text, period_start timestamptz,
+                                                      meter_version integer)
+    JOIN usage_charges c
+      ON c.wallet_id = g.wallet_id AND c.meter_id = g.meter_id AND c.period_start = g.period_start
+     AND c.meter_version = g.meter_version AND c.price_effective_from IS NOT NULL
 """)
 
 _ALL_PARTITIONS = text(f"""
@@ -119,8 +137,8 @@ _UPDATE_CHARGES = text(f"""
 # One row per applied checkpoint; the hashes as one bigint[] literal ('{1,-2,3}': PostgreSQL's int8 array
 # parser, no JSON). as_of is new for the partition (step 1), so the primary key cannot collide.
 _INSERT_DEDUPE = text("""
-    INSERT INTO dedupe_key_sets (source_topic, partition, as_of_offset, key_hashes)
-    VALUES (:topic, :partition, :as_of, CAST(:hashes AS bigint[]))
+    INSERT INTO dedupe_key_sets (source_topic, partition, as_of_offset, key_hashes, arrived_at)
+    VALUES (:topic, :partition, :as_of, CAST(:hashes AS bigint[]), :arrived_at)
 """)
 
 _SET_APPLIED = text("""
@@ -179,17 +197,27 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint])
         conn.execute(_ENSURE_WALLETS, {"rows": rows_json(
             {"id": w, "project_id": p} for w, p in sorted({(k.wallet_id, v.key.project_id) for k, v in values.items()}))})
         conn.execute(_UPSERT_COUNTERS, {"rows": rows, "topic": topic, "partition": partition, "as_of": as_of})
+        groups = _groups(values)
+        if groups:
+            conn.execute(_LOCK_GROUPS, {"keys": sorted({_group_lock_key(g) for g in groups})})
         charged = _lock_charges(conn, rows)
-        units = _merged(conn, values, rows)
-        deltas = {key: price_minor(values[key].price, units[key]) - charged[key] for key in values}
-        cumulative = {key: charged[key] + deltas[key] for key in values}
+        members = _group_members(conn, groups) if groups else {}
+        aggregations = {k: v.aggregation for k, v in values.items()} | {k: m.aggregation for k, m in members.items()}
+        charged |= {k: m.charged_minor for k, m in members.items()}
+        units = _merged(conn, aggregations, rows if not members else _keys_json(aggregations))
+        targets = {key: price_minor(values[key].price, units[key]) for key in values}
+        targets |= _continued_targets(members, units)
+        priced = sorted(targets)
+        deltas = {key: targets[key] - charged[key] for key in priced}
         conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
-            {**_key_row(k), "units": units[k], "charged": cumulative[k]} for k in values)})
-        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), values, units, deltas, cumulative)
+            {**_key_row(k), "units": units[k], "charged": targets[k]} for k in priced)})
+        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), priced, units, deltas, targets)
     hashes = [h for checkpoint in accepted for h in checkpoint.dedupe_keys]
     if hashes:
+        stream_times = [c.stream_time for c in accepted if c.stream_time is not None]
         conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition, "as_of": as_of,
-                                      "hashes": _bigint_array(hashes)})
+                                      "hashes": _bigint_array(hashes),
+                                      "arrived_at": max(stream_times) if stream_times else None})
     conn.execute(_SET_APPLIED, {"topic": topic, "partition": partition, "as_of": as_of})
     outcome = CheckpointOutcome("applied", topic, partition, as_of, len(values), transactions, charged_total)
     return MergedOutcome(outcome, len(accepted), stale)
@@ -240,7 +268,8 @@ def _checkpoint_rows(values: dict[Key, CounterValue]) -> str:
     return rows_json(
         {**_key_row(k), "project_id": v.key.project_id, "units": v.units, "latest_at": v.latest_at,
          "events": v.events, "late_events": v.late_events, "aggregation": v.aggregation,
-         "price": _price_json(v.price)}
+         "price": _price_json(v.price), "meter_version": v.meter_version,
+         "price_effective_from": v.price_effective_from}
         for k, v in values.items())
 
 
@@ -262,16 +291,73 @@ def _lock_charges(conn: Connection, rows: str) -> dict[Key, int]:
     return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id): int(r.charged_minor) for r in result}
 
 
-def _merged(conn: Connection, values: dict[Key, CounterValue], rows: str) -> dict[Key, Decimal]:
-    per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in values}
+def _merged(conn: Connection, aggregations: dict[Key, str], rows: str) -> dict[Key, Decimal]:
+    per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in aggregations}
     for r in conn.execute(_ALL_PARTITIONS, {"rows": rows}):
         per_key[Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)].append((r.units, r.latest_at))
-    return {key: merge_units(values[key].aggregation, per_key[key]) for key in values}
+    return {key: merge_units(aggregations[key], per_key[key]) for key in aggregations}
 
 
-def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], values: dict[Key, CounterValue],
+# --- price versions continue the period (step 5b) ---------------------------------------------------------
+
+class Group(NamedTuple):
+    wallet_id: str
+    meter_id: str
+    period_start: datetime
+    meter_version: int
+
+
+class Member(NamedTuple):
+    """A key of a group as usage_charges stores it (the checkpoint's own keys included)."""
+
+    price_effective_from: datetime
+    price: PriceModel
+    aggregation: str
+    charged_minor: int
+
+
+def _groups(values: dict[Key, CounterValue]) -> list[Group]:
+    """The groups of the checkpoint's keys that take part in continued pricing (producers that send
+    ``price_effective_from``; keys without it are priced on their own, as before ledger_0006)."""
+    return sorted({Group(k.wallet_id, k.meter_id, k.period_start, v.meter_version)
+                   for k, v in values.items() if v.price_effective_from is not None})
+
+
+def _group_lock_key(group: Group) -> int:
+    digest = hashlib.blake2b(f"usage-group\x1f{group.wallet_id}\x1f{group.meter_id}\x1f"
+                             f"{group.period_start.astimezone(UTC).isoformat()}\x1f{group.meter_version}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _group_members(conn: Connection, groups: list[Group]) -> dict[Key, Member]:
+    result = conn.execute(_GROUP_MEMBERS, {"groups": rows_json(g._asdict() for g in groups)})
+    return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id):
+            Member(r.price_effective_from, PriceModel.model_validate(r.price), r.aggregation, int(r.charged_minor))
+            for r in result}
+
+
+def _keys_json(keys: Iterable[Key]) -> str:
+    return rows_json(_key_row(k) for k in keys)
+
+
+def _continued_targets(members: dict[Key, Member], units: dict[Key, Decimal]) -> dict[Key, int]:
+    """Each member's cumulative charge: its group's versions in the order they took effect, priced as one run
+    (``ledger.pricing.continued_prices_minor``)."""
+    by_group: dict[tuple[str, str, datetime, str], list[Key]] = {}
+    for key, member in members.items():
+        by_group.setdefault((key.wallet_id, key.meter_id, key.period_start, member.aggregation), []).append(key)
+    targets: dict[Key, int] = {}
+    for keys in by_group.values():
+        keys.sort(key=lambda k: (members[k].price_effective_from, k.price_version_id))
+        charges = continued_prices_minor([(members[k].price, members[k].aggregation, units[k]) for k in keys])
+        targets.update(zip(keys, charges, strict=True))
+    return targets
+
+
+def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], keys: list[Key],
                  units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int]) -> tuple[int, int]:
-    moving = [key for key in values if deltas[key] != 0]
+    moving = [key for key in keys if deltas[key] != 0]
     if not moving:
         return 0, 0
     source_ref = "{}:{}:{}".format(*checkpoint)

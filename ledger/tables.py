@@ -114,6 +114,8 @@ usage_charges = Table(
     Column("units", Numeric, nullable=False),
     Column("charged_minor", BigInteger, nullable=False),
     _ts("updated_at"),
+    Column("meter_version", Integer, nullable=False),  # ledger_0006
+    Column("price_effective_from", DateTime(timezone=True)),  # ledger_0006: NULL = priced on its own
 )
 
 applied_offsets = Table(
@@ -131,6 +133,7 @@ dedupe_key_sets = Table(
     Column("as_of_offset", BigInteger, primary_key=True),
     _ts("seen_at"),
     Column("key_hashes", ARRAY(BigInteger), nullable=False),
+    Column("arrived_at", DateTime(timezone=True)),  # ledger_0006: stream time of the checkpoint
 )
 
 holds = Table(

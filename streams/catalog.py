@@ -66,6 +66,8 @@ __all__ = [
     "update_meter",
 ]
 
+#: what a meter's units mean: changing one of these starts a new counting version (new counters)
+COUNTING_FIELDS = ("event_type", "aggregation", "value_property", "filters")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 PERIODS = ("month", "day")
 UNKNOWN_SUBJECTS = ("auto_provision", "dead_letter")
@@ -93,6 +95,8 @@ class MeterRow:
     created_at: datetime
     superseded_at: datetime | None
     archived_at: datetime | None
+    #: the version at which the current definition of units started (streams_0002): counters are per it
+    counting_version: int
 
     @classmethod
     def of(cls, row: Mapping[str, Any] | Any) -> MeterRow:
@@ -199,13 +203,13 @@ def _price_model(model: PriceModel | Mapping[str, Any]) -> PriceModel:
 # -- meters ------------------------------------------------------------------------------------------------
 
 _METER_COLUMNS = ("id, version, project_id, slug, name, description, event_type, aggregation, value_property, "
-                  "filters, group_by, created_at, superseded_at, archived_at")
+                  "filters, group_by, created_at, superseded_at, archived_at, counting_version")
 
 _INSERT_METER = text(f"""
     INSERT INTO meters (id, version, project_id, slug, name, description, event_type, aggregation, value_property,
-                        filters, group_by)
+                        filters, group_by, counting_version)
     VALUES (:id, :version, :project_id, :slug, :name, :description, :event_type, :aggregation, :value_property,
-            CAST(:filters AS jsonb), CAST(:group_by AS jsonb))
+            CAST(:filters AS jsonb), CAST(:group_by AS jsonb), :counting_version)
     RETURNING {_METER_COLUMNS}
 """)
 
@@ -219,7 +223,7 @@ def create_meter(conn: Connection, *, project_id: str, slug: str, event_type: st
     _check_meter(slug=slug, event_type=event_type, aggregation=aggregation, value_property=value_property,
                  filters=filters, group_by=group_by)
     return _insert_meter(conn, {
-        "id": _new_id("mtr"), "version": 1, "project_id": project_id, "slug": slug, "name": name,
+        "id": _new_id("mtr"), "version": 1, "counting_version": 1, "project_id": project_id, "slug": slug, "name": name,
         "description": description, "event_type": event_type, "aggregation": aggregation,
         "value_property": value_property if aggregation != "COUNT" else value_property or None,
         "filters": orjson.dumps(filters).decode(), "group_by": orjson.dumps(group_by).decode()})
@@ -283,7 +287,12 @@ def update_meter(conn: Connection, *, project_id: str, meter: str, **changes: An
                  value_property=merged["value_property"], filters=merged["filters"], group_by=merged["group_by"])
     conn.execute(text("UPDATE meters SET superseded_at = now() WHERE id = :id AND version = :v"),
                  {"id": current.id, "v": current.version})
+    # History is never re-priced (DESIGN §2 invariant 9): a change to how units are counted starts new
+    # counters (a new counting version, part of every counter key); a cosmetic change keeps counting on.
+    counts_differently = any(merged[name] != getattr(current, name) for name in COUNTING_FIELDS)
+    counting_version = current.version + 1 if counts_differently else current.counting_version
     return _insert_meter(conn, {**merged, "id": current.id, "version": current.version + 1,
+                                "counting_version": counting_version,
                                 "project_id": project_id, "slug": current.slug,
                                 "filters": orjson.dumps(merged["filters"]).decode(),
                                 "group_by": orjson.dumps(merged["group_by"]).decode()})
@@ -513,10 +522,11 @@ def load_catalog(conn: Connection, *, default_policy: ProjectPolicy) -> CatalogS
     meters = [
         Meter(id=r.id, project_id=r.project_id, slug=r.slug, event_type=r.event_type, aggregation=r.aggregation,
               value_property=r.value_property, filters=tuple(Filter.from_json(f) for f in r.filters),
-              group_by=tuple(r.group_by), version=r.version,
+              group_by=tuple(r.group_by), version=r.version, counting_version=r.counting_version,
               value_steps=parse_path(r.value_property) if r.value_property and r.aggregation != "COUNT" else ())
         for r in conn.execute(text("""
-            SELECT id, version, project_id, slug, event_type, aggregation, value_property, filters, group_by
+            SELECT id, version, project_id, slug, event_type, aggregation, value_property, filters, group_by,
+                   counting_version
             FROM meters WHERE superseded_at IS NULL AND archived_at IS NULL"""))
     ]
     models: dict[str, tuple[PriceModel, dict[str, Any]]] = {}

@@ -32,6 +32,7 @@ __all__ = [
     "ProjectPolicy",
     "UnknownSubjects",
     "auto_wallet_id",
+    "counter_version_id",
     "parse_path",
 ]
 
@@ -51,6 +52,15 @@ def auto_wallet_id(project_id: str, subject: str) -> str:
 
 
 PathStep = str | int
+
+
+def counter_version_id(price_version_id: str, counting_version: int) -> str:
+    """The counter key's ``price_version_id`` field: the price version, and the meter's counting version
+    when it is past 1 (``pv_x@m3``). Folded into this field rather than a new key column because the field
+    already names "the regime these units are charged under" and the ledger treats it as opaque: no change
+    to the ledger's keys, tables or idempotency keys, and every counter written before stays what it was
+    (counting version 1 = the bare price version id). See streams/README "Catalog changes"."""
+    return price_version_id if counting_version == 1 else f"{price_version_id}@m{counting_version}"
 
 
 def parse_path(path: str) -> tuple[PathStep, ...]:
@@ -145,6 +155,8 @@ class Meter:
     group_by: tuple[str, ...] = ()
     version: int = 1
     value_steps: tuple[PathStep, ...] = ()
+    #: the version at which the current definition of units started (streams/catalog.py COUNTING_FIELDS)
+    counting_version: int = 1
 
     @property
     def ledger_aggregation(self) -> Aggregation:

@@ -38,7 +38,15 @@ from typing import Any
 import orjson
 
 from ledger.limits import UNITS_FRACTION_DIGITS_MAX, UNITS_PER_EVENT_MAX
-from streams.catalog_model import MISSING, CatalogSnapshot, Meter, PriceVersion, auto_wallet_id, read_path
+from streams.catalog_model import (
+    MISSING,
+    CatalogSnapshot,
+    Meter,
+    PriceVersion,
+    auto_wallet_id,
+    counter_version_id,
+    read_path,
+)
 from streams.contracts import partition_for
 from streams.dedupe_memory import DedupeMemory, slot_seconds
 
@@ -258,7 +266,7 @@ CounterKeyTuple = tuple[str, str, str, datetime, str]
 class Counter:
     """One key's cumulative state in this partition."""
 
-    __slots__ = ("aggregation", "events", "late_events", "latest_at", "price", "units")
+    __slots__ = ("aggregation", "events", "late_events", "latest_at", "meter_version", "price", "units")
 
     def __init__(self, units: Decimal = _ZERO, events: int = 0, late_events: int = 0,
                  latest_at: datetime | None = None) -> None:
@@ -268,11 +276,12 @@ class Counter:
         self.latest_at = latest_at
         self.price: PriceVersion | None = None
         self.aggregation = "sum"
+        self.meter_version = 1  # the meter's counting version (part of the key, see counter_version_id)
 
 
 def _copy(c: Counter) -> Counter:
     copy = Counter(c.units, c.events, c.late_events, c.latest_at)
-    copy.price, copy.aggregation = c.price, c.aggregation
+    copy.price, copy.aggregation, copy.meter_version = c.price, c.aggregation, c.meter_version
     return copy
 
 
@@ -323,6 +332,8 @@ class Checkpoint:
     as_of_offset: int
     counters: list[tuple[CounterKeyTuple, Counter]]
     dedupe_keys: list[int]
+    #: the newest arrival seen in the partition (stream time); the ledger stores it with the dedupe keys
+    stream_time: datetime | None = None
 
     def to_json(self, *, emitted_at: datetime) -> bytes:
         """The ``ledger.contracts.ChargeCheckpoint`` wire form, written directly (a checkpoint may carry
@@ -340,10 +351,13 @@ class Checkpoint:
                 "latest_at": c.latest_at.isoformat() if c.latest_at is not None else None,
                 "events": c.events,
                 "late_events": c.late_events,
+                "meter_version": c.meter_version,
+                "price_effective_from": c.price.effective_from.isoformat(),
             })
         return orjson.dumps({
             "source_topic": self.source_topic, "partition": self.partition, "as_of_offset": self.as_of_offset,
             "counters": counters, "dedupe_keys": self.dedupe_keys, "emitted_at": emitted_at.isoformat(),
+            "stream_time": self.stream_time.isoformat() if self.stream_time is not None else None,
         })
 
 
@@ -364,6 +378,10 @@ class PartitionAggregator:
     #: from zero would overwrite the ledger's value). Events that would land there are charged in the
     #: first seeded period instead, marked late. None = everything was seeded.
     periods_since: datetime | None = None
+    #: the newest arrival (Kafka timestamp) seen in this partition: the clock of the dedupe horizon. Stream
+    #: time, never the wall clock — a worker 24 h behind (outage, slow ledger, replay) still remembers the
+    #: last 24 h of ITS stream, so the horizon cannot shrink by the consumer lag (DESIGN §2 invariant 10)
+    stream_time: datetime | None = None
     stats: Stats = field(default_factory=Stats)
     _changed: set[CounterKeyTuple] = field(default_factory=set)
     _new_keys: list[int] = field(default_factory=list)
@@ -387,8 +405,10 @@ class PartitionAggregator:
             key = (sc.wallet_id, sc.project_id, sc.meter_id, sc.period_start.astimezone(UTC), sc.price_version_id)
             self.counters[key] = Counter(Decimal(sc.units), sc.events, sc.late_events,
                                          sc.latest_at.astimezone(UTC) if sc.latest_at else None)
+        self.stream_time = None
         for key_hash, seen_at in sorted(dedupe_keys, key=lambda kv: kv[1]):
             self._seen.remember(key_hash, seen_at.timestamp())
+            self.stream_time = seen_at  # sorted: ends at the newest stored arrival
         self.processed_through = applied_through
         self.checkpointed_through = applied_through
 
@@ -402,6 +422,8 @@ class PartitionAggregator:
             return []
         self.processed_through = offset
         self.stats.messages += 1
+        if self.stream_time is None or arrival > self.stream_time:
+            self.stream_time = arrival
         items, rejections = parse_message(value, limits=self.limits)
         raw_value = value or b""
         for index, raw in items:
@@ -471,7 +493,9 @@ class PartitionAggregator:
                 pivot = arrival if floor is None or arrival >= floor else floor
                 price = catalog.price_at(meter.id, pivot) or price
                 start, _ = period_bounds(pivot, price.period)
-            measures.append(_Measure((wallet_id, event.project, meter.id, start, price.id), meter, price, value,
+            version_id = price.id if meter.counting_version == 1 else counter_version_id(price.id,
+                                                                                         meter.counting_version)
+            measures.append(_Measure((wallet_id, event.project, meter.id, start, version_id), meter, price, value,
                                      at, late))
         if not measures:
             self.stats.unmetered += 1
@@ -515,6 +539,7 @@ class PartitionAggregator:
         if counter is None:
             counter = self.counters[m.key] = Counter()
         counter.price = m.price
+        counter.meter_version = m.meter.counting_version
         aggregation = m.meter.aggregation
         counter.aggregation = m.meter.ledger_aggregation
         counter.events += 1
@@ -550,18 +575,19 @@ class PartitionAggregator:
         return (len(self._changed) >= self.limits.checkpoint_counters_max
                 or len(self._new_keys) >= self.limits.checkpoint_dedupe_keys_max)
 
-    def checkpoint(self, *, now: datetime | None = None) -> Checkpoint | None:
-        """The changed keys as of ``processed_through``; None when nothing new was consumed."""
+    def checkpoint(self) -> Checkpoint | None:
+        """The changed keys as of ``processed_through``; None when nothing new was consumed. Then forgets
+        the dedupe keys that left the horizon, measured back from ``stream_time`` (never the wall clock)."""
         if self.processed_through <= self.checkpointed_through:
             return None
         counters = [(key, _copy(self.counters[key])) for key in self._changed]
         result = Checkpoint(self.source_topic, self.partition, self.processed_through, counters,
-                            list(self._new_keys))
+                            list(self._new_keys), self.stream_time)
         self._changed = set()
         self._new_keys = []
         self.checkpointed_through = self.processed_through
-        if now is not None:
-            self.forget_before(now - timedelta(seconds=self.limits.dedupe_horizon_s))
+        if self.stream_time is not None:
+            self.forget_before(self.stream_time - timedelta(seconds=self.limits.dedupe_horizon_s))
         return result
 
     def forget_before(self, cutoff: datetime) -> int:

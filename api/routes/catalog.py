@@ -78,6 +78,9 @@ class MeterOut(BaseModel):
     created_at: datetime
     superseded_at: datetime | None
     archived_at: datetime | None
+    counting_version: int = Field(description="the version at which the current definition of units started: "
+                                  "changing event_type, aggregation, value_property or filters starts new "
+                                  "counters at this version; usage charged before stays charged")
 
     @classmethod
     def of(cls, row: catalog.MeterRow) -> MeterOut:
@@ -179,7 +182,11 @@ def meter_versions(meter: Annotated[str, METER], access: Read, conn: ConnectionD
     return [MeterOut.of(m) for m in catalog.meter_history(conn, project_id=access.project_id, meter=meter)]
 
 
-@router.patch("/meters/{meter}", response_model=MeterOut, summary="Change a meter: a new version (admin)")
+@router.patch("/meters/{meter}", response_model=MeterOut, summary="Change a meter: a new version (admin)",
+              description="Every change is a new version. A change to how units are counted (event_type, "
+                          "aggregation, value_property, filters) also starts a new counting version: its counters "
+                          "start at the change and usage charged under the previous definition stays charged — "
+                          "history is never re-priced. Name, description and group_by changes keep counting on.")
 def update_meter(meter: Annotated[str, METER], body: MeterPatch, access: Admin, conn: ConnectionDep) -> MeterOut:
     before = catalog.get_meter(conn, project_id=access.project_id, meter=meter)
     after = catalog.update_meter(conn, project_id=access.project_id, meter=meter,

@@ -232,3 +232,32 @@ def test_a_value_beyond_the_ledgers_bounds_is_dead_lettered_and_the_partition_ke
     assert all(d.source_partition == p for d in letters)
     assert worker.alive() and ledger.alive()
     pipeline.assert_ledger_consistent()
+
+
+def test_a_worker_a_day_behind_still_catches_a_retry_also_after_a_restart(pipeline: Pipeline) -> None:
+    """Issue 13 item 5: the dedupe horizon was measured against the wall clock, so a worker running 24 h behind
+    (outage, slow ledger, replay — Kafka CreateTime is producer-set) forgot each key at the next checkpoint and
+    charged a retry twice. Now it is measured in stream time, in memory and when a new owner seeds."""
+    setup_catalog(pipeline.database_url)
+    worker = pipeline.start("streams")
+    ledger = pipeline.start("ledger")
+    producer = EventProducer(pipeline.bootstrap, pipeline.usage_topic, pipeline.partitions)
+    p = partition_for("alice", pipeline.partitions)
+    behind = datetime.now(UTC) - timedelta(hours=25)
+    # inside the current month, so the events are on time for their period (not "late")
+    behind = max(behind, period_bounds(datetime.now(UTC), "month")[0] + timedelta(minutes=1))
+
+    def send(event_ids: list[int], at: datetime) -> None:
+        events = [make_event(i, "alice", 10, time=at) for i in event_ids]
+        producer.send_raw(orjson.dumps(events), partition=p, timestamp_ms=int(at.timestamp() * 1000))
+        pipeline.wait_applied(producer.flush().last_offset, timeout_s=60, watch=[worker, ledger])
+
+    send([1, 2], behind)
+    send([3], behind + timedelta(minutes=1))  # another checkpoint: the wall clock would forget 1 and 2 here
+    send([1], behind + timedelta(minutes=2))  # the producer's retry, minutes later in stream time
+    assert pipeline.wallet_balances() == {wallet_of("alice"): -price_floor(Decimal(30), PRICE)}
+    worker.stop()
+    worker = pipeline.start("streams")  # the next owner seeds the keys and measures their horizon the same way
+    send([2, 4], behind + timedelta(minutes=3))
+    assert pipeline.wallet_balances() == {wallet_of("alice"): -price_floor(Decimal(40), PRICE)}
+    pipeline.assert_ledger_consistent()

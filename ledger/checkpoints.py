@@ -36,7 +36,6 @@ lets the ledger catch up: its cost is per key and checkpoint, not per event.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -105,9 +104,18 @@ _LOCK_CHARGES = text(f"""
 """)
 
 # Price versions continue the period (step 5b): appliers of one (wallet, meter, period, meter_version) group
-# serialise on a transaction advisory lock per group, taken in ascending key order before any row lock (so no
-# two appliers can wait on each other), and the group's members are read after it.
-_LOCK_GROUPS = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k")
+# serialise on the group's row, locked (insert-if-missing) in ONE statement in key order before any
+# usage_charges row — the same pattern as _LOCK_CHARGES, and row locks, so a checkpoint of 4,000 groups takes
+# no slots of PostgreSQL's shared lock table (advisory locks would). The members are read after the lock, so a
+# version another applier added to the group has committed and is seen.
+_LOCK_GROUPS = text("""
+    INSERT INTO usage_charge_groups (wallet_id, meter_id, period_start, meter_version)
+    SELECT g.wallet_id, g.meter_id, g.period_start, g.meter_version
+    FROM json_to_recordset(CAST(:groups AS json)) AS g(wallet_id text, meter_id text, period_start timestamptz,
+                                                      meter_version integer)
+    ORDER BY g.wallet_id, g.meter_id, g.period_start, g.meter_version
+    ON CONFLICT (wallet_id, meter_id, period_start, meter_version) DO UPDATE SET meter_version = EXCLUDED.meter_version
+""")
 
 _GROUP_MEMBERS = text("""
     SELECT c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.meter_version, c.price_effective_from,
@@ -198,13 +206,15 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint])
             {"id": w, "project_id": p} for w, p in sorted({(k.wallet_id, v.key.project_id) for k, v in values.items()}))})
         conn.execute(_UPSERT_COUNTERS, {"rows": rows, "topic": topic, "partition": partition, "as_of": as_of})
         groups = _groups(values)
+        groups_json = rows_json(g._asdict() for g in groups) if groups else ""
         if groups:
-            conn.execute(_LOCK_GROUPS, {"keys": sorted({_group_lock_key(g) for g in groups})})
+            conn.execute(_LOCK_GROUPS, {"groups": groups_json})
         charged = _lock_charges(conn, rows)
-        members = _group_members(conn, groups) if groups else {}
+        members = _group_members(conn, groups_json, values) if groups else {}
         aggregations = {k: v.aggregation for k, v in values.items()} | {k: m.aggregation for k, m in members.items()}
         charged |= {k: m.charged_minor for k, m in members.items()}
-        units = _merged(conn, aggregations, rows if not members else _keys_json(aggregations))
+        # usually every member is a key of this checkpoint: reuse its rows; else read the others' counters too
+        units = _merged(conn, aggregations, rows if len(aggregations) == len(values) else _keys_json(aggregations))
         targets = {key: price_minor(values[key].price, units[key]) for key in values}
         targets |= _continued_targets(members, units)
         priced = sorted(targets)
@@ -323,18 +333,14 @@ def _groups(values: dict[Key, CounterValue]) -> list[Group]:
                    for k, v in values.items() if v.price_effective_from is not None})
 
 
-def _group_lock_key(group: Group) -> int:
-    digest = hashlib.blake2b(f"usage-group\x1f{group.wallet_id}\x1f{group.meter_id}\x1f"
-                             f"{group.period_start.astimezone(UTC).isoformat()}\x1f{group.meter_version}".encode(),
-                             digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-def _group_members(conn: Connection, groups: list[Group]) -> dict[Key, Member]:
-    result = conn.execute(_GROUP_MEMBERS, {"groups": rows_json(g._asdict() for g in groups)})
-    return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id):
-            Member(r.price_effective_from, PriceModel.model_validate(r.price), r.aggregation, int(r.charged_minor))
-            for r in result}
+def _group_members(conn: Connection, groups_json: str, values: dict[Key, CounterValue]) -> dict[Key, Member]:
+    members: dict[Key, Member] = {}
+    for r in conn.execute(_GROUP_MEMBERS, {"groups": groups_json}):
+        key = Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)
+        # a price version is immutable: the checkpoint's model is the stored one (parse only the others')
+        price = values[key].price if key in values else PriceModel.model_validate(r.price)
+        members[key] = Member(r.price_effective_from, price, r.aggregation, int(r.charged_minor))
+    return members
 
 
 def _keys_json(keys: Iterable[Key]) -> str:

@@ -118,6 +118,14 @@ usage_charges = Table(
     Column("price_effective_from", DateTime(timezone=True)),  # ledger_0006: NULL = priced on its own
 )
 
+usage_charge_groups = Table(  # ledger_0006: the lock of a (wallet, meter, period, meter version)'s price versions
+    "usage_charge_groups", metadata,
+    Column("wallet_id", Text, primary_key=True),
+    Column("meter_id", Text, primary_key=True),
+    Column("period_start", DateTime(timezone=True), primary_key=True),
+    Column("meter_version", Integer, primary_key=True),
+)
+
 applied_offsets = Table(
     "applied_offsets", metadata,
     Column("source_topic", Text, primary_key=True),

@@ -300,3 +300,46 @@ def test_counters_without_an_effective_time_are_priced_on_their_own(engine: Engi
     _apply(engine, _checkpoint(0, 20, _value("W", "1100", price=free_1000, version="pv2")))
     assert -sum(_usage_amounts(engine, "W")) == 100
     invariants()
+
+
+def test_two_partitions_applying_two_versions_of_one_group_concurrently_end_exact(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """The group lock: partition 0 keeps adding units under v1 (late events), partition 1 under v2, both at
+    once. Whatever the interleaving, the final charges are the continued price of the final units."""
+    import threading
+
+    from ledger.pricing import continued_prices_minor
+
+    graduated = PriceModel(model="graduated", free_units=Decimal(50), tiers=(
+        PriceTier(up_to=Decimal(300), unit_price_minor=Decimal(3)), PriceTier(unit_price_minor=Decimal(1))))
+    v1_from, v2_from = datetime(2020, 1, 1, tzinfo=UTC), datetime(2026, 11, 10, tzinfo=UTC)
+    with engine.begin() as conn:
+        for wallet in ("W1", "W2"):
+            service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref=wallet, wallet_id=wallet)
+    rounds = 25
+    errors: list[BaseException] = []
+
+    def run(partition: int, version: str, effective_from: datetime) -> None:
+        try:
+            for i in range(1, rounds + 1):
+                values = [_versioned(w, str(i * 7), version, effective_from, price=graduated) for w in ("W1", "W2")]
+                _apply(engine, _checkpoint(partition, i, *values))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(0, "pv1", v1_from)),
+               threading.Thread(target=run, args=(1, "pv2", v2_from))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    expected = continued_prices_minor([(graduated, "sum", Decimal(rounds * 7))] * 2)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT wallet_id, price_version_id, charged_minor FROM usage_charges "
+                                 "ORDER BY 1, 2")).all()
+    assert [(w, v, c) for w, v, c in rows] == [("W1", "pv1", expected[0]), ("W1", "pv2", expected[1]),
+                                               ("W2", "pv1", expected[0]), ("W2", "pv2", expected[1])]
+    for wallet in ("W1", "W2"):
+        assert -sum(_usage_amounts(engine, wallet)) == sum(expected)
+    invariants()

@@ -17,13 +17,26 @@ Steps, and the invariant each protects:
      for one key, and the read after the lock sees the other partition's committed counters.
 5. Price the merged units (ledger.pricing), delta = price − charged. Store units and charged.
    → the sum of everything posted for a key equals price(total units): no drift, no double charge.
+5b. Price versions continue the period (DESIGN §2 invariant 9): keys that carry ``price_effective_from``
+   belong to the group (wallet, meter, period, meter_version). Before step 4 the groups' rows of
+   ``usage_charge_groups`` are locked (insert-if-missing, key order); after it every member of the group (every
+   price version, this checkpoint's or not) is read, its partitions merged, and the versions priced as one run
+   in the order they took effect (``pricing.continued_prices_minor``): each version's target charge is
+   ``price_v(before + units_v) − price_v(before)``. Every member whose target moved posts its delta — also a
+   later version re-priced because a late event grew an earlier one.
+   → the free allowance and tier position carry over a price change; the result is a pure function of the
+     period's units (arrival order, partitions and merging cannot change it), so it is charged exactly once;
+     the group lock serialises two partitions' appliers of one group, and each reads the versions the other
+     committed. Keys without ``price_effective_from`` (older producers) and rows written before ledger_0006
+     are priced on their own as before: charged history is never re-priced.
 6. Lock the wallets with a non-zero delta (id order), post each delta as a ``usage`` transaction:
    positive delta burns buckets, beyond the balance it is posted as debt (never dropped); a negative
    delta (a volume tier got cheaper, a LATEST gauge fell) is a ``usage`` transaction with a POSITIVE
    amount that repays debt first and puts the rest in a 'refund' bucket. Idempotency key:
    ``usage:{topic}:{partition}:{as_of}:{wallet}:{meter}:{period}:{version}`` (deterministic).
    Outbox rows are written for every transaction.
-7. Record the checkpoint's dedupe keys (one array row) and set applied_through = as_of_offset.
+7. Record the checkpoint's dedupe keys (one array row, with the checkpoint's ``stream_time``: the horizon is
+   measured in stream time when the next owner seeds) and set applied_through = as_of_offset.
    → dedupe state, counters, money and the offset mark commit atomically or not at all.
 
 ``apply_checkpoints`` applies several consecutive checkpoints of one partition (what the consumer fetched

@@ -20,7 +20,12 @@ Steps and the invariant each protects (DESIGN §2.2):
    waits for that mark.
 
 Time: "now" is the Kafka message timestamp (arrival), not the wall clock, so replaying a message after a
-crash buckets it the same way. Units are Decimal (JSON numbers with a fraction arrive from orjson as floats
+crash buckets it the same way. The dedupe horizon runs on the same clock: ``stream_time`` is the newest arrival
+seen in the partition (DESIGN §2 invariant 10).
+
+Bounds: a value beyond ``ledger.limits`` — or one that would take its key's cumulative units (and so its
+charge) beyond them in this partition — is rejected as ``value_out_of_range`` before anything is counted
+(DESIGN §2 invariant 8). Units are Decimal (JSON numbers with a fraction arrive from orjson as floats
 and are converted through their shortest repr, which is the decimal literal that was sent).
 """
 

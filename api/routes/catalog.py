@@ -101,7 +101,9 @@ class PriceVersionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: dict[str, Any]
     period: Literal["month", "day"] | None = None
-    effective_from: AwareDatetime | None = Field(default=None, description="default now; after the latest version")
+    effective_from: AwareDatetime | None = Field(default=None, description=(
+        "default now; after the latest version's. May be in the past (back-dated): usage already metered stays "
+        "charged as it was; see the route's description"))
 
 
 class PriceVersionOut(BaseModel):
@@ -206,6 +208,23 @@ def archive_meter(meter: Annotated[str, METER], access: Admin, conn: ConnectionD
 
 # -- prices ------------------------------------------------------------------------------------------------
 
+#: The pricing rule (DESIGN §2 invariant 9), shown on the price routes of the OpenAPI document.
+PRICE_VERSIONS_RULE = (
+    "A price version is immutable and applies to the events whose time is at or after its `effective_from` "
+    "(events before the first version use the first). **A new version continues the period**: within a wallet's "
+    "period of the meter, the versions are one run of units in the order they took effect — each version prices "
+    "its own units at the position the earlier versions' units left, `price_new(units_before + units_new) − "
+    "price_new(units_before)`. The free allowance and the tier position carry over: with 1,000 units free, 900 "
+    "units before the change and 900 after charge 800 units at the new version's price. A late event of an "
+    "earlier version's time still counts in that version and moves the later versions' starting point (the "
+    "result depends only on the period's units, not on their arrival order).\n\n"
+    "**Back-dated versions** (`effective_from` in the past, still after the latest version's): usage already "
+    "metered stays charged under the version it was metered with — history is never re-priced. Events metered "
+    "after the version was added are priced by the version in effect at their time, continuing from all "
+    "earlier versions' units of the period. A version that changes the period (`month` ↔ `day`) starts its own "
+    "periods: nothing carries over between periods. A change to how the meter counts (PATCH of its event_type, "
+    "aggregation, value_property or filters) starts new counters; its units never continue the old ones.")
+
 @router.get("/prices", response_model=list[PriceOut], summary="Prices with all their versions")
 def list_prices(access: Read, conn: ConnectionDep, meter: Annotated[str | None, Query(max_length=100)] = None,
                 include_archived: Annotated[bool, Query()] = False) -> list[PriceOut]:
@@ -213,7 +232,8 @@ def list_prices(access: Read, conn: ConnectionDep, meter: Annotated[str | None, 
                                                        include_archived=include_archived)]
 
 
-@router.post("/prices", status_code=201, response_model=PriceOut, summary="Price a meter (admin)")
+@router.post("/prices", status_code=201, response_model=PriceOut, summary="Price a meter (admin)",
+             description=PRICE_VERSIONS_RULE)
 def create_price(body: PriceIn, access: Admin, conn: ConnectionDep) -> PriceOut:
     price = catalog.create_price(conn, project_id=access.project_id, meter=body.meter, model=body.model,
                                  period=body.period, effective_from=body.effective_from)
@@ -228,7 +248,8 @@ def get_price(price_id: Annotated[str, Path(max_length=100)], access: Read, conn
 
 
 @router.post("/prices/{price_id}/versions", status_code=201, response_model=PriceOut,
-             summary="Add an immutable price version effective from a later time (admin)")
+             summary="Add an immutable price version effective from a later time (admin)",
+             description=PRICE_VERSIONS_RULE)
 def add_price_version(price_id: Annotated[str, Path(max_length=100)], body: PriceVersionIn, access: Admin,
                       conn: ConnectionDep) -> PriceOut:
     price = catalog.add_price_version(conn, project_id=access.project_id, price_id=price_id, model=body.model,

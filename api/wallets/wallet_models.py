@@ -112,7 +112,9 @@ class TransactionOut(BaseModel):
     hold_id: str | None
     meter_id: str | None
     period_start: datetime | None
-    price_version_id: str | None
+    price_version_id: str | None = Field(description=(
+        "usage: the price version the units were charged under; `{price_version_id}@m{n}` when the meter's "
+        "counting version n is past 1 (a meter edit that changed how units are counted started new counters)"))
     reason: str | None
     metadata: dict[str, Any] | None
     created_at: datetime

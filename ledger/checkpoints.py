@@ -182,7 +182,8 @@ class MergedOutcome(NamedTuple):
     stale: int
 
 
-def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint]) -> MergedOutcome:
+def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint], *,
+                      kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> MergedOutcome:
     """Apply consecutive checkpoints of ONE source partition, in the given (arrival) order, as one merged
     checkpoint inside the caller's transaction.
 
@@ -193,7 +194,10 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint])
     are cumulative), the union of their dedupe keys, ``as_of`` = the last accepted offset. Each key then posts
     ``price(final) − charged`` once instead of once per checkpoint — the same total, one transaction row
     instead of several. The merged checkpoint's offset is new for the partition, so its idempotency keys
-    are too."""
+    are too.
+
+    ``kind``/``reason``: a replay correction (ledger/corrections.py) posts its deltas as ``adjustment`` with a
+    reason, keyed ``adjustment:{topic}:…`` instead of ``usage:{topic}:…``; everything else is the same."""
     if not checkpoints:
         raise ValueError("apply_checkpoints needs at least one checkpoint")
     first = checkpoints[0]
@@ -234,7 +238,8 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint])
         deltas = {key: targets[key] - charged[key] for key in priced}
         conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
             {**_key_row(k), "units": units[k], "charged": targets[k]} for k in priced)})
-        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), priced, units, deltas, targets)
+        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), priced, units, deltas, targets,
+                                                   kind=kind, reason=reason)
     hashes = [h for checkpoint in accepted for h in checkpoint.dedupe_keys]
     if hashes:
         stream_times = [c.stream_time for c in accepted if c.stream_time is not None]
@@ -375,7 +380,8 @@ def _continued_targets(members: dict[Key, Member], units: dict[Key, Decimal]) ->
 
 
 def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], keys: list[Key],
-                 units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int]) -> tuple[int, int]:
+                 units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int], *,
+                 kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> tuple[int, int]:
     moving = [key for key in keys if deltas[key] != 0]
     if not moving:
         return 0, 0
@@ -383,15 +389,18 @@ def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], keys: list[
     wallets = lock_wallets(conn, {key.wallet_id for key in moving})
     books = load_books(conn, wallets.values(), now=datetime.now(UTC))
     drafts: list[Draft] = []
+    credit_source = "refund" if kind is TransactionKind.USAGE else "adjustment"
     for key in moving:  # sorted: a wallet's postings chain in key order
         book, delta = books[key.wallet_id], deltas[key]
         posting = (book.debit(delta) if delta > 0 else
-                   book.credit(-delta, NewBucket("refund", DEFAULT_PRIORITY["refund"],
-                                                 source_ref=f"usage-credit:{key.meter_id}")))
+                   book.credit(-delta, NewBucket(credit_source, DEFAULT_PRIORITY[credit_source],
+                                               source_ref=f"usage-credit:{key.meter_id}")))
+        usage_key = usage_idempotency_key(checkpoint, key)
         drafts.append(Draft(
-            wallet_id=key.wallet_id, project_id=wallets[key.wallet_id].project_id, kind=TransactionKind.USAGE,
-            posting=posting, idempotency_key=usage_idempotency_key(checkpoint, key),
-            source_ref=source_ref,
+            wallet_id=key.wallet_id, project_id=wallets[key.wallet_id].project_id, kind=kind,
+            posting=posting, idempotency_key=usage_key if kind is TransactionKind.USAGE else
+            f"{kind.value}:{usage_key.removeprefix('usage:')}",
+            source_ref=source_ref, reason=reason,
             meter_id=key.meter_id, period_start=key.period_start, price_version_id=key.price_version_id,
             metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key]},
         ))

@@ -1,7 +1,7 @@
 """Price versions continue a period's units; dedupe keys carry their stream time.
 
 Revision ID: ledger_0006
-Revises: ledger_0005
+Revises: ledger_0011
 Create Date: 2026-12-03
 
 Issue 13 items 4–6, DESIGN §2 invariants 9 and 10.
@@ -20,7 +20,7 @@ Issue 13 items 4–6, DESIGN §2 invariants 9 and 10.
 from alembic import op
 
 revision = "ledger_0006"
-down_revision = "ledger_0005"
+down_revision = "ledger_0011"
 branch_labels = None
 depends_on = None
 

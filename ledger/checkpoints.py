@@ -28,7 +28,8 @@ Steps, and the invariant each protects:
      period's units (arrival order, partitions and merging cannot change it), so it is charged exactly once;
      the group lock serialises two partitions' appliers of one group, and each reads the versions the other
      committed. Keys without ``price_effective_from`` (older producers) and rows written before ledger_0006
-     are priced on their own as before: charged history is never re-priced.
+     are priced on their own as before: charged history is never re-priced. A key named without
+     ``price_effective_from`` whose stored row is grouped (a replay correction) is priced with its group.
 6. Lock the wallets with a non-zero delta (id order), post each delta as a ``usage`` transaction:
    positive delta burns buckets, beyond the balance it is posted as debt (never dropped); a negative
    delta (a volume tier got cheaper, a LATEST gauge fell) is a ``usage`` transaction with a POSITIVE
@@ -140,6 +141,14 @@ _GROUP_MEMBERS = text("""
      AND c.meter_version = g.meter_version AND c.price_effective_from IS NOT NULL
 """)
 
+_STORED_GROUPS = text(f"""
+    SELECT c.wallet_id, c.meter_id, c.period_start, c.meter_version
+    FROM json_to_recordset(CAST(:rows AS json)) AS k({_KEY_COLUMNS})
+    JOIN usage_charges c
+      ON c.wallet_id = k.wallet_id AND c.meter_id = k.meter_id AND c.period_start = k.period_start
+     AND c.price_version_id = k.price_version_id AND c.price_effective_from IS NOT NULL
+""")
+
 _ALL_PARTITIONS = text(f"""
     SELECT c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.units, c.latest_at
     FROM json_to_recordset(CAST(:rows AS json)) AS k({_KEY_COLUMNS})
@@ -222,7 +231,7 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
         conn.execute(_ENSURE_WALLETS, {"rows": rows_json(
             {"id": w, "project_id": p} for w, p in sorted({(k.wallet_id, v.key.project_id) for k, v in values.items()}))})
         conn.execute(_UPSERT_COUNTERS, {"rows": rows, "topic": topic, "partition": partition, "as_of": as_of})
-        groups = _groups(values)
+        groups = _groups(conn, values, rows)
         groups_json = rows_json(g._asdict() for g in groups) if groups else ""
         if groups:
             conn.execute(_LOCK_GROUPS, {"groups": groups_json})
@@ -344,11 +353,18 @@ class Member(NamedTuple):
     charged_minor: int
 
 
-def _groups(values: dict[Key, CounterValue]) -> list[Group]:
-    """The groups of the checkpoint's keys that take part in continued pricing (producers that send
-    ``price_effective_from``; keys without it are priced on their own, as before ledger_0006)."""
-    return sorted({Group(k.wallet_id, k.meter_id, k.period_start, v.meter_version)
-                   for k, v in values.items() if v.price_effective_from is not None})
+def _groups(conn: Connection, values: dict[Key, CounterValue], rows: str) -> list[Group]:
+    """The groups of the checkpoint's keys that take part in continued pricing: keys whose producer sent
+    ``price_effective_from`` (streams since ledger_0006), and keys whose stored charge row already belongs to a
+    group (a replay correction, ledger/corrections.py, names the key without it — it must still be priced with
+    its group, or it would undo the continuation). Stored rows without it are priced on their own, as before."""
+    groups = {Group(k.wallet_id, k.meter_id, k.period_start, v.meter_version)
+              for k, v in values.items() if v.price_effective_from is not None}
+    if any(v.price_effective_from is None for v in values.values()):
+        # meter_version / price_effective_from of a stored row never change once written: no lock needed
+        groups |= {Group(r.wallet_id, r.meter_id, r.period_start, r.meter_version)
+                   for r in conn.execute(_STORED_GROUPS, {"rows": rows})}
+    return sorted(groups)
 
 
 def _group_members(conn: Connection, groups_json: str, values: dict[Key, CounterValue]) -> dict[Key, Member]:

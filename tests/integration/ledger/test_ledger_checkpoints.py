@@ -343,3 +343,27 @@ def test_two_partitions_applying_two_versions_of_one_group_concurrently_end_exac
     for wallet in ("W1", "W2"):
         assert -sum(_usage_amounts(engine, wallet)) == sum(expected)
     invariants()
+
+
+def test_a_correction_without_an_effective_time_is_still_priced_with_its_group(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """A replay correction (ledger/corrections.py) names a key without ``price_effective_from``: its stored row
+    is grouped, so it is priced with its group — otherwise it would undo the continuation of the later version."""
+    from ledger.corrections import apply_correction
+
+    free_1000 = PriceModel(model="per_unit", unit_price_minor=Decimal(1), free_units=Decimal(1000))
+    v1_from, v2_from = datetime(2020, 1, 1, tzinfo=UTC), datetime(2026, 11, 10, tzinfo=UTC)
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="x", wallet_id="W")
+    _apply(engine, _checkpoint(0, 10, _versioned("W", "900", "pv1", v1_from, price=free_1000)))
+    _apply(engine, _checkpoint(0, 20, _versioned("W", "900", "pv2", v2_from, price=free_1000)))
+    assert -sum(_usage_amounts(engine, "W")) == 800
+    with engine.begin() as conn:  # the log had 50 more units under v1 than the ledger counted
+        apply_correction(conn, source_id=TOPIC, replay_id="r1",
+                         counters=[_value("W", "50", price=free_1000, version="pv1")])
+    with engine.connect() as conn:
+        charged = dict(conn.execute(text("SELECT price_version_id, charged_minor FROM usage_charges "
+                                         "WHERE wallet_id = 'W'")).all())
+    assert charged == {"pv1": 0, "pv2": 850}  # v2 now starts at 950: 850 of its 900 units are charged
+    assert _balance(engine, "W") == -850
+    invariants()

@@ -8,6 +8,7 @@ auto); with an http(s) ClickHouse the sink is its own process and this module on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from analytics.client import ClientPool
 from analytics.migrate import migrate
 from analytics.queries import Analytics, window
+from analytics.queries import Query as ClickHouseQuery
 from analytics.settings import AnalyticsSettings
 from analytics.settings import get_settings as get_analytics_settings
 from analytics.sink import SinkThread, sink_runs_in_api
@@ -85,6 +87,27 @@ def get_analytics(request: Request) -> Analytics:
 
 
 AnalyticsDep = Annotated[Analytics, Depends(get_analytics)]
+
+
+def usage_subjects(request: Request) -> Callable[[str, str | None, int], list[str]] | None:
+    """The subjects that sent usage to a project (optionally containing ``q``), or None without analytics.
+
+    Used to name auto-provisioned wallets (api.wallet_directory); a failing query answers no subjects (the
+    wallet list must not fail because analytics does)."""
+    service: Analytics | None = getattr(request.app.state, "analytics", None)
+    if service is None:
+        return None
+
+    def subjects(project_id: str, q: str | None, limit: int) -> list[str]:
+        where = "project_id = {p:String}" + (" AND positionCaseInsensitiveUTF8(subject, {q:String}) > 0" if q else "")
+        sql = f"SELECT DISTINCT subject FROM `{service.db}`.usage_events WHERE {where} LIMIT {{n:UInt32}}"
+        try:
+            return [str(r["subject"]) for r in service.rows(ClickHouseQuery(sql, {"p": project_id, "q": q or "", "n": limit}))]
+        except Exception as exc:  # best effort, see above
+            log.warning("cannot read usage subjects", error=str(exc))
+            return []
+
+    return subjects
 
 
 @router.get("/usage", summary="Events and units per time bucket, by meter, subject or a data key")

@@ -1,0 +1,139 @@
+"""The JSON routes the dashboard's pages stand on: the wallet list with owner, subject, balance, search and
+paging; a wallet's holds; the price preview (the ledger's own pricing function); the audit log with emails
+and an actor filter. Real PostgreSQL through the real app."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from tenancy_testkit import api_client, five_users, money, team
+
+from ledger.checkpoints import _ENSURE_WALLETS
+from ledger.db import make_engine
+from streams.catalog_model import auto_wallet_id
+
+pytestmark = pytest.mark.integration
+
+
+def _auto_provision(database_url: str, project_id: str, subject: str) -> str:
+    """Create the wallet exactly as the ledger does for an unknown subject's usage (it knows only the id)."""
+    wallet_id = auto_wallet_id(project_id, subject)
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(_ENSURE_WALLETS, {"rows": json.dumps([{"id": wallet_id, "project_id": project_id}])})
+    finally:
+        engine.dispose()
+    return wallet_id
+
+
+def _items(client: Any, base: str, headers: dict[str, str], **params: Any) -> dict[str, Any]:
+    r = client.get(base, params=params, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_wallet_list_names_owners_and_subjects_searches_and_pages(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
+        users = five_users(client)
+        t = team(client, users)
+        owner = users["owner"].headers
+        base = f"/api/v1/projects/{t.project_id}/wallets"
+        member = client.post(base, json={"owner_kind": "user", "owner_ref": users["member"].user_id},
+                             headers=owner).json()["id"]
+        named = client.post(base, json={"owner_kind": "subject", "owner_ref": "customer-882"}, headers=owner).json()["id"]
+        keyed = _auto_provision(database_url, t.project_id, "ada@shop")
+        r = client.put(f"/api/v1/projects/{t.project_id}/subject-keys/ada@shop", json={}, headers=owner)
+        assert r.status_code == 200 and r.json()["wallet_id"] == keyed, r.text
+        anonymous = _auto_provision(database_url, t.project_id, "never-keyed")
+        assert money(client, f"{base}/{named}/grants", {"amount_minor": 700}, owner).status_code == 201
+
+        page = _items(client, base, users["viewer"].headers)
+        by_id = {w["id"]: w for w in page["items"]}
+        assert by_id[member]["owner_email"] == users["member"].email and by_id[member]["subject"] is None
+        assert by_id[named]["subject"] == "customer-882" and not by_id[named]["auto_provisioned"]
+        assert by_id[named]["balance"]["balance_minor"] == 700
+        assert by_id[keyed]["subject"] == "ada@shop" and by_id[keyed]["auto_provisioned"]
+        # no subject key and no usage of it in analytics: listed, subject unknown
+        assert by_id[anonymous]["subject"] is None and by_id[anonymous]["auto_provisioned"]
+
+        assert [w["id"] for w in _items(client, base, owner, q="ADA@")["items"]] == [keyed]
+        assert [w["id"] for w in _items(client, base, owner, q=users["member"].email[:10])["items"]] == [member]
+        assert [w["id"] for w in _items(client, base, owner, q="882")["items"]] == [named]
+        assert [w["id"] for w in _items(client, base, owner, q=named[:12])["items"]] == [named]
+        assert _items(client, base, owner, q="100%_")["items"] == []  # LIKE wildcards are literal
+
+        seen: list[str] = []
+        cursor = None
+        while True:
+            got = _items(client, base, owner, limit=2, **({"cursor": cursor} if cursor else {}))
+            assert len(got["items"]) <= 2
+            seen += [w["id"] for w in got["items"]]
+            cursor = got["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [w["id"] for w in page["items"]] and len(seen) == 4
+
+
+def test_wallet_reservations_are_listed_newest_first(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
+        users = five_users(client)
+        t = team(client, users)
+        owner = users["owner"].headers
+        base = f"/api/v1/projects/{t.project_id}/wallets"
+        wallet = client.post(base, json={"owner_kind": "project"}, headers=owner).json()["id"]
+        assert money(client, f"{base}/{wallet}/grants", {"amount_minor": 500}, owner).status_code == 201
+        first = money(client, f"{base}/{wallet}/reservations", {"amount_minor": 100}, owner).json()["hold"]["id"]
+        second = money(client, f"{base}/{wallet}/reservations", {"amount_minor": 50}, owner).json()["hold"]["id"]
+        assert money(client, f"{base}/{wallet}/reservations/{first}/void", None, owner).status_code == 200
+        holds = client.get(f"{base}/{wallet}/reservations", headers=users["viewer"].headers).json()
+        assert [(h["id"], h["status"], h["amount_minor"]) for h in holds] == [
+            (second, "active", 50), (first, "voided", 100)]
+        active = client.get(f"{base}/{wallet}/reservations", params={"status": "active"}, headers=owner).json()
+        assert [h["id"] for h in active] == [second]
+        assert client.get(f"{base}/nope/reservations", headers=owner).status_code == 404
+
+
+def test_price_preview_uses_the_ledger_pricing(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
+        users = five_users(client)
+        t = team(client, users)
+        owner = users["owner"].headers
+        p = f"/api/v1/projects/{t.project_id}"
+        graduated = {"model": "graduated", "tiers": [{"up_to": "1000", "unit_price_minor": "0"},
+                                                     {"up_to": None, "unit_price_minor": "0.3"}]}
+        r = client.post(f"{p}/prices/preview", json={"model": graduated, "units": "2501"},
+                        headers=users["viewer"].headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["amount_minor"] == 450 and r.json()["exact_minor"].startswith("450.3")  # 1501 * 0.3, floored
+        assert client.post(f"{p}/meters", json={"slug": "tokens", "event_type": "llm.tokens",
+                                                "value_property": "$.tokens"}, headers=owner).status_code == 201
+        price = client.post(f"{p}/prices", json={"meter": "tokens", "model": {"model": "package",
+                            "package_size": "100", "package_price_minor": "7"}}, headers=owner).json()
+        r = client.post(f"{p}/prices/preview", json={"price_id": price["id"], "units": "201"}, headers=owner)
+        assert r.status_code == 200 and r.json()["amount_minor"] == 21, r.text  # three started packages
+        bad = client.post(f"{p}/prices/preview", json={"model": {"model": "per_unit"}, "units": "1"}, headers=owner)
+        assert bad.status_code == 422 and "price model" in bad.json()["detail"]
+        both = client.post(f"{p}/prices/preview", json={"units": "1"}, headers=owner)
+        assert both.status_code == 422
+
+
+def test_audit_log_names_users_by_email_and_filters_by_actor(database_url: str, engines: Any) -> None:
+    with api_client(database_url, engines) as client:
+        users = five_users(client)
+        t = team(client, users)
+        owner, admin = users["owner"], users["admin"]
+        p = f"/api/v1/projects/{t.project_id}"
+        r = client.patch(f"{p}/members/{users['member'].user_id}", json={"role": "viewer"}, headers=admin.headers)
+        assert r.status_code == 200, r.text
+        items = client.get(f"{p}/audit-log", headers=owner.headers).json()["items"]
+        change = next(i for i in items if i["action"] == "member.role_change")
+        assert change["actor_email"] == admin.email and change["target_email"] == users["member"].email
+        by_admin = client.get(f"{p}/audit-log", params={"actor_email": admin.email.upper()},
+                              headers=owner.headers).json()["items"]
+        assert by_admin and {i["actor_email"] for i in by_admin} == {admin.email}
+        assert "member.role_change" in {i["action"] for i in by_admin}
+        nobody = client.get(f"{p}/audit-log", params={"actor_email": "nobody@example.com"}, headers=owner.headers)
+        assert nobody.status_code == 200 and nobody.json()["items"] == []

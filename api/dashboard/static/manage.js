@@ -130,7 +130,7 @@ window.meterlinePages.offers = {
       ["", o => actionButton("Archive", () => post(projectPath("/credit-packs/" + enc(o.slug) + "/archive")), "archive")]],
       packs, null, "no packs");
     table("plans", [["slug", o => o.slug], ["name", o => o.name], ["credits", o => fmt(o.credits_minor)], ["price", price],
-      ["every", o => (o.interval_count > 1 ? o.interval_count + " " : "") + o.billing_interval],
+      ["every", o => (o.interval_count > 1 ? o.interval_count + " " : "") + o.interval],
       ["credits at period end", o => o.credits_expire === "never" ? "roll over" : "expire"],
       ["", o => actionButton("Archive", () => post(projectPath("/plans/" + enc(o.slug) + "/archive")), "archive")]],
       plans, null, "no plans");

@@ -71,8 +71,10 @@ def audit_log(
                                       since=since, until=until)
     user_ids = {e.actor_user_id for e in entries if e.actor_user_id}
     user_ids |= {e.target_id for e in entries if e.target_kind in _USER_TARGETS and e.target_id}
-    emails = dict(conn.execute(text("SELECT id, email FROM users WHERE id = ANY(:ids)"),
-                               {"ids": sorted(user_ids)}).all()) if user_ids else {}
+    emails: dict[str, str] = {}
+    if user_ids:
+        emails = {str(i): str(e) for i, e in conn.execute(text("SELECT id, email FROM users WHERE id = ANY(:ids)"),
+                                                          {"ids": sorted(user_ids)}).all()}
     fields = [k for k in AuditEntryOut.model_fields if k not in ("actor_email", "target_email")]
     return AuditPage(items=[AuditEntryOut(**{k: getattr(e, k) for k in fields},
                                           actor_email=emails.get(e.actor_user_id or ""),

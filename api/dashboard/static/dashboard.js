@@ -101,16 +101,7 @@ function table(id, columns, rows, onRow, empty = "nothing in this window") {
 }
 
 function chart(name, canvasId, config) {
-  if (window.meterlineCharts[name]) {
-    // a re-render (after a change): draw on a fresh canvas, the old one keeps the sizes Chart.js gave it
-    window.meterlineCharts[name].destroy();
-    const old = $(canvasId);
-    const fresh = el("canvas", { id: canvasId, height: Number(old.dataset.height || 100) });
-    fresh.dataset.height = old.dataset.height;
-    old.replaceWith(fresh);
-  } else {
-    $(canvasId).dataset.height = $(canvasId).getAttribute("height") || "100";
-  }
+  if (window.meterlineCharts[name]) window.meterlineCharts[name].destroy();
   config.options = Object.assign({ animation: false, responsive: true }, config.options || {});
   window.meterlineCharts[name] = new Chart($(canvasId), config);
   window.meterlineCharts[name].resize();  // size to the card now, not on the next ResizeObserver tick

@@ -219,6 +219,13 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     page.click_row_action("meters", "scratch", "archive")
     assert [m["slug"] for m in page.get("/meters")] == ["tokens"]
     assert page.cells("meters", 0) == ["tokens"]
+    page.click_row_action("meters", "tokens", "edit")  # fills the form; saving makes version 2
+    assert page.js("document.getElementById('meter-form').elements.value_property.value") == "$.tokens"
+    page.fill("meter-form", {"value_property": "$.usage.total_tokens"})
+    page.submit("meter-form")
+    versions = page.get("/meters/tokens/versions")
+    assert [(m["version"], m["value_property"]) for m in versions] == [(1, "$.tokens"), (2, "$.usage.total_tokens")]
+    assert versions[1]["group_by"] == ["$.model"] and page.cells("meters", 5) == ["2"]
     page.shot("meters")
 
     # --- prices, with a preview ---------------------------------------------------------------------------
@@ -233,6 +240,12 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     assert [p["versions"][0]["model"]["model"] for p in prices] == ["graduated"]
     assert [Decimal(t["unit_price_minor"]) for t in prices[0]["versions"][0]["model"]["tiers"]] == [0, Decimal("0.5")]
     assert page.cells("prices", 0) == ["tokens"]
+    page.click_row_action("prices", "tokens", "version")
+    page.fill("price-form", {"model": "per_unit", "unit_price_minor": "0.25"})
+    page.submit("price-form")
+    versions = page.get(f"/prices/{prices[0]['id']}")["versions"]
+    assert [(v["version"], v["model"]["model"]) for v in versions] == [(1, "graduated"), (2, "per_unit")]
+    assert page.get("/prices", meter="tokens")[0]["id"] == prices[0]["id"]  # a version, not a second price
     page.shot("prices")
 
     # --- API keys -----------------------------------------------------------------------------------------
@@ -341,4 +354,15 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
                                "until": (datetime.now(UTC) - timedelta(days=2)).strftime("%Y-%m-%d")})
     page.submit("audit-filter")
     assert page.cells("audit", 0) == ["no entries match"]
+
+    # --- a viewer sees the pages without the forms it may not use ------------------------------------------
+    viewer = httpx.post(f"{api_url}/api/v1/auth/signup", json={
+        "email": f"viewer-{uuid.uuid4().hex[:8]}@example.com", "password": PASSWORD}).json()
+    page.post("/members", {"email": viewer["user"]["email"], "role": "viewer"})
+    page.js(f"sessionStorage.setItem('meterline.token', {viewer['access_token']!r}); true")
+    page.open("meters")
+    assert page.cells("meters", 0) == ["tokens"]
+    assert page.js("document.getElementById('meter-form').offsetParent === null "
+                   "&& document.querySelector('#meters button.row-action').offsetParent === null")
+    page.shot("viewer-meters")
     assert not [line for line in browser.console if line.startswith("exception")], browser.console

@@ -395,6 +395,8 @@ async function boot() {
   const ids = Array.from(select.options).map(o => o.value);
   sessionStorage.setItem(PROJECT_KEY, ids.includes(saved) ? saved : ids[0]);
   select.value = sessionStorage.getItem(PROJECT_KEY);
+  const current = projects.find(p => (p.project_id || p.id) === select.value);
+  document.body.dataset.role = current ? current.role : "";
   select.addEventListener("change", () => { sessionStorage.setItem(PROJECT_KEY, select.value); location.reload(); });
   const entry = window.meterlinePages[page];
   const render = typeof entry === "function" ? entry : entry.render;

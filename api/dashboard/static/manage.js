@@ -7,14 +7,59 @@ const enc = encodeURIComponent;
 
 // ------------------------------------------------------------------------------------------------- meters
 
+/* A form that creates, or — after a row's Edit — changes the row it was filled from (form.dataset.editing). */
+function startEditing(formId, key, caption, fill) {
+  const form = $(formId);
+  form.dataset.editing = key;
+  fill(form);
+  form.querySelector("button[type=submit]").textContent = caption;
+  form.querySelector(".editing-note").hidden = false;
+  form.querySelector(".editing-note span").textContent = key;
+  form.scrollIntoView();
+}
+
+function stopEditing(formId, caption) {
+  const form = $(formId);
+  delete form.dataset.editing;
+  form.querySelector("button[type=submit]").textContent = caption;
+  form.querySelector(".editing-note").hidden = true;
+}
+
+function editingNote(formId, caption, reset) {
+  const form = $(formId);
+  const cancel = el("button", { type: "button" }, "cancel");
+  cancel.addEventListener("click", () => { reset(form); stopEditing(formId, caption); });
+  form.append(el("p", { className: "editing-note muted", hidden: true }, "Editing ", el("span"), " · ", cancel));
+}
+
 window.meterlinePages.meters = {
-  setup() { bindForm("meter-form", v => post(projectPath("/meters"), v)); },
+  setup() {
+    editingNote("meter-form", "Create meter", f => { f.reset(); f.elements.slug.readOnly = false; });
+    bindForm("meter-form", async (v, f) => {
+      if (f.dataset.editing) {
+        const { slug, ...changes } = v;
+        changes.group_by = changes.group_by || [];
+        await api(projectPath("/meters/" + enc(f.dataset.editing)), { method: "PATCH", body: JSON.stringify(changes) });
+        f.elements.slug.readOnly = false;
+        stopEditing("meter-form", "Create meter");
+      } else {
+        await post(projectPath("/meters"), v);
+      }
+    });
+  },
   async render() {
     const meters = await api(projectPath("/meters"));
+    const edit = m => startEditing("meter-form", m.slug, "Save as version " + (m.version + 1), f => {
+      for (const name of ["slug", "event_type", "aggregation", "value_property", "name"]) f.elements[name].value = m[name] || "";
+      f.elements.group_by.value = m.group_by.join(", ");
+      f.elements.slug.readOnly = true;
+    });
     table("meters", [["slug", m => m.slug], ["event type", m => m.event_type], ["aggregation", m => m.aggregation],
       ["value", m => m.value_property || "(count)"], ["group by", m => m.group_by.join(", ")],
       ["version", m => m.version], ["since (UTC)", m => label(m.created_at)],
-      ["", m => actionButton("Archive", () => api(projectPath("/meters/" + enc(m.slug)), { method: "DELETE" }), "archive")]],
+      ["", m => el("span", {}, el("button", { type: "button", className: "row-action", "data-action": "edit",
+                                              onclick: () => edit(m) }, "Edit"),
+                   actionButton("Archive", () => api(projectPath("/meters/" + enc(m.slug)), { method: "DELETE" }), "archive"))]],
       meters, null, "no meters yet: events are accepted but nothing is counted or charged");
   },
 };
@@ -59,8 +104,15 @@ window.meterlinePages.prices = {
     const form = $("price-form");
     form.elements.model.addEventListener("change", () => showModelFields(form));
     showModelFields(form);
+    editingNote("price-form", "Create price", f => { f.elements.meter.disabled = false; });
     bindForm("price-form", async (v, f) => {
-      await post(projectPath("/prices"), { meter: v.meter, model: priceModel(f), period: v.period });
+      if (f.dataset.editing) {
+        await post(projectPath("/prices/" + enc(f.dataset.editing) + "/versions"), { model: priceModel(f), period: v.period });
+        f.elements.meter.disabled = false;
+        stopEditing("price-form", "Create price");
+      } else {
+        await post(projectPath("/prices"), { meter: v.meter, model: priceModel(f), period: v.period });
+      }
     }, { reset: false });
     $("preview-form").addEventListener("submit", (event) => {
       event.preventDefault();
@@ -84,7 +136,10 @@ window.meterlinePages.prices = {
       ["current model", p => describeModel(p.versions[p.versions.length - 1].model)],
       ["period", p => p.versions[p.versions.length - 1].period], ["versions", p => p.versions.length],
       ["effective from (UTC)", p => label(p.versions[p.versions.length - 1].effective_from)],
-      ["", p => actionButton("Archive", () => api(projectPath("/prices/" + enc(p.id)), { method: "DELETE" }), "archive")]],
+      ["", p => el("span", {}, el("button", { type: "button", className: "row-action", "data-action": "version",
+          onclick: () => startEditing("price-form", p.id, "Add version (effective now)", f => {
+            f.elements.meter.value = slugs.get(p.meter_id); f.elements.meter.disabled = true; }) }, "New version"),
+        actionButton("Archive", () => api(projectPath("/prices/" + enc(p.id)), { method: "DELETE" }), "archive"))]],
       prices, null, meters.length ? "no prices yet: usage is counted but charges nothing" : "create a meter first");
   },
 };

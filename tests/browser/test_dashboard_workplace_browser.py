@@ -298,6 +298,12 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     page.fill("offer-form", {"kind": "pack", "slug": "starter", "name": "Starter", "credits_minor": "1000",
                              "price_minor": "900", "currency": "usd"})
     page.submit("offer-form")
+    page.fill("offer-form", {"kind": "pack", "slug": "Not A Slug", "name": "Bad", "credits_minor": "1",
+                             "price_minor": "1", "currency": "usd"})
+    page.js("document.querySelector('#offer-form button[type=submit]').click(); true")
+    assert page.browser.wait("document.body.dataset.ready") == "error"
+    assert page.js("document.getElementById('error').textContent").startswith("slug: ")  # the field, not "see errors"
+    assert [o["slug"] for o in page.get("/credit-packs")] == ["starter"]
     page.fill("offer-form", {"kind": "plan", "slug": "pro", "name": "Pro", "credits_minor": "5000",
                              "price_minor": "2900", "currency": "usd", "interval": "month", "credits_expire": "never"})
     page.submit("offer-form")
@@ -365,4 +371,13 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     assert page.js("document.getElementById('meter-form').offsetParent === null "
                    "&& document.querySelector('#meters button.row-action').offsetParent === null")
     page.shot("viewer-meters")
+
+    # --- signing up twice says to sign in -----------------------------------------------------------------
+    page.js("sessionStorage.clear(); true")
+    page.open("signup")
+    page.fill("signup-form", {"email": owner_email, "password": PASSWORD, "project": "Again"})
+    page.js("document.querySelector('#signup-form button[type=submit]').click(); true")
+    assert page.browser.wait("document.body.dataset.ready") == "error"
+    assert "already exists" in page.js("document.getElementById('error').textContent")
+    assert page.js("document.querySelector('#error a').getAttribute('href')") == "/dashboard/login"
     assert not [line for line in browser.console if line.startswith("exception")], browser.console

@@ -36,8 +36,15 @@ async function api(path, options = {}) {
     throw new Error("signed out");
   }
   const body = response.status === 204 ? null : await response.json();
-  if (!response.ok) throw new Error((body && (body.detail || body.title)) || response.statusText);
+  if (!response.ok) throw new Error(problemText(body) || response.statusText);
   return body;
+}
+
+/* A problem+json body in words: its detail, then each invalid field ("body.slug: String should match …"). */
+function problemText(body) {
+  if (!body) return "";
+  const fields = (body.errors || []).map(e => (e.loc || []).filter(p => p !== "body").join(".") + ": " + e.msg);
+  return fields.length ? fields.join("; ") : (body.detail || body.title || "");
 }
 
 function projectPath(suffix) {
@@ -222,6 +229,7 @@ async function pageSignup() {
   const form = $("signup-form");
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    document.body.dataset.ready = "";
     const v = formValues(form);
     try {
       const body = await post("/api/v1/auth/signup", { email: v.email, password: v.password,
@@ -230,7 +238,10 @@ async function pageSignup() {
       const project = await post("/api/v1/projects", { name: v.project });
       sessionStorage.setItem(PROJECT_KEY, project.id);
       location.href = "/dashboard/wallets";
-    } catch (err) { showError("Sign-up failed: " + err.message); }
+    } catch (err) {
+      showError("Sign-up failed: " + err.message);
+      if (/already|exists|taken/i.test(err.message)) $("error").append(" ", el("a", { href: "/dashboard/login" }, "Sign in instead"));
+    }
   });
   document.body.dataset.ready = "1";
 }

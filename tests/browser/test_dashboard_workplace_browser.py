@@ -266,9 +266,14 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     page.open("subject-keys")
     page.fill("subject-key-form", {"subject": "seat-7", "wallet_id": customer})
     page.submit("subject-key-form")
-    assert {(k["subject"], k["wallet_id"]) for k in page.get("/subject-keys")} >= {("seat-7", customer)}
+    assert {(k["subject"], k["wallet_id"]) for k in page.get("/subject-keys", limit=1000)} >= {("seat-7", customer)}
     assert "seat-7" in page.cells("subject-keys", 0)
+    page.fill("subject-key-form", {"subject": "seat-8", "wallet_id": customer})
+    page.submit("subject-key-form")
     page.shot("subject-keys")
+    page.click_row_action("subject-keys", "seat-8", "remove")
+    subjects = {k["subject"] for k in page.get("/subject-keys", limit=1000)}
+    assert "seat-8" not in subjects and "seat-7" in subjects
 
     # --- members and invitations --------------------------------------------------------------------------
     page.open("team")
@@ -282,6 +287,8 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     roles = {m["email"]: m["role"] for m in page.get("/members")}
     assert roles == {owner_email: "owner", colleague["email"]: "admin"}
     page.shot("team")
+    page.click_row_action("invitations", invitee, "revoke")
+    assert [i["status"] for i in page.get("/invitations")] == ["revoked"]
 
     # --- feature costs ------------------------------------------------------------------------------------
     page.open("feature-costs")
@@ -292,6 +299,8 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     costs = {c["feature_key"]: (c["cost_minor"], c["requires_entitlement"]) for c in page.get("/feature-costs")}
     assert costs == {"image_to_image": (5, None), "export_pdf": (0, "*")}
     page.shot("feature-costs")
+    page.click_row_action("feature-costs", "export_pdf", "remove")
+    assert [c["feature_key"] for c in page.get("/feature-costs")] == ["image_to_image"]
 
     # --- packs and plans ----------------------------------------------------------------------------------
     page.open("offers")
@@ -311,6 +320,11 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     plans = page.get("/plans")
     assert [(o["slug"], o["interval"], o["credits_expire"]) for o in plans] == [("pro", "month", "never")]
     page.shot("offers")
+    page.fill("offer-form", {"kind": "pack", "slug": "old-pack", "name": "Old", "credits_minor": "10",
+                             "price_minor": "100", "currency": "usd"})
+    page.submit("offer-form")
+    page.click_row_action("packs", "old-pack", "archive")
+    assert [o["slug"] for o in page.get("/credit-packs")] == ["starter"]  # archived ones are not for sale
 
     # --- billing rules ------------------------------------------------------------------------------------
     page.open("billing")

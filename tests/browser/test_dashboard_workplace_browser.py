@@ -209,13 +209,15 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     # --- meters -------------------------------------------------------------------------------------------
     page.open("meters")
     page.fill("meter-form", {"slug": "tokens", "event_type": "llm.tokens", "aggregation": "SUM",
-                             "value_property": "$.tokens", "group_by": "$.model"})
+                             "value_property": "$.tokens", "group_by": "$.model",
+                             "filters": '[{"property": "$.model", "in": ["gpt-4o", "gpt-4.1"]}]'})
     page.submit("meter-form")
     page.fill("meter-form", {"slug": "scratch", "event_type": "scratch.events", "aggregation": "COUNT"})
     page.submit("meter-form")
     meters = {m["slug"]: m for m in page.get("/meters")}
     assert meters["tokens"]["value_property"] == "$.tokens" and meters["tokens"]["group_by"] == ["$.model"]
-    assert meters["scratch"]["aggregation"] == "COUNT"
+    assert meters["tokens"]["filters"] == [{"property": "$.model", "in": ["gpt-4o", "gpt-4.1"]}]
+    assert meters["scratch"]["aggregation"] == "COUNT" and meters["scratch"]["filters"] == []
     page.click_row_action("meters", "scratch", "archive")
     assert [m["slug"] for m in page.get("/meters")] == ["tokens"]
     assert page.cells("meters", 0) == ["tokens"]
@@ -225,7 +227,8 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     page.submit("meter-form")
     versions = page.get("/meters/tokens/versions")
     assert [(m["version"], m["value_property"]) for m in versions] == [(1, "$.tokens"), (2, "$.usage.total_tokens")]
-    assert versions[1]["group_by"] == ["$.model"] and page.cells("meters", 5) == ["2"]
+    assert versions[1]["group_by"] == ["$.model"] and page.cells("meters", 6) == ["2"]
+    assert versions[1]["filters"] == versions[0]["filters"]  # kept through the edit
     page.shot("meters")
 
     # --- prices, with a preview ---------------------------------------------------------------------------

@@ -154,7 +154,7 @@ function newIdempotencyKey() {
 
 /* A form's named fields as a JSON body. data-type: int, list (comma-separated), datetime (datetime-local read
  * as UTC); data-skip: not sent; empty fields are left out (the API's default applies); checkboxes sharing a
- * name become a list of the checked values. */
+ * name become a list of the checked values; data-type json is parsed (a syntax error names the field). */
 function formValues(form) {
   const out = {};
   for (const field of form.elements) {
@@ -170,6 +170,9 @@ function formValues(form) {
     if (type === "int") out[field.name] = Number.parseInt(raw, 10);
     else if (type === "list") out[field.name] = raw.split(",").map(v => v.trim()).filter(Boolean);
     else if (type === "datetime") out[field.name] = new Date(raw + "Z").toISOString();
+    else if (type === "json") {
+      try { out[field.name] = JSON.parse(raw); } catch (err) { throw new Error(field.name + ": not valid JSON (" + err.message + ")"); }
+    }
     else out[field.name] = raw;
   }
   return out;

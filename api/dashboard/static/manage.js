@@ -39,6 +39,7 @@ window.meterlinePages.meters = {
       if (f.dataset.editing) {
         const { slug, ...changes } = v;
         changes.group_by = changes.group_by || [];
+        changes.filters = changes.filters || [];
         await api(projectPath("/meters/" + enc(f.dataset.editing)), { method: "PATCH", body: JSON.stringify(changes) });
         f.elements.slug.readOnly = false;
         stopEditing("meter-form", "Create meter");
@@ -52,11 +53,12 @@ window.meterlinePages.meters = {
     const edit = m => startEditing("meter-form", m.slug, "Save as version " + (m.version + 1), f => {
       for (const name of ["slug", "event_type", "aggregation", "value_property", "name"]) f.elements[name].value = m[name] || "";
       f.elements.group_by.value = m.group_by.join(", ");
+      f.elements.filters.value = m.filters.length ? JSON.stringify(m.filters) : "";
       f.elements.slug.readOnly = true;
     });
     table("meters", [["slug", m => m.slug], ["event type", m => m.event_type], ["aggregation", m => m.aggregation],
       ["value", m => m.value_property || "(count)"], ["group by", m => m.group_by.join(", ")],
-      ["version", m => m.version], ["since (UTC)", m => label(m.created_at)],
+      ["filters", m => m.filters.map(f => JSON.stringify(f)).join(" and ")], ["version", m => m.version], ["since (UTC)", m => label(m.created_at)],
       ["", m => el("span", {}, el("button", { type: "button", className: "row-action", "data-action": "edit",
                                               onclick: () => edit(m) }, "Edit"),
                    actionButton("Archive", () => api(projectPath("/meters/" + enc(m.slug)), { method: "DELETE" }), "archive"))]],

@@ -58,7 +58,7 @@ window.meterlinePages.meters = {
     });
     table("meters", [["slug", m => m.slug], ["event type", m => m.event_type], ["aggregation", m => m.aggregation],
       ["value", m => m.value_property || "(count)"], ["group by", m => m.group_by.join(", ")],
-      ["filters", m => m.filters.map(f => JSON.stringify(f)).join(" and ")], ["version", m => m.version], ["since (UTC)", m => label(m.created_at)],
+      ["filters", m => m.filters.map(f => JSON.stringify(f).replace(/,"/g, ', "')).join(" and ")], ["version", m => m.version], ["since (UTC)", m => label(m.created_at)],
       ["", m => el("span", {}, el("button", { type: "button", className: "row-action", "data-action": "edit",
                                               onclick: () => edit(m) }, "Edit"),
                    actionButton("Archive", () => api(projectPath("/meters/" + enc(m.slug)), { method: "DELETE" }), "archive"))]],

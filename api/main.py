@@ -36,6 +36,10 @@ ROUTER_MODULES: list[str] = [
     "api.payments.routes_payments",
     "api.payments.routes_webhooks",
     "api.wallets.routes_billing_rules",
+    "api.wallets.routes_ledger_chain",
+    "api.wallets.routes_exports",
+    "api.wallets.routes_reconciliation",
+    "api.ingest.routes_dead_letters",
     "api.dashboard.routes_pages",
 ]
 

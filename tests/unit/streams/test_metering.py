@@ -455,6 +455,15 @@ def test_a_checkpoint_is_cut_before_it_outgrows_one_kafka_message() -> None:
     assert cuts == [2, 5, 8]
 
 
+def test_a_dead_letter_names_every_missing_attribute() -> None:
+    from streams.metering import Rejection, validate_event
+
+    raw = {"specversion": "1.0", "type": "llm", "project": "p1", "data": {"tokens": 1}}  # no id, source, subject
+    rejection = validate_event(raw, index=None, message=orjson.dumps(raw), arrival=ARRIVAL, limits=Limits())
+    assert isinstance(rejection, Rejection)
+    assert (rejection.reason, rejection.detail) == ("missing_field", "id, source, subject are required")
+
+
 # -- bounded arithmetic (DESIGN §2 invariant 8, ledger/limits.py) -------------------------------------------
 
 def test_values_beyond_the_ledgers_bounds_are_dead_lettered_and_the_partition_goes_on() -> None:

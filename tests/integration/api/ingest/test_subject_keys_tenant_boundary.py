@@ -32,7 +32,7 @@ def test_a_subject_key_cannot_name_another_projects_wallet(database_url: str, en
                            headers=b_headers)
             assert r.status_code == 404, r.text
             assert r.headers["content-type"].startswith("application/problem+json")
-            assert r.json()["code"] == "streams.not_found"
+            assert r.json()["code"] == "catalog.wallet_not_found"
         assert client.get(f"/api/v1/projects/{b}/subject-keys", headers=b_headers).json() == []
         assert sql(database_url, "SELECT count(*) FROM subject_keys WHERE project_id = %s", b) == [(0,)]
 

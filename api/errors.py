@@ -69,6 +69,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "catalog.meter_not_found": 404,
     "catalog.price_not_found": 404,
     "catalog.subject_key_not_found": 404,
+    "catalog.wallet_not_found": 404,
     "catalog.conflict": 409,
 }
 

@@ -33,6 +33,13 @@ class SubjectKeyNotFound(CatalogNotFound):
     code = "catalog.subject_key_not_found"
 
 
+class WalletNotFound(CatalogNotFound):
+    """A subject key names a wallet that is not this project's (or a not-yet-existing UUID that could be
+    another project's auto-provisioned id): the same answer either way, so existence elsewhere is not leaked."""
+
+    code = "catalog.wallet_not_found"
+
+
 class CatalogConflict(StreamsError):
     """Another current meter has the slug, the meter already has an active price, the subject is mapped..."""
 

@@ -257,12 +257,12 @@ class Runtime:
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():  # ONE snapshot: applied mark, counters and dedupe keys cannot be torn apart
                 snap = ledger_queries.partition_snapshot(conn, self.source_id, [p], periods_since=periods_since)
-                keys = ledger_queries.dedupe_keys_since(
-                    conn, source_topic=self.source_id, partitions=[p],
-                    since=now - timedelta(seconds=self.settings.dedupe_horizon_s))[p]
-        if len(keys) > self.settings.dedupe_seed_rows_max:
-            log.warning("dedupe_seed_truncated", partition=p, keys=len(keys), kept=self.settings.dedupe_seed_rows_max)
-            keys = set(list(keys)[: self.settings.dedupe_seed_rows_max])
+                # the newest keys within the horizon in STREAM time, bounded in SQL (DESIGN §2 invariant 10)
+                keys = ledger_queries.dedupe_keys_newest(
+                    conn, source_topic=self.source_id, partition=p, horizon_s=self.settings.dedupe_horizon_s,
+                    limit=self.settings.dedupe_seed_rows_max)
+        if len(keys) >= self.settings.dedupe_seed_rows_max:
+            log.warning("dedupe_seed_truncated", partition=p, kept=len(keys), oldest_kept=keys[-1][1].isoformat())
         assert self.partitions is not None
         aggregator = PartitionAggregator(source_topic=self.source_id, partition=p, partitions=self.partitions,
                                          limits=self.limits)
@@ -270,7 +270,7 @@ class Runtime:
             applied_through=snap.applied_through[p],
             counters=[SeedCounter(c.wallet_id, c.project_id, c.meter_id, c.period_start, c.price_version_id,
                                   c.units, c.events, c.late_events, c.latest_at) for c in snap.counters],
-            dedupe_keys=[(k, now) for k in keys],
+            dedupe_keys=keys,
             periods_since=periods_since,
         )
         return aggregator
@@ -396,7 +396,7 @@ class Runtime:
         for rejection in rejections:
             self._dead_letter(rejection, p, message.offset, message.key)
         if aggregator.checkpoint_full():  # bounded size: cut at this message, the batch goes on
-            checkpoint = aggregator.checkpoint(now=datetime.now(UTC))
+            checkpoint = aggregator.checkpoint()
             if checkpoint is not None:
                 self._send_checkpoint(checkpoint)
 
@@ -425,9 +425,8 @@ class Runtime:
         letters of the batch). Keyed by source partition so one partition's checkpoints stay in order."""
         self.not_flushing.clear()
         try:
-            now = datetime.now(UTC)
             for aggregator in touched.values():
-                checkpoint = aggregator.checkpoint(now=now)
+                checkpoint = aggregator.checkpoint()
                 if checkpoint is not None:
                     self._send_checkpoint(checkpoint)
             remaining = await self.io(self.producer.flush, self.settings.delivery_timeout_s)

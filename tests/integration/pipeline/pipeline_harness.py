@@ -183,11 +183,14 @@ class EventProducer:
                 self.send_raw(orjson.dumps(evs[i:i + pack]), partition=p)
                 self.sent.events += len(evs[i:i + pack])
 
-    def send_raw(self, value: bytes, *, partition: int, key: bytes | None = None) -> None:
+    def send_raw(self, value: bytes, *, partition: int, key: bytes | None = None,
+                 timestamp_ms: int | None = None) -> None:
+        """``timestamp_ms``: the message's CreateTime (producer-set, the worker's arrival time); default now."""
+        extra = {"timestamp": timestamp_ms} if timestamp_ms is not None else {}
         while True:
             try:
                 self.producer.produce(self.topic, value=value, key=key, partition=partition,
-                                      on_delivery=self._delivered)
+                                      on_delivery=self._delivered, **extra)
                 break
             except BufferError:
                 self.producer.poll(0.05)

@@ -53,7 +53,12 @@ class DiskStore:
     def __init__(self, root: Path, *, fsync: bool = False) -> None:
         self.root = root
         self.fsync = fsync
-        self._listings: dict[Path, list[str]] = {}  # directory -> sorted file names (not temporaries)
+        # caches keyed by path strings (pathlib costs ~40 µs a key, too much for a listing per fetch)
+        self._listings: dict[str, list[str]] = {}  # directory -> sorted file names (not temporaries)
+        # path -> its stat (None: a folder). Tansu lists a partition's whole records/ folder on every fetch, so a
+        # listing must cost no syscall per key: the stats of what we wrote or listed once are kept here.
+        self._meta: dict[str, os.stat_result | None] = {}
+        self._fragments: dict[str, tuple[int, int, str]] = {}  # key -> (inode, mtime_ns, <Contents> XML)
         self._tmp_counter = 0
 
     # ------------------------------------------------------------------ paths
@@ -68,13 +73,19 @@ class DiskStore:
         # every PUT renames a new file over the key, so (inode, mtime, size) changes with every write
         return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
 
-    def _names(self, directory: Path) -> list[str]:
+    def _names(self, directory: str) -> list[str]:
         names = self._listings.get(directory)
         if names is None:
+            names = []
             try:
-                names = sorted(e.name for e in os.scandir(directory) if not e.name.startswith(".tmp-"))
+                for entry in os.scandir(directory):
+                    if entry.name.startswith(".tmp-"):
+                        continue
+                    names.append(entry.name)
+                    self._meta[entry.path] = None if entry.is_dir() else entry.stat()
             except FileNotFoundError:
-                names = []
+                pass
+            names.sort()
             self._listings[directory] = names
         return names
 
@@ -103,27 +114,31 @@ class DiskStore:
         if self.fsync:
             _fsync_dir(target.parent)
         if current is None:
-            names = self._listings.get(target.parent)
+            names = self._listings.get(str(target.parent))
             if names is not None:
                 bisect.insort(names, target.name)
             self._note_new_dirs(target.parent)
         st = os.stat(target)
+        self._meta[str(target)] = st
         return self.etag(st)
 
     def _note_new_dirs(self, directory: Path) -> None:
         """A new file may have created folders: cached listings of their parents are stale."""
         child = directory
         while child != self.root and child.parent != child:
-            names = self._listings.get(child.parent)
+            names = self._listings.get(str(child.parent))
             if names is not None and child.name not in names:
                 bisect.insort(names, child.name)
+            self._meta[str(child)] = None
             child = child.parent
 
     def delete(self, bucket: str, key: str) -> None:
         target = self.path(bucket, key)
+        self._meta.pop(str(target), None)
+        self._fragments.pop(key, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target)
-            names = self._listings.get(target.parent)
+            names = self._listings.get(str(target.parent))
             if names is not None:
                 i = bisect.bisect_left(names, target.name)
                 if i < len(names) and names[i] == target.name:
@@ -134,34 +149,56 @@ class DiskStore:
         """Keys (with stats) and common prefixes after ``start_after``, sorted as S3 sorts them (by key)."""
         base = self.root / bucket
         folder, _, _ = prefix.rpartition("/")
-        start = base.joinpath(*folder.split("/")) if folder else base
+        start = str(base.joinpath(*folder.split("/")) if folder else base)
+        base_str = str(base)
         keys: list[tuple[str, os.stat_result]] = []
         prefixes: list[str] = []
-        for key, is_dir in self._walk(start, folder + "/" if folder else "", delimiter is not None):
+        key_prefix = folder + "/" if folder else ""
+        after = start_after[len(key_prefix):] if start_after.startswith(key_prefix) else ""
+        for key, is_dir in self._walk(start, key_prefix, delimiter is not None, after=after):
             if not key.startswith(prefix) or key <= start_after:
                 continue
             if is_dir:
                 if delimiter and len(key) >= len(prefix):
                     prefixes.append(key + "/")
                 continue
-            st = _stat(base.joinpath(*key.split("/")))
+            path = base_str + "/" + key
+            st = self._meta[path] if path in self._meta else _stat(Path(path))
             if st is not None:
                 keys.append((key, st))
             if len(keys) + len(prefixes) >= max_keys:
                 return keys, prefixes, key
         return keys, prefixes, None
 
-    def _walk(self, directory: Path, key_prefix: str, shallow: bool) -> Iterator[tuple[str, bool]]:
-        """(key, is_folder) in key order. Folder keys sort as "name/" so children follow their parent."""
-        for name in self._names(directory):
-            path = directory / name
-            if path.is_dir():
+    def _walk(self, directory: str, key_prefix: str, shallow: bool, *, after: str = "") -> Iterator[tuple[str, bool]]:
+        """(key, is_folder) in key order, starting near ``after`` (a key relative to ``key_prefix``) by bisection:
+        a paginated listing costs O(page), not O(position) per page. Folder keys sort as "name/" so children
+        follow their parent; the caller still filters ``key <= start_after``."""
+        names = self._names(directory)
+        first, _, rest = after.partition("/")
+        for name in names[bisect.bisect_left(names, first) if first else 0:]:
+            path = directory + "/" + name
+            is_dir = self._meta[path] is None if path in self._meta else os.path.isdir(path)
+            if is_dir:
                 if shallow:
                     yield key_prefix + name, True
                 else:
-                    yield from self._walk(path, key_prefix + name + "/", shallow)
+                    yield from self._walk(path, key_prefix + name + "/", shallow,
+                                          after=rest if name == first else "")
             else:
                 yield key_prefix + name, False
+
+    def contents_xml(self, key: str, st: os.stat_result) -> str:
+        """The ListObjectsV2 <Contents> of a key, formatted once per version of the object."""
+        cached = self._fragments.get(key)
+        if cached is not None and cached[0] == st.st_ino and cached[1] == st.st_mtime_ns:
+            return cached[2]
+        modified = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(st.st_mtime))
+        xml = (f"<Contents><Key>{escape(key)}</Key><LastModified>{modified}</LastModified>"
+               f"<ETag>{escape(self.etag(st))}</ETag><Size>{st.st_size}</Size>"
+               "<StorageClass>STANDARD</StorageClass></Contents>")
+        self._fragments[key] = (st.st_ino, st.st_mtime_ns, xml)
+        return xml
 
     # ------------------------------------------------------------------ retention
     def sweep(self, *, retention_ms: int, now_s: float | None = None) -> int:
@@ -170,7 +207,7 @@ class DiskStore:
         cutoff = (now_s if now_s is not None else time.time()) - retention_ms / 1000
         removed = 0
         for records in self.root.glob(f"*/clusters/*/topics/*/partitions/*/{RECORDS_DIR}"):
-            names = list(self._names(records))
+            names = list(self._names(str(records)))
             for name in names[:-1]:
                 st = _stat(records / name)
                 if st is None or not name.endswith(BATCH_SUFFIX):
@@ -179,7 +216,9 @@ class DiskStore:
                     break  # batches are written in offset order: the rest are younger
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(records / name)
-                self._listings[records].remove(name)
+                self._meta.pop(str(records / name), None)
+                self._fragments.pop((records / name).relative_to(self.root).as_posix().partition("/")[2], None)
+                self._listings[str(records)].remove(name)
                 removed += 1
         return removed
 
@@ -281,11 +320,7 @@ def _list(store: DiskStore, bucket: str, request: web.Request) -> web.Response:
              f"<IsTruncated>{'true' if last else 'false'}</IsTruncated>"]
     if last:
         parts.append(f"<NextContinuationToken>{escape(last)}</NextContinuationToken>")
-    for key, st in keys:
-        modified = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(st.st_mtime))
-        parts.append(f"<Contents><Key>{escape(key)}</Key><LastModified>{modified}</LastModified>"
-                     f"<ETag>{escape(store.etag(st))}</ETag><Size>{st.st_size}</Size>"
-                     "<StorageClass>STANDARD</StorageClass></Contents>")
+    parts += [store.contents_xml(key, st) for key, st in keys]
     for p in prefixes:
         parts.append(f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>")
     parts.append("</ListBucketResult>")

@@ -5,8 +5,10 @@
 1. broker kill -9 under ingest: one-event requests to the HTTP API every ~20 ms; the broker is killed with
    SIGKILL; reported: time from the kill until the API accepts (2xx) again, requests refused meanwhile, and
    the wallet checked exact against every accepted event.
-2. `down` drain: --queued events are produced (packed, acks=all) straight to the usage topic, then
-   `meterline down` runs at once and is timed; afterwards the ledger is checked exact for every event.
+2. `down` drain: --queued events are produced (packed, acks=all) straight to the usage topic while the streams
+   workers are stopped (SIGSTOP: the events are queued, not consumed), the workers continue and `meterline down`
+   runs at once and is timed (its "drained in" line, and the whole command); afterwards the ledger is checked
+   exact for every event.
 """
 
 from __future__ import annotations
@@ -108,9 +110,19 @@ def drain(env: dict[str, str], home: Path, *, queued: int) -> dict[str, Any]:
     time.sleep(2)  # the workers' catalog refresh picks the meter up before the first batch
     producer = LoadProducer(urls["kafka_bootstrap_servers"], "usage.events.v1", subjects=1_000, pack=200, seed=5)
     sent = Sent()
+    # the streams workers are stopped (SIGSTOP) while the events are produced, so all of them are queued when
+    # `down` starts; they continue (SIGCONT) just before it, rejoin their group and work the queue off
+    workers = [info["pid"] for name, info in state["children"].items() if name.startswith("streams")]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
     produce_started = time.monotonic()
-    produce_exactly(producer, sent, queued)
+    try:
+        produce_exactly(producer, sent, queued)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
     produce_s = time.monotonic() - produce_started
+    del producer  # its librdkafka threads would log connection failures once the broker stops
     down_started = time.monotonic()
     result = _cli("down", "--drain-timeout-s", "600", env=env, timeout_s=700)
     down_s = time.monotonic() - down_started
@@ -177,7 +189,8 @@ def main() -> None:
                   f"({k['balance']} vs {k['expected']})")
             print("load average: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
             d = drain(env, home, queued=args.queued)
-            print(f"\n[down drain] {d['queued']:,} events queued in {d['produce_s']:.1f} s (packed 200/message), "
+            print(f"\n[down drain] {d['queued']:,} events queued in {d['produce_s']:.1f} s (packed 200/message, workers "
+                  "stopped meanwhile), "
                   f"then `meterline down`: {d['down_s']:.1f} s in all; {d['drain']}; ledger exact: {d['exact']} "
                   f"({d['detail']})")
             print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))

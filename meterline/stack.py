@@ -355,6 +355,7 @@ def drain_stack(settings: StackSettings, paths: Paths, state: dict[str, object],
 
     pid = state["supervisor_pid"]
     assert isinstance(pid, int)
+    started = time.monotonic()  # "drained in" counts from here: stopping ingest is part of the drain
     os.kill(pid, signal.SIGUSR1)  # the supervisor pauses the API: no new 2xx from here on
     _wait_until(lambda: _api_stopped(paths), timeout_s=15)
     urls = state.get("urls")
@@ -364,7 +365,6 @@ def drain_stack(settings: StackSettings, paths: Paths, state: dict[str, object],
                        topic=topic_name(TOPIC_USAGE_EVENTS, settings.topic_prefix),
                        broker_data=Path(broker_data) if isinstance(broker_data, str) else None,
                        ends_exact=state.get("broker_storage") != "memory")
-    started = time.monotonic()
     try:
         with Progress(TextColumn("draining"), BarColumn(), TextColumn("{task.fields[left]}"), TimeElapsedColumn(),
                       console=console, transient=False) as bar:
@@ -378,7 +378,11 @@ def drain_stack(settings: StackSettings, paths: Paths, state: dict[str, object],
                 bar.update(task, total=total, completed=total - progress.remaining,
                            left=f"{progress.events_behind:,} events, {progress.outbox_backlog:,} outbox rows left")
 
-            last = wait_drained(probe, timeout_s=timeout_s, on_progress=show)
+            try:
+                last = wait_drained(probe, timeout_s=timeout_s, on_progress=show)
+            except KeyboardInterrupt:  # Ctrl-C during the wait: stop now, as `--now` would
+                console.print("[yellow]drain interrupted[/]: stopping now; what is left stays in the topic")
+                return None
     finally:
         probe.close()
     seconds = time.monotonic() - started

@@ -131,10 +131,12 @@ def test_broker_kill_9_under_load_loses_nothing(home: Path) -> None:
     _up(env)
     plan, ids, api_url = _project(env, events=6_000, seed=11)
     accepted: list[int] = []
-    sender = threading.Thread(target=lambda: accepted.append(_send(api_url, ids["api_key"], plan.events)))
+    sender = threading.Thread(
+        target=lambda: accepted.append(_send(api_url, ids["api_key"], plan.events, batch_size=25)))
     sender.start()
-    time.sleep(1.5)  # some batches acknowledged, most not yet metered
-    broker_pid = _state(home)["engines"]["broker"]["pid"]
+    time.sleep(1.0)  # some batches acknowledged, most not yet metered, most not yet sent
+    state = _state(home)
+    broker_pid = state.get("engines", {}).get("broker", {}).get("pid") or state["broker_pid"]
     os.kill(broker_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     sender.join(timeout=180)

@@ -246,7 +246,9 @@ def up(settings: StackSettings, *, should_stop: Callable[[], bool],
         on_stage("migrations: applied")
         base_env = {**os.environ, **running.urls.as_env(),
                     "METERLINE_HOME": str(paths.home), "METERLINE_TOPIC_PREFIX": settings.topic_prefix,
-                    "API_PORT": str(settings.api_port), "API_HOST": settings.api_host}
+                    "API_PORT": str(settings.api_port), "API_HOST": settings.api_host,
+                    # the embedded broker can acknowledge an idempotent retry it never stored (ledger/kafka.py)
+                    **({"KAFKA_PRODUCER_IDEMPOTENCE": "false"} if running.broker is not None else {})}
         supervisor = Supervisor(
             child_specs(settings), base_env=base_env, log_dir=paths.logs, state_path=paths.state,
             extra_state={"urls": running.urls.to_dict(), "home": str(paths.home),

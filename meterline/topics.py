@@ -39,7 +39,7 @@ def topic_specs(*, prefix: str, usage_partitions: int, charges_partitions: int,
     """Every topic Meterline uses. Access decisions (relayed from the API's decision record through the ledger's
     outbox, keyed by wallet) get ``transactions_partitions`` unless told otherwise. ``retention.ms`` is set on
     each (a real Kafka applies it; the embedded broker's disk store sweeps with the same setting)."""
-    from api.access_decisions import TOPIC_ACCESS_DECISIONS
+    from api.access.access_decisions import TOPIC_ACCESS_DECISIONS
 
     config = {"retention.ms": str(retention_ms)}
     return [

@@ -1,13 +1,23 @@
-"""Every port `meterline up` will listen on, checked before anything starts (light: `up --detach` checks them
-before it even spawns the supervisor, so a busy port fails in well under a second)."""
+"""Every port `meterline up` will listen on, checked before anything starts.
+
+Light on purpose (no pydantic at import): `python -m meterline up` runs ``check_ports_from_env`` before it imports
+the CLI, so a busy port is named within a fraction of a second even on a loaded machine (importing the CLI and
+its settings takes seconds there). The defaults live here and ``meterline.settings`` uses them: one source."""
 
 from __future__ import annotations
 
 import os
 import socket
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from meterline.settings import StackSettings
+if TYPE_CHECKING:
+    from meterline.settings import StackSettings
+
+DEFAULT_API_HOST = "127.0.0.1"
+DEFAULT_API_PORT = 8080
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_STORE_PORT = 9094
 
 
 class PortInUse(RuntimeError):
@@ -38,11 +48,37 @@ def wanted_ports(settings: StackSettings, env: Mapping[str, str] | None = None) 
 
 def check_ports(settings: StackSettings, env: Mapping[str, str] | None = None) -> None:
     """Refuse with the real cause when a port the stack needs is taken (before anything starts)."""
+    message = busy_port_message(wanted_ports(settings, env))
+    if message is not None:
+        raise PortInUse(message)
+
+
+def wanted_ports_from_env(env: Mapping[str, str]) -> list[tuple[str, str, int]]:
+    """``wanted_ports`` from the environment alone, as pydantic-settings reads it (names case-insensitive).
+    Raises ValueError on a malformed value (the full start-up then reports it)."""
+    lower = {k.lower(): v for k, v in env.items()}
+
+    def get(name: str, default: str) -> str:
+        return lower.get(f"meterline_{name}", default)
+
+    ports = [("the API", get("api_host", DEFAULT_API_HOST), int(get("api_port", str(DEFAULT_API_PORT))))]
+    if not lower.get("kafka_bootstrap_servers"):
+        ports.append(("the embedded Kafka broker (METERLINE_KAFKA_PORT)", "127.0.0.1",
+                      int(get("kafka_port", str(DEFAULT_KAFKA_PORT)))))
+        if get("broker_storage", "disk") == "disk":
+            ports.append(("the broker's disk store (METERLINE_STORE_PORT)", "127.0.0.1",
+                          int(get("store_port", str(DEFAULT_STORE_PORT)))))
+    return ports
+
+
+def busy_port_message(ports: list[tuple[str, str, int]]) -> str | None:
+    """The refusal for the first busy (or doubly configured) port, None when all are free."""
     seen: dict[int, str] = {}
-    for what, host, port in wanted_ports(settings, env):
+    for what, host, port in ports:
         if port in seen:
-            raise PortInUse(f"port {port} is configured for both {seen[port]} and {what}; give each its own port")
+            return f"port {port} is configured for both {seen[port]} and {what}; give each its own port"
         seen[port] = what
         if not port_is_free(host, port):
-            raise PortInUse(f"port {port} is in use ({host}:{port} is needed by {what}); stop whatever holds it "
-                             "or choose another port")
+            return (f"port {port} is in use ({host}:{port} is needed by {what}); stop whatever holds it "
+                    "or choose another port")
+    return None

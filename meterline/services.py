@@ -205,6 +205,11 @@ class EngineProcess:
     def start(self) -> None:
         """Start and wait until the port answers. The engine's own output goes to its log file (debug included),
         never to the terminal."""
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process without waiting (`up` spawns the disk store while PostgreSQL starts)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
@@ -212,6 +217,9 @@ class EngineProcess:
                 env={**os.environ, **self.env} if self.env else None,
                 start_new_session=True,  # Ctrl-C in the terminal reaches the supervisor, which stops it in order
             )
+
+    def wait_ready(self) -> None:
+        assert self.process is not None, "spawn() first"
         try:
             wait_for_port(self.host, self.port, timeout_s=self.start_timeout_s, process=self.process)
         except ServiceError as exc:
@@ -310,11 +318,18 @@ def start_embedded_broker(*, host: str, port: int, log_path: Path, storage_dir: 
     if store_port is not None and not port_is_free(host, store_port):
         raise port_in_use_error(host, store_port, "the broker's disk store",
                                 "Stop whatever holds it or set METERLINE_STORE_PORT to another port.")
-    running = embedded_broker(host=host, port=port, log_path=log_path, storage_dir=storage_dir,
-                              store_port=store_port, retention_ms=retention_ms)
+    return start_embedded_broker_with(embedded_broker(host=host, port=port, log_path=log_path,
+                                                      storage_dir=storage_dir, store_port=store_port,
+                                                      retention_ms=retention_ms))
+
+
+def start_embedded_broker_with(running: BrokerProcess) -> BrokerProcess:
+    """Finish starting engines of which some were spawned early (see ``EngineProcess.spawn``)."""
     try:
         for engine in running.engines():
-            engine.start()
+            if engine.process is None:
+                engine.spawn()
+            engine.wait_ready()
     except BaseException:
         running.stop()
         raise

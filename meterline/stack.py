@@ -150,7 +150,16 @@ def start_services(settings: StackSettings, paths: Paths, *,
     env = os.environ
     broker = None
     pg_dir = None
+    durable = settings.broker_storage == "disk"
     try:
+        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            # the ports were checked; the disk store (a Python process) starts while PostgreSQL does
+            broker = services.embedded_broker(
+                host="127.0.0.1", port=settings.kafka_port, log_path=paths.logs / "broker.log",
+                storage_dir=paths.broker if durable else None, store_port=settings.store_port if durable else None,
+                retention_ms=settings.topic_retention_ms)
+            if broker.store is not None:
+                broker.store.spawn()
         if env.get("DATABASE_URL"):
             database_url = env["DATABASE_URL"]
             services.check_database(database_url)
@@ -164,11 +173,8 @@ def start_services(settings: StackSettings, paths: Paths, *,
             services.check_broker(bootstrap)
             on_stage(f"Kafka: reachable at {bootstrap}")
         else:
-            durable = settings.broker_storage == "disk"
-            broker = services.start_embedded_broker(
-                host="127.0.0.1", port=settings.kafka_port, log_path=paths.logs / "broker.log",
-                storage_dir=paths.broker if durable else None, store_port=settings.store_port if durable else None,
-                retention_ms=settings.topic_retention_ms)
+            assert broker is not None
+            services.start_embedded_broker_with(broker)
             bootstrap = broker.bootstrap
             on_stage(f"Kafka: embedded broker on {bootstrap}, topics "
                      + (f"on disk ({paths.broker}, retention {settings.topic_retention_ms // 3_600_000} h)"

@@ -70,10 +70,11 @@ class Engines:
     bootstrap: str
     broker_pid: int | None
     pg_dir: Path | None
+    store_pid: int | None = None  # the embedded broker's disk store (durable storage)
 
 
 @contextlib.contextmanager
-def engines(home: Path) -> Iterator[Engines]:
+def engines(home: Path, *, broker_storage: str = "disk") -> Iterator[Engines]:
     with contextlib.ExitStack() as stack:
         base = os.environ.get("DATABASE_URL")
         pg_dir = None
@@ -94,13 +95,15 @@ def engines(home: Path) -> Iterator[Engines]:
 
         url = make_url(sqlalchemy_url(base)).set(database=name).render_as_string(hide_password=False)
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        broker_pid = None
+        broker_pid = store_pid = None
         if not bootstrap:
-            broker = services.start_embedded_broker(host="127.0.0.1", port=services.free_port(),
-                                                    log_path=home / "broker.log")
+            broker = services.start_embedded_broker(
+                host="127.0.0.1", port=services.free_port(), log_path=home / "broker.log",
+                storage_dir=home / "broker" if broker_storage == "disk" else None)
             stack.callback(broker.stop)
             bootstrap, broker_pid = broker.bootstrap, broker.process.pid
-        yield Engines(url, bootstrap, broker_pid, pg_dir)
+            store_pid = broker.store.pid if broker.store is not None else None
+        yield Engines(url, bootstrap, broker_pid, pg_dir, store_pid)
 
 
 def postgres_pids(pg_dir: Path | None) -> list[int]:
@@ -565,6 +568,8 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=100_000,
                         help="throughput phase: most events sent but not yet applied")
     parser.add_argument("--logs", type=Path, default=None, help="copy the processes' logs here")
+    parser.add_argument("--broker-storage", choices=("disk", "memory"), default="disk",
+                        help="embedded broker: topics on disk (what `meterline up` runs) or in memory")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # run the cleanups
 
@@ -572,10 +577,11 @@ def main() -> None:
     print("load average at start: {:.2f} {:.2f} {:.2f} (the machine is shared; other load skews every figure)"
           .format(*os.getloadavg()))
     print(f"cores: {os.cpu_count()}, usage partitions: {USAGE_PARTITIONS}, streams workers: {args.workers}, "
-          f"ledger consumers: 1, pack: {args.pack} events/message, subjects: {args.subjects}")
+          f"ledger consumers: 1, pack: {args.pack} events/message, subjects: {args.subjects}, "
+          f"embedded broker storage: {args.broker_storage}")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         home = Path(tmp)
-        with engines(home) as eng:
+        with engines(home, broker_storage=args.broker_storage) as eng:
             prefix = f"bench{uuid.uuid4().hex[:6]}."
             ensure_topics(eng.bootstrap, topic_specs(prefix=prefix, usage_partitions=USAGE_PARTITIONS,
                                                      charges_partitions=4, transactions_partitions=4))
@@ -601,6 +607,8 @@ def main() -> None:
             groups["ledger"] = [ledger.pid]
             if eng.broker_pid:
                 groups["broker (tansu)"] = [eng.broker_pid]
+            if eng.store_pid:
+                groups["broker disk store"] = [eng.store_pid]
             groups["postgresql"] = postgres_pids(eng.pg_dir)
             try:
                 producer = LoadProducer(eng.bootstrap, topic, subjects=args.subjects, pack=args.pack, seed=1)

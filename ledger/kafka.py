@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -42,9 +43,16 @@ def topic_name(base: str, prefix: str = "") -> str:
 
 
 def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """``KAFKA_PRODUCER_IDEMPOTENCE=false`` (set by `meterline up` for the embedded broker, read per call) turns
+    idempotence off: Tansu 0.6 advances a producer's sequence before it writes the batch, so a broker killed in
+    between answers the retry DuplicateSequenceNumber, which librdkafka takes for success — an acknowledged
+    message that was never stored. Without idempotence a retry after a crash is written again instead; every
+    consumer tolerates that (usage events are deduped by id, checkpoints are cumulative, outbox rows at least
+    once)."""
+    idempotent = os.environ.get("KAFKA_PRODUCER_IDEMPOTENCE", "true").strip().lower() not in ("false", "0", "no")
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
-        "enable.idempotence": True,
+        "enable.idempotence": idempotent,
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",

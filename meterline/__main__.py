@@ -1,3 +1,3 @@
-from meterline.cli import main
+from meterline.entry import main
 
 main()

@@ -30,6 +30,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+STAGE_MARK = "• "  # `up` prints one line per stage with it; `up --detach` echoes those lines from the log
+
+
 @app.command()
 def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="start in the background and return when healthy")] = False,
        timeout_s: Annotated[float, typer.Option(help="how long --detach waits for health")] = 60.0) -> None:
@@ -50,8 +53,10 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="start in the
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    stage_console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        stack.up(settings, should_stop=lambda: stop_requested)
+        stack.up(settings, should_stop=lambda: stop_requested,
+                 on_stage=lambda line: stage_console.print(STAGE_MARK + line, markup=False))
     except Exception as exc:
         if getattr(exc, "code", None) or isinstance(exc, RuntimeError):
             _fail(str(exc))
@@ -59,28 +64,76 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="start in the
 
 
 def _up_detached(settings: object, timeout_s: float) -> None:
-    from meterline import stack
+    """Start `meterline up` in the background, echo its stage lines, return when the API is healthy. On any
+    failure (the supervisor exits, a process dies during start-up, the timeout) it names the cause and stops
+    whatever was started."""
 
+    from meterline.ports import PortInUse, check_ports
+
+    try:  # before spawning anything: a busy port is the commonest failure and the cheapest to name
+        check_ports(get_settings())
+    except PortInUse as exc:
+        _fail(str(exc))
     home = get_settings().home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
     log_path = home / "logs" / "supervisor.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
     with log_path.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "meterline", "up"], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout_s
+
+    def new_lines() -> list[str]:
+        nonlocal offset
+        with log_path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        offset += len(complete)
+        return complete.decode(errors="replace").splitlines()
+
+    from meterline import stack
+
+    def give_up(message: str) -> NoReturn:
+        stack.down(get_settings(), drain=False)
+        if proc.poll() is None:
+            proc.kill()
+        _fail(message)
+
+    seen: list[str] = []
     while time.monotonic() < deadline:
+        for line in new_lines():
+            seen.append(line)
+            if line.startswith(STAGE_MARK):
+                console.print(line, markup=False, highlight=False)
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-15:]
-            _fail("the stack did not start:\n" + "\n".join(tail))
+            seen += new_lines()
+            errors = [line.split("error:", 1)[1].strip() for line in seen if "error:" in line]
+            _fail(errors[-1] if errors else "the stack did not start:\n" + "\n".join(seen[-15:]))
         report = stack.status(get_settings())
+        children = report.get("children")
+        if isinstance(children, dict):
+            for name, info in children.items():
+                if info.get("restarts", 0) > 0:
+                    give_up(f"{name} exited with code {info.get('last_exit_code')} during start-up; last lines of "
+                            f"{home / 'logs' / (name + '.log')}:\n" + _tail(home / "logs" / f"{name}.log"))
         health = report.get("api_health")
         if report.get("running") and isinstance(health, dict) and health.get("status") == "ok":
             console.print(f"[green]Meterline is up[/] at {report['api_url']} (data in {home}); "
                           "`meterline status` to inspect, `meterline down` to stop.")
             return
-        time.sleep(0.5)
-    _fail(f"the stack did not become healthy within {timeout_s:.0f}s; see {home / 'logs'}")
+        time.sleep(0.25)
+    give_up(f"the stack did not become healthy within {timeout_s:.0f}s; see {home / 'logs'}")
+
+
+def _tail(path: object, lines: int = 10) -> str:
+    from pathlib import Path
+
+    try:
+        return "\n".join(Path(str(path)).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
 
 
 @app.command()
@@ -146,11 +199,17 @@ def _print_status(report: dict[str, object]) -> None:
 
 
 @app.command()
-def down() -> None:
-    """Stop a running stack and everything it started."""
+def down(now: Annotated[bool, typer.Option("--now", help="stop at once, without waiting for accepted events")] = False,
+         drain_timeout_s: Annotated[float | None, typer.Option(
+             help="how long to wait for accepted events to be applied (default METERLINE_DRAIN_TIMEOUT_S)")] = None,
+         ) -> None:
+    """Stop a running stack and everything it started. By default it first stops ingest and waits (with a
+    progress bar) until every accepted event is applied to the ledger and the outbox is relayed."""
     from meterline import stack
 
-    if stack.down(get_settings()):
+    settings = get_settings()
+    timeout = settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+    if stack.down(settings, drain=not now, drain_timeout_s=timeout, console=console):
         console.print("Meterline stopped.")
     else:
         console.print("Meterline was not running.")

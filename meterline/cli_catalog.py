@@ -10,12 +10,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
 from rich.console import Console
-from sqlalchemy import Connection
+
+if TYPE_CHECKING:  # sqlalchemy costs ~0.3 s to import: `meterline up` must fail fast on a busy port
+    from sqlalchemy import Connection
 
 console = Console(stderr=True)
 ProjectOpt = Annotated[str, typer.Option("--project", "-p", envvar="METERLINE_PROJECT", help="project id")]

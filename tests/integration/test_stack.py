@@ -31,7 +31,8 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
     env.update({"METERLINE_HOME": str(home), "METERLINE_KAFKA_PORT": str(free_port()),
-                "METERLINE_API_PORT": str(free_port()), "METERLINE_STREAMS_WORKERS": "1"})
+                "METERLINE_STORE_PORT": str(free_port()), "METERLINE_API_PORT": str(free_port()),
+                "METERLINE_STREAMS_WORKERS": "1"})
     env.update(extra)
     return env
 
@@ -146,7 +147,7 @@ def test_up_refuses_loudly_when_the_kafka_port_is_taken(home: Path) -> None:
         holder.listen()
         result = _cli("up", env=env, timeout_s=60)
     assert result.returncode != 0
-    assert "already in use" in result.stderr and env["METERLINE_KAFKA_PORT"] in result.stderr
+    assert f"port {env['METERLINE_KAFKA_PORT']} is in use" in result.stderr, result.stderr
     assert not (home / "stack.json").exists()
     assert not (home / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL left running"
 
@@ -185,10 +186,11 @@ def test_an_unreachable_external_database_is_a_clear_error(home: Path) -> None:
 
 
 def test_usage_after_a_restart_of_the_embedded_stack_is_charged(home: Path) -> None:
-    """The embedded broker keeps its logs in memory: after `down` + `up` the topics are new and empty while
-    PostgreSQL still holds the offset marks of the old ones. The demo run twice on one home must be exact
-    both times (the second run failed — usage skipped as 'already applied' — before topic lives existed)."""
-    env = _env(home)
+    """With METERLINE_BROKER_STORAGE=memory the embedded broker keeps its logs in memory: after `down` + `up`
+    the topics are new and empty while PostgreSQL still holds the offset marks of the old ones. The demo run
+    twice on one home must be exact both times (the second run failed — usage skipped as 'already applied' —
+    before topic lives existed). The durable default keeps the topics: test_durable_stack.py."""
+    env = _env(home, METERLINE_BROKER_STORAGE="memory")
     try:
         for run, extra in ((1, ()), (2, ("--keep-running",))):
             result = _cli("demo", "--events", "300", "--timeout-s", "60", *extra, env=env, timeout_s=240)

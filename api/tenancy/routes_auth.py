@@ -19,11 +19,12 @@ from api.tenancy.auth import (
 )
 from api.tenancy.projects import list_projects_for_user
 from api.tenancy.users import User, authenticate_password, create_user, get_user
+from api.validation import RequestModel
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
 
-class SignupRequest(BaseModel):
+class SignupRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"email": "ada@example.com", "password": "correct horse battery", "display_name": "Ada"}]})
     email: str = Field(max_length=320)
@@ -31,14 +32,14 @@ class SignupRequest(BaseModel):
     display_name: str | None = Field(default=None, max_length=200)
 
 
-class LoginRequest(BaseModel):
+class LoginRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"email": "ada@example.com", "password": "correct horse battery"}]})
     email: str = Field(max_length=320)
     password: str = Field(max_length=1024)
 
 
-class RefreshRequest(BaseModel):
+class RefreshRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"refresh_token": "mlr_..."}]})
     refresh_token: str = Field(max_length=200)
 

@@ -24,13 +24,14 @@ from api.tenancy.invitations import (
     revoke_invitation,
 )
 from api.tenancy.users import get_user, normalize_email
+from api.validation import RequestModel
 
 router = APIRouter(tags=["invitations"])
 PROJECT_INVITES = "/api/v1/projects/{project_id}/invitations"
 TOKEN = Path(min_length=8, max_length=200, description="the token from the invitation email")
 
 
-class InvitationCreate(BaseModel):
+class InvitationCreate(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"email": "grace@example.com", "role": "member"}]})
     email: str = Field(max_length=320)
     role: Literal["admin", "member", "viewer"] = "member"

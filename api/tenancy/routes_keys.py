@@ -22,6 +22,7 @@ from api.tenancy.keys import (
     revoke_api_key,
     rotate_api_key,
 )
+from api.validation import RequestModel
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/api-keys", tags=["api keys"])
 
@@ -30,7 +31,7 @@ AdminAccess = Annotated[ProjectAccess, require_project("admin")]
 KeyId = Annotated[str, Path(max_length=64)]
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"name": "production ingest", "scopes": ["ingest"], "expires_in_s": 7_776_000}]})
     name: str = Field(min_length=1, max_length=200)
@@ -39,7 +40,7 @@ class ApiKeyCreate(BaseModel):
     expires_in_s: int | None = Field(default=None, gt=0, description="expiry relative to now")
 
 
-class ApiKeyRotate(BaseModel):
+class ApiKeyRotate(RequestModel):
     model_config = ConfigDict(extra="forbid")
     grace_s: int = Field(default=0, ge=0, le=30 * 24 * 3600,
                          description="how long the old key keeps working (0: revoked at once)")

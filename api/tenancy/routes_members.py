@@ -14,6 +14,7 @@ from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
 from api.tenancy.projects import Member, add_member, change_role, list_members, remove_member
 from api.tenancy.users import find_user_by_email, get_user
+from api.validation import RequestModel
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/members", tags=["members"])
 
@@ -35,7 +36,7 @@ class MemberOut(BaseModel):
                    created_at=m.created_at, updated_at=m.updated_at)
 
 
-class MemberAdd(BaseModel):
+class MemberAdd(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"email": "grace@example.com", "role": "member"}]})
     email: str | None = Field(default=None, max_length=320)
     user_id: str | None = None
@@ -48,7 +49,7 @@ class MemberAdd(BaseModel):
         return self
 
 
-class RoleChange(BaseModel):
+class RoleChange(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"role": "viewer"}]})
     role: Literal["admin", "member", "viewer"]
 

@@ -286,6 +286,8 @@ def install_middleware(app: FastAPI, inner: Sequence[Callable[[ASGIApp], ASGIApp
                                                 burst=settings.rate_limit_burst)
     app.state.auth_rate_limiter = TokenBucketLimiter(rate_per_s=settings.auth_rate_limit_per_s,
                                                      burst=settings.auth_rate_limit_burst)
+    app.state.webhook_rate_limiter = TokenBucketLimiter(rate_per_s=settings.webhook_rate_limit_per_s,
+                                                        burst=settings.webhook_rate_limit_burst)
     for middleware in inner:
         app.add_middleware(middleware)  # inside the hygiene middleware: ids, headers, body limit apply
     app.add_middleware(HttpHygieneMiddleware, body_bytes_max=settings.request_body_bytes_max,

@@ -17,7 +17,9 @@ class IdempotencySettings(BaseSettings):
     """The API settings the scheduler reads too (its ``purge_idempotency_records`` job, meterline/scheduler.py):
     a class of their own so that process needs none of the API's secrets."""
 
-    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a refused setting must not print its value (secrets, URLs with passwords) at start-up
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     idempotency_retention_s: int = Field(
         default=3 * 24 * 3600, ge=24 * 3600,
@@ -28,8 +30,15 @@ class IdempotencySettings(BaseSettings):
                     "least 24 h (Stripe keeps keys 24 h); the SDK retries for at most 2 minutes.")
 
 
+    webhook_unverified_retention_s: int = Field(
+        default=7 * 24 * 3600, ge=3600,
+        description="Webhook deliveries that failed verification or repeated a settled event (kept as a digest, "
+                    "their size and a short prefix) are purged by the scheduler after this. Default 7 days.")
+
+
 class ApiSettings(IdempotencySettings):
-    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     env: str = Field(default="local", validation_alias=AliasChoices("METERLINE_ENV", "API_ENV"))
     host: str = "127.0.0.1"
@@ -60,6 +69,9 @@ class ApiSettings(IdempotencySettings):
     rate_limit_burst: int = 2000
     auth_rate_limit_per_s: float = 5.0
     auth_rate_limit_burst: int = 30
+    # webhook endpoints (anonymous: every delivery proves itself): per client address and project
+    webhook_rate_limit_per_s: float = 20.0
+    webhook_rate_limit_burst: int = 200
     # sign-up bonus (api/wallets/signup_bonus.py): optional MaxMind .mmdb for the end user's country; the key of the
     # device-id hash (empty: derived from API_JWT_SECRET — set it to keep device hashes across JWT key rotations)
     geoip_database_path: str = Field(default="", description="a MaxMind GeoIP2/GeoLite2 Country or City .mmdb")

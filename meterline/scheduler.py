@@ -16,6 +16,7 @@ import structlog
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
+from api.payments.webhooks import purge_unverified
 from api.settings import IdempotencySettings
 from api.tenancy.email_relay import deliver_due, relay_for
 from api.tenancy.email_settings import EmailDeliverySettings
@@ -37,6 +38,7 @@ log = structlog.get_logger("meterline.scheduler")
 
 def api_jobs(settings: IdempotencySettings) -> list[Job]:
     retention = timedelta(seconds=settings.idempotency_retention_s)
+    webhook_retention = timedelta(seconds=settings.webhook_unverified_retention_s)
 
     def purge_idempotency_records(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
         """Idempotency-Key records past ``API_IDEMPOTENCY_RETENTION_S`` (``now`` is the database's clock)."""
@@ -46,8 +48,13 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
         """Account erasures whose grace period is over (api/wallets/erasure.py), a bounded batch per transaction."""
         return erase_due(conn, now=now)
 
+    def purge_webhook_deliveries(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+        """Rejected and duplicate webhook deliveries past ``API_WEBHOOK_UNVERIFIED_RETENTION_S`` (api/payments)."""
+        return purge_unverified(conn, cutoff=now - webhook_retention)
+
     return [Job("purge_idempotency_records", PURGE_EVERY_S, purge_idempotency_records),
-            Job("erase_accounts", ERASE_EVERY_S, erase_accounts)]
+            Job("erase_accounts", ERASE_EVERY_S, erase_accounts),
+            Job("purge_webhook_deliveries", PURGE_EVERY_S, purge_webhook_deliveries)]
 
 
 def email_jobs(settings: EmailDeliverySettings) -> list[Job]:

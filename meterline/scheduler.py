@@ -18,6 +18,7 @@ from sqlalchemy import Connection
 
 from api.payments.webhooks import purge_unverified
 from api.settings import IdempotencySettings
+from api.tenancy import sessions
 from api.tenancy.email_relay import deliver_due, relay_for
 from api.tenancy.email_settings import EmailDeliverySettings
 from api.wallets.erasure import erase_due
@@ -52,7 +53,12 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
         """Rejected and duplicate webhook deliveries past ``API_WEBHOOK_UNVERIFIED_RETENTION_S`` (api/payments)."""
         return purge_unverified(conn, cutoff=now - webhook_retention)
 
+    def purge_session_revocations(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+        """Session revocations older than every access token they could stop (api/tenancy/sessions.py)."""
+        return sessions.purge_older_than(conn, cutoff=now - sessions.RETENTION)
+
     return [Job("purge_idempotency_records", PURGE_EVERY_S, purge_idempotency_records),
+            Job("purge_session_revocations", PURGE_EVERY_S, purge_session_revocations),
             Job("erase_accounts", ERASE_EVERY_S, erase_accounts),
             Job("purge_webhook_deliveries", PURGE_EVERY_S, purge_webhook_deliveries)]
 

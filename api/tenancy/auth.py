@@ -267,6 +267,17 @@ def project_access(conn: Connection, principal: Principal, project_id: str, acti
     return ProjectAccess(project_id, principal, role, request_id)
 
 
+class KeysCannotManagePeople(Forbidden):
+    code = "api.keys_cannot_manage_members"
+
+
+def people_only(access: ProjectAccess) -> None:
+    """Least privilege: managing people (members, invitations) needs a person. A key — even an admin-scope one —
+    that could add members could plant an admin who outlives the key's revocation."""
+    if access.principal.kind != "user":
+        raise KeysCannotManagePeople("API keys cannot manage members or invitations; use a user's access token")
+
+
 def require_project(action: Action) -> Any:
     """``Depends`` for routes with a ``{project_id}`` path parameter; yields a ``ProjectAccess``."""
 

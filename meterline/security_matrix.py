@@ -4,13 +4,16 @@ api/tenancy/auth.py), and the role/scope rules of that module.
 
 Used twice, so the two cannot drift apart: the authorization-matrix test (tests/integration/api/security/
 test_security_authz_matrix.py) checks every operation against it, and docs/security.md embeds its table
-(``python -m meterline.security_matrix`` prints it; a test fails when the document's copy is stale).
+(``python -m meterline.security_matrix --write`` regenerates it; a test fails when the document's copy is
+stale).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from api.tenancy.auth import KEY_SCOPES, MIN_ROLE, ROLE_RANK, role_allows, scopes_allow
@@ -110,8 +113,20 @@ BEGIN = "<!-- BEGIN GENERATED: python -m meterline.security_matrix -->"
 END = "<!-- END GENERATED -->"
 
 
+def write_doc(path: Path) -> None:
+    """Replace the generated section of ``path`` (docs/security.md) with the current table."""
+    text = path.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{render_markdown(_app())}{END}{tail}")
+
+
 def main() -> None:
-    print(render_markdown(_app()), end="")
+    """``python -m meterline.security_matrix`` prints the table; ``--write`` updates docs/security.md."""
+    if "--write" in sys.argv[1:]:
+        write_doc(Path(__file__).resolve().parents[1] / "docs" / "security.md")
+    else:
+        print(render_markdown(_app()), end="")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """docs/security.md's role/scope table is generated from the code; this fails when the document's copy is stale
-(regenerate: ``python -m meterline.security_matrix`` and paste between the markers)."""
+(regenerate: ``python -m meterline.security_matrix --write``)."""
 
 from __future__ import annotations
 
@@ -16,5 +16,4 @@ def test_the_documented_matrix_is_the_code_s() -> None:
     text = DOC.read_text()
     documented = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip("\n")
     assert documented == render_markdown(create_app(ApiSettings())).strip("\n"), (
-        "docs/security.md is stale: run `python -m meterline.security_matrix` and paste the output between "
-        "the GENERATED markers")
+        "docs/security.md is stale: run `python -m meterline.security_matrix --write`")

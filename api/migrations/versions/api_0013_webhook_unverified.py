@@ -1,7 +1,7 @@
 """API schema: unverified webhook deliveries keep a digest, not a body; bookkeeping for their purge.
 
 Revision ID: api_0013
-Revises: api_0008
+Revises: api_0012
 Create Date: 2026-12-03
 
 Anyone can POST to a webhook endpoint. A delivery that fails verification (``rejected``) or repeats one already
@@ -15,7 +15,7 @@ bodies (``body_bytes`` NULL = the whole body is stored).
 from alembic import op
 
 revision = "api_0013"
-down_revision = "api_0008"
+down_revision = "api_0012"
 branch_labels = None
 depends_on = None
 

@@ -86,8 +86,8 @@ def _foreign_tenant(client: TestClient, database_url: str) -> tuple[str, dict[st
                      "invitation_id": invitation["id"], "user_id": owner.user_id, "event_row_id": str(event)}
 
 
-def test_every_operation_role_and_scope(database_url: str, engines: Any, tmp_path: Path) -> None:
-    app = create_app(_settings(database_url, engines, {"rate_limit_per_s": 0}))
+def test_every_operation_role_and_scope(database_url: str, engines: Any, topics: Any, tmp_path: Path) -> None:
+    app = create_app(_settings(database_url, engines, {"rate_limit_per_s": 0, "topic_prefix": topics.prefix}))
     app.state.analytics_settings = AnalyticsSettings(clickhouse_url=f"chdb://{(tmp_path / 'ch').resolve()}",
                                                      embedded_sink_owner="none")
     with TestClient(app, raise_server_exceptions=False) as client:

@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class AnalyticsSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ANALYTICS_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="ANALYTICS_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     clickhouse_url: str = Field(default="", validation_alias=AliasChoices("CLICKHOUSE_URL",
                                                                           "ANALYTICS_CLICKHOUSE_URL"))

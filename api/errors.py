@@ -1,7 +1,11 @@
 """The ONE place where errors become HTTP responses: RFC 9457 problem+json with a stable ``code``.
 
-Components raise their own errors (each with a ``code`` class attribute); ``STATUS_BY_CODE`` maps codes
-to statuses. Unknown component errors become 500 with the code kept, so nothing is mapped by accident."""
+Only the project's OWN error classes are answered with their code and message: ``ApiError`` and the
+components' hierarchies in ``COMPONENT_ERRORS`` (``STATUS_BY_CODE`` maps their codes to statuses). Anything
+else — a database error, a bug, a library's exception, even one that happens to carry a ``code`` attribute
+(SQLAlchemy's do, and their text holds the SQL and its bound parameters) — is an unexpected error: the HTTP
+hygiene middleware (api/middleware.py) answers it with a bare 500 ``api.internal`` carrying only the request
+id, logs it without its message, and keeps the connection alive."""
 
 from __future__ import annotations
 
@@ -12,7 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from analytics.errors import AnalyticsError
 from ledger.errors import HTTP_STATUS as LEDGER_HTTP_STATUS
+from ledger.errors import LedgerError
+from ledger.kafka import MissingTopicsError
+from streams.errors import StreamsError
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -74,6 +82,10 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 
 
+#: The components' error hierarchies: the only non-api exceptions whose code and message reach a client.
+COMPONENT_ERRORS: tuple[type[Exception], ...] = (LedgerError, StreamsError, AnalyticsError, MissingTopicsError)
+
+
 def problem(status: int, code: str, detail: str, *, title: str | None = None, instance: str | None = None,
             headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
     body = {"type": f"https://meterline.dev/problems/{code}", "title": title or code.split(".")[-1].replace("_", " "),
@@ -119,18 +131,21 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(exc.status_code, f"http.{exc.status_code}", str(exc.detail), instance=request.url.path,
                        headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
     async def _component(request: Request, exc: Exception) -> JSONResponse:
-        code = getattr(exc, "code", None)
-        if isinstance(code, str):
-            extra = getattr(exc, "extra", None)
-            return problem(STATUS_BY_CODE.get(code, 500), code, str(exc), instance=request.url.path,
-                           **_component_extra(code, extra))
-        return problem(500, "api.internal", "unexpected error; it has been logged", instance=request.url.path)
+        code = str(getattr(exc, "code", "api.internal"))
+        return problem(STATUS_BY_CODE.get(code, 500), code, str(exc), instance=request.url.path,
+                       **_component_extra(code, getattr(exc, "extra", None)))
 
-    # Handlers for ``Exception`` run in Starlette's ServerErrorMiddleware, which logs a traceback and re-raises
-    # after answering (uvicorn then drops the keep-alive connection). Expected component errors (402 for
-    # insufficient credits is routine) are registered by class so they are answered like ApiError.
-    from ledger.errors import LedgerError
+    # Registered by class, so Starlette's ExceptionMiddleware answers them like ApiError (no traceback logged,
+    # keep-alive kept). There is deliberately NO handler for ``Exception``: an unexpected error reaches the
+    # hygiene middleware, which answers the bare 500 (a handler for Exception would run in Starlette's
+    # ServerErrorMiddleware, which logs the exception's text and makes uvicorn drop the connection).
+    for cls in COMPONENT_ERRORS:
+        app.add_exception_handler(cls, _component)
 
-    app.add_exception_handler(LedgerError, _component)
+
+def internal_error_body(path: str, request_id: str | None) -> dict[str, Any]:
+    """The body of every unexpected 500: no detail beyond the request id to quote when reporting it."""
+    return {"type": "https://meterline.dev/problems/api.internal", "title": "internal", "status": 500,
+            "detail": "unexpected error; quote the request id when reporting it", "code": "api.internal",
+            "instance": path, "request_id": request_id}

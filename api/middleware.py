@@ -10,10 +10,12 @@ endpoints charge ``app.state.auth_rate_limiter`` per client address.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,8 +25,10 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import PROBLEM_JSON, ApiError
+from api.errors import PROBLEM_JSON, ApiError, internal_error_body
 from api.settings import ApiSettings
+
+log = logging.getLogger("meterline.api")
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -39,6 +43,16 @@ _SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
 # JSON never needs to run anything; HTML pages (docs, dashboard) bring their own policy.
 _JSON_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
 _HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
+# The interactive docs (Swagger UI at /docs, ReDoc at /redoc): their own scripts and styles — served by the API
+# itself or by FastAPI's default CDN — plus the one inline bootstrap script FastAPI writes; nothing else, no
+# framing, no form posts, no plugins.
+DOCS_PATHS = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
+_DOCS_CSP = (b"content-security-policy",
+             b"default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+             b"style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+             b"img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
+             b"font-src 'self' https://fonts.gstatic.com; connect-src 'self'; worker-src 'self' blob:; "
+             b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'; object-src 'none'")
 
 
 class _RequestIds:
@@ -152,9 +166,13 @@ class HttpHygieneMiddleware:
         request_id = request_id or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         rid = request_id.encode()
+        is_docs = scope.get("path") in DOCS_PATHS
+        started = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers: list[tuple[bytes, bytes]] = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid))
                 headers.extend(_SECURITY_HEADERS)
@@ -162,11 +180,17 @@ class HttpHygieneMiddleware:
                 if b"json" in content_type:
                     headers.append(_JSON_CSP)
                     headers.append((b"cache-control", b"no-store"))
+                elif is_docs and not any(k == b"content-security-policy" for k, _ in headers):
+                    headers.append(_DOCS_CSP)
                 if self.hsts:
                     headers.append(_HSTS)
                 message = {**message, "headers": headers}
             await send(message)
 
+        refusal = _nul_refusal(scope)
+        if refusal is not None:
+            await _send_problem(send_with_headers, *refusal, scope.get("path", ""), close=False)
+            return
         if content_length is not None and content_length > self.body_bytes_max:
             await self._refuse_too_large(scope, send_with_headers)
             return
@@ -176,7 +200,17 @@ class HttpHygieneMiddleware:
                 await self._refuse_too_large(scope, send_with_headers)
                 return
             receive = replay_body(body, receive)
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            log_unexpected(exc, request_id=request_id, method=scope.get("method", ""), path=scope.get("path", ""))
+            if started:
+                raise  # the response is half sent: only closing the connection can tell the client
+            body = orjson.dumps(internal_error_body(scope.get("path", ""), request_id))
+            await send_with_headers({"type": "http.response.start", "status": 500,
+                                     "headers": [(b"content-type", PROBLEM_JSON.encode()),
+                                                 (b"content-length", str(len(body)).encode())]})
+            await send_with_headers({"type": "http.response.body", "body": body})
 
     async def _buffer_limited(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
@@ -194,12 +228,37 @@ class HttpHygieneMiddleware:
                 return b"".join(chunks)
 
     async def _refuse_too_large(self, scope: Scope, send: Send) -> None:
-        body = _problem_bytes(413, PayloadTooLarge.code,
-                              f"the request body is larger than {self.body_bytes_max} bytes", scope.get("path", ""))
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", PROBLEM_JSON.encode()),
-                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_problem(send, 413, PayloadTooLarge.code,
+                            f"the request body is larger than {self.body_bytes_max} bytes", scope.get("path", ""),
+                            close=True)
+
+
+async def _send_problem(send: Send, status: int, code: str, detail: str, path: str, *, close: bool) -> None:
+    body = _problem_bytes(status, code, detail, path)
+    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
+    if close:  # the unread body is still on the wire
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _nul_refusal(scope: Scope) -> tuple[int, str, str] | None:
+    """A NUL in the path names no resource (404); in the query string it is an invalid value (422). Checked
+    before routing so no path or query parameter — and no static file lookup — ever sees one."""
+    if "\x00" in scope.get("path", ""):
+        return 404, "http.404", "Not Found"
+    query: bytes = scope.get("query_string", b"")
+    if b"%00" in query or b"\x00" in query:
+        return 422, "api.validation_failed", "query parameters must not contain NUL (%00)"
+    return None
+
+
+def log_unexpected(exc: BaseException, *, request_id: str, method: str, path: str) -> None:
+    """One ERROR line per unexpected error: its class and where it was raised, never its message or locals
+    (a database error's text carries the SQL's bound parameters — a password hash, a token digest)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__)[-8:])
+    log.error("unexpected %s in %s %s (request %s)\n%s", type(exc).__qualname__, method, path, request_id,
+              frames.rstrip())
 
 
 def replay_body(body: bytes, receive: Receive) -> Receive:
@@ -227,6 +286,8 @@ def install_middleware(app: FastAPI, inner: Sequence[Callable[[ASGIApp], ASGIApp
                                                 burst=settings.rate_limit_burst)
     app.state.auth_rate_limiter = TokenBucketLimiter(rate_per_s=settings.auth_rate_limit_per_s,
                                                      burst=settings.auth_rate_limit_burst)
+    app.state.webhook_rate_limiter = TokenBucketLimiter(rate_per_s=settings.webhook_rate_limit_per_s,
+                                                        burst=settings.webhook_rate_limit_burst)
     for middleware in inner:
         app.add_middleware(middleware)  # inside the hygiene middleware: ids, headers, body limit apply
     app.add_middleware(HttpHygieneMiddleware, body_bytes_max=settings.request_body_bytes_max,

@@ -17,7 +17,9 @@ class IdempotencySettings(BaseSettings):
     """The API settings the scheduler reads too (its ``purge_idempotency_records`` job, meterline/scheduler.py):
     a class of their own so that process needs none of the API's secrets."""
 
-    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a refused setting must not print its value (secrets, URLs with passwords) at start-up
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     idempotency_retention_s: int = Field(
         default=3 * 24 * 3600, ge=24 * 3600,
@@ -28,8 +30,15 @@ class IdempotencySettings(BaseSettings):
                     "least 24 h (Stripe keeps keys 24 h); the SDK retries for at most 2 minutes.")
 
 
+    webhook_unverified_retention_s: int = Field(
+        default=7 * 24 * 3600, ge=3600,
+        description="Webhook deliveries that failed verification or repeated a settled event (kept as a digest, "
+                    "their size and a short prefix) are purged by the scheduler after this. Default 7 days.")
+
+
 class ApiSettings(IdempotencySettings):
-    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     env: str = Field(default="local", validation_alias=AliasChoices("METERLINE_ENV", "API_ENV"))
     host: str = "127.0.0.1"
@@ -51,7 +60,8 @@ class ApiSettings(IdempotencySettings):
     request_body_bytes_max: int = 5 * 1024 * 1024
     db_pool_size: int = 10
     # people and tenancy (api/tenancy/auth.py, api/tenancy/invitations.py)
-    access_token_ttl_s: int = 900
+    # at most a day: the session check keeps revocations that long (api/tenancy/sessions.py, the scheduler's purge)
+    access_token_ttl_s: int = Field(default=900, le=24 * 3600)
     refresh_token_ttl_s: int = 30 * 24 * 3600
     invitation_ttl_s: int = 7 * 24 * 3600
     public_base_url: str = "http://127.0.0.1:8080"
@@ -60,6 +70,19 @@ class ApiSettings(IdempotencySettings):
     rate_limit_burst: int = 2000
     auth_rate_limit_per_s: float = 5.0
     auth_rate_limit_burst: int = 30
+    # password logins (api/tenancy/login_guard.py): per account, lockout with backoff, concurrent argon2 checks
+    login_account_rate_limit_per_s: float = 0.5
+    login_account_rate_limit_burst: int = 10
+    login_lockout_after: int = Field(default=5, ge=1, description="consecutive failures before a lockout")
+    login_lockout_base_s: float = Field(default=1.0, gt=0, description="first lockout; doubles per failure")
+    login_lockout_max_s: float = Field(default=900.0, gt=0)
+    password_checks_max: int = Field(default=4, ge=1, description="argon2 checks at once (64 MiB each)")
+    password_check_wait_s: float = Field(default=10.0, gt=0, description="wait for a slot, then 503")
+    # server-side session check (api/tenancy/sessions.py): how often each process reads new revocations
+    session_sync_s: float = Field(default=0.5, gt=0, le=30)
+    # webhook endpoints (anonymous: every delivery proves itself): per client address and project
+    webhook_rate_limit_per_s: float = 20.0
+    webhook_rate_limit_burst: int = 200
     # sign-up bonus (api/wallets/signup_bonus.py): optional MaxMind .mmdb for the end user's country; the key of the
     # device-id hash (empty: derived from API_JWT_SECRET — set it to keep device hashes across JWT key rotations)
     geoip_database_path: str = Field(default="", description="a MaxMind GeoIP2/GeoLite2 Country or City .mmdb")

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class LedgerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     database_url: str = Field(
         default="postgresql+psycopg://postgres@127.0.0.1:5432/meterline",

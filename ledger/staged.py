@@ -395,6 +395,11 @@ class ReserveStage:
 # ------------------------------------------------------------------------------------------ group commit
 
 _LOCK_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
+# The same, but only the rows whose (project, id) a debit names: a wallet of ANOTHER project is never locked (the
+# filter runs before FOR UPDATE takes a row lock), so a tenant naming a foreign wallet id cannot stall its owner.
+# ``id = ANY`` keeps the primary-key lookup; the pair filter (unit separator, which no id contains) narrows it.
+_LOCK_PROJECT_WALLETS = (f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) "
+                         "AND project_id || chr(31) || id = ANY(%s::text[]) ORDER BY id FOR UPDATE")
 # After the lock, ONE statement: the transaction time, one transaction id per debit (allocated under the locks,
 # in order), the keys used before, and the wallets' live buckets column by column.
 _BATCH_CONTEXT = """
@@ -446,6 +451,7 @@ class BatchedDebit:
     amount_minor: int
     source_ref: str | None = None
     metadata: dict[str, Any] | None = None
+    project_id: str | None = None  # set: only this project's wallet of that id is locked (and found)
 
 
 class DebitBatch:
@@ -469,7 +475,11 @@ class DebitBatch:
         raw = raw_connection(conn)
         wallet_ids = sorted({d.wallet_id for d in debits})
         self._lock = raw.cursor()
-        self._lock.execute(_LOCK_WALLETS, (wallet_ids,))
+        if all(d.project_id is not None for d in debits):
+            pairs = sorted({f"{d.project_id}\x1f{d.wallet_id}" for d in debits})
+            self._lock.execute(_LOCK_PROJECT_WALLETS, (wallet_ids, pairs))
+        else:
+            self._lock.execute(_LOCK_WALLETS, (wallet_ids,))
         self._context = raw.cursor()
         self._context.execute(_BATCH_CONTEXT, {"n": len(debits), "keys": [d.idempotency_key for d in debits],
                                                "wallets": wallet_ids})

@@ -16,7 +16,9 @@ import structlog
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
+from api.payments.webhooks import purge_unverified
 from api.settings import IdempotencySettings
+from api.tenancy import sessions
 from api.tenancy.email_relay import deliver_due, relay_for
 from api.tenancy.email_settings import EmailDeliverySettings
 from api.wallets.erasure import erase_due
@@ -38,6 +40,7 @@ log = structlog.get_logger("meterline.scheduler")
 
 def api_jobs(settings: IdempotencySettings) -> list[Job]:
     retention = timedelta(seconds=settings.idempotency_retention_s)
+    webhook_retention = timedelta(seconds=settings.webhook_unverified_retention_s)
 
     def purge_idempotency_records(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
         """Idempotency-Key records past ``API_IDEMPOTENCY_RETENTION_S`` (``now`` is the database's clock)."""
@@ -47,8 +50,18 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
         """Account erasures whose grace period is over (api/wallets/erasure.py), a bounded batch per transaction."""
         return erase_due(conn, now=now)
 
+    def purge_webhook_deliveries(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+        """Rejected and duplicate webhook deliveries past ``API_WEBHOOK_UNVERIFIED_RETENTION_S`` (api/payments)."""
+        return purge_unverified(conn, cutoff=now - webhook_retention)
+
+    def purge_session_revocations(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+        """Session revocations older than every access token they could stop (api/tenancy/sessions.py)."""
+        return sessions.purge_older_than(conn, cutoff=now - sessions.RETENTION)
+
     return [Job("purge_idempotency_records", PURGE_EVERY_S, purge_idempotency_records),
-            Job("erase_accounts", ERASE_EVERY_S, erase_accounts)]
+            Job("purge_session_revocations", PURGE_EVERY_S, purge_session_revocations),
+            Job("erase_accounts", ERASE_EVERY_S, erase_accounts),
+            Job("purge_webhook_deliveries", PURGE_EVERY_S, purge_webhook_deliveries)]
 
 
 def email_jobs(settings: EmailDeliverySettings) -> list[Job]:

@@ -13,7 +13,8 @@ from meterline.ports import DEFAULT_API_HOST, DEFAULT_API_PORT, DEFAULT_KAFKA_PO
 
 
 class StackSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     env: str = Field(default="local", description="local | production; production refuses placeholder secrets")
     home: Path = Field(default=Path(".meterline"), description="where the embedded stack keeps its data and logs")

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class StreamsSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STREAMS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="STREAMS_", extra="ignore", hide_input_in_errors=True)
 
     database_url: str = Field(
         default="postgresql+psycopg://postgres@127.0.0.1:5432/meterline",

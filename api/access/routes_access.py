@@ -24,6 +24,7 @@ from api.tenancy.auth import (
     require_project,
     require_project_deferred,
 )
+from api.validation import RequestModel, StrictInt
 from api.wallets.idempotency import HotTransaction, fingerprint, require_key
 from api.wallets.routes_wallet_ops import IdempotencyKey
 from api.wallets.wallet_models import BalanceOut
@@ -36,7 +37,7 @@ Deferred = Annotated[DeferredAccess, require_project_deferred("read")]
 DenialReason = Literal["wallet_closed", "wallet_blocked", "upgrade_required", "insufficient_credits"]  # access_policy.REASONS
 
 
-class AccessCheckRequest(BaseModel):
+class AccessCheckRequest(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"subject": "customer-42", "feature_key": "image_to_image", "quantity": 1, "asset_id": "model:llm-base",
          "action": "execute", "charge": True},
@@ -45,7 +46,7 @@ class AccessCheckRequest(BaseModel):
     subject: str | None = Field(default=None, min_length=1, max_length=256,
                                 description="or your customer's id: its subject wallet (none yet = no credits)")
     feature_key: str = Field(pattern=r"^[a-z0-9][a-z0-9_.:-]{0,99}$", description="a feature of the price list")
-    quantity: int = Field(default=1, ge=1, le=1_000_000, description="uses of the feature")
+    quantity: StrictInt = Field(default=1, ge=1, le=1_000_000, description="uses of the feature")
     asset_id: str | None = Field(default=None, max_length=200, description="what is accessed (telemetry)")
     action: str | None = Field(default=None, max_length=64, description="read, download, execute… (telemetry)")
     charge: bool = Field(default=False, description="debit the cost when allowed (needs Idempotency-Key and a "

@@ -26,6 +26,7 @@ from analytics.sink import SinkThread, sink_runs_in_api
 from api.deps import ConnectionDep
 from api.errors import Unavailable
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import WindowDatetime
 from streams import catalog
 from streams.errors import MeterNotFound
 
@@ -34,8 +35,8 @@ log = structlog.get_logger("api.analytics")
 router = APIRouter(prefix="/api/v1/projects/{project_id}/analytics", tags=["analytics"])
 
 ReadAccess = Annotated[ProjectAccess, require_project("read")]
-From = Annotated[datetime | None, Query(alias="from", description="window start (ISO 8601 with zone); default to − 30 days")]
-To = Annotated[datetime | None, Query(alias="to", description="window end, exclusive (ISO 8601 with zone); default now")]
+From = Annotated[WindowDatetime | None, Query(alias="from", description="window start (ISO 8601 with zone); default to − 30 days")]
+To = Annotated[WindowDatetime | None, Query(alias="to", description="window end, exclusive (ISO 8601 with zone); default now")]
 GranularityQ = Annotated[str, Query(pattern="^(minute|hour|day|month)$")]
 WalletQ = Annotated[str | None, Query(max_length=200, description="only this wallet")]
 

@@ -16,6 +16,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from api.deps import ConnectionDep
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import RequestModel
 from ledger import pricing
 from ledger.contracts import PriceModel
 from streams import catalog
@@ -42,7 +43,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class MeterIn(BaseModel):
+class MeterIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "slug": "tokens", "event_type": "llm.tokens", "aggregation": "SUM", "value_property": "$.tokens",
         "filters": [{"property": "$.model", "in": ["gpt-4o", "gpt-4.1"]}], "group_by": ["$.model"]}]})
@@ -56,7 +57,7 @@ class MeterIn(BaseModel):
     description: str | None = Field(default=None, max_length=2000)
 
 
-class MeterPatch(BaseModel):
+class MeterPatch(RequestModel):
     model_config = ConfigDict(extra="forbid")
     event_type: str | None = Field(default=None, min_length=1, max_length=256)
     aggregation: Aggregation | None = None
@@ -91,7 +92,7 @@ class MeterOut(BaseModel):
         return cls(**row.to_json())
 
 
-class PriceIn(BaseModel):
+class PriceIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "meter": "tokens", "model": {"model": "per_unit", "unit_price_minor": "0.4"}, "period": "month"}]})
     meter: str = Field(min_length=1, max_length=100, description="meter id or slug")
@@ -101,7 +102,7 @@ class PriceIn(BaseModel):
     effective_from: AwareDatetime | None = None
 
 
-class PriceVersionIn(BaseModel):
+class PriceVersionIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
     model: dict[str, Any]
     period: Literal["month", "day"] | None = None
@@ -136,7 +137,7 @@ class PriceOut(BaseModel):
                              for v in row.versions])
 
 
-class PricePreviewIn(BaseModel):
+class PricePreviewIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model": {"model": "graduated", "tiers": [{"up_to": "1000", "unit_price_minor": "0"},
                                                    {"up_to": None, "unit_price_minor": "0.5"}]}, "units": "2500"},
@@ -154,7 +155,7 @@ class PricePreviewOut(BaseModel):
     exact_minor: str = Field(description="the unrounded price (fractions carry to later units in the period)")
 
 
-class SubjectKeyIn(BaseModel):
+class SubjectKeyIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
     wallet_id: str | None = Field(default=None, max_length=200,
                                   description="default: the subject's own auto-provisioned wallet")
@@ -167,7 +168,7 @@ class SubjectKeyOut(BaseModel):
     created_at: datetime
 
 
-class PolicyIn(BaseModel):
+class PolicyIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
     unknown_subjects: Literal["auto_provision", "dead_letter"] | None = None
     allowed_lateness_s: int | None = Field(default=None, ge=0, le=366 * 86_400)

@@ -16,6 +16,7 @@ from api.errors import ApiError
 from api.ingest.redrive import read_letters, redrive, redriven_letters
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import RequestModel
 from ledger.kafka import require_topics, topic_name
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 from streams.redrive import RedriveSelection, by_reason, select
@@ -39,7 +40,7 @@ class DeadLettersOut(BaseModel):
     items: list[DeadLetterOut]
 
 
-class RedriveIn(BaseModel):
+class RedriveIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"reasons": ["unknown_meter"], "since": "2026-12-03T00:00:00Z"}, {"ids": ["2:1041:-"]}]})
     reasons: list[str] | None = Field(default=None, max_length=50)

@@ -39,6 +39,7 @@ from api.ingest.producer import KafkaEdge, Overloaded
 from api.ingest.settings import IngestSettings
 from api.ingest.validate import Accepted, Limits, Rejected, check_cloudevents, check_lago_events, utc_iso
 from api.metrics import INGEST_ACCEPTED, INGEST_REJECTED
+from api.validation import JSON_DEPTH_MAX, InputRefused, check_json_body
 
 Shape = Literal["cloudevents", "lago"]
 
@@ -86,9 +87,14 @@ def parse_json(body: bytes) -> Any:
     if not body:
         raise InvalidBody("the request body is empty")
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MalformedJson(f"the request body is not valid JSON: {exc}") from None
+    try:  # a batch and its events' envelopes take two levels above `data`
+        check_json_body(body, value, depth_max=JSON_DEPTH_MAX + 2)
+    except InputRefused as exc:
+        raise InvalidBody(f"the request body is refused: {exc}") from None
+    return value
 
 
 def require_media_type(content_type: str | None, allowed: tuple[str, ...]) -> None:

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class IngestSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="API_INGEST_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="API_INGEST_", extra="ignore", hide_input_in_errors=True)
 
     #: how long a request waits for the broker to acknowledge its events before answering 503
     ack_timeout_s: float = Field(default=10.0, gt=0)

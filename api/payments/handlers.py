@@ -42,6 +42,10 @@ from api.payments.effects import (
 )
 from api.payments.offers import Offer, get_offer, offer_for_product, pack_by_price
 from api.payments.signatures import WebhookMalformed
+from api.validation import InputRefused, check_json_body
+
+#: Real provider events are about a dozen levels deep; deeper is refused (400) before any handler walks it.
+WEBHOOK_JSON_DEPTH_MAX = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +59,14 @@ class Parsed:
 def _json(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body, parse_float=Decimal)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WebhookMalformed("the webhook body is not JSON") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting overflows json's parser
+        raise WebhookMalformed("the webhook body is not JSON (or is nested too deep)") from exc
     if not isinstance(value, dict):
         raise WebhookMalformed("the webhook body is not a JSON object")
+    try:  # provider payloads are a handful of levels deep; anything deeper is not a real event
+        check_json_body(body, value, depth_max=WEBHOOK_JSON_DEPTH_MAX)
+    except InputRefused as exc:
+        raise WebhookMalformed(f"the webhook body is refused: {exc}") from None
     return value
 
 

@@ -19,6 +19,7 @@ from api.payments import checkout, config, manual, offers, webhooks
 from api.payments.effects import Entitlement
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import RequestModel, StrictInt
 from api.wallets.idempotency import require_key
 from api.wallets.routes_wallets import wallet_in_project
 
@@ -33,12 +34,12 @@ Provider = Literal["stripe", "revenuecat", "lemonsqueezy"]
 # ------------------------------------------------------------------------------------------------ offers
 
 
-class _OfferIn(BaseModel):
+class _OfferIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
     slug: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
     name: str = Field(min_length=1, max_length=200)
-    credits_minor: int = Field(gt=0, le=10**15, description="credits (minor units) granted per purchase / period")
-    price_minor: int = Field(ge=0, le=10**12, description="price in the currency's minor units (cents)")
+    credits_minor: StrictInt = Field(gt=0, le=10**15, description="credits (minor units) granted per purchase / period")
+    price_minor: StrictInt = Field(ge=0, le=10**12, description="price in the currency's minor units (cents)")
     currency: str = Field(pattern=r"^[A-Za-z]{3}$", examples=["usd"])
     stripe_price_id: str | None = Field(default=None, max_length=200,
                                         description="checkout uses this Stripe Price; webhooks map it back")
@@ -194,7 +195,7 @@ def archive_plan(slug: Annotated[str, SLUG], access: Admin, conn: ConnectionDep)
 # -------------------------------------------------------------------------------------- provider settings
 
 
-class ProviderIn(BaseModel):
+class ProviderIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"webhook_secret": "whsec_..."}, {"webhook_secret": "ls_signing_secret", "accept_sandbox": True},
         {"accept_sandbox": False}]})
@@ -262,7 +263,7 @@ def _provider_out(base: str, project_id: str, provider: str, cfg: config.Provide
 # ------------------------------------------------------------------------------------------------ checkout
 
 
-class CheckoutIn(BaseModel):
+class CheckoutIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "wallet_id": "w_...", "offer": "starter", "success_url": "https://example.com/ok",
         "cancel_url": "https://example.com/cancel"}]})
@@ -369,7 +370,7 @@ def wallet_entitlements(wallet_id: str, access: Read, conn: ConnectionDep,
     return _entitlements(conn, access.project_id, wallet_id, active)
 
 
-class ManualEntitlementIn(BaseModel):
+class ManualEntitlementIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"plan": "pro_monthly", "reason": "sales contract ACME-2026-014", "reference": "ACME-2026-014",
          "period_end": "2027-01-01T00:00:00Z", "grant_credits": True}]})
@@ -413,7 +414,7 @@ def grant_entitlement(wallet_id: str, body: ManualEntitlementIn, access: Admin, 
     return ManualEntitlementOut(**out.model_dump(), credits_transaction_id=transaction_id)
 
 
-class EndEntitlementIn(BaseModel):
+class EndEntitlementIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(min_length=1, max_length=500)
 

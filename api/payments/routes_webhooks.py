@@ -22,9 +22,13 @@ PROJECT = Path(min_length=1, max_length=200)
 
 
 @router.post("/{provider}/{project_id}", summary="Receive a payment provider's webhook",
-             responses={400: {"description": "forged, unsigned, stale or malformed: nothing changed"}})
+             responses={400: {"description": "forged, unsigned, stale or malformed: nothing changed"},
+                        429: {"description": "too many deliveries from this address to this project; Retry-After"}})
 async def webhook(provider: Literal["stripe", "revenuecat", "lemonsqueezy"], project_id: Annotated[str, PROJECT],
                   request: Request) -> dict[str, Any]:
+    # anonymous endpoint: a bucket per (client address, project) before the body is read or anything stored
+    client = request.client.host if request.client else "unknown"
+    request.app.state.webhook_rate_limiter.check(f"{client}|{project_id}")
     body = await request.body()
     headers = {k.lower(): v for k, v in request.headers.items()}
     try:

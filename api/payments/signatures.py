@@ -44,7 +44,7 @@ def verify_stripe(body: bytes, headers: Mapping[str, str], secret: str | None,
         stripe.Webhook.construct_event(body, header, secret, tolerance=tolerance_s, api_key="sk_unused")
     except stripe.SignatureVerificationError as exc:
         raise WebhookRejected(f"Stripe signature verification failed: {exc.user_message or exc}") from exc
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # stripe parses the JSON (deep → recursion)
         raise WebhookMalformed("the Stripe webhook body is not a JSON event") from exc
 
 

@@ -1,7 +1,10 @@
 """Receiving a provider webhook: verify → store → dedupe → apply → wake deferred events, in ONE transaction.
 
 1. The raw body is verified against the project's secret (api/payments/signatures.py). A delivery that fails is
-   answered 400 and stored as ``rejected`` (its own transaction) — nothing else changes.
+   answered 400 and stored as ``rejected`` (its own transaction) — nothing else changes. Anyone can send one,
+   so only its sha256, its size and a ``UNVERIFIED_PREFIX_BYTES`` prefix are kept (a ``duplicate`` likewise),
+   and the scheduler's ``purge_webhook_deliveries`` job deletes them after the retention (``purge_unverified``);
+   the route rate-limits deliveries per client address and project (api/payments/routes_webhooks.py).
 2. Webhooks of one (project, provider) are applied one at a time (a transaction-scoped advisory lock), so a
    deferred event and the event it waits for can never miss each other.
 3. The event row is inserted with a settling status; the partial unique index on (project, provider, event id)
@@ -25,6 +28,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
@@ -37,6 +41,10 @@ from api.settings import ApiSettings
 
 log = logging.getLogger("meterline.api.webhooks")
 WAKE_ROUNDS_MAX = 20
+#: what is kept of a delivery that did not verify (or repeats a settled one): enough to recognise it, no more
+UNVERIFIED_PREFIX_BYTES = 256
+UNVERIFIED_STATUSES = ("rejected", "duplicate")
+PURGE_BATCH_ROWS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +70,26 @@ def _store(conn: Connection, *, project_id: str, provider: str, body: bytes, sig
            on_conflict: bool = False) -> int | None:
     sql = """
         INSERT INTO webhook_events (project_id, provider, event_id, event_type, status, error, body, body_sha256,
-                                    signature)
-        VALUES (:p, :v, :e, :t, :s, :err, :b, :h, :sig)"""
+                                    signature, body_bytes)
+        VALUES (:p, :v, :e, :t, :s, :err, :b, :h, :sig, :n)"""
     if on_conflict:
         sql += """ ON CONFLICT (project_id, provider, event_id)
                    WHERE status IN ('processed', 'deferred', 'ignored', 'unmatched') DO NOTHING"""
+    unverified = status in UNVERIFIED_STATUSES
     row = conn.execute(text(sql + " RETURNING id"), {
-        "p": project_id, "v": provider, "e": event_id, "t": event_type, "s": status, "err": error, "b": body,
-        "h": hashlib.sha256(body).hexdigest(), "sig": signature}).first()
+        "p": project_id, "v": provider, "e": event_id, "t": event_type, "s": status, "err": error,
+        "b": body[:UNVERIFIED_PREFIX_BYTES] if unverified else body, "h": hashlib.sha256(body).hexdigest(),
+        "sig": signature[:512] if signature else signature, "n": len(body)}).first()
     return int(row[0]) if row else None
+
+
+def purge_unverified(conn: Connection, *, cutoff: datetime, limit: int = PURGE_BATCH_ROWS) -> int:
+    """Maintenance: delete up to ``limit`` rejected/duplicate deliveries received before ``cutoff``, oldest
+    first. They changed nothing and nothing refers to them (deferred events wait in ``processed``-family rows)."""
+    return int(conn.execute(text("""
+        DELETE FROM webhook_events WHERE id = ANY(ARRAY(
+            SELECT id FROM webhook_events WHERE status IN ('rejected', 'duplicate') AND received_at < :cutoff
+            ORDER BY received_at LIMIT :limit))"""), {"cutoff": cutoff, "limit": limit}).rowcount or 0)
 
 
 def receive(engine: Engine, settings: ApiSettings, *, project_id: str, provider: str, body: bytes,

@@ -39,7 +39,8 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ConnectionDep, SettingsDep
 from api.errors import ApiError, Forbidden, NotFound, Unauthorized
 from api.settings import ApiSettings
-from api.tenancy import keys
+from api.tenancy import keys, sessions
+from api.tenancy.login_guard import network_key
 from api.tenancy.principal import Principal
 
 Action = Literal["read", "write", "admin", "owner", "ingest"]
@@ -83,15 +84,37 @@ def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def issue_access_token(settings: ApiSettings, *, user_id: str, now: datetime | None = None) -> str:
+def issue_access_token(settings: ApiSettings, *, user_id: str, session_id: str | None = None,
+                       now: datetime | None = None) -> str:
+    """``sid`` names the login session (the refresh-token family) that the server-side check can revoke."""
     issued = now or datetime.now(UTC)
-    claims = {"sub": user_id, "typ": "access", "iat": issued,
-              "exp": issued + timedelta(seconds=settings.access_token_ttl_s), "jti": uuid.uuid4().hex}
+    claims: dict[str, Any] = {"sub": user_id, "typ": "access", "iat": issued,
+                              "exp": issued + timedelta(seconds=settings.access_token_ttl_s), "jti": uuid.uuid4().hex}
+    if session_id is not None:
+        claims["sid"] = session_id
     return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm=JWT_ALGORITHM)
 
 
 def verify_access_token(settings: ApiSettings, token: str) -> str:
-    """Return the user id of a valid access token; raise Unauthorized otherwise."""
+    """Return the user id of a valid access token; raise Unauthorized otherwise (signature and expiry only:
+    requests authenticate through ``user_of_token``, which adds the session check)."""
+    return str(_access_claims(settings, token)["sub"])
+
+
+def user_of_token(state: Any, token: str) -> str:
+    """The user id of an access token that is valid AND whose session and user are not revoked (the server-side
+    check, api/tenancy/sessions.py: in-memory, no round trip). ``state`` is ``app.state``."""
+    claims = _access_claims(state.settings, token)
+    user_id = str(claims["sub"])
+    revocations = getattr(state, "session_revocations", None)
+    sid = claims.get("sid")
+    if revocations is not None and revocations.is_revoked(session_id=sid if isinstance(sid, str) else None,
+                                                          user_id=user_id):
+        raise Unauthorized("this session has ended (logged out, revoked or the account is disabled); sign in again")
+    return user_id
+
+
+def _access_claims(settings: ApiSettings, token: str) -> dict[str, Any]:
     try:
         claims = jwt.decode(token, settings.jwt_secret.get_secret_value(), algorithms=[JWT_ALGORITHM],
                             options={"require": ["exp", "sub", "typ"]})
@@ -101,7 +124,7 @@ def verify_access_token(settings: ApiSettings, token: str) -> str:
         raise Unauthorized("the access token is not valid") from exc
     if claims.get("typ") != "access":
         raise Unauthorized("the access token is not valid")
-    return str(claims["sub"])
+    return claims
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +149,19 @@ def issue_refresh_token(conn: Connection, settings: ApiSettings, *, user_id: str
 
 def issue_token_pair(conn: Connection, settings: ApiSettings, *, user_id: str,
                      family_id: str | None = None) -> TokenPair:
-    _, refresh = issue_refresh_token(conn, settings, user_id=user_id, family_id=family_id)
-    return TokenPair(issue_access_token(settings, user_id=user_id), refresh, settings.access_token_ttl_s)
+    token_id, refresh = issue_refresh_token(conn, settings, user_id=user_id, family_id=family_id)
+    return TokenPair(issue_access_token(settings, user_id=user_id, session_id=family_id or token_id), refresh,
+                     settings.access_token_ttl_s)
 
 
 class RefreshTokenReused(Unauthorized):
     """A rotated (already used) refresh token came back: someone holds a copy, so the family is revoked."""
 
     code = "api.refresh_token_reused"
+
+    def __init__(self, detail: str, *, family_id: str) -> None:
+        super().__init__(detail)
+        self.family_id = family_id
 
 
 def rotate_refresh_token(conn: Connection, settings: ApiSettings, *, token: str) -> tuple[str, TokenPair]:
@@ -150,27 +178,31 @@ def rotate_refresh_token(conn: Connection, settings: ApiSettings, *, token: str)
         raise Unauthorized("the refresh token is not valid")
     if row["revoked_at"] is not None:
         revoke_family(conn, family_id=row["family_id"])
-        raise RefreshTokenReused("the refresh token was already used; every session of this login is revoked")
+        raise RefreshTokenReused("the refresh token was already used; every session of this login is revoked",
+                                 family_id=row["family_id"])
     new_id, new_token = issue_refresh_token(conn, settings, user_id=row["user_id"], family_id=row["family_id"])
     conn.execute(text("UPDATE refresh_tokens SET revoked_at = now(), replaced_by = :new WHERE id = :id"),
                  {"new": new_id, "id": row["id"]})
-    pair = TokenPair(issue_access_token(settings, user_id=row["user_id"]), new_token, settings.access_token_ttl_s)
+    pair = TokenPair(issue_access_token(settings, user_id=row["user_id"], session_id=row["family_id"]), new_token,
+                     settings.access_token_ttl_s)
     return row["user_id"], pair
 
 
 def revoke_family(conn: Connection, *, family_id: str) -> None:
+    """End a login: its refresh tokens and (server-side session check) its access tokens."""
     conn.execute(text("UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = :f AND revoked_at IS NULL"),
                  {"f": family_id})
+    sessions.record(conn, session_id=family_id)
 
 
-def revoke_refresh_token(conn: Connection, *, token: str) -> bool:
-    """Log out: revoke the token's family. Returns False when the token is unknown."""
+def revoke_refresh_token(conn: Connection, *, token: str) -> str | None:
+    """Log out: revoke the token's family. Returns the family (session) id, None when the token is unknown."""
     row = conn.execute(text("SELECT family_id FROM refresh_tokens WHERE token_hash = :h"),
                        {"h": sha256_hex(token)}).first()
     if row is None:
-        return False
+        return None
     revoke_family(conn, family_id=row[0])
-    return True
+    return str(row[0])
 
 
 # ------------------------------------------------------------------------------------------ principals
@@ -198,7 +230,7 @@ def get_principal(request: Request, conn: ConnectionDep, settings: SettingsDep) 
     if token.startswith(API_KEY_PREFIX):
         principal = _authenticate_api_key(conn, token)
     else:
-        principal = Principal(kind="user", user_id=verify_access_token(settings, token))
+        principal = Principal(kind="user", user_id=user_of_token(request.app.state, token))
     request.app.state.rate_limiter.check(principal.rate_key)
     return principal
 
@@ -233,6 +265,17 @@ def project_access(conn: Connection, principal: Principal, project_id: str, acti
         raise Forbidden(f"your role '{role}' does not allow '{action}' in this project",
                         extra={"role": role, "required_role": MIN_ROLE[action]})
     return ProjectAccess(project_id, principal, role, request_id)
+
+
+class KeysCannotManagePeople(Forbidden):
+    code = "api.keys_cannot_manage_members"
+
+
+def people_only(access: ProjectAccess) -> None:
+    """Least privilege: managing people (members, invitations) needs a person. A key — even an admin-scope one —
+    that could add members could plant an admin who outlives the key's revocation."""
+    if access.principal.kind != "user":
+        raise KeysCannotManagePeople("API keys cannot manage members or invitations; use a user's access token")
 
 
 def require_project(action: Action) -> Any:
@@ -323,7 +366,7 @@ def require_project_deferred(action: Action) -> Any:
                 request.app.state.rate_limiter.check(key_principal.rate_key)
             access = project_access(None, key_principal, project_id, action, rid)  # type: ignore[arg-type]
             return DeferredAccess(key_principal, project_id, action, rid, access)
-        principal = Principal(kind="user", user_id=verify_access_token(request.app.state.settings, token))
+        principal = Principal(kind="user", user_id=user_of_token(request.app.state, token))
         request.app.state.rate_limiter.check(principal.rate_key)
         return DeferredAccess(principal, project_id, action, rid, None)
 
@@ -332,9 +375,10 @@ def require_project_deferred(action: Action) -> Any:
 
 
 def auth_rate_limit(request: Request) -> None:
-    """Per-client-address bucket for the anonymous endpoints (signup, login, refresh, invitation peek)."""
+    """Per-client-network bucket for the anonymous endpoints (signup, login, refresh, invitation peek): an IPv4
+    address, or an IPv6 /64 (one client owns a whole /64; per address it would get 2^64 fresh buckets)."""
     client = request.client.host if request.client else "unknown"
-    request.app.state.auth_rate_limiter.check(f"ip:{client}")
+    request.app.state.auth_rate_limiter.check(network_key(client))
 
 
 AuthRateLimit = Depends(auth_rate_limit)

@@ -56,8 +56,15 @@ _CLAIM = text("""
     WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= :now
     ORDER BY next_attempt_at, id LIMIT :limit FOR UPDATE SKIP LOCKED
 """)
-_SENT = text("UPDATE email_outbox SET attempts = :attempts, sent_at = :now, last_error = NULL WHERE id = :id")
-_FAILED = text("UPDATE email_outbox SET attempts = :attempts, failed_at = :now, last_error = :error WHERE id = :id")
+# Once a mail has left (or never will), its secrets have no business in the table: an invitation's accept link
+# (a bearer credential until it expires) is replaced by a marker in the stored copy. Unsent rows keep it: they
+# are what the relay sends (and, without SMTP in development, the outbox is the mailbox).
+_REDACT = ("body_text = regexp_replace(body_text, '/invitations/mli_[A-Za-z0-9_-]+', "
+           "'/invitations/[link removed after sending]', 'g')")
+_SENT = text(f"UPDATE email_outbox SET attempts = :attempts, sent_at = :now, last_error = NULL, {_REDACT} "
+             "WHERE id = :id")
+_FAILED = text(f"UPDATE email_outbox SET attempts = :attempts, failed_at = :now, last_error = :error, {_REDACT} "
+               "WHERE id = :id")
 _RETRY = text("""
     UPDATE email_outbox SET attempts = :attempts, next_attempt_at = :next, last_error = :error WHERE id = :id
 """)

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import secrets
 import string
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -280,12 +281,19 @@ class KeyCache:
 
     Trade-off, stated: a key revoked or rotated through ANOTHER API process keeps working here for at most
     ``ttl_s`` seconds; in this process the key routes invalidate it at once. Expiry is re-checked on every
-    hit. Entries are keyed by sha256(token), never the token; the size is bounded (oldest dropped)."""
+    hit. Entries are keyed by sha256(token), never the token; the size is bounded (oldest dropped).
+
+    Invalidation vs. the commit, stated: the key routes invalidate BEFORE their transaction commits (the commit
+    happens after the handler). A request racing in between would read the still-uncommitted (unrevoked) row and
+    cache the key again for ``ttl_s``. So ``invalidate`` also leaves a tombstone for ``ttl_s``: the key is not
+    cached again in that time (it is checked against the database on every request), and by then the revocation
+    has long been committed."""
 
     def __init__(self, *, ttl_s: float, entries_max: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.entries_max = entries_max
         self._entries: dict[str, tuple[Principal, datetime | None, float]] = {}
+        self._tombstones: dict[str, float] = {}  # key id -> monotonic time it was invalidated
 
     def get(self, token: str, *, now_monotonic: float) -> Principal | None:
         if self.ttl_s <= 0:
@@ -302,11 +310,18 @@ class KeyCache:
     def put(self, token: str, principal: Principal, *, expires_at: datetime | None, now_monotonic: float) -> None:
         if self.ttl_s <= 0:
             return
+        if self._tombstones:
+            invalidated = self._tombstones.get(principal.key_id or "")
+            if invalidated is not None and now_monotonic - invalidated <= self.ttl_s:
+                return  # invalidated moments ago: its revocation may not be committed yet (see the docstring)
+            for key_id in [k for k, t in self._tombstones.items() if now_monotonic - t > self.ttl_s]:
+                del self._tombstones[key_id]
         if len(self._entries) >= self.entries_max:
             self._entries.pop(next(iter(self._entries)))
         self._entries[hash_token(token)] = (principal, expires_at, now_monotonic)
 
-    def invalidate(self, key_id: str) -> None:
+    def invalidate(self, key_id: str, *, now_monotonic: float | None = None) -> None:
+        self._tombstones[key_id] = time.monotonic() if now_monotonic is None else now_monotonic
         for digest in [d for d, (p, _, _) in self._entries.items() if p.key_id == key_id]:
             self._entries.pop(digest, None)
 

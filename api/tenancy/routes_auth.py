@@ -4,27 +4,49 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import ConnectionDep, EngineDep, SettingsDep
 from api.errors import NotFound, Unauthorized
+from api.tenancy import login_guard
 from api.tenancy.auth import (
     AuthRateLimit,
     PrincipalDep,
+    RefreshTokenReused,
     TokenPair,
     UserDep,
     issue_token_pair,
     revoke_refresh_token,
     rotate_refresh_token,
 )
+from api.tenancy.login_guard import PasswordSlot
 from api.tenancy.projects import list_projects_for_user
-from api.tenancy.users import User, authenticate_password, create_user, get_user
+from api.tenancy.sessions import SessionRevocations, SessionSync
+from api.tenancy.users import User, authenticate_password, create_user, get_user, normalize_login_email
+from api.validation import RequestModel
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
 
-class SignupRequest(BaseModel):
+async def startup(app: FastAPI) -> None:
+    """The login guard and password gate (api/tenancy/login_guard.py) and the session check's revocation
+    cache with its sync thread (api/tenancy/sessions.py), per app."""
+    settings = app.state.settings
+    login_guard.install(app.state, settings)
+    revocations = SessionRevocations(horizon_s=settings.access_token_ttl_s)
+    app.state.session_revocations = revocations
+    app.state.session_sync = SessionSync(app.state.engine, revocations, every_s=settings.session_sync_s)
+    app.state.session_sync.start()
+
+
+async def shutdown(app: FastAPI) -> None:
+    sync: SessionSync | None = getattr(app.state, "session_sync", None)
+    if sync is not None:
+        sync.stop()
+
+
+class SignupRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"email": "ada@example.com", "password": "correct horse battery", "display_name": "Ada"}]})
     email: str = Field(max_length=320)
@@ -32,14 +54,14 @@ class SignupRequest(BaseModel):
     display_name: str | None = Field(default=None, max_length=200)
 
 
-class LoginRequest(BaseModel):
+class LoginRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"email": "ada@example.com", "password": "correct horse battery"}]})
     email: str = Field(max_length=320)
     password: str = Field(max_length=1024)
 
 
-class RefreshRequest(BaseModel):
+class RefreshRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"refresh_token": "mlr_..."}]})
     refresh_token: str = Field(max_length=200)
 
@@ -83,7 +105,7 @@ def _tokens(user: User, pair: TokenPair) -> TokenResponse:
                          expires_in_s=pair.expires_in_s)
 
 
-@router.post("/signup", status_code=201, response_model=TokenResponse, dependencies=[AuthRateLimit],
+@router.post("/signup", status_code=201, response_model=TokenResponse, dependencies=[AuthRateLimit, PasswordSlot],
              summary="Create an account and sign in",
              responses={409: {"description": "the email already has an account (api.email_taken)"},
                         422: {"description": "invalid email or too short a password"}})
@@ -92,11 +114,25 @@ def signup(body: SignupRequest, conn: ConnectionDep, settings: SettingsDep) -> T
     return _tokens(user, issue_token_pair(conn, settings, user_id=user.id))
 
 
-@router.post("/login", response_model=TokenResponse, dependencies=[AuthRateLimit],
+@router.post("/login", response_model=TokenResponse, dependencies=[AuthRateLimit, PasswordSlot],
              summary="Exchange email and password for an access and a refresh token",
-             responses={401: {"description": "wrong email or password"}})
-def login(body: LoginRequest, conn: ConnectionDep, settings: SettingsDep) -> TokenResponse:
-    user = authenticate_password(conn, email=body.email, password=body.password)
+             responses={401: {"description": "wrong email or password"},
+                        429: {"description": "too many attempts from this network or for this account (after "
+                                            "repeated failures it is locked, with a growing backoff); Retry-After"},
+                        503: {"description": "too many password checks in progress; Retry-After"}})
+def login(body: LoginRequest, conn: ConnectionDep, settings: SettingsDep, request: Request) -> TokenResponse:
+    guard: login_guard.LoginGuard | None = getattr(request.app.state, "login_guard", None)
+    account = normalize_login_email(body.email)
+    if guard is not None:
+        guard.check(account)
+    try:
+        user = authenticate_password(conn, email=body.email, password=body.password)
+    except Unauthorized:
+        if guard is not None:
+            guard.failed(account)
+        raise
+    if guard is not None:
+        guard.succeeded(account)
     return _tokens(user, issue_token_pair(conn, settings, user_id=user.id))
 
 
@@ -104,7 +140,7 @@ def login(body: LoginRequest, conn: ConnectionDep, settings: SettingsDep) -> Tok
              summary="Rotate a refresh token: the old one stops working, a new pair is returned",
              responses={401: {"description": "unknown, expired or already-used refresh token (reuse revokes "
                                              "every token of that login)"}})
-def refresh(body: RefreshRequest, engine: EngineDep, settings: SettingsDep) -> TokenResponse:
+def refresh(body: RefreshRequest, engine: EngineDep, settings: SettingsDep, request: Request) -> TokenResponse:
     # Own transaction: a reused token must revoke its family AND answer 401, so commit before raising.
     failure: Unauthorized | None = None
     with engine.begin() as conn:
@@ -114,6 +150,8 @@ def refresh(body: RefreshRequest, engine: EngineDep, settings: SettingsDep) -> T
         except Unauthorized as exc:
             failure = exc
     if failure is not None:
+        if isinstance(failure, RefreshTokenReused):  # the family's access tokens end here and now, too
+            request.app.state.session_revocations.note(session_ids=[failure.family_id])
         raise failure
     if user is None:
         raise NotFound("user not found")
@@ -121,8 +159,10 @@ def refresh(body: RefreshRequest, engine: EngineDep, settings: SettingsDep) -> T
 
 
 @router.post("/logout", status_code=204, summary="Revoke a refresh token and every token rotated from it")
-def logout(conn: ConnectionDep, body: RefreshRequest = Body()) -> Response:
-    revoke_refresh_token(conn, token=body.refresh_token)
+def logout(conn: ConnectionDep, request: Request, body: RefreshRequest = Body()) -> Response:
+    session_id = revoke_refresh_token(conn, token=body.refresh_token)
+    if session_id is not None:  # this process refuses the session's access tokens at once; others on their sync
+        request.app.state.session_revocations.note(session_ids=[session_id])
     return Response(status_code=204)
 
 

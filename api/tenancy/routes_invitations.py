@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import ConnectionDep, SettingsDep
 from api.errors import Unauthorized
 from api.tenancy.audit import audit, record_audit
-from api.tenancy.auth import AuthRateLimit, ProjectAccess, UserDep, require_project
+from api.tenancy.auth import AuthRateLimit, ProjectAccess, UserDep, people_only, require_project
 from api.tenancy.email import default_sender
 from api.tenancy.invitations import (
     Invitation,
@@ -24,13 +24,14 @@ from api.tenancy.invitations import (
     revoke_invitation,
 )
 from api.tenancy.users import get_user, normalize_email
+from api.validation import RequestModel
 
 router = APIRouter(tags=["invitations"])
 PROJECT_INVITES = "/api/v1/projects/{project_id}/invitations"
 TOKEN = Path(min_length=8, max_length=200, description="the token from the invitation email")
 
 
-class InvitationCreate(BaseModel):
+class InvitationCreate(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"email": "grace@example.com", "role": "member"}]})
     email: str = Field(max_length=320)
     role: Literal["admin", "member", "viewer"] = "member"
@@ -88,6 +89,7 @@ def _audit_view(inv: Invitation) -> dict[str, object]:
              responses={409: {"description": "already a member, or an invitation is pending (resend it)"}})
 def invite(body: InvitationCreate, access: Annotated[ProjectAccess, require_project("admin")],
            conn: ConnectionDep, settings: SettingsDep) -> InvitationOut:
+    people_only(access)
     invitation, _token = create_invitation(
         conn, default_sender(), project_id=access.project_id, email=normalize_email(body.email), role=body.role,
         invited_by=access.principal.user_id, actor_role=access.role or "admin",
@@ -109,6 +111,7 @@ def invitations(access: Annotated[ProjectAccess, require_project("admin")], conn
              responses={410: {"description": "accepted or revoked (api.invitation_closed)"}})
 def resend(invitation_id: str, access: Annotated[ProjectAccess, require_project("admin")], conn: ConnectionDep,
            settings: SettingsDep) -> InvitationOut:
+    people_only(access)
     before, after, _token = resend_invitation(conn, default_sender(), project_id=access.project_id,
                                               invitation_id=invitation_id, ttl_s=settings.invitation_ttl_s,
                                               base_url=settings.public_base_url)
@@ -122,6 +125,7 @@ def resend(invitation_id: str, access: Annotated[ProjectAccess, require_project(
                responses={410: {"description": "not pending any more (api.invitation_closed)"}})
 def revoke(invitation_id: str, access: Annotated[ProjectAccess, require_project("admin")],
            conn: ConnectionDep) -> InvitationOut:
+    people_only(access)
     before, after = revoke_invitation(conn, project_id=access.project_id, invitation_id=invitation_id)
     audit(conn, access, action="invitation.revoke", target_kind="invitation", target_id=invitation_id,
           before=_audit_view(before), after=_audit_view(after))

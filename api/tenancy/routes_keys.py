@@ -1,7 +1,12 @@
 """API keys of a project: create (the token is shown once), list, read, rotate, revoke.
 
 All routes need the ``admin`` action (project admin/owner, or a key with the admin scope). Every change is
-audited (without the token: the audit log never holds a secret)."""
+audited (without the token: the audit log never holds a secret).
+
+Least privilege, stated: a key never mints more than it has. An API key may create keys only with scopes it holds
+itself (``admin`` implies ``read`` and ``ingest``) and never the ``admin`` scope, and may not rotate an admin-scope key (the successor would be a new admin
+key): otherwise a leaked admin key could mint a successor that outlives its own revocation. Users (admins and
+owners) create any key."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from fastapi import APIRouter, Path, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.deps import ConnectionDep
+from api.errors import Forbidden
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
 from api.tenancy.keys import (
@@ -22,6 +28,7 @@ from api.tenancy.keys import (
     revoke_api_key,
     rotate_api_key,
 )
+from api.validation import RequestModel
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/api-keys", tags=["api keys"])
 
@@ -30,7 +37,7 @@ AdminAccess = Annotated[ProjectAccess, require_project("admin")]
 KeyId = Annotated[str, Path(max_length=64)]
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"name": "production ingest", "scopes": ["ingest"], "expires_in_s": 7_776_000}]})
     name: str = Field(min_length=1, max_length=200)
@@ -39,7 +46,7 @@ class ApiKeyCreate(BaseModel):
     expires_in_s: int | None = Field(default=None, gt=0, description="expiry relative to now")
 
 
-class ApiKeyRotate(BaseModel):
+class ApiKeyRotate(RequestModel):
     model_config = ConfigDict(extra="forbid")
     grace_s: int = Field(default=0, ge=0, le=30 * 24 * 3600,
                          description="how long the old key keeps working (0: revoked at once)")
@@ -74,6 +81,21 @@ class ApiKeyRotated(BaseModel):
     key: ApiKeyIssued
 
 
+class KeyScopeEscalation(Forbidden):
+    code = "api_key.scope_escalation"
+
+
+def _within_own_rights(access: ProjectAccess, scopes: frozenset[str]) -> None:
+    """An API key may hand out only rights it holds, and never ``admin`` (see the module docstring)."""
+    principal = access.principal
+    if principal.kind != "api_key":
+        return
+    held = principal.scopes | ({"read", "ingest"} if "admin" in principal.scopes else set())  # admin implies them
+    if "admin" in scopes or not scopes <= held:
+        raise KeyScopeEscalation("an API key can create or rotate keys only with scopes it holds itself, never "
+                                 "'admin'; use a user's access token", extra={"scopes": sorted(principal.scopes)})
+
+
 def _forget(request: Request, key_id: str) -> None:
     """Drop the key from this process's authentication cache (other processes forget it within its TTL)."""
     cache = getattr(request.app.state, "key_cache", None)
@@ -87,6 +109,7 @@ def _audit_view(key: ApiKey) -> dict[str, object]:
 
 @router.post("", status_code=201, response_model=ApiKeyIssued, summary="Create an API key (token shown once)")
 def create_key(body: ApiKeyCreate, access: AdminAccess, conn: ConnectionDep) -> ApiKeyIssued:
+    _within_own_rights(access, frozenset(body.scopes))
     expires_at = body.expires_at
     if body.expires_in_s is not None:
         relative = datetime.now(UTC) + timedelta(seconds=body.expires_in_s)
@@ -114,6 +137,7 @@ def rotate_key(key_id: KeyId, access: AdminAccess, conn: ConnectionDep, request:
                body: ApiKeyRotate | None = None) -> ApiKeyRotated:
     grace = timedelta(seconds=(body.grace_s if body else 0))
     before = get_api_key(conn, project_id=access.project_id, key_id=key_id)
+    _within_own_rights(access, before.scopes)
     previous, issued = rotate_api_key(conn, project_id=access.project_id, key_id=key_id, grace=grace,
                                       created_by_user_id=access.principal.user_id)
     _forget(request, key_id)

@@ -19,6 +19,7 @@ from api.tenancy.projects import (
     update_project,
 )
 from api.tenancy.routes_members import MemberOut
+from api.validation import RequestModel
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
@@ -26,13 +27,13 @@ EXTERNAL_KEY = Field(default=None, min_length=1, max_length=200, pattern=r"^[A-Z
                      description="your own identifier for this tenant (unique across projects)")
 
 
-class ProjectCreate(BaseModel):
+class ProjectCreate(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "Acme AI", "external_key": "acme-42"}]})
     name: str = Field(min_length=1, max_length=200)
     external_key: str | None = EXTERNAL_KEY
 
 
-class ProjectPatch(BaseModel):
+class ProjectPatch(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "Acme AI (EU)"}]})
     name: str | None = Field(default=None, min_length=1, max_length=200)
     external_key: str | None = EXTERNAL_KEY
@@ -56,7 +57,7 @@ class ProjectOut(BaseModel):
         return cls(**project.as_dict(), role=role)
 
 
-class OwnershipTransfer(BaseModel):
+class OwnershipTransfer(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"user_id": "usr_9f8e7d",
                                                                "previous_owner_role": "admin"}]})
     user_id: str = Field(description="an existing member who becomes the owner")

@@ -58,6 +58,11 @@ def normalize_email(email: str) -> str:
     return value
 
 
+def normalize_login_email(email: str) -> str:
+    """The account key of a login attempt (valid address or not): what the login guard counts failures by."""
+    return email.strip().lower()
+
+
 def hash_password(password: str) -> str:
     if len(password) < PASSWORD_LEN_MIN:
         raise WeakPassword(f"passwords need at least {PASSWORD_LEN_MIN} characters")

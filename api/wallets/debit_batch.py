@@ -163,7 +163,8 @@ class DebitBatcher:
         debits = {i: BatchedDebit(wallet_id=items[i].wallet_id,
                                   idempotency_key=ledger_key(accesses[i].project_id, items[i].client_key),
                                   amount_minor=items[i].amount_minor, source_ref=items[i].source_ref,
-                                  metadata={**(items[i].metadata or {}), **_actor(accesses[i])})
+                                  metadata={**(items[i].metadata or {}), **_actor(accesses[i])},
+                                  project_id=accesses[i].project_id)
                   for i in batched}
         with pipelined(conn) as raw:
             batch = DebitBatch(conn, [debits[i] for i in batched])

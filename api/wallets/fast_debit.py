@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import ApiError
 from api.middleware import replay_body
-from api.tenancy.auth import API_KEY_PREFIX, DeferredAccess, project_access, verify_access_token
+from api.tenancy.auth import API_KEY_PREFIX, DeferredAccess, project_access, user_of_token
 from api.tenancy.principal import Principal
 from api.wallets.idempotency import require_key
 from api.wallets.wallet_models import DebitRequest
@@ -84,7 +84,7 @@ class FastDebitMiddleware:
                 access = DeferredAccess(principal, project_id, "write", request_id,
                                         project_access(None, principal, project_id, "write", request_id))  # type: ignore[arg-type]
             else:
-                principal = Principal(kind="user", user_id=verify_access_token(state.settings, token))
+                principal = Principal(kind="user", user_id=user_of_token(state, token))
                 access = DeferredAccess(principal, project_id, "write", request_id, None)
             parsed = DebitRequest.model_validate(orjson.loads(body))
         except (ApiError, ValidationError, orjson.JSONDecodeError):

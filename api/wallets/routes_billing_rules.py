@@ -13,6 +13,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from api.deps import ConnectionDep
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import RequestModel, StrictInt
 from ledger import billing
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}", tags=["billing rules"])
@@ -21,7 +22,7 @@ Admin = Annotated[ProjectAccess, require_project("admin")]
 RULE_ID = Path(max_length=100, examples=["br_5f0c2a9e1b7d4c3a"])
 
 
-class BillingRuleIn(BaseModel):
+class BillingRuleIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"wallet_id": "w_5f0c...", "name": "Pro seat", "amount_minor": 500,
          "schedule": {"kind": "monthly", "days": [1]}},
@@ -32,7 +33,7 @@ class BillingRuleIn(BaseModel):
          "schedule": {"kind": "cron", "expression": "*/15 * * * *"}}]})
     wallet_id: str = Field(max_length=200)
     name: str = Field(min_length=1, max_length=200)
-    amount_minor: int = Field(gt=0, le=10**15, description="credits (minor units) charged at every due time")
+    amount_minor: StrictInt = Field(gt=0, le=10**15, description="credits (minor units) charged at every due time")
     schedule: dict[str, Any] = Field(description="UTC. kind daily {hour, minute}; weekly {days: [mon..sun]}; "
                                                  "monthly {days: [1..28 | \"last\"]}; cron {expression}")
     when_insufficient: Literal["debt", "skip"] = Field(
@@ -41,11 +42,11 @@ class BillingRuleIn(BaseModel):
     starts_at: AwareDatetime | None = Field(default=None, description="first due time is after this (default now)")
 
 
-class BillingRulePatch(BaseModel):
+class BillingRulePatch(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"status": "paused"},
                                                                               {"amount_minor": 600}]})
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    amount_minor: int | None = Field(default=None, gt=0, le=10**15)
+    amount_minor: StrictInt | None = Field(default=None, gt=0, le=10**15)
     status: Literal["active", "paused"] | None = Field(
         default=None, description="paused due times are never charged; resuming starts at the next due time")
 

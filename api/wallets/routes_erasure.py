@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import ConnectionDep, SettingsDep
 from api.errors import NotFound
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import RequestModel
 from api.wallets import erasure
 from api.wallets.routes_wallets import wallet_in_project
 
@@ -25,7 +26,7 @@ EXAMPLE: dict[str, Any] = {"id": 12, "wallet_id": "9b1c...", "status": "pending"
            "erased_at": None, "forfeited_minor": None, "forfeit_transaction_id": None, "subject_keys_held": 1}
 
 
-class ErasureRequest(BaseModel):
+class ErasureRequest(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"reason": "user deleted their account in the app"}, {}]})
     reason: str | None = Field(default=None, max_length=500,

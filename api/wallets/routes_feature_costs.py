@@ -11,18 +11,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import ConnectionDep
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import RequestModel, StrictInt
 from api.wallets.feature_costs import FeatureCost, delete_feature_cost, list_feature_costs, put_feature_cost
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/feature-costs", tags=["feature costs"])
 FEATURE_KEY = Path(pattern=r"^[a-z0-9][a-z0-9_.:-]{0,99}$", examples=["image_to_image"])
 
 
-class FeatureCostPut(BaseModel):
+class FeatureCostPut(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"cost_minor": 5, "description": "Image-to-image generation"},
         {"cost_minor": 0, "description": "Export to PDF (subscribers only)", "requires_entitlement": "*"},
         {"cost_minor": 20, "description": "4k upscaling", "requires_entitlement": "pro-monthly"}]})
-    cost_minor: int = Field(ge=0, le=10**15, description="credits (minor units) charged per use")
+    cost_minor: StrictInt = Field(ge=0, le=10**15, description="credits (minor units) charged per use")
     description: str | None = Field(default=None, max_length=500)
     requires_entitlement: str | None = Field(
         default=None, pattern=r"^(\*|[a-z0-9][a-z0-9_.-]{0,63})$",

@@ -13,6 +13,7 @@ from api.deps import ConnectionDep
 from api.errors import NotFound
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
+from api.validation import RequestModel, StrictInt
 from api.wallets.signup_bonus import COUNTRY, BonusConfig, get_config, put_config
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/signup-bonus", tags=["sign-up bonus"])
@@ -24,13 +25,13 @@ EXAMPLE: dict[str, Any] = {"enabled": True, "default_amount_minor": 100, "countr
            "expires_after_s": 30 * 24 * 3600, "ip_network_daily_limit": 5, "require_device_id": False}
 
 
-class BonusConfigIn(BaseModel):
+class BonusConfigIn(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         EXAMPLE, {"default_amount_minor": 50}, {"enabled": False, "default_amount_minor": 50}]})
     enabled: bool = Field(default=True, description="false: every sign-up is answered reason 'disabled'")
-    default_amount_minor: int = Field(default=0, ge=0, le=AMOUNT_MAX,
+    default_amount_minor: StrictInt = Field(default=0, ge=0, le=AMOUNT_MAX,
                                       description="credits (minor units) for a country not listed or unknown")
-    country_amounts: dict[str, int] = Field(
+    country_amounts: dict[str, StrictInt] = Field(
         default_factory=dict, description="ISO 3166-1 alpha-2 → credits (minor units); 0 = no bonus there")
     expires_after_s: int | None = Field(default=None, ge=3600, le=10 * 366 * 24 * 3600,
                                         description="bonus credits expire this long after the grant (None: never)")

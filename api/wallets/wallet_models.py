@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, IPvAnyAddress, model_validator
 
+from api.validation import RequestModel, StrictInt
 from api.wallets.wallet_directory import WalletEntry
 from ledger.rows import AllocationRow, BalanceView, BucketRow, HoldRow, TransactionRow, WalletRow
 
@@ -223,7 +224,7 @@ class SignupFacts(BaseModel):
                                   description="a stable device id (IDFV, Android ID...); only a keyed hash is stored")
 
 
-class WalletCreate(BaseModel):
+class WalletCreate(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"owner_kind": "user", "owner_ref": "usr_0a1b2c"}, {"owner_kind": "project"},
         {"owner_kind": "subject", "owner_ref": "customer-881", "credit_scale": 2, "credit_code": "usd_credits"},
@@ -235,7 +236,7 @@ class WalletCreate(BaseModel):
                                               "project: omitted (the project itself)")
     credit_code: str = Field(default="credits", pattern=r"^[a-z0-9_]{1,32}$")
     credit_scale: int = Field(default=0, ge=0, le=18, description="decimal places of one credit")
-    floor_minor: int | None = Field(default=None, ge=-10**15, le=10**15,
+    floor_minor: StrictInt | None = Field(default=None, ge=-10**15, le=10**15,
                                     description="negative allows an overdraft for synchronous debits")
     signup: SignupFacts | None = Field(default=None, description="subject wallets: the end user's sign-up facts "
                                                                  "for the project's sign-up bonus")
@@ -250,16 +251,16 @@ class WalletCreate(BaseModel):
         return self
 
 
-class WalletPatch(BaseModel):
+class WalletPatch(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"floor_minor": -500}]})
-    floor_minor: int = Field(ge=-10**15, le=10**15)
+    floor_minor: StrictInt = Field(ge=-10**15, le=10**15)
 
 
-class _ByAmountOrFeature(BaseModel):
-    amount_minor: int | None = Field(default=None, gt=0, le=10**15)
+class _ByAmountOrFeature(RequestModel):
+    amount_minor: StrictInt | None = Field(default=None, gt=0, le=10**15)
     feature_key: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.:-]{0,99}$",
                                     description="charge the feature's configured cost instead of an amount")
-    quantity: int = Field(default=1, ge=1, le=1_000_000, description="uses of the feature (with feature_key)")
+    quantity: StrictInt = Field(default=1, ge=1, le=1_000_000, description="uses of the feature (with feature_key)")
 
     @model_validator(mode="after")
     def _one_of(self) -> Any:
@@ -283,39 +284,39 @@ class ReserveRequest(_ByAmountOrFeature):
     timeout_s: int = Field(default=300, ge=1, le=7 * 24 * 3600, description="released automatically after this")
 
 
-class CommitRequest(BaseModel):
+class CommitRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"amount_minor": 80}]})
-    amount_minor: int = Field(ge=0, le=10**15, description="the actual cost (may differ from the hold)")
+    amount_minor: StrictInt = Field(ge=0, le=10**15, description="the actual cost (may differ from the hold)")
     metadata: dict[str, Any] | None = None
 
 
-class RefundRequest(BaseModel):
+class RefundRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"reason": "generation failed at the vendor"}, {"amount_minor": 2, "reason": "partial failure"}]})
-    amount_minor: int | None = Field(default=None, gt=0, le=10**15,
+    amount_minor: StrictInt | None = Field(default=None, gt=0, le=10**15,
                                      description="omit to refund everything not yet refunded")
     reason: str = Field(min_length=1, max_length=500)
 
 
-class GrantRequest(BaseModel):
+class GrantRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"amount_minor": 1000, "kind": "top_up", "source_ref": "manual-topup-1"},
         {"amount_minor": 200, "kind": "promo", "priority": 5, "expires_at": "2026-12-31T23:59:59Z",
          "reason": "launch promo"}]})
-    amount_minor: int = AMOUNT
+    amount_minor: StrictInt = AMOUNT
     kind: Literal["top_up", "bonus", "promo", "subscription_grant"] = "top_up"
     source: Literal["top_up", "subscription", "bonus", "refund", "promo", "adjustment"] | None = Field(
         default=None, description="the bucket's source (defaults from kind)")
-    priority: int | None = Field(default=None, ge=-1_000_000, le=1_000_000, description="lower burns first")
+    priority: StrictInt | None = Field(default=None, ge=-1_000_000, le=1_000_000, description="lower burns first")
     expires_at: AwareDatetime | None = None
     source_ref: str | None = REF
     reason: str | None = Field(default=None, max_length=500)
 
 
-class AdjustmentRequest(BaseModel):
+class AdjustmentRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"amount_minor": -300, "reason": "charge-back of top-up ch_123"}]})
-    amount_minor: int = Field(ge=-10**15, le=10**15, description="signed: positive credits, negative debits "
+    amount_minor: StrictInt = Field(ge=-10**15, le=10**15, description="signed: positive credits, negative debits "
                                                                  "(may create debt)")
     reason: str = Field(min_length=1, max_length=500)
 

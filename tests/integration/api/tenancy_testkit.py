@@ -29,8 +29,8 @@ ROLES = ("owner", "admin", "member", "viewer")
 
 def _settings(database_url: str, engines: Any, overrides: dict[str, Any]) -> ApiSettings:
     return ApiSettings(database_url=database_url, kafka_bootstrap_servers=engines.kafka_bootstrap_servers,
-                       clickhouse_url=engines.clickhouse_url,
-                       **{"auth_rate_limit_per_s": 1000.0, "auth_rate_limit_burst": 1000, **overrides})
+                       **{"clickhouse_url": engines.clickhouse_url, "auth_rate_limit_per_s": 1000.0,
+                          "auth_rate_limit_burst": 1000, **overrides})
 
 
 @contextmanager

@@ -142,6 +142,7 @@ def test_an_invitation_made_over_http_is_delivered_once_and_a_rolled_back_one_ne
         finally:
             engine.dispose()
 
+        token = outbox_token(database_url, "grace@example.com")  # read before sending: sending removes it
         settings = email_settings(port)
         for _ in range(2):  # the scheduler's whole job list, twice: one message
             scheduler_round(database_url, jobs(IdempotencySettings(), settings))
@@ -150,20 +151,22 @@ def test_an_invitation_made_over_http_is_delivered_once_and_a_rolled_back_one_ne
         assert envelope_from == SENDER and recipients == ["grace@example.com"]
         assert message["To"] == "grace@example.com" and message["From"] == f"Meterline <{SENDER}>"
         assert message["Subject"] == "You are invited to Acme on Meterline"
-        token = outbox_token(database_url, "grace@example.com")
         body = message.get_content().replace("\r\n", "\n")  # CRLF on the wire
         assert f"Accept the invitation: https://meterline.example/invitations/{token}\n" in body
         assert rows(database_url)["grace@example.com"][:4] == (1, True, False, None)
         assert "never@example.com" not in rows(database_url)
+        # the accept link (a bearer credential) is not kept in clear once the mail has left
+        stored = sql(database_url, "SELECT body_text FROM email_outbox WHERE to_address = 'grace@example.com'")
+        assert token not in stored[0][0] and "[link removed after sending]" in stored[0][0]
 
         # a resend queues a new email with a new link; the delivered one is not sent again
         invitation_id = invited.json()["id"]
         resent = client.post(f"/api/v1/projects/{t.project_id}/invitations/{invitation_id}/resend",
                              headers=owner.headers)
         assert resent.status_code == 200, resent.text
+        new_token = outbox_token(database_url, "grace@example.com")
         assert deliver(database_url, settings) == 1
         assert len(mailbox.received) == 2
-        new_token = outbox_token(database_url, "grace@example.com")
         assert new_token != token and new_token in mailbox.received[1][2].get_content()
 
 

@@ -219,6 +219,12 @@ class ChargeCheckpoint(BaseModel):
         "accepted in this checkpoint, e.g. int.from_bytes(blake2b(...,digest_size=8).digest(), signed=True)",
     )
     emitted_at: AwareDatetime
+    owner_epoch: int = Field(
+        default=0, ge=0, le=2**63 - 1,
+        description="the fencing epoch its worker took when it seeded the partition (ledger/fencing.py); the "
+        "ledger refuses a checkpoint whose epoch is older than the partition's (DESIGN §2 invariant 11). "
+        "0 = a worker from before fencing (refused once any owner took an epoch)",
+    )
 
 
 class TransactionPosted(BaseModel):

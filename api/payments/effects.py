@@ -117,6 +117,8 @@ def resolve_wallet(ctx: Ctx, ref: object) -> str:
                                                                     subject=ref).wallet_id
     existing = queries.get_wallet(ctx.conn, wallet_id)
     if existing is not None:
+        if existing.project_id != ctx.project_id:  # a subject key mapped across the tenant boundary
+            raise Unmatched("the subject's wallet belongs to another project")
         return existing.id
     return service.ensure_wallet(ctx.conn, project_id=ctx.project_id, owner_kind="subject", owner_ref=ref,
                                  wallet_id=wallet_id).id

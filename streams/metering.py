@@ -312,7 +312,7 @@ class Checkpoint:
     counters: list[tuple[CounterKeyTuple, Counter]]
     dedupe_keys: list[int]
 
-    def to_json(self, *, emitted_at: datetime) -> bytes:
+    def to_json(self, *, emitted_at: datetime, owner_epoch: int = 0) -> bytes:
         """The ``ledger.contracts.ChargeCheckpoint`` wire form, written directly (a checkpoint may carry
         thousands of counters; building pydantic models for each costs more than the metering itself).
         tests/unit/streams check it against the pydantic model."""
@@ -332,6 +332,7 @@ class Checkpoint:
         return orjson.dumps({
             "source_topic": self.source_topic, "partition": self.partition, "as_of_offset": self.as_of_offset,
             "counters": counters, "dedupe_keys": self.dedupe_keys, "emitted_at": emitted_at.isoformat(),
+            "owner_epoch": owner_epoch,
         })
 
 

@@ -16,6 +16,7 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, text
 
+from ledger.invariant_check import InvariantCheck, latest_invariant_check
 from ledger.rows import (
     AllocationRow,
     BalanceView,
@@ -29,6 +30,7 @@ from ledger.rows import (
 from ledger.source_logs import IDENTITY_SEPARATOR, base_topic
 
 __all__ = [
+    "InvariantCheck",
     "TransactionPage",
     "applied_offsets",
     "dedupe_keys_since",
@@ -37,6 +39,7 @@ __all__ = [
     "get_hold",
     "get_transaction",
     "get_wallet",
+    "latest_invariant_check",
     "list_buckets",
     "list_transactions",
     "partition_halts",

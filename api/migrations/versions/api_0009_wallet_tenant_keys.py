@@ -16,6 +16,10 @@ Not here, on purpose (the check lives in the code that writes them, and is teste
 - ``subject_keys`` (streams): a subject may be mapped to its auto-provisioned wallet id before the ledger creates
   the wallet on the first checkpoint. The ledger refuses a counter whose wallet is in another project
   (ledger/checkpoints.py step 2) and the catalog refuses such a mapping (streams/catalog.py).
+
+The application role (ledger_0008: ``meterline_app``) may only INSERT and SELECT on the API's append-only tables
+(``audit_log``, ``access_decisions``) and on the immutable ``price_versions`` of streams (this is the last
+migration to run, so every table exists), and cannot write any alembic version table.
 """
 
 from alembic import op
@@ -27,11 +31,22 @@ depends_on = None
 
 TABLES = ("checkout_sessions", "entitlements", "payments", "signup_bonus_grants", "wallet_erasures")
 
+APP_ROLE_LIMITS = """
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'meterline_app') THEN
+        REVOKE UPDATE, DELETE, TRUNCATE ON audit_log, access_decisions, price_versions FROM meterline_app;
+        REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON alembic_version_streams, alembic_version_api FROM meterline_app;
+    END IF;
+END $$;
+"""
+
 
 def upgrade() -> None:
     for table in TABLES:
         op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {table}_project_wallet_fkey "
                    "FOREIGN KEY (project_id, wallet_id) REFERENCES wallets (project_id, id)")
+    op.execute(APP_ROLE_LIMITS)
 
 
 def downgrade() -> None:

@@ -92,9 +92,9 @@ def check_invariants(conn: Connection) -> InvariantCheck:
         if rows:
             violations[name] = {"count": len(rows), "sample": rows[:SAMPLE_MAX]}
             total += len(rows)
-            for row in rows[:SAMPLE_MAX]:
-                log.error("ledger_invariant_violated", check=name, **{k: str(v) for k, v in row.items()})
-    row = conn.execute(text("""
+            for sample in rows[:SAMPLE_MAX]:
+                log.error("ledger_invariant_violated", check=name, **{k: str(v) for k, v in sample.items()})
+    recorded = conn.execute(text("""
         INSERT INTO invariant_checks (duration_ms, wallets, transactions, violation_count, violations)
         VALUES (CAST(extract(epoch FROM clock_timestamp() - now()) * 1000 AS integer), :w, :t, :n,
                 CAST(:v AS jsonb))
@@ -102,7 +102,7 @@ def check_invariants(conn: Connection) -> InvariantCheck:
     """), {"w": wallets, "t": transactions, "n": total, "v": orjson.dumps(violations, default=str).decode()}).one()
     # keep a week of history at the default interval; older runs say nothing the log does not
     conn.execute(text("DELETE FROM invariant_checks WHERE checked_at < now() - interval '7 days'"))
-    result = InvariantCheck(row.checked_at, int(row.duration_ms), int(wallets), int(transactions), total, violations)
+    result = InvariantCheck(recorded.checked_at, int(recorded.duration_ms), int(wallets), int(transactions), total, violations)
     if total:
         log.error("ledger_invariants_violated", violations=total, checks=sorted(violations))
     else:

@@ -117,6 +117,9 @@ class LedgerConsumer:
         #: charges partition -> the next offset fetched (what may be committed when nothing of it is pending)
         self._fetched: dict[int, int] = {}
         self._committed: dict[int, int] = {}
+        #: charges partitions whose fetching is paused because a halted lane queued ``halted_pending_max``
+        self._paused: set[int] = set()
+        self._consumer: Consumer | None = None
         #: seconds per step (in the periodic stats log: where the consumer's time goes)
         self.timings = {"poll_wait": 0.0, "decode": 0.0, "apply": 0.0, "commit": 0.0}
 
@@ -124,6 +127,7 @@ class LedgerConsumer:
         consumer = make_consumer(self._settings.kafka_bootstrap_servers, self._settings.consumer_group,
                                  session_timeout_ms=self._settings.consumer_session_timeout_ms)
         consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._consumer = consumer
         last_report = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -164,6 +168,7 @@ class LedgerConsumer:
         for p in revoked:
             self._fetched.pop(p, None)
             self._committed.pop(p, None)
+            self._paused.discard(p)  # a new assignment starts unpaused
 
     # -- batches ---------------------------------------------------------------------------------------------
 
@@ -191,6 +196,7 @@ class LedgerConsumer:
             charges_lane: Lane = ("charges", self.topic, cp)
             if charges_lane in self.halts:  # behind an undecodable message of this charges partition
                 self.halts.add(charges_lane, Pending(cp, offset, None, message.value()))
+                self._bound(charges_lane)
                 continue
             checkpoint = self._decode(message)
             if checkpoint is None:
@@ -212,6 +218,7 @@ class LedgerConsumer:
         lane: Lane = ("source", pending.checkpoint.source_topic, pending.checkpoint.partition)
         if lane in self.halts:
             self.halts.add(lane, pending)
+            self._bound(lane)
         else:
             groups.setdefault(lane, []).append(pending)
 
@@ -297,6 +304,7 @@ class LedgerConsumer:
                 progressed = True
             self._failed_again(lane, result.reason, result.error)
         if progressed:
+            self._unbound()
             self._commit(consumer)
 
     def _retry_charges_lane(self, halted: HaltedLane) -> bool:
@@ -327,8 +335,34 @@ class LedgerConsumer:
                   pending_checkpoints=len(halted.pending), retry_in_s=round(halted.backoff_s, 2))
         self._record_halt(halted)
 
+    def _bound(self, lane: Lane) -> None:
+        """Memory bound of a halted lane: once it queues ``consumer_halted_pending_max`` messages, stop fetching
+        its charges partition (librdkafka drops what it prefetched and, on resume, fetches again from the last
+        message handed to us). Other lanes of that charges partition wait too — only under this pressure."""
+        halted = self.halts.get(lane)
+        if halted is None or len(halted.pending) < self._settings.consumer_halted_pending_max:
+            return
+        cp = halted.pending[-1].charges_partition
+        if cp in self._paused or self._consumer is None:
+            return
+        self._consumer.pause([TopicPartition(self.topic, cp)])
+        self._paused.add(cp)
+        log.warning("charges_partition_paused", charges_partition=cp, scope=lane[0], topic=lane[1],
+                    partition=lane[2], pending_checkpoints=len(halted.pending))
+
+    def _unbound(self) -> None:
+        """Resume fetching the paused charges partitions no halted lane is over its bound on any more."""
+        limit = self._settings.consumer_halted_pending_max
+        still = {m.charges_partition for h in self.halts.lanes() if len(h.pending) >= limit for m in h.pending[-1:]}
+        for cp in sorted(self._paused - still):
+            if self._consumer is not None:
+                self._consumer.resume([TopicPartition(self.topic, cp)])
+            self._paused.discard(cp)
+            log.info("charges_partition_resumed", charges_partition=cp)
+
     def _resumed(self, lane: Lane) -> None:
         halted = self.halts.resume(lane)
+        self._unbound()
         with self._stats_lock:
             self.stats.resumes += 1
         log.warning("partition_resumed", scope=lane[0], topic=lane[1], partition=lane[2], attempts=halted.attempts,

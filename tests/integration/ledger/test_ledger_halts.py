@@ -216,3 +216,45 @@ def test_an_undecodable_checkpoint_halts_its_charges_partition_and_is_never_skip
         consumer.close()
     with engine.connect() as conn:
         assert queries.applied_offsets(conn, SOURCE, [0, 2]) == {0: 10, 2: -1}
+
+
+def test_a_long_halt_pauses_its_charges_partition_and_loses_nothing_on_resume(
+        engine: Engine, database_url: str, topics: Any, invariants: Callable[..., None]) -> None:
+    """The memory bound: past ``consumer_halted_pending_max`` queued checkpoints the charges partition stops being
+    fetched; what the client had prefetched is dropped and fetched again on resume. Every checkpoint names a wallet
+    of its own, so one that was dropped and not fetched again would leave its wallet uncharged."""
+    with engine.begin() as conn:
+        conn.execute(text("""
+            CREATE FUNCTION refuse_p0() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.partition = 0 THEN RAISE EXCEPTION 'partition 0 refused by an operator rule'; END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_p0 BEFORE INSERT OR UPDATE ON usage_counters
+                FOR EACH ROW EXECUTE FUNCTION refuse_p0();
+        """))
+    settings = _settings(database_url, topics, f"ledger-{uuid.uuid4().hex[:8]}").model_copy(
+        update={"consumer_halted_pending_max": 3, "consumer_batch_messages_max": 2})
+    consumer = _Consumer(settings)
+    try:
+        _produce(topics, [(0, _checkpoint(0, 1, {"W1": 1}))])
+        _wait(engine, lambda c: len(queries.partition_halts(c)) == 1, what="partition 0 halted", consumer=consumer)
+        _produce(topics, [(0, _checkpoint(0, n, {f"W{n}": n})) for n in range(2, 41)]
+                 + [(0, _checkpoint(2, 5, {"X": 5}))])
+        _wait(engine, lambda c: queries.partition_halts(c)[0].pending_checkpoints >= 3, what="the queue at its bound",
+              consumer=consumer)
+        time.sleep(3)  # paused: the queue stays bounded while the retries go on
+        with engine.connect() as conn:
+            assert queries.partition_halts(conn)[0].pending_checkpoints <= 4
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_p0 ON usage_counters"))
+        _wait(engine, lambda c: queries.applied_offsets(c, SOURCE, [0, 2]) == {0: 40, 2: 5}
+              and not queries.partition_halts(c), what="everything applied after the resume", consumer=consumer)
+    finally:
+        stats = consumer.close()
+    assert stats.halts == 1 and stats.resumes == 1
+    with engine.connect() as conn:
+        charged = {f"W{n}": _balance(conn, f"W{n}") for n in range(1, 41)}
+        assert charged == {f"W{n}": -n for n in range(1, 41)}, charged
+        assert _balance(conn, "X") == -5
+    invariants()

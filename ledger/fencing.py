@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
+from ledger.source_logs import current_identity
+
 __all__ = ["ChargesTopicRepartitioned", "check_charges_partitions", "take_owner_epoch"]
 
 
@@ -50,7 +52,11 @@ def take_owner_epoch(conn: Connection, source_topic: str, partition: int) -> int
 
 def check_charges_partitions(conn: Connection, topic: str, partitions: int) -> int:
     """Record the charges topic's partition count at first use; raise ``ChargesTopicRepartitioned`` when the
-    topic now has another count. Returns the recorded count."""
+    topic now has another count. Returns the recorded count.
+
+    Per life of the topic (ledger/source_logs.py): a topic recreated by ``meterline up`` / ``topics create`` is new
+    and empty — nothing queued in it can be reordered — so its count is recorded afresh."""
+    topic = current_identity(conn, topic)
     recorded = int(conn.execute(text("""
         WITH ins AS (INSERT INTO topic_partitions (topic, partitions) VALUES (:t, :n)
                      ON CONFLICT (topic) DO NOTHING RETURNING partitions)

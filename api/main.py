@@ -11,31 +11,32 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.middleware import install_middleware
 from api.settings import ApiSettings, get_settings
+from api.wallets.fast_debit import FastDebitMiddleware
 from ledger.db import make_engine
 from ledger.runtime import freeze_startup_heap
 
 #: Router modules, each exposing ``router`` (and optionally ``startup(app)`` / ``shutdown(app)``).
 ROUTER_MODULES: list[str] = [
-    "api.routes.health",
-    "api.routes.auth",
-    "api.routes.projects",
-    "api.routes.members",
-    "api.routes.invitations",
-    "api.routes.audit",
-    "api.routes.wallets",
-    "api.routes.wallet_ops",
-    "api.routes.signup_bonus",
-    "api.routes.erasure",
-    "api.routes.feature_costs",
-    "api.routes.access",
-    "api.routes.keys",
-    "api.routes.events",
-    "api.routes.analytics",
-    "api.routes.catalog",
-    "api.routes.payments",
-    "api.routes.webhooks",
-    "api.routes.billing_rules",
-    "api.dashboard.routes",
+    "api.health",
+    "api.tenancy.routes_auth",
+    "api.tenancy.routes_projects",
+    "api.tenancy.routes_members",
+    "api.tenancy.routes_invitations",
+    "api.tenancy.routes_audit",
+    "api.wallets.routes_wallets",
+    "api.wallets.routes_wallet_ops",
+    "api.wallets.routes_signup_bonus",
+    "api.wallets.routes_erasure",
+    "api.wallets.routes_feature_costs",
+    "api.access.routes_access",
+    "api.tenancy.routes_keys",
+    "api.ingest.routes_events",
+    "api.dashboard.routes_analytics",
+    "api.ingest.routes_catalog",
+    "api.payments.routes_payments",
+    "api.payments.routes_webhooks",
+    "api.wallets.routes_billing_rules",
+    "api.dashboard.routes_pages",
 ]
 
 
@@ -67,7 +68,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
-    install_middleware(app)
+    install_middleware(app, inner=(FastDebitMiddleware,))
     for module_name in ROUTER_MODULES:
         app.include_router(importlib.import_module(module_name).router)
     return app

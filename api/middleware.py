@@ -3,7 +3,7 @@ in-process token buckets used for per-principal rate limiting.
 
 One pure ASGI middleware does the first three (a BaseHTTPMiddleware per concern would cost a task and a
 copy per request on the hot debit path). Rate limiting needs the authenticated principal, so the limiter
-lives on ``app.state.rate_limiter`` and ``api.auth`` charges it after authentication; anonymous auth
+lives on ``app.state.rate_limiter`` and ``api.tenancy.auth`` charges it after authentication; anonymous auth
 endpoints charge ``app.state.auth_rate_limiter`` per client address.
 """
 
@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -215,16 +216,19 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def install_middleware(app: FastAPI) -> None:
-    """Called by create_app. Middleware added last runs first: CORS answers preflights before anything else."""
+def install_middleware(app: FastAPI, inner: Sequence[Callable[[ASGIApp], ASGIApp]] = ()) -> None:
+    """Called by create_app. Middleware added last runs first: CORS answers preflights before anything else.
+
+    ``inner``: ASGI middleware that runs inside the hygiene middleware (ids, headers, body limit apply to it),
+    innermost first — the debit fast lane (``api.wallets.fast_debit``). The app factory passes it, so this
+    shared module imports no domain (and the fast lane can import ``replay_body`` from here without a loop)."""
     settings: ApiSettings = app.state.settings
     app.state.rate_limiter = TokenBucketLimiter(rate_per_s=settings.rate_limit_per_s,
                                                 burst=settings.rate_limit_burst)
     app.state.auth_rate_limiter = TokenBucketLimiter(rate_per_s=settings.auth_rate_limit_per_s,
                                                      burst=settings.auth_rate_limit_burst)
-    from api.fast_debit import FastDebitMiddleware  # (imports the routes' modules)
-
-    app.add_middleware(FastDebitMiddleware)  # inside the hygiene middleware: ids, headers, body limit apply
+    for middleware in inner:
+        app.add_middleware(middleware)  # inside the hygiene middleware: ids, headers, body limit apply
     app.add_middleware(HttpHygieneMiddleware, body_bytes_max=settings.request_body_bytes_max,
                        hsts=settings.env != "local")
     if settings.cors_origins:

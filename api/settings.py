@@ -7,8 +7,6 @@ from functools import lru_cache
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from api.email_policy import EmailConfigError, RetryPolicy, SmtpConfig, parse_from_address, parse_smtp_url
-
 #: The local-mode signing secret: long enough for HS256 (RFC 7518 §3.2 wants >= 32 bytes), useless elsewhere.
 LOCAL_JWT_SECRET = "meterline-local-development-secret-do-not-use"
 PLACEHOLDER_SECRETS = {"changethis", "change-me", "dev-secret", "secret", "", LOCAL_JWT_SECRET}
@@ -23,56 +21,11 @@ class IdempotencySettings(BaseSettings):
 
     idempotency_retention_s: int = Field(
         default=3 * 24 * 3600, ge=24 * 3600,
-        description="Idempotency-Key records (api/idempotency.py) older than this are purged by the scheduler. Keep "
+        description="Idempotency-Key records (api/wallets/idempotency.py) older than this are purged by the scheduler. Keep "
                     "it longer than any client's retry window: a retry within it replays the stored response; a "
                     "later one is still never applied twice (the ledger key), but its answer is no longer the "
                     "original one (a debit answers outcome 'duplicate' with today's balance). Default 3 days, at "
                     "least 24 h (Stripe keeps keys 24 h); the SDK retries for at most 2 minutes.")
-
-
-class EmailDeliverySettings(BaseSettings):
-    """The SMTP relay's settings (the scheduler's ``deliver_emails`` job, api/email_relay.py): a class of their own,
-    read by the scheduler only. ``API_SMTP_URL`` unset = development: ``email_outbox`` is the mailbox, nothing is
-    sent. Set, it is checked when the scheduler starts (a bad URL or a missing ``API_EMAIL_FROM`` stops it with
-    what to fix). Errors never echo the input: the URL carries the password."""
-
-    model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True,
-                                      hide_input_in_errors=True)
-
-    smtp_url: SecretStr = Field(
-        default=SecretStr(""),
-        description="smtp://user:password@host:587?starttls=true (STARTTLS), smtps://user:password@host:465 "
-                    "(implicit TLS) or smtp://host:25 (plain); empty: nothing is sent (development)")
-    email_from: str = Field(default="", description="the From of every email, e.g. 'Meterline <no-reply@example.com>'")
-    smtp_timeout_s: float = Field(default=10.0, gt=0, le=300,
-                                  description="per SMTP connect and command; a batch's transaction lasts one session")
-    email_max_attempts: int = Field(default=12, ge=1, le=1000,
-                                    description="tries before a transiently failing email is marked failed")
-    email_retry_base_s: float = Field(default=30.0, ge=1, description="wait after the first transient failure; "
-                                      "doubles after each further one")
-    email_retry_max_s: float = Field(default=3600.0, ge=1, description="the longest wait between two tries")
-
-    @model_validator(mode="after")
-    def _check_delivery(self) -> EmailDeliverySettings:
-        if self.email_retry_max_s < self.email_retry_base_s:
-            raise ValueError("API_EMAIL_RETRY_MAX_S must be at least API_EMAIL_RETRY_BASE_S")
-        if self.smtp is not None:  # parses the URL: EmailConfigError (a ValueError) says what to fix
-            if not self.email_from.strip():
-                raise EmailConfigError("API_EMAIL_FROM must be set when API_SMTP_URL is: the From of the emails, "
-                                       "e.g. 'Meterline <no-reply@example.com>'")
-            parse_from_address(self.email_from)
-        return self
-
-    @property
-    def smtp(self) -> SmtpConfig | None:
-        """None in development (no URL)."""
-        url = self.smtp_url.get_secret_value().strip()
-        return parse_smtp_url(url) if url else None
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(max_attempts=self.email_max_attempts, base_s=self.email_retry_base_s,
-                           max_s=self.email_retry_max_s)
 
 
 class ApiSettings(IdempotencySettings):
@@ -97,7 +50,7 @@ class ApiSettings(IdempotencySettings):
     cors_origins: list[str] = Field(default_factory=list)
     request_body_bytes_max: int = 5 * 1024 * 1024
     db_pool_size: int = 10
-    # people and tenancy (api/auth.py, api/invitations.py)
+    # people and tenancy (api/tenancy/auth.py, api/tenancy/invitations.py)
     access_token_ttl_s: int = 900
     refresh_token_ttl_s: int = 30 * 24 * 3600
     invitation_ttl_s: int = 7 * 24 * 3600
@@ -107,11 +60,11 @@ class ApiSettings(IdempotencySettings):
     rate_limit_burst: int = 2000
     auth_rate_limit_per_s: float = 5.0
     auth_rate_limit_burst: int = 30
-    # sign-up bonus (api/signup_bonus.py): optional MaxMind .mmdb for the end user's country; the key of the
+    # sign-up bonus (api/wallets/signup_bonus.py): optional MaxMind .mmdb for the end user's country; the key of the
     # device-id hash (empty: derived from API_JWT_SECRET — set it to keep device hashes across JWT key rotations)
     geoip_database_path: str = Field(default="", description="a MaxMind GeoIP2/GeoLite2 Country or City .mmdb")
     device_hash_secret: SecretStr = SecretStr("")
-    # account erasure (api/erasure.py): how long a closed wallet can still be restored before its data is erased
+    # account erasure (api/wallets/erasure.py): how long a closed wallet can still be restored before its data is erased
     erasure_grace_s: int = Field(default=30 * 24 * 3600, ge=0, le=366 * 24 * 3600)
 
     @model_validator(mode="after")

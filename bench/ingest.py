@@ -156,9 +156,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def setup_tenant(database_url: str) -> tuple[str, str]:
-    from api.keys import create_api_key
-    from api.projects import create_project
-    from api.users import create_user
+    from api.tenancy.keys import create_api_key
+    from api.tenancy.projects import create_project
+    from api.tenancy.users import create_user
     from ledger.db import make_engine
 
     engine = make_engine(database_url, pool_size=1)

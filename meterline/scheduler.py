@@ -4,7 +4,7 @@ The scheduler lives in ``ledger``, which may not import ``api``; the composition
 ``JOBS`` plus the API's maintenance, so those run under the same lease, in bounded batches, and are logged like
 every job (``scheduler_job_ran`` with the job's name and rows).
 
-``deliver_emails`` (api/email_relay.py) runs only when ``API_SMTP_URL`` is set; without it the outbox stays the
+``deliver_emails`` (api/tenancy/email_relay.py) runs only when ``API_SMTP_URL`` is set; without it the outbox stays the
 mailbox (development) and the start says so once. A bad SMTP setting stops the start with what to fix.
 """
 
@@ -16,10 +16,11 @@ import structlog
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from api.email_relay import deliver_due, relay_for
-from api.erasure import erase_due
-from api.idempotency import purge_older_than
-from api.settings import EmailDeliverySettings, IdempotencySettings
+from api.settings import IdempotencySettings
+from api.tenancy.email_relay import deliver_due, relay_for
+from api.tenancy.email_settings import EmailDeliverySettings
+from api.wallets.erasure import erase_due
+from api.wallets.idempotency import purge_older_than
 from ledger import scheduler
 from ledger.scheduler import JOBS, Job
 from ledger.settings import LedgerSettings
@@ -42,7 +43,7 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
         return purge_older_than(conn, cutoff=now - retention)
 
     def erase_accounts(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
-        """Account erasures whose grace period is over (api/erasure.py), a bounded batch per transaction."""
+        """Account erasures whose grace period is over (api/wallets/erasure.py), a bounded batch per transaction."""
         return erase_due(conn, now=now)
 
     return [Job("purge_idempotency_records", PURGE_EVERY_S, purge_idempotency_records),
@@ -64,7 +65,7 @@ def email_jobs(settings: EmailDeliverySettings) -> list[Job]:
                     "?starttls=true unless the server is on this host")
 
     def deliver_emails(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
-        """A batch of due ``email_outbox`` rows over SMTP (api/email_relay.py)."""
+        """A batch of due ``email_outbox`` rows over SMTP (api/tenancy/email_relay.py)."""
         return deliver_due(conn, now=now, relay=relay, policy=policy)
 
     return [Job("deliver_emails", EMAIL_EVERY_S, deliver_emails)]

@@ -33,7 +33,7 @@ def topic_specs(*, prefix: str, usage_partitions: int, charges_partitions: int,
                 transactions_partitions: int, decisions_partitions: int | None = None) -> list[TopicSpec]:
     """Every topic Meterline uses. Access decisions (relayed from the API's decision record through the ledger's
     outbox, keyed by wallet) get ``transactions_partitions`` unless told otherwise."""
-    from api.access_decisions import TOPIC_ACCESS_DECISIONS
+    from api.access.access_decisions import TOPIC_ACCESS_DECISIONS
 
     return [
         TopicSpec(topic_name(TOPIC_USAGE_EVENTS, prefix), usage_partitions, {}, fixed_partitions=True),

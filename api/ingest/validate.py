@@ -4,7 +4,7 @@ The output of ``check_cloudevent`` is the usage-event contract of ``streams.cont
 CloudEvents 1.0 attributes OpenMeter accepts (id, source, specversion, type, subject, time, data,
 datacontenttype, dataschema, extensions) plus ``project``. Hand-written checks instead of a pydantic model
 because this runs for every event at tens of thousands of events per second (a model costs ~10x more) —
-``tests/unit/api/test_ingest_validate.py`` checks that everything accepted here also parses as a UsageEvent.
+``tests/unit/api/ingest/test_ingest_validate.py`` checks that everything accepted here also parses as a UsageEvent.
 
 Normalizations (all deterministic, so a retried request produces the same event):
 - ``project`` is always the authenticated project; a client-sent ``project`` attribute is overwritten, which

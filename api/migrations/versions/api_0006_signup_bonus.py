@@ -4,7 +4,7 @@ Revision ID: api_0006
 Revises: api_0005
 Create Date: 2026-12-01
 
-Invariants the database enforces (api/signup_bonus.py documents the rest):
+Invariants the database enforces (api/wallets/signup_bonus.py documents the rest):
 - one config per project; amounts are integers in minor units, >= 0; country keys are ISO 3166-1 alpha-2
   (checked by the API, which owns the error message);
 - one decision per (project, wallet) — granted or refused — so a retried wallet creation answers the recorded

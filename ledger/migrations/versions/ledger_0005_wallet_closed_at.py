@@ -7,7 +7,7 @@ Create Date: 2026-12-01
 A closed wallet refuses new synchronous debits, reservations, grants and refunds (``ledger.wallet_closed``,
 checked under the wallet lock like the floor); usage that already happened is still posted by checkpoints
 (DESIGN §2.1/§2.4: never dropped), and operator adjustments (e.g. the forfeiture of an erased account's balance)
-still post. The API closes a wallet when its end user's account erasure is requested (api/erasure.py) and
+still post. The API closes a wallet when its end user's account erasure is requested (api/wallets/erasure.py) and
 reopens it when the erasure is cancelled within the grace period. NULL = open (every existing wallet).
 """
 

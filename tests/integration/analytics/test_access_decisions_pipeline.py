@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from analytics_testkit import auth, create_project, pg_rows, relay_then_republish, signup, wait_for
 
-from api.access_decisions import TOPIC_ACCESS_DECISIONS
+from api.access.access_decisions import TOPIC_ACCESS_DECISIONS
 
 pytestmark = pytest.mark.integration
 

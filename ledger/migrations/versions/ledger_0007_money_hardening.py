@@ -110,5 +110,7 @@ def downgrade() -> None:
         op.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {table}_project_wallet_fkey")
         if old:
             op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {old} FOREIGN KEY (wallet_id) REFERENCES wallets (id)")
-    op.execute("ALTER TABLE wallets DROP CONSTRAINT IF EXISTS wallets_project_wallet")
+    # CASCADE: the API's composite keys (api_0009) depend on this UNIQUE; a ledger downgrade below ledger_0007
+    # takes them too (downgrade api first to keep api_0009's bookkeeping true)
+    op.execute("ALTER TABLE wallets DROP CONSTRAINT IF EXISTS wallets_project_wallet CASCADE")
     op.execute(DOWNGRADE)

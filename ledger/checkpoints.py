@@ -182,7 +182,8 @@ class MergedOutcome(NamedTuple):
     refused: int = 0
 
 
-def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint]) -> MergedOutcome:
+def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint], *,
+                      kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> MergedOutcome:
     """Apply consecutive checkpoints of ONE source partition, in the given (arrival) order, as one merged
     checkpoint inside the caller's transaction.
 
@@ -193,7 +194,10 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint])
     value of the LAST accepted checkpoint listing it (values are cumulative), the union of their dedupe keys,
     ``as_of`` = the last accepted offset. Each key then posts ``price(final) − charged`` once instead of once
     per checkpoint — the same total, one transaction row instead of several. The merged checkpoint's offset
-    is new for the partition, so its idempotency keys are too."""
+    is new for the partition, so its idempotency keys are too.
+
+    ``kind``/``reason``: a replay correction (ledger/corrections.py) posts its deltas as ``adjustment`` with a
+    reason, keyed ``adjustment:{topic}:…`` instead of ``usage:{topic}:…``; everything else is the same."""
     if not checkpoints:
         raise ValueError("apply_checkpoints needs at least one checkpoint")
     first = checkpoints[0]
@@ -234,7 +238,8 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint])
         cumulative = {key: charged[key] + deltas[key] for key in values}
         conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
             {**_key_row(k), "units": units[k], "charged": cumulative[k]} for k in values)})
-        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), values, units, deltas, cumulative)
+        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), values, units, deltas, cumulative,
+                                                   kind=kind, reason=reason)
     hashes = [h for checkpoint in accepted for h in checkpoint.dedupe_keys]
     if hashes:
         conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition, "as_of": as_of,
@@ -341,7 +346,8 @@ def _merged(conn: Connection, values: dict[Key, CounterValue], rows: str) -> dic
 
 
 def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], values: dict[Key, CounterValue],
-                 units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int]) -> tuple[int, int]:
+                 units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int], *,
+                 kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> tuple[int, int]:
     moving = [key for key in values if deltas[key] != 0]
     if not moving:
         return 0, 0
@@ -349,15 +355,18 @@ def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], values: dic
     wallets = lock_wallets(conn, {key.wallet_id for key in moving})
     books = load_books(conn, wallets.values(), now=datetime.now(UTC))
     drafts: list[Draft] = []
+    credit_source = "refund" if kind is TransactionKind.USAGE else "adjustment"
     for key in moving:  # sorted: a wallet's postings chain in key order
         book, delta = books[key.wallet_id], deltas[key]
         posting = (book.debit(delta) if delta > 0 else
-                   book.credit(-delta, NewBucket("refund", DEFAULT_PRIORITY["refund"],
-                                                 source_ref=f"usage-credit:{key.meter_id}")))
+                   book.credit(-delta, NewBucket(credit_source, DEFAULT_PRIORITY[credit_source],
+                                               source_ref=f"usage-credit:{key.meter_id}")))
+        usage_key = usage_idempotency_key(checkpoint, key)
         drafts.append(Draft(
-            wallet_id=key.wallet_id, project_id=wallets[key.wallet_id].project_id, kind=TransactionKind.USAGE,
-            posting=posting, idempotency_key=usage_idempotency_key(checkpoint, key),
-            source_ref=source_ref,
+            wallet_id=key.wallet_id, project_id=wallets[key.wallet_id].project_id, kind=kind,
+            posting=posting, idempotency_key=usage_key if kind is TransactionKind.USAGE else
+            f"{kind.value}:{usage_key.removeprefix('usage:')}",
+            source_ref=source_ref, reason=reason,
             meter_id=key.meter_id, period_start=key.period_start, price_version_id=key.price_version_id,
             metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key]},
         ))

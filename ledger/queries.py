@@ -41,6 +41,7 @@ __all__ = [
     "get_wallet",
     "latest_invariant_check",
     "list_buckets",
+    "list_holds",
     "list_transactions",
     "partition_halts",
     "partition_snapshot",
@@ -75,6 +76,14 @@ def get_transaction(conn: Connection, transaction_id: int) -> TransactionRow | N
 def get_hold(conn: Connection, hold_id: str) -> HoldRow | None:
     row = conn.execute(text("SELECT * FROM holds WHERE id = :id"), {"id": hold_id}).mappings().one_or_none()
     return HoldRow.from_mapping(row) if row else None
+
+
+def list_holds(conn: Connection, wallet_id: str, *, status: str | None = None, limit: int = 50) -> list[HoldRow]:
+    """A wallet's holds, newest first (optionally of one status)."""
+    rows = conn.execute(text("""
+        SELECT * FROM holds WHERE wallet_id = :w AND (CAST(:s AS text) IS NULL OR status = :s)
+        ORDER BY created_at DESC, id DESC LIMIT :limit"""), {"w": wallet_id, "s": status, "limit": limit}).mappings()
+    return [HoldRow.from_mapping(r) for r in rows]
 
 
 def list_transactions(conn: Connection, *, wallet_id: str | None = None, project_id: str | None = None,

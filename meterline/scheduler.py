@@ -24,6 +24,7 @@ from api.wallets.idempotency import purge_older_than
 from ledger import scheduler
 from ledger.scheduler import JOBS, Job
 from ledger.settings import LedgerSettings
+from meterline.reconcile_job import reconcile_jobs
 
 #: how often the API's purges run (like the ledger's purges)
 PURGE_EVERY_S = 300.0
@@ -73,7 +74,8 @@ def email_jobs(settings: EmailDeliverySettings) -> list[Job]:
 
 def jobs(settings: IdempotencySettings | None = None, email: EmailDeliverySettings | None = None) -> list[Job]:
     """Everything ``meterline run scheduler`` runs: the ledger's jobs, then the API's."""
-    return [*JOBS, *api_jobs(settings or IdempotencySettings()), *email_jobs(email or EmailDeliverySettings())]
+    return [*JOBS, *api_jobs(settings or IdempotencySettings()), *email_jobs(email or EmailDeliverySettings()),
+            *reconcile_jobs()]
 
 
 def main() -> None:

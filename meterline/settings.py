@@ -23,6 +23,8 @@ class StackSettings(BaseSettings):
     streams_workers: int = Field(default=2, ge=1, description="one faust worker per core")
     topic_prefix: str = ""
     restart_backoff_s_max: float = 10.0
+    reconcile_interval_s: float = Field(default=3_600.0, ge=0, description="how often the scheduler replays the "
+                                        "usage log against the ledger (meterline/reconcile_job.py); 0 = never")
 
 
 @lru_cache

@@ -35,7 +35,7 @@ from streams.catalog_model import (
     auto_wallet_id,
     parse_path,
 )
-from streams.errors import CatalogConflict, CatalogInvalid, CatalogNotFound
+from streams.errors import CatalogConflict, CatalogInvalid, MeterNotFound, PriceNotFound, SubjectKeyNotFound
 
 __all__ = [
     "MeterRow",
@@ -235,7 +235,7 @@ def _current_meter(conn: Connection, project_id: str, meter: str, *, lock: bool 
         ORDER BY archived_at NULLS FIRST LIMIT 1 {'FOR UPDATE' if lock else ''}
     """), {"p": project_id, "m": meter}).mappings().one_or_none()
     if row is None:
-        raise CatalogNotFound(f"no meter {meter!r} in project {project_id}")
+        raise MeterNotFound(f"no meter {meter!r} in project {project_id}")
     return MeterRow.of(row)
 
 
@@ -257,6 +257,16 @@ def meter_history(conn: Connection, *, project_id: str, meter: str) -> list[Mete
     rows = conn.execute(text(f"SELECT {_METER_COLUMNS} FROM meters WHERE id = :id ORDER BY version"),
                         {"id": current.id}).mappings().all()
     return [MeterRow.of(r) for r in rows]
+
+
+def meter_histories(conn: Connection, *, project_id: str) -> dict[str, list[MeterRow]]:
+    """Every version of every meter of the project in one read: meter id -> versions, oldest first."""
+    rows = conn.execute(text(f"SELECT {_METER_COLUMNS} FROM meters WHERE project_id = :p ORDER BY id, version"),
+                        {"p": project_id}).mappings().all()
+    out: dict[str, list[MeterRow]] = {}
+    for row in rows:
+        out.setdefault(row["id"], []).append(MeterRow.of(row))
+    return out
 
 
 def update_meter(conn: Connection, *, project_id: str, meter: str, **changes: Any) -> MeterRow:
@@ -352,7 +362,7 @@ def add_price_version(conn: Connection, *, project_id: str, price_id: str, model
     price = conn.execute(text("SELECT * FROM prices WHERE id = :id AND project_id = :p FOR UPDATE"),
                          {"id": price_id, "p": project_id}).mappings().one_or_none()
     if price is None:
-        raise CatalogNotFound(f"no price {price_id!r} in project {project_id}")
+        raise PriceNotFound(f"no price {price_id!r} in project {project_id}")
     if price["archived_at"] is not None:
         raise CatalogConflict(f"price {price_id} is archived")
     last = conn.execute(text("""
@@ -374,7 +384,7 @@ def get_price(conn: Connection, *, project_id: str, price_id: str) -> PriceRow:
     rows = conn.execute(text("SELECT * FROM prices WHERE id = :id AND project_id = :p"),
                         {"id": price_id, "p": project_id}).mappings().all()
     if not rows:
-        raise CatalogNotFound(f"no price {price_id!r} in project {project_id}")
+        raise PriceNotFound(f"no price {price_id!r} in project {project_id}")
     return _price_rows(conn, list(rows))[0]
 
 
@@ -394,7 +404,7 @@ def archive_price(conn: Connection, *, project_id: str, price_id: str) -> PriceR
         UPDATE prices SET archived_at = coalesce(archived_at, now()) WHERE id = :id AND project_id = :p RETURNING id
     """), {"id": price_id, "p": project_id}).first()
     if updated is None:
-        raise CatalogNotFound(f"no price {price_id!r} in project {project_id}")
+        raise PriceNotFound(f"no price {price_id!r} in project {project_id}")
     return get_price(conn, project_id=project_id, price_id=price_id)
 
 
@@ -423,7 +433,7 @@ def delete_subject_key(conn: Connection, *, project_id: str, subject: str) -> Su
         RETURNING project_id, subject, wallet_id, created_at
     """), {"p": project_id, "s": subject}).mappings().one_or_none()
     if row is None:
-        raise CatalogNotFound(f"no subject key {subject!r} in project {project_id}")
+        raise SubjectKeyNotFound(f"no subject key {subject!r} in project {project_id}")
     return SubjectKeyRow.of(row)
 
 

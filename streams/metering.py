@@ -159,8 +159,11 @@ def validate_event(raw: Any, *, index: int | None, message: bytes, arrival: date
     values: list[str] = []
     for name in _REQUIRED:
         value = raw.get(name)
-        if value is None or value == "":
-            return Rejection("missing_field", f"{name} is required", _original(raw, index, message), index)
+        if value is None or value == "":  # name every missing attribute, not only the first
+            missing = [n for n in _REQUIRED if raw.get(n) is None or raw.get(n) == ""]
+            verb = "is" if len(missing) == 1 else "are"
+            return Rejection("missing_field", f"{', '.join(missing)} {verb} required", _original(raw, index, message),
+                             index)
         if not isinstance(value, str):
             return Rejection("wrong_type", f"{name} must be a string", _original(raw, index, message), index)
         if len(value) > _ATTR_MAX:

@@ -23,7 +23,6 @@ The protocol (DESIGN §2.2; streams/README.md explains each step and the invaria
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import tempfile
@@ -35,7 +34,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
-import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from sqlalchemy import Engine
@@ -51,6 +49,7 @@ from streams import catalog as catalog_db
 from streams import faust_transport
 from streams.catalog_model import CatalogSnapshot, ProjectPolicy
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
+from streams.dead_letters import dead_letter_message
 from streams.errors import PendingMigrations
 from streams.metering import Checkpoint, Limits, PartitionAggregator, Rejection, SeedCounter, period_bounds
 from streams.settings import StreamsSettings, get_settings
@@ -371,16 +370,9 @@ class Runtime:
                 self._send_checkpoint(checkpoint)
 
     def _dead_letter(self, rejection: Rejection, partition: int, offset: int, key: bytes | None) -> None:
-        try:
-            as_text: str | None = rejection.original.decode("utf-8")
-        except UnicodeDecodeError:
-            as_text = None
-        envelope = {"reason": rejection.reason, "detail": rejection.detail, "source_topic": self.usage_topic,
-                    "source_partition": partition, "source_offset": offset, "index": rejection.index,
-                    "original": as_text, "original_b64": base64.b64encode(rejection.original).decode(),
-                    "dead_lettered_at": datetime.now(UTC).isoformat()}
-        self._produce(self.dlq_topic, key, orjson.dumps(envelope),
-                      headers=[("reason", rejection.reason.encode())])
+        message = dead_letter_message(rejection, source_topic=self.usage_topic, partition=partition,
+                                      offset=offset, now=datetime.now(UTC))
+        self._produce(self.dlq_topic, key, message.value, headers=list(message.headers))
         self.counts["dead_letters"] += 1
 
     def _produce(self, topic: str, key: bytes | None, value: bytes,

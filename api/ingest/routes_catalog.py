@@ -1,22 +1,26 @@
 """The streams catalog over HTTP: meters (versioned), prices (immutable versions), subject keys and the
 project's unknown-subject policy. Thin: every rule lives in ``streams.catalog``; errors carry its codes
-(streams.invalid → 422, streams.not_found → 404, streams.conflict → 409). Reads need "read", changes "admin";
+(catalog.invalid → 422, catalog.meter_not_found / price_not_found / subject_key_not_found → 404,
+catalog.conflict → 409). Reads need "read", changes "admin";
 every change is audited. A running streams worker picks changes up within STREAMS_CATALOG_REFRESH_MS."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from api.deps import ConnectionDep
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
+from ledger import pricing
+from ledger.contracts import PriceModel
 from streams import catalog
 from streams.catalog_model import ProjectPolicy
+from streams.errors import CatalogInvalid
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}", tags=["catalog"])
 Read = Annotated[ProjectAccess, require_project("read")]
@@ -127,6 +131,24 @@ class PriceOut(BaseModel):
                              for v in row.versions])
 
 
+class PricePreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": {"model": "graduated", "tiers": [{"up_to": "1000", "unit_price_minor": "0"},
+                                                   {"up_to": None, "unit_price_minor": "0.5"}]}, "units": "2500"},
+        {"price_id": "prc_...", "units": "1000000"}]})
+    model: dict[str, Any] | None = Field(default=None, description="a price model to try (as in POST /prices)")
+    price_id: str | None = Field(default=None, max_length=100,
+                                 description="or an existing price: its version effective now")
+    units: Decimal = Field(ge=-(10**30), le=10**30, description="a period's total units (decimal string)")
+
+
+class PricePreviewOut(BaseModel):
+    model: dict[str, Any]
+    units: str
+    amount_minor: int = Field(description="what the ledger charges for these units in one period (floored)")
+    exact_minor: str = Field(description="the unrounded price (fractions carry to later units in the period)")
+
+
 class SubjectKeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     wallet_id: str | None = Field(default=None, max_length=200,
@@ -213,6 +235,26 @@ def create_price(body: PriceIn, access: Admin, conn: ConnectionDep) -> PriceOut:
     audit(conn, access, action="price.create", target_kind="price", target_id=price.id,
           after=_plain(price.to_json()))
     return PriceOut.of(price)
+
+
+@router.post("/prices/preview", response_model=PricePreviewOut,
+             summary="What N units cost in one period under a price model or an existing price (nothing stored)")
+def preview_price(body: PricePreviewIn, access: Read, conn: ConnectionDep) -> PricePreviewOut:
+    if (body.model is None) == (body.price_id is None):
+        raise CatalogInvalid("give exactly one of model or price_id")
+    raw = body.model
+    if body.price_id is not None:
+        price = catalog.get_price(conn, project_id=access.project_id, price_id=body.price_id)
+        now = datetime.now(UTC)
+        current = [v for v in price.versions if v.effective_from <= now] or price.versions[:1]
+        raw = current[-1].model
+    try:
+        model = PriceModel.model_validate(raw)
+    except ValidationError as exc:
+        raise CatalogInvalid(f"invalid price model: {exc.errors()[0]['msg']}") from exc
+    return PricePreviewOut(model=_plain(model.model_dump(mode="json", exclude_none=True)),
+                           units=format(body.units, "f"), amount_minor=pricing.price_minor(model, body.units),
+                           exact_minor=format(pricing.price_exact(model, body.units), "f"))
 
 
 @router.get("/prices/{price_id}", response_model=PriceOut, summary="A price with its versions")

@@ -1,7 +1,7 @@
 """API schema: every reference from a project's object to a wallet carries the project (DESIGN §2 invariant 7).
 
 Revision ID: api_0009
-Revises: api_0008
+Revises: api_0012
 Create Date: 2026-12-03
 
 Composite foreign keys ``(project_id, wallet_id) → wallets (project_id, id)`` (the UNIQUE of ledger_0007) on the
@@ -25,7 +25,7 @@ migration to run, so every table exists), and cannot write any alembic version t
 from alembic import op
 
 revision = "api_0009"
-down_revision = "api_0008"
+down_revision = "api_0012"
 branch_labels = None
 depends_on = None
 

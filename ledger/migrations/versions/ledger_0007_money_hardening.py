@@ -1,7 +1,7 @@
 """Money hardening (issue 13): halted partitions, the tenant boundary in the schema, owner epochs (fencing).
 
 Revision ID: ledger_0007
-Revises: ledger_0005
+Revises: ledger_0011
 Create Date: 2026-12-03
 
 - ``partition_halts``: one row per halted lane of the ledger consumer (a source partition whose checkpoint
@@ -25,7 +25,7 @@ Create Date: 2026-12-03
 from alembic import op
 
 revision = "ledger_0007"
-down_revision = "ledger_0005"
+down_revision = "ledger_0011"
 branch_labels = None
 depends_on = None
 

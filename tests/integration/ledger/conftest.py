@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import Engine, text
 
+from ledger.chain import verify
 from ledger.db import make_engine
 
 
@@ -64,3 +65,6 @@ def _ledger_invariants_hold(eng: Engine, *, outbox_purged: bool) -> None:
                    (SELECT count(*) FROM transactions) FROM outbox""")).one()
         assert outbox == distinct
         assert outbox <= transactions if outbox_purged else outbox == transactions
+        # every wallet's hash chain recomputes (ledger/chain.py), whichever paths posted
+        report = verify(conn)
+        assert report.ok, report.breaks

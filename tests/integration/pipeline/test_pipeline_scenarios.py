@@ -21,11 +21,12 @@ from pipeline_harness import (
     Pipeline,
     make_event,
     price_floor,
-    read_dlq,
+    read_dlq_messages,
     setup_catalog,
     wallet_of,
 )
 
+from analytics.rows import Origin, dead_letter_rows
 from ledger.db import make_engine
 from streams import catalog
 from streams.contracts import DeadLetter, partition_for
@@ -149,13 +150,23 @@ def test_malformed_events_go_to_the_dlq_with_a_reason_and_the_rest_is_charged(pi
     sent = producer.flush()
     pipeline.wait_applied(sent.last_offset, timeout_s=60, watch=[worker, ledger])
     assert pipeline.wallet_balances() == {wallet_of("alice"): -price_floor(Decimal(200), PRICE)}
-    letters = [DeadLetter.model_validate(d) for d in read_dlq(pipeline.bootstrap, f"{pipeline.prefix}usage.events.dlq.v1",
-                                                              expected=8)]
+    messages = read_dlq_messages(pipeline.bootstrap, f"{pipeline.prefix}usage.events.dlq.v1", expected=8)
+    letters = [DeadLetter.model_validate_json(value) for value, _ in messages]
     reasons = sorted((d.reason, -1 if d.index is None else d.index) for d in letters)
     assert reasons == sorted([(r, -1) for r in bad_single] + [("missing_field", 1), ("bad_value", 6)])
     by_reason = {d.reason: d for d in letters if d.index is None}
     assert base64.b64decode(by_reason["bad_json"].original_b64) == bad_single["bad_json"]
     assert all(d.source_partition == p and d.source_offset >= 0 for d in letters)
+    # every letter whose event names a project carries it (header and body), and analytics files it under
+    # that project: the contract the dead-letter API and dashboard page read
+    named = [(d, dict(headers)) for d, (_, headers) in zip(letters, messages, strict=True)
+             if (d.reason, d.index) not in {("bad_json", None), ("missing_field", 1)}]
+    assert len(named) == 6
+    assert all(d.project == PROJECT and headers["project"] == PROJECT.encode() for d, headers in named)
+    assert by_reason["unknown_meter"].event["type"] == "no.such.meter"  # the event decoded, not a string
+    origin = Origin("dlq", 0, 0, datetime.now(UTC))
+    projects = sorted(dead_letter_rows(value, headers, origin).rows[0][0] for value, headers in messages)
+    assert projects == sorted([""] * 2 + [PROJECT] * 6)
 
 
 def test_a_catalog_change_is_picked_up_by_a_running_worker(pipeline: Pipeline) -> None:

@@ -430,3 +430,12 @@ def test_a_checkpoint_is_cut_before_it_outgrows_one_kafka_message() -> None:
             assert len(cp.to_json(emitted_at=ARRIVAL)) < 1024 * 1024
             cuts.append(cp.as_of_offset)
     assert cuts == [2, 5, 8]
+
+
+def test_a_dead_letter_names_every_missing_attribute() -> None:
+    from streams.metering import Rejection, validate_event
+
+    raw = {"specversion": "1.0", "type": "llm", "project": "p1", "data": {"tokens": 1}}  # no id, source, subject
+    rejection = validate_event(raw, index=None, message=orjson.dumps(raw), arrival=ARRIVAL, limits=Limits())
+    assert isinstance(rejection, Rejection)
+    assert (rejection.reason, rejection.detail) == ("missing_field", "id, source, subject are required")

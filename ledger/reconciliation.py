@@ -1,0 +1,61 @@
+"""Continuous reconciliation reports (ledger_0011): what the scheduler's replay of the usage log found.
+
+``record_report`` stores one finished replay (meterline/reconcile_job.py); ``latest_report`` is one project's view
+of the newest: when it ran, up to which marks, and the keys of that project whose ledger counters differ from the
+log (wallet, meter, period, price version, both sides' units, the amount a `meterline replay --apply` would post).
+Only the log and the ledger are compared here; ClickHouse usage and credit flow are not (docs/architecture.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, text
+
+__all__ = ["ProjectReport", "latest_report", "record_report"]
+
+
+def record_report(conn: Connection, *, source_topic: str, replay_id: str, marks: dict[str, int],
+                  started_at: datetime, messages: int, incomplete: Sequence[int],
+                  differences: Sequence[dict[str, Any]], drift_minor: int) -> int:
+    return int(conn.execute(text("""
+        INSERT INTO reconciliation_reports (source_topic, replay_id, marks, started_at, messages, incomplete,
+                                            differences, drift_minor)
+        VALUES (:source, :rid, CAST(:marks AS jsonb), :started, :messages, CAST(:incomplete AS integer[]),
+                CAST(:differences AS jsonb), :drift)
+        RETURNING id
+    """), {"source": source_topic, "rid": replay_id, "marks": orjson.dumps(marks).decode(), "started": started_at,
+           "messages": messages, "incomplete": list(incomplete), "differences": orjson.dumps(differences).decode(),
+           "drift": drift_minor}).scalar_one())
+
+
+@dataclass(frozen=True)
+class ProjectReport:
+    id: int
+    source_topic: str
+    replay_id: str
+    started_at: datetime
+    finished_at: datetime
+    messages: int
+    complete: bool
+    differences: list[dict[str, Any]]  # this project's keys only
+
+    @property
+    def drift_minor(self) -> int:
+        return sum(int(d.get("amount_minor") or 0) for d in self.differences)
+
+
+def latest_report(conn: Connection, project_id: str) -> ProjectReport | None:
+    row = conn.execute(text("""
+        SELECT id, source_topic, replay_id, started_at, finished_at, messages, incomplete,
+               coalesce((SELECT jsonb_agg(d) FROM jsonb_array_elements(differences) AS d
+                         WHERE d ->> 'project_id' = :p), '[]'::jsonb) AS mine
+        FROM reconciliation_reports ORDER BY finished_at DESC, id DESC LIMIT 1
+    """), {"p": project_id}).one_or_none()
+    if row is None:
+        return None
+    return ProjectReport(int(row.id), row.source_topic, row.replay_id, row.started_at, row.finished_at,
+                         int(row.messages), not row.incomplete, list(row.mine))

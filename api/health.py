@@ -4,7 +4,11 @@ read these.
 - ``GET /health``: alive (answers without touching anything);
 - ``GET /ready``: can do its job — PostgreSQL answers, the broker answers the ingest producer, and with embedded
   ClickHouse the analytics sink running in this process is subscribed; 503 with every check's detail otherwise;
-- ``GET /healthz``: the older probe (alive and the database answers), kept for existing clients;
+- ``GET /healthz``: the older probe (alive and the database answers), kept for existing clients, plus the money
+  pipeline's state: ``status`` is ``degraded`` while a ledger lane is halted (a checkpoint that cannot be applied
+  or decoded; ledger/halts.py — it resumes by itself once the cause is fixed) or the last scheduled invariant
+  check found violations (ledger/invariant_check.py). It stays 200: the API itself is up, and the supervisor
+  must not restart it for the ledger's sake;
 - ``GET /metrics``: Prometheus text format (api/metrics.py and whatever else this process records).
 """
 
@@ -19,16 +23,30 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import EngineDep
+from ledger import queries
 from ledger.probes import Check, database_check, ready_report
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Health of the API and its database")
+@router.get("/healthz", summary="Health of the API, its database and the money pipeline")
 def healthz(engine: EngineDep) -> dict[str, object]:
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
-    return {"status": "ok", "database": "ok"}
+        halts = queries.partition_halts(conn)
+        check = queries.latest_invariant_check(conn)
+    ledger: dict[str, object] = {
+        "halted_partitions": [
+            {"scope": h.scope, "topic": h.topic, "partition": h.partition, "reason": h.reason, "error": h.error,
+             "as_of_offset": h.as_of_offset, "pending_checkpoints": h.pending_checkpoints, "attempts": h.attempts,
+             "halted_at": h.halted_at.isoformat(), "last_attempt_at": h.last_attempt_at.isoformat()}
+            for h in halts],
+        "invariant_check": None if check is None else {
+            "checked_at": check.checked_at.isoformat(), "violation_count": check.violation_count,
+            "violations": {name: v["count"] for name, v in check.violations.items()}},
+    }
+    degraded = bool(halts) or (check is not None and not check.ok)
+    return {"status": "degraded" if degraded else "ok", "database": "ok", "ledger": ledger}
 
 
 @router.get("/health", summary="Liveness: the api process answers")

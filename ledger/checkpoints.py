@@ -2,12 +2,19 @@
 
 Steps, and the invariant each protects:
 
-1. Lock (creating if missing) the applied_offsets row of (source_topic, partition). If
-   ``as_of_offset <= applied_through`` return ``stale`` and write nothing.
+1. Lock (creating if missing) the applied_offsets row of (source_topic, partition). If the checkpoint's
+   ``owner_epoch`` is older than the row's, it is ``fenced``: a no-op (ledger/fencing.py).
+   → one owner per partition (DESIGN §2 invariant 11): once a new owner took its epoch (and seeded from
+   the state of that instant), nothing the previous owner emitted can apply, so the two can never both
+   charge the same offsets, whatever changed in the catalog between them.
+   If ``as_of_offset <= applied_through`` return ``stale`` and write nothing.
    → a checkpoint is applied at most once, and never after a later one of the same partition (a
    redelivered or reordered checkpoint cannot charge twice or roll counters back).
-2. Create missing subject wallets (streams provisions wallets with deterministic ids).
-   → usage is never dropped for want of a wallet.
+2. Create missing subject wallets (streams provisions wallets with deterministic ids); a counter whose
+   wallet already belongs to ANOTHER project than the counter's is refused: nothing is posted for it and
+   it is written to ``refused_counters`` with reason ``wallet_in_other_project`` (the ledger's dead letter).
+   → usage is never dropped for want of a wallet; no checkpoint moves money in another project's wallet
+     (invariant 7; the composite foreign keys of ledger_0007 are the backstop).
 3. Upsert this partition's counters for every key in the checkpoint.
    → the stored counters are what streams seeds from; they move together with applied_through.
 4. Lock the keys' usage_charges rows in key order (insert-if-missing), then read every partition's
@@ -55,6 +62,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+import structlog
 from sqlalchemy import Connection, text
 
 from ledger.books import load_books, lock_wallets
@@ -64,6 +72,8 @@ from ledger.pricing import continued_prices_minor, price_minor
 from ledger.rows import CheckpointOutcome
 from ledger.sqlrows import rows_json
 from ledger.writer import Draft, write
+
+log = structlog.get_logger("ledger.checkpoints")
 
 __all__ = ["MergedOutcome", "apply_checkpoint", "apply_checkpoints", "merge_units", "usage_idempotency_key"]
 
@@ -75,22 +85,46 @@ class Key(NamedTuple):
     price_version_id: str
 
 
+#: The key columns every statement reads from the checkpoint's rows (built once per checkpoint).
+_KEY_COLUMNS = "wallet_id text, meter_id text, period_start timestamptz, price_version_id text"
+_KEY_COLUMNS_SQL = _KEY_COLUMNS
+
 _LOCK_PARTITION = text("""
     INSERT INTO applied_offsets (source_topic, partition) VALUES (:topic, :partition)
     ON CONFLICT (source_topic, partition) DO UPDATE SET source_topic = EXCLUDED.source_topic
-    RETURNING applied_through
+    RETURNING applied_through, owner_epoch
 """)
 
+# Creates the missing subject wallets and returns the wallets that exist in ANOTHER project than the counter
+# names (the SELECT sees the statement's snapshot: a wallet created here has the counter's project anyway).
 _ENSURE_WALLETS = text("""
-    INSERT INTO wallets (id, project_id, owner_kind, owner_ref)
-    SELECT w.id, w.project_id, 'subject', w.id
-    FROM json_to_recordset(CAST(:rows AS json)) AS w(id text, project_id text)
-    ORDER BY w.id
+    WITH w AS (SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS w(id text, project_id text)),
+    created AS (
+        INSERT INTO wallets (id, project_id, owner_kind, owner_ref)
+        SELECT w.id, w.project_id, 'subject', w.id FROM w ORDER BY w.id
+        ON CONFLICT DO NOTHING
+        RETURNING id
+    )
+    SELECT w.id, w.project_id AS wanted, x.project_id AS actual
+    FROM w JOIN wallets x ON x.id = w.id
+    WHERE x.project_id <> w.project_id
+""")
+
+_REFUSE_COUNTERS = text(f"""
+    INSERT INTO refused_counters (source_topic, partition, as_of_offset, reason, project_id, wallet_id,
+                                  wallet_project_id, meter_id, period_start, price_version_id, units, events, counter)
+    SELECT :topic, :partition, :as_of, v.reason, v.project_id, v.wallet_id, v.wallet_project_id, v.meter_id,
+           v.period_start, v.price_version_id, v.units, v.events, CAST(v.counter AS jsonb)
+    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS_SQL}, reason text, project_id text,
+                                                     wallet_project_id text, units numeric, events bigint, counter text)
     ON CONFLICT DO NOTHING
 """)
 
-#: The key columns every statement reads from the checkpoint's rows (built once per checkpoint).
-_KEY_COLUMNS = "wallet_id text, meter_id text, period_start timestamptz, price_version_id text"
+_SET_EPOCH = text("""
+    UPDATE applied_offsets SET owner_epoch = :epoch, updated_at = now()
+    WHERE source_topic = :topic AND partition = :partition AND owner_epoch < :epoch
+""")
+
 
 _UPSERT_COUNTERS = text(f"""
     INSERT INTO usage_counters (wallet_id, meter_id, period_start, price_version_id, project_id, source_topic,
@@ -184,11 +218,16 @@ def apply_checkpoint(conn: Connection, checkpoint: ChargeCheckpoint) -> Checkpoi
 
 class MergedOutcome(NamedTuple):
     """What ``apply_checkpoints`` did: the outcome of the merged application and how many of the given
-    checkpoints were applied (merged) or stale."""
+    checkpoints were applied (merged), stale, or fenced (an older owner epoch than the partition's)."""
 
     outcome: CheckpointOutcome
     applied: int
     stale: int
+    fenced: int = 0
+    #: the partition's owner epoch after this application (what a fenced checkpoint lost to)
+    owner_epoch: int = 0
+    #: counters refused (dead-lettered to refused_counters): their wallet is in another project
+    refused: int = 0
 
 
 def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint], *,
@@ -197,13 +236,13 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
     checkpoint inside the caller's transaction.
 
     Exactly what applying them one by one would leave behind: walking the list with a running mark that
-    starts at ``applied_through``, a checkpoint is accepted only if its ``as_of_offset`` is beyond the mark
-    (which then moves to it), otherwise it is stale — the rule of step 1, checkpoint by checkpoint. The
-    accepted ones merge into one: for every key the value of the LAST accepted checkpoint listing it (values
-    are cumulative), the union of their dedupe keys, ``as_of`` = the last accepted offset. Each key then posts
-    ``price(final) − charged`` once instead of once per checkpoint — the same total, one transaction row
-    instead of several. The merged checkpoint's offset is new for the partition, so its idempotency keys
-    are too.
+    starts at ``applied_through`` (and a running owner epoch), a checkpoint of an older epoch is fenced, else
+    it is accepted only if its ``as_of_offset`` is beyond the mark (which then moves to it), otherwise it is
+    stale — the rule of step 1, checkpoint by checkpoint. The accepted ones merge into one: for every key the
+    value of the LAST accepted checkpoint listing it (values are cumulative), the union of their dedupe keys,
+    ``as_of`` = the last accepted offset. Each key then posts ``price(final) − charged`` once instead of once
+    per checkpoint — the same total, one transaction row instead of several. The merged checkpoint's offset
+    is new for the partition, so its idempotency keys are too.
 
     ``kind``/``reason``: a replay correction (ledger/corrections.py) posts its deltas as ``adjustment`` with a
     reason, keyed ``adjustment:{topic}:…`` instead of ``usage:{topic}:…``; everything else is the same."""
@@ -213,23 +252,33 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
     topic, partition = first.source_topic, first.partition
     if any(c.source_topic != topic or c.partition != partition for c in checkpoints):
         raise ValueError("apply_checkpoints merges checkpoints of one source partition only")
-    applied = int(conn.execute(_LOCK_PARTITION, {"topic": topic, "partition": partition}).scalar_one())
-    mark = applied
+    row = conn.execute(_LOCK_PARTITION, {"topic": topic, "partition": partition}).one()
+    applied, stored_epoch = int(row.applied_through), int(row.owner_epoch)
+    mark, epoch = applied, stored_epoch
     accepted: list[ChargeCheckpoint] = []
+    fenced = 0
     for checkpoint in checkpoints:
+        if checkpoint.owner_epoch < epoch:
+            fenced += 1  # a previous owner's: the current owner re-meters these offsets from its seed
+            continue
+        # a newer epoch than stored cannot come from a worker (it takes the epoch here first) unless the row
+        # was restored from a backup: follow it, epochs only move up
+        epoch = checkpoint.owner_epoch
         if checkpoint.as_of_offset > mark:
             accepted.append(checkpoint)
             mark = checkpoint.as_of_offset
-    stale = len(checkpoints) - len(accepted)
+    stale = len(checkpoints) - len(accepted) - fenced
+    if epoch > stored_epoch:
+        conn.execute(_SET_EPOCH, {"topic": topic, "partition": partition, "epoch": epoch})
     if not accepted:
-        return MergedOutcome(CheckpointOutcome("stale", topic, partition, applied), 0, stale)
+        return MergedOutcome(CheckpointOutcome("stale", topic, partition, applied), 0, stale, fenced, epoch)
     as_of = mark
     values = _last_value_per_key(c for checkpoint in accepted for c in checkpoint.counters)
-    transactions = charged_total = 0
+    transactions = charged_total = refused = 0
+    if values:
+        refused = _refuse_foreign_wallets(conn, (topic, partition, as_of), values)
     if values:
         rows = _checkpoint_rows(values)
-        conn.execute(_ENSURE_WALLETS, {"rows": rows_json(
-            {"id": w, "project_id": p} for w, p in sorted({(k.wallet_id, v.key.project_id) for k, v in values.items()}))})
         conn.execute(_UPSERT_COUNTERS, {"rows": rows, "topic": topic, "partition": partition, "as_of": as_of})
         groups = _groups(conn, values, rows)
         groups_json = rows_json(g._asdict() for g in groups) if groups else ""
@@ -257,7 +306,29 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
                                       "arrived_at": max(stream_times) if stream_times else None})
     conn.execute(_SET_APPLIED, {"topic": topic, "partition": partition, "as_of": as_of})
     outcome = CheckpointOutcome("applied", topic, partition, as_of, len(values), transactions, charged_total)
-    return MergedOutcome(outcome, len(accepted), stale)
+    return MergedOutcome(outcome, len(accepted), stale, fenced, epoch, refused)
+
+
+def _refuse_foreign_wallets(conn: Connection, checkpoint: tuple[str, int, int],
+                            values: dict[Key, CounterValue]) -> int:
+    """Step 2: create missing wallets; drop (from ``values``) and dead-letter every counter whose wallet belongs
+    to another project than the counter's. Returns how many were refused."""
+    foreign = {r.id: r.actual for r in conn.execute(_ENSURE_WALLETS, {"rows": rows_json(
+        {"id": w, "project_id": p} for w, p in sorted({(k.wallet_id, v.key.project_id) for k, v in values.items()}))})}
+    if not foreign:
+        return 0
+    refused = [k for k, v in values.items() if k.wallet_id in foreign and foreign[k.wallet_id] != v.key.project_id]
+    topic, partition, as_of = checkpoint
+    conn.execute(_REFUSE_COUNTERS, {"topic": topic, "partition": partition, "as_of": as_of, "rows": rows_json(
+        {**_key_row(k), "reason": "wallet_in_other_project", "project_id": values[k].key.project_id,
+         "wallet_project_id": foreign[k.wallet_id], "units": values[k].units, "events": values[k].events,
+         "counter": values[k].model_dump_json()} for k in refused)})
+    for k in refused:
+        log.error("counter_refused", reason="wallet_in_other_project", source_topic=topic, partition=partition,
+                  as_of=as_of, wallet_id=k.wallet_id, project_id=values[k].key.project_id,
+                  wallet_project_id=foreign[k.wallet_id], meter_id=k.meter_id, units=format(values[k].units, "f"))
+        del values[k]
+    return len(refused)
 
 
 def usage_idempotency_key(checkpoint: ChargeCheckpoint | tuple[str, int, int], key: Key) -> str:

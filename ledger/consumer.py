@@ -9,17 +9,24 @@ are applied strictly in order by one thread; several ledger consumers share the 
 consumer group (a rebalance hands a partition over at a committed offset, and the offset mark in
 PostgreSQL makes any overlap harmless).
 
-- An undecodable message (not JSON, or not a ChargeCheckpoint) is logged with its offset, counted, and
-  skipped: it is the ledger's own contract, so it can only come from a bug, and stalling every later
-  checkpoint of its partition would hurt more.
-- A database failure is never skipped: the message is retried with backoff until it applies or the
-  process is stopped (money is not dropped because PostgreSQL blinked).
+- One bad checkpoint never stops the pipeline (DESIGN §2 invariant 8): a checkpoint that cannot be applied
+  (any error: a database error, a value PostgreSQL refuses such as an integer beyond 64 bits, a bug) HALTS
+  its own source partition only (``ledger/halts.py``): it and every later checkpoint of that partition are
+  kept in order, nothing is skipped, the other partitions go on. The halt is loud — an error log with the
+  reason, a ``partition_halts`` row (``ledger.queries.partition_halts``, shown by the API's health and the
+  dashboard), the periodic stats line — and the lane is retried with backoff until it applies, then resumes
+  by itself. The charges partition's group offset is held at the lane's first pending message meanwhile,
+  so a restart fetches the queue again.
+- An undecodable message (not JSON, or not a ChargeCheckpoint) is never skipped either: it halts its
+  charges partition the same way (its source partition is unknowable), until a ledger that can read it runs.
 - Start-up refuses loudly when topics are missing or ledger migrations are pending.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +38,15 @@ import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from pydantic import ValidationError
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from ledger import metrics, schema_migrations
 from ledger.checkpoints import apply_checkpoints
 from ledger.contracts import TOPIC_LEDGER_CHARGES, TOPIC_LEDGER_TRANSACTIONS, ChargeCheckpoint
 from ledger.db import make_engine
+from ledger.fencing import check_charges_partitions
+from ledger.halts import HaltedLane, Halts, Lane, Pending
 from ledger.kafka import (
     LagRecorder,
     make_consumer,
@@ -80,6 +89,27 @@ class ConsumerStats:
     transactions: int = 0
     #: database transactions that applied checkpoints (applied / apply_transactions = checkpoints merged per one)
     apply_transactions: int = 0
+    #: lanes that halted / resumed (ledger/halts.py), failed retries of halted lanes
+    halts: int = 0
+    resumes: int = 0
+    halt_retries: int = 0
+    #: checkpoints refused because their owner epoch is older than the partition's (fencing, a no-op)
+    fenced: int = 0
+
+
+class ApplyFailed(Exception):
+    """Applying a lane's checkpoints failed after ``done`` of them were applied (committed)."""
+
+    def __init__(self, done: int, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.done, self.reason, self.error = done, reason, error
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """(stable reason code, one-line error) of an apply failure."""
+    if isinstance(exc, DBAPIError):
+        return "database_error", str(exc.orig or exc).splitlines()[0]
+    return "apply_failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 class LedgerConsumer:
@@ -95,14 +125,21 @@ class LedgerConsumer:
         self._stop = stop
         self.topic = topic_name(TOPIC_LEDGER_CHARGES, settings.topic_prefix)
         self.stats = ConsumerStats()
+        self.halts = Halts(backoff_s_max=settings.consumer_retry_backoff_s_max)
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        #: charges partition -> the next offset fetched (what may be committed when nothing of it is pending)
+        self._fetched: dict[int, int] = {}
+        self._committed: dict[int, int] = {}
+        #: charges partitions whose fetching is paused because a halted lane queued ``halted_pending_max``
+        self._paused: set[int] = set()
+        self._consumer: Consumer | None = None
         #: seconds per step (in the periodic stats log: where the consumer's time goes)
         self.timings = {"poll_wait": 0.0, "decode": 0.0, "apply": 0.0, "commit": 0.0}
         # readiness (read by the probe thread): the assignment (None until the first one), the loop's last turn,
-        # and since when each source partition's apply has been failing
+        # (a lane halted for HALTED_AFTER_S or longer makes it not ready: self.halts)
         self.assigned: set[int] | None = None
         self._lag = LagRecorder(settings.consumer_group)
         self.loop_turned_at = time.monotonic()
-        self.retrying_since: dict[tuple[str, int], float] = {}
 
     def readiness_checks(self) -> dict[str, Check]:
         return {"consumer_loop": self._loop_check, "partitions": self._assignment_check,
@@ -121,26 +158,16 @@ class LedgerConsumer:
 
     def _halted_check(self) -> tuple[bool, str]:
         now = time.monotonic()
-        halted = {f"{t}[{p}]": round(now - since, 1) for (t, p), since in list(self.retrying_since.items())
-                  if now - since >= HALTED_AFTER_S}
-        return (not halted, f"retrying the database for: {halted}" if halted else "applying")
-
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.assigned = (self.assigned or set()) | {p.partition for p in partitions}
-        self._lag.assign(partitions)
-        log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions))
-
-    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        revoked = {p.partition for p in partitions}
-        self.assigned = (self.assigned or set()) - revoked
-        self._lag.revoke(partitions)
-        log.info("partitions_revoked", partitions=sorted(revoked))
+        halted = {f"{t}[{p}]": round(now - h.halted_at, 1) for h in list(self.halts.lanes())
+                  for _, t, p in [h.lane] if now - h.halted_at >= HALTED_AFTER_S}
+        return (not halted, f"halted for: {halted}" if halted else "applying")
 
     def run(self) -> None:
         consumer = make_consumer(self._settings.kafka_bootstrap_servers, self._settings.consumer_group,
                                  session_timeout_ms=self._settings.consumer_session_timeout_ms)
         consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_revoke)
+        self._consumer = consumer
         last_report = time.monotonic()
         last_lag = 0.0
         try:
@@ -153,7 +180,7 @@ class LedgerConsumer:
                 # message -> 2,001 ms with a 2 s timeout), which added up to 0.5 s to every checkpoint.
                 # Wait for the first message only, then take what is already fetched without waiting.
                 polled = time.monotonic()
-                first = consumer.poll(0.5)
+                first = consumer.poll(0.5 if not self.halts else 0.1)
                 self.timings["poll_wait"] += time.monotonic() - polled
                 messages = ([first, *consumer.consume(self._settings.consumer_batch_messages_max - 1, 0)]
                             if first is not None else [])
@@ -163,8 +190,11 @@ class LedgerConsumer:
                     metrics.QUEUE_CHECKPOINTS.set(0)
                     self._lag.record(consumer)
                     last_lag = time.monotonic()
+                if self.halts:
+                    self._retry_due(consumer)
                 if time.monotonic() - last_report > 10:
                     log.info("ledger_consumer_stats", **self._stats_fields())
+                    self._clear_resolved_halts()
                     last_report = time.monotonic()
         finally:
             log.info("ledger_consumer_stopping", **self._stats_fields())
@@ -172,100 +202,338 @@ class LedgerConsumer:
                 self._pool.shutdown(wait=True)
             consumer.close()  # leaves the group at once, so a peer takes the partitions without waiting
 
+    # -- the group -------------------------------------------------------------------------------------------
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = (self.assigned or set()) | {p.partition for p in partitions}
+        self._lag.assign(partitions)
+        log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {p.partition for p in partitions}
+        self.assigned = (self.assigned or set()) - revoked
+        self._lag.revoke(partitions)
+        log.info("partitions_revoked", partitions=sorted(revoked))
+        for halted in self.halts.drop_charges_partitions(revoked):
+            # the group offset was held at its first pending message: the next owner fetches the queue again
+            log.warning("halted_partition_handed_over", scope=halted.lane[0], topic=halted.lane[1],
+                        partition=halted.lane[2], pending_checkpoints=len(halted.pending))
+        for p in revoked:
+            self._fetched.pop(p, None)
+            self._committed.pop(p, None)
+            self._paused.discard(p)  # a new assignment starts unpaused
+
+    # -- batches ---------------------------------------------------------------------------------------------
+
     def _handle_batch(self, consumer: Consumer, messages: list[Message]) -> None:
-        """Apply what was fetched, then commit each charges partition's next offset.
+        """Apply what was fetched, then commit each charges partition up to what is done.
 
         Consecutive checkpoints of one source partition (in arrival order) are applied as ONE merged
         checkpoint in one database transaction (``apply_checkpoints``: the stale rule is still decided per
         checkpoint). While the ledger keeps up a batch holds one checkpoint per partition; when it falls
         behind, the backlog is merged, so its cost per event falls exactly when it is the bottleneck.
         Source partitions are independent, so their order between groups is free; within a group it is
-        the arrival order. If the process is stopped mid-batch nothing is committed: the redelivered
-        checkpoints that were applied are then stale."""
+        the arrival order. A group that fails halts its lane (ledger/halts.py); messages of a lane that is
+        already halted queue behind it. If the process is stopped mid-batch nothing is committed: the
+        redelivered checkpoints that were applied are then stale."""
         started = time.monotonic()
-        next_offsets: dict[int, int] = {}
-        groups: dict[tuple[str, int], list[ChargeCheckpoint]] = {}
+        groups: dict[Lane, list[Pending]] = {}
         for message in messages:
             error = message.error()
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka_consume_error", error=str(error))
                 continue
+            cp, offset = _partition(message), _offset(message)
+            self._fetched[cp] = offset + 1
+            charges_lane: Lane = ("charges", self.topic, cp)
+            if charges_lane in self.halts:  # behind an undecodable message of this charges partition
+                self.halts.add(charges_lane, Pending(cp, offset, None, message.value()))
+                self._bound(charges_lane)
+                continue
             checkpoint = self._decode(message)
-            if checkpoint is not None:
-                groups.setdefault((checkpoint.source_topic, checkpoint.partition), []).append(checkpoint)
-            next_offsets[_partition(message)] = _offset(message) + 1
+            if checkpoint is None:
+                self._halt(charges_lane, [Pending(cp, offset, None, message.value())], "undecodable",
+                           "the message is not a ChargeCheckpoint (see undecodable_checkpoint)")
+                continue
+            self._route(groups, Pending(cp, offset, checkpoint))
         decoded = time.monotonic()
         self.timings["decode"] += decoded - started
-        if len(groups) <= 1 or self._pool is None:
-            done = all(self._apply_group(checkpoints) for checkpoints in groups.values())
-        else:
-            done = all(list(self._pool.map(self._apply_group, groups.values())))
-        if not done:
-            return  # stopped while retrying the database: commit nothing
+        if not self._apply_groups(groups):
+            return  # stopped: commit nothing
         applied = time.monotonic()
         self.timings["apply"] += applied - decoded
-        if next_offsets:
-            consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
-                            asynchronous=False)
+        self._commit(consumer)
         self.timings["commit"] += time.monotonic() - applied
 
-    def _apply_group(self, checkpoints: list[ChargeCheckpoint]) -> bool:
-        """One source partition's checkpoints, in order (one thread at a time per partition)."""
-        return all(self._apply(chunk) for chunk in _merge_chunks(checkpoints))
+    def _route(self, groups: dict[Lane, list[Pending]], pending: Pending) -> None:
+        assert pending.checkpoint is not None
+        lane: Lane = ("source", pending.checkpoint.source_topic, pending.checkpoint.partition)
+        if lane in self.halts:
+            self.halts.add(lane, pending)
+            self._bound(lane)
+        else:
+            groups.setdefault(lane, []).append(pending)
 
-    def _apply(self, checkpoints: list[ChargeCheckpoint]) -> bool:
-        backoff = 0.05
-        source = (checkpoints[0].source_topic, checkpoints[0].partition)
+    def _apply_groups(self, groups: dict[Lane, list[Pending]]) -> bool:
+        """Apply each lane's group; a failing group halts its lane. False only when stopped."""
+        items = list(groups.items())
+        if len(items) <= 1 or self._pool is None:
+            results = [self._apply_lane(pendings) for _, pendings in items]
+        else:
+            results = list(self._pool.map(lambda item: self._apply_lane(item[1]), items))
+        for (lane, pendings), result in zip(items, results, strict=True):
+            if isinstance(result, ApplyFailed):
+                self._halt(lane, pendings[result.done:], result.reason, result.error)
+        return not self._stop.is_set()
+
+    def _apply_lane(self, pendings: list[Pending]) -> ApplyFailed | None:
+        """One lane's checkpoints, in order (one thread at a time per lane). Never raises: a failure is
+        returned with how many checkpoints were applied (committed) before it."""
+        done = 0
+        for chunk in _merge_chunks([p.checkpoint for p in pendings if p.checkpoint is not None]):
+            try:
+                self._apply(chunk)
+            except Exception as exc:  # any failure halts the lane; nothing crashes the process
+                if len(chunk) == 1:
+                    reason, error = _failure(exc)
+                    return ApplyFailed(done, reason, error)
+                # a merged chunk failed: apply its checkpoints one by one, so the lane halts exactly at the
+                # one that cannot be applied and everything before it is charged
+                for checkpoint in chunk:
+                    try:
+                        self._apply([checkpoint])
+                    except Exception as single:
+                        reason, error = _failure(single)
+                        return ApplyFailed(done, reason, error)
+                    done += 1
+                continue
+            done += len(chunk)
+        return None
+
+    def _apply(self, checkpoints: list[ChargeCheckpoint]) -> None:
         first_started = time.time()
         for checkpoint in checkpoints:
             metrics.CHECKPOINT_QUEUE_SECONDS.observe(max(0.0, first_started - checkpoint.emitted_at.timestamp()))
-        while not self._stop.is_set():
-            try:
-                started = time.monotonic()
-                with self._engine.begin() as conn:
-                    merged = apply_checkpoints(conn, checkpoints)
-                metrics.APPLY_SECONDS.observe(time.monotonic() - started)
-            except DBAPIError as exc:
-                self.retrying_since.setdefault(source, time.monotonic())
-                metrics.DB_RETRIES.inc()
-                with self._stats_lock:
-                    self.stats.db_retries += 1
-                log.warning("checkpoint_apply_retry", source_topic=checkpoints[0].source_topic,
-                            source_partition=checkpoints[0].partition, checkpoints=len(checkpoints),
-                            as_of=checkpoints[-1].as_of_offset, error=str(exc.orig or exc).splitlines()[0],
-                            backoff_s=backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._settings.consumer_retry_backoff_s_max)
-                continue
-            self.retrying_since.pop(source, None)
-            committed_at = time.time()
-            for checkpoint in checkpoints:
-                metrics.CHECKPOINT_EMIT_TO_APPLY_SECONDS.observe(
-                    max(0.0, committed_at - checkpoint.emitted_at.timestamp()))
-            metrics.CHECKPOINTS.labels("applied").inc(merged.applied)
-            metrics.CHECKPOINTS.labels("stale").inc(merged.stale)
+        started = time.monotonic()
+        try:
+            with self._engine.begin() as conn:
+                merged = apply_checkpoints(conn, checkpoints)
+        except DBAPIError:
+            metrics.DB_RETRIES.inc()
             with self._stats_lock:
-                self.stats.applied += merged.applied
-                self.stats.stale += merged.stale
-                self.stats.transactions += merged.outcome.transactions
-                self.stats.apply_transactions += 1
-            return True
-        return False
+                self.stats.db_retries += 1
+            raise
+        metrics.APPLY_SECONDS.observe(time.monotonic() - started)
+        committed_at = time.time()
+        for checkpoint in checkpoints:
+            metrics.CHECKPOINT_EMIT_TO_APPLY_SECONDS.observe(max(0.0, committed_at - checkpoint.emitted_at.timestamp()))
+        metrics.CHECKPOINTS.labels("applied").inc(merged.applied)
+        metrics.CHECKPOINTS.labels("stale").inc(merged.stale)
+        with self._stats_lock:
+            self.stats.applied += merged.applied
+            self.stats.stale += merged.stale
+            self.stats.fenced += merged.fenced
+            self.stats.transactions += merged.outcome.transactions
+            self.stats.apply_transactions += 1
+        if merged.fenced:  # a no-op by design (a previous owner's checkpoints after a handover), not an error
+            log.info("checkpoint_fenced", source_topic=checkpoints[0].source_topic,
+                     source_partition=checkpoints[0].partition, fenced=merged.fenced, owner_epoch=merged.owner_epoch,
+                     epochs=sorted({c.owner_epoch for c in checkpoints if c.owner_epoch < merged.owner_epoch}))
+
+    # -- halts -----------------------------------------------------------------------------------------------
+
+    def _halt(self, lane: Lane, pendings: list[Pending], reason: str, error: str) -> None:
+        halted = self.halts.halt(lane, pendings, reason=reason, error=error, now=time.monotonic())
+        with self._stats_lock:
+            self.stats.halts += 1
+        log.error("partition_halted", scope=lane[0], topic=lane[1], partition=lane[2], reason=reason, error=error,
+                  as_of=halted.as_of_offset, charges_partition=halted.first.charges_partition,
+                  charges_offset=halted.first.charges_offset,
+                  retry_in_s=round(halted.next_retry_at - time.monotonic(), 2))
+        self._record_halt(halted)
+
+    def _retry_due(self, consumer: Consumer) -> None:
+        """Retry every halted lane whose backoff has passed; a lane that applies resumes by itself."""
+        progressed = False
+        for halted in self.halts.due(time.monotonic()):
+            if self._stop.is_set():
+                return
+            lane = halted.lane
+            if lane[0] == "charges":
+                progressed |= self._retry_charges_lane(halted)
+                continue
+            result = self._apply_lane(halted.pending)
+            if result is None:
+                self._resumed(lane)
+                progressed = True
+                continue
+            if result.done:
+                self.halts.applied_through(lane, result.done)
+                progressed = True
+            self._failed_again(lane, result.reason, result.error)
+        if progressed:
+            self._unbound()
+            self._commit(consumer)
+
+    def _retry_charges_lane(self, halted: HaltedLane) -> bool:
+        """Decode the queue of a charges partition again; what decodes is routed to its source lane, up to the
+        first message that still does not decode."""
+        decoded = 0
+        groups: dict[Lane, list[Pending]] = {}
+        for pending in halted.pending:
+            checkpoint = pending.checkpoint or _decode_bytes(pending.raw)
+            if checkpoint is None:
+                break
+            self._route(groups, Pending(pending.charges_partition, pending.charges_offset, checkpoint))
+            decoded += 1
+        if decoded == len(halted.pending):
+            self._resumed(halted.lane)
+        else:
+            self.halts.applied_through(halted.lane, decoded)
+            self._failed_again(halted.lane, "undecodable", halted.error)
+        self._apply_groups(groups)
+        return decoded > 0
+
+    def _failed_again(self, lane: Lane, reason: str, error: str) -> None:
+        halted = self.halts.failed_again(lane, reason=reason, error=error, now=time.monotonic())
+        with self._stats_lock:
+            self.stats.halt_retries += 1
+        log.error("partition_still_halted", scope=lane[0], topic=lane[1], partition=lane[2], reason=reason,
+                  error=error, attempts=halted.attempts, as_of=halted.as_of_offset,
+                  pending_checkpoints=len(halted.pending), retry_in_s=round(halted.backoff_s, 2))
+        self._record_halt(halted)
+
+    def _bound(self, lane: Lane) -> None:
+        """Memory bound of a halted lane: once it queues ``consumer_halted_pending_max`` messages, stop fetching
+        its charges partition (librdkafka drops what it prefetched and, on resume, fetches again from the last
+        message handed to us). Other lanes of that charges partition wait too — only under this pressure."""
+        halted = self.halts.get(lane)
+        if halted is None or len(halted.pending) < self._settings.consumer_halted_pending_max:
+            return
+        cp = halted.pending[-1].charges_partition
+        if cp in self._paused or self._consumer is None:
+            return
+        self._consumer.pause([TopicPartition(self.topic, cp)])
+        self._paused.add(cp)
+        log.warning("charges_partition_paused", charges_partition=cp, scope=lane[0], topic=lane[1],
+                    partition=lane[2], pending_checkpoints=len(halted.pending))
+
+    def _unbound(self) -> None:
+        """Resume fetching the paused charges partitions no halted lane is over its bound on any more."""
+        limit = self._settings.consumer_halted_pending_max
+        still = {m.charges_partition for h in self.halts.lanes() if len(h.pending) >= limit for m in h.pending[-1:]}
+        for cp in sorted(self._paused - still):
+            if self._consumer is not None:
+                self._consumer.resume([TopicPartition(self.topic, cp)])
+            self._paused.discard(cp)
+            log.info("charges_partition_resumed", charges_partition=cp)
+
+    def _resumed(self, lane: Lane) -> None:
+        halted = self.halts.resume(lane)
+        self._unbound()
+        with self._stats_lock:
+            self.stats.resumes += 1
+        log.warning("partition_resumed", scope=lane[0], topic=lane[1], partition=lane[2], attempts=halted.attempts,
+                    halted_s=round(time.monotonic() - halted.halted_at, 2))
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(_DELETE_HALT, {"scope": lane[0], "topic": lane[1], "partition": lane[2]})
+        except Exception as exc:  # the periodic clean-up removes it later
+            log.warning("partition_halt_row_not_cleared", error=str(exc).splitlines()[0])
+
+    def _record_halt(self, halted: HaltedLane) -> None:
+        """The operator-visible row (best effort: when PostgreSQL itself is down, the log says it)."""
+        scope, topic, partition = halted.lane
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(_UPSERT_HALT, {
+                    "scope": scope, "topic": topic, "partition": partition, "reason": halted.reason,
+                    "error": halted.error[:2000], "as_of": halted.as_of_offset,
+                    "cp": halted.first.charges_partition, "co": halted.first.charges_offset,
+                    "pending": len(halted.pending), "attempts": halted.attempts, "consumer": self.name})
+        except Exception as exc:
+            log.error("partition_halt_not_recorded", scope=scope, topic=topic, partition=partition,
+                      error=str(exc).splitlines()[0])
+
+    def _clear_resolved_halts(self) -> None:
+        """Rows of lanes another consumer (or an earlier life of this one) halted and that have applied since."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(_CLEAR_RESOLVED_HALTS, {"consumer": self.name,
+                                                     "held": [f"{s}|{t}|{p}" for s, t, p in
+                                                              (h.lane for h in self.halts.lanes())]})
+        except Exception as exc:
+            log.warning("partition_halts_cleanup_failed", error=str(exc).splitlines()[0])
+
+    # -- commits ---------------------------------------------------------------------------------------------
+
+    def _commit(self, consumer: Consumer) -> None:
+        """Commit each charges partition's next offset, but never past a halted lane's first pending message."""
+        offsets: list[TopicPartition] = []
+        for cp, fetched in self._fetched.items():
+            floor = self.halts.commit_floor(cp)
+            target = fetched if floor is None else min(fetched, floor)
+            if self._committed.get(cp, -1) != target:
+                offsets.append(TopicPartition(self.topic, cp, target))
+        if offsets:
+            consumer.commit(offsets=offsets, asynchronous=False)
+            for tp in offsets:
+                self._committed[tp.partition] = tp.offset
 
     def _stats_fields(self) -> dict[str, object]:
-        return {**vars(self.stats), **{f"{k}_s": round(v, 2) for k, v in self.timings.items()}}
+        return {**vars(self.stats), **{f"{k}_s": round(v, 2) for k, v in self.timings.items()},
+                "halted": [f"{s}:{t}:{p}" for s, t, p in (h.lane for h in self.halts.lanes())]}
 
     def _decode(self, message: Message) -> ChargeCheckpoint | None:
-        try:
-            return ChargeCheckpoint.model_validate(orjson.loads(message.value() or b""))
-        except (orjson.JSONDecodeError, ValidationError) as exc:
+        checkpoint = _decode_bytes(message.value())
+        if checkpoint is None:
             self.stats.undecodable += 1
             metrics.CHECKPOINTS.labels("undecodable").inc()
-            log.error("undecodable_checkpoint_skipped", topic=message.topic(), partition=_partition(message),
+            log.error("undecodable_checkpoint", topic=message.topic(), partition=_partition(message),
                       offset=_offset(message), undecodable_total=self.stats.undecodable,
-                      error=str(exc).splitlines()[0])
-            return None
+                      error=_decode_error(message.value()))
+        return checkpoint
+
+
+def _decode_bytes(value: bytes | None) -> ChargeCheckpoint | None:
+    try:
+        return ChargeCheckpoint.model_validate(orjson.loads(value or b""))
+    except (orjson.JSONDecodeError, ValidationError):
+        return None
+
+
+def _decode_error(value: bytes | None) -> str:
+    try:
+        ChargeCheckpoint.model_validate(orjson.loads(value or b""))
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        return str(exc).splitlines()[0]
+    return ""
+
+
+_UPSERT_HALT = text("""
+    INSERT INTO partition_halts (scope, topic, partition, reason, error, as_of_offset, charges_partition,
+                                 charges_offset, pending_checkpoints, attempts, consumer)
+    VALUES (:scope, :topic, :partition, :reason, :error, :as_of, :cp, :co, :pending, :attempts, :consumer)
+    ON CONFLICT (scope, topic, partition) DO UPDATE SET
+        reason = EXCLUDED.reason, error = EXCLUDED.error, as_of_offset = EXCLUDED.as_of_offset,
+        charges_partition = EXCLUDED.charges_partition, charges_offset = EXCLUDED.charges_offset,
+        pending_checkpoints = EXCLUDED.pending_checkpoints, attempts = EXCLUDED.attempts,
+        last_attempt_at = now(), consumer = EXCLUDED.consumer,
+        halted_at = CASE WHEN partition_halts.consumer = EXCLUDED.consumer AND EXCLUDED.attempts > 1
+                         THEN partition_halts.halted_at ELSE now() END
+""")
+
+_DELETE_HALT = text("DELETE FROM partition_halts WHERE scope = :scope AND topic = :topic AND partition = :partition")
+
+# A source lane whose applied mark passed the checkpoint it halted on has resumed (here or elsewhere); a lane
+# this consumer holds halted is never cleared. Charges lanes are cleared by the consumer that resumes them.
+_CLEAR_RESOLVED_HALTS = text("""
+    DELETE FROM partition_halts h USING applied_offsets a
+    WHERE h.scope = 'source' AND a.source_topic = h.topic AND a.partition = h.partition
+      AND a.applied_through >= h.as_of_offset
+      AND NOT (h.scope || '|' || h.topic || '|' || h.partition = ANY(CAST(:held AS text[])))
+""")
 
 
 #: a merged application stays a bounded transaction (streams cuts a checkpoint at 4,000 counters / 50,000
@@ -300,12 +568,19 @@ def _offset(message: Message) -> int:
 
 
 def check_startup(settings: LedgerSettings) -> None:
-    """Loud start-up refusals: pending ledger migrations, missing topics."""
+    """Loud start-up refusals: pending ledger migrations, missing topics, a re-partitioned charges topic."""
     todo = schema_migrations.pending(settings.database_url, script_location=MIGRATIONS, version_table=VERSION_TABLE)
     if todo:
         raise MigrationsPending(f"ledger migrations are pending ({', '.join(todo)}); run `meterline migrate` first")
-    require_topics(settings.kafka_bootstrap_servers, [topic_name(TOPIC_LEDGER_CHARGES, settings.topic_prefix),
-                                                      topic_name(TOPIC_LEDGER_TRANSACTIONS, settings.topic_prefix)])
+    charges = topic_name(TOPIC_LEDGER_CHARGES, settings.topic_prefix)
+    found = require_topics(settings.kafka_bootstrap_servers,
+                           [charges, topic_name(TOPIC_LEDGER_TRANSACTIONS, settings.topic_prefix)])
+    engine = make_engine(settings.database_url, pool_size=1, application_name="meterline-ledger-startup")
+    try:
+        with engine.begin() as conn:
+            check_charges_partitions(conn, charges, found[charges])  # a re-partitioned topic is refused
+    finally:
+        engine.dispose()
 
 
 def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
@@ -351,7 +626,7 @@ def main() -> None:
         run(settings, stop)
     except Exception as exc:
         code = getattr(exc, "code", None)
-        if code in ("ledger.migrations_pending", "kafka.missing_topics"):
+        if code in ("ledger.migrations_pending", "kafka.missing_topics", "ledger.charges_topic_repartitioned"):
             log.error("ledger_consumer_refused_to_start", code=code, error=str(exc))
             raise SystemExit(2) from exc
         raise

@@ -229,6 +229,12 @@ class ChargeCheckpoint(BaseModel):
     stream_time: AwareDatetime | None = Field(default=None, description=(
         "the newest arrival (Kafka message timestamp) the partition's worker had seen as of this checkpoint; "
         "stored with the dedupe keys so the next owner measures the dedupe horizon in stream time"))
+    owner_epoch: int = Field(
+        default=0, ge=0, le=2**63 - 1,
+        description="the fencing epoch its worker took when it seeded the partition (ledger/fencing.py); the "
+        "ledger refuses a checkpoint whose epoch is older than the partition's (DESIGN §2 invariant 11). "
+        "0 = a worker from before fencing (refused once any owner took an epoch)",
+    )
 
 
 class TransactionPosted(BaseModel):

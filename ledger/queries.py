@@ -12,9 +12,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import Connection, text
 
+from ledger.invariant_check import InvariantCheck, latest_invariant_check
 from ledger.rows import (
     AllocationRow,
     BalanceView,
@@ -28,6 +30,7 @@ from ledger.rows import (
 from ledger.source_logs import IDENTITY_SEPARATOR, base_topic
 
 __all__ = [
+    "InvariantCheck",
     "TransactionPage",
     "applied_offsets",
     "dedupe_keys_newest",
@@ -37,10 +40,13 @@ __all__ = [
     "get_hold",
     "get_transaction",
     "get_wallet",
+    "latest_invariant_check",
     "list_buckets",
     "list_holds",
     "list_transactions",
+    "partition_halts",
     "partition_snapshot",
+    "refused_counters",
 ]
 
 
@@ -274,3 +280,66 @@ def dedupe_keys_newest(conn: Connection, *, source_topic: str, partition: int, h
     rows = conn.execute(_NEWEST_DEDUPE_KEYS, {"t": topic, "t_life": topic + IDENTITY_SEPARATOR, "p": partition,
                                               "horizon_s": horizon_s, "limit": limit})
     return [(int(r.key_hash), r.at) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionHalt:
+    """A halted lane of the ledger consumer (ledger/halts.py): a source partition whose next checkpoint cannot
+    be applied, or a charges partition holding an undecodable message. It resumes by itself once the cause is
+    fixed; ``attempts`` counts the retries so far."""
+
+    scope: str
+    topic: str
+    partition: int
+    reason: str
+    error: str
+    as_of_offset: int | None
+    charges_partition: int
+    charges_offset: int
+    pending_checkpoints: int
+    attempts: int
+    halted_at: datetime
+    last_attempt_at: datetime
+    consumer: str
+
+
+def partition_halts(conn: Connection) -> list[PartitionHalt]:
+    """Every halted lane, oldest first (empty when the pipeline is healthy). The API's health and the
+    dashboard show it; an operator reads ``reason`` and ``error`` to fix the cause."""
+    rows = conn.execute(text("""
+        SELECT scope, topic, partition, reason, error, as_of_offset, charges_partition, charges_offset,
+               pending_checkpoints, attempts, halted_at, last_attempt_at, consumer
+        FROM partition_halts ORDER BY halted_at, scope, topic, partition
+    """)).mappings()
+    return [PartitionHalt(**r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedCounter:
+    """A counter the ledger dead-lettered instead of posting (reason ``wallet_in_other_project``)."""
+
+    id: int
+    source_topic: str
+    partition: int
+    as_of_offset: int
+    reason: str
+    project_id: str
+    wallet_id: str
+    wallet_project_id: str
+    meter_id: str
+    period_start: datetime
+    price_version_id: str
+    units: Decimal
+    events: int
+    refused_at: datetime
+
+
+def refused_counters(conn: Connection, *, project_id: str | None = None, limit: int = 100) -> list[RefusedCounter]:
+    """Newest first; of one project (the counter's) when given."""
+    rows = conn.execute(text("""
+        SELECT id, source_topic, partition, as_of_offset, reason, project_id, wallet_id, wallet_project_id,
+               meter_id, period_start, price_version_id, units, events, refused_at
+        FROM refused_counters WHERE CAST(:p AS text) IS NULL OR project_id = :p
+        ORDER BY id DESC LIMIT :limit
+    """), {"p": project_id, "limit": max(1, min(limit, 1000))}).mappings()
+    return [RefusedCounter(**r) for r in rows]

@@ -37,6 +37,7 @@ from ledger.billing import run_due
 from ledger.consumer import MIGRATIONS, VERSION_TABLE, MigrationsPending
 from ledger.db import make_engine
 from ledger.expiry import expire_credits, expire_holds
+from ledger.invariant_check import check_invariants
 from ledger.probes import Check, database_check, start_probe_server
 from ledger.settings import LedgerSettings, get_settings
 
@@ -94,12 +95,20 @@ def _billing_rules(conn: Connection, now: datetime, _settings: LedgerSettings) -
     return run_due(conn, now=now)
 
 
+def _check_invariants(conn: Connection, _now: datetime, _settings: LedgerSettings) -> int:
+    """Balance = Σ postings, the balance chain, bucket sums, allocations (ledger/invariant_check.py). One full pass
+    per run (0 rows: never a backlog to continue); violations are logged and recorded, never repaired."""
+    check_invariants(conn)
+    return 0
+
+
 JOBS: list[Job] = [
     Job("expire_holds", 1.0, _expire_holds),
     Job("billing_rules", 5.0, _billing_rules),
     Job("expire_credits", 5.0, _expire_credits),
     Job("purge_dedupe_keys", 300.0, _purge_dedupe_keys),
     Job("purge_outbox", 300.0, _purge_outbox),
+    Job("check_invariants", 300.0, _check_invariants),
 ]
 
 

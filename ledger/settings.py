@@ -31,7 +31,11 @@ class LedgerSettings(BaseSettings):
     consumer_group: str = "meterline-ledger"
     consumer_session_timeout_ms: int = 6_000
     consumer_batch_messages_max: int = 500
-    consumer_retry_backoff_s_max: float = Field(default=5.0, gt=0)
+    consumer_retry_backoff_s_max: float = Field(default=5.0, gt=0, description="longest pause between retries of a "
+                                                "halted partition (ledger/halts.py; backoff from 0.5 s, doubling)")
+    consumer_halted_pending_max: int = Field(default=5_000, gt=0,
+                                             description="checkpoints a halted partition queues in memory before its "
+                                                         "charges partition stops being fetched until it resumes")
     outbox_batch_rows_max: int = 1_000
     outbox_poll_ms: int = 200
     outbox_delivery_timeout_s: float = Field(default=30.0, gt=0)

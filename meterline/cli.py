@@ -230,10 +230,10 @@ def run(component: Annotated[str, typer.Argument(help="api | streams | ledger | 
 
 @app.command()
 def migrate() -> None:
-    """Run every component's PostgreSQL migrations against DATABASE_URL."""
+    """Run every component's PostgreSQL migrations as DATABASE_OWNER_URL (else DATABASE_URL)."""
     from meterline.stack import migrate as run_migrations
 
-    url = os.environ.get("DATABASE_URL")
+    url = os.environ.get("DATABASE_OWNER_URL") or os.environ.get("DATABASE_URL")
     if not url:
         _fail("DATABASE_URL is not set (`meterline up` migrates the embedded database itself)", code=2)
     run_migrations(url)

@@ -32,6 +32,21 @@ from meterline.ports import port_is_free
 
 EMBEDDED_DATABASE = "meterline"
 
+#: The role api/streams/ledger/scheduler connect as (created and limited by migration ledger_0008): it cannot
+#: rewrite the append-only tables. Migrations run as the owner (DATABASE_OWNER_URL, else DATABASE_URL).
+APP_ROLE = "meterline_app"
+
+
+def app_database_url(owner_url: str) -> str:
+    """``owner_url`` with the application role as its user (no password: the embedded PostgreSQL trusts local
+    connections; an external server's app URL is given as DATABASE_URL instead)."""
+    from sqlalchemy.engine import make_url
+
+    from ledger.db import sqlalchemy_url
+
+    url = make_url(sqlalchemy_url(owner_url)).set(username=APP_ROLE, password=None)
+    return libpq_url(url.render_as_string(hide_password=False))
+
 
 class ServiceError(RuntimeError):
     """A required engine could not be started or reached. The message says what to do."""
@@ -41,9 +56,14 @@ class ServiceError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServiceUrls:
-    database_url: str
+    database_url: str  # what the processes connect as (the application role)
     kafka_bootstrap_servers: str
     clickhouse_url: str
+    owner_database_url: str = ""  # what migrations run as ("" = database_url: no role split)
+
+    @property
+    def migrations_url(self) -> str:
+        return self.owner_database_url or self.database_url
 
     def as_env(self) -> dict[str, str]:
         return {

@@ -172,12 +172,15 @@ def start_services(settings: StackSettings, paths: Paths, *,
                 broker.store.spawn()
         if env.get("DATABASE_URL"):
             database_url = env["DATABASE_URL"]
-            services.check_database(database_url)
-            on_stage("PostgreSQL: reachable at DATABASE_URL")
+            owner_url = env.get("DATABASE_OWNER_URL") or database_url
+            services.check_database(owner_url)
+            on_stage("PostgreSQL: reachable at DATABASE_OWNER_URL or DATABASE_URL")
         else:
             pg_dir = paths.postgres
-            database_url = services.start_embedded_postgres(pg_dir)
+            owner_url = services.start_embedded_postgres(pg_dir)
             on_stage(f"PostgreSQL: embedded, started ({pg_dir})")
+            # the processes connect as the application role, which migrations create (ledger_0008)
+            database_url = services.app_database_url(owner_url)
         if env.get("KAFKA_BOOTSTRAP_SERVERS"):
             bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
             services.check_broker(bootstrap)
@@ -193,7 +196,7 @@ def start_services(settings: StackSettings, paths: Paths, *,
     except BaseException:
         RunningServices(services.ServiceUrls("", "", ""), broker, pg_dir).stop()
         raise
-    return RunningServices(services.ServiceUrls(database_url, bootstrap, clickhouse_url), broker, pg_dir)
+    return RunningServices(services.ServiceUrls(database_url, bootstrap, clickhouse_url, owner_url), broker, pg_dir)
 
 
 def prepare(settings: StackSettings, urls: services.ServiceUrls) -> list[str]:
@@ -202,8 +205,8 @@ def prepare(settings: StackSettings, urls: services.ServiceUrls) -> list[str]:
         prefix=settings.topic_prefix, usage_partitions=settings.usage_partitions,
         charges_partitions=settings.charges_partitions, transactions_partitions=settings.transactions_partitions,
         retention_ms=settings.topic_retention_ms))
-    migrate(urls.database_url)
-    record_topic_lives(urls.database_url, created)
+    migrate(urls.migrations_url)
+    record_topic_lives(urls.migrations_url, created)
     return created
 
 

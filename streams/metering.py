@@ -343,7 +343,7 @@ class Checkpoint:
     #: the newest arrival seen in the partition (stream time); the ledger stores it with the dedupe keys
     stream_time: datetime | None = None
 
-    def to_json(self, *, emitted_at: datetime) -> bytes:
+    def to_json(self, *, emitted_at: datetime, owner_epoch: int = 0) -> bytes:
         """The ``ledger.contracts.ChargeCheckpoint`` wire form, written directly (a checkpoint may carry
         thousands of counters; building pydantic models for each costs more than the metering itself).
         tests/unit/streams check it against the pydantic model."""
@@ -366,6 +366,7 @@ class Checkpoint:
             "source_topic": self.source_topic, "partition": self.partition, "as_of_offset": self.as_of_offset,
             "counters": counters, "dedupe_keys": self.dedupe_keys, "emitted_at": emitted_at.isoformat(),
             "stream_time": self.stream_time.isoformat() if self.stream_time is not None else None,
+            "owner_epoch": owner_epoch,
         })
 
 

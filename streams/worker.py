@@ -42,6 +42,7 @@ from sqlalchemy import Engine
 from ledger import queries as ledger_queries
 from ledger.contracts import TOPIC_LEDGER_CHARGES
 from ledger.db import make_engine
+from ledger.fencing import take_owner_epoch
 from ledger.kafka import make_producer, require_topics, topic_name
 from ledger.metrics import forget_lag, record_lag
 from ledger.probes import Check, database_check, start_probe_server
@@ -73,6 +74,15 @@ def _die(message: str, **fields: Any) -> None:
     os._exit(EXIT_UNSAFE)
 
 
+def _never_ack(message: Any) -> None:
+    """Mark a skipped (unmetered) message as acknowledged already, so faust's ack after the batch is a no-op and
+    its offset is never committed by this worker. Without it, a partition revoked mid-batch and assigned back
+    to this worker before the batch returned had the skipped offsets acked into its NEW assignment and
+    committed: the events were never charged, and the seeding wait (applied ≥ committed − 1) waited forever.
+    Unacked, they are fetched again from the committed offset by whoever owns the partition."""
+    message.acked = True
+
+
 class Runtime:
     """The worker's state: per-partition aggregators and gates, the catalog, the producer."""
 
@@ -98,6 +108,8 @@ class Runtime:
         self.gates: dict[int, asyncio.Event] = {}
         self.seeding: dict[int, asyncio.Task[None]] = {}
         self.last_emitted: dict[int, int] = {}
+        #: the owner epoch this worker took for each partition it seeded (stamped on its checkpoints)
+        self.epochs: dict[int, int] = {}
         self.catalog: CatalogSnapshot | None = None
         self.catalog_rev = -1
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="streams-io")
@@ -196,9 +208,10 @@ class Runtime:
             task.cancel()
             del self.seeding[p]
         for p in list(self.gates):
-            if p not in mine:  # revoked: deferred events of it are skipped (their commit is discarded)
+            if p not in mine:  # revoked: deferred events of it are skipped, never acked (see _skip)
                 self.gates[p].set()
                 self.aggregators.pop(p, None)
+                self.epochs.pop(p, None)
         for p in sorted(mine):
             self.gates[p] = asyncio.Event()
             self.aggregators.pop(p, None)
@@ -226,10 +239,11 @@ class Runtime:
                                 waited_s=round(time.monotonic() - started, 1))
                     next_log = time.monotonic() + self.settings.ledger_wait_log_s
                 await asyncio.sleep(0.05)
-            aggregator = await self.io(self._snapshot_sync, p)
+            aggregator, epoch = await self.io(self._snapshot_sync, p)
             if self.seeding.get(p) is not asyncio.current_task():
-                return  # a newer assignment took over
+                return  # a newer assignment took over (and takes a newer epoch)
             self.aggregators[p] = aggregator
+            self.epochs[p] = epoch
             self.gates[p].set()
             self.seeding.pop(p, None)
             self.counts["seeded"] += 1
@@ -261,7 +275,13 @@ class Runtime:
         with self.engine.connect() as conn:
             return ledger_queries.applied_offsets(conn, self.source_id, [p])[p]
 
-    def _snapshot_sync(self, p: int) -> PartitionAggregator:
+    def _snapshot_sync(self, p: int) -> tuple[PartitionAggregator, int]:
+        # Fencing (ledger/fencing.py): take the owner epoch in its OWN committed transaction BEFORE reading the
+        # snapshot. Every checkpoint of an earlier owner either applied before it (so it is in the snapshot and
+        # its offsets are skipped) or is refused after it (and its offsets, beyond the snapshot's mark, are
+        # metered again here). Never both, never neither — whatever changed in the catalog in between.
+        with self.engine.begin() as conn:
+            epoch = take_owner_epoch(conn, self.source_id, p)
         now = datetime.now(UTC)
         lookback = max(self.settings.seed_lookback_s, self._max_lateness_s() + 86_400)
         periods_since, _ = period_bounds(now - timedelta(seconds=lookback), "month")
@@ -285,7 +305,8 @@ class Runtime:
             dedupe_keys=keys,
             periods_since=periods_since,
         )
-        return aggregator
+        log.info("partition_owner_epoch", partition=p, owner_epoch=epoch, applied_through=snap.applied_through[p])
+        return aggregator, epoch
 
     def _max_lateness_s(self) -> int:
         policies = self.catalog.policies.values() if self.catalog else ()
@@ -357,7 +378,7 @@ class Runtime:
         for ev in events:
             self._meter(ev, touched, deferred)
         metered = time.monotonic()
-        await self._emit(touched)
+        self._skip_revoked(events, await self._emit(touched))
         self._batch_ended = time.monotonic()
         self.timings["metering"] += metered - started
         self.timings["delivery"] += self._batch_ended - metered
@@ -369,7 +390,7 @@ class Runtime:
             touched = {}
             for ev in deferred:
                 self._meter(ev, touched, retry)
-            await self._emit(touched)
+            self._skip_revoked(deferred, await self._emit(touched))
             deferred = retry
 
     async def _wait_gate(self, p: int) -> None:
@@ -397,8 +418,9 @@ class Runtime:
             deferred.append(ev)
             return
         aggregator = self.aggregators.get(p)
-        if aggregator is None:  # no longer ours: faust discards the commit of a revoked partition
+        if aggregator is None:  # no longer ours: skipped, and never acked
             self.counts["unowned"] += 1
+            _never_ack(message)
             return
         assert self.catalog is not None  # gates open only after the catalog is loaded
         arrival = datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp else datetime.now(UTC)
@@ -432,12 +454,20 @@ class Runtime:
         if err is not None:
             self._delivery_errors.append(f"{msg.topic()}: {err}")
 
-    async def _emit(self, touched: dict[int, PartitionAggregator]) -> None:
+    async def _emit(self, touched: dict[int, PartitionAggregator]) -> set[int]:
         """One checkpoint per touched aggregator, then wait for the broker to have all of them (and the dead
-        letters of the batch). Keyed by source partition so one partition's checkpoints stay in order."""
+        letters of the batch). Keyed by source partition so one partition's checkpoints stay in order.
+
+        A revoked owner never emits after the handover: an aggregator that is no longer the partition's
+        current one (revoked, or replaced by a re-seed, while this batch ran) emits nothing; the partitions
+        returned are those whose events of this batch must not be acked (``_skip_revoked``)."""
         self.not_flushing.clear()
+        revoked: set[int] = set()
         try:
             for aggregator in touched.values():
+                if self.aggregators.get(aggregator.partition) is not aggregator:
+                    revoked.add(aggregator.partition)
+                    continue
                 checkpoint = aggregator.checkpoint()
                 if checkpoint is not None:
                     self._send_checkpoint(checkpoint)
@@ -446,13 +476,21 @@ class Runtime:
                 _die("checkpoint_delivery_failed", undelivered=remaining, errors=self._delivery_errors[:5])
         finally:
             self.not_flushing.set()
+        return revoked
+
+    def _skip_revoked(self, events: Sequence[Any], revoked: set[int]) -> None:
+        if revoked:
+            log.info("revoked_partitions_not_emitted", partitions=sorted(revoked))
+            for ev in events:
+                if ev.message.partition in revoked:
+                    _never_ack(ev.message)
 
     def _send_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Queue one checkpoint; it counts as emitted for the seeding wait from now on (the batch flushes it
         before returning, or the process ends)."""
         now = datetime.now(UTC)
         self._produce(self.charges_topic, f"{self.usage_topic}:{checkpoint.partition}".encode(),
-                      checkpoint.to_json(emitted_at=now))
+                      checkpoint.to_json(emitted_at=now, owner_epoch=self.epochs.get(checkpoint.partition, 0)))
         self.counts["checkpoints"] += 1
         streams_metrics.CHECKPOINTS_EMITTED.inc()
         self.last_emitted[checkpoint.partition] = max(self.last_emitted.get(checkpoint.partition, -1),

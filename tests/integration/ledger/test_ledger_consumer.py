@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import orjson
 import psycopg
 import pytest
 from sqlalchemy import Engine, text
@@ -71,8 +70,6 @@ def test_consumer_applies_checkpoints_once_and_relays_transactions(engine: Engin
     sends: list[tuple[int, bytes]] = [
         (0, _checkpoint(0, 10, {"A": 90, "B": 10})),      # A −36, B −4
         (0, _checkpoint(0, 10, {"A": 90, "B": 10})),      # duplicate delivery → stale
-        (0, b"{not json"),                                 # malformed → logged, counted, skipped
-        (0, orjson.dumps({"source_topic": SOURCE, "partition": 0})),  # JSON but not a checkpoint
         (0, _checkpoint(0, 20, {"A": 93})),                # A −1
         (0, _checkpoint(0, 15, {"A": 500})),               # older than 20 → stale
         (1, _checkpoint(1, 5, {"A": 7, "C": 25})),         # A merged: 100 → 40 total, so −3; C −10
@@ -101,7 +98,7 @@ def test_consumer_applies_checkpoints_once_and_relays_transactions(engine: Engin
         thread.join(timeout=30)
     assert not thread.is_alive()
     stats = result["stats"]
-    assert (stats.applied, stats.stale, stats.undecodable) == (3, 2, 2)  # type: ignore[attr-defined]
+    assert (stats.applied, stats.stale, stats.undecodable) == (3, 2, 0)  # undecodable: test_ledger_halts.py  # type: ignore[attr-defined]
 
     with engine.connect() as conn:
         balances = {w: queries.get_balance(conn, w).balance_minor for w in "ABC"}  # type: ignore[union-attr]

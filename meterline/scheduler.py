@@ -67,7 +67,7 @@ def email_jobs(settings: EmailDeliverySettings) -> list[Job]:
 
     def deliver_emails(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
         """A batch of due ``email_outbox`` rows over SMTP (api/tenancy/email_relay.py)."""
-        return deliver_due(conn, now=now, relay=relay, policy=policy)
+        return deliver_due(conn, now=now, relay=relay, policy=policy, hygiene=settings.hygiene)
 
     return [Job("deliver_emails", EMAIL_EVERY_S, deliver_emails)]
 

@@ -35,6 +35,8 @@ from api.payments.effects import (
     grant_period,
     link_payment_ref,
     offer_by_id,
+    payment_recorded,
+    record_unpaid,
     require_entitlement,
     resolve_wallet,
     reverse_payment,
@@ -210,16 +212,16 @@ def _stripe_payment_ref(payment: dict[str, Any]) -> str | None:
     return _id(payment.get("payment_intent")) or _id(payment.get("charge"))
 
 
-def _stripe_invoice_payment_ref(invoice: dict[str, Any]) -> str | None:
-    """The payment intent (or charge) that paid the invoice: the first paid entry of ``invoice.payments`` (the
-    default one first) when the event includes them; the pre-basil ``payment_intent`` / ``charge`` fields."""
+def _stripe_invoice_payment_refs(invoice: dict[str, Any]) -> tuple[str, ...]:
+    """Every payment intent (or charge) that paid the invoice: the paid entries of ``invoice.payments`` (the
+    default one first) when the event includes them; else the pre-basil ``payment_intent`` / ``charge`` fields.
+    An invoice may be paid by several payments: each one's refunds must find the invoice's payment."""
     entries = [p for p in ((invoice.get("payments") or {}).get("data") or [])
                if isinstance(p, dict) and p.get("status", "paid") == "paid"]
-    for entry in sorted(entries, key=lambda p: not p.get("is_default")):
-        ref = _stripe_payment_ref(entry.get("payment") or {})
-        if ref:
-            return ref
-    return _id(invoice.get("payment_intent")) or _id(invoice.get("charge"))
+    refs = [_stripe_payment_ref(entry.get("payment") or {})
+            for entry in sorted(entries, key=lambda p: not p.get("is_default"))]
+    refs.append(_id(invoice.get("payment_intent")) or _id(invoice.get("charge")))
+    return tuple(dict.fromkeys(r for r in refs if r))
 
 
 def _stripe_invoice_payment(ctx: Ctx, invoice_payment: dict[str, Any]) -> None:
@@ -251,12 +253,20 @@ def _stripe_invoice(ctx: Ctx, invoice: dict[str, Any]) -> None:
     ent = upsert_entitlement(ctx, external_subscription_id=str(subscription), status=None, offer=plan,
                              period_start=period_start, period_end=period_end)
     amount = int(invoice.get("amount_paid") or 0)
+    refs = _stripe_invoice_payment_refs(invoice)
     if amount <= 0:
+        # recorded (no credits), so its invoice_payment.paid and any refund naming it resolve at once
         ctx.notes.append("a $0 invoice (trial) grants no credits")
+        record_unpaid(ctx, external_id=str(invoice["id"]), wallet_id=ent.wallet_id, offer=plan or
+                      offer_by_id(ctx, ent.offer_id), currency=str(invoice.get("currency") or "usd"),
+                      entitlement_id=ent.id, payment_refs=refs)
         return
     grant_period(ctx, ent, external_id=str(invoice["id"]), amount_minor=amount,
                  currency=str(invoice.get("currency") or ""), period_start=period_start, period_end=period_end,
-                 offer=plan, payment_ref=_stripe_invoice_payment_ref(invoice))
+                 offer=plan, payment_ref=refs[0] if refs else None)
+    if refs and payment_recorded(ctx, str(invoice["id"])):
+        for ref in refs[1:]:  # the invoice's other payments (a multi-payment invoice)
+            link_payment_ref(ctx, external_id=str(invoice["id"]), payment_ref=ref)
 
 
 def _stripe_subscription(ctx: Ctx, sub: dict[str, Any]) -> None:
@@ -356,10 +366,8 @@ def _rc_refund(ctx: Ctx, event: dict[str, Any], transaction: str, subscription: 
         WHERE project_id = :p AND provider = 'revenuecat' AND external_id = :x"""),
                                {"p": ctx.project_id, "x": transaction}).first()
     full = int(payment.amount_minor) if payment is not None else 0
+    # a full refund: reverse_payment claws the credits back and ends the entitlement (as for every provider)
     reverse_payment(ctx, refs=[transaction], refunded_minor=max(full, 1) if refunded else 0, monotonic=False)
-    if payment is not None and payment.entitlement_id is not None and refunded:
-        upsert_entitlement(ctx, external_subscription_id=subscription, status="ended", will_renew=False,
-                           ended_at=ctx.at)
 
 
 # ======================================================================================== Lemon Squeezy

@@ -380,7 +380,7 @@ class PaymentOut(BaseModel):
     amount_minor: int
     currency: str
     credits_minor: int
-    grant_transaction_id: int
+    grant_transaction_id: int | None = Field(description="the ledger grant; null for a $0 payment (nothing granted)")
     credits_expire_at: datetime | None = Field(description="when the credits this payment granted expire (null: "
                                                            "they roll over)")
     refunded_minor: int
@@ -447,11 +447,27 @@ def webhook_event_body(event_row_id: int, access: Admin, conn: ConnectionDep) ->
 
 
 @router.post("/webhook-events/{event_row_id}/replay",
-             summary="Re-run a deferred or unmatched webhook, or an ignored sandbox one (admin)")
+             summary="Re-run a deferred, unmatched or held webhook, or an ignored sandbox one (admin)")
 def replay_webhook_event(event_row_id: int, access: Admin, conn: ConnectionDep) -> dict[str, Any]:
     outcome = webhooks.replay(conn, project_id=access.project_id, webhook_event_id=event_row_id)
     if outcome is None:
-        raise NotFound("no deferred, unmatched or ignored sandbox webhook event with this id")
+        raise NotFound("no deferred, unmatched, held or ignored sandbox webhook event with this id")
     audit(conn, access, action="webhook_event.replay", target_kind="webhook_event", target_id=str(event_row_id),
           after={"status": outcome.status, "transaction_ids": list(outcome.transaction_ids)})
+    return outcome.body()
+
+
+class DismissIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=500, description="why, e.g. 'refunded in the Stripe dashboard'")
+
+
+@router.post("/webhook-events/{event_row_id}/dismiss",
+             summary="Close a held webhook (a purchase for a closed wallet) without applying it (admin)")
+def dismiss_webhook_event(event_row_id: int, body: DismissIn, access: Admin, conn: ConnectionDep) -> dict[str, Any]:
+    outcome = webhooks.dismiss(conn, project_id=access.project_id, webhook_event_id=event_row_id,
+                               reason=body.reason)
+    if outcome is None:
+        raise NotFound("no held webhook event with this id")
+    audit(conn, access, action="webhook_event.dismiss", target_kind="webhook_event", target_id=str(event_row_id),
+          after={"status": outcome.status, "reason": body.reason})
     return outcome.body()

@@ -1,0 +1,77 @@
+"""API schema: payment lifecycle — every payment of an invoice linked, $0 invoices recorded, held webhooks.
+
+Revision ID: api_0015
+Revises: api_0012
+Create Date: 2026-12-03
+
+- ``payment_refs``: every handle refunds and disputes of a payment's money arrive with (Stripe: each payment
+  intent / charge that paid a part of an invoice), with the provider's CUMULATIVE refunded / disputed figures per
+  handle. A payment's ``refunded_minor`` / ``disputed_minor`` are the sums over its handles, so refunds of two
+  payments of one invoice add up instead of overwriting each other. Backfilled from the payments that already
+  had refunds or disputes (under ``coalesce(payment_ref, external_id)``, the handle reverse_payment uses).
+- ``payments.credits_minor`` may be 0 and ``grant_transaction_id`` NULL: a $0 invoice (a trial) is recorded as a
+  payment that granted nothing, so its links and refunds resolve ("nothing to claw back") instead of waiting.
+- ``webhook_events.status`` gains ``held`` (a purchase for a wallet closed by an account erasure request: kept,
+  answered 200, replayable after the erasure is cancelled) and ``dismissed`` (an admin closed a held event, e.g.
+  after refunding it in the provider's dashboard). Both settle the event (a redelivery is a duplicate).
+"""
+
+from alembic import op
+
+revision = "api_0015"
+down_revision = "api_0012"
+branch_labels = None
+depends_on = None
+
+UPGRADE = """
+CREATE TABLE payment_refs (
+    payment_id      text NOT NULL REFERENCES payments (id),
+    project_id      text NOT NULL,
+    provider        text NOT NULL,
+    ref             text NOT NULL,
+    refunded_minor  bigint NOT NULL DEFAULT 0 CHECK (refunded_minor >= 0),
+    disputed_minor  bigint NOT NULL DEFAULT 0 CHECK (disputed_minor >= 0),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (payment_id, ref)
+);
+CREATE INDEX payment_refs_ref ON payment_refs (project_id, provider, ref);
+INSERT INTO payment_refs (payment_id, project_id, provider, ref, refunded_minor, disputed_minor)
+SELECT id, project_id, provider, coalesce(payment_ref, external_id), refunded_minor, disputed_minor
+FROM payments WHERE refunded_minor > 0 OR disputed_minor > 0 OR payment_ref IS NOT NULL;
+
+ALTER TABLE payments DROP CONSTRAINT payments_credits_minor_check;
+ALTER TABLE payments ADD CONSTRAINT payments_credits_minor_check CHECK (credits_minor >= 0);
+ALTER TABLE payments ALTER COLUMN grant_transaction_id DROP NOT NULL;
+ALTER TABLE payments ADD CONSTRAINT payments_grant_when_credits
+    CHECK (grant_transaction_id IS NOT NULL OR credits_minor = 0);
+
+ALTER TABLE webhook_events DROP CONSTRAINT webhook_events_status_check;
+ALTER TABLE webhook_events ADD CONSTRAINT webhook_events_status_check
+    CHECK (status IN ('processed', 'deferred', 'ignored', 'unmatched', 'duplicate', 'rejected', 'failed',
+                      'held', 'dismissed'));
+DROP INDEX webhook_events_once;
+CREATE UNIQUE INDEX webhook_events_once ON webhook_events (project_id, provider, event_id)
+    WHERE status IN ('processed', 'deferred', 'ignored', 'unmatched', 'held', 'dismissed');
+"""
+
+DOWNGRADE = """
+DROP INDEX webhook_events_once;
+CREATE UNIQUE INDEX webhook_events_once ON webhook_events (project_id, provider, event_id)
+    WHERE status IN ('processed', 'deferred', 'ignored', 'unmatched');
+ALTER TABLE webhook_events DROP CONSTRAINT webhook_events_status_check;
+ALTER TABLE webhook_events ADD CONSTRAINT webhook_events_status_check
+    CHECK (status IN ('processed', 'deferred', 'ignored', 'unmatched', 'duplicate', 'rejected', 'failed'));
+ALTER TABLE payments DROP CONSTRAINT payments_grant_when_credits;
+ALTER TABLE payments ALTER COLUMN grant_transaction_id SET NOT NULL;
+ALTER TABLE payments DROP CONSTRAINT payments_credits_minor_check;
+ALTER TABLE payments ADD CONSTRAINT payments_credits_minor_check CHECK (credits_minor > 0);
+DROP TABLE payment_refs;
+"""
+
+
+def upgrade() -> None:
+    op.execute(UPGRADE)
+
+
+def downgrade() -> None:
+    op.execute(DOWNGRADE)

@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from api.payments.dunning import record_change
 from api.payments.offers import Offer, get_offer
 from ledger import queries, service
 from ledger.contracts import TransactionKind
@@ -362,6 +363,10 @@ def upsert_entitlement(ctx: Ctx, *, external_subscription_id: str, status: str |
             "v": ctx.provider, "s": external_subscription_id, "c": customer_id, "status": status or "active",
             "renew": True if will_renew is None else will_renew, "ps": period_start, "pe": period_end,
             "ended": ended_at if status == "ended" else None, "at": ctx.at}).mappings().one()
+        ctx.conn.execute(text("UPDATE entitlements SET past_due_since = :at WHERE id = :id AND status = 'past_due'"),
+                         {"at": ctx.at, "id": row["id"]})
+        record_change(ctx.conn, project_id=ctx.project_id, entitlement_id=row["id"], from_status=None,
+                      to_status=row["status"], reason=f"{ctx.provider} {ctx.event_type}", at=ctx.at)
         ctx.wakes.append(f"sub:{external_subscription_id}")
         return Entitlement.of(row)
     newer = ctx.at >= existing.state_at and existing.status != "ended"
@@ -379,6 +384,11 @@ def upsert_entitlement(ctx: Ctx, *, external_subscription_id: str, status: str |
                                         THEN CAST(:ps AS timestamptz) ELSE current_period_start END,
             current_period_end = greatest(current_period_end, CAST(:pe AS timestamptz)),
             state_at = CASE WHEN :newer THEN CAST(:at AS timestamptz) ELSE state_at END,
+            -- dunning: when it entered past_due (the grace period runs from there); cleared when it leaves
+            past_due_since = CASE WHEN NOT (:newer AND CAST(:status AS text) IS NOT NULL) THEN past_due_since
+                                  WHEN CAST(:status AS text) = 'past_due'
+                                  THEN coalesce(past_due_since, CAST(:at AS timestamptz))
+                                  ELSE NULL END,
             updated_at = now()
         WHERE id = :id RETURNING *"""), {
         "newer": newer, "status": status, "renew": will_renew, "ended": ended_at, "at": ctx.at,
@@ -386,6 +396,9 @@ def upsert_entitlement(ctx: Ctx, *, external_subscription_id: str, status: str |
         "id": existing.id}).mappings().one()
     if not newer:
         ctx.notes.append("an older or post-end event: entitlement state kept")
+    elif row["status"] != existing.status:
+        record_change(ctx.conn, project_id=ctx.project_id, entitlement_id=existing.id, from_status=existing.status,
+                      to_status=row["status"], reason=f"{ctx.provider} {ctx.event_type}", at=ctx.at)
     return Entitlement.of(row)
 
 

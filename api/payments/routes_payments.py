@@ -15,7 +15,7 @@ from sqlalchemy import text
 from api.deps import ConnectionDep, SettingsDep
 from api.errors import ApiError, NotFound
 from api.pagination import LIMIT_DEFAULT, LIMIT_MAX
-from api.payments import checkout, config, offers, webhooks
+from api.payments import checkout, config, dunning, offers, webhooks
 from api.payments.effects import Entitlement
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
@@ -400,6 +400,29 @@ def list_payments(access: Read, conn: ConnectionDep, wallet_id: Annotated[str | 
         ORDER BY p.created_at DESC, p.id DESC LIMIT :limit"""),
                         {"p": access.project_id, "w": wallet_id, "limit": limit}).mappings().all()
     return [PaymentOut(**{k: r[k] for k in PaymentOut.model_fields}) for r in rows]
+
+
+class EntitlementEventOut(BaseModel):
+    id: int
+    entitlement_id: str
+    wallet_id: str
+    provider: str
+    external_subscription_id: str
+    from_status: str | None
+    to_status: str
+    reason: str
+    at: datetime
+    created_at: datetime
+
+
+@router.get("/entitlement-events", response_model=list[EntitlementEventOut],
+            summary="Every entitlement status change (webhooks, dunning), newest first")
+def list_entitlement_events(access: Read, conn: ConnectionDep,
+                            wallet_id: Annotated[str | None, Query(max_length=200)] = None,
+                            limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = LIMIT_DEFAULT,
+                            ) -> list[EntitlementEventOut]:
+    return [EntitlementEventOut(**r) for r in dunning.list_events(conn, project_id=access.project_id,
+                                                                   wallet_id=wallet_id, limit=limit)]
 
 
 # ------------------------------------------------------------------------------------------ webhook events

@@ -14,6 +14,9 @@ Create Date: 2026-12-03
 - ``webhook_events.status`` gains ``held`` (a purchase for a wallet closed by an account erasure request: kept,
   answered 200, replayable after the erasure is cancelled) and ``dismissed`` (an admin closed a held event, e.g.
   after refunding it in the provider's dashboard). Both settle the event (a redelivery is a duplicate).
+- Dunning (api/payments/dunning.py): ``entitlements.past_due_since`` (when it entered past_due), the status
+  ``expired`` (past_due longer than the grace period; not final, unlike ``ended``), and ``entitlement_events``:
+  one row per status change (from, to, why, when), append-only by use.
 """
 
 from alembic import op
@@ -52,9 +55,34 @@ ALTER TABLE webhook_events ADD CONSTRAINT webhook_events_status_check
 DROP INDEX webhook_events_once;
 CREATE UNIQUE INDEX webhook_events_once ON webhook_events (project_id, provider, event_id)
     WHERE status IN ('processed', 'deferred', 'ignored', 'unmatched', 'held', 'dismissed');
+
+ALTER TABLE entitlements ADD COLUMN past_due_since timestamptz;
+UPDATE entitlements SET past_due_since = state_at WHERE status = 'past_due';
+ALTER TABLE entitlements DROP CONSTRAINT entitlements_status_check;
+ALTER TABLE entitlements ADD CONSTRAINT entitlements_status_check
+    CHECK (status IN ('trialing', 'active', 'past_due', 'paused', 'cancelled', 'ended', 'expired'));
+CREATE INDEX entitlements_past_due ON entitlements (past_due_since) WHERE status = 'past_due';
+CREATE TABLE entitlement_events (
+    id              bigserial PRIMARY KEY,
+    project_id      text NOT NULL,
+    entitlement_id  text NOT NULL REFERENCES entitlements (id),
+    from_status     text,
+    to_status       text NOT NULL,
+    reason          text NOT NULL,
+    at              timestamptz NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX entitlement_events_project ON entitlement_events (project_id, id);
 """
 
 DOWNGRADE = """
+DROP TABLE entitlement_events;
+DROP INDEX entitlements_past_due;
+UPDATE entitlements SET status = 'ended' WHERE status = 'expired';
+ALTER TABLE entitlements DROP CONSTRAINT entitlements_status_check;
+ALTER TABLE entitlements ADD CONSTRAINT entitlements_status_check
+    CHECK (status IN ('trialing', 'active', 'past_due', 'paused', 'cancelled', 'ended'));
+ALTER TABLE entitlements DROP COLUMN past_due_since;
 DROP INDEX webhook_events_once;
 CREATE UNIQUE INDEX webhook_events_once ON webhook_events (project_id, provider, event_id)
     WHERE status IN ('processed', 'deferred', 'ignored', 'unmatched');

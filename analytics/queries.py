@@ -38,6 +38,7 @@ from clickhouse_connect.driver.client import Client
 
 from analytics.client import ClientPool
 from analytics.errors import BadQuery
+from analytics.meter_units import MeterSpec, group_expression, meter_rows_sql, units_expression
 from analytics.settings import AnalyticsSettings
 
 Granularity = Literal["minute", "hour", "day", "month"]
@@ -178,78 +179,97 @@ def _json_args(parts: list[str], params: dict[str, Any], prefix: str) -> str:
 # ----------------------------------------------------------------------------- usage builders
 
 
-def build_usage(*, db: str, project_id: str, win: Window, granularity: str, meter: str | None = None,
-                subject: str | None = None, group_by: str | None = None, value_key: str | None = None,
+def _meter_window(win: Window, params: dict[str, Any]) -> list[str]:
+    params["start"], params["end"] = win.start, win.end
+    return ["time >= {start:DateTime64(3, 'UTC')}", "time < {end:DateTime64(3, 'UTC')}"]
+
+
+def _time_bucket(granularity: str) -> str:
+    return {"minute": "toStartOfMinute(time)", "hour": "toStartOfHour(time)", "day": "toStartOfDay(time)",
+            "month": "toDateTime(toStartOfMonth(time), 'UTC')"}[granularity]
+
+
+def build_usage(*, db: str, project_id: str, win: Window, granularity: str, meters: list[MeterSpec],
+                subject: str | None = None, group_by: str | None = None,
                 buckets_max: int = 5_000) -> tuple[Query, Window]:
-    """Events and units per bucket (and per meter, subject or data key). ``group_by``: "meter" (default),
-    "subject", or "data.<key>". ``value_key`` sums that data key instead of the stored units."""
+    """Events, units and rejected events per bucket, as each meter defines its units (analytics/meter_units.py).
+    ``group_by``: "meter" (one series per meter), or — for ONE meter — "subject", one of the meter's group-by
+    paths ("$.model") or "data.<key>"."""
     group_by = group_by or "meter"
-    per_subject = subject is not None or group_by == "subject"
-    raw = value_key is not None or group_by.startswith("data.") or (
-        per_subject and granularity in ("minute", "hour"))
-    # The rollup each shape can use: per-subject day/month -> by_subject_day; minute -> by_minute;
-    # hour/day/month -> by_hour. Filters use the same expression as the rollup's key, or it cannot be used.
-    unit = "day" if per_subject and not raw else "minute" if granularity == "minute" else "hour"
-    win = aligned(win, unit)
+    if group_by != "meter" and len(meters) != 1:
+        raise BadQuery("group_by subject or a data key needs one meter (?meter=slug)")
+    if granularity not in GRANULARITIES:
+        raise BadQuery(f"granularity must be one of {', '.join(GRANULARITIES)}")
+    win = aligned(win, granularity)
     check_buckets(win, granularity, buckets_max)
-    base = {"day": "toStartOfDay(time)", "hour": "toStartOfHour(time)", "minute": "toStartOfMinute(time)"}[unit]
-    params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end}
-    where = ["project_id = {project:String}", f"{base} >= {{start:DateTime64(3, 'UTC')}}",
-             f"{base} < {{end:DateTime64(3, 'UTC')}}"]
-    if meter is not None:
-        where.append("event_type = {meter:String}")
-        params["meter"] = meter
+    params: dict[str, Any] = {"project": project_id}
+    where = _meter_window(win, params)
     if subject is not None:
         where.append("subject = {subject:String}")
         params["subject"] = subject
-    if group_by == "meter":
-        group = "event_type"
-    elif group_by == "subject":
-        group = "subject"
-    elif group_by.startswith("data."):
-        group = f"JSONExtractString(data, {_json_args(_json_key(group_by[5:]), params, 'g')})"
-    else:
-        raise BadQuery("group_by must be meter, subject or data.<key>")
-    units = "toString(sum(units))"  # exact decimal text, trailing zeros dropped by ClickHouse
-    if value_key is not None:
-        units = (f"toString(sum(toDecimal128OrZero(JSONExtractRaw(data, "
-                 f"{_json_args(_json_key(value_key), params, 'v')}), 9)))")
-    # The bucket leaves ClickHouse as ISO text (a series may hold thousands of points; text is what the API
-    # returns, and converting datetimes row by row in Python cost more than the query).
-    bucket = _bucket(granularity, base)
-    sql = (f"SELECT formatDateTime({bucket}, '%Y-%m-%dT%H:%i:%S+00:00', 'UTC') AS bucket, {group} AS grp, "
-           f"count() AS events, {units} AS total_units FROM `{db}`.usage_events WHERE {' AND '.join(where)} "
-           f"GROUP BY {bucket}, grp ORDER BY {bucket}, grp")
+    bucket = _time_bucket(granularity)
+    parts = []
+    for n, meter in enumerate(meters):
+        grp = group_expression(meter, group_by, params, prefix=f"g{n}_")
+        rows = meter_rows_sql(db, meter, params, prefix=f"m{n}_", extra_where=where,
+                              columns=f"time, {grp} AS grp")
+        parts.append(f"SELECT formatDateTime({bucket}, '%Y-%m-%dT%H:%i:%S+00:00', 'UTC') AS bucket, grp, "
+                     f"countIf(ok = 1) AS events, toString({units_expression(meter.aggregation)}) AS total_units, "
+                     f"countIf(ok = 0) AS rejected FROM ({rows}) GROUP BY bucket, grp")
+    if not parts:
+        return Query("SELECT '' AS bucket, '' AS grp, 0 AS events, '0' AS total_units, 0 AS rejected WHERE 0",
+                     {}), win
+    sql = f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY bucket, grp"
     return Query(sql, params), win
 
 
-def build_usage_totals(*, db: str, project_id: str, win: Window) -> tuple[Query, Window]:
-    """Totals per meter over the window widened to whole hours (the dashboard's summary tiles)."""
-    win = aligned(win, "hour")
-    return Query(
-        f"SELECT event_type AS meter, count() AS events, toString(sum(units)) AS total_units FROM `{db}`.usage_events "
-        "WHERE project_id = {project:String} AND toStartOfHour(time) >= {start:DateTime64(3, 'UTC')} "
-        "AND toStartOfHour(time) < {end:DateTime64(3, 'UTC')} GROUP BY meter ORDER BY meter",
-        {"project": project_id, "start": win.start, "end": win.end}), win
+def build_usage_totals(*, db: str, project_id: str, win: Window, meters: list[MeterSpec]) -> list[Query]:
+    """Per meter over the window: events counted, units, and rejected events (invalid values): one query per
+    meter, each reading only its event type's rows (the sort key's prefix)."""
+    queries = []
+    for meter in meters:
+        params: dict[str, Any] = {"project": project_id}
+        rows = meter_rows_sql(db, meter, params, prefix="m_", extra_where=_meter_window(win, params),
+                              columns="time")
+        queries.append(Query(f"SELECT countIf(ok = 1) AS events, toString({units_expression(meter.aggregation)}) "
+                             f"AS total_units, countIf(ok = 0) AS rejected FROM ({rows})", params))
+    return queries
 
 
-def build_top_consumers(*, db: str, project_id: str, win: Window, meter: str | None = None,
+def build_billed_by_meter(*, db: str, project_id: str, win: Window) -> Query:
+    """Credits the ledger charged per meter in the window (usage transactions; a credit-back is negative)."""
+    where, params = _tx_where(project_id, win, None)
+    return Query(f"SELECT meter_id, -sum(amount_minor) AS billed_minor, count() AS transactions "
+                 f"FROM `{db}`.ledger_transactions WHERE {where} AND kind = 'usage' AND meter_id != '' "
+                 "GROUP BY meter_id", params)
+
+
+def build_dead_letter_reasons(*, db: str, project_id: str, win: Window) -> Query:
+    """Dead-lettered usage messages of the project in the window, by reason (unknown_meter, bad_value, ...)."""
+    return Query(f"SELECT reason, count() AS messages FROM `{db}`.dead_letters WHERE project_id = {{project:String}} "
+                 "AND received_at >= {start:DateTime64(3, 'UTC')} AND received_at < {end:DateTime64(3, 'UTC')} "
+                 "GROUP BY reason ORDER BY messages DESC, reason",
+                 {"project": project_id, "start": win.start, "end": win.end})
+
+
+def build_top_consumers(*, db: str, project_id: str, win: Window, meter: MeterSpec | None = None,
                         limit: int = 10) -> tuple[Query, Window]:
-    """Subjects by units of one meter (or by events across meters, when no meter is given)."""
+    """Subjects by units of one meter (as the meter counts them), or by events across all types."""
     if not 1 <= limit <= 1_000:
         raise BadQuery("limit must be between 1 and 1000")
-    win = aligned(win, "day")
-    params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end, "limit": limit}
-    where = ("project_id = {project:String} AND toStartOfDay(time) >= {start:DateTime64(3, 'UTC')} "
-             "AND toStartOfDay(time) < {end:DateTime64(3, 'UTC')}")
     if meter is None:
-        sql = (f"SELECT subject, count() AS events FROM `{db}`.usage_events WHERE {where} "
-               "GROUP BY subject ORDER BY events DESC, subject LIMIT {limit:UInt32}")
-    else:
-        params["meter"] = meter
-        sql = (f"SELECT subject, count() AS events, toString(sum(units) AS total) AS total_units FROM `{db}`.usage_events "
-               f"WHERE {where} AND event_type = {{meter:String}} GROUP BY subject ORDER BY total DESC, subject "
-               "LIMIT {limit:UInt32}")
+        win = aligned(win, "day")
+        params: dict[str, Any] = {"project": project_id, "start": win.start, "end": win.end, "limit": limit}
+        sql = (f"SELECT subject, count() AS events FROM `{db}`.usage_events WHERE project_id = {{project:String}} "
+               "AND toStartOfDay(time) >= {start:DateTime64(3, 'UTC')} AND toStartOfDay(time) < "
+               "{end:DateTime64(3, 'UTC')} GROUP BY subject ORDER BY events DESC, subject LIMIT {limit:UInt32}")
+        return Query(sql, params), win
+    params = {"project": project_id, "limit": limit}
+    rows = meter_rows_sql(db, meter, params, prefix="m_", extra_where=_meter_window(win, params),
+                          columns="time, subject")
+    units = units_expression(meter.aggregation)
+    sql = (f"SELECT subject, countIf(ok = 1) AS events, toString({units}) AS total_units FROM ({rows}) "
+           f"GROUP BY subject HAVING events > 0 ORDER BY {units} DESC, subject LIMIT {{limit:UInt32}}")
     return Query(sql, params), win
 
 
@@ -532,31 +552,45 @@ class Analytics:
             return list(_dicts(client, query, self._query_settings))
 
     # usage
-    def usage(self, *, project_id: str, win: Window, granularity: str, meter: str | None = None,
-              subject: str | None = None, group_by: str | None = None, value_key: str | None = None
-              ) -> dict[str, Any]:
+    def usage(self, *, project_id: str, win: Window, granularity: str, meters: list[MeterSpec],
+              subject: str | None = None, group_by: str | None = None) -> dict[str, Any]:
         query, effective = build_usage(db=self.db, project_id=project_id, win=win, granularity=granularity,
-                                       meter=meter, subject=subject, group_by=group_by, value_key=value_key,
+                                       meters=meters, subject=subject, group_by=group_by,
                                        buckets_max=self.settings.buckets_max)
         with self.pool.client() as client:
             result = client.query(query.sql, parameters=query.params, settings=self._query_settings)
         # text columns already (bucket, group, units): no per-value conversion
-        series = [{"bucket": bucket, "group": group, "events": events, "units": units}
-                  for bucket, group, events, units in result.result_rows]
+        series = [{"bucket": bucket, "group": group, "events": int(events), "units": _units_text(units),
+                   "rejected_events": int(rejected)}
+                  for bucket, group, events, units, rejected in result.result_rows]
         return {"window": effective.as_dict(), "granularity": granularity, "group_by": group_by or "meter",
-                "series": series}
+                "meters": [m.slug for m in meters], "series": series}
 
-    def usage_totals(self, *, project_id: str, win: Window) -> dict[str, Any]:
-        query, effective = build_usage_totals(db=self.db, project_id=project_id, win=win)
-        return {"window": effective.as_dict(), "meters": [
-            {"meter": r["meter"], "events": int(r["events"]), "units": r["total_units"]} for r in self.rows(query)]}
+    def usage_totals(self, *, project_id: str, win: Window, meters: list[MeterSpec]) -> dict[str, Any]:
+        """Per meter: units as the meter counts them and rejected events beside the credits the ledger billed;
+        and the project's dead letters by reason (events no meter could take: unknown_meter, ...)."""
+        billed = {r["meter_id"]: r for r in self.rows(build_billed_by_meter(db=self.db, project_id=project_id,
+                                                                           win=win))}
+        out = []
+        for meter, query in zip(meters, build_usage_totals(db=self.db, project_id=project_id, win=win,
+                                                           meters=meters), strict=True):
+            row = self.rows(query)[0]
+            charged = billed.get(meter.id)
+            out.append({"meter": meter.slug, "meter_id": meter.id, "event_type": meter.versions[-1].event_type,
+                        "aggregation": meter.aggregation, "priced": meter.priced, "events": int(row["events"]),
+                        "units": _units_text(row["total_units"]), "rejected_events": int(row["rejected"]),
+                        "billed_minor": int(charged["billed_minor"]) if charged else 0})
+        letters = self.rows(build_dead_letter_reasons(db=self.db, project_id=project_id, win=win))
+        return {"window": win.as_dict(), "meters": out,
+                "dead_letters": [{"reason": r["reason"], "messages": int(r["messages"])} for r in letters]}
 
-    def top_consumers(self, *, project_id: str, win: Window, meter: str | None = None,
+    def top_consumers(self, *, project_id: str, win: Window, meter: MeterSpec | None = None,
                       limit: int = 10) -> dict[str, Any]:
         query, effective = build_top_consumers(db=self.db, project_id=project_id, win=win, meter=meter, limit=limit)
         consumers = [{"subject": r["subject"], "events": int(r["events"]),
-                      **({"units": r["total_units"]} if "total_units" in r else {})} for r in self.rows(query)]
-        return {"window": effective.as_dict(), "meter": meter, "consumers": consumers}
+                      **({"units": _units_text(r["total_units"])} if "total_units" in r else {})}
+                     for r in self.rows(query)]
+        return {"window": effective.as_dict(), "meter": meter.slug if meter else None, "consumers": consumers}
 
     # wallets
     def wallet_summary(self, *, project_id: str, win: Window, wallet_id: str | None = None) -> dict[str, Any]:
@@ -617,6 +651,17 @@ class Analytics:
 
     def dead_letters(self, *, project_id: str, limit: int = 50) -> dict[str, Any]:
         return {"dead_letters": self.rows(build_dead_letters(db=self.db, project_id=project_id, limit=limit))}
+
+
+def _units_text(text: str | None) -> str:
+    """ClickHouse's decimal text, normalized ("12.500000000" -> "12.5"; NULL or "" of an empty set -> "0")."""
+    if text is None:
+        return "0"
+    try:
+        value = Decimal(text)
+    except (ArithmeticError, ValueError):
+        return "0"
+    return format(value.normalize(), "f") if value.is_finite() and value else "0"
 
 
 def _dicts(client: Client, query: Query, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -21,7 +21,7 @@ import orjson
 from pydantic import ValidationError
 
 from ledger.contracts import TransactionPosted
-from streams.contracts import UsageEvent
+from streams.contracts import DLQ_HEADER_PROJECT, DLQ_HEADER_REASON, UsageEvent, dead_letter_project
 
 UNITS_SCALE = Decimal("0.000000001")  # Decimal(38, 9) in ClickHouse
 UNITS_ABS_MAX = Decimal(10) ** 28
@@ -213,6 +213,30 @@ def _find(doc: Any, *keys: str) -> str:
     return ""
 
 
+def _dead_letter_project(header_map: Mapping[str, str], doc: Any) -> str:
+    """The project of a dead letter, from (in order) its ``project`` header, the envelope's ``project``, the
+    decoded ``event`` (DeadLetter since the header exists), the ``original`` TEXT of an older worker's
+    envelope (the refused JSON as a string, no header, no ``project``), or any other shape's nested object."""
+    project = header_map.get(DLQ_HEADER_PROJECT) or header_map.get("project_id")
+    if project:
+        return project
+    if isinstance(doc, dict):
+        if isinstance(doc.get("project"), str) and doc["project"]:
+            return str(doc["project"])
+        found = dead_letter_project(doc.get("event"))
+        if found:
+            return found
+        original = doc.get("original")
+        if isinstance(original, str):
+            try:
+                found = dead_letter_project(orjson.loads(original))
+            except orjson.JSONDecodeError:
+                found = None
+            if found:
+                return found
+    return _find(doc, "project", "project_id")
+
+
 def dead_letter_rows(value: bytes | None, headers: Headers | None, origin: Origin) -> Parsed:
     """One row per dead-letter message, whatever its shape: the viewer must show even unparseable input."""
     items = headers.items() if isinstance(headers, Mapping) else (headers or [])
@@ -222,9 +246,9 @@ def dead_letter_rows(value: bytes | None, headers: Headers | None, origin: Origi
         doc: Any = orjson.loads(value) if value else None
     except orjson.JSONDecodeError:
         doc = None
-    project = header_map.get("project") or header_map.get("project_id") or _find(doc, "project", "project_id")
-    reason = (header_map.get("reason") or header_map.get("error") or _find(doc, "reason", "error", "error_code")
-              or "unknown")
+    project = _dead_letter_project(header_map, doc)
+    reason = (header_map.get(DLQ_HEADER_REASON) or header_map.get("error")
+              or _find(doc, "reason", "error", "error_code") or "unknown")
     row = (project, origin.timestamp or origin.ingested_at, reason, payload,
            orjson.dumps(header_map).decode(), origin.topic, origin.partition, origin.offset, 0)
     return Parsed([row])

@@ -63,10 +63,14 @@ STATUS_BY_CODE: dict[str, int] = {
     "analytics.unavailable": 503,
     # ledger: its own map (ledger/errors.py), one place for both
     **LEDGER_HTTP_STATUS,
-    # streams catalog (streams engineer)
-    "streams.invalid": 422,
-    "streams.not_found": 404,
-    "streams.conflict": 409,
+    # the catalog: meters, prices, subject keys (raised by streams/catalog.py under public codes)
+    "catalog.invalid": 422,
+    "catalog.not_found": 404,
+    "catalog.meter_not_found": 404,
+    "catalog.price_not_found": 404,
+    "catalog.subject_key_not_found": 404,
+    "catalog.wallet_not_found": 404,
+    "catalog.conflict": 409,
 }
 
 
@@ -100,8 +104,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
-        return problem(422, "api.validation_failed", "the request does not match the schema; see errors",
-                       instance=request.url.path, errors=errors)
+        # every missing field by name (pydantic reports all of them; say so in the detail too, not only the first)
+        missing = [".".join(str(part) for part in e["loc"][1:] or e["loc"]) for e in errors if e["type"] == "missing"]
+        invalid = [".".join(str(part) for part in e["loc"][1:] or e["loc"]) for e in errors if e["type"] != "missing"]
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"invalid {', '.join(invalid)}"] if invalid else [])
+        detail = f"the request does not match the schema: {'; '.join(parts)}" if parts else \
+            "the request does not match the schema; see errors"
+        return problem(422, "api.validation_failed", detail, instance=request.url.path, errors=errors,
+                       missing=missing)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.docs_ui import install_docs
 from api.errors import install_error_handlers
 from api.middleware import install_middleware
 from api.settings import ApiSettings, get_settings
@@ -70,10 +71,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Usage metering, prepaid credit wallets, pricing, payments and analytics.",
         lifespan=lifespan,
+        docs_url=None,  # api/docs_ui.py: offline Swagger UI under a CSP, with security schemes
+        redoc_url=None,
     )
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
     install_middleware(app, inner=(FastDebitMiddleware,))
     for module_name in ROUTER_MODULES:
         app.include_router(importlib.import_module(module_name).router)
+    install_docs(app)
     return app

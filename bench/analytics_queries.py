@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from analytics.client import ClientPool, connect
+from analytics.meter_units import MeterSpec, MeterVersion
 from analytics.migrate import migrate
 from analytics.queries import Analytics, Window
 from analytics.settings import AnalyticsSettings
@@ -115,20 +116,27 @@ def load(url: str, db: str, *, events: int, transactions: int, deadline: float) 
         client.close()
 
 
+#: one SUM-of-$.units meter per synthetic event type (units as the meter defines them, analytics/meter_units.py)
+METERS = [MeterSpec(id=f"mtr_{n}", slug=f"meter_{n}", group_by=("$.model",), event_type=f"meter_{n}", versions=(
+    MeterVersion(f"meter_{n}", "SUM", "$.units", (), START - timedelta(days=1), None),)) for n in range(7)]
+
+
 def dashboard_queries(service: Analytics) -> dict[str, Callable[[], Any]]:
     end = START + timedelta(days=DAYS)
     last30 = Window(end - timedelta(days=30), end)
     last1 = Window(end - timedelta(days=1), end)
     p = PROJECT
     return {
-        "usage totals 30d": lambda: service.usage_totals(project_id=p, win=last30),
-        "usage by meter, hourly, 30d": lambda: service.usage(project_id=p, win=last30, granularity="hour"),
-        "usage by meter, daily, 30d": lambda: service.usage(project_id=p, win=last30, granularity="day"),
+        "usage totals 30d": lambda: service.usage_totals(project_id=p, win=last30, meters=METERS),
+        "usage by meter, hourly, 30d": lambda: service.usage(project_id=p, win=last30, granularity="hour",
+                                                             meters=METERS),
+        "usage by meter, daily, 30d": lambda: service.usage(project_id=p, win=last30, granularity="day",
+                                                            meters=METERS),
         "usage one meter, per minute, 24h": lambda: service.usage(project_id=p, win=last1, granularity="minute",
-                                                                  meter="meter_3"),
+                                                                  meters=[METERS[3]]),
         "usage one subject, daily, 30d": lambda: service.usage(project_id=p, win=last30, granularity="day",
-                                                               subject="user_42"),
-        "top consumers of a meter, 30d": lambda: service.top_consumers(project_id=p, win=last30, meter="meter_1"),
+                                                               subject="user_42", meters=METERS),
+        "top consumers of a meter, 30d": lambda: service.top_consumers(project_id=p, win=last30, meter=METERS[1]),
         "top consumers all meters, 30d": lambda: service.top_consumers(project_id=p, win=last30),
         "wallet summary 30d (+ sources)": lambda: service.wallet_summary(project_id=p, win=last30),
         "credit flow daily 30d": lambda: service.credit_flow(project_id=p, win=last30, granularity="day"),
@@ -148,9 +156,9 @@ def adhoc_queries(service: Analytics) -> dict[str, Callable[[], Any]]:
     last7 = Window(end - timedelta(days=7), end)
     return {
         "[ad hoc] group by data key, one meter, 30d": lambda: service.usage(
-            project_id=PROJECT, win=last30, granularity="day", meter="meter_2", group_by="data.model"),
+            project_id=PROJECT, win=last30, granularity="day", meters=[METERS[2]], group_by="$.model"),
         "[ad hoc] group by data key, one meter, 7d": lambda: service.usage(
-            project_id=PROJECT, win=last7, granularity="day", meter="meter_2", group_by="data.model"),
+            project_id=PROJECT, win=last7, granularity="day", meters=[METERS[2]], group_by="$.model"),
     }
 
 

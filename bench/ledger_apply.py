@@ -40,6 +40,7 @@ from ledger.writer import Draft, write
 
 PRICE = PriceModel(model="per_unit", unit_price_minor=Decimal("0.4"))
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
+PRICE_FROM = datetime(2020, 1, 1, tzinfo=UTC)
 MIGRATIONS = Path(__file__).resolve().parent.parent / "ledger" / "migrations"
 
 
@@ -103,7 +104,8 @@ class Load:
             counters.append(CounterValue(
                 key=CounterKey(wallet_id=wallet, project_id="bench", meter_id="tokens", period_start=PERIOD,
                                price_version_id="v1"),
-                units=Decimal(self.units[wallet]), price=PRICE, events=self.units[wallet]))
+                units=Decimal(self.units[wallet]), price=PRICE, events=self.units[wallet],
+                price_effective_from=PRICE_FROM))  # what streams sends since issue 13: continued pricing
         return ChargeCheckpoint(source_topic=self.topic, partition=self.partition, as_of_offset=self.offset,
                                 counters=counters,
                                 dedupe_keys=[self.rng.getrandbits(63) for _ in range(self.keys * self.dedupe_per_key)],

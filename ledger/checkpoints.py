@@ -17,13 +17,27 @@ Steps, and the invariant each protects:
      for one key, and the read after the lock sees the other partition's committed counters.
 5. Price the merged units (ledger.pricing), delta = price − charged. Store units and charged.
    → the sum of everything posted for a key equals price(total units): no drift, no double charge.
+5b. Price versions continue the period (DESIGN §2 invariant 9): keys that carry ``price_effective_from``
+   belong to the group (wallet, meter, period, meter_version). Before step 4 the groups' rows of
+   ``usage_charge_groups`` are locked (insert-if-missing, key order); after it every member of the group (every
+   price version, this checkpoint's or not) is read, its partitions merged, and the versions priced as one run
+   in the order they took effect (``pricing.continued_prices_minor``): each version's target charge is
+   ``price_v(before + units_v) − price_v(before)``. Every member whose target moved posts its delta — also a
+   later version re-priced because a late event grew an earlier one.
+   → the free allowance and tier position carry over a price change; the result is a pure function of the
+     period's units (arrival order, partitions and merging cannot change it), so it is charged exactly once;
+     the group lock serialises two partitions' appliers of one group, and each reads the versions the other
+     committed. Keys without ``price_effective_from`` (older producers) and rows written before ledger_0006
+     are priced on their own as before: charged history is never re-priced. A key named without
+     ``price_effective_from`` whose stored row is grouped (a replay correction) is priced with its group.
 6. Lock the wallets with a non-zero delta (id order), post each delta as a ``usage`` transaction:
    positive delta burns buckets, beyond the balance it is posted as debt (never dropped); a negative
    delta (a volume tier got cheaper, a LATEST gauge fell) is a ``usage`` transaction with a POSITIVE
    amount that repays debt first and puts the rest in a 'refund' bucket. Idempotency key:
    ``usage:{topic}:{partition}:{as_of}:{wallet}:{meter}:{period}:{version}`` (deterministic).
    Outbox rows are written for every transaction.
-7. Record the checkpoint's dedupe keys (one array row) and set applied_through = as_of_offset.
+7. Record the checkpoint's dedupe keys (one array row, with the checkpoint's ``stream_time``: the horizon is
+   measured in stream time when the next owner seeds) and set applied_through = as_of_offset.
    → dedupe state, counters, money and the offset mark commit atomically or not at all.
 
 ``apply_checkpoints`` applies several consecutive checkpoints of one partition (what the consumer fetched
@@ -46,7 +60,7 @@ from sqlalchemy import Connection, text
 from ledger.books import load_books, lock_wallets
 from ledger.contracts import ChargeCheckpoint, CounterValue, PriceModel, TransactionKind
 from ledger.postings import DEFAULT_PRIORITY, NewBucket
-from ledger.pricing import price_minor
+from ledger.pricing import continued_prices_minor, price_minor
 from ledger.rows import CheckpointOutcome
 from ledger.sqlrows import rows_json
 from ledger.writer import Draft, write
@@ -92,13 +106,47 @@ _UPSERT_COUNTERS = text(f"""
 
 # ON CONFLICT DO UPDATE locks each existing row; ORDER BY makes every applier lock keys in one order.
 _LOCK_CHARGES = text(f"""
-    INSERT INTO usage_charges (wallet_id, meter_id, period_start, price_version_id, project_id, aggregation, price)
+    INSERT INTO usage_charges (wallet_id, meter_id, period_start, price_version_id, project_id, aggregation, price,
+                               meter_version, price_effective_from)
     SELECT v.wallet_id, v.meter_id, v.period_start, v.price_version_id, v.project_id, v.aggregation,
-           CAST(v.price AS jsonb)
-    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, project_id text, aggregation text, price text)
+           CAST(v.price AS jsonb), v.meter_version, v.price_effective_from
+    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, project_id text, aggregation text, price text,
+                                                     meter_version integer, price_effective_from timestamptz)
     ORDER BY v.wallet_id, v.meter_id, v.period_start, v.price_version_id
     ON CONFLICT (wallet_id, meter_id, period_start, price_version_id) DO UPDATE SET updated_at = now()
     RETURNING wallet_id, meter_id, period_start, price_version_id, charged_minor
+""")
+
+# Price versions continue the period (step 5b): appliers of one (wallet, meter, period, meter_version) group
+# serialise on the group's row, locked (insert-if-missing) in ONE statement in key order before any
+# usage_charges row — the same pattern as _LOCK_CHARGES, and row locks, so a checkpoint of 4,000 groups takes
+# no slots of PostgreSQL's shared lock table (advisory locks would). The members are read after the lock, so a
+# version another applier added to the group has committed and is seen.
+_LOCK_GROUPS = text("""
+    INSERT INTO usage_charge_groups (wallet_id, meter_id, period_start, meter_version)
+    SELECT g.wallet_id, g.meter_id, g.period_start, g.meter_version
+    FROM json_to_recordset(CAST(:groups AS json)) AS g(wallet_id text, meter_id text, period_start timestamptz,
+                                                      meter_version integer)
+    ORDER BY g.wallet_id, g.meter_id, g.period_start, g.meter_version
+    ON CONFLICT (wallet_id, meter_id, period_start, meter_version) DO UPDATE SET meter_version = EXCLUDED.meter_version
+""")
+
+_GROUP_MEMBERS = text("""
+    SELECT c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.meter_version, c.price_effective_from,
+           c.aggregation, c.price, c.charged_minor
+    FROM json_to_recordset(CAST(:groups AS json)) AS g(wallet_id text, meter_id text, period_start timestamptz,
+                                                      meter_version integer)
+    JOIN usage_charges c
+      ON c.wallet_id = g.wallet_id AND c.meter_id = g.meter_id AND c.period_start = g.period_start
+     AND c.meter_version = g.meter_version AND c.price_effective_from IS NOT NULL
+""")
+
+_STORED_GROUPS = text(f"""
+    SELECT c.wallet_id, c.meter_id, c.period_start, c.meter_version
+    FROM json_to_recordset(CAST(:rows AS json)) AS k({_KEY_COLUMNS})
+    JOIN usage_charges c
+      ON c.wallet_id = k.wallet_id AND c.meter_id = k.meter_id AND c.period_start = k.period_start
+     AND c.price_version_id = k.price_version_id AND c.price_effective_from IS NOT NULL
 """)
 
 _ALL_PARTITIONS = text(f"""
@@ -119,8 +167,8 @@ _UPDATE_CHARGES = text(f"""
 # One row per applied checkpoint; the hashes as one bigint[] literal ('{1,-2,3}': PostgreSQL's int8 array
 # parser, no JSON). as_of is new for the partition (step 1), so the primary key cannot collide.
 _INSERT_DEDUPE = text("""
-    INSERT INTO dedupe_key_sets (source_topic, partition, as_of_offset, key_hashes)
-    VALUES (:topic, :partition, :as_of, CAST(:hashes AS bigint[]))
+    INSERT INTO dedupe_key_sets (source_topic, partition, as_of_offset, key_hashes, arrived_at)
+    VALUES (:topic, :partition, :as_of, CAST(:hashes AS bigint[]), :arrived_at)
 """)
 
 _SET_APPLIED = text("""
@@ -183,18 +231,30 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
         conn.execute(_ENSURE_WALLETS, {"rows": rows_json(
             {"id": w, "project_id": p} for w, p in sorted({(k.wallet_id, v.key.project_id) for k, v in values.items()}))})
         conn.execute(_UPSERT_COUNTERS, {"rows": rows, "topic": topic, "partition": partition, "as_of": as_of})
+        groups = _groups(conn, values, rows)
+        groups_json = rows_json(g._asdict() for g in groups) if groups else ""
+        if groups:
+            conn.execute(_LOCK_GROUPS, {"groups": groups_json})
         charged = _lock_charges(conn, rows)
-        units = _merged(conn, values, rows)
-        deltas = {key: price_minor(values[key].price, units[key]) - charged[key] for key in values}
-        cumulative = {key: charged[key] + deltas[key] for key in values}
+        members = _group_members(conn, groups_json, values) if groups else {}
+        aggregations = {k: v.aggregation for k, v in values.items()} | {k: m.aggregation for k, m in members.items()}
+        charged |= {k: m.charged_minor for k, m in members.items()}
+        # usually every member is a key of this checkpoint: reuse its rows; else read the others' counters too
+        units = _merged(conn, aggregations, rows if len(aggregations) == len(values) else _keys_json(aggregations))
+        targets = {key: price_minor(values[key].price, units[key]) for key in values}
+        targets |= _continued_targets(members, units)
+        priced = sorted(targets)
+        deltas = {key: targets[key] - charged[key] for key in priced}
         conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
-            {**_key_row(k), "units": units[k], "charged": cumulative[k]} for k in values)})
-        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), values, units, deltas, cumulative,
+            {**_key_row(k), "units": units[k], "charged": targets[k]} for k in priced)})
+        transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), priced, units, deltas, targets,
                                                    kind=kind, reason=reason)
     hashes = [h for checkpoint in accepted for h in checkpoint.dedupe_keys]
     if hashes:
+        stream_times = [c.stream_time for c in accepted if c.stream_time is not None]
         conn.execute(_INSERT_DEDUPE, {"topic": topic, "partition": partition, "as_of": as_of,
-                                      "hashes": _bigint_array(hashes)})
+                                      "hashes": _bigint_array(hashes),
+                                      "arrived_at": max(stream_times) if stream_times else None})
     conn.execute(_SET_APPLIED, {"topic": topic, "partition": partition, "as_of": as_of})
     outcome = CheckpointOutcome("applied", topic, partition, as_of, len(values), transactions, charged_total)
     return MergedOutcome(outcome, len(accepted), stale)
@@ -245,7 +305,8 @@ def _checkpoint_rows(values: dict[Key, CounterValue]) -> str:
     return rows_json(
         {**_key_row(k), "project_id": v.key.project_id, "units": v.units, "latest_at": v.latest_at,
          "events": v.events, "late_events": v.late_events, "aggregation": v.aggregation,
-         "price": _price_json(v.price)}
+         "price": _price_json(v.price), "meter_version": v.meter_version,
+         "price_effective_from": v.price_effective_from}
         for k, v in values.items())
 
 
@@ -267,17 +328,77 @@ def _lock_charges(conn: Connection, rows: str) -> dict[Key, int]:
     return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id): int(r.charged_minor) for r in result}
 
 
-def _merged(conn: Connection, values: dict[Key, CounterValue], rows: str) -> dict[Key, Decimal]:
-    per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in values}
+def _merged(conn: Connection, aggregations: dict[Key, str], rows: str) -> dict[Key, Decimal]:
+    per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in aggregations}
     for r in conn.execute(_ALL_PARTITIONS, {"rows": rows}):
         per_key[Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)].append((r.units, r.latest_at))
-    return {key: merge_units(values[key].aggregation, per_key[key]) for key in values}
+    return {key: merge_units(aggregations[key], per_key[key]) for key in aggregations}
 
 
-def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], values: dict[Key, CounterValue],
+# --- price versions continue the period (step 5b) ---------------------------------------------------------
+
+class Group(NamedTuple):
+    wallet_id: str
+    meter_id: str
+    period_start: datetime
+    meter_version: int
+
+
+class Member(NamedTuple):
+    """A key of a group as usage_charges stores it (the checkpoint's own keys included)."""
+
+    price_effective_from: datetime
+    price: PriceModel
+    aggregation: str
+    charged_minor: int
+
+
+def _groups(conn: Connection, values: dict[Key, CounterValue], rows: str) -> list[Group]:
+    """The groups of the checkpoint's keys that take part in continued pricing: keys whose producer sent
+    ``price_effective_from`` (streams since ledger_0006), and keys whose stored charge row already belongs to a
+    group (a replay correction, ledger/corrections.py, names the key without it — it must still be priced with
+    its group, or it would undo the continuation). Stored rows without it are priced on their own, as before."""
+    groups = {Group(k.wallet_id, k.meter_id, k.period_start, v.meter_version)
+              for k, v in values.items() if v.price_effective_from is not None}
+    if any(v.price_effective_from is None for v in values.values()):
+        # meter_version / price_effective_from of a stored row never change once written: no lock needed
+        groups |= {Group(r.wallet_id, r.meter_id, r.period_start, r.meter_version)
+                   for r in conn.execute(_STORED_GROUPS, {"rows": rows})}
+    return sorted(groups)
+
+
+def _group_members(conn: Connection, groups_json: str, values: dict[Key, CounterValue]) -> dict[Key, Member]:
+    members: dict[Key, Member] = {}
+    for r in conn.execute(_GROUP_MEMBERS, {"groups": groups_json}):
+        key = Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)
+        # a price version is immutable: the checkpoint's model is the stored one (parse only the others')
+        price = values[key].price if key in values else PriceModel.model_validate(r.price)
+        members[key] = Member(r.price_effective_from, price, r.aggregation, int(r.charged_minor))
+    return members
+
+
+def _keys_json(keys: Iterable[Key]) -> str:
+    return rows_json(_key_row(k) for k in keys)
+
+
+def _continued_targets(members: dict[Key, Member], units: dict[Key, Decimal]) -> dict[Key, int]:
+    """Each member's cumulative charge: its group's versions in the order they took effect, priced as one run
+    (``ledger.pricing.continued_prices_minor``)."""
+    by_group: dict[tuple[str, str, datetime, str], list[Key]] = {}
+    for key, member in members.items():
+        by_group.setdefault((key.wallet_id, key.meter_id, key.period_start, member.aggregation), []).append(key)
+    targets: dict[Key, int] = {}
+    for keys in by_group.values():
+        keys.sort(key=lambda k: (members[k].price_effective_from, k.price_version_id))
+        charges = continued_prices_minor([(members[k].price, members[k].aggregation, units[k]) for k in keys])
+        targets.update(zip(keys, charges, strict=True))
+    return targets
+
+
+def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], keys: list[Key],
                  units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int], *,
                  kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> tuple[int, int]:
-    moving = [key for key in values if deltas[key] != 0]
+    moving = [key for key in keys if deltas[key] != 0]
     if not moving:
         return 0, 0
     source_ref = "{}:{}:{}".format(*checkpoint)

@@ -197,6 +197,13 @@ class CounterValue(BaseModel):
     latest_at: AwareDatetime | None = None
     events: int = Field(ge=0, description="events counted into this value (cumulative)")
     late_events: int = Field(default=0, ge=0, description="of which arrived after the allowed lateness")
+    meter_version: int = Field(default=1, ge=1, description=(
+        "the meter's counting version: keys of one (wallet, meter, period) carry allowance and tier position "
+        "over from earlier price versions only within the same counting version"))
+    price_effective_from: AwareDatetime | None = Field(default=None, description=(
+        "when the key's price version took effect. Set: the key continues the period's cumulative units of the "
+        "keys of the same (wallet, meter, period, meter_version) whose price versions took effect earlier "
+        "(ledger/checkpoints.py, 'price versions continue'). None (older producers): priced on its own"))
 
 
 class ChargeCheckpoint(BaseModel):
@@ -219,6 +226,9 @@ class ChargeCheckpoint(BaseModel):
         "accepted in this checkpoint, e.g. int.from_bytes(blake2b(...,digest_size=8).digest(), signed=True)",
     )
     emitted_at: AwareDatetime
+    stream_time: AwareDatetime | None = Field(default=None, description=(
+        "the newest arrival (Kafka message timestamp) the partition's worker had seen as of this checkpoint; "
+        "stored with the dedupe keys so the next owner measures the dedupe horizon in stream time"))
 
 
 class TransactionPosted(BaseModel):

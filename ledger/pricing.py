@@ -16,7 +16,7 @@ from decimal import ROUND_FLOOR, Decimal, localcontext
 
 from ledger.contracts import PriceModel, PriceTier
 
-__all__ = ["delta_minor", "price_exact", "price_minor"]
+__all__ = ["combine_units", "continued_prices_minor", "delta_minor", "price_exact", "price_minor"]
 
 _ZERO = Decimal(0)
 #: Wide enough that units up to 10^30 times prices with 20 decimals multiply without rounding.
@@ -34,6 +34,39 @@ def price_minor(model: PriceModel, units: Decimal) -> int:
 def delta_minor(model: PriceModel, *, units: Decimal, charged_minor: int) -> int:
     """What to charge now (positive) or credit back (negative) so the total charged equals the price."""
     return price_minor(model, units) - charged_minor
+
+
+def combine_units(aggregation: str, before: Decimal, after: Decimal) -> Decimal:
+    """The period's units once ``after`` (a later price version's units) follows ``before``: sum, count and
+    unique_count add up; max is the larger; latest is the later version's value."""
+    if aggregation == "max":
+        return max(before, after)
+    if aggregation == "latest":
+        return after
+    return before + after
+
+
+def continued_prices_minor(runs: list[tuple[PriceModel, str, Decimal]]) -> list[int]:
+    """The cumulative charge of each price version of ONE (wallet, meter, period, meter version), given in
+    the order the versions took effect as (model, aggregation, units).
+
+    A new price version continues the period (DESIGN §2 invariant 9): version i prices its units at the tier
+    position the earlier versions left, ``price_i(before + units_i) − price_i(before)`` where ``before`` is the
+    combined units of versions 0..i−1. So a free allowance and tiers carry over, and units after the change are
+    priced by the new version (900 + 900 tokens with 1,000 free → 0, then 800 charged units). A pure function of
+    the final units: the order in which they arrived — late events of an earlier version included — cannot
+    change the result, which is what lets the ledger charge it exactly once (Σ posted = this, per key)."""
+    out: list[int] = []
+    before: Decimal | None = None
+    for model, aggregation, units in runs:
+        if before is None:
+            out.append(price_minor(model, units))
+            before = units
+            continue
+        total = combine_units(aggregation, before, units)
+        out.append(price_minor(model, total) - price_minor(model, before))
+        before = total
+    return out
 
 
 def price_exact(model: PriceModel, units: Decimal) -> Decimal:

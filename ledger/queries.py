@@ -30,6 +30,7 @@ from ledger.source_logs import IDENTITY_SEPARATOR, base_topic
 __all__ = [
     "TransactionPage",
     "applied_offsets",
+    "dedupe_keys_newest",
     "dedupe_keys_since",
     "expired_of_grant",
     "get_balance",
@@ -37,6 +38,7 @@ __all__ = [
     "get_transaction",
     "get_wallet",
     "list_buckets",
+    "list_holds",
     "list_transactions",
     "partition_snapshot",
 ]
@@ -69,6 +71,14 @@ def get_transaction(conn: Connection, transaction_id: int) -> TransactionRow | N
 def get_hold(conn: Connection, hold_id: str) -> HoldRow | None:
     row = conn.execute(text("SELECT * FROM holds WHERE id = :id"), {"id": hold_id}).mappings().one_or_none()
     return HoldRow.from_mapping(row) if row else None
+
+
+def list_holds(conn: Connection, wallet_id: str, *, status: str | None = None, limit: int = 50) -> list[HoldRow]:
+    """A wallet's holds, newest first (optionally of one status)."""
+    rows = conn.execute(text("""
+        SELECT * FROM holds WHERE wallet_id = :w AND (CAST(:s AS text) IS NULL OR status = :s)
+        ORDER BY created_at DESC, id DESC LIMIT :limit"""), {"w": wallet_id, "s": status, "limit": limit}).mappings()
+    return [HoldRow.from_mapping(r) for r in rows]
 
 
 def list_transactions(conn: Connection, *, wallet_id: str | None = None, project_id: str | None = None,
@@ -229,3 +239,38 @@ def dedupe_keys_since(conn: Connection, *, source_topic: str, partitions: Sequen
     for r in rows:
         out[int(r.partition)].update(r.key_hashes)
     return out
+
+
+_NEWEST_DEDUPE_KEYS = text("""
+    WITH sets AS (
+        SELECT coalesce(arrived_at, seen_at) AS at, as_of_offset, key_hashes FROM dedupe_key_sets
+        WHERE (source_topic = :t OR starts_with(source_topic, :t_life)) AND partition = :p
+    ), newest AS (
+        SELECT max(at) AS at FROM sets
+    ), picked AS (
+        SELECT s.at, s.as_of_offset, s.key_hashes,
+               sum(cardinality(s.key_hashes)) OVER (ORDER BY s.at DESC, s.as_of_offset DESC) AS running
+        FROM sets s, newest n
+        WHERE s.at >= n.at - make_interval(secs => :horizon_s)
+    )
+    SELECT h AS key_hash, p.at FROM picked p, unnest(p.key_hashes) AS h
+    WHERE p.running - cardinality(p.key_hashes) < :limit
+    ORDER BY p.at DESC, p.as_of_offset DESC
+    LIMIT :limit
+""")
+
+
+def dedupe_keys_newest(conn: Connection, *, source_topic: str, partition: int, horizon_s: float,
+                       limit: int) -> list[tuple[int, datetime]]:
+    """The newest ``limit`` dedupe hashes of one partition within the horizon, newest first, each with its
+    stream time (the checkpoint's ``stream_time``; ``seen_at`` for rows written before ledger_0006).
+
+    The horizon is measured in STREAM time, against the newest arrival stored for the partition — never the wall
+    clock, so a backlog or a replay cannot shrink it (DESIGN §2 invariant 10). The bound is applied in SQL: the
+    rows are walked newest first with a running count of their keys and only rows starting below ``limit`` are
+    unnested, so a long horizon at a high rate never ships every key to the worker. Across every life of the
+    topic, like ``dedupe_keys_since``."""
+    topic = base_topic(source_topic)
+    rows = conn.execute(_NEWEST_DEDUPE_KEYS, {"t": topic, "t_life": topic + IDENTITY_SEPARATOR, "p": partition,
+                                              "horizon_s": horizon_s, "limit": limit})
+    return [(int(r.key_hash), r.at) for r in rows]

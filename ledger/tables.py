@@ -115,6 +115,16 @@ usage_charges = Table(
     Column("units", Numeric, nullable=False),
     Column("charged_minor", BigInteger, nullable=False),
     _ts("updated_at"),
+    Column("meter_version", Integer, nullable=False),  # ledger_0006
+    Column("price_effective_from", DateTime(timezone=True)),  # ledger_0006: NULL = priced on its own
+)
+
+usage_charge_groups = Table(  # ledger_0006: the lock of a (wallet, meter, period, meter version)'s price versions
+    "usage_charge_groups", metadata,
+    Column("wallet_id", Text, primary_key=True),
+    Column("meter_id", Text, primary_key=True),
+    Column("period_start", DateTime(timezone=True), primary_key=True),
+    Column("meter_version", Integer, primary_key=True),
 )
 
 applied_offsets = Table(
@@ -132,6 +142,7 @@ dedupe_key_sets = Table(
     Column("as_of_offset", BigInteger, primary_key=True),
     _ts("seen_at"),
     Column("key_hashes", ARRAY(BigInteger), nullable=False),
+    Column("arrived_at", DateTime(timezone=True)),  # ledger_0006: stream time of the checkpoint
 )
 
 holds = Table(

@@ -40,6 +40,7 @@ DEMO_PRICE_MODEL: dict[str, Any] = {
 }
 DEMO_SUBJECT = "acme-app"
 DEMO_EVENT_TYPE = "llm.tokens"
+DEMO_METER = "tokens"
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,9 @@ def _set_up_project(http: httpx.Client, plan: DemoPlan) -> dict[str, str]:
     project = _ok(http.post("/api/v1/projects", json={"name": "Meterline demo"}), "create project")["id"]
     base = f"/api/v1/projects/{project}"
     key = _ok(http.post(f"{base}/api-keys", json={"name": "demo", "scopes": ["ingest", "read"]}), "create API key")
-    _ok(http.post(f"{base}/meters", json={"slug": "tokens", "event_type": DEMO_EVENT_TYPE, "aggregation": "SUM",
+    _ok(http.post(f"{base}/meters", json={"slug": DEMO_METER, "event_type": DEMO_EVENT_TYPE, "aggregation": "SUM",
                                           "value_property": "$.tokens", "group_by": ["$.model"]}), "create meter")
-    _ok(http.post(f"{base}/prices", json={"meter": "tokens", "model": DEMO_PRICE_MODEL}), "create price")
+    _ok(http.post(f"{base}/prices", json={"meter": DEMO_METER, "model": DEMO_PRICE_MODEL}), "create price")
     wallet = _ok(http.post(f"{base}/wallets", json={"owner_kind": "subject", "owner_ref": DEMO_SUBJECT}),
                  "create wallet")["id"]
     _ok(http.post(f"{base}/wallets/{wallet}/grants", json={"amount_minor": plan.grant_minor, "kind": "top_up",
@@ -155,7 +156,8 @@ def _wait_for_analytics(http: httpx.Client, base: str, events: int, timeout_s: f
     with console.status("waiting for the analytics sink…"):
         while time.monotonic() < deadline:
             totals = _ok(http.get(f"{base}/analytics/usage/totals"), "usage totals")
-            row = next((m for m in totals["meters"] if m["meter"] == DEMO_EVENT_TYPE), {"events": 0})
+            # usage analytics are by meter (units as the meter counts them): the demo's meter is "tokens"
+            row = next((m for m in totals["meters"] if m["meter"] == DEMO_METER), {"events": 0})
             if int(row["events"]) == events:
                 return row
             if int(row["events"]) > events:

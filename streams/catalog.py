@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +25,9 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
+from ledger import queries as ledger_queries
 from ledger.contracts import PriceModel
+from ledger.limits import AMOUNT_MINOR_MAX, price_units_max
 from streams.catalog_model import (
     AGGREGATIONS,
     CatalogSnapshot,
@@ -35,7 +38,14 @@ from streams.catalog_model import (
     auto_wallet_id,
     parse_path,
 )
-from streams.errors import CatalogConflict, CatalogInvalid, CatalogNotFound
+from streams.errors import (
+    CatalogConflict,
+    CatalogInvalid,
+    MeterNotFound,
+    PriceNotFound,
+    SubjectKeyNotFound,
+    WalletNotFound,
+)
 
 __all__ = [
     "MeterRow",
@@ -63,6 +73,8 @@ __all__ = [
     "update_meter",
 ]
 
+#: what a meter's units mean: changing one of these starts a new counting version (new counters)
+COUNTING_FIELDS = ("event_type", "aggregation", "value_property", "filters")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 PERIODS = ("month", "day")
 UNKNOWN_SUBJECTS = ("auto_provision", "dead_letter")
@@ -90,6 +102,8 @@ class MeterRow:
     created_at: datetime
     superseded_at: datetime | None
     archived_at: datetime | None
+    #: the version at which the current definition of units started (streams_0002): counters are per it
+    counting_version: int
 
     @classmethod
     def of(cls, row: Mapping[str, Any] | Any) -> MeterRow:
@@ -182,23 +196,27 @@ def _check_meter(*, slug: str, event_type: str, aggregation: str, value_property
 
 def _price_model(model: PriceModel | Mapping[str, Any]) -> PriceModel:
     if isinstance(model, PriceModel):
-        return model
-    try:
-        return PriceModel.model_validate(dict(model))
-    except ValidationError as exc:
-        raise CatalogInvalid(f"invalid price model: {exc.errors()[0]['msg']}") from exc
+        checked = model
+    else:
+        try:
+            checked = PriceModel.model_validate(dict(model))
+        except ValidationError as exc:
+            raise CatalogInvalid(f"invalid price model: {exc.errors()[0]['msg']}") from exc
+    if price_units_max(checked) < 1:
+        raise CatalogInvalid(f"one unit may cost more than the ledger's bound of {AMOUNT_MINOR_MAX} minor units")
+    return checked
 
 
 # -- meters ------------------------------------------------------------------------------------------------
 
 _METER_COLUMNS = ("id, version, project_id, slug, name, description, event_type, aggregation, value_property, "
-                  "filters, group_by, created_at, superseded_at, archived_at")
+                  "filters, group_by, created_at, superseded_at, archived_at, counting_version")
 
 _INSERT_METER = text(f"""
     INSERT INTO meters (id, version, project_id, slug, name, description, event_type, aggregation, value_property,
-                        filters, group_by)
+                        filters, group_by, counting_version)
     VALUES (:id, :version, :project_id, :slug, :name, :description, :event_type, :aggregation, :value_property,
-            CAST(:filters AS jsonb), CAST(:group_by AS jsonb))
+            CAST(:filters AS jsonb), CAST(:group_by AS jsonb), :counting_version)
     RETURNING {_METER_COLUMNS}
 """)
 
@@ -212,7 +230,7 @@ def create_meter(conn: Connection, *, project_id: str, slug: str, event_type: st
     _check_meter(slug=slug, event_type=event_type, aggregation=aggregation, value_property=value_property,
                  filters=filters, group_by=group_by)
     return _insert_meter(conn, {
-        "id": _new_id("mtr"), "version": 1, "project_id": project_id, "slug": slug, "name": name,
+        "id": _new_id("mtr"), "version": 1, "counting_version": 1, "project_id": project_id, "slug": slug, "name": name,
         "description": description, "event_type": event_type, "aggregation": aggregation,
         "value_property": value_property if aggregation != "COUNT" else value_property or None,
         "filters": orjson.dumps(filters).decode(), "group_by": orjson.dumps(group_by).decode()})
@@ -235,7 +253,7 @@ def _current_meter(conn: Connection, project_id: str, meter: str, *, lock: bool 
         ORDER BY archived_at NULLS FIRST LIMIT 1 {'FOR UPDATE' if lock else ''}
     """), {"p": project_id, "m": meter}).mappings().one_or_none()
     if row is None:
-        raise CatalogNotFound(f"no meter {meter!r} in project {project_id}")
+        raise MeterNotFound(f"no meter {meter!r} in project {project_id}")
     return MeterRow.of(row)
 
 
@@ -259,6 +277,16 @@ def meter_history(conn: Connection, *, project_id: str, meter: str) -> list[Mete
     return [MeterRow.of(r) for r in rows]
 
 
+def meter_histories(conn: Connection, *, project_id: str) -> dict[str, list[MeterRow]]:
+    """Every version of every meter of the project in one read: meter id -> versions, oldest first."""
+    rows = conn.execute(text(f"SELECT {_METER_COLUMNS} FROM meters WHERE project_id = :p ORDER BY id, version"),
+                        {"p": project_id}).mappings().all()
+    out: dict[str, list[MeterRow]] = {}
+    for row in rows:
+        out.setdefault(row["id"], []).append(MeterRow.of(row))
+    return out
+
+
 def update_meter(conn: Connection, *, project_id: str, meter: str, **changes: Any) -> MeterRow:
     """A new version with ``changes`` applied (name, description, event_type, aggregation, value_property,
     filters, group_by). The slug and the id stay: counters and prices keep referring to the meter."""
@@ -276,7 +304,12 @@ def update_meter(conn: Connection, *, project_id: str, meter: str, **changes: An
                  value_property=merged["value_property"], filters=merged["filters"], group_by=merged["group_by"])
     conn.execute(text("UPDATE meters SET superseded_at = now() WHERE id = :id AND version = :v"),
                  {"id": current.id, "v": current.version})
+    # History is never re-priced (DESIGN §2 invariant 9): a change to how units are counted starts new
+    # counters (a new counting version, part of every counter key); a cosmetic change keeps counting on.
+    counts_differently = any(merged[name] != getattr(current, name) for name in COUNTING_FIELDS)
+    counting_version = current.version + 1 if counts_differently else current.counting_version
     return _insert_meter(conn, {**merged, "id": current.id, "version": current.version + 1,
+                                "counting_version": counting_version,
                                 "project_id": project_id, "slug": current.slug,
                                 "filters": orjson.dumps(merged["filters"]).decode(),
                                 "group_by": orjson.dumps(merged["group_by"]).decode()})
@@ -352,7 +385,7 @@ def add_price_version(conn: Connection, *, project_id: str, price_id: str, model
     price = conn.execute(text("SELECT * FROM prices WHERE id = :id AND project_id = :p FOR UPDATE"),
                          {"id": price_id, "p": project_id}).mappings().one_or_none()
     if price is None:
-        raise CatalogNotFound(f"no price {price_id!r} in project {project_id}")
+        raise PriceNotFound(f"no price {price_id!r} in project {project_id}")
     if price["archived_at"] is not None:
         raise CatalogConflict(f"price {price_id} is archived")
     last = conn.execute(text("""
@@ -374,7 +407,7 @@ def get_price(conn: Connection, *, project_id: str, price_id: str) -> PriceRow:
     rows = conn.execute(text("SELECT * FROM prices WHERE id = :id AND project_id = :p"),
                         {"id": price_id, "p": project_id}).mappings().all()
     if not rows:
-        raise CatalogNotFound(f"no price {price_id!r} in project {project_id}")
+        raise PriceNotFound(f"no price {price_id!r} in project {project_id}")
     return _price_rows(conn, list(rows))[0]
 
 
@@ -394,7 +427,7 @@ def archive_price(conn: Connection, *, project_id: str, price_id: str) -> PriceR
         UPDATE prices SET archived_at = coalesce(archived_at, now()) WHERE id = :id AND project_id = :p RETURNING id
     """), {"id": price_id, "p": project_id}).first()
     if updated is None:
-        raise CatalogNotFound(f"no price {price_id!r} in project {project_id}")
+        raise PriceNotFound(f"no price {price_id!r} in project {project_id}")
     return get_price(conn, project_id=project_id, price_id=price_id)
 
 
@@ -403,10 +436,13 @@ def archive_price(conn: Connection, *, project_id: str, price_id: str) -> PriceR
 def set_subject_key(conn: Connection, *, project_id: str, subject: str, wallet_id: str | None = None) -> SubjectKeyRow:
     """Map ``subject`` to ``wallet_id`` (default: the subject's auto-provisioned wallet id). Idempotent for the
     same wallet; a subject already mapped to ANOTHER wallet is a conflict (delete the key first: moving a
-    subject between wallets is a deliberate act, it changes who pays)."""
+    subject between wallets is a deliberate act, it changes who pays).
+
+    The tenant boundary (DESIGN §2 invariant 7): the wallet must be this project's — see ``_check_wallet``."""
     if not subject or len(subject) > 256:
         raise CatalogInvalid("subject must be 1..256 characters")
     wallet = wallet_id or auto_wallet_id(project_id, subject)
+    _check_wallet(conn, project_id=project_id, subject=subject, wallet_id=wallet)
     row = conn.execute(text("""
         INSERT INTO subject_keys (project_id, subject, wallet_id) VALUES (:p, :s, :w)
         ON CONFLICT (project_id, subject) DO UPDATE SET wallet_id = subject_keys.wallet_id
@@ -417,13 +453,40 @@ def set_subject_key(conn: Connection, *, project_id: str, subject: str, wallet_i
     return SubjectKeyRow.of(row)
 
 
+def _check_wallet(conn: Connection, *, project_id: str, subject: str, wallet_id: str) -> None:
+    """A subject key may point only at a wallet of its own project, else another tenant's usage would be posted
+    on it (issue 13: B mapped a subject to A's wallet and charged A at B's prices).
+
+    - an existing wallet must belong to ``project_id``;
+    - a wallet that does not exist yet is created by the ledger in THIS project on the first checkpoint (or by
+      the API's wallet creation), so a free name is fine — except a UUID other than the subject's own
+      auto-provisioned id: auto-provisioned ids are ``uuid5(project, subject)``, guessable, and naming one of
+      another project's before it exists would squat that project's future wallet.
+    Both refusals are the same 404 "no wallet in this project": whether the id exists elsewhere is not leaked."""
+    existing = ledger_queries.get_wallet(conn, wallet_id)
+    if existing is not None:
+        if existing.project_id == project_id:
+            return
+    elif wallet_id == auto_wallet_id(project_id, subject) or not _is_uuid(wallet_id):
+        return
+    raise WalletNotFound(f"no wallet {wallet_id!r} in project {project_id}")
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 def delete_subject_key(conn: Connection, *, project_id: str, subject: str) -> SubjectKeyRow:
     row = conn.execute(text("""
         DELETE FROM subject_keys WHERE project_id = :p AND subject = :s
         RETURNING project_id, subject, wallet_id, created_at
     """), {"p": project_id, "s": subject}).mappings().one_or_none()
     if row is None:
-        raise CatalogNotFound(f"no subject key {subject!r} in project {project_id}")
+        raise SubjectKeyNotFound(f"no subject key {subject!r} in project {project_id}")
     return SubjectKeyRow.of(row)
 
 
@@ -476,10 +539,11 @@ def load_catalog(conn: Connection, *, default_policy: ProjectPolicy) -> CatalogS
     meters = [
         Meter(id=r.id, project_id=r.project_id, slug=r.slug, event_type=r.event_type, aggregation=r.aggregation,
               value_property=r.value_property, filters=tuple(Filter.from_json(f) for f in r.filters),
-              group_by=tuple(r.group_by), version=r.version,
+              group_by=tuple(r.group_by), version=r.version, counting_version=r.counting_version,
               value_steps=parse_path(r.value_property) if r.value_property and r.aggregation != "COUNT" else ())
         for r in conn.execute(text("""
-            SELECT id, version, project_id, slug, event_type, aggregation, value_property, filters, group_by
+            SELECT id, version, project_id, slug, event_type, aggregation, value_property, filters, group_by,
+                   counting_version
             FROM meters WHERE superseded_at IS NULL AND archived_at IS NULL"""))
     ]
     models: dict[str, tuple[PriceModel, dict[str, Any]]] = {}

@@ -16,9 +16,11 @@ import functools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from ledger.contracts import Aggregation, PriceModel
+from ledger.limits import price_units_max
 
 __all__ = [
     "AGGREGATIONS",
@@ -30,6 +32,7 @@ __all__ = [
     "ProjectPolicy",
     "UnknownSubjects",
     "auto_wallet_id",
+    "counter_version_id",
     "parse_path",
 ]
 
@@ -49,6 +52,15 @@ def auto_wallet_id(project_id: str, subject: str) -> str:
 
 
 PathStep = str | int
+
+
+def counter_version_id(price_version_id: str, counting_version: int) -> str:
+    """The counter key's ``price_version_id`` field: the price version, and the meter's counting version
+    when it is past 1 (``pv_x@m3``). Folded into this field rather than a new key column because the field
+    already names "the regime these units are charged under" and the ledger treats it as opaque: no change
+    to the ledger's keys, tables or idempotency keys, and every counter written before stays what it was
+    (counting version 1 = the bare price version id). See streams/README "Catalog changes"."""
+    return price_version_id if counting_version == 1 else f"{price_version_id}@m{counting_version}"
 
 
 def parse_path(path: str) -> tuple[PathStep, ...]:
@@ -143,6 +155,8 @@ class Meter:
     group_by: tuple[str, ...] = ()
     version: int = 1
     value_steps: tuple[PathStep, ...] = ()
+    #: the version at which the current definition of units started (streams/catalog.py COUNTING_FIELDS)
+    counting_version: int = 1
 
     @property
     def ledger_aggregation(self) -> Aggregation:
@@ -164,6 +178,12 @@ class PriceVersion:
     effective_from: datetime
     #: the model as JSON-ready data, serialized once (checkpoints embed it for every counter)
     model_json: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: a key's cumulative units may not exceed this (``ledger.limits.price_units_max``: the price stays
+    #: below AMOUNT_MINOR_MAX); computed once here because the worker checks it per event
+    units_max: Decimal = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units_max", price_units_max(self.model))
 
 
 @dataclass(frozen=True, slots=True)

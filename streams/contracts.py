@@ -26,10 +26,24 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-__all__ = ["TOPIC_USAGE_DLQ", "TOPIC_USAGE_EVENTS", "DeadLetter", "UsageEvent", "murmur2", "pack_events", "partition_for"]
+__all__ = [
+    "DLQ_HEADER_PROJECT",
+    "DLQ_HEADER_REASON",
+    "TOPIC_USAGE_DLQ",
+    "TOPIC_USAGE_EVENTS",
+    "DeadLetter",
+    "UsageEvent",
+    "dead_letter_project",
+    "murmur2",
+    "pack_events",
+    "partition_for",
+]
 
 TOPIC_USAGE_EVENTS = "usage.events.v1"
 TOPIC_USAGE_DLQ = "usage.events.dlq.v1"
+#: headers of every dead letter: its reason code, and its project when the refused bytes name one
+DLQ_HEADER_REASON = "reason"
+DLQ_HEADER_PROJECT = "project"
 
 
 class UsageEvent(BaseModel):
@@ -99,8 +113,14 @@ class DeadLetter(BaseModel):
 
     ``original_b64`` is the exact bytes refused: the whole message for a message-level problem
     (``index`` null), or the JSON of the one bad element of a packed message (``index`` = its position).
+    ``original`` is the same bytes as text (when UTF-8) and ``event`` the refused JSON decoded (absent when it
+    is not JSON), so a reader never parses a string inside the envelope. ``project`` is the project the refused
+    bytes name (also sent as the ``project`` header); null when they name none (unparseable input).
     ``source_partition``/``source_offset`` locate it in ``usage.events.v1``; a worker crash can re-emit the
-    same dead letter, so readers de-duplicate on (source_partition, source_offset, index)."""
+    same dead letter, so readers de-duplicate on (source_partition, source_offset, index).
+
+    Messages written before ``project``/``event`` existed lack both (and the header): readers derive the
+    project from ``original`` (analytics/rows.py does)."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
@@ -113,3 +133,18 @@ class DeadLetter(BaseModel):
     original: str | None = Field(default=None, description="the refused bytes as text, when valid UTF-8")
     original_b64: str
     dead_lettered_at: AwareDatetime
+    project: str | None = Field(default=None, description="the project the refused event names, if any")
+    event: Any = Field(default=None, description="the refused JSON, decoded; null when it is not JSON")
+
+
+def dead_letter_project(refused: Any) -> str | None:
+    """The project refused JSON names: an event's ``project``, or the one project every event of a packed
+    array names (a packed message mixing projects, or naming none, has no single project)."""
+    if isinstance(refused, dict):
+        project = refused.get("project")
+        return project if isinstance(project, str) and project else None
+    if isinstance(refused, list) and refused:
+        projects = {dead_letter_project(item) for item in refused}
+        if len(projects) == 1:
+            return projects.pop()
+    return None

@@ -20,7 +20,12 @@ Steps and the invariant each protects (DESIGN §2.2):
    waits for that mark.
 
 Time: "now" is the Kafka message timestamp (arrival), not the wall clock, so replaying a message after a
-crash buckets it the same way. Units are Decimal (JSON numbers with a fraction arrive from orjson as floats
+crash buckets it the same way. The dedupe horizon runs on the same clock: ``stream_time`` is the newest arrival
+seen in the partition (DESIGN §2 invariant 10).
+
+Bounds: a value beyond ``ledger.limits`` — or one that would take its key's cumulative units (and so its
+charge) beyond them in this partition — is rejected as ``value_out_of_range`` before anything is counted
+(DESIGN §2 invariant 8). Units are Decimal (JSON numbers with a fraction arrive from orjson as floats
 and are converted through their shortest repr, which is the decimal literal that was sent).
 """
 
@@ -37,7 +42,16 @@ from typing import Any
 
 import orjson
 
-from streams.catalog_model import MISSING, CatalogSnapshot, Meter, PriceVersion, auto_wallet_id, read_path
+from ledger.limits import UNITS_FRACTION_DIGITS_MAX, UNITS_PER_EVENT_MAX
+from streams.catalog_model import (
+    MISSING,
+    CatalogSnapshot,
+    Meter,
+    PriceVersion,
+    auto_wallet_id,
+    counter_version_id,
+    read_path,
+)
 from streams.contracts import partition_for
 from streams.dedupe_memory import DedupeMemory, slot_seconds
 
@@ -70,6 +84,8 @@ REASONS: dict[str, str] = {
     "unknown_meter": "no meter of the project handles this event type",
     "unknown_subject": "the subject has no wallet and the project dead-letters unknown subjects",
     "bad_value": "the meter's value property is missing or not a valid number",
+    "value_out_of_range": "the value, or the key's cumulative units or charge, is beyond the ledger's bounds "
+                          "(ledger/limits.py)",
 }
 
 _REQUIRED = ("id", "source", "type", "subject", "project")
@@ -159,8 +175,11 @@ def validate_event(raw: Any, *, index: int | None, message: bytes, arrival: date
     values: list[str] = []
     for name in _REQUIRED:
         value = raw.get(name)
-        if value is None or value == "":
-            return Rejection("missing_field", f"{name} is required", _original(raw, index, message), index)
+        if value is None or value == "":  # name every missing attribute, not only the first
+            missing = [n for n in _REQUIRED if raw.get(n) is None or raw.get(n) == ""]
+            verb = "is" if len(missing) == 1 else "are"
+            return Rejection("missing_field", f"{', '.join(missing)} {verb} required", _original(raw, index, message),
+                             index)
         if not isinstance(value, str):
             return Rejection("wrong_type", f"{name} must be a string", _original(raw, index, message), index)
         if len(value) > _ATTR_MAX:
@@ -239,6 +258,15 @@ def _number(value: Any) -> Decimal | None:
     return None
 
 
+def _in_range(number: Decimal) -> bool:
+    """Within ``ledger.limits``: |number| ≤ UNITS_PER_EVENT_MAX and at most UNITS_FRACTION_DIGITS_MAX
+    decimal places (a JSON integer written out as 10^30 arrives as a float 1e+30; 1e300 likewise)."""
+    if abs(number) > UNITS_PER_EVENT_MAX:
+        return False
+    exponent = number.as_tuple().exponent
+    return isinstance(exponent, int) and exponent >= -UNITS_FRACTION_DIGITS_MAX
+
+
 #: key = (wallet_id, project_id, meter_id, period_start, price_version_id)
 CounterKeyTuple = tuple[str, str, str, datetime, str]
 
@@ -246,7 +274,7 @@ CounterKeyTuple = tuple[str, str, str, datetime, str]
 class Counter:
     """One key's cumulative state in this partition."""
 
-    __slots__ = ("aggregation", "events", "late_events", "latest_at", "price", "units")
+    __slots__ = ("aggregation", "events", "late_events", "latest_at", "meter_version", "price", "units")
 
     def __init__(self, units: Decimal = _ZERO, events: int = 0, late_events: int = 0,
                  latest_at: datetime | None = None) -> None:
@@ -256,11 +284,12 @@ class Counter:
         self.latest_at = latest_at
         self.price: PriceVersion | None = None
         self.aggregation = "sum"
+        self.meter_version = 1  # the meter's counting version (part of the key, see counter_version_id)
 
 
 def _copy(c: Counter) -> Counter:
     copy = Counter(c.units, c.events, c.late_events, c.latest_at)
-    copy.price, copy.aggregation = c.price, c.aggregation
+    copy.price, copy.aggregation, copy.meter_version = c.price, c.aggregation, c.meter_version
     return copy
 
 
@@ -311,6 +340,8 @@ class Checkpoint:
     as_of_offset: int
     counters: list[tuple[CounterKeyTuple, Counter]]
     dedupe_keys: list[int]
+    #: the newest arrival seen in the partition (stream time); the ledger stores it with the dedupe keys
+    stream_time: datetime | None = None
 
     def to_json(self, *, emitted_at: datetime) -> bytes:
         """The ``ledger.contracts.ChargeCheckpoint`` wire form, written directly (a checkpoint may carry
@@ -328,10 +359,13 @@ class Checkpoint:
                 "latest_at": c.latest_at.isoformat() if c.latest_at is not None else None,
                 "events": c.events,
                 "late_events": c.late_events,
+                "meter_version": c.meter_version,
+                "price_effective_from": c.price.effective_from.isoformat(),
             })
         return orjson.dumps({
             "source_topic": self.source_topic, "partition": self.partition, "as_of_offset": self.as_of_offset,
             "counters": counters, "dedupe_keys": self.dedupe_keys, "emitted_at": emitted_at.isoformat(),
+            "stream_time": self.stream_time.isoformat() if self.stream_time is not None else None,
         })
 
 
@@ -352,6 +386,10 @@ class PartitionAggregator:
     #: from zero would overwrite the ledger's value). Events that would land there are charged in the
     #: first seeded period instead, marked late. None = everything was seeded.
     periods_since: datetime | None = None
+    #: the newest arrival (Kafka timestamp) seen in this partition: the clock of the dedupe horizon. Stream
+    #: time, never the wall clock — a worker 24 h behind (outage, slow ledger, replay) still remembers the
+    #: last 24 h of ITS stream, so the horizon cannot shrink by the consumer lag (DESIGN §2 invariant 10)
+    stream_time: datetime | None = None
     stats: Stats = field(default_factory=Stats)
     _changed: set[CounterKeyTuple] = field(default_factory=set)
     _new_keys: list[int] = field(default_factory=list)
@@ -375,8 +413,10 @@ class PartitionAggregator:
             key = (sc.wallet_id, sc.project_id, sc.meter_id, sc.period_start.astimezone(UTC), sc.price_version_id)
             self.counters[key] = Counter(Decimal(sc.units), sc.events, sc.late_events,
                                          sc.latest_at.astimezone(UTC) if sc.latest_at else None)
+        self.stream_time = None
         for key_hash, seen_at in sorted(dedupe_keys, key=lambda kv: kv[1]):
             self._seen.remember(key_hash, seen_at.timestamp())
+            self.stream_time = seen_at  # sorted: ends at the newest stored arrival
         self.processed_through = applied_through
         self.checkpointed_through = applied_through
 
@@ -390,6 +430,8 @@ class PartitionAggregator:
             return []
         self.processed_through = offset
         self.stats.messages += 1
+        if self.stream_time is None or arrival > self.stream_time:
+            self.stream_time = arrival
         items, rejections = parse_message(value, limits=self.limits)
         raw_value = value or b""
         for index, raw in items:
@@ -440,6 +482,11 @@ class PartitionAggregator:
                         why = "missing" if found is MISSING else "negative" if number is not None else "not a number"
                         return Rejection("bad_value", f"meter {meter.slug}: {meter.value_property} is {why}",
                                          _original(event.raw, event.index, message), event.index)
+                    if not _in_range(number):
+                        return Rejection("value_out_of_range",
+                                         f"meter {meter.slug}: {meter.value_property} = {number} is beyond "
+                                         f"±{UNITS_PER_EVENT_MAX} or has more than {UNITS_FRACTION_DIGITS_MAX}"
+                                         " decimal places", _original(event.raw, event.index, message), event.index)
                     value = number
             price = catalog.price_at(meter.id, at)
             if price is None:
@@ -454,11 +501,20 @@ class PartitionAggregator:
                 pivot = arrival if floor is None or arrival >= floor else floor
                 price = catalog.price_at(meter.id, pivot) or price
                 start, _ = period_bounds(pivot, price.period)
-            measures.append(_Measure((wallet_id, event.project, meter.id, start, price.id), meter, price, value,
+            version_id = price.id if meter.counting_version == 1 else counter_version_id(price.id,
+                                                                                         meter.counting_version)
+            measures.append(_Measure((wallet_id, event.project, meter.id, start, version_id), meter, price, value,
                                      at, late))
         if not measures:
             self.stats.unmetered += 1
             return None
+        for m in measures:  # before anything is counted: an event is accepted or rejected as a whole
+            units = self._units_after(m)
+            if units > m.price.units_max:
+                return Rejection("value_out_of_range",
+                                 f"meter {m.meter.slug}: the key's cumulative units would reach {units}, beyond "
+                                 f"{m.price.units_max} (ledger/limits.py: units and charge per key)",
+                                 _original(event.raw, event.index, message), event.index)
         self._remember(key_hash, arrival)
         self.stats.accepted += 1
         if partition_for(event.subject, self.partitions) != self.partition:
@@ -466,6 +522,21 @@ class PartitionAggregator:
         for m in measures:
             self._apply(m, arrival)
         return None
+
+    def _units_after(self, m: _Measure) -> Decimal:
+        """The key's cumulative units in this partition if ``m`` were counted (an upper bound for
+        UNIQUE_COUNT, whose value may be a repeat). Other partitions' units of the key are not known here:
+        the ledger merges them (ledger/README, "Bounds")."""
+        counter = self.counters.get(m.key)
+        units = counter.units if counter is not None and counter.events else _ZERO
+        aggregation = m.meter.aggregation
+        if aggregation == "SUM" or aggregation == "COUNT":
+            return units + m.value  # type: ignore[no-any-return]
+        if aggregation == "UNIQUE_COUNT":
+            return units + _ONE
+        if aggregation == "MAX":
+            return max(units, m.value)  # type: ignore[no-any-return]
+        return m.value  # type: ignore[no-any-return]  # LATEST (a negative gauge prices as zero)
 
     def _remember(self, key_hash: int, arrival: datetime) -> None:
         self._seen.remember(key_hash, arrival.timestamp())
@@ -476,6 +547,7 @@ class PartitionAggregator:
         if counter is None:
             counter = self.counters[m.key] = Counter()
         counter.price = m.price
+        counter.meter_version = m.meter.counting_version
         aggregation = m.meter.aggregation
         counter.aggregation = m.meter.ledger_aggregation
         counter.events += 1
@@ -511,18 +583,19 @@ class PartitionAggregator:
         return (len(self._changed) >= self.limits.checkpoint_counters_max
                 or len(self._new_keys) >= self.limits.checkpoint_dedupe_keys_max)
 
-    def checkpoint(self, *, now: datetime | None = None) -> Checkpoint | None:
-        """The changed keys as of ``processed_through``; None when nothing new was consumed."""
+    def checkpoint(self) -> Checkpoint | None:
+        """The changed keys as of ``processed_through``; None when nothing new was consumed. Then forgets
+        the dedupe keys that left the horizon, measured back from ``stream_time`` (never the wall clock)."""
         if self.processed_through <= self.checkpointed_through:
             return None
         counters = [(key, _copy(self.counters[key])) for key in self._changed]
         result = Checkpoint(self.source_topic, self.partition, self.processed_through, counters,
-                            list(self._new_keys))
+                            list(self._new_keys), self.stream_time)
         self._changed = set()
         self._new_keys = []
         self.checkpointed_through = self.processed_through
-        if now is not None:
-            self.forget_before(now - timedelta(seconds=self.limits.dedupe_horizon_s))
+        if self.stream_time is not None:
+            self.forget_before(self.stream_time - timedelta(seconds=self.limits.dedupe_horizon_s))
         return result
 
     def forget_before(self, cutoff: datetime) -> int:

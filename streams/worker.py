@@ -23,7 +23,6 @@ The protocol (DESIGN §2.2; streams/README.md explains each step and the invaria
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import tempfile
@@ -35,7 +34,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
-import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from sqlalchemy import Engine
@@ -50,6 +48,7 @@ from streams import catalog as catalog_db
 from streams import faust_transport
 from streams.catalog_model import CatalogSnapshot, ProjectPolicy
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
+from streams.dead_letters import dead_letter_message
 from streams.errors import PendingMigrations
 from streams.metering import Checkpoint, Limits, PartitionAggregator, Rejection, SeedCounter, period_bounds
 from streams.settings import StreamsSettings, get_settings
@@ -244,12 +243,12 @@ class Runtime:
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():  # ONE snapshot: applied mark, counters and dedupe keys cannot be torn apart
                 snap = ledger_queries.partition_snapshot(conn, self.source_id, [p], periods_since=periods_since)
-                keys = ledger_queries.dedupe_keys_since(
-                    conn, source_topic=self.source_id, partitions=[p],
-                    since=now - timedelta(seconds=self.settings.dedupe_horizon_s))[p]
-        if len(keys) > self.settings.dedupe_seed_rows_max:
-            log.warning("dedupe_seed_truncated", partition=p, keys=len(keys), kept=self.settings.dedupe_seed_rows_max)
-            keys = set(list(keys)[: self.settings.dedupe_seed_rows_max])
+                # the newest keys within the horizon in STREAM time, bounded in SQL (DESIGN §2 invariant 10)
+                keys = ledger_queries.dedupe_keys_newest(
+                    conn, source_topic=self.source_id, partition=p, horizon_s=self.settings.dedupe_horizon_s,
+                    limit=self.settings.dedupe_seed_rows_max)
+        if len(keys) >= self.settings.dedupe_seed_rows_max:
+            log.warning("dedupe_seed_truncated", partition=p, kept=len(keys), oldest_kept=keys[-1][1].isoformat())
         assert self.partitions is not None
         aggregator = PartitionAggregator(source_topic=self.source_id, partition=p, partitions=self.partitions,
                                          limits=self.limits)
@@ -257,7 +256,7 @@ class Runtime:
             applied_through=snap.applied_through[p],
             counters=[SeedCounter(c.wallet_id, c.project_id, c.meter_id, c.period_start, c.price_version_id,
                                   c.units, c.events, c.late_events, c.latest_at) for c in snap.counters],
-            dedupe_keys=[(k, now) for k in keys],
+            dedupe_keys=keys,
             periods_since=periods_since,
         )
         return aggregator
@@ -344,21 +343,14 @@ class Runtime:
         for rejection in rejections:
             self._dead_letter(rejection, p, message.offset, message.key)
         if aggregator.checkpoint_full():  # bounded size: cut at this message, the batch goes on
-            checkpoint = aggregator.checkpoint(now=datetime.now(UTC))
+            checkpoint = aggregator.checkpoint()
             if checkpoint is not None:
                 self._send_checkpoint(checkpoint)
 
     def _dead_letter(self, rejection: Rejection, partition: int, offset: int, key: bytes | None) -> None:
-        try:
-            as_text: str | None = rejection.original.decode("utf-8")
-        except UnicodeDecodeError:
-            as_text = None
-        envelope = {"reason": rejection.reason, "detail": rejection.detail, "source_topic": self.usage_topic,
-                    "source_partition": partition, "source_offset": offset, "index": rejection.index,
-                    "original": as_text, "original_b64": base64.b64encode(rejection.original).decode(),
-                    "dead_lettered_at": datetime.now(UTC).isoformat()}
-        self._produce(self.dlq_topic, key, orjson.dumps(envelope),
-                      headers=[("reason", rejection.reason.encode())])
+        message = dead_letter_message(rejection, source_topic=self.usage_topic, partition=partition,
+                                      offset=offset, now=datetime.now(UTC))
+        self._produce(self.dlq_topic, key, message.value, headers=list(message.headers))
         self.counts["dead_letters"] += 1
 
     def _produce(self, topic: str, key: bytes | None, value: bytes,
@@ -379,9 +371,8 @@ class Runtime:
         letters of the batch). Keyed by source partition so one partition's checkpoints stay in order."""
         self.not_flushing.clear()
         try:
-            now = datetime.now(UTC)
             for aggregator in touched.values():
-                checkpoint = aggregator.checkpoint(now=now)
+                checkpoint = aggregator.checkpoint()
                 if checkpoint is not None:
                     self._send_checkpoint(checkpoint)
             remaining = await self.io(self.producer.flush, self.settings.delivery_timeout_s)

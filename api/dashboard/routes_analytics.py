@@ -8,21 +8,26 @@ auto); with an http(s) ClickHouse the sink is its own process and this module on
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from sqlalchemy import Connection
 
 from analytics.client import ClientPool
+from analytics.meter_units import MeterSpec, MeterVersion
 from analytics.migrate import migrate
 from analytics.queries import Analytics, window
 from analytics.settings import AnalyticsSettings
 from analytics.settings import get_settings as get_analytics_settings
 from analytics.sink import SinkThread, sink_runs_in_api
+from api.deps import ConnectionDep
 from api.errors import Unavailable
 from api.tenancy.auth import ProjectAccess, require_project
+from streams import catalog
+from streams.errors import MeterNotFound
 
 log = structlog.get_logger("api.analytics")
 
@@ -87,27 +92,74 @@ def get_analytics(request: Request) -> Analytics:
 AnalyticsDep = Annotated[Analytics, Depends(get_analytics)]
 
 
-@router.get("/usage", summary="Events and units per time bucket, by meter, subject or a data key")
-def usage(access: ReadAccess, service: AnalyticsDep, granularity: GranularityQ = "hour", start: From = None,
-          end: To = None, meter: Annotated[str | None, Query(max_length=256)] = None,
+#: the first version of a meter counts events of any time: streams meters every event it reads once the meter
+#: exists, including back-dated ones; later versions take over at their creation
+_BEFORE_ANY_EVENT = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def meter_specs(conn: Connection, project_id: str, meter: str | None = None) -> list[MeterSpec]:
+    """The project's current meters (or the one named by slug or id) with every version's definition, for
+    units computed as each meter defines them (analytics/meter_units.py)."""
+    meter = meter or None  # an empty picker value means every meter
+    histories = catalog.meter_histories(conn, project_id=project_id)
+    price_versions: dict[str, list[tuple[str, datetime]]] = {}
+    for price in catalog.list_prices(conn, project_id=project_id):  # active prices: one per meter
+        price_versions.setdefault(price.meter_id, []).extend((v.id, v.effective_from) for v in price.versions)
+    specs = []
+    for meter_id, versions in histories.items():
+        current = versions[-1]
+        if current.archived_at is not None and meter is None:
+            continue
+        if meter is not None and meter not in (current.slug, meter_id):
+            continue
+        specs.append(MeterSpec(id=meter_id, slug=current.slug, group_by=tuple(current.group_by), priced=meter_id in price_versions,
+                               price_versions=tuple(sorted(price_versions.get(meter_id, []), key=lambda v: v[1])),
+                               event_type=current.event_type, versions=tuple(
+                                   MeterVersion(event_type=v.event_type, aggregation=v.aggregation,
+                                                value_property=v.value_property, filters=tuple(v.filters),
+                                                valid_from=v.created_at if i else _BEFORE_ANY_EVENT,
+                                                valid_to=v.superseded_at)
+                                   for i, v in enumerate(versions))))
+    if meter is not None and not specs:
+        raise MeterNotFound(f"no meter {meter!r} in this project (GET /api/v1/projects/{{project}}/meters)")
+    return sorted(specs, key=lambda m: m.slug)
+
+
+MeterQ = Annotated[str | None, Query(max_length=100, description="a meter's slug or id (default: every meter)")]
+
+
+@router.get("/meters", summary="The meters usage analytics can show (the dashboard's meter picker)")
+def meters(access: ReadAccess, conn: ConnectionDep) -> dict[str, Any]:
+    return {"meters": [{"meter": m.slug, "meter_id": m.id, "event_type": m.event_type, "aggregation": m.aggregation,
+                        "group_by": list(m.group_by), "priced": m.priced} for m in meter_specs(conn, access.project_id)]}
+
+
+@router.get("/usage", summary="Events, units (as each meter defines them) and rejected events per time bucket")
+def usage(access: ReadAccess, service: AnalyticsDep, conn: ConnectionDep, granularity: GranularityQ = "hour",
+          start: From = None, end: To = None, meter: MeterQ = None,
           subject: Annotated[str | None, Query(max_length=256)] = None,
-          group_by: Annotated[str, Query(pattern=r"^(meter|subject|data\.[A-Za-z0-9_.\-]{1,200})$")] = "meter",
-          value_key: Annotated[str | None, Query(max_length=200, description="sum this data key instead of units")]
-          = None) -> dict[str, Any]:
+          group_by: Annotated[str, Query(pattern=r"^(meter|subject|price_version|data\.[A-Za-z0-9_.\-]{1,200}|\$\.[A-Za-z0-9_.\[\]\-]{1,200})$",
+                                         description="meter, subject, or (with ?meter=) price_version, one of "
+                                                     "its group-by keys such as $.model, or data.<key>")] = "meter",
+          ) -> dict[str, Any]:
+    specs = meter_specs(conn, access.project_id, meter)
     return service.usage(project_id=access.project_id, win=window(start, end), granularity=granularity,
-                         meter=meter, subject=subject, group_by=group_by, value_key=value_key)
+                         meters=specs, subject=subject, group_by=group_by)
 
 
-@router.get("/usage/totals", summary="Events and units per meter over the window")
-def usage_totals(access: ReadAccess, service: AnalyticsDep, start: From = None, end: To = None) -> dict[str, Any]:
-    return service.usage_totals(project_id=access.project_id, win=window(start, end))
+@router.get("/usage/totals", summary="Per meter: units and rejected events beside the credits billed; dead letters")
+def usage_totals(access: ReadAccess, service: AnalyticsDep, conn: ConnectionDep, start: From = None,
+                 end: To = None) -> dict[str, Any]:
+    return service.usage_totals(project_id=access.project_id, win=window(start, end),
+                                meters=meter_specs(conn, access.project_id))
 
 
 @router.get("/usage/top-consumers", summary="Subjects with the most units of a meter (or events overall)")
-def top_consumers(access: ReadAccess, service: AnalyticsDep, start: From = None, end: To = None,
-                  meter: Annotated[str | None, Query(max_length=256)] = None,
+def top_consumers(access: ReadAccess, service: AnalyticsDep, conn: ConnectionDep, start: From = None,
+                  end: To = None, meter: MeterQ = None,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict[str, Any]:
-    return service.top_consumers(project_id=access.project_id, win=window(start, end), meter=meter, limit=limit)
+    spec = meter_specs(conn, access.project_id, meter)[0] if meter else None
+    return service.top_consumers(project_id=access.project_id, win=window(start, end), meter=spec, limit=limit)
 
 
 @router.get("/wallets/summary", summary="Net movement, utilization and expiration rates, source breakdown")

@@ -19,16 +19,17 @@ HERE = Path(__file__).parent
 PAGES_DIR = HERE / "pages"
 STATIC_DIR = HERE / "static"
 
-#: page slug -> title shown in the navigation (order = navigation order). "login" is not in the navigation.
-PAGES: dict[str, str] = {
-    "usage": "Usage",
-    "credits": "Credit flow",
-    "wallets": "Wallets",
-    "paywall": "Paywall funnel",
-    "billing": "Billing runs",
-    "audit": "Audit log",
-    "dead-letters": "Dead letters",
+#: page slug -> title shown in the navigation, by group (order = navigation order).
+NAV: dict[str, dict[str, str]] = {
+    "Analytics": {"usage": "Usage", "credits": "Credit flow", "paywall": "Paywall funnel",
+                  "dead-letters": "Dead letters"},
+    "Manage": {"wallets": "Wallets", "meters": "Meters", "prices": "Prices", "feature-costs": "Feature costs",
+               "offers": "Packs & plans", "billing": "Billing rules", "api-keys": "API keys",
+               "subject-keys": "Subject keys", "team": "Team", "audit": "Audit log"},
 }
+PAGES: dict[str, str] = {slug: title for group in NAV.values() for slug, title in group.items()}
+#: pages for the signed-out (no navigation, no project)
+PUBLIC_PAGES: dict[str, str] = {"login": "Sign in", "signup": "Create an account"}
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".md": "text/plain"}
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
@@ -39,8 +40,10 @@ _HEADERS = {"Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff"
 def _render(slug: str) -> str:
     shell = (PAGES_DIR / "_shell.html").read_text()
     body = (PAGES_DIR / f"{slug}.html").read_text()
-    nav = "".join(f'<a href="/dashboard/{s}" data-nav="{s}">{t}</a>' for s, t in PAGES.items())
-    title = PAGES.get(slug, "Sign in")
+    nav = "".join(f'<span class="nav-group"><small>{group}</small>'
+                  + "".join(f'<a href="/dashboard/{s}" data-nav="{s}">{t}</a>' for s, t in pages.items())
+                  + "</span>" for group, pages in NAV.items())
+    title = PAGES.get(slug) or PUBLIC_PAGES[slug]
     return shell.replace("{{title}}", title).replace("{{page}}", slug).replace("{{nav}}", nav) \
         .replace("{{body}}", body)
 
@@ -61,6 +64,6 @@ def static(name: str) -> FileResponse:
 
 @router.get("/{slug}", response_class=HTMLResponse)
 def page(slug: str) -> HTMLResponse:
-    if slug != "login" and slug not in PAGES:
+    if slug not in PUBLIC_PAGES and slug not in PAGES:
         raise NotFound("no such dashboard page")
     return HTMLResponse(_render(slug), headers=_HEADERS)

@@ -1,22 +1,26 @@
 """The streams catalog over HTTP: meters (versioned), prices (immutable versions), subject keys and the
 project's unknown-subject policy. Thin: every rule lives in ``streams.catalog``; errors carry its codes
-(streams.invalid → 422, streams.not_found → 404, streams.conflict → 409). Reads need "read", changes "admin";
+(catalog.invalid → 422, catalog.meter_not_found / price_not_found / subject_key_not_found → 404,
+catalog.conflict → 409). Reads need "read", changes "admin";
 every change is audited. A running streams worker picks changes up within STREAMS_CATALOG_REFRESH_MS."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from api.deps import ConnectionDep
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
+from ledger import pricing
+from ledger.contracts import PriceModel
 from streams import catalog
 from streams.catalog_model import ProjectPolicy
+from streams.errors import CatalogInvalid
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}", tags=["catalog"])
 Read = Annotated[ProjectAccess, require_project("read")]
@@ -78,6 +82,9 @@ class MeterOut(BaseModel):
     created_at: datetime
     superseded_at: datetime | None
     archived_at: datetime | None
+    counting_version: int = Field(description="the version at which the current definition of units started: "
+                                  "changing event_type, aggregation, value_property or filters starts new "
+                                  "counters at this version; usage charged before stays charged")
 
     @classmethod
     def of(cls, row: catalog.MeterRow) -> MeterOut:
@@ -98,7 +105,9 @@ class PriceVersionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: dict[str, Any]
     period: Literal["month", "day"] | None = None
-    effective_from: AwareDatetime | None = Field(default=None, description="default now; after the latest version")
+    effective_from: AwareDatetime | None = Field(default=None, description=(
+        "default now; after the latest version's. May be in the past (back-dated): usage already metered stays "
+        "charged as it was; see the route's description"))
 
 
 class PriceVersionOut(BaseModel):
@@ -125,6 +134,24 @@ class PriceOut(BaseModel):
                    versions=[PriceVersionOut(id=v.id, version=v.version, model=v.model, period=v.period,
                                              effective_from=v.effective_from, created_at=v.created_at)
                              for v in row.versions])
+
+
+class PricePreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": {"model": "graduated", "tiers": [{"up_to": "1000", "unit_price_minor": "0"},
+                                                   {"up_to": None, "unit_price_minor": "0.5"}]}, "units": "2500"},
+        {"price_id": "prc_...", "units": "1000000"}]})
+    model: dict[str, Any] | None = Field(default=None, description="a price model to try (as in POST /prices)")
+    price_id: str | None = Field(default=None, max_length=100,
+                                 description="or an existing price: its version effective now")
+    units: Decimal = Field(ge=-(10**30), le=10**30, description="a period's total units (decimal string)")
+
+
+class PricePreviewOut(BaseModel):
+    model: dict[str, Any]
+    units: str
+    amount_minor: int = Field(description="what the ledger charges for these units in one period (floored)")
+    exact_minor: str = Field(description="the unrounded price (fractions carry to later units in the period)")
 
 
 class SubjectKeyIn(BaseModel):
@@ -179,7 +206,11 @@ def meter_versions(meter: Annotated[str, METER], access: Read, conn: ConnectionD
     return [MeterOut.of(m) for m in catalog.meter_history(conn, project_id=access.project_id, meter=meter)]
 
 
-@router.patch("/meters/{meter}", response_model=MeterOut, summary="Change a meter: a new version (admin)")
+@router.patch("/meters/{meter}", response_model=MeterOut, summary="Change a meter: a new version (admin)",
+              description="Every change is a new version. A change to how units are counted (event_type, "
+                          "aggregation, value_property, filters) also starts a new counting version: its counters "
+                          "start at the change and usage charged under the previous definition stays charged — "
+                          "history is never re-priced. Name, description and group_by changes keep counting on.")
 def update_meter(meter: Annotated[str, METER], body: MeterPatch, access: Admin, conn: ConnectionDep) -> MeterOut:
     before = catalog.get_meter(conn, project_id=access.project_id, meter=meter)
     after = catalog.update_meter(conn, project_id=access.project_id, meter=meter,
@@ -199,6 +230,23 @@ def archive_meter(meter: Annotated[str, METER], access: Admin, conn: ConnectionD
 
 # -- prices ------------------------------------------------------------------------------------------------
 
+#: The pricing rule (DESIGN §2 invariant 9), shown on the price routes of the OpenAPI document.
+PRICE_VERSIONS_RULE = (
+    "A price version is immutable and applies to the events whose time is at or after its `effective_from` "
+    "(events before the first version use the first). **A new version continues the period**: within a wallet's "
+    "period of the meter, the versions are one run of units in the order they took effect — each version prices "
+    "its own units at the position the earlier versions' units left, `price_new(units_before + units_new) − "
+    "price_new(units_before)`. The free allowance and the tier position carry over: with 1,000 units free, 900 "
+    "units before the change and 900 after charge 800 units at the new version's price. A late event of an "
+    "earlier version's time still counts in that version and moves the later versions' starting point (the "
+    "result depends only on the period's units, not on their arrival order).\n\n"
+    "**Back-dated versions** (`effective_from` in the past, still after the latest version's): usage already "
+    "metered stays charged under the version it was metered with — history is never re-priced. Events metered "
+    "after the version was added are priced by the version in effect at their time, continuing from all "
+    "earlier versions' units of the period. A version that changes the period (`month` ↔ `day`) starts its own "
+    "periods: nothing carries over between periods. A change to how the meter counts (PATCH of its event_type, "
+    "aggregation, value_property or filters) starts new counters; its units never continue the old ones.")
+
 @router.get("/prices", response_model=list[PriceOut], summary="Prices with all their versions")
 def list_prices(access: Read, conn: ConnectionDep, meter: Annotated[str | None, Query(max_length=100)] = None,
                 include_archived: Annotated[bool, Query()] = False) -> list[PriceOut]:
@@ -206,7 +254,8 @@ def list_prices(access: Read, conn: ConnectionDep, meter: Annotated[str | None, 
                                                        include_archived=include_archived)]
 
 
-@router.post("/prices", status_code=201, response_model=PriceOut, summary="Price a meter (admin)")
+@router.post("/prices", status_code=201, response_model=PriceOut, summary="Price a meter (admin)",
+             description=PRICE_VERSIONS_RULE)
 def create_price(body: PriceIn, access: Admin, conn: ConnectionDep) -> PriceOut:
     price = catalog.create_price(conn, project_id=access.project_id, meter=body.meter, model=body.model,
                                  period=body.period, effective_from=body.effective_from)
@@ -215,13 +264,34 @@ def create_price(body: PriceIn, access: Admin, conn: ConnectionDep) -> PriceOut:
     return PriceOut.of(price)
 
 
+@router.post("/prices/preview", response_model=PricePreviewOut,
+             summary="What N units cost in one period under a price model or an existing price (nothing stored)")
+def preview_price(body: PricePreviewIn, access: Read, conn: ConnectionDep) -> PricePreviewOut:
+    if (body.model is None) == (body.price_id is None):
+        raise CatalogInvalid("give exactly one of model or price_id")
+    raw = body.model
+    if body.price_id is not None:
+        price = catalog.get_price(conn, project_id=access.project_id, price_id=body.price_id)
+        now = datetime.now(UTC)
+        current = [v for v in price.versions if v.effective_from <= now] or price.versions[:1]
+        raw = current[-1].model
+    try:
+        model = PriceModel.model_validate(raw)
+    except ValidationError as exc:
+        raise CatalogInvalid(f"invalid price model: {exc.errors()[0]['msg']}") from exc
+    return PricePreviewOut(model=_plain(model.model_dump(mode="json", exclude_none=True)),
+                           units=format(body.units, "f"), amount_minor=pricing.price_minor(model, body.units),
+                           exact_minor=format(pricing.price_exact(model, body.units), "f"))
+
+
 @router.get("/prices/{price_id}", response_model=PriceOut, summary="A price with its versions")
 def get_price(price_id: Annotated[str, Path(max_length=100)], access: Read, conn: ConnectionDep) -> PriceOut:
     return PriceOut.of(catalog.get_price(conn, project_id=access.project_id, price_id=price_id))
 
 
 @router.post("/prices/{price_id}/versions", status_code=201, response_model=PriceOut,
-             summary="Add an immutable price version effective from a later time (admin)")
+             summary="Add an immutable price version effective from a later time (admin)",
+             description=PRICE_VERSIONS_RULE)
 def add_price_version(price_id: Annotated[str, Path(max_length=100)], body: PriceVersionIn, access: Admin,
                       conn: ConnectionDep) -> PriceOut:
     price = catalog.add_price_version(conn, project_id=access.project_id, price_id=price_id, model=body.model,

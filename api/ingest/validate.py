@@ -88,8 +88,9 @@ def check_cloudevent(raw: Any, *, project_id: str, now_iso: str, limits: Limits)
     limit = limits.field_chars_max
     for name in ("id", "source", "type", "subject"):
         reason = _required_str(raw, name, limit)
-        if reason:
-            return reason
+        if reason:  # report every required attribute that is wrong, not only the first
+            reasons = [r for n in ("id", "source", "type", "subject") if (r := _required_str(raw, n, limit))]
+            return "; ".join(reasons)
     ev = dict(raw)
     spec = ev.get("specversion")
     if spec is None:

@@ -125,6 +125,9 @@ def resolve_wallet(ctx: Ctx, ref: object) -> str:
                                                                     subject=ref).wallet_id
     existing = queries.get_wallet(ctx.conn, wallet_id)
     if existing is not None:
+        # a subject key written before set_subject_key checked the project may name another tenant's wallet
+        if existing.project_id != ctx.project_id:
+            raise Unmatched("the customer's subject key names a wallet of another project")
         return existing.id
     return service.ensure_wallet(ctx.conn, project_id=ctx.project_id, owner_kind="subject", owner_ref=ref,
                                  wallet_id=wallet_id).id

@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import text
 
 from api.deps import ConnectionDep, SettingsDep
 from api.errors import ApiError, NotFound
 from api.pagination import LIMIT_DEFAULT, LIMIT_MAX
-from api.payments import checkout, config, dunning, offers, webhooks
+from api.payments import checkout, config, dunning, manual, offers, webhooks
 from api.payments.effects import Entitlement
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
@@ -367,6 +367,68 @@ def wallet_entitlements(wallet_id: str, access: Read, conn: ConnectionDep,
                         active: bool = False) -> list[EntitlementOut]:
     wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet_id)
     return _entitlements(conn, access.project_id, wallet_id, active)
+
+
+class ManualEntitlementIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"plan": "pro_monthly", "reason": "sales contract ACME-2026-014", "reference": "ACME-2026-014",
+         "period_end": "2027-01-01T00:00:00Z", "grant_credits": True}]})
+    plan: str = Field(min_length=1, max_length=100, description="a plan's slug (POST /plans)")
+    reason: str = Field(min_length=1, max_length=500, description="why (kept in the audit log)")
+    reference: str | None = Field(default=None, max_length=200, description="your reference (a contract number); "
+                                  "the same reference grants once. Default: a new one")
+    period_end: AwareDatetime | None = Field(default=None, description="when it stops granting access; default "
+                                                                       "never (until ended)")
+    grant_credits: bool = Field(default=False, description="also grant the plan's credits once, as a "
+                                                           "subscription grant expiring like the plan's credits")
+
+
+class ManualEntitlementOut(EntitlementOut):
+    credits_transaction_id: int | None = None
+
+
+def _entitlement_out(conn: Any, project_id: str, entitlement_id: str) -> EntitlementOut:
+    (out,) = [e for e in _entitlements(conn, project_id, None, False) if e.id == entitlement_id]
+    return out
+
+
+@router.post("/wallets/{wallet_id}/entitlements", status_code=201, response_model=ManualEntitlementOut,
+             responses={200: {"model": ManualEntitlementOut, "description": "this reference was granted before"}},
+             summary="Grant a plan to a wallet without a payment provider (admin, audited): local testing, "
+                     "sales-led customers")
+def grant_entitlement(wallet_id: str, body: ManualEntitlementIn, access: Admin, conn: ConnectionDep,
+                      response: Response) -> ManualEntitlementOut:
+    wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet_id)
+    entitlement, created, transaction_id = manual.grant(
+        conn, project_id=access.project_id, wallet_id=wallet_id, plan=body.plan, reference=body.reference,
+        period_end=body.period_end, grant_credits=body.grant_credits, reason=body.reason)
+    out = _entitlement_out(conn, access.project_id, entitlement.id)
+    if created:
+        audit(conn, access, action="entitlement.grant", target_kind="entitlement", target_id=entitlement.id,
+              after={"wallet_id": wallet_id, "plan": body.plan, "reference": entitlement.external_subscription_id,
+                     "period_end": body.period_end.isoformat() if body.period_end else None,
+                     "credits_transaction_id": transaction_id, "reason": body.reason})
+    else:
+        response.status_code = 200
+    return ManualEntitlementOut(**out.model_dump(), credits_transaction_id=transaction_id)
+
+
+class EndEntitlementIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=500)
+
+
+@router.post("/wallets/{wallet_id}/entitlements/{entitlement_id}/end", response_model=EntitlementOut,
+             summary="End an entitlement granted by an admin (admin, audited); credits already granted stay")
+def end_entitlement(wallet_id: str, entitlement_id: str, body: EndEntitlementIn, access: Admin,
+                    conn: ConnectionDep) -> EntitlementOut:
+    wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet_id)
+    before, after = manual.end(conn, project_id=access.project_id, wallet_id=wallet_id,
+                               entitlement_id=entitlement_id)
+    audit(conn, access, action="entitlement.end", target_kind="entitlement", target_id=entitlement_id,
+          before={k: v.isoformat() if isinstance(v, datetime) else v for k, v in before.items()},
+          after={"status": after.status, "reason": body.reason})
+    return _entitlement_out(conn, access.project_id, entitlement_id)
 
 
 class PaymentOut(BaseModel):

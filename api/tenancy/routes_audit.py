@@ -6,13 +6,16 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import text
 
 from api.deps import ConnectionDep
 from api.pagination import LIMIT_DEFAULT, LIMIT_MAX
 from api.tenancy.audit import list_audit
 from api.tenancy.auth import ProjectAccess, require_project
 
+#: target kinds whose target_id is a user id
+_USER_TARGETS = ("member", "user")
 router = APIRouter(prefix="/api/v1/projects/{project_id}/audit-log", tags=["audit"])
 
 
@@ -28,6 +31,8 @@ class AuditEntryOut(BaseModel):
     after: Any
     request_id: str | None
     created_at: datetime
+    actor_email: str | None = Field(default=None, description="the acting user's email (None: a key or the system)")
+    target_email: str | None = Field(default=None, description="member and user targets: that user's email")
 
 
 class AuditPage(BaseModel):
@@ -49,12 +54,30 @@ def audit_log(
     action: Annotated[str | None, Query(description="exact action, or a prefix ending in * (member.*)")] = None,
     target_kind: str | None = None, target_id: str | None = None,
     actor_user_id: str | None = None, actor_key_id: str | None = None,
+    actor_email: Annotated[str | None, Query(max_length=320, description="the acting user, by email")] = None,
     since: Annotated[datetime | None, Query(description="inclusive, ISO 8601 with offset")] = None,
     until: Annotated[datetime | None, Query(description="exclusive")] = None,
 ) -> AuditPage:
+    if actor_email is not None:
+        found = conn.execute(text("SELECT id FROM users WHERE email = lower(:e)"), {"e": actor_email.strip()}).scalar()
+        if found is None:
+            return AuditPage(items=[], next_cursor=None)
+        if actor_user_id is not None and actor_user_id != found:
+            return AuditPage(items=[], next_cursor=None)
+        actor_user_id = str(found)
     entries, next_cursor = list_audit(conn, project_id=access.project_id, cursor=cursor, limit=limit,
                                       action=action, target_kind=target_kind, target_id=target_id,
                                       actor_user_id=actor_user_id, actor_key_id=actor_key_id,
                                       since=since, until=until)
-    return AuditPage(items=[AuditEntryOut(**{k: getattr(e, k) for k in AuditEntryOut.model_fields})
+    user_ids = {e.actor_user_id for e in entries if e.actor_user_id}
+    user_ids |= {e.target_id for e in entries if e.target_kind in _USER_TARGETS and e.target_id}
+    emails: dict[str, str] = {}
+    if user_ids:
+        emails = {str(i): str(e) for i, e in conn.execute(text("SELECT id, email FROM users WHERE id = ANY(:ids)"),
+                                                          {"ids": sorted(user_ids)}).all()}
+    fields = [k for k in AuditEntryOut.model_fields if k not in ("actor_email", "target_email")]
+    return AuditPage(items=[AuditEntryOut(**{k: getattr(e, k) for k in fields},
+                                          actor_email=emails.get(e.actor_user_id or ""),
+                                          target_email=emails.get(e.target_id or "")
+                                          if e.target_kind in _USER_TARGETS else None)
                             for e in entries], next_cursor=next_cursor)

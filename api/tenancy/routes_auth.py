@@ -11,6 +11,7 @@ from api.deps import ConnectionDep, EngineDep, SettingsDep
 from api.errors import NotFound, Unauthorized
 from api.tenancy.auth import (
     AuthRateLimit,
+    PrincipalDep,
     TokenPair,
     UserDep,
     issue_token_pair,
@@ -134,3 +135,18 @@ def me(principal: UserDep, conn: ConnectionDep) -> MeResponse:
     projects = list_projects_for_user(conn, user_id=user.id)
     return MeResponse(user=UserOut.of(user), projects=[
         MembershipOut(project_id=p.id, project_name=p.name, role=role) for p, role in projects])
+
+
+class KeySelfOut(BaseModel):
+    key_id: str
+    project_id: str
+    scopes: list[str]
+
+
+@router.get("/key", response_model=KeySelfOut,
+            summary="The calling API key: its project and scopes (tools that hold only a key start here)")
+def key_self(principal: PrincipalDep) -> KeySelfOut:
+    if principal.kind != "api_key":
+        raise NotFound("this route answers for an API key (Authorization: Bearer mlk_...)")
+    assert principal.key_id is not None and principal.project_id is not None
+    return KeySelfOut(key_id=principal.key_id, project_id=principal.project_id, scopes=sorted(principal.scopes))

@@ -7,16 +7,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import Connection, text
 
 from api.deps import ConnectionDep, SettingsDep
 from api.errors import ApiError, NotFound
-from api.pagination import LIMIT_DEFAULT, LIMIT_MAX, decode_cursor, encode_cursor
+from api.pagination import LIMIT_DEFAULT, LIMIT_MAX
 from api.settings import ApiSettings
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
-from api.wallets import signup_bonus
+from api.wallets import signup_bonus, wallet_directory
 from api.wallets.geoip import GeoIpLookup, lookup_for
 from api.wallets.wallet_models import (
     BonusOut,
@@ -27,8 +27,9 @@ from api.wallets.wallet_models import (
     TransactionPageOut,
     WalletCreate,
     WalletCreatedOut,
+    WalletListItemOut,
+    WalletListPage,
     WalletOut,
-    WalletPage,
     WalletPatch,
 )
 from ledger import queries, service
@@ -138,29 +139,20 @@ def create_wallet(body: WalletCreate, access: Admin, conn: ConnectionDep, respon
     return WalletCreatedOut(**WalletOut.of(wallet).model_dump(), bonus=bonus)
 
 
-@router.get("", response_model=WalletPage, summary="The project's wallets (oldest first)")
-def list_wallets(access: Read, conn: ConnectionDep,
+@router.get("", response_model=WalletListPage,
+            summary="The project's wallets (oldest first) with their balance and who they are for; q searches "
+                    "wallet id, owner, member email and subject")
+def list_wallets(access: Read, conn: ConnectionDep, request: Request,
                  owner_kind: Literal["user", "project", "subject"] | None = None,
                  owner_ref: Annotated[str | None, Query(max_length=200)] = None,
+                 q: Annotated[str | None, Query(max_length=200, description="case-insensitive substring of the id, "
+                                                "owner, member email or subject")] = None,
                  cursor: str | None = None,
-                 limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = LIMIT_DEFAULT) -> WalletPage:
-    position = decode_cursor(cursor)
-    after_created, after_id = (position or {}).get("c"), (position or {}).get("i")
-    rows = conn.execute(text("""
-        SELECT * FROM wallets
-        WHERE project_id = :p
-          AND (CAST(:kind AS text) IS NULL OR owner_kind = :kind)
-          AND (CAST(:ref AS text) IS NULL OR owner_ref = :ref)
-          AND (CAST(:ac AS timestamptz) IS NULL OR (created_at, id) > (CAST(:ac AS timestamptz), :ai))
-        ORDER BY created_at, id LIMIT :limit"""),
-                        {"p": access.project_id, "kind": owner_kind, "ref": owner_ref, "ac": after_created,
-                         "ai": after_id, "limit": limit + 1}).mappings().all()
-    wallets = [WalletRow.from_mapping(r) for r in rows[:limit]]
-    next_cursor = None
-    if len(rows) > limit and wallets:
-        last = wallets[-1]
-        next_cursor = encode_cursor({"c": last.created_at.isoformat(), "i": last.id})
-    return WalletPage(items=[WalletOut.of(w) for w in wallets], next_cursor=next_cursor)
+                 limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = LIMIT_DEFAULT) -> WalletListPage:
+    entries, next_cursor = wallet_directory.list_wallets(
+        conn, project_id=access.project_id, owner_kind=owner_kind, owner_ref=owner_ref, q=q, cursor=cursor,
+        limit=limit, subjects=wallet_directory.usage_subjects(request))
+    return WalletListPage(items=[WalletListItemOut.of_entry(e) for e in entries], next_cursor=next_cursor)
 
 
 @router.get("/{wallet_id}", response_model=WalletOut,
@@ -214,6 +206,16 @@ def transaction(wallet_id: str, transaction_id: int, access: Read, conn: Connect
     if tx is None or tx.wallet_id != wallet_id:
         raise NotFound("transaction not found")
     return TransactionOut.of(tx)
+
+
+@router.get("/{wallet_id}/reservations", response_model=list[HoldOut],
+            summary="The wallet's reservations (holds), newest first; status filters (active, committed, voided, "
+                    "expired)")
+def reservations(wallet_id: str, access: Read, conn: ConnectionDep,
+                 status: Literal["active", "committed", "voided", "expired"] | None = None,
+                 limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = LIMIT_DEFAULT) -> list[HoldOut]:
+    wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet_id)
+    return [HoldOut.of(h) for h in queries.list_holds(conn, wallet_id, status=status, limit=limit)]
 
 
 @router.get("/{wallet_id}/reservations/{hold_id}", response_model=HoldOut, summary="One reservation (hold)")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, IPvAnyAddress, model_validator
 
+from api.wallets.wallet_directory import WalletEntry
 from ledger.rows import AllocationRow, BalanceView, BucketRow, HoldRow, TransactionRow, WalletRow
 
 AMOUNT = Field(gt=0, le=10**15, description="credits in minor units (an integer)")
@@ -78,8 +79,24 @@ class WalletCreatedOut(WalletOut):
     bonus: BonusOut | None = Field(default=None, description="subject wallets only; None elsewhere")
 
 
-class WalletPage(BaseModel):
-    items: list[WalletOut]
+class WalletListItemOut(WalletOut):
+    """A wallet in the list, with who it is for (see api.wallets.wallet_directory)."""
+
+    owner_email: str | None = Field(default=None, description="user wallets: the member's email")
+    subject: str | None = Field(default=None, description="subject wallets: the end user (subject) it pays for; "
+                                "for an auto-provisioned wallet found from a subject key or the usage seen, "
+                                "None if unknown")
+    auto_provisioned: bool = Field(default=False, description="created by the ledger from usage of an unknown "
+                                                              "subject")
+
+    @classmethod
+    def of_entry(cls, e: WalletEntry) -> WalletListItemOut:
+        return cls(**WalletOut.of(e.wallet).model_dump(), owner_email=e.owner_email, subject=e.subject,
+                   auto_provisioned=e.auto_provisioned)
+
+
+class WalletListPage(BaseModel):
+    items: list[WalletListItemOut]
     next_cursor: str | None
 
 
@@ -112,7 +129,9 @@ class TransactionOut(BaseModel):
     hold_id: str | None
     meter_id: str | None
     period_start: datetime | None
-    price_version_id: str | None
+    price_version_id: str | None = Field(description=(
+        "usage: the price version the units were charged under; `{price_version_id}@m{n}` when the meter's "
+        "counting version n is past 1 (a meter edit that changed how units are counted started new counters)"))
     reason: str | None
     metadata: dict[str, Any] | None
     created_at: datetime

@@ -90,7 +90,16 @@ class Browser:
 
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+        # Grow the viewport to the whole page instead of captureBeyondViewport: a canvas below the fold was
+        # captured shrunk to a corner (Chart.js draws for the real viewport). Charts redraw on the resize.
+        width = int(self.evaluate("window.innerWidth"))
+        height = max(int(self.evaluate("Math.ceil(document.documentElement.scrollHeight)")), 600)
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        try:
+            time.sleep(0.3)  # ResizeObserver callbacks (chart redraws) run on the next frames
+            data = self.call("Page.captureScreenshot", format="png")["data"]
+        finally:
+            self.call("Emulation.clearDeviceMetricsOverride")
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:

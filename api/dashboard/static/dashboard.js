@@ -2,7 +2,11 @@
  * - the access token lives in sessionStorage (key "meterline.token"); a 401 sends you to the login page;
  * - the chosen project and window live in sessionStorage too;
  * - every chart is registered in window.meterlineCharts[name] and every finished page sets
- *   document.body.dataset.ready = "1" (the browser tests read both). */
+ *   document.body.dataset.ready = "1" (the browser tests read both); a form submission sets it to "" and back
+ *   to "1" once the change is saved and the page re-rendered ("error" when the API refused it);
+ * - pages live in window.meterlinePages[slug]: a render function, or {setup, render} when the page has forms
+ *   (setup binds them once; render runs on load and after every change). wallets.js and manage.js add theirs.
+ * - nothing from the API is ever parsed as HTML: text goes through textContent (the CSP forbids inline script). */
 "use strict";
 
 const TOKEN_KEY = "meterline.token";
@@ -10,6 +14,7 @@ const PROJECT_KEY = "meterline.project";
 const RANGE_KEY = "meterline.range";
 const COLORS = ["#2563eb", "#dc2626", "#f59e0b", "#16a34a", "#7c3aed", "#0891b2", "#db2777", "#65a30d"];
 window.meterlineCharts = {};
+window.meterlinePages = window.meterlinePages || {};
 
 function $(id) { return document.getElementById(id); }
 
@@ -31,8 +36,15 @@ async function api(path, options = {}) {
     throw new Error("signed out");
   }
   const body = response.status === 204 ? null : await response.json();
-  if (!response.ok) throw new Error((body && (body.detail || body.title)) || response.statusText);
+  if (!response.ok) throw new Error(problemText(body) || response.statusText);
   return body;
+}
+
+/* A problem+json body in words: its detail, then each invalid field ("body.slug: String should match …"). */
+function problemText(body) {
+  if (!body) return "";
+  const fields = (body.errors || []).map(e => (e.loc || []).filter(p => p !== "body").join(".") + ": " + e.msg);
+  return fields.length ? fields.join("; ") : (body.detail || body.title || "");
 }
 
 function projectPath(suffix) {
@@ -54,7 +66,9 @@ function query(params) {
 
 function fmt(n) { return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"); }
 function pct(rate) { return rate === null || rate === undefined ? "–" : (Number(rate) * 100).toFixed(1) + "%"; }
-function label(iso) { return iso.replace("T", " ").replace(/:00(\+00:00|Z)$/, "").replace(/\+00:00$/, ""); }
+function label(iso) {
+  return iso.replace("T", " ").replace(/\.\d+(?=(\+00:00|Z)?$)/, "").replace(/:00(\+00:00|Z)$/, "").replace(/(\+00:00|Z)$/, "");
+}
 
 function tiles(id, items) {
   const box = $(id);
@@ -69,7 +83,7 @@ function tiles(id, items) {
   }));
 }
 
-function table(id, columns, rows, onRow) {
+function table(id, columns, rows, onRow, empty = "nothing in this window") {
   const el = $(id);
   const head = document.createElement("tr");
   for (const [title] of columns) { const th = document.createElement("th"); th.textContent = title; head.append(th); }
@@ -78,7 +92,8 @@ function table(id, columns, rows, onRow) {
     for (const [, get] of columns) {
       const td = document.createElement("td");
       const value = get(row);
-      td.textContent = value === null || value === undefined ? "" : String(value);
+      if (value instanceof Node) td.append(value);
+      else td.textContent = value === null || value === undefined ? "" : String(value);
       tr.append(td);
     }
     if (onRow) { tr.classList.add("link"); tr.addEventListener("click", () => onRow(row)); }
@@ -86,7 +101,7 @@ function table(id, columns, rows, onRow) {
   });
   if (!rows.length) {
     const tr = document.createElement("tr"); const td = document.createElement("td");
-    td.colSpan = columns.length; td.className = "muted"; td.textContent = "nothing in this window";
+    td.colSpan = columns.length; td.className = "muted"; td.textContent = empty;
     tr.append(td); body.push(tr);
   }
   el.replaceChildren(head, ...body);
@@ -113,6 +128,91 @@ function pivot(series, valueOf) {
   return { labels: labels.map(label), datasets };
 }
 
+/* el("a", {href: "/x", className: "y"}, "text", node): a DOM node; strings become text nodes, never HTML. */
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k.startsWith("data-")) node.setAttribute(k, v); else node[k] = v;
+  }
+  node.append(...children.filter(c => c !== null && c !== undefined).map(c => c instanceof Node ? c : String(c)));
+  return node;
+}
+
+/* A button in a table row that runs a change (then re-renders the page like a form does). */
+function actionButton(text, action, name) {
+  const b = el("button", { type: "button", className: "row-action" }, text);
+  if (name) b.dataset.action = name;
+  b.addEventListener("click", (event) => { event.stopPropagation(); change(action); });
+  return b;
+}
+
+/* A fresh Idempotency-Key (crypto.randomUUID needs a secure context; getRandomValues does not). */
+function newIdempotencyKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return "dash-" + Array.from(bytes, b => b.toString(16).padStart(2, "0")).join("");
+}
+
+/* A form's named fields as a JSON body. data-type: int, list (comma-separated), datetime (datetime-local read
+ * as UTC); data-skip: not sent; empty fields are left out (the API's default applies); checkboxes sharing a
+ * name become a list of the checked values; data-type json is parsed (a syntax error names the field). */
+function formValues(form) {
+  const out = {};
+  for (const field of form.elements) {
+    if (!field.name || field.dataset.skip) continue;
+    if (field.type === "checkbox") {
+      out[field.name] = out[field.name] || [];
+      if (field.checked) out[field.name].push(field.value);
+      continue;
+    }
+    const raw = field.value.trim();
+    if (raw === "") continue;
+    const type = field.dataset.type;
+    if (type === "int") out[field.name] = Number.parseInt(raw, 10);
+    else if (type === "list") out[field.name] = raw.split(",").map(v => v.trim()).filter(Boolean);
+    else if (type === "datetime") out[field.name] = new Date(raw + "Z").toISOString();
+    else if (type === "json") {
+      try { out[field.name] = JSON.parse(raw); } catch (err) { throw new Error(field.name + ": not valid JSON (" + err.message + ")"); }
+    }
+    else out[field.name] = raw;
+  }
+  return out;
+}
+
+let renderCurrent = async () => {};
+
+/* Run a change (a form submission, a row button), then re-render the page. The error box says why a change
+ * was refused (the API's problem+json detail). */
+async function change(action) {
+  document.body.dataset.ready = "";
+  $("error").hidden = true;
+  try {
+    await action();
+    await renderCurrent();
+    document.body.dataset.ready = "1";
+  } catch (err) { if (err.message !== "signed out") showError(err.message); }
+}
+
+/* Bind a form: submit(values, form) saves; the form is reset after a success. A form that moves money keeps
+ * one Idempotency-Key (form.dataset.idempotencyKey) until it succeeds, so a retry after a lost answer cannot
+ * post twice. */
+function bindForm(id, submit, { reset = true } = {}) {
+  const form = $(id);
+  form.dataset.idempotencyKey = newIdempotencyKey();
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    change(async () => {
+      await submit(formValues(form), form);
+      if (reset) form.reset();
+      form.dataset.idempotencyKey = newIdempotencyKey();
+    });
+  });
+  return form;
+}
+
+function post(path, body, headers) {
+  return api(path, { method: "POST", body: JSON.stringify(body || {}), headers });
+}
+
 // ----------------------------------------------------------------------------------------------- pages
 
 async function pageLogin() {
@@ -124,6 +224,27 @@ async function pageLogin() {
       sessionStorage.setItem(TOKEN_KEY, body.access_token);
       location.href = "/dashboard/usage";
     } catch (err) { showError("Sign-in failed: " + err.message); }
+  });
+  document.body.dataset.ready = "1";
+}
+
+async function pageSignup() {
+  const form = $("signup-form");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    document.body.dataset.ready = "";
+    const v = formValues(form);
+    try {
+      const body = await post("/api/v1/auth/signup", { email: v.email, password: v.password,
+                                                       display_name: v.display_name });
+      sessionStorage.setItem(TOKEN_KEY, body.access_token);
+      const project = await post("/api/v1/projects", { name: v.project });
+      sessionStorage.setItem(PROJECT_KEY, project.id);
+      location.href = "/dashboard/wallets";
+    } catch (err) {
+      showError("Sign-up failed: " + err.message);
+      if (/already|exists|taken/i.test(err.message)) $("error").append(" ", el("a", { href: "/dashboard/login" }, "Sign in instead"));
+    }
   });
   document.body.dataset.ready = "1";
 }
@@ -180,36 +301,6 @@ async function pageCredits() {
                     ["purchases", r => r.purchases], ["wallets", r => r.wallets]], revenue.offers);
 }
 
-async function pageWallets() {
-  const w = windowParams();
-  const walletId = new URLSearchParams(location.search).get("wallet");
-  if (!walletId) {
-    const top = await api(projectPath("/analytics/wallets/top") + query({ from: w.from, to: w.to, limit: 25 }));
-    table("top-wallets", [["wallet", r => r.wallet_id], ["spent", r => fmt(r.spent_minor)],
-                          ["issued", r => fmt(r.issued_minor)], ["expired", r => fmt(r.expired_minor)],
-                          ["utilization", r => pct(r.utilization_rate)]], top.wallets,
-          row => { location.search = "?wallet=" + encodeURIComponent(row.wallet_id); });
-    return;
-  }
-  $("wallet-list").hidden = true;
-  $("wallet-detail").hidden = false;
-  $("wallet-id").textContent = walletId;
-  const [detail, flow] = await Promise.all([
-    api(projectPath("/analytics/wallets/" + encodeURIComponent(walletId)) + query({ from: w.from, to: w.to, limit: 100 })),
-    api(projectPath("/analytics/credit-flow") + query({ from: w.from, to: w.to, granularity: w.granularity, wallet_id: walletId })),
-  ]);
-  tiles("wallet-tiles", [["issued", fmt(detail.issued_minor), "issued_minor"], ["spent", fmt(detail.spent_minor), "spent_minor"],
-    ["expired", fmt(detail.expired_minor), "expired_minor"], ["balance now", fmt(detail.outstanding_end_minor), "outstanding_end_minor"]]);
-  chart("wallet", "chart-wallet", { type: "bar", data: {
-    labels: flow.series.map(r => label(r.bucket)),
-    datasets: [{ label: "issued", data: flow.series.map(r => r.issued_minor), backgroundColor: COLORS[3] },
-               { label: "spent", data: flow.series.map(r => r.spent_minor), backgroundColor: COLORS[0] },
-               { label: "expired", data: flow.series.map(r => r.expired_minor), backgroundColor: COLORS[1] }] } });
-  table("wallet-transactions", [["id", r => r.transaction_id], ["time", r => label(r.created_at)], ["kind", r => r.kind],
-    ["amount", r => fmt(r.amount_minor)], ["balance after", r => fmt(r.balance_after_minor)],
-    ["source", r => r.bucket_source || r.source_ref]], detail.transactions);
-}
-
 async function pagePaywall() {
   const w = windowParams();
   const funnel = await api(projectPath("/analytics/paywall-funnel") + query({ from: w.from, to: w.to }));
@@ -218,38 +309,68 @@ async function pagePaywall() {
     options: { indexAxis: "y" } });
   table("reasons", [["allowed", r => r.allowed ? "yes" : "no"], ["reason", r => r.reason], ["policy", r => r.policy_id],
                     ["decisions", r => r.decisions], ["subjects", r => r.subjects]], funnel.reasons);
+  const decided = funnel.reasons.some(r => Number(r.decisions) > 0);
+  $("paywall-note").textContent = decided
+    ? "Access decisions of the window (POST …/access/check), by subject: a subject counts once per stage."
+    : "No access decisions in this window yet: they appear once your product calls POST …/access/check.";
 }
 
-async function pageAudit(cursor) {
-  const page = await api(projectPath("/audit-log") + query({ limit: 50, cursor }));
-  const columns = [["time", r => label(r.created_at)], ["action", r => r.action],
-    ["actor", r => r.actor_user_id || r.actor_key_id || r.actor_kind], ["target", r => r.target_kind + " " + (r.target_id || "")],
-    ["change", r => JSON.stringify({ before: r.before, after: r.after })]];
-  const el = $("audit");
-  const previous = cursor ? Array.from(el.querySelectorAll("tr")).slice(1) : [];
-  table("audit", columns, page.items);
-  if (previous.length) el.prepend(...[el.firstChild], ...previous);
+/* The change an audit entry records, as lines "key: before → after" (only what changed; a create lists what
+ * was set, a delete what was there). Nested values are shown as compact JSON. */
+function auditDiff(before, after) {
+  const show = v => v === null || v === undefined ? "∅" : typeof v === "object" ? JSON.stringify(v) : String(v);
+  const isObj = v => v && typeof v === "object" && !Array.isArray(v);
+  if (!isObj(before) && !isObj(after)) {
+    if (before === null && after === null) return el("span", { className: "muted" }, "–");
+    return el("div", {}, el("span", { className: "removed" }, show(before)), " → ", el("span", { className: "added" }, show(after)));
+  }
+  const b = isObj(before) ? before : {}, a = isObj(after) ? after : {};
+  const keys = [...new Set([...Object.keys(b), ...Object.keys(a)])].sort();
+  const lines = keys.filter(k => JSON.stringify(b[k]) !== JSON.stringify(a[k])).map(k => {
+    const line = el("div", { className: "diff-line" }, el("span", { className: "diff-key" }, k + ": "));
+    if (k in b && b[k] !== null) line.append(el("span", { className: "removed" }, show(b[k])));
+    if (k in b && b[k] !== null && k in a) line.append(" → ");
+    if (k in a) line.append(el("span", { className: "added" }, show(a[k])));
+    return line;
+  });
+  return lines.length ? el("div", { className: "diff" }, ...lines) : el("span", { className: "muted" }, "no change");
+}
+
+function auditFilter() {
+  const v = formValues($("audit-filter"));
+  const day = 86400000;
+  return { actor_email: v.actor_email, action: v.action,
+           since: v.since ? new Date(v.since + "T00:00:00Z").toISOString() : undefined,
+           until: v.until ? new Date(Date.parse(v.until + "T00:00:00Z") + day).toISOString() : undefined };
+}
+
+async function renderAudit(cursor) {
+  const page = await api(projectPath("/audit-log") + query({ limit: 50, cursor, ...auditFilter() }));
+  const columns = [["time (UTC)", r => label(r.created_at)], ["action", r => r.action],
+    ["actor", r => r.actor_email || (r.actor_key_id ? "API key " + r.actor_key_id : r.actor_kind)],
+    ["target", r => r.target_email ? r.target_kind + " " + r.target_email : r.target_kind + " " + (r.target_id || "")],
+    ["change", r => auditDiff(r.before, r.after)]];
+  const el_ = $("audit");
+  const previous = cursor ? Array.from(el_.querySelectorAll("tr")).slice(1) : [];
+  table("audit", columns, page.items, null, "no entries match");
+  if (previous.length) el_.firstChild.after(...previous);
+  const actions = $("audit-actions");
+  const known = new Set(Array.from(actions.options, o => o.value));
+  for (const item of page.items) if (!known.has(item.action)) { known.add(item.action); actions.append(el("option", { value: item.action })); }
   const more = $("audit-more");
   more.hidden = !page.next_cursor;
-  more.onclick = () => run(() => pageAudit(page.next_cursor));
+  more.onclick = () => run(() => renderAudit(page.next_cursor));
 }
 
-async function pageBilling() {
-  const w = windowParams();
-  const [rules, runs] = await Promise.all([api(projectPath("/billing-rules")),
-                                           api(projectPath("/billing-runs") + query({ limit: 500 }))]);
-  const names = new Map(rules.map(r => [r.id, r.name]));
-  const inWindow = runs.items.filter(r => r.due_at >= w.from);
-  const series = inWindow.map(r => ({ bucket: r.due_at.slice(0, 10), group: r.status, value: 1 }));
-  chart("billing", "chart-billing", { type: "bar", data: pivot(series, r => r.value),
-    options: { scales: { x: { stacked: true }, y: { stacked: true, ticks: { precision: 0 } } } } });
-  table("billing-rules", [["name", r => r.name], ["wallet", r => r.wallet_id], ["schedule (UTC cron)", r => r.cron],
-    ["amount", r => fmt(r.amount_minor)], ["if unpaid", r => r.when_insufficient], ["status", r => r.status],
-    ["next run", r => r.status === "active" ? label(r.next_run_at) : "–"]], rules);
-  table("billing-runs", [["due", r => label(r.due_at)], ["rule", r => names.get(r.rule_id) || r.rule_id],
-    ["wallet", r => r.wallet_id], ["status", r => r.status], ["amount", r => fmt(r.amount_minor)],
-    ["transaction", r => r.transaction_id], ["detail", r => r.detail]], inWindow.slice(0, 100));
-}
+const auditPage = {
+  async setup() {
+    const members = await api(projectPath("/members"));
+    const select = $("audit-filter").elements.actor_email;
+    for (const m of members) select.add(new Option(m.email, m.email));
+    $("audit-filter").addEventListener("submit", (event) => { event.preventDefault(); run(() => renderAudit(undefined)); });
+  },
+  render: () => renderAudit(undefined),
+};
 
 async function pageDeadLetters() {
   const body = await api(projectPath("/analytics/dead-letters") + query({ limit: 100 }));
@@ -258,8 +379,8 @@ async function pageDeadLetters() {
     body.dead_letters);
 }
 
-const PAGES = { usage: pageUsage, credits: pageCredits, wallets: pageWallets, paywall: pagePaywall,
-                billing: pageBilling, audit: () => pageAudit(undefined), "dead-letters": pageDeadLetters };
+Object.assign(window.meterlinePages, { usage: pageUsage, credits: pageCredits, paywall: pagePaywall,
+                                      audit: auditPage, "dead-letters": pageDeadLetters });
 
 async function run(render) {
   document.body.dataset.ready = "";
@@ -270,14 +391,16 @@ async function run(render) {
 async function boot() {
   const page = document.body.dataset.page;
   for (const a of document.querySelectorAll("[data-nav]")) if (a.dataset.nav === page) a.classList.add("active");
-  if (page === "login") { document.querySelector("header .controls").hidden = true; return pageLogin(); }
+  if (page === "login") return pageLogin();
+  if (page === "signup") return pageSignup();
   if (!sessionStorage.getItem(TOKEN_KEY)) { location.href = "/dashboard/login"; return; }
   $("logout").addEventListener("click", () => { sessionStorage.clear(); location.href = "/dashboard/login"; });
   const range = $("range");
   range.value = sessionStorage.getItem(RANGE_KEY) || "30";
-  range.addEventListener("change", () => { sessionStorage.setItem(RANGE_KEY, range.value); run(PAGES[page]); });
   let me;
   try { me = await api("/api/v1/auth/me"); } catch (err) { if (err.message !== "signed out") showError(err.message); return; }
+  $("nav").hidden = false;
+  $("controls").hidden = false;
   const select = $("project");
   const projects = me.projects || [];
   for (const p of projects) select.add(new Option((p.project_name || p.name) + " (" + p.role + ")", p.project_id || p.id));
@@ -286,8 +409,14 @@ async function boot() {
   const ids = Array.from(select.options).map(o => o.value);
   sessionStorage.setItem(PROJECT_KEY, ids.includes(saved) ? saved : ids[0]);
   select.value = sessionStorage.getItem(PROJECT_KEY);
+  const current = projects.find(p => (p.project_id || p.id) === select.value);
+  document.body.dataset.role = current ? current.role : "";
   select.addEventListener("change", () => { sessionStorage.setItem(PROJECT_KEY, select.value); location.reload(); });
-  await run(PAGES[page]);
+  const entry = window.meterlinePages[page];
+  const render = typeof entry === "function" ? entry : entry.render;
+  renderCurrent = render;
+  range.addEventListener("change", () => { sessionStorage.setItem(RANGE_KEY, range.value); run(render); });
+  await run(async () => { if (entry.setup) await entry.setup(); await render(); });
 }
 
 document.addEventListener("DOMContentLoaded", boot);

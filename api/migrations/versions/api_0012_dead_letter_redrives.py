@@ -16,7 +16,7 @@ counted once by the workers' dedupe on (project, source, id). Nothing updates or
 from alembic import op
 
 revision = "api_0012"
-down_revision = "api_0008"
+down_revision = "api_0010"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """Ledger schema: ``transaction_allocations.seq`` — the order a transaction's allocations were written in.
 
 Revision ID: ledger_0012
-Revises: ledger_0011
+Revises: ledger_0006
 Create Date: 2026-12-03
 
 A debit burns buckets in burn order (ledger/postings.py builds its allocations in that order: priority, expiry,
@@ -14,7 +14,7 @@ append-only table (no UPDATE/DELETE ever) is the order they were inserted in.
 from alembic import op
 
 revision = "ledger_0012"
-down_revision = "ledger_0011"
+down_revision = "ledger_0006"
 branch_labels = None
 depends_on = None
 

@@ -146,3 +146,27 @@ def relay_then_republish(database_url: str, topics: Any, *, only_topic: str | No
         return published
     finally:
         engine.dispose()
+
+
+def worker_dead_letters(project: str, *, source_topic: str) -> list[tuple[bytes, dict[str, str]]]:
+    """Dead letters exactly as the streams worker builds them, for a packed message holding one event that
+    lacks its ``id``: the worker's own parse/validate path makes the rejection and its own builder the message.
+    Returns [current shape, the shape workers wrote before the ``project`` header and fields existed (the same
+    envelope without ``project``/``event``, only a ``reason`` header)] — both are on real topics."""
+    from streams.dead_letters import dead_letter_message
+    from streams.metering import Limits, Rejection, parse_message, validate_event
+
+    bad = {"specversion": "1.0", "source": "analytics-test", "type": "tokens", "subject": "user_1",
+           "project": project, "data": {"units": "1"}}  # no id
+    value = orjson.dumps([bad])
+    items, rejections = parse_message(value, limits=Limits())
+    assert not rejections
+    (index, raw), = items
+    rejection = validate_event(raw, index=index, message=value, arrival=datetime.now(UTC), limits=Limits())
+    assert isinstance(rejection, Rejection)
+    message = dead_letter_message(rejection, source_topic=source_topic, partition=0, offset=17,
+                                  now=datetime.now(UTC))
+    current = (message.value, {k: v.decode() for k, v in message.headers})
+    legacy_envelope = {k: v for k, v in orjson.loads(message.value).items() if k not in ("project", "event")}
+    legacy = (orjson.dumps(legacy_envelope), {"reason": rejection.reason})
+    return [current, legacy]

@@ -14,6 +14,7 @@ from analytics_testkit import usage_event
 
 from analytics.client import ClientPool
 from analytics.errors import BadQuery
+from analytics.meter_units import MeterSpec, MeterVersion
 from analytics.queries import Analytics, Window
 from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS
 from meterline.topics import TopicSpec, ensure_topics
@@ -156,6 +157,13 @@ def _floor(moment: datetime, granularity: str) -> datetime:
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
+def _meter(slug: str, event_type: str, aggregation: str = "SUM", value_property: str | None = "$.units",
+           filters: tuple[dict[str, Any], ...] = (), group_by: tuple[str, ...] = (),
+           since: datetime = datetime(2020, 1, 1, tzinfo=UTC)) -> MeterSpec:
+    return MeterSpec(id=f"mtr_{slug}", slug=slug, group_by=group_by, event_type=event_type, versions=(
+        MeterVersion(event_type, aggregation, value_property, filters, since, None),))
+
+
 def test_usage_series_at_every_granularity_match_the_events_sent(topics, producer, ch, run_sink, service):
     rng = random.Random(5)
     start = datetime(2026, 10, 30, 22, tzinfo=UTC)
@@ -166,17 +174,23 @@ def test_usage_series_at_every_granularity_match_the_events_sent(topics, produce
                             units=str(Decimal(rng.randint(1, 4000)) / 8), time_=moment,
                             model=rng.choice(["small", "large"]), cost_hint=rng.randint(1, 9))
         events.append(event)
+    # values a meter refuses (streams dead-letters them as bad_value): never units, reported as rejected
+    bad = [usage_event(project="prj_u", subject="user1", type_="tokens", units=value, model="large",
+                       time_=start + timedelta(hours=3)) for value in ("lots", None, -3, True)]
     usage_topic = topics.name(TOPIC_USAGE_EVENTS)
     for chunk in range(0, len(events), 7):  # packed messages of up to 7 events
         producer.send(usage_topic, events[chunk:chunk + 7], key=str(chunk))
+    producer.send(usage_topic, bad, key="bad")
     producer.send(usage_topic, usage_event(project="prj_elsewhere", subject="user1", units=10**6, time_=start),
                   key="x")
     producer.flush()
     sink = run_sink()
-    sink.wait_messages({usage_topic: (len(events) + 6) // 7 + 1})
+    sink.wait_messages({usage_topic: (len(events) + 6) // 7 + 2})
     sink.stop()
 
     win = Window(start - timedelta(hours=2), start + timedelta(days=5))
+    tokens, images = _meter("tokens", "tokens", group_by=("$.model",)), _meter("images", "images")
+    meters = [images, tokens]
 
     def expected(granularity: str, key: Any, value: Any = lambda e: Decimal(e["data"]["units"]),
                  only: Any = lambda e: True) -> dict[tuple[str, str], Decimal]:
@@ -188,46 +202,83 @@ def test_usage_series_at_every_granularity_match_the_events_sent(topics, produce
         return dict(out)
 
     def got(result: dict[str, Any]) -> dict[tuple[str, str], Decimal]:
-        return {(p["bucket"], p["group"]): Decimal(p["units"]) for p in result["series"]}
+        return {(p["bucket"], p["group"]): Decimal(p["units"]) for p in result["series"] if p["events"]}
 
     for granularity in ("hour", "day", "month"):
-        result = service.usage(project_id="prj_u", win=win, granularity=granularity)
+        result = service.usage(project_id="prj_u", win=win, granularity=granularity, meters=meters)
         assert got(result) == expected(granularity, lambda e: e["type"]), granularity
-    by_model = service.usage(project_id="prj_u", win=win, granularity="day", meter="tokens", group_by="data.model")
+        assert sum(p["rejected_events"] for p in result["series"]) == 4
+    by_model = service.usage(project_id="prj_u", win=win, granularity="day", meters=[tokens], group_by="$.model")
     assert got(by_model) == expected("day", lambda e: e["data"]["model"], only=lambda e: e["type"] == "tokens")
-    hinted = service.usage(project_id="prj_u", win=win, granularity="day", value_key="cost_hint")
-    assert got(hinted) == expected("day", lambda e: e["type"], value=lambda e: Decimal(e["data"]["cost_hint"]))
-    for granularity in ("hour", "day"):  # per subject: raw rows (hour) and the per-subject projection (day)
-        one = service.usage(project_id="prj_u", win=win, granularity=granularity, subject="user3", meter="images")
+    for granularity in ("hour", "day"):
+        one = service.usage(project_id="prj_u", win=win, granularity=granularity, subject="user3", meters=[images])
         assert got(one) == expected(granularity, lambda e: e["type"],
                                     only=lambda e: e["subject"] == "user3" and e["type"] == "images")
-    per_subject = service.usage(project_id="prj_u", win=win, granularity="day", group_by="subject")
-    assert got(per_subject) == expected("day", lambda e: e["subject"])
+    per_subject = service.usage(project_id="prj_u", win=win, granularity="day", meters=[tokens], group_by="subject")
+    assert got(per_subject) == expected("day", lambda e: e["subject"], only=lambda e: e["type"] == "tokens")
+
+    # a meter's definition decides the units: its filters, its value property, its aggregation
+    large = _meter("large", "tokens", filters=({"property": "$.model", "equals": "large"},))
+    hints = _meter("hints", "tokens", value_property="$.cost_hint")
+    count = _meter("calls", "tokens", aggregation="COUNT", value_property=None)
+    peak = _meter("peak", "tokens", aggregation="MAX")
+    totals = service.usage_totals(project_id="prj_u", win=win, meters=[large, hints, count, peak])
+    by_slug = {m["meter"]: m for m in totals["meters"]}
+    token_events = [e for e in events if e["type"] == "tokens"]
+    large_units = sum(Decimal(e["data"]["units"]) for e in token_events if e["data"]["model"] == "large")
+    assert (Decimal(by_slug["large"]["units"]), by_slug["large"]["rejected_events"]) == (large_units, 4)
+    assert Decimal(by_slug["hints"]["units"]) == sum(Decimal(e["data"]["cost_hint"]) for e in token_events)
+    assert by_slug["hints"]["rejected_events"] == 4  # the bad events have no cost_hint
+    assert (by_slug["calls"]["units"], by_slug["calls"]["rejected_events"]) == (str(len(token_events) + 4), 0)
+    assert Decimal(by_slug["peak"]["units"]) == max(Decimal(e["data"]["units"]) for e in token_events)
+    # a meter version starting later counts only what came after it
+    later = start + timedelta(days=2)
+    versioned = MeterSpec(id="mtr_v", slug="v", group_by=(), event_type="tokens", versions=(
+        MeterVersion("images", "SUM", "$.units", (), datetime(2020, 1, 1, tzinfo=UTC), later),
+        MeterVersion("tokens", "SUM", "$.units", (), later, None)))
+    v_units = service.usage_totals(project_id="prj_u", win=win, meters=[versioned])["meters"][0]["units"]
+    assert Decimal(v_units) == sum(Decimal(e["data"]["units"]) for e in events
+                                   if (e["type"] == "images") == (datetime.fromisoformat(e["time"]) < later))
+
+    # units by the price version that prices each event (by event time; before the first version: the first)
+    priced = MeterSpec(id="mtr_p", slug="p", group_by=(), event_type="tokens", versions=tokens.versions,
+                       price_versions=(("pv_1", start + timedelta(days=1)), ("pv_2", later)))
+    by_version = service.usage(project_id="prj_u", win=win, granularity="month", meters=[priced],
+                               group_by="price_version")
+    per_version: dict[str, Decimal] = defaultdict(Decimal)
+    for e in token_events:
+        per_version["pv_1" if datetime.fromisoformat(e["time"]) < later else "pv_2"] += Decimal(e["data"]["units"])
+    got_versions: dict[str, Decimal] = defaultdict(Decimal)
+    for point in by_version["series"]:
+        got_versions[point["group"]] += Decimal(point["units"])
+    assert dict(got_versions) == dict(per_version)
 
     day_one = Window(start, start + timedelta(days=1))
-    minutes = service.usage(project_id="prj_u", win=day_one, granularity="minute", meter="tokens")
+    minutes = service.usage(project_id="prj_u", win=day_one, granularity="minute", meters=[tokens])
     in_day = [e for e in events if e["type"] == "tokens" and start <= datetime.fromisoformat(e["time"]) < day_one.end]
     by_minute: dict[str, Decimal] = defaultdict(Decimal)
     for e in in_day:
         by_minute[datetime.fromisoformat(e["time"]).replace(second=0).isoformat()] += Decimal(e["data"]["units"])
-    assert {p["bucket"]: Decimal(p["units"]) for p in minutes["series"]} == dict(by_minute)
+    assert {p["bucket"]: Decimal(p["units"]) for p in minutes["series"] if p["events"]} == dict(by_minute)
 
-    top = service.top_consumers(project_id="prj_u", win=win, meter="images", limit=3)["consumers"]
-    totals: dict[str, Decimal] = defaultdict(Decimal)
+    top = service.top_consumers(project_id="prj_u", win=win, meter=images, limit=3)["consumers"]
+    per_subject_units: dict[str, Decimal] = defaultdict(Decimal)
     for e in events:
         if e["type"] == "images":
-            totals[e["subject"]] += Decimal(e["data"]["units"])
+            per_subject_units[e["subject"]] += Decimal(e["data"]["units"])
     assert [(c["subject"], Decimal(c["units"])) for c in top] == sorted(
-        totals.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        per_subject_units.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     counts: dict[str, int] = defaultdict(int)
-    for e in events:
+    for e in [*events, *bad]:
         counts[e["subject"]] += 1
     everything = service.top_consumers(project_id="prj_u", win=win, limit=10)["consumers"]
     assert {c["subject"]: c["events"] for c in everything} == dict(counts)
-    assert service.usage_totals(project_id="prj_elsewhere", win=win)["meters"][0]["units"] == "1000000"
+    elsewhere = service.usage_totals(project_id="prj_elsewhere", win=win, meters=[tokens])["meters"][0]
+    assert elsewhere["units"] == "1000000"
 
     with pytest.raises(BadQuery):
         service.usage(project_id="prj_u", win=Window(datetime(2020, 1, 1, tzinfo=UTC), start),
-                      granularity="minute")
+                      granularity="minute", meters=meters)
     with pytest.raises(BadQuery):
-        service.usage(project_id="prj_u", win=win, granularity="day", group_by="data.x'); DROP TABLE t; --")
+        service.usage(project_id="prj_u", win=win, granularity="day", meters=[tokens],
+                      group_by="data.x'); DROP TABLE t; --")

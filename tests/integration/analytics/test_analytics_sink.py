@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from analytics_testkit import usage_event
+from analytics_testkit import usage_event, worker_dead_letters
 
 from ledger.contracts import TOPIC_LEDGER_TRANSACTIONS
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
@@ -56,11 +56,11 @@ def _scenario(topics: Any, producer: Any, *, project: str = "prj_a", messages: i
                                  "kind": "top_up" if n % 2 else "usage", "amount_minor": 100 if n % 2 else -30,
                                  "balance_before_minor": 0, "balance_after_minor": 0, "idempotency_key": f"k{n}",
                                  "created_at": (T0 + timedelta(minutes=n)).isoformat()}, key=f"w{n % 3}")
-    producer.send(topics.name(TOPIC_USAGE_DLQ), {"reason": "schema", "event": {"project": project, "id": "x"}},
-                  headers={"reason": "validation_failed"})
+    for value, headers in worker_dead_letters(project, source_topic=usage_topic):
+        producer.send(topics.name(TOPIC_USAGE_DLQ), value, headers=headers)
     producer.flush()
     return {"usage_rows": valid, "units": valid_units, "transactions": 20,
-            "messages": {usage_topic: messages + 11, tx_topic: 20, topics.name(TOPIC_USAGE_DLQ): 1}}
+            "messages": {usage_topic: messages + 11, tx_topic: 20, topics.name(TOPIC_USAGE_DLQ): 2}}
 
 
 def _counts(ch: Any, db: str) -> dict[str, Any]:
@@ -70,7 +70,8 @@ def _counts(ch: Any, db: str) -> dict[str, Any]:
                          f"FROM `{db}`.usage_events GROUP BY project_id, event_type, m)").result_rows[0]
     tx = ch.query(f"SELECT count() FROM `{db}`.ledger_transactions FINAL").result_rows[0][0]
     tx_rows = ch.query(f"SELECT count() FROM `{db}`.ledger_transactions").result_rows[0][0]
-    dl = ch.query(f"SELECT count(), any(reason), any(project_id) FROM `{db}`.dead_letters").result_rows[0]
+    dl = ch.query(f"SELECT count(), groupUniqArray(reason), groupUniqArray(project_id) "
+                  f"FROM `{db}`.dead_letters").result_rows[0]
     return {"rows": usage[0], "units": usage[1], "kafka_ids": usage[2], "event_ids": usage[3],
             "minute_rows": by_minute[0], "minute_units": by_minute[1], "tx": tx, "tx_rows": tx_rows,
             "dead_letters": dl}
@@ -82,7 +83,8 @@ def _assert_exact(counts: dict[str, Any], expected: dict[str, Any]) -> None:
     assert counts["units"] == expected["units"]
     assert (counts["minute_rows"], counts["minute_units"]) == (expected["usage_rows"], expected["units"])
     assert counts["tx"] == counts["tx_rows"] == expected["transactions"]
-    assert counts["dead_letters"] == (1, "validation_failed", "prj_a")
+    # the worker's dead letter (project header) and an older worker's (project only inside "original")
+    assert counts["dead_letters"] == (2, ["missing_field"], ["prj_a"])
 
 
 def test_everything_lands_once_and_a_full_replay_changes_nothing(topics, producer, ch, analytics_settings,
@@ -101,7 +103,7 @@ def test_everything_lands_once_and_a_full_replay_changes_nothing(topics, produce
     replay.wait_messages(expected["messages"])
     replay.stop()
     _assert_exact(_counts(ch, db), expected)
-    assert replay.sink.stats.redelivered_rows_skipped == expected["usage_rows"] + 20 + 1
+    assert replay.sink.stats.redelivered_rows_skipped == expected["usage_rows"] + 20 + 2
     assert replay.sink.stats.inserted_rows == {}
 
 
@@ -223,3 +225,26 @@ def test_run_analytics_idles_when_the_api_owns_the_embedded_engine(analytics_set
     assert not (tmp_path / "clickhouse").exists(), "it must not open the embedded engine"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
+
+
+def test_dead_letters_stored_before_the_project_header_are_refiled_by_schema_0011(ch, analytics_settings,
+                                                                                 topics):
+    """Rows an older sink stored with project '' (the older worker's envelope: project only inside the
+    "original" JSON string) are filed under their project by the 0011 migration, once."""
+    from analytics.migrate import load_migrations
+    from analytics.rows import DEAD_LETTER_COLUMNS
+
+    db = analytics_settings.database
+    _, legacy = worker_dead_letters("prj_old", source_topic=topics.name(TOPIC_USAGE_EVENTS))
+    now = datetime.now(UTC)
+    # what the sink stored for it before this change (its rows.py found no project in that shape)
+    ch.insert(f"`{db}`.dead_letters", [["", now, "missing_field", legacy[0].decode(), '{"reason":"missing_field"}',
+                                        "dlq", 0, 5, 0],
+                                       ["", now, "bad_json", '{"original":"{not json"}', "{}", "dlq", 0, 6, 0]],
+              column_names=list(DEAD_LETTER_COLUMNS))
+    (backfill,) = [m for m in load_migrations() if m.version == 11]
+    for _ in range(2):  # re-runnable: a second run changes nothing
+        for statement in backfill.statements(db):
+            ch.command(statement)
+    rows = sorted(ch.query(f"SELECT project_id, kafka_offset FROM `{db}`.dead_letters").result_rows)
+    assert rows == [("", 6), ("prj_old", 5)]

@@ -20,6 +20,7 @@ from analytics_testkit import (
     signup,
     usage_event,
     wait_for,
+    worker_dead_letters,
 )
 
 from analytics.queries import ISSUED_KINDS, SPENT_KINDS
@@ -82,6 +83,10 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
     project = create_project(api, owner, "Acme")
     other = create_project(api, outsider, "Other")
     add_member(api, project, owner, viewer, "viewer")
+    for name, headers_ in ((project, auth(owner)), (other, auth(outsider))):  # units as the meter defines them
+        r = api.post(f"/api/v1/projects/{name}/meters", headers=headers_, json={
+            "slug": "tokens", "event_type": "tokens", "aggregation": "SUM", "value_property": "$.units"})
+        assert r.status_code == 201, r.text
     start = datetime.now(UTC) - timedelta(minutes=1)
     _post_ledger_scenario(database_url, project, other)
     published = relay_then_republish(database_url, topics)
@@ -96,9 +101,12 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
         event = usage_event(project=project, subject=subject, type_="tokens", units=i + 1)
         producer.send(usage_topic, event, key=subject)
         sent_units[subject] += i + 1
+    # a value the meter refuses: streams dead-letters it (bad_value); analytics must not count it as 1 unit
+    producer.send(usage_topic, usage_event(project=project, subject="alice", type_="tokens", units="lots"),
+                  key="alice")
     producer.send(usage_topic, usage_event(project=other, subject="carol", units=10_000), key="carol")
-    producer.send(topics.name(TOPIC_USAGE_DLQ), {"reason": "unknown meter", "event": {"project": project}},
-                  headers={"reason": "unknown_meter"})
+    for value, letter_headers in worker_dead_letters(project, source_topic=usage_topic):
+        producer.send(topics.name(TOPIC_USAGE_DLQ), value, headers=letter_headers)
     producer.flush()
 
     window = {"from": start.isoformat(), "to": (datetime.now(UTC) + timedelta(minutes=5)).isoformat()}
@@ -111,7 +119,7 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
         totals = api.get(f"{base}/usage/totals", params=window, headers=headers).json()
         dead = api.get(f"{base}/dead-letters", headers=headers).json()
         return (summary.get("transactions") == mine and sum(m["events"] for m in totals.get("meters", [])) == 60
-                and len(dead.get("dead_letters", [])) == 1)
+                and len(dead.get("dead_letters", [])) == 2)
 
     wait_for(arrived, timeout_s=90, what="transactions, usage and dead letters to reach ClickHouse")
     if analytics_settings.embedded:  # the sink thread in the api: wait until it read the duplicate relay too
@@ -165,7 +173,15 @@ def test_wallet_analytics_match_the_ledger_and_stay_in_their_project(api, databa
     series = api.get(f"{base}/usage", params={**window, "granularity": "minute"}, headers=headers).json()
     assert sum(Decimal(p["units"]) for p in series["series"]) == sum(sent_units.values())
     dead = api.get(f"{base}/dead-letters", headers=headers).json()["dead_letters"]
-    assert [d["reason"] for d in dead] == ["unknown_meter"]
+    assert [d["reason"] for d in dead] == ["missing_field", "missing_field"]  # the worker's letter, and an older one
+    totals = api.get(f"{base}/usage/totals", params=window, headers=headers).json()
+    assert [(m["meter"], m["events"], Decimal(m["units"]), m["rejected_events"]) for m in totals["meters"]] == [
+        ("tokens", 60, sum(sent_units.values()), 1)]
+    assert totals["dead_letters"] == [{"reason": "missing_field", "messages": 2}]
+    picker = api.get(f"{base}/meters", headers=headers).json()["meters"]
+    assert [(m["meter"], m["event_type"]) for m in picker] == [("tokens", "tokens")]
+    unknown = api.get(f"{base}/usage", params={**window, "meter": "tokens-typo"}, headers=headers)
+    assert unknown.status_code == 404 and unknown.json()["code"] == "catalog.meter_not_found"
 
     # scoping: the other project's figures hold only its own wallet; outsiders and anonymous callers see nothing
     theirs = api.get(f"/api/v1/projects/{other}/analytics/wallets/summary", params=window,

@@ -253,3 +253,117 @@ def test_merged_checkpoints_leave_exactly_what_one_by_one_application_leaves(
     assert (again.applied, again.stale, again.outcome.status) == (0, 7, "stale")
     assert _state(engine, "one.by.one", wallets["x"]) == _state(engine, "merged", wallets["y"])
     invariants()
+
+
+# -- price versions continue the period (DESIGN §2 invariant 9, issue 13 item 4) ------------------------------
+
+def _versioned(wallet: str, units: str, version: str, effective_from: datetime, *, price: PriceModel,
+               meter_version: int = 1) -> CounterValue:
+    return _value(wallet, units, price=price, version=version).model_copy(
+        update={"price_effective_from": effective_from, "meter_version": meter_version})
+
+
+def test_a_new_price_version_continues_the_allowance_also_across_partitions_and_late_events(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    free_1000 = PriceModel(model="per_unit", unit_price_minor=Decimal(1), free_units=Decimal(1000))
+    v1_from, v2_from = datetime(2020, 1, 1, tzinfo=UTC), datetime(2026, 11, 10, tzinfo=UTC)
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="x", wallet_id="W")
+        service.grant_credits(conn, wallet_id="W", amount_minor=10_000, idempotency_key="g")
+    # the repro: 900 tokens under v1, 900 under v2 (1,000 free in both) — was 0 charged, is 800
+    _apply(engine, _checkpoint(0, 10, _versioned("W", "900", "pv1", v1_from, price=free_1000)))
+    _apply(engine, _checkpoint(0, 20, _versioned("W", "900", "pv2", v2_from, price=free_1000)))
+    assert -sum(_usage_amounts(engine, "W")) == 800
+    # another partition (another subject of the wallet) adds 300 under v2: v2 continues at 1,800
+    _apply(engine, _checkpoint(1, 5, _versioned("W", "300", "pv2", v2_from, price=free_1000)))
+    assert -sum(_usage_amounts(engine, "W")) == 1_100
+    # a late event of v1's time (50 more under v1): v1 stays free (950), v2's slice starts at 950 now
+    _apply(engine, _checkpoint(1, 6, _versioned("W", "50", "pv1", v1_from, price=free_1000)))
+    assert -sum(_usage_amounts(engine, "W")) == 1_150 == (950 + 1_200) - 1_000
+    # a new meter counting version is its own run: it does not continue the old definition's units
+    _apply(engine, _checkpoint(0, 30, _versioned("W", "900", "pv2@m2", v2_from, price=free_1000, meter_version=2)))
+    assert -sum(_usage_amounts(engine, "W")) == 1_150
+    with engine.connect() as conn:
+        charged = dict(conn.execute(text("SELECT price_version_id, charged_minor FROM usage_charges "
+                                         "WHERE wallet_id = 'W'")).all())
+    assert charged == {"pv1": 0, "pv2": 1_150, "pv2@m2": 0}
+    invariants()
+
+
+def test_counters_without_an_effective_time_are_priced_on_their_own(engine: Engine,
+                                                                    invariants: Callable[[], None]) -> None:
+    """Older producers (no price_effective_from) and rows written before ledger_0006: history stays as it was."""
+    free_1000 = PriceModel(model="per_unit", unit_price_minor=Decimal(1), free_units=Decimal(1000))
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="x", wallet_id="W")
+    _apply(engine, _checkpoint(0, 10, _value("W", "900", price=free_1000, version="pv1")))
+    _apply(engine, _checkpoint(0, 20, _value("W", "1100", price=free_1000, version="pv2")))
+    assert -sum(_usage_amounts(engine, "W")) == 100
+    invariants()
+
+
+def test_two_partitions_applying_two_versions_of_one_group_concurrently_end_exact(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """The group lock: partition 0 keeps adding units under v1 (late events), partition 1 under v2, both at
+    once. Whatever the interleaving, the final charges are the continued price of the final units."""
+    import threading
+
+    from ledger.pricing import continued_prices_minor
+
+    graduated = PriceModel(model="graduated", free_units=Decimal(50), tiers=(
+        PriceTier(up_to=Decimal(300), unit_price_minor=Decimal(3)), PriceTier(unit_price_minor=Decimal(1))))
+    v1_from, v2_from = datetime(2020, 1, 1, tzinfo=UTC), datetime(2026, 11, 10, tzinfo=UTC)
+    with engine.begin() as conn:
+        for wallet in ("W1", "W2"):
+            service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref=wallet, wallet_id=wallet)
+    rounds = 25
+    errors: list[BaseException] = []
+
+    def run(partition: int, version: str, effective_from: datetime) -> None:
+        try:
+            for i in range(1, rounds + 1):
+                values = [_versioned(w, str(i * 7), version, effective_from, price=graduated) for w in ("W1", "W2")]
+                _apply(engine, _checkpoint(partition, i, *values))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(0, "pv1", v1_from)),
+               threading.Thread(target=run, args=(1, "pv2", v2_from))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    expected = continued_prices_minor([(graduated, "sum", Decimal(rounds * 7))] * 2)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT wallet_id, price_version_id, charged_minor FROM usage_charges "
+                                 "ORDER BY 1, 2")).all()
+    assert [(w, v, c) for w, v, c in rows] == [("W1", "pv1", expected[0]), ("W1", "pv2", expected[1]),
+                                               ("W2", "pv1", expected[0]), ("W2", "pv2", expected[1])]
+    for wallet in ("W1", "W2"):
+        assert -sum(_usage_amounts(engine, wallet)) == sum(expected)
+    invariants()
+
+
+def test_a_correction_without_an_effective_time_is_still_priced_with_its_group(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """A replay correction (ledger/corrections.py) names a key without ``price_effective_from``: its stored row
+    is grouped, so it is priced with its group — otherwise it would undo the continuation of the later version."""
+    from ledger.corrections import apply_correction
+
+    free_1000 = PriceModel(model="per_unit", unit_price_minor=Decimal(1), free_units=Decimal(1000))
+    v1_from, v2_from = datetime(2020, 1, 1, tzinfo=UTC), datetime(2026, 11, 10, tzinfo=UTC)
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="x", wallet_id="W")
+    _apply(engine, _checkpoint(0, 10, _versioned("W", "900", "pv1", v1_from, price=free_1000)))
+    _apply(engine, _checkpoint(0, 20, _versioned("W", "900", "pv2", v2_from, price=free_1000)))
+    assert -sum(_usage_amounts(engine, "W")) == 800
+    with engine.begin() as conn:  # the log had 50 more units under v1 than the ledger counted
+        apply_correction(conn, source_id=TOPIC, replay_id="r1",
+                         counters=[_value("W", "50", price=free_1000, version="pv1")])
+    with engine.connect() as conn:
+        charged = dict(conn.execute(text("SELECT price_version_id, charged_minor FROM usage_charges "
+                                         "WHERE wallet_id = 'W'")).all())
+    assert charged == {"pv1": 0, "pv2": 850}  # v2 now starts at 950: 850 of its 900 units are charged
+    assert _balance(engine, "W") == -850
+    invariants()

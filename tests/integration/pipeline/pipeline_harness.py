@@ -183,11 +183,14 @@ class EventProducer:
                 self.send_raw(orjson.dumps(evs[i:i + pack]), partition=p)
                 self.sent.events += len(evs[i:i + pack])
 
-    def send_raw(self, value: bytes, *, partition: int, key: bytes | None = None) -> None:
+    def send_raw(self, value: bytes, *, partition: int, key: bytes | None = None,
+                 timestamp_ms: int | None = None) -> None:
+        """``timestamp_ms``: the message's CreateTime (producer-set, the worker's arrival time); default now."""
+        extra = {"timestamp": timestamp_ms} if timestamp_ms is not None else {}
         while True:
             try:
                 self.producer.produce(self.topic, value=value, key=key, partition=partition,
-                                      on_delivery=self._delivered)
+                                      on_delivery=self._delivered, **extra)
                 break
             except BufferError:
                 self.producer.poll(0.05)
@@ -230,18 +233,20 @@ def setup_catalog(database_url: str, *, unit_price: str = "0.4") -> dict[str, st
     return {"meter_id": meter.id, "price_id": price.id, "price_version_id": price.versions[0].id}
 
 
-def read_dlq(bootstrap: str, topic: str, *, expected: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+def read_dlq_messages(bootstrap: str, topic: str, *, expected: int,
+                      timeout_s: float = 30.0) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+    """The dead letters the worker produced, as (value, headers) exactly as they are on the topic."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"dlq-reader-{uuid.uuid4().hex[:8]}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          "fetch.queue.backoff.ms": 10})
     consumer.subscribe([topic])
-    out: list[dict[str, Any]] = []
+    out: list[tuple[bytes, list[tuple[str, bytes]]]] = []
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline and len(out) < expected:
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:
-                out.append(orjson.loads(msg.value()))
+                out.append((msg.value(), list(msg.headers() or [])))
     finally:
         consumer.close()
     return out

@@ -30,10 +30,10 @@ def test_catalog_commands_round_trip(database_url: str) -> None:
     later = run("prices", "add-version", "-p", "p1", price["id"], "--model",
                 '{"model": "package", "package_size": "1000", "package_price_minor": "5"}')
     assert [v["model"]["model"] for v in later["versions"]] == ["per_unit", "package"]
-    assert "streams.invalid" in run("prices", "add-version", "-p", "p1", price["id"], "--unit-price", "1",
+    assert "catalog.invalid" in run("prices", "add-version", "-p", "p1", price["id"], "--unit-price", "1",
                                     "--effective-from", "2025-01-01T00:00:00Z", code=1)
     assert run("subjects", "set", "-p", "p1", "alice", "--wallet", "w1")["wallet_id"] == "w1"
-    assert "streams.conflict" in run("subjects", "set", "-p", "p1", "alice", "--wallet", "w2", code=1)
+    assert "catalog.conflict" in run("subjects", "set", "-p", "p1", "alice", "--wallet", "w2", code=1)
     assert [k["subject"] for k in run("subjects", "list", "-p", "p1")] == ["alice"]
     assert run("subjects", "policy", "-p", "p1", "--unknown-subjects", "dead_letter")["unknown_subjects"] == "dead_letter"
     assert run("subjects", "policy", "-p", "p1")["unknown_subjects"] == "dead_letter"

@@ -21,11 +21,12 @@ from pipeline_harness import (
     Pipeline,
     make_event,
     price_floor,
-    read_dlq,
+    read_dlq_messages,
     setup_catalog,
     wallet_of,
 )
 
+from analytics.rows import Origin, dead_letter_rows
 from ledger.db import make_engine
 from streams import catalog
 from streams.contracts import DeadLetter, partition_for
@@ -149,13 +150,23 @@ def test_malformed_events_go_to_the_dlq_with_a_reason_and_the_rest_is_charged(pi
     sent = producer.flush()
     pipeline.wait_applied(sent.last_offset, timeout_s=60, watch=[worker, ledger])
     assert pipeline.wallet_balances() == {wallet_of("alice"): -price_floor(Decimal(200), PRICE)}
-    letters = [DeadLetter.model_validate(d) for d in read_dlq(pipeline.bootstrap, f"{pipeline.prefix}usage.events.dlq.v1",
-                                                              expected=8)]
+    messages = read_dlq_messages(pipeline.bootstrap, f"{pipeline.prefix}usage.events.dlq.v1", expected=8)
+    letters = [DeadLetter.model_validate_json(value) for value, _ in messages]
     reasons = sorted((d.reason, -1 if d.index is None else d.index) for d in letters)
     assert reasons == sorted([(r, -1) for r in bad_single] + [("missing_field", 1), ("bad_value", 6)])
     by_reason = {d.reason: d for d in letters if d.index is None}
     assert base64.b64decode(by_reason["bad_json"].original_b64) == bad_single["bad_json"]
     assert all(d.source_partition == p and d.source_offset >= 0 for d in letters)
+    # every letter whose event names a project carries it (header and body), and analytics files it under
+    # that project: the contract the dead-letter API and dashboard page read
+    named = [(d, dict(headers)) for d, (_, headers) in zip(letters, messages, strict=True)
+             if (d.reason, d.index) not in {("bad_json", None), ("missing_field", 1)}]
+    assert len(named) == 6
+    assert all(d.project == PROJECT and headers["project"] == PROJECT.encode() for d, headers in named)
+    assert by_reason["unknown_meter"].event["type"] == "no.such.meter"  # the event decoded, not a string
+    origin = Origin("dlq", 0, 0, datetime.now(UTC))
+    projects = sorted(dead_letter_rows(value, headers, origin).rows[0][0] for value, headers in messages)
+    assert projects == sorted([""] * 2 + [PROJECT] * 6)
 
 
 def test_a_catalog_change_is_picked_up_by_a_running_worker(pipeline: Pipeline) -> None:
@@ -198,4 +209,66 @@ def test_a_catalog_change_is_picked_up_by_a_running_worker(pipeline: Pipeline) -
     rows = pipeline.sql("SELECT DISTINCT price_version_id FROM transactions WHERE wallet_id = %s",
                         "wallet-carol")
     assert rows == [(v2.id,)]
+    pipeline.assert_ledger_consistent()
+
+
+def test_a_value_beyond_the_ledgers_bounds_is_dead_lettered_and_the_partition_keeps_charging(
+        pipeline: Pipeline) -> None:
+    """Issue 13 item 2: ``"tokens": 10^30`` written out in full was accepted, metered, and the ledger died on
+    every restart (``Integer exceeds 64-bit range``) — that partition was never charged again."""
+    setup_catalog(pipeline.database_url)
+    worker = pipeline.start("streams")
+    ledger = pipeline.start("ledger")
+    producer = EventProducer(pipeline.bootstrap, pipeline.usage_topic, pipeline.partitions)
+    p = partition_for("alice", pipeline.partitions)
+    hostile_single = orjson.dumps(make_event(900, "alice", 1)).replace(b'"tokens":1', b'"tokens":1' + b"0" * 30)
+    assert b"1000000000000000000000000000000" in hostile_single
+    producer.send_packed([make_event(i, "alice", 10) for i in range(10)], pack=5)
+    producer.send_raw(hostile_single, partition=p)
+    # inside a packed message, between good events: 2^63 (bigint overflow) and 1e300
+    producer.send_raw(orjson.dumps([make_event(10, "alice", 10), make_event(901, "alice", 2**63),
+                                    make_event(11, "alice", 10)]).replace(b"9223372036854775808", b"1e300"),
+                      partition=p)
+    producer.send_raw(orjson.dumps([make_event(902, "alice", 2**63), make_event(12, "alice", 10)]), partition=p)
+    producer.send_packed([make_event(13 + i, "alice", 10) for i in range(7)] +
+                         [make_event(100 + i, "bob", 5) for i in range(4)])
+    sent = producer.flush()
+    pipeline.wait_applied(sent.last_offset, timeout_s=60, watch=[worker, ledger])
+    assert pipeline.wallet_balances() == {wallet_of("alice"): -price_floor(Decimal(200), PRICE),
+                                          wallet_of("bob"): -price_floor(Decimal(20), PRICE)}
+    letters = [DeadLetter.model_validate_json(value) for value, _ in read_dlq_messages(
+        pipeline.bootstrap, f"{pipeline.prefix}usage.events.dlq.v1", expected=3)]
+    assert sorted((d.reason, -1 if d.index is None else d.index) for d in letters) == [
+        ("value_out_of_range", -1), ("value_out_of_range", 0), ("value_out_of_range", 1)]
+    assert all(d.source_partition == p for d in letters)
+    assert worker.alive() and ledger.alive()
+    pipeline.assert_ledger_consistent()
+
+
+def test_a_worker_a_day_behind_still_catches_a_retry_also_after_a_restart(pipeline: Pipeline) -> None:
+    """Issue 13 item 5: the dedupe horizon was measured against the wall clock, so a worker running 24 h behind
+    (outage, slow ledger, replay — Kafka CreateTime is producer-set) forgot each key at the next checkpoint and
+    charged a retry twice. Now it is measured in stream time, in memory and when a new owner seeds."""
+    setup_catalog(pipeline.database_url)
+    worker = pipeline.start("streams")
+    ledger = pipeline.start("ledger")
+    producer = EventProducer(pipeline.bootstrap, pipeline.usage_topic, pipeline.partitions)
+    p = partition_for("alice", pipeline.partitions)
+    behind = datetime.now(UTC) - timedelta(hours=25)
+    # inside the current month, so the events are on time for their period (not "late")
+    behind = max(behind, period_bounds(datetime.now(UTC), "month")[0] + timedelta(minutes=1))
+
+    def send(event_ids: list[int], at: datetime) -> None:
+        events = [make_event(i, "alice", 10, time=at) for i in event_ids]
+        producer.send_raw(orjson.dumps(events), partition=p, timestamp_ms=int(at.timestamp() * 1000))
+        pipeline.wait_applied(producer.flush().last_offset, timeout_s=60, watch=[worker, ledger])
+
+    send([1, 2], behind)
+    send([3], behind + timedelta(minutes=1))  # another checkpoint: the wall clock would forget 1 and 2 here
+    send([1], behind + timedelta(minutes=2))  # the producer's retry, minutes later in stream time
+    assert pipeline.wallet_balances() == {wallet_of("alice"): -price_floor(Decimal(30), PRICE)}
+    worker.stop()
+    worker = pipeline.start("streams")  # the next owner seeds the keys and measures their horizon the same way
+    send([2, 4], behind + timedelta(minutes=3))
+    assert pipeline.wallet_balances() == {wallet_of("alice"): -price_floor(Decimal(40), PRICE)}
     pipeline.assert_ledger_consistent()

@@ -158,7 +158,7 @@ def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, **env})
 
 
-def test_cli_send_and_loadgen(server: str, tenant: Tenant, topics: Any, tmp_path: Path) -> None:
+def test_cli_send_and_loadgen_refuses_remote_hosts(server: str, tenant: Tenant, topics: Any, tmp_path: Path) -> None:
     lines = [orjson.dumps(usage_event(type="tokens", subject=f"c{i % 3}", data={"tokens": i})).decode()
              for i in range(30)]
     lines[4] = orjson.dumps({"id": "broken", "source": "cli", "type": "tokens"}).decode()
@@ -177,16 +177,10 @@ def test_cli_send_and_loadgen(server: str, tenant: Tenant, topics: Any, tmp_path
     done = _cli(["events", "send", str(array), "--url", server], METERLINE_API_KEY=tenant.keys["ingest"])
     assert done.returncode == 0, done.stderr
 
-    done = _cli(["loadgen", "--url", server, "--rate", "5000", "--wallets", "10", "--duration", "20",
-                 "--max-events", "1000", "--batch-size", "250"], METERLINE_API_KEY=tenant.keys["ingest"])
-    assert done.returncode == 0, done.stderr
-    assert "1000 events" in done.stderr
-
+    # loadgen against a pipeline: tests/integration/pipeline/test_loadgen.py
     refused = _cli(["loadgen", "--url", "http://example.com:8080", "--max-events", "1"],
                    METERLINE_API_KEY=tenant.keys["ingest"])
     assert refused.returncode == 2 and "127.0.0.1" in refused.stderr
 
-    consumed = consume(topics.bootstrap, usage_topic(topics.prefix), expect_events=28 + 5 + 1000)
-    delivered = all_events(consumed)
-    assert len(delivered) == 1033
-    assert Counter(e["source"] for e in delivered)["loadgen"] == 1000
+    consumed = consume(topics.bootstrap, usage_topic(topics.prefix), expect_events=28 + 5)
+    assert len(all_events(consumed)) == 33

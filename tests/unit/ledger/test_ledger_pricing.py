@@ -153,3 +153,36 @@ def test_price_model_round_trips_as_strings() -> None:
     dumped = model.model_dump(mode="json")
     assert dumped["tiers"][0]["unit_price_minor"] == "0.4"
     assert PriceModel.model_validate_json(model.model_dump_json()) == model
+
+
+# -- a new price version continues the period (DESIGN §2 invariant 9) ----------------------------------------
+
+def test_a_new_price_version_continues_the_allowance_and_the_tiers() -> None:
+    from ledger.pricing import continued_prices_minor
+
+    free_1000 = PriceModel(model="per_unit", unit_price_minor=D(1), free_units=D(1000))
+    # issue 13 item 4: 900 + 900 tokens with 1,000 free was 0 + 0; the second version continues at 900
+    assert continued_prices_minor([(free_1000, "sum", D(900)), (free_1000, "sum", D(900))]) == [0, 800]
+    dearer = PriceModel(model="per_unit", unit_price_minor=D(2), free_units=D(1000))
+    assert continued_prices_minor([(free_1000, "sum", D(900)), (dearer, "sum", D(900))]) == [0, 1600]
+    graduated = PriceModel(model="graduated", tiers=(PriceTier(up_to=D(100), unit_price_minor=D(10)),
+                                                     PriceTier(unit_price_minor=D(1))))
+    # the tier position carries over: 60 + 60 units → 60×10, then 40×10 + 20×1
+    assert continued_prices_minor([(graduated, "sum", D(60)), (graduated, "sum", D(60))]) == [600, 420]
+    # a single version is priced exactly as before
+    assert continued_prices_minor([(graduated, "sum", D(120))]) == [price_minor(graduated, D(120))]
+    # max: the later version prices only the peak above the earlier one
+    assert continued_prices_minor([(graduated, "max", D(60)), (graduated, "max", D(50))]) == [600, 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(units=st.lists(st.integers(0, 3_000), min_size=1, max_size=5))
+def test_continuing_with_the_same_price_is_the_price_of_the_total(units: list[int]) -> None:
+    """A price version identical to the previous one changes nothing: the versions' charges add up to the price
+    of the period's total, whatever the split."""
+    from ledger.pricing import continued_prices_minor
+
+    model = PriceModel(model="graduated", free_units=D(500),
+                       tiers=(PriceTier(up_to=D(1000), unit_price_minor=D("0.4")), PriceTier(unit_price_minor=D(1))))
+    charges = continued_prices_minor([(model, "sum", D(u)) for u in units])
+    assert sum(charges) == price_minor(model, D(sum(units)))

@@ -238,15 +238,38 @@ def test_duplicates_are_counted_once_and_a_replayed_offset_is_skipped() -> None:
     assert (a.stats.duplicates, a.stats.skipped_messages) == (2, 1)
 
 
-def test_dedupe_keys_expire_after_the_horizon() -> None:
+def test_dedupe_keys_expire_after_the_horizon_in_stream_time() -> None:
     a = PartitionAggregator(source_topic="usage", partition=0, partitions=1, limits=Limits(dedupe_horizon_s=60))
     a.process(offset=0, value=orjson.dumps(event(1)), arrival=ARRIVAL, catalog=catalog())
-    a.checkpoint(now=ARRIVAL + timedelta(seconds=30))
+    a.process(offset=1, value=orjson.dumps(event(2)), arrival=ARRIVAL + timedelta(seconds=30), catalog=catalog())
+    a.checkpoint()
+    assert a.dedupe_size == 2
+    assert a.checkpoint() is None  # nothing new: no checkpoint, no pruning either
+    # the stream (not the wall clock) moves past the horizon of event 1 only
+    a.process(offset=2, value=b"garbage", arrival=ARRIVAL + timedelta(seconds=61), catalog=catalog())
+    a.checkpoint()
     assert a.dedupe_size == 1
-    a.checkpoint(now=ARRIVAL + timedelta(seconds=61))  # nothing new: no checkpoint, no pruning either
-    a.process(offset=1, value=orjson.dumps(event(2)), arrival=ARRIVAL, catalog=catalog())
-    a.checkpoint(now=ARRIVAL + timedelta(seconds=120))
-    assert a.dedupe_size == 0
+    a.process(offset=3, value=orjson.dumps(event(1)), arrival=ARRIVAL + timedelta(seconds=62), catalog=catalog())
+    assert a.stats.duplicates == 0  # beyond the horizon a resend is a new event (documented limit)
+    a.process(offset=4, value=orjson.dumps(event(2)), arrival=ARRIVAL + timedelta(seconds=62), catalog=catalog())
+    assert a.stats.duplicates == 1
+
+
+def test_a_worker_far_behind_the_wall_clock_still_catches_a_retry() -> None:
+    """Issue 13 item 5: the horizon was measured against the wall clock, so a worker 24 h behind forgot every
+    key at the next checkpoint and charged a retry twice. Stream time: nothing here reads the clock."""
+    a = PartitionAggregator(source_topic="usage", partition=0, partitions=1)  # 24 h horizon
+    day_ago = datetime.now(UTC) - timedelta(hours=25)
+    t = day_ago.isoformat()
+    a.process(offset=0, value=orjson.dumps(event("first", tokens=7, time=t)), arrival=day_ago, catalog=catalog())
+    assert a.checkpoint() is not None
+    a.process(offset=1, value=orjson.dumps(event("other", tokens=1, time=t)),
+              arrival=day_ago + timedelta(minutes=5), catalog=catalog())
+    assert a.checkpoint() is not None
+    a.process(offset=2, value=orjson.dumps(event("first", tokens=7, time=t)),  # the producer's retry
+              arrival=day_ago + timedelta(minutes=10), catalog=catalog())
+    assert a.stats.duplicates == 1
+    assert sum(units_of(a).values()) == D(8)
 
 
 def test_dedupe_hash_is_a_stable_signed_64_bit_int() -> None:
@@ -269,7 +292,7 @@ def test_misplaced_events_are_counted_and_charged() -> None:
 def test_checkpoint_json_is_a_valid_charge_checkpoint_with_cumulative_values() -> None:
     a = agg()
     a.process(offset=3, value=orjson.dumps([event(1, tokens=90)]), arrival=ARRIVAL, catalog=catalog())
-    first = a.checkpoint(now=ARRIVAL)
+    first = a.checkpoint()
     assert first is not None
     parsed = ChargeCheckpoint.model_validate_json(first.to_json(emitted_at=ARRIVAL))
     assert (parsed.source_topic, parsed.partition, parsed.as_of_offset) == ("usage", 0, 3)
@@ -278,16 +301,16 @@ def test_checkpoint_json_is_a_valid_charge_checkpoint_with_cumulative_values() -
     assert value.key.period_start == datetime(2026, 11, 1, tzinfo=UTC)
     assert parsed.dedupe_keys == [dedupe_hash("p1", "test", "1")]
     a.process(offset=4, value=orjson.dumps(event(2, tokens=3)), arrival=ARRIVAL, catalog=catalog())
-    second = a.checkpoint(now=ARRIVAL)
+    second = a.checkpoint()
     assert second is not None
     assert [c.units for _, c in second.counters] == [D(93)]  # cumulative, never a delta
-    assert a.checkpoint(now=ARRIVAL) is None  # nothing consumed since
+    assert a.checkpoint() is None  # nothing consumed since
 
 
 def test_a_batch_of_only_rejected_events_still_advances_the_checkpoint_offset() -> None:
     a = agg()
     a.process(offset=7, value=b"garbage", arrival=ARRIVAL, catalog=catalog())
-    cp = a.checkpoint(now=ARRIVAL)
+    cp = a.checkpoint()
     assert cp is not None and cp.as_of_offset == 7 and cp.counters == []
 
 
@@ -300,7 +323,7 @@ def test_seeding_skips_applied_offsets_and_continues_from_the_ledger_values() ->
     a.process(offset=10, value=orjson.dumps(event("x", tokens=1000)), arrival=ARRIVAL, catalog=catalog())
     a.process(offset=11, value=orjson.dumps([event("old", tokens=1000), event("new", tokens=3)]), arrival=ARRIVAL,
               catalog=catalog())
-    cp = a.checkpoint(now=ARRIVAL)
+    cp = a.checkpoint()
     assert cp is not None
     [(_, counter)] = cp.counters
     assert (counter.units, counter.events, cp.as_of_offset) == (D(93), 5, 11)
@@ -374,7 +397,7 @@ def test_totals_are_exact_under_any_batching_crash_and_lost_checkpoint(
         for o in range(offset, min(offset + n, len(payloads))):
             a.process(offset=o, value=payloads[o], arrival=ARRIVAL, catalog=cat)
         offset = min(offset + n, len(payloads))
-        cp = a.checkpoint(now=ARRIVAL)
+        cp = a.checkpoint()
         crashed = step < len(crashes) and crashes[step]  # a bounded number of crashes, then it runs clean
         if cp is not None and not (crashed and lost[step % len(lost)]):
             ledger.apply(cp.to_json(emitted_at=ARRIVAL))
@@ -425,8 +448,111 @@ def test_a_checkpoint_is_cut_before_it_outgrows_one_kafka_message() -> None:
         a.process(offset=offset, value=orjson.dumps([event(f"{offset}-{i}", subject=f"s{offset}-{i}")
                                                      for i in range(20)]), arrival=ARRIVAL, catalog=catalog())
         if a.checkpoint_full():
-            cp = a.checkpoint(now=ARRIVAL)
+            cp = a.checkpoint()
             assert cp is not None and len(cp.counters) <= 60
             assert len(cp.to_json(emitted_at=ARRIVAL)) < 1024 * 1024
             cuts.append(cp.as_of_offset)
     assert cuts == [2, 5, 8]
+
+
+def test_a_dead_letter_names_every_missing_attribute() -> None:
+    from streams.metering import Rejection, validate_event
+
+    raw = {"specversion": "1.0", "type": "llm", "project": "p1", "data": {"tokens": 1}}  # no id, source, subject
+    rejection = validate_event(raw, index=None, message=orjson.dumps(raw), arrival=ARRIVAL, limits=Limits())
+    assert isinstance(rejection, Rejection)
+    assert (rejection.reason, rejection.detail) == ("missing_field", "id, source, subject are required")
+
+
+# -- bounded arithmetic (DESIGN §2 invariant 8, ledger/limits.py) -------------------------------------------
+
+def test_values_beyond_the_ledgers_bounds_are_dead_lettered_and_the_partition_goes_on() -> None:
+    from ledger.limits import UNITS_PER_EVENT_MAX
+
+    a, cat = agg(), catalog()
+    huge_int = b'{"specversion":"1.0","id":"x1","source":"test","type":"llm","subject":"alice","project":"p1",' \
+               b'"time":"2026-11-15T11:00:00Z","data":{"tokens":' + b"1" + b"0" * 30 + b"}}"
+    hostile = [huge_int, orjson.dumps(event("x2", tokens=1e300)), orjson.dumps(event("x3", tokens="1e30")),
+               orjson.dumps(event("x4", tokens="1e-300")), orjson.dumps(event("x5", tokens=2**63)),
+               orjson.dumps(event("x6", tokens=int(UNITS_PER_EVENT_MAX) + 1))]
+    offset = 0
+    for value in hostile:
+        [rejection] = a.process(offset=offset, value=value, arrival=ARRIVAL, catalog=cat)
+        assert rejection.reason == "value_out_of_range", value
+        offset += 1
+    for i in range(3):  # the partition keeps charging exactly
+        assert a.process(offset=offset, value=orjson.dumps(event(f"ok{i}", tokens=100)), arrival=ARRIVAL,
+                         catalog=cat) == []
+        offset += 1
+    assert units_of(a) == {auto_wallet_id("p1", "alice"): D(300)}
+    cp = a.checkpoint()
+    assert cp is not None and cp.as_of_offset == offset - 1 and len(cp.dedupe_keys) == 3
+
+
+def test_a_cumulative_that_would_overflow_is_dead_lettered_not_emitted() -> None:
+    from ledger.limits import AMOUNT_MINOR_MAX, UNITS_PER_EVENT_MAX
+
+    # 1,000 minor per unit: the charge reaches the bound at 10^12 units, long before the units bound
+    pricey = PriceModel(model="per_unit", unit_price_minor=D(1000))
+    a, cat = agg(), catalog(prices=[price("pv1", "tokens", model=pricey)])
+    limit = D(AMOUNT_MINOR_MAX) / 1000
+    step = UNITS_PER_EVENT_MAX / 4
+    offset, accepted = 0, D(0)
+    while accepted + step <= limit:
+        assert a.process(offset=offset, value=orjson.dumps(event(f"e{offset}", tokens=int(step))),
+                         arrival=ARRIVAL, catalog=cat) == []
+        accepted += step
+        offset += 1
+    [rejection] = a.process(offset=offset, value=orjson.dumps(event("over", tokens=int(step))), arrival=ARRIVAL,
+                            catalog=cat)
+    assert rejection.reason == "value_out_of_range"
+    [(_, counter)] = a.checkpoint().counters  # type: ignore[union-attr]
+    assert counter.units == accepted == limit
+    # a smaller event still fits
+    assert a.process(offset=offset + 1, value=orjson.dumps(event("small", tokens=0)), arrival=ARRIVAL,
+                     catalog=cat) == []
+
+
+def test_a_price_whose_single_unit_exceeds_the_bound_is_refused() -> None:
+    from ledger.limits import AMOUNT_MINOR_MAX, price_units_max
+
+    assert price_units_max(PriceModel(model="per_unit", unit_price_minor=D(AMOUNT_MINOR_MAX) * 2)) == 0
+    assert price_units_max(PER_UNIT) == D(10**15)
+    graduated = PriceModel(model="graduated", tiers=({"up_to": "10", "unit_price_minor": "1"},
+                                                    {"unit_price_minor": "10", "flat_price_minor": "5"}))
+    from ledger.pricing import price_minor
+    bound = price_units_max(graduated)
+    assert price_minor(graduated, bound) <= AMOUNT_MINOR_MAX
+
+
+# -- catalog changes never rewrite history (DESIGN §2 invariant 9) ------------------------------------------
+
+def test_a_meter_edit_that_changes_counting_starts_new_counters_and_keeps_the_charged_ones() -> None:
+    """Issue 13 item 3: SUM → MAX on a live meter re-priced the old counter (2,000 → 1,000 charged)."""
+    a = agg()
+    sum_v1 = catalog()
+    for i in range(2):
+        a.process(offset=i, value=orjson.dumps(event(i, tokens=1000)), arrival=ARRIVAL, catalog=sum_v1)
+    first = a.checkpoint()
+    assert first is not None
+    [(old_key, old)] = first.counters
+    assert (old_key[4], old.units) == ("pv1", D(2000))
+    # version 2 renames (keeps counting), version 3 switches to MAX (counts differently from here on)
+    renamed = catalog([Meter(**{**_fields(meter("tokens")), "version": 2})])
+    a.process(offset=2, value=orjson.dumps(event(2, tokens=10)), arrival=ARRIVAL, catalog=renamed)
+    as_max = catalog([Meter(**{**_fields(meter("tokens", aggregation="MAX")), "version": 3, "counting_version": 3})])
+    a.process(offset=3, value=orjson.dumps(event(3, tokens=1000)), arrival=ARRIVAL, catalog=as_max)
+    a.process(offset=4, value=orjson.dumps(event(4, tokens=400)), arrival=ARRIVAL, catalog=as_max)
+    second = a.checkpoint()
+    assert second is not None
+    by_version = {key[4]: c for key, c in second.counters}
+    assert by_version["pv1"].units == D(2010)  # the SUM counter is not touched by MAX events
+    assert (by_version["pv1@m3"].units, by_version["pv1@m3"].aggregation) == (D(1000), "max")
+    cp = ChargeCheckpoint.model_validate_json(second.to_json(emitted_at=ARRIVAL))
+    versions = {c.key.price_version_id: c.meter_version for c in cp.counters}
+    assert versions == {"pv1": 1, "pv1@m3": 3}
+    assert all(c.price_effective_from == datetime(2020, 1, 1, tzinfo=UTC) for c in cp.counters)
+
+
+def _fields(m: Meter) -> dict[str, object]:
+    return {name: getattr(m, name) for name in m.__slots__}  # type: ignore[attr-defined]

@@ -41,9 +41,9 @@ def test_catalog_routes(database_url: str, engines: Any) -> None:
         assert r.status_code == 201, r.text
         meter = r.json()
         assert client.post(f"{base}/meters", json={"slug": "tokens", "event_type": "x", "aggregation": "COUNT"},
-                           headers=h).json()["code"] == "streams.conflict"
+                           headers=h).json()["code"] == "catalog.conflict"
         bad = client.post(f"{base}/meters", json={"slug": "t2", "event_type": "x", "aggregation": "SUM"}, headers=h)
-        assert (bad.status_code, bad.json()["code"]) == (422, "streams.invalid")
+        assert (bad.status_code, bad.json()["code"]) == (422, "catalog.invalid")
         assert client.post(f"{base}/meters", json={"slug": "t3", "event_type": "x", "aggregation": "COUNT"},
                            headers=vh).status_code == 403
         assert client.get(f"{base}/meters", headers={"Authorization": outsider["Authorization"]}).status_code == 404
@@ -65,7 +65,17 @@ def test_catalog_routes(database_url: str, engines: Any) -> None:
                         json={"model": {"model": "volume", "tiers": [{"up_to": "100", "unit_price_minor": "1"},
                                                                      {"unit_price_minor": "0.5"}]}}, headers=h)
         assert (r.status_code, [v["version"] for v in r.json()["versions"]]) == (201, [1, 2])
-        assert client.get(f"{base}/prices/nope", headers=vh).json()["code"] == "streams.not_found"
+        assert client.get(f"{base}/prices/nope", headers=vh).json()["code"] == "catalog.price_not_found"
+        # public codes, never a component's name: a price for a meter that does not exist
+        r = client.post(f"{base}/prices", json={"meter": "no-such-meter", "model": {"model": "per_unit",
+                                                                                    "unit_price_minor": "1"}}, headers=h)
+        assert (r.status_code, r.json()["code"]) == (404, "catalog.meter_not_found"), r.text
+        assert not any(r.json()["code"].startswith(f"{c}.") for c in ("streams", "analytics", "ledger"))
+        # every missing field is listed, not only the first
+        r = client.post(f"{base}/meters", json={"aggregation": "SUM"}, headers=h)
+        assert (r.status_code, r.json()["code"]) == (422, "api.validation_failed")
+        assert sorted(e["loc"][-1] for e in r.json()["errors"]) == ["event_type", "slug"]
+        assert "event_type" in r.json()["detail"] and "slug" in r.json()["detail"]
 
         r = client.put(f"{base}/subject-keys/alice", json={"wallet_id": "w-alice"}, headers=h)
         assert (r.status_code, r.json()["wallet_id"]) == (200, "w-alice")

@@ -22,7 +22,7 @@ def test_request_id_security_headers_and_problem_json(database_url: str, engines
         assert r.json()["code"] == "api.unauthorized" and r.json()["status"] == 401
         generated = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"}).headers["x-request-id"]
         assert generated != "bad id with spaces" and len(generated) == 32
-        assert client.get("/docs").headers.get("content-security-policy") is None  # the docs page loads its JS
+        assert "script-src 'self'" in client.get("/docs").headers["content-security-policy"]  # its own policy
 
 
 def test_oversized_bodies_are_refused_with_413(database_url: str, engines: Any) -> None:
@@ -84,3 +84,33 @@ def test_openapi_documents_every_tenancy_and_wallet_route(database_url: str, eng
     assert any(p["name"] == "Idempotency-Key" for p in debit["parameters"])
     schema = spec["components"]["schemas"]["DebitRequest"]
     assert schema.get("examples")
+
+
+def test_docs_work_offline_under_a_csp_with_an_authorize_button(database_url: str, engines: Any) -> None:
+    """/docs references only this server's assets (Swagger UI from the installed wheel), every one of them is
+    served, no inline script runs, and the OpenAPI declares the two ways to authenticate."""
+    import re
+
+    with api_client(database_url, engines) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+        html = page.text
+        assert "http://" not in html and "https://" not in html  # nothing from a CDN
+        assert not re.search(r"<script>(?!</script>)", html)  # no inline script
+        assets = re.findall(r'(?:src|href)="(/docs/[^"]+)"', html)
+        assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css", "/docs/init.js"} <= set(assets)
+        for asset in assets:
+            r = client.get(asset)
+            assert r.status_code == 200 and len(r.content) > 100, asset
+        assert "SwaggerUIBundle" in client.get("/docs/assets/swagger-ui-bundle.js").text
+        assert client.get("/redoc").status_code == 404  # ReDoc would load from a CDN: off
+
+        spec = client.get("/openapi.json").json()
+        schemes = spec["components"]["securitySchemes"]
+        assert schemes["userToken"] == {**schemes["userToken"], "type": "http", "scheme": "bearer",
+                                        "bearerFormat": "JWT"}
+        assert schemes["apiKey"]["scheme"] == "bearer"
+        assert spec["paths"]["/api/v1/auth/me"]["get"]["security"] == [{"userToken": []}, {"apiKey": []}]
+        assert spec["paths"]["/api/v1/auth/login"]["post"]["security"] == []

@@ -142,3 +142,10 @@ def test_pack_puts_every_event_once_in_its_partition_under_the_size_bound(subjec
         if message.key is not None:
             assert {e["subject"] for e in events} == {message.key.decode()}
     assert sorted(seen) == sorted(f"e{i}" for i in range(len(subjects)))
+
+
+def test_every_missing_attribute_is_named_not_only_the_first() -> None:
+    _, rejected = check_cloudevents([ce(id=..., subject=..., source="")], project_id="prj_a", now_iso=NOW,
+                                    limits=LIMITS)
+    reason = rejected[0].reason
+    assert all(name in reason for name in ("id:", "source:", "subject:")) and "type:" not in reason

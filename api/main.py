@@ -24,6 +24,7 @@ ROUTER_MODULES: list[str] = [
     "api.tenancy.routes_members",
     "api.tenancy.routes_invitations",
     "api.tenancy.routes_audit",
+    "api.tenancy.routes_email",
     "api.wallets.routes_wallets",
     "api.wallets.routes_wallet_ops",
     "api.wallets.routes_signup_bonus",

@@ -155,7 +155,7 @@ def _allocations(conn: Connection, transaction_ids: list[int]) -> dict[int, tupl
         SELECT a.transaction_id, a.bucket_id, a.amount_minor, b.source
         FROM transaction_allocations a LEFT JOIN credit_buckets b ON b.id = a.bucket_id
         WHERE a.transaction_id = ANY(CAST(:ids AS bigint[]))
-        ORDER BY a.transaction_id, a.amount_minor < 0, a.bucket_id NULLS LAST
+        ORDER BY a.transaction_id, a.seq  -- as written: the order the buckets were burned (ledger_0012)
     """), {"ids": transaction_ids})
     out: dict[int, list[AllocationRow]] = defaultdict(list)
     for r in rows:

@@ -83,6 +83,7 @@ transaction_allocations = Table(
     Column("transaction_id", BigInteger, nullable=False),
     Column("bucket_id", BigInteger),  # NULL = the wallet's debt
     Column("amount_minor", BigInteger, nullable=False),
+    Column("seq", BigInteger),  # bigserial: the order allocations were written (= burned) in; ledger_0012
 )
 
 usage_counters = Table(

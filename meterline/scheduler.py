@@ -16,6 +16,7 @@ import structlog
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
+from api.payments.dunning import DunningSettings, expire_past_due
 from api.payments.webhooks import purge_unverified
 from api.settings import IdempotencySettings
 from api.tenancy import sessions
@@ -34,6 +35,8 @@ PURGE_EVERY_S = 300.0
 ERASE_EVERY_S = 60.0
 #: how often queued emails are looked for (an invitee waits for the email)
 EMAIL_EVERY_S = 5.0
+#: how often past_due subscriptions past their grace period are expired (the grace is days long)
+DUNNING_EVERY_S = 60.0
 
 log = structlog.get_logger("meterline.scheduler")
 
@@ -80,15 +83,26 @@ def email_jobs(settings: EmailDeliverySettings) -> list[Job]:
 
     def deliver_emails(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
         """A batch of due ``email_outbox`` rows over SMTP (api/tenancy/email_relay.py)."""
-        return deliver_due(conn, now=now, relay=relay, policy=policy)
+        return deliver_due(conn, now=now, relay=relay, policy=policy, hygiene=settings.hygiene)
 
     return [Job("deliver_emails", EMAIL_EVERY_S, deliver_emails)]
 
 
-def jobs(settings: IdempotencySettings | None = None, email: EmailDeliverySettings | None = None) -> list[Job]:
+def dunning_jobs(settings: DunningSettings) -> list[Job]:
+    grace_s = settings.dunning_grace_s
+
+    def expire_past_due_entitlements(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
+        """Entitlements past_due longer than ``API_DUNNING_GRACE_S`` → expired (api/payments/dunning.py)."""
+        return expire_past_due(conn, now=now, grace_s=grace_s)
+
+    return [Job("expire_past_due", DUNNING_EVERY_S, expire_past_due_entitlements)]
+
+
+def jobs(settings: IdempotencySettings | None = None, email: EmailDeliverySettings | None = None,
+         dunning: DunningSettings | None = None) -> list[Job]:
     """Everything ``meterline run scheduler`` runs: the ledger's jobs, then the API's."""
     return [*JOBS, *api_jobs(settings or IdempotencySettings()), *email_jobs(email or EmailDeliverySettings()),
-            *reconcile_jobs()]
+            *dunning_jobs(dunning or DunningSettings()), *reconcile_jobs()]
 
 
 def main() -> None:

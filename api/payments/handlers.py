@@ -35,12 +35,15 @@ from api.payments.effects import (
     grant_period,
     link_payment_ref,
     offer_by_id,
+    payment_recorded,
+    record_unpaid,
     require_entitlement,
     resolve_wallet,
     reverse_payment,
     upsert_entitlement,
 )
 from api.payments.offers import Offer, get_offer, offer_for_product, pack_by_price
+from api.payments.registry import dispatch, on
 from api.payments.signatures import WebhookMalformed
 from api.validation import InputRefused, check_json_body
 
@@ -114,25 +117,54 @@ def parse_stripe(body: bytes) -> Parsed:
 
 
 def handle_stripe(ctx: Ctx, event: dict[str, Any]) -> None:
+    dispatch("stripe", ctx, event)
+
+
+@on("stripe", "checkout.session.completed", "checkout.session.async_payment_succeeded",
+    credits="pack (mode payment, paid): `top_up` of the pack's credits, once per session",
+    entitlement="plan (mode subscription): created `active` for the session's wallet")
+def _stripe_checkout(ctx: Ctx, event: dict[str, Any]) -> None:
+    _stripe_session(ctx, event["data"]["object"])
+
+
+@on("stripe", "invoice.paid", "invoice.payment_succeeded",
+    credits="amount > 0: `subscription_grant` of the plan's credits for the period, once per invoice; $0: none "
+            "(recorded, nothing to claw back)",
+    entitlement="period (lines' `period`) and plan (line price) move forward")
+def _stripe_invoice_event(ctx: Ctx, event: dict[str, Any]) -> None:
+    _stripe_invoice(ctx, event["data"]["object"])
+
+
+@on("stripe", "invoice_payment.paid", credits="none (links the payment intent to the invoice's payment; wakes "
+    "refunds waiting for it)", entitlement="none")
+def _stripe_invoice_payment_event(ctx: Ctx, event: dict[str, Any]) -> None:
+    _stripe_invoice_payment(ctx, event["data"]["object"])
+
+
+@on("stripe", "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
+    "customer.subscription.paused", "customer.subscription.resumed",
+    credits="none", entitlement="status from the subscription (`canceled` → `ended`, `cancel_at_period_end` → "
+    "`cancelled`), period, plan")
+def _stripe_subscription_event(ctx: Ctx, event: dict[str, Any]) -> None:
+    _stripe_subscription(ctx, event["data"]["object"])
+
+
+@on("stripe", "charge.refunded",
+    credits="claw back `ceil(credits × refunded / paid)` (cumulative per charge; the payment's own bucket first)",
+    entitlement="full refund: `ended`")
+def _stripe_refund(ctx: Ctx, event: dict[str, Any]) -> None:
     obj = event["data"]["object"]
-    kind = event["type"]
-    if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
-        _stripe_session(ctx, obj)
-    elif kind in ("invoice.paid", "invoice.payment_succeeded"):
-        _stripe_invoice(ctx, obj)
-    elif kind == "invoice_payment.paid":
-        _stripe_invoice_payment(ctx, obj)
-    elif kind in ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
-                  "customer.subscription.paused", "customer.subscription.resumed"):
-        _stripe_subscription(ctx, obj)
-    elif kind == "charge.refunded":
-        reverse_payment(ctx, refs=[obj.get("payment_intent"), obj.get("id")], refunded_minor=int(obj["amount_refunded"]))
-    elif kind in ("charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed"):
-        won = kind == "charge.dispute.closed" and obj.get("status") == "won"
-        reverse_payment(ctx, refs=[obj.get("payment_intent"), obj.get("charge")],
-                        disputed_minor=0 if won else int(obj["amount"]), monotonic=not won)
-    else:
-        ctx.ignore(f"{kind} has no effect")
+    reverse_payment(ctx, refs=[obj.get("payment_intent"), obj.get("id")], refunded_minor=int(obj["amount_refunded"]))
+
+
+@on("stripe", "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
+    credits="open or lost: claw back the disputed share; won (`closed`, status won): posted back",
+    entitlement="open or lost: `ended` (a won dispute does not reopen it)")
+def _stripe_dispute(ctx: Ctx, event: dict[str, Any]) -> None:
+    obj = event["data"]["object"]
+    won = ctx.event_type == "charge.dispute.closed" and obj.get("status") == "won"
+    reverse_payment(ctx, refs=[obj.get("payment_intent"), obj.get("charge")],
+                    disputed_minor=0 if won else int(obj["amount"]), monotonic=not won)
 
 
 def _stripe_metadata_project(ctx: Ctx, metadata: dict[str, Any]) -> None:
@@ -218,16 +250,16 @@ def _stripe_payment_ref(payment: dict[str, Any]) -> str | None:
     return _id(payment.get("payment_intent")) or _id(payment.get("charge"))
 
 
-def _stripe_invoice_payment_ref(invoice: dict[str, Any]) -> str | None:
-    """The payment intent (or charge) that paid the invoice: the first paid entry of ``invoice.payments`` (the
-    default one first) when the event includes them; the pre-basil ``payment_intent`` / ``charge`` fields."""
+def _stripe_invoice_payment_refs(invoice: dict[str, Any]) -> tuple[str, ...]:
+    """Every payment intent (or charge) that paid the invoice: the paid entries of ``invoice.payments`` (the
+    default one first) when the event includes them; else the pre-basil ``payment_intent`` / ``charge`` fields.
+    An invoice may be paid by several payments: each one's refunds must find the invoice's payment."""
     entries = [p for p in ((invoice.get("payments") or {}).get("data") or [])
                if isinstance(p, dict) and p.get("status", "paid") == "paid"]
-    for entry in sorted(entries, key=lambda p: not p.get("is_default")):
-        ref = _stripe_payment_ref(entry.get("payment") or {})
-        if ref:
-            return ref
-    return _id(invoice.get("payment_intent")) or _id(invoice.get("charge"))
+    refs = [_stripe_payment_ref(entry.get("payment") or {})
+            for entry in sorted(entries, key=lambda p: not p.get("is_default"))]
+    refs.append(_id(invoice.get("payment_intent")) or _id(invoice.get("charge")))
+    return tuple(dict.fromkeys(r for r in refs if r))
 
 
 def _stripe_invoice_payment(ctx: Ctx, invoice_payment: dict[str, Any]) -> None:
@@ -259,12 +291,20 @@ def _stripe_invoice(ctx: Ctx, invoice: dict[str, Any]) -> None:
     ent = upsert_entitlement(ctx, external_subscription_id=str(subscription), status=None, offer=plan,
                              period_start=period_start, period_end=period_end)
     amount = int(invoice.get("amount_paid") or 0)
+    refs = _stripe_invoice_payment_refs(invoice)
     if amount <= 0:
+        # recorded (no credits), so its invoice_payment.paid and any refund naming it resolve at once
         ctx.notes.append("a $0 invoice (trial) grants no credits")
+        record_unpaid(ctx, external_id=str(invoice["id"]), wallet_id=ent.wallet_id, offer=plan or
+                      offer_by_id(ctx, ent.offer_id), currency=str(invoice.get("currency") or "usd"),
+                      entitlement_id=ent.id, payment_refs=refs)
         return
     grant_period(ctx, ent, external_id=str(invoice["id"]), amount_minor=amount,
                  currency=str(invoice.get("currency") or ""), period_start=period_start, period_end=period_end,
-                 offer=plan, payment_ref=_stripe_invoice_payment_ref(invoice))
+                 offer=plan, payment_ref=refs[0] if refs else None)
+    if refs and payment_recorded(ctx, str(invoice["id"])):
+        for ref in refs[1:]:  # the invoice's other payments (a multi-payment invoice)
+            link_payment_ref(ctx, external_id=str(invoice["id"]), payment_ref=ref)
 
 
 def _stripe_subscription(ctx: Ctx, sub: dict[str, Any]) -> None:
@@ -313,49 +353,87 @@ def _rc_offer(ctx: Ctx, product_id: Any) -> Offer | None:
 
 
 def handle_revenuecat(ctx: Ctx, event: dict[str, Any]) -> None:
-    kind = event["type"]
-    subscription = str(event.get("original_transaction_id") or event.get("transaction_id") or "")
-    transaction = str(event.get("transaction_id") or "")
-    if kind in ("INITIAL_PURCHASE", "RENEWAL"):
-        offer = _require_kind(_rc_offer(ctx, event.get("product_id")), "plan", f"product {event.get('product_id')}")
-        trial = event.get("period_type") == "TRIAL"
-        found = find_entitlement(ctx, subscription)
-        existing_wallet = found.wallet_id if found else None
-        wallet_id = existing_wallet or resolve_wallet(ctx, event.get("app_user_id"))
-        ent = upsert_entitlement(ctx, external_subscription_id=subscription, status="trialing" if trial else "active",
-                                 wallet_id=wallet_id, offer=offer, will_renew=True,
-                                 period_start=_ms(event.get("purchased_at_ms")),
-                                 period_end=_ms(event.get("expiration_at_ms")))
-        if trial:
-            ctx.notes.append("a trial period grants no credits")
-            return
-        grant_period(ctx, ent, external_id=transaction, amount_minor=_rc_amount_minor(event),
-                     currency=str(event.get("currency") or "usd"), period_start=_ms(event.get("purchased_at_ms")),
-                     period_end=_ms(event.get("expiration_at_ms")), offer=offer)
-    elif kind == "NON_RENEWING_PURCHASE":
-        offer = _require_kind(_rc_offer(ctx, event.get("product_id")), "pack", f"product {event.get('product_id')}")
-        grant_payment(ctx, external_id=transaction, wallet_id=resolve_wallet(ctx, event.get("app_user_id")),
-                      offer=offer, amount_minor=_rc_amount_minor(event), currency=str(event.get("currency") or "usd"))
-    elif kind == "CANCELLATION" and event.get("cancel_reason") == "CUSTOMER_SUPPORT":
+    dispatch("revenuecat", ctx, event)
+
+
+def _rc_ids(event: dict[str, Any]) -> tuple[str, str]:
+    """(subscription = original transaction, this transaction)"""
+    return (str(event.get("original_transaction_id") or event.get("transaction_id") or ""),
+            str(event.get("transaction_id") or ""))
+
+
+@on("revenuecat", "INITIAL_PURCHASE", "RENEWAL",
+    credits="outside a trial: `subscription_grant` of the plan's credits for the period, once per transaction",
+    entitlement="`active` (trial: `trialing`), period to `expiration_at_ms`")
+def _rc_purchase(ctx: Ctx, event: dict[str, Any]) -> None:
+    subscription, transaction = _rc_ids(event)
+    offer = _require_kind(_rc_offer(ctx, event.get("product_id")), "plan", f"product {event.get('product_id')}")
+    trial = event.get("period_type") == "TRIAL"
+    found = find_entitlement(ctx, subscription)
+    existing_wallet = found.wallet_id if found else None
+    wallet_id = existing_wallet or resolve_wallet(ctx, event.get("app_user_id"))
+    ent = upsert_entitlement(ctx, external_subscription_id=subscription, status="trialing" if trial else "active",
+                             wallet_id=wallet_id, offer=offer, will_renew=True,
+                             period_start=_ms(event.get("purchased_at_ms")),
+                             period_end=_ms(event.get("expiration_at_ms")))
+    if trial:
+        ctx.notes.append("a trial period grants no credits")
+        return
+    grant_period(ctx, ent, external_id=transaction, amount_minor=_rc_amount_minor(event),
+                 currency=str(event.get("currency") or "usd"), period_start=_ms(event.get("purchased_at_ms")),
+                 period_end=_ms(event.get("expiration_at_ms")), offer=offer)
+
+
+@on("revenuecat", "NON_RENEWING_PURCHASE", credits="`top_up` of the pack's credits, once per transaction",
+    entitlement="none")
+def _rc_pack(ctx: Ctx, event: dict[str, Any]) -> None:
+    _, transaction = _rc_ids(event)
+    offer = _require_kind(_rc_offer(ctx, event.get("product_id")), "pack", f"product {event.get('product_id')}")
+    grant_payment(ctx, external_id=transaction, wallet_id=resolve_wallet(ctx, event.get("app_user_id")),
+                  offer=offer, amount_minor=_rc_amount_minor(event), currency=str(event.get("currency") or "usd"))
+
+
+@on("revenuecat", "CANCELLATION",
+    credits="`cancel_reason` CUSTOMER_SUPPORT (a refund): claw back all of the transaction's credits; else none",
+    entitlement="refund: `ended`; else `cancelled` (paid until the period's end)")
+def _rc_cancellation(ctx: Ctx, event: dict[str, Any]) -> None:
+    subscription, transaction = _rc_ids(event)
+    if event.get("cancel_reason") == "CUSTOMER_SUPPORT":
         # RevenueCat's refund: the whole transaction's credits come back, and access ends now
         _rc_refund(ctx, event, transaction, subscription, refunded=True)
-    elif kind == "REFUND_REVERSED":
-        _rc_refund(ctx, event, transaction, subscription, refunded=False)
-    elif kind == "CANCELLATION":
-        require_entitlement(ctx, subscription)
-        upsert_entitlement(ctx, external_subscription_id=subscription, status="cancelled", will_renew=False)
-    elif kind == "UNCANCELLATION":
-        require_entitlement(ctx, subscription)
-        upsert_entitlement(ctx, external_subscription_id=subscription, status="active", will_renew=True)
-    elif kind == "BILLING_ISSUE":
-        require_entitlement(ctx, subscription)
-        upsert_entitlement(ctx, external_subscription_id=subscription, status="past_due")
-    elif kind == "EXPIRATION":
-        require_entitlement(ctx, subscription)
-        upsert_entitlement(ctx, external_subscription_id=subscription, status="ended", will_renew=False,
-                           ended_at=_ms(event.get("expiration_at_ms")) or ctx.at)
-    else:  # PRODUCT_CHANGE takes effect with the next RENEWAL, which names the new product
-        ctx.ignore(f"{kind} has no effect")
+        return
+    require_entitlement(ctx, subscription)
+    upsert_entitlement(ctx, external_subscription_id=subscription, status="cancelled", will_renew=False)
+
+
+@on("revenuecat", "REFUND_REVERSED", credits="the clawed back credits posted back (debt first)",
+    entitlement="none (an ended entitlement stays ended)")
+def _rc_refund_reversed(ctx: Ctx, event: dict[str, Any]) -> None:
+    subscription, transaction = _rc_ids(event)
+    _rc_refund(ctx, event, transaction, subscription, refunded=False)
+
+
+@on("revenuecat", "UNCANCELLATION", credits="none", entitlement="`active`, renews")
+def _rc_uncancellation(ctx: Ctx, event: dict[str, Any]) -> None:
+    subscription, _ = _rc_ids(event)
+    require_entitlement(ctx, subscription)
+    upsert_entitlement(ctx, external_subscription_id=subscription, status="active", will_renew=True)
+
+
+@on("revenuecat", "BILLING_ISSUE", credits="none", entitlement="`past_due`")
+def _rc_billing_issue(ctx: Ctx, event: dict[str, Any]) -> None:
+    subscription, _ = _rc_ids(event)
+    require_entitlement(ctx, subscription)
+    upsert_entitlement(ctx, external_subscription_id=subscription, status="past_due")
+
+
+@on("revenuecat", "EXPIRATION", credits="none", entitlement="`ended` at `expiration_at_ms`")
+def _rc_expiration(ctx: Ctx, event: dict[str, Any]) -> None:
+    subscription, _ = _rc_ids(event)
+    require_entitlement(ctx, subscription)
+    upsert_entitlement(ctx, external_subscription_id=subscription, status="ended", will_renew=False,
+                       ended_at=_ms(event.get("expiration_at_ms")) or ctx.at)
+# PRODUCT_CHANGE is not registered (ignored): it takes effect with the next RENEWAL, which names the new product
 
 
 def _rc_refund(ctx: Ctx, event: dict[str, Any], transaction: str, subscription: str, *, refunded: bool) -> None:
@@ -364,10 +442,8 @@ def _rc_refund(ctx: Ctx, event: dict[str, Any], transaction: str, subscription: 
         WHERE project_id = :p AND provider = 'revenuecat' AND external_id = :x"""),
                                {"p": ctx.project_id, "x": transaction}).first()
     full = int(payment.amount_minor) if payment is not None else 0
+    # a full refund: reverse_payment claws the credits back and ends the entitlement (as for every provider)
     reverse_payment(ctx, refs=[transaction], refunded_minor=max(full, 1) if refunded else 0, monotonic=False)
-    if payment is not None and payment.entitlement_id is not None and refunded:
-        upsert_entitlement(ctx, external_subscription_id=subscription, status="ended", will_renew=False,
-                           ended_at=ctx.at)
 
 
 # ======================================================================================== Lemon Squeezy
@@ -406,53 +482,83 @@ def _ls_offer(ctx: Ctx, payload: dict[str, Any], variant_id: Any) -> Offer | Non
 
 
 def handle_lemonsqueezy(ctx: Ctx, payload: dict[str, Any]) -> None:
-    kind = payload["meta"]["event_name"]
+    dispatch("lemonsqueezy", ctx, payload)
+
+
+@on("lemonsqueezy", "order_created",
+    credits="a pack's paid order: `top_up` of the pack's credits, once per order (a plan's order: none — its "
+            "invoice pays)", entitlement="none")
+def _ls_order(ctx: Ctx, payload: dict[str, Any]) -> None:
     data = payload["data"]
     attrs = data.get("attributes") or {}
-    if kind == "order_created":
-        if attrs.get("status") != "paid":
-            ctx.ignore(f"order status {attrs.get('status')}: nothing paid")
-            return
-        variant = (attrs.get("first_order_item") or {}).get("variant_id")
-        offer = _ls_offer(ctx, payload, variant)
-        if offer is not None and offer.kind == "plan":
-            ctx.ignore("a subscription's order: credits follow subscription_payment_success")
-            return
-        offer = _require_kind(offer, "pack", f"variant {variant}")
-        grant_payment(ctx, external_id=f"order:{data['id']}", wallet_id=resolve_wallet(ctx, _ls_customer(payload)),
-                      offer=offer, amount_minor=int(attrs.get("total") or 0),
-                      currency=str(attrs.get("currency") or offer.currency))
-    elif kind == "order_refunded":
-        reverse_payment(ctx, refs=[f"order:{data['id']}"], refunded_minor=int(attrs.get("refunded_amount") or 0))
-    elif kind in ("subscription_created", "subscription_updated", "subscription_cancelled", "subscription_resumed",
-                  "subscription_expired", "subscription_paused", "subscription_unpaused"):
-        subscription = str(data["id"])
-        offer = _ls_offer(ctx, payload, attrs.get("variant_id"))
-        plan = offer if offer is not None and offer.kind == "plan" else None
-        status = LS_STATUS.get(str(attrs.get("status")), "active")
-        wallet_id = None
-        if find_entitlement(ctx, subscription) is None:
-            if plan is None:
-                raise Unmatched(f"no plan in this project matches variant {attrs.get('variant_id')}")
-            wallet_id = resolve_wallet(ctx, _ls_customer(payload))
-        upsert_entitlement(ctx, external_subscription_id=subscription, status=status, wallet_id=wallet_id, offer=plan,
-                           will_renew=status in ("active", "trialing", "past_due"),
-                           period_end=_iso(attrs.get("ends_at")) or _iso(attrs.get("renews_at")),
-                           customer_id=str(attrs["customer_id"]) if attrs.get("customer_id") is not None else None,
-                           ended_at=_iso(attrs.get("ends_at")))
-    elif kind == "subscription_payment_success":
-        if attrs.get("status") != "paid":
-            ctx.ignore(f"invoice status {attrs.get('status')}: nothing paid")
-            return
-        ent = require_entitlement(ctx, str(attrs.get("subscription_id")))
-        # a subscription invoice states no period: it pays one interval of the plan from its creation
-        grant_period(ctx, ent, external_id=f"invoice:{data['id']}", amount_minor=int(attrs.get("total") or 0),
-                     currency=str(attrs.get("currency") or "usd"), period_start=_iso(attrs.get("created_at")),
-                     period_end=None)
-    elif kind == "subscription_payment_refunded":
-        reverse_payment(ctx, refs=[f"invoice:{data['id']}"], refunded_minor=int(attrs.get("refunded_amount") or 0))
-    else:
-        ctx.ignore(f"{kind} has no effect")
+    if attrs.get("status") != "paid":
+        ctx.ignore(f"order status {attrs.get('status')}: nothing paid")
+        return
+    variant = (attrs.get("first_order_item") or {}).get("variant_id")
+    offer = _ls_offer(ctx, payload, variant)
+    if offer is not None and offer.kind == "plan":
+        ctx.ignore("a subscription's order: credits follow subscription_payment_success")
+        return
+    offer = _require_kind(offer, "pack", f"variant {variant}")
+    grant_payment(ctx, external_id=f"order:{data['id']}", wallet_id=resolve_wallet(ctx, _ls_customer(payload)),
+                  offer=offer, amount_minor=int(attrs.get("total") or 0),
+                  currency=str(attrs.get("currency") or offer.currency))
+
+
+@on("lemonsqueezy", "order_refunded", credits="claw back `ceil(credits × refunded_amount / total)`",
+    entitlement="none (an order pays a pack)")
+def _ls_order_refunded(ctx: Ctx, payload: dict[str, Any]) -> None:
+    data = payload["data"]
+    attrs = data.get("attributes") or {}
+    reverse_payment(ctx, refs=[f"order:{data['id']}"], refunded_minor=int(attrs.get("refunded_amount") or 0))
+
+
+@on("lemonsqueezy", "subscription_created", "subscription_updated", "subscription_cancelled",
+    "subscription_resumed", "subscription_expired", "subscription_paused", "subscription_unpaused",
+    credits="none", entitlement="status from the subscription (`expired` → `ended`), plan from the variant, "
+    "period end from `ends_at` / `renews_at`")
+def _ls_subscription(ctx: Ctx, payload: dict[str, Any]) -> None:
+    data = payload["data"]
+    attrs = data.get("attributes") or {}
+    subscription = str(data["id"])
+    offer = _ls_offer(ctx, payload, attrs.get("variant_id"))
+    plan = offer if offer is not None and offer.kind == "plan" else None
+    status = LS_STATUS.get(str(attrs.get("status")), "active")
+    wallet_id = None
+    if find_entitlement(ctx, subscription) is None:
+        if plan is None:
+            raise Unmatched(f"no plan in this project matches variant {attrs.get('variant_id')}")
+        wallet_id = resolve_wallet(ctx, _ls_customer(payload))
+    upsert_entitlement(ctx, external_subscription_id=subscription, status=status, wallet_id=wallet_id, offer=plan,
+                       will_renew=status in ("active", "trialing", "past_due"),
+                       period_end=_iso(attrs.get("ends_at")) or _iso(attrs.get("renews_at")),
+                       customer_id=str(attrs["customer_id"]) if attrs.get("customer_id") is not None else None,
+                       ended_at=_iso(attrs.get("ends_at")))
+
+
+@on("lemonsqueezy", "subscription_payment_success",
+    credits="`subscription_grant` of the plan's credits for one plan interval from the invoice's `created_at`, "
+            "once per invoice", entitlement="none (subscription events move it)")
+def _ls_invoice_paid(ctx: Ctx, payload: dict[str, Any]) -> None:
+    data = payload["data"]
+    attrs = data.get("attributes") or {}
+    if attrs.get("status") != "paid":
+        ctx.ignore(f"invoice status {attrs.get('status')}: nothing paid")
+        return
+    ent = require_entitlement(ctx, str(attrs.get("subscription_id")))
+    # a subscription invoice states no period: it pays one interval of the plan from its creation
+    grant_period(ctx, ent, external_id=f"invoice:{data['id']}", amount_minor=int(attrs.get("total") or 0),
+                 currency=str(attrs.get("currency") or "usd"), period_start=_iso(attrs.get("created_at")),
+                 period_end=None)
+
+
+@on("lemonsqueezy", "subscription_payment_refunded",
+    credits="claw back `ceil(credits × refunded_amount / total)` of that invoice's grant",
+    entitlement="full refund: `ended`")
+def _ls_invoice_refunded(ctx: Ctx, payload: dict[str, Any]) -> None:
+    data = payload["data"]
+    attrs = data.get("attributes") or {}
+    reverse_payment(ctx, refs=[f"invoice:{data['id']}"], refunded_minor=int(attrs.get("refunded_amount") or 0))
 
 
 # ============================================================================================== sandbox

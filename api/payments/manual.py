@@ -24,6 +24,7 @@ from sqlalchemy import Connection, text
 
 from api.errors import Conflict, NotFound
 from api.payments import offers
+from api.payments.dunning import record_change
 from api.payments.effects import Entitlement
 from ledger import service
 from ledger.contracts import TransactionKind
@@ -64,6 +65,8 @@ def grant(conn: Connection, *, project_id: str, wallet_id: str, plan: str, refer
         assert again is not None
         return again, False, None
     entitlement = Entitlement.of(row)
+    record_change(conn, project_id=project_id, entitlement_id=entitlement.id, from_status=None, to_status="active",
+                  reason=f"manual grant: {reason}", at=now)
     transaction_id = None
     if grant_credits and offer.credits_minor > 0:
         expires_at = (period_end + timedelta(seconds=offer.credits_grace_s)
@@ -90,4 +93,7 @@ def end(conn: Connection, *, project_id: str, wallet_id: str, entitlement_id: st
         UPDATE entitlements SET status = 'ended', ended_at = coalesce(ended_at, now()), will_renew = false,
                                 state_at = now(), updated_at = now()
         WHERE id = :id RETURNING *"""), {"id": entitlement_id}).mappings().one()
+    if row["status"] != "ended":
+        record_change(conn, project_id=project_id, entitlement_id=entitlement_id, from_status=row["status"],
+                      to_status="ended", reason="manual end", at=after["state_at"])
     return before, Entitlement.of(after)

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from api.deps import ConnectionDep, SettingsDep
 from api.errors import ApiError, NotFound
 from api.pagination import LIMIT_DEFAULT, LIMIT_MAX
-from api.payments import checkout, config, manual, offers, webhooks
+from api.payments import checkout, config, dunning, manual, offers, webhooks
 from api.payments.effects import Entitlement
 from api.tenancy.audit import audit
 from api.tenancy.auth import ProjectAccess, require_project
@@ -443,7 +443,7 @@ class PaymentOut(BaseModel):
     amount_minor: int
     currency: str
     credits_minor: int
-    grant_transaction_id: int
+    grant_transaction_id: int | None = Field(description="the ledger grant; null for a $0 payment (nothing granted)")
     credits_expire_at: datetime | None = Field(description="when the credits this payment granted expire (null: "
                                                            "they roll over)")
     refunded_minor: int
@@ -463,6 +463,29 @@ def list_payments(access: Read, conn: ConnectionDep, wallet_id: Annotated[str | 
         ORDER BY p.created_at DESC, p.id DESC LIMIT :limit"""),
                         {"p": access.project_id, "w": wallet_id, "limit": limit}).mappings().all()
     return [PaymentOut(**{k: r[k] for k in PaymentOut.model_fields}) for r in rows]
+
+
+class EntitlementEventOut(BaseModel):
+    id: int
+    entitlement_id: str
+    wallet_id: str
+    provider: str
+    external_subscription_id: str
+    from_status: str | None
+    to_status: str
+    reason: str
+    at: datetime
+    created_at: datetime
+
+
+@router.get("/entitlement-events", response_model=list[EntitlementEventOut],
+            summary="Every entitlement status change (webhooks, dunning), newest first")
+def list_entitlement_events(access: Read, conn: ConnectionDep,
+                            wallet_id: Annotated[str | None, Query(max_length=200)] = None,
+                            limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = LIMIT_DEFAULT,
+                            ) -> list[EntitlementEventOut]:
+    return [EntitlementEventOut(**r) for r in dunning.list_events(conn, project_id=access.project_id,
+                                                                   wallet_id=wallet_id, limit=limit)]
 
 
 # ------------------------------------------------------------------------------------------ webhook events
@@ -510,11 +533,27 @@ def webhook_event_body(event_row_id: int, access: Admin, conn: ConnectionDep) ->
 
 
 @router.post("/webhook-events/{event_row_id}/replay",
-             summary="Re-run a deferred or unmatched webhook, or an ignored sandbox one (admin)")
+             summary="Re-run a deferred, unmatched or held webhook, or an ignored sandbox one (admin)")
 def replay_webhook_event(event_row_id: int, access: Admin, conn: ConnectionDep) -> dict[str, Any]:
     outcome = webhooks.replay(conn, project_id=access.project_id, webhook_event_id=event_row_id)
     if outcome is None:
-        raise NotFound("no deferred, unmatched or ignored sandbox webhook event with this id")
+        raise NotFound("no deferred, unmatched, held or ignored sandbox webhook event with this id")
     audit(conn, access, action="webhook_event.replay", target_kind="webhook_event", target_id=str(event_row_id),
           after={"status": outcome.status, "transaction_ids": list(outcome.transaction_ids)})
+    return outcome.body()
+
+
+class DismissIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=500, description="why, e.g. 'refunded in the Stripe dashboard'")
+
+
+@router.post("/webhook-events/{event_row_id}/dismiss",
+             summary="Close a held webhook (a purchase for a closed wallet) without applying it (admin)")
+def dismiss_webhook_event(event_row_id: int, body: DismissIn, access: Admin, conn: ConnectionDep) -> dict[str, Any]:
+    outcome = webhooks.dismiss(conn, project_id=access.project_id, webhook_event_id=event_row_id,
+                               reason=body.reason)
+    if outcome is None:
+        raise NotFound("no held webhook event with this id")
+    audit(conn, access, action="webhook_event.dismiss", target_kind="webhook_event", target_id=str(event_row_id),
+          after={"status": outcome.status, "reason": body.reason})
     return outcome.body()

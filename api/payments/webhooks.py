@@ -19,7 +19,11 @@
 An unexpected error rolls everything back, stores a ``failed`` row and answers 500, so the provider retries;
 a failed row does not count as settled, so the retry is applied normally.
 
-Statuses answered 200: processed, ignored, unmatched, deferred, duplicate (the provider must not retry those;
+A purchase for a wallet closed by an account erasure request raises ``Held`` → ``held`` (200): kept, with what
+to do; an admin replays it after cancelling the erasure, or dismisses it (``dismissed``) after refunding it in
+the provider's dashboard.
+
+Statuses answered 200: processed, ignored, unmatched, deferred, held, duplicate (the provider must not retry those;
 deferred and unmatched are completed later by another event or an admin replay)."""
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 
 from api.payments.config import accepts_sandbox, webhook_secret
-from api.payments.effects import Ctx, Defer, Unmatched
+from api.payments.effects import Ctx, Defer, Held, Unmatched
 from api.payments.handlers import HANDLERS, PARSERS, SANDBOX, Parsed
 from api.payments.signatures import WebhookMalformed, WebhookRejected, signature_header, verify
 from api.settings import ApiSettings
@@ -74,7 +78,8 @@ def _store(conn: Connection, *, project_id: str, provider: str, body: bytes, sig
         VALUES (:p, :v, :e, :t, :s, :err, :b, :h, :sig, :n)"""
     if on_conflict:
         sql += """ ON CONFLICT (project_id, provider, event_id)
-                   WHERE status IN ('processed', 'deferred', 'ignored', 'unmatched') DO NOTHING"""
+                   WHERE status IN ('processed', 'deferred', 'ignored', 'unmatched', 'held', 'dismissed')
+                   DO NOTHING"""
     unverified = status in UNVERIFIED_STATUSES
     row = conn.execute(text(sql + " RETURNING id"), {
         "p": project_id, "v": provider, "e": event_id, "t": event_type, "s": status, "err": error,
@@ -157,6 +162,10 @@ def apply(conn: Connection, *, project_id: str, provider: str, row_id: int, pars
         status, detail = "unmatched", str(unmatched)
         ctx.transaction_ids.clear()
         ctx.wakes.clear()
+    except Held as held:
+        status, detail = "held", str(held).replace("{id}", str(row_id))
+        ctx.transaction_ids.clear()
+        ctx.wakes.clear()
     else:
         if ctx.ignored and not ctx.transaction_ids and not ctx.wakes:
             status = "ignored"
@@ -186,10 +195,21 @@ def wake(conn: Connection, *, project_id: str, provider: str, refs: list[str]) -
 
 
 def replayable(provider: str, status: str, body: bytes) -> bool:
-    """Deferred and unmatched events, and sandbox events that were ignored (the project may accept them now)."""
-    if status in ("deferred", "unmatched"):
+    """Deferred, unmatched and held events, and sandbox events that were ignored (the project may accept them
+    now)."""
+    if status in ("deferred", "unmatched", "held"):
         return True
     return status == "ignored" and SANDBOX[provider](PARSERS[provider](body).payload) is not None
+
+
+def dismiss(conn: Connection, *, project_id: str, webhook_event_id: int, reason: str) -> Outcome | None:
+    """Close a HELD event for good (e.g. the operator refunded the purchase in the provider's dashboard): it is
+    stored ``dismissed`` with the reason and never applied. None when the event is not held."""
+    row = conn.execute(text("""
+        UPDATE webhook_events SET status = 'dismissed', error = :reason, processed_at = now()
+        WHERE id = :id AND project_id = :p AND status = 'held' RETURNING id, event_id"""),
+                       {"id": webhook_event_id, "p": project_id, "reason": f"dismissed: {reason}"}).first()
+    return Outcome(int(row.id), "dismissed", row.event_id, f"dismissed: {reason}") if row else None
 
 
 def replay(conn: Connection, *, project_id: str, webhook_event_id: int) -> Outcome | None:

@@ -21,6 +21,7 @@ class EmailMessage:
     body_text: str
     kind: str  # e.g. "invitation"
     project_id: str | None = None
+    invitation_id: str | None = None  # lets the relay skip it once the invitation is revoked or resent
 
 
 class EmailSender(Protocol):
@@ -32,10 +33,10 @@ class EmailSender(Protocol):
 class OutboxEmailSender:
     def send(self, conn: Connection, message: EmailMessage) -> int:
         return int(conn.execute(text("""
-            INSERT INTO email_outbox (to_address, subject, body_text, kind, project_id)
-            VALUES (:to, :subject, :body, :kind, :project_id) RETURNING id"""),
+            INSERT INTO email_outbox (to_address, subject, body_text, kind, project_id, invitation_id)
+            VALUES (:to, :subject, :body, :kind, :project_id, :invitation_id) RETURNING id"""),
             {"to": message.to, "subject": message.subject, "body": message.body_text, "kind": message.kind,
-             "project_id": message.project_id}).scalar_one())
+             "project_id": message.project_id, "invitation_id": message.invitation_id}).scalar_one())
 
 
 def default_sender() -> EmailSender:

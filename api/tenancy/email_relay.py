@@ -29,6 +29,7 @@ from email.headerregistry import Address
 import structlog
 from sqlalchemy import Connection, text
 
+from api.tenancy.email_outbox import REDACT_SQL, OutboxHygiene, purge_sent, skip_stale
 from api.tenancy.email_policy import (
     Accepted,
     OutboxMail,
@@ -57,14 +58,14 @@ _CLAIM = text("""
     ORDER BY next_attempt_at, id LIMIT :limit FOR UPDATE SKIP LOCKED
 """)
 # Once a mail has left (or never will), its secrets have no business in the table: an invitation's accept link
-# (a bearer credential until it expires) is replaced by a marker in the stored copy. Unsent rows keep it: they
-# are what the relay sends (and, without SMTP in development, the outbox is the mailbox).
-_REDACT = ("body_text = regexp_replace(body_text, '/invitations/mli_[A-Za-z0-9_-]+', "
-           "'/invitations/[link removed after sending]', 'g')")
-_SENT = text(f"UPDATE email_outbox SET attempts = :attempts, sent_at = :now, last_error = NULL, {_REDACT} "
-             "WHERE id = :id")
-_FAILED = text(f"UPDATE email_outbox SET attempts = :attempts, failed_at = :now, last_error = :error, {_REDACT} "
-               "WHERE id = :id")
+# (a bearer credential until it expires) is replaced by a marker in the stored copy (api/tenancy/email_outbox.py).
+# Unsent rows keep it: they are what the relay sends (and, without SMTP in development, the outbox is the mailbox).
+_SENT = text(f"""
+    UPDATE email_outbox SET attempts = :attempts, sent_at = :now, last_error = NULL, body_text = {REDACT_SQL}
+    WHERE id = :id""")
+_FAILED = text(f"""
+    UPDATE email_outbox SET attempts = :attempts, failed_at = :now, last_error = :error, body_text = {REDACT_SQL}
+    WHERE id = :id""")
 _RETRY = text("""
     UPDATE email_outbox SET attempts = :attempts, next_attempt_at = :next, last_error = :error WHERE id = :id
 """)
@@ -132,9 +133,17 @@ class SmtpRelay:
 
 
 def deliver_due(conn: Connection, *, now: datetime, relay: SmtpRelay, policy: RetryPolicy,
-                limit: int = BATCH) -> int:
+                limit: int = BATCH, hygiene: OutboxHygiene | None = None) -> int:
     """The ``deliver_emails`` job: one batch in the caller's transaction; returns how many rows were tried (the
-    scheduler calls it again, in a new transaction, while it returns more than 0 and its budget lasts)."""
+    scheduler calls it again, in a new transaction, while it returns more than 0 and its budget lasts). First the
+    rows that must not be sent (revoked / resent / no longer pending invitations, rows due too long) are marked
+    failed with the reason, and sent rows past their retention are purged (api/tenancy/email_outbox.py)."""
+    hygiene = hygiene or OutboxHygiene()
+    for outbox_id, kind, reason in skip_stale(conn, now=now, hygiene=hygiene):
+        log.info("email_not_sent", outbox_id=outbox_id, kind=kind, reason=reason)
+    purged = purge_sent(conn, now=now, hygiene=hygiene)
+    if purged:
+        log.info("email_sent_rows_purged", rows=purged)
     rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).mappings().all()
     if not rows:
         return 0

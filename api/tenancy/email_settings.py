@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.tenancy.email_outbox import OutboxHygiene
 from api.tenancy.email_policy import (
     EmailConfigError,
     RetryPolicy,
@@ -39,6 +40,12 @@ class EmailDeliverySettings(BaseSettings):
                                       "doubles after each further one")
     email_retry_max_s: float = Field(default=3600.0, ge=1, description="the longest wait between two tries")
 
+    email_max_age_s: float = Field(default=7 * 24 * 3600.0, ge=3600,
+                                   description="a row due for longer than this (nobody sent it, e.g. SMTP was "
+                                               "off) is marked failed instead of sent; 7 days = the invitation TTL")
+    email_sent_retention_s: float = Field(default=30 * 24 * 3600.0, ge=3600,
+                                          description="sent rows are deleted this long after sending")
+
     @model_validator(mode="after")
     def _check_delivery(self) -> EmailDeliverySettings:
         if self.email_retry_max_s < self.email_retry_base_s:
@@ -55,6 +62,10 @@ class EmailDeliverySettings(BaseSettings):
         """None in development (no URL)."""
         url = self.smtp_url.get_secret_value().strip()
         return parse_smtp_url(url) if url else None
+
+    @property
+    def hygiene(self) -> OutboxHygiene:
+        return OutboxHygiene(max_age_s=self.email_max_age_s, sent_retention_s=self.email_sent_retention_s)
 
     @property
     def retry_policy(self) -> RetryPolicy:

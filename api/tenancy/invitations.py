@@ -83,7 +83,7 @@ def _send(conn: Connection, sender: EmailSender, *, invitation: Invitation, toke
           base_url: str) -> None:
     link = f"{base_url.rstrip('/')}/invitations/{token}"
     sender.send(conn, EmailMessage(
-        to=invitation.email, kind="invitation", project_id=invitation.project_id,
+        to=invitation.email, kind="invitation", project_id=invitation.project_id, invitation_id=invitation.id,
         subject=f"You are invited to {project_name} on Meterline",
         body_text=(f"You have been invited to join the project \"{project_name}\" as {invitation.role}.\n\n"
                    f"Accept the invitation: {link}\n"

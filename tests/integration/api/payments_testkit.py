@@ -148,7 +148,7 @@ class Shop:
 
     def last_allocations(self, wallet_id: str | None) -> dict[str | None, int]:
         """bucket source -> amount the wallet's newest transaction took from (or gave to) its buckets of that source;
-        None = debt. (GET transactions lists allocations by bucket id, not in the order they were burned.)"""
+        None = debt. (GET transactions lists allocations in the order they were burned.)"""
         *_, last = self.transactions(wallet_id)
         out: dict[str | None, int] = {}
         for a in last["allocations"]:

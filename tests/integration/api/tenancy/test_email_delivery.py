@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import re
 import shutil
 import subprocess
 import threading
@@ -24,7 +25,16 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SmtpServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from structlog.testing import capture_logs
-from tenancy_testkit import api_client, outbox_token, scheduler_round, signup, sql, team
+from tenancy_testkit import (
+    add_member,
+    api_client,
+    create_project,
+    outbox_token,
+    scheduler_round,
+    signup,
+    sql,
+    team,
+)
 
 from api.settings import IdempotencySettings
 from api.tenancy.email import EmailMessage, OutboxEmailSender
@@ -109,6 +119,13 @@ def rows(database_url: str) -> dict[str, tuple[Any, ...]]:
         FROM email_outbox ORDER BY id""")}
 
 
+def sent_token(message: MimeMessage) -> str:
+    """The invitation token in a delivered message (the outbox's copy is redacted once sent)."""
+    match = re.search(r"/invitations/(mli_[A-Za-z0-9_-]+)", message.get_content())
+    assert match, message.get_content()
+    return match.group(1)
+
+
 def db_now(database_url: str) -> datetime:
     value = sql(database_url, "SELECT now()")[0][0]
     assert isinstance(value, datetime)
@@ -152,7 +169,11 @@ def test_an_invitation_made_over_http_is_delivered_once_and_a_rolled_back_one_ne
         assert message["To"] == "grace@example.com" and message["From"] == f"Meterline <{SENDER}>"
         assert message["Subject"] == "You are invited to Acme on Meterline"
         body = message.get_content().replace("\r\n", "\n")  # CRLF on the wire
+        token = sent_token(message)
         assert f"Accept the invitation: https://meterline.example/invitations/{token}\n" in body
+        # once sent, the stored copy no longer holds the link in clear
+        (stored,) = sql(database_url, "SELECT body_text FROM email_outbox WHERE to_address = 'grace@example.com'")
+        assert token not in stored[0] and "[link removed after sending]" in stored[0]
         assert rows(database_url)["grace@example.com"][:4] == (1, True, False, None)
         assert "never@example.com" not in rows(database_url)
         # the accept link (a bearer credential) is not kept in clear once the mail has left
@@ -195,7 +216,7 @@ def test_a_550_fails_at_once_with_the_reply_and_the_batch_goes_on(database_url: 
         settings = email_settings(port)
         queue(database_url, "gone@example.com", "here@example.com")
         assert deliver(database_url, settings) == 2
-        for later in (timedelta(hours=1), timedelta(days=30)):
+        for later in (timedelta(hours=1), timedelta(days=29)):  # (sent rows are purged after 30 days)
             assert deliver(database_url, settings, now=db_now(database_url) + later) == 0  # never tried again
         state = rows(database_url)
         assert state["gone@example.com"][:4] == (
@@ -322,3 +343,97 @@ def test_a_bad_smtp_url_stops_the_scheduler_start_and_no_url_is_development(monk
     assert "deliver_emails" not in names and "erase_accounts" in names
     assert [e["event"] for e in logs] == ["email_delivery_off"]
     assert "development" in logs[0]["detail"]
+
+
+def _invite(client: Any, project_id: str, owner: Any, address: str) -> str:
+    r = client.post(f"/api/v1/projects/{project_id}/invitations", json={"email": address, "role": "member"},
+                    headers=owner.headers)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def _outbox(database_url: str, address: str) -> list[tuple[Any, ...]]:
+    """(id, sent?, failed?, last_error) of every row to ``address``, oldest first."""
+    return sql(database_url, """SELECT id, sent_at IS NOT NULL, failed_at IS NOT NULL, last_error FROM email_outbox
+                               WHERE to_address = %s ORDER BY id""", address)
+
+
+def test_revoked_and_resent_invitations_old_emails_are_not_sent(database_url: str, engines: Any) -> None:
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port, api_client(database_url, engines) as client:
+        owner = signup(client, "owner")
+        project_id = create_project(client, owner, "Acme")
+        base = f"/api/v1/projects/{project_id}/invitations"
+        # queued while SMTP was off (development): one resent, one revoked
+        resent_id = _invite(client, project_id, owner, "resent@example.com")
+        first_token = outbox_token(database_url, "resent@example.com")
+        assert client.post(f"{base}/{resent_id}/resend", headers=owner.headers).status_code == 200
+        new_token = outbox_token(database_url, "resent@example.com")
+        revoked_id = _invite(client, project_id, owner, "revoked@example.com")
+        assert client.delete(f"{base}/{revoked_id}", headers=owner.headers).status_code == 200
+        # SMTP is turned on: only the live email goes out
+        deliver(database_url, email_settings(port))
+        assert [r for _, r, _ in mailbox.received] == [["resent@example.com"]]
+        assert sent_token(mailbox.received[0][2]) == new_token != first_token
+        old, new = _outbox(database_url, "resent@example.com")
+        assert old[1:] == (False, True, "not sent: superseded by a newer email of the invitation (resent)")
+        assert new[1:3] == (True, False)
+        (revoked,) = _outbox(database_url, "revoked@example.com")
+        assert revoked[1:] == (False, True, "not sent: the invitation is revoked")
+        # neither the skipped rows nor the sent one keep a link in clear
+        assert not sql(database_url, "SELECT 1 FROM email_outbox WHERE body_text ~ 'mli_'")
+        # the old email cannot be retried into sending a dead link
+        retried = client.post(f"/api/v1/projects/{project_id}/emails/{old[0]}/retry", headers=owner.headers)
+        assert retried.status_code == 409 and "superseded" in retried.json()["detail"], retried.text
+
+
+def test_rows_due_longer_than_the_cutoff_are_not_sent_when_smtp_is_enabled(database_url: str) -> None:
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        queue(database_url, "ancient@example.com")
+        later = db_now(database_url) + timedelta(days=8)  # the outbox waited 8 days for SMTP (cutoff: 7)
+        assert deliver(database_url, email_settings(port), now=later) == 0
+        assert mailbox.received == []
+        ((_, sent, failed, error),) = _outbox(database_url, "ancient@example.com")
+        assert (sent, failed) and error.startswith("not sent: due since ") and "API_EMAIL_MAX_AGE_S" in error
+
+
+def test_a_failed_email_is_retried_through_the_admin_api(database_url: str, engines: Any) -> None:
+    mailbox = Mailbox(refuse={"bounce@example.com": "550 5.1.1 mailbox unavailable"})
+    with smtp_server(mailbox) as port, api_client(database_url, engines) as client:
+        owner, member = signup(client, "owner"), signup(client, "member")
+        project_id = create_project(client, owner, "Acme")
+        add_member(client, project_id, owner, member, "member")
+        _invite(client, project_id, owner, "bounce@example.com")
+        settings = email_settings(port)
+        deliver(database_url, settings)
+        ((row_id, sent, failed, error),) = _outbox(database_url, "bounce@example.com")
+        assert (sent, failed, error) == (False, True, "550 5.1.1 mailbox unavailable")
+        emails = f"/api/v1/projects/{project_id}/emails"
+        listed = client.get(emails, params={"state": "failed"}, headers=owner.headers)
+        assert [e["id"] for e in listed.json()] == [row_id] and "body_text" not in listed.json()[0]
+        assert client.post(f"{emails}/{row_id}/retry", headers=member.headers).status_code == 403
+        assert client.post(f"{emails}/999999/retry", headers=owner.headers).status_code == 404
+        mailbox.refuse.clear()  # the mailbox exists again
+        retried = client.post(f"{emails}/{row_id}/retry", headers=owner.headers)
+        assert retried.status_code == 200, retried.text
+        assert (retried.json()["failed_at"], retried.json()["attempts"]) == (None, 0)
+        assert deliver(database_url, settings) == 1
+        assert [r for _, r, _ in mailbox.received] == [["bounce@example.com"]]
+        assert client.post(f"{emails}/{row_id}/retry", headers=owner.headers).status_code == 404  # sent now
+        audit = client.get(f"/api/v1/projects/{project_id}/audit-log", params={"action": "email.retry"},
+                           headers=owner.headers).json()["items"]
+        assert [a["target_id"] for a in audit] == [str(row_id)]
+
+
+def test_sent_rows_are_purged_after_the_retention(database_url: str) -> None:
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port:
+        settings = email_settings(port, email_sent_retention_s=24 * 3600)
+        queue(database_url, "kept@example.com")
+        start = db_now(database_url)
+        assert deliver(database_url, settings, now=start) == 1
+        deliver(database_url, settings, now=start + timedelta(hours=23))
+        assert len(_outbox(database_url, "kept@example.com")) == 1
+        deliver(database_url, settings, now=start + timedelta(hours=25))
+        assert _outbox(database_url, "kept@example.com") == []

@@ -543,7 +543,7 @@ def replay_webhook_event(event_row_id: int, access: Admin, conn: ConnectionDep) 
     return outcome.body()
 
 
-class DismissIn(BaseModel):
+class DismissIn(RequestModel):
     reason: str = Field(min_length=1, max_length=500, description="why, e.g. 'refunded in the Stripe dashboard'")
 
 

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,27 +23,12 @@ import httpx
 import psutil
 import psycopg
 import pytest
+from stack_testkit import CLI, run_cli, stack_env
 
 from ledger.db import libpq_url
-from meterline.services import free_port
 
 pytestmark = pytest.mark.integration
 
-CLI = [sys.executable, "-m", "meterline"]
-
-
-def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
-    env.update({"METERLINE_HOME": str(home), "METERLINE_KAFKA_PORT": str(free_port()),
-                "METERLINE_STORE_PORT": str(free_port()), "METERLINE_API_PORT": str(free_port()),
-                "METERLINE_STREAMS_WORKERS": "1"})
-    env.update(extra)
-    return env
-
-
-def _cli(*args: str, env: dict[str, str], timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def _state(home: Path) -> dict[str, Any]:
@@ -52,7 +36,7 @@ def _state(home: Path) -> dict[str, Any]:
 
 
 def _up(env: dict[str, str]) -> None:
-    result = _cli("up", "--detach", "--timeout-s", "90", env=env)
+    result = run_cli("up", "--detach", "--timeout-s", "90", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -127,7 +111,7 @@ def _wait_for_exact_balance(api_url: str, ids: dict[str, str], expected: int, ti
 
 
 def test_broker_kill_9_under_load_loses_nothing(home: Path) -> None:
-    env = _env(home)
+    env = stack_env(home)
     _up(env)
     plan, ids, api_url = _project(env, events=6_000, seed=11)
     accepted: list[int] = []
@@ -151,11 +135,11 @@ def test_broker_kill_9_under_load_loses_nothing(home: Path) -> None:
 
 
 def test_down_now_with_events_in_flight_then_up_is_exact_and_reconcile_covers_them(home: Path) -> None:
-    env = _env(home)
+    env = stack_env(home)
     _up(env)
     plan, ids, api_url = _project(env, events=4_000, seed=12)
     assert _send(api_url, ids["api_key"], plan.events, batch_size=500) == len(plan.events)
-    result = _cli("down", "--now", env=env)  # at once: most of it is acknowledged but not metered yet
+    result = run_cli("down", "--now", env=env)  # at once: most of it is acknowledged but not metered yet
     assert result.returncode == 0, result.stderr
     _up(env)
     _wait_for_exact_balance(api_url, ids, plan.grant_minor - plan.expected_charge_minor, timeout_s=150)
@@ -167,23 +151,23 @@ def test_down_now_with_events_in_flight_then_up_is_exact_and_reconcile_covers_th
         assert lives == [("usage.events.v1", 0)]
     # ...so `meterline reconcile` replays the events from before the restart: faithful, then a corrupted
     # counter of those events is caught (before durable topics it only saw the new, empty life)
-    result = _cli("reconcile", "--timeout-s", "90", env=env)
+    result = run_cli("reconcile", "--timeout-s", "90", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         assert conn.execute("UPDATE usage_counters SET units = units + 1 "
                             "WHERE source_topic = 'usage.events.v1'").rowcount >= 1
-    result = _cli("reconcile", "--timeout-s", "90", env=env)
+    result = run_cli("reconcile", "--timeout-s", "90", env=env)
     assert result.returncode == 1, result.stdout + result.stderr
 
 
 def test_down_drains_accepted_events_before_stopping(home: Path) -> None:
     from meterline import services
 
-    env = _env(home)
+    env = stack_env(home)
     _up(env)
     plan, ids, api_url = _project(env, events=4_000, seed=13)
     assert _send(api_url, ids["api_key"], plan.events, batch_size=500) == len(plan.events)
-    result = _cli("down", env=env, timeout_s=300)
+    result = run_cli("down", env=env, timeout_s=300)
     assert result.returncode == 0, result.stderr
     assert "drained in" in result.stderr, result.stderr
 
@@ -200,7 +184,7 @@ def test_down_drains_accepted_events_before_stopping(home: Path) -> None:
 
 
 def test_a_killed_postgres_and_disk_store_are_restarted_and_the_processes_carry_on(home: Path) -> None:
-    env = _env(home)
+    env = stack_env(home)
     _up(env)
     plan, ids, api_url = _project(env, events=1_000, seed=14)
     first, second = plan.events[:500], plan.events[500:]
@@ -218,13 +202,13 @@ def test_a_killed_postgres_and_disk_store_are_restarted_and_the_processes_carry_
 
 
 def test_up_with_a_busy_port_fails_fast_names_it_and_leaves_nothing(home: Path) -> None:
-    env = _env(home)
+    env = stack_env(home)
     before = {p.pid for p in psutil.process_iter()}
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", int(env["METERLINE_API_PORT"])))
         holder.listen()
         started = time.monotonic()
-        result = _cli("up", "--detach", "--timeout-s", "60", env=env)
+        result = run_cli("up", "--detach", "--timeout-s", "60", env=env)
         elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert elapsed < 5, f"took {elapsed:.1f} s"

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,31 +17,17 @@ import httpx
 import psutil
 import psycopg
 import pytest
+from stack_testkit import CLI, run_cli, stack_env
 
 from ledger.db import libpq_url
 from meterline.services import free_port
 
 pytestmark = pytest.mark.integration
 
-CLI = [sys.executable, "-m", "meterline"]
-
-
-def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
-    env.update({"METERLINE_HOME": str(home), "METERLINE_KAFKA_PORT": str(free_port()),
-                "METERLINE_STORE_PORT": str(free_port()), "METERLINE_API_PORT": str(free_port()),
-                "METERLINE_STREAMS_WORKERS": "1"})
-    env.update(extra)
-    return env
-
-
-def _cli(*args: str, env: dict[str, str], timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def _status(env: dict[str, str]) -> dict[str, object]:
-    result = _cli("status", "--json", env=env)
+    result = run_cli("status", "--json", env=env)
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
@@ -68,15 +53,15 @@ def home() -> Iterator[Path]:
 
 @pytest.fixture
 def running_stack(home: Path) -> Iterator[dict[str, str]]:
-    env = _env(home)
+    env = stack_env(home)
     started = time.monotonic()
-    result = _cli("up", "--detach", "--timeout-s", "60", env=env)
+    result = run_cli("up", "--detach", "--timeout-s", "60", env=env)
     try:  # a failed start-up must not leave its processes behind either
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started < 30, "every component must be healthy within 30 s"
         yield env
     finally:
-        _cli("down", env=env)
+        run_cli("down", env=env)
 
 
 def test_up_starts_every_component_and_down_leaves_nothing_behind(running_stack: dict[str, str]) -> None:
@@ -91,14 +76,14 @@ def test_up_starts_every_component_and_down_leaves_nothing_behind(running_stack:
     state = json.loads((Path(env["METERLINE_HOME"]) / "stack.json").read_text())
     pids = [info["pid"] for info in children.values()] + [state["supervisor_pid"], state["broker_pid"]]
 
-    result = _cli("down", env=env)
+    result = run_cli("down", env=env)
     assert result.returncode == 0, result.stderr
 
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"processes left behind: {alive}"
     pg_pid_file = Path(env["METERLINE_HOME"]) / "postgres" / "postmaster.pid"
     assert not pg_pid_file.exists(), "embedded PostgreSQL still running after down"
-    assert _cli("status", env=env).returncode == 3
+    assert run_cli("status", env=env).returncode == 3
 
 
 def test_every_killed_child_is_restarted_and_the_restart_is_logged(running_stack: dict[str, str]) -> None:
@@ -122,7 +107,7 @@ def test_every_killed_child_is_restarted_and_the_restart_is_logged(running_stack
 
 
 def test_ctrl_c_on_up_stops_everything(home: Path) -> None:
-    env = _env(home)
+    env = stack_env(home)
     up = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(lambda: _status(env).get("running") is True
@@ -134,18 +119,18 @@ def test_ctrl_c_on_up_stops_everything(home: Path) -> None:
     finally:
         if up.poll() is None:
             up.kill()
-            _cli("down", env=env)
+            run_cli("down", env=env)
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"processes left behind after Ctrl-C: {alive}"
     assert not (home / "postgres" / "postmaster.pid").exists(), "embedded PostgreSQL still running"
 
 
 def test_up_refuses_loudly_when_the_kafka_port_is_taken(home: Path) -> None:
-    env = _env(home)
+    env = stack_env(home)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", int(env["METERLINE_KAFKA_PORT"])))
         holder.listen()
-        result = _cli("up", env=env, timeout_s=60)
+        result = run_cli("up", env=env, timeout_s=60)
     assert result.returncode != 0
     assert f"port {env['METERLINE_KAFKA_PORT']} is in use" in result.stderr, result.stderr
     assert not (home / "stack.json").exists()
@@ -160,10 +145,10 @@ def test_external_engines_from_the_environment_replace_the_embedded_ones(home: P
     # chDB admits one process per data path, so the stack gets its own; a ClickHouse server is shared.
     clickhouse_url = engines.clickhouse_url if engines.clickhouse_url.startswith("http") \
         else embedded_clickhouse_url(home.parent / "clickhouse")
-    env = _env(home, DATABASE_URL=engines.admin_database_url,
+    env = stack_env(home, DATABASE_URL=engines.admin_database_url,
                KAFKA_BOOTSTRAP_SERVERS=engines.kafka_bootstrap_servers, CLICKHOUSE_URL=clickhouse_url,
                METERLINE_TOPIC_PREFIX=prefix)
-    result = _cli("up", "--detach", "--timeout-s", "60", env=env)
+    result = run_cli("up", "--detach", "--timeout-s", "60", env=env)
     try:
         assert result.returncode == 0, result.stderr
         state = json.loads((home / "stack.json").read_text())
@@ -173,13 +158,13 @@ def test_external_engines_from_the_environment_replace_the_embedded_ones(home: P
         topics = existing_topics(engines.kafka_bootstrap_servers)
         assert topics[f"{prefix}usage.events.v1"] == 8
     finally:
-        _cli("down", env=env)
+        run_cli("down", env=env)
 
 
 def test_an_unreachable_external_database_is_a_clear_error(home: Path) -> None:
     dead = free_port()
-    env = _env(home, DATABASE_URL=f"postgresql://nobody@127.0.0.1:{dead}/nothing")
-    result = _cli("up", env=env, timeout_s=60)
+    env = stack_env(home, DATABASE_URL=f"postgresql://nobody@127.0.0.1:{dead}/nothing")
+    result = run_cli("up", env=env, timeout_s=60)
     assert result.returncode != 0
     assert "cannot reach PostgreSQL" in result.stderr
     assert f"127.0.0.1:{dead}" in result.stderr
@@ -190,29 +175,29 @@ def test_usage_after_a_restart_of_the_embedded_stack_is_charged(home: Path) -> N
     the topics are new and empty while PostgreSQL still holds the offset marks of the old ones. The demo run
     twice on one home must be exact both times (the second run failed — usage skipped as 'already applied' —
     before topic lives existed). The durable default keeps the topics: test_durable_stack.py."""
-    env = _env(home, METERLINE_BROKER_STORAGE="memory")
+    env = stack_env(home, METERLINE_BROKER_STORAGE="memory")
     try:
         for run, extra in ((1, ()), (2, ("--keep-running",))):
-            result = _cli("demo", "--events", "300", "--timeout-s", "60", *extra, env=env, timeout_s=240)
+            result = run_cli("demo", "--events", "300", "--timeout-s", "60", *extra, env=env, timeout_s=240)
             assert result.returncode == 0, f"demo run {run} failed:\n{result.stdout}\n{result.stderr[-3000:]}"
             assert "balance now" in result.stdout
 
         # `meterline reconcile` replays the new life of the usage topic and finds the ledger faithful...
-        result = _cli("reconcile", "--timeout-s", "60", env=env)
+        result = run_cli("reconcile", "--timeout-s", "60", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         # ...and finds a counter that no longer matches the log
         database_url = json.loads((home / "stack.json").read_text())["urls"]["database_url"]
         with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
             assert conn.execute("UPDATE usage_counters SET units = units + 1 WHERE source_topic LIKE "
                                 "'usage.events.v1@%'").rowcount == 1
-        result = _cli("reconcile", "--timeout-s", "60", env=env)
+        result = run_cli("reconcile", "--timeout-s", "60", env=env)
         assert result.returncode == 1 and "ledger" in result.stderr, result.stdout + result.stderr
     finally:
-        _cli("down", env=env)
+        run_cli("down", env=env)
 
 
 def _status_rc(env: dict[str, str]) -> tuple[int, dict[str, object]]:
-    result = _cli("status", "--json", env=env)
+    result = run_cli("status", "--json", env=env)
     return result.returncode, json.loads(result.stdout)
 
 
@@ -246,7 +231,7 @@ def test_status_shows_engines_probes_and_lag_and_fails_while_a_process_is_down(r
         rc, report = _status_rc(env)
         assert rc == 1 and report["healthy"] is False
         assert any("ledger" in problem for problem in report["problems"]), report["problems"]  # type: ignore[union-attr]
-        assert _cli("status", env=env).returncode == 1  # the table view too
+        assert run_cli("status", env=env).returncode == 1  # the table view too
     finally:
         os.kill(supervisor, signal.SIGCONT)
     _wait(lambda: _status_rc(env)[0] == 0, 60, "the restarted ledger to make the stack healthy again")

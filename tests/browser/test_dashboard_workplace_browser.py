@@ -138,7 +138,7 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     # --- wallets: who they are for, balance, search, paging ------------------------------------------------
     colleague = httpx.post(f"{api_url}/api/v1/auth/signup", json={
         "email": f"colleague-{uuid.uuid4().hex[:8]}@example.com", "password": PASSWORD}).json()["user"]
-    page.post("/members", {"email": colleague["email"], "role": "member"})
+    page.post("/members", {"user_id": colleague["id"], "role": "member"})  # by email it would be an invitation (202)
     member_wallet = page.post("/wallets", {"owner_kind": "user", "owner_ref": colleague["id"]})["id"]
     customer = page.post("/wallets", {"owner_kind": "subject", "owner_ref": "customer-882"})["id"]
     page.post(f"/wallets/{customer}/grants", {"amount_minor": 40}, **{"Idempotency-Key": "seed-1"})
@@ -381,7 +381,7 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     # --- a viewer sees the pages without the forms it may not use ------------------------------------------
     viewer = httpx.post(f"{api_url}/api/v1/auth/signup", json={
         "email": f"viewer-{uuid.uuid4().hex[:8]}@example.com", "password": PASSWORD}).json()
-    page.post("/members", {"email": viewer["user"]["email"], "role": "viewer"})
+    page.post("/members", {"user_id": viewer["user"]["id"], "role": "viewer"})
     page.js(f"sessionStorage.setItem('meterline.token', {viewer['access_token']!r}); true")
     page.open("meters")
     assert page.cells("meters", 0) == ["tokens"]

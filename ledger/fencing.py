@@ -57,11 +57,17 @@ def check_charges_partitions(conn: Connection, topic: str, partitions: int) -> i
     Per life of the topic (ledger/source_logs.py): a topic recreated by ``meterline up`` / ``topics create`` is new
     and empty — nothing queued in it can be reordered — so its count is recorded afresh."""
     topic = current_identity(conn, topic)
-    recorded = int(conn.execute(text("""
+    params = {"t": topic, "n": partitions}
+    found = conn.execute(text("""
         WITH ins AS (INSERT INTO topic_partitions (topic, partitions) VALUES (:t, :n)
                      ON CONFLICT (topic) DO NOTHING RETURNING partitions)
         SELECT partitions FROM ins UNION ALL SELECT partitions FROM topic_partitions WHERE topic = :t
-    """), {"t": topic, "n": partitions}).scalars().first() or 0)
+    """), params).scalars().first()
+    if found is None:
+        # Two first starts at once: the other consumer's INSERT committed while this statement waited on it, so
+        # the conflict skipped ours, yet the statement's snapshot predates that row. A new statement sees it.
+        found = conn.execute(text("SELECT partitions FROM topic_partitions WHERE topic = :t"), params).scalar_one()
+    recorded = int(found)
     if recorded != partitions:
         raise ChargesTopicRepartitioned(
             f"{topic} has {partitions} partitions but was created with {recorded}: re-partitioning it would "

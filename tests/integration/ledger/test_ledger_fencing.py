@@ -7,6 +7,7 @@ each of two wallets. With owner epochs exactly one owner charges them."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from ledger import queries
 from ledger.checkpoints import apply_checkpoint
 from ledger.consumer import check_startup
 from ledger.contracts import TOPIC_LEDGER_CHARGES, ChargeCheckpoint, CounterKey, CounterValue, PriceModel
-from ledger.fencing import ChargesTopicRepartitioned, take_owner_epoch
+from ledger.fencing import ChargesTopicRepartitioned, check_charges_partitions, take_owner_epoch
 from ledger.settings import LedgerSettings
 
 pytestmark = pytest.mark.integration
@@ -101,3 +102,29 @@ def test_start_up_refuses_a_repartitioned_charges_topic(database_url: str, topic
         engine.dispose()
     with pytest.raises(ChargesTopicRepartitioned, match="re-partitioning"):
         check_startup(settings)
+
+
+def test_two_consumers_starting_at_once_record_the_charges_topic_once(engine: Engine) -> None:
+    """The second start waits on the first's uncommitted row; once it commits, the second must read it back (its
+    statement's snapshot predates the row) instead of refusing a "re-partitioned" topic (a race CI found when two
+    ledger consumers started together)."""
+    topic = f"t{uuid.uuid4().hex[:8]}.ledger.charges.v1"
+    outcome: list[object] = []
+    with engine.connect() as first:
+        first.begin()
+        assert check_charges_partitions(first, topic, 4) == 4  # recorded, not yet committed
+
+        def second_start() -> None:
+            try:
+                with engine.begin() as second:
+                    outcome.append(check_charges_partitions(second, topic, 4))
+            except Exception as exc:  # the assertion below shows what went wrong
+                outcome.append(exc)
+
+        thread = threading.Thread(target=second_start)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive(), "the second start should wait on the first's uncommitted row"
+        first.commit()
+        thread.join(timeout=30)
+    assert outcome == [4]

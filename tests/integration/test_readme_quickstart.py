@@ -72,7 +72,7 @@ def test_readme_quickstart_runs_twice_against_a_fresh_stack(stack_home: Path) ->
            if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL", "METERLINE_TOPIC_PREFIX")}
     env.update({"PATH": f"{bin_dir}:{env.get('PATH', '')}", "METERLINE_HOME": str(stack_home / "home"),
                 "METERLINE_API_PORT": str(free_port()), "METERLINE_KAFKA_PORT": str(free_port()),
-                "METERLINE_STREAMS_WORKERS": "1"})
+                "METERLINE_STORE_PORT": str(free_port()), "METERLINE_STREAMS_WORKERS": "1"})
     script = quickstart_script(README.read_text())
     work = stack_home / "work"
     work.mkdir()

@@ -623,3 +623,8 @@ class PartitionAggregator:
     @property
     def dedupe_size(self) -> int:
         return len(self._seen)
+
+    @property
+    def dedupe_on_disk(self) -> int:
+        """Dedupe keys held in the store's disk runs (the rest are in RAM)."""
+        return len(self._seen) - self._seen.ram_keys_now

@@ -252,6 +252,7 @@ class Runtime:
             self.counts["seeded"] += 1
             log.info("partition_seeded", partition=p, applied_through=aggregator.processed_through,
                      committed=committed, counters=len(aggregator.counters), dedupe_keys=aggregator.dedupe_size,
+                     dedupe_on_disk=aggregator.dedupe_on_disk,
                      waited_s=round(time.monotonic() - started, 2))
         except asyncio.CancelledError:
             raise

@@ -239,7 +239,8 @@ class DedupeStore:
     def _new_filter(self) -> None:
         # calloc'd: pages are backed only once a spill sets bits in them (a partition that never spills never pays)
         self._filter_np: npt.NDArray[np.uint64] = np.zeros(self._m, dtype=np.uint64)
-        self._filter = memoryview(self._filter_np)  # scalar reads as Python ints, no numpy scalar overhead
+        # scalar reads as Python ints, no numpy scalar overhead
+        self._filter = memoryview(self._filter_np)  # type: ignore[arg-type]
         self._filter_used = False
 
     def _generation(self, slot: int) -> int:
@@ -271,7 +272,8 @@ class DedupeStore:
             slots = np.maximum.reduceat(slots, starts)
             keys = keys[starts]
         newest = int(slots.max())
-        file = tempfile.TemporaryFile(dir=self.directory, prefix="meterline-dedupe-")
+        # closed by _Run.close when the run is dropped (anonymous: nothing is left behind by a crash either)
+        file = tempfile.TemporaryFile(dir=self.directory, prefix="meterline-dedupe-")  # noqa: SIM115
         file.write(keys.tobytes())
         file.write(slots.astype(np.int32).tobytes())
         file.flush()

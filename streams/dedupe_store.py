@@ -3,8 +3,9 @@
 
 Why: every key in RAM costs ~78 B (``dedupe_memory.py``); 20,000 events/s for a 24 h horizon is 1.7 billion keys,
 ~67 GB per worker. Here a key costs ~78 B only while it is among the newest ``ram_keys`` of its partition, then
-12 B of disk (8 B key, 4 B time slot) and about ``filter_bytes / keys in the horizon`` of RAM (the filter is a
-fixed array: 128 MiB per partition ≈ 0.6 B/key at 216 M keys per partition — 20k/s over 8 partitions for 24 h).
+12 B of disk (8 B key, 4 B time slot)
+and about ``filter_bytes / keys in the horizon`` of RAM (the filter is a fixed array: 256 MiB per partition ≈
+1.24 B/key at 216 M keys per partition — 20k/s over 8 partitions for 24 h).
 
 Layout (per partition, every file anonymous — ``O_TMPFILE``, gone when the process ends):
 - RAM tier: ``DedupeMemory`` holding at most ``ram_keys`` keys. When full it is SPILLED whole into a run.
@@ -12,8 +13,10 @@ Layout (per partition, every file anonymous — ``O_TMPFILE``, gone when the pro
   key) and the run's newest slot. A lookup reads one 4 KB block with ``pread`` (page cache, not our RSS).
 - filter: ``m`` 64-bit words. Bit g of a word belongs to generation g (``gen_s`` ≈ horizon / 56 of stream time,
   by the run's newest slot), so 64 interleaved Bloom filters share one array: a generation whose runs all left
-  the horizon is cleared with one vectorised pass, instead of rebuilding a filter. k = 4 probes per key
-  (Kirsch–Mitzenmacher from the key's own bits: the keys are already uniform 64-bit hashes).
+  the horizon is cleared with one vectorised pass, instead of rebuilding a filter. k = 5 probes per key
+  (Kirsch–Mitzenmacher from the key's own bits: the keys are already uniform 64-bit hashes). The price of 56
+  planes: a new key's expected run reads = live generations x one plane's false-positive rate (~0.9 at the design
+  load with 256 MiB, ~0.06 with 512 MiB; fewer at lower load) — a bigger filter buys speed, never a verdict.
 - merge: when a generation closes (a run of a newer one appears), its runs are merged into one (at most
   ``merge_keys_max`` keys at a time: the transient RAM of a merge), so a lookup reads ~one block per generation
   whose filter bit answers "maybe".
@@ -50,7 +53,7 @@ from streams.dedupe_memory import DedupeMemory
 __all__ = ["DedupeStore", "ram_bytes_bound"]
 
 _FENCE = 512  # keys per block: a lookup reads 4 KB of keys
-_PROBES = 4
+_PROBES = 5  # at ~9 bits per key per generation (the default filter at the design load): ~1.6% per generation
 _GENERATIONS = 64  # bits of a filter word
 _GENERATIONS_PER_HORIZON = 56  # < 64: the live generations (horizon + the open one) always fit in a word
 _LOW32 = 0xFFFF_FFFF
@@ -135,7 +138,7 @@ class DedupeStore:
         if not self._runs:
             return False
         a, b, m, f = key & _LOW32, (key >> 32 & _LOW32) | 1, self._m, self._filter
-        maybe = f[a % m] & f[(a + b) % m] & f[(a + 2 * b) % m] & f[(a + 3 * b) % m]
+        maybe = f[a % m] & f[(a + b) % m] & f[(a + 2 * b) % m] & f[(a + 3 * b) % m] & f[(a + 4 * b) % m]
         if not maybe:
             return False
         return self._in_runs(key, maybe)

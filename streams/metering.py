@@ -105,7 +105,7 @@ class Limits:
     #: dedupe keys kept in RAM per partition; older ones spill to disk, nothing is forgotten before the horizon
     #: (streams/dedupe_store.py: the RAM per partition is ~80 B x this + ``dedupe_filter_bytes`` + transients)
     dedupe_memory_max: int = 500_000
-    dedupe_filter_bytes: int = 128 * 1024 * 1024
+    dedupe_filter_bytes: int = 256 * 1024 * 1024
     dedupe_dir: str | None = None  # None: the system's temporary directory
     #: a checkpoint is cut early (mid-batch, at a message boundary) once it carries this many, so one ledger
     #: transaction stays moderate and a message ~1.3 MB at most (~330 B per counter, ~21 B per key). One packed

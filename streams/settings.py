@@ -62,7 +62,7 @@ class StreamsSettings(BaseSettings):
     # streams/dedupe_store.py: RAM per partition ≈ 80 B x dedupe_memory_max + dedupe_filter_mb + transients,
     # whatever the rate; every key of the horizon is kept (older ones on local disk, 12 B each)
     dedupe_memory_max: int = Field(default=500_000, ge=1_000, description="dedupe keys in RAM per partition")
-    dedupe_filter_mb: int = Field(default=128, ge=1, description="Bloom filter in front of the disk runs, per partition")
+    dedupe_filter_mb: int = Field(default=256, ge=1, description="Bloom filter in front of the disk runs, per partition")
     dedupe_dir: str = Field(default="", description="directory of the disk runs (anonymous files); '' = system temp")
 
     # lateness and catalog

@@ -67,8 +67,9 @@ Int32s = npt.NDArray[np.int32]
 
 def ram_bytes_bound(*, ram_keys: int, filter_bytes: int, merge_keys_max: int, keys_on_disk: int) -> int:
     """Upper bound of one partition's dedupe RAM: the RAM tier, the filter, the fences (8 B per 512 keys on disk)
-    and the largest transient (a merge: keys + slots + sort order + the merged copy ≈ 40 B per key, or a spill)."""
-    transient = 40 * max(merge_keys_max, ram_keys)
+    and the largest transient (a merge or a spill: keys + slots, their sort order and the sorted copies, the file
+    image ≈ 56 B per key of it)."""
+    transient = 56 * max(merge_keys_max, ram_keys)
     return ram_keys * RAM_TIER_BYTES_PER_KEY + filter_bytes + 8 * (keys_on_disk // _FENCE + 1) + transient
 
 
@@ -251,18 +252,17 @@ class DedupeStore:
 
     def _spill_ram(self) -> None:
         table = self._ram._keys  # key -> slot: the RAM tier's own truth, read once, then cleared
-        keys = np.fromiter(table.keys(), dtype=np.int64, count=len(table))
-        slots = np.fromiter(table.values(), dtype=np.int64, count=len(table))
+        count = len(table)
+        self._write_run(np.fromiter(table.keys(), dtype=np.int64, count=count),
+                        np.fromiter(table.values(), dtype=np.int64, count=count))
         self._ram.clear()
-        self._write_run(keys, slots)
         self._merge_closed()
 
     def _spill_seeding(self) -> None:
         chunks, self._seeding, self._seeding_count = self._seeding, [], 0
         if chunks:
-            keys = np.concatenate([k for k, _ in chunks])
-            slots = np.concatenate([np.full(len(k), s, dtype=np.int64) for k, s in chunks])
-            self._write_run(keys, slots)
+            self._write_run(np.concatenate([k for k, _ in chunks]),
+                            np.concatenate([np.full(len(k), s, dtype=np.int64) for k, s in chunks]))
 
     def _write_run(self, keys: Int64s, slots: npt.NDArray[np.int64], *, in_filter: bool = False) -> None:
         if not len(keys):
@@ -300,6 +300,13 @@ class DedupeStore:
             pos = (a + np.uint64(i) * b) % m
             self._filter_np[pos] |= mask  # equal positions all get old | mask: duplicates are harmless
 
+    @staticmethod
+    def _concatenated(runs: list[_Run]) -> tuple[Int64s, npt.NDArray[np.int64]]:
+        parts = [r.read() for r in runs]
+        keys = np.concatenate([k for k, _ in parts])
+        slots = np.concatenate([s for _, s in parts]).astype(np.int64)
+        return keys, slots
+
     def _drop(self, run: _Run) -> None:
         run.close()
         self._bit_runs[run.bit] -= 1
@@ -324,12 +331,9 @@ class DedupeStore:
                     group.append(runs.pop(0))
                 if sum(r.count for r in group) > self.merge_keys_max:
                     break  # too large to merge within the RAM bound: stays split (correct, a read more per maybe)
-                parts = [r.read() for r in group]
-                keys = np.concatenate([k for k, _ in parts])
-                slots = np.concatenate([s for _, s in parts]).astype(np.int64)
-                del parts
-                # one generation, so the newest slot's too: the same filter bit, already set for these keys
-                self._write_run(keys, slots, in_filter=True)
+                # one generation, so the newest slot's too: the same filter bit, already set for these keys.
+                # The arrays are passed without a local reference, so _write_run frees each one it replaces.
+                self._write_run(*self._concatenated(group), in_filter=True)
                 for r in group:
                     self._runs.remove(r)
                     self._drop(r)

@@ -42,6 +42,7 @@ ROUTER_MODULES: list[str] = [
     "api.wallets.routes_exports",
     "api.wallets.routes_reconciliation",
     "api.ingest.routes_dead_letters",
+    "api.ingest.routes_backfills",
     "api.dashboard.routes_pages",
 ]
 

@@ -57,7 +57,7 @@ lets the ledger catch up: its cost is per key and checkpoint, not per event.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -75,7 +75,7 @@ from ledger.writer import Draft, write
 
 log = structlog.get_logger("ledger.checkpoints")
 
-__all__ = ["MergedOutcome", "apply_checkpoint", "apply_checkpoints", "merge_units", "usage_idempotency_key"]
+__all__ = ["Key", "KeyMetadata", "MergedOutcome", "apply_checkpoint", "apply_checkpoints", "merge_units", "usage_idempotency_key"]
 
 
 class Key(NamedTuple):
@@ -230,8 +230,13 @@ class MergedOutcome(NamedTuple):
     refused: int = 0
 
 
+#: Extra transaction metadata per key (a backfill records the original period and whether it was closed).
+KeyMetadata = Callable[[Key], Mapping[str, Any]]
+
+
 def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint], *,
-                      kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> MergedOutcome:
+                      kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
+                      metadata: KeyMetadata | None = None) -> MergedOutcome:
     """Apply consecutive checkpoints of ONE source partition, in the given (arrival) order, as one merged
     checkpoint inside the caller's transaction.
 
@@ -245,7 +250,8 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
     is new for the partition, so its idempotency keys are too.
 
     ``kind``/``reason``: a replay correction (ledger/corrections.py) posts its deltas as ``adjustment`` with a
-    reason, keyed ``adjustment:{topic}:…`` instead of ``usage:{topic}:…``; everything else is the same."""
+    reason, keyed ``adjustment:{topic}:…`` instead of ``usage:{topic}:…``; everything else is the same.
+    ``metadata``: extra members of each posted transaction's metadata, per key (ledger/backfills.py)."""
     if not checkpoints:
         raise ValueError("apply_checkpoints needs at least one checkpoint")
     first = checkpoints[0]
@@ -297,7 +303,7 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
         conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
             {**_key_row(k), "units": units[k], "charged": targets[k]} for k in priced)})
         transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), priced, units, deltas, targets,
-                                                   kind=kind, reason=reason)
+                                                   kind=kind, reason=reason, metadata=metadata)
     hashes = [h for checkpoint in accepted for h in checkpoint.dedupe_keys]
     if hashes:
         stream_times = [c.stream_time for c in accepted if c.stream_time is not None]
@@ -468,7 +474,8 @@ def _continued_targets(members: dict[Key, Member], units: dict[Key, Decimal]) ->
 
 def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], keys: list[Key],
                  units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int], *,
-                 kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> tuple[int, int]:
+                 kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
+                 metadata: KeyMetadata | None = None) -> tuple[int, int]:
     moving = [key for key in keys if deltas[key] != 0]
     if not moving:
         return 0, 0
@@ -489,7 +496,8 @@ def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], keys: list[
             f"{kind.value}:{usage_key.removeprefix('usage:')}",
             source_ref=source_ref, reason=reason,
             meter_id=key.meter_id, period_start=key.period_start, price_version_id=key.price_version_id,
-            metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key]},
+            metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key],
+                      **(metadata(key) if metadata is not None else {})},
         ))
     write(conn, books, drafts)
     return len(drafts), sum(deltas[key] for key in moving)

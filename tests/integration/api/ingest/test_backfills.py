@@ -141,7 +141,7 @@ def test_dry_run_equals_close_which_posts_once_as_of_now_in_the_closed_period(da
         posted = _backfill_transactions(database_url)
         assert [p[0] for p in posted] == result["transaction_ids"]
         assert sum(-p[4] for p in posted) == preview["charge_minor"] == 60
-        (tx_id, _wallet, _meter, period_start, amount, created_at, metadata, kind), = posted
+        (_tx_id, _wallet, _meter, period_start, amount, created_at, metadata, kind), = posted
         assert kind == "usage" and amount == -60
         assert period_start == CLOSED.replace(day=1, hour=0, minute=0, second=0, microsecond=0)  # original period
         assert created_at >= NOW - timedelta(minutes=1)  # posted as of now

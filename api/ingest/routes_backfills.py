@@ -4,7 +4,8 @@
 - GET  /api/v1/projects/{project_id}/backfills                  the project's sessions, newest first (read)
 - GET  /api/v1/projects/{project_id}/backfills/{id}             one session (read)
 - GET  /api/v1/projects/{project_id}/backfills/{id}/diff        dry-run: what close would post, per wallet, meter
-                                                                and period (read; a closed session: what it posted)
+                                                                and period (admin: it takes the ledger's row locks for
+                                                                an instant; a closed session: what it posted)
 - POST /api/v1/projects/{project_id}/backfills/{id}/close       post it, exactly once (admin; a retry returns the
                                                                 same result and posts nothing)
 - POST /api/v1/projects/{project_id}/backfills/{id}/revert      drop it, posting nothing (admin)
@@ -80,10 +81,11 @@ def get_backfill(session_id: Annotated[str, SESSION], access: Read, conn: Connec
 
 
 @router.get("/{session_id}/diff", summary="Dry-run: the charges closing the session would post")
-def diff_backfill(session_id: Annotated[str, SESSION], access: Read, engine: EngineDep) -> dict[str, Any]:
+def diff_backfill(session_id: Annotated[str, SESSION], access: Admin, engine: EngineDep) -> dict[str, Any]:
     """Per wallet, meter, ORIGINAL period and price version: the session's units and ``charge_minor`` (positive
     charges the wallet), computed by the close's own code against the ledger's current counters, then rolled
-    back. A closed session answers what its close posted (``dry_run: false``)."""
+    back. Admin only: the computation locks the wallets and counters it touches, like a close, for an instant.
+    A closed session answers what its close posted (``dry_run: false``)."""
     return backfills.dry_run(engine, project_id=access.project_id, session_id=session_id)
 
 

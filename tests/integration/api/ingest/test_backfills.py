@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from tenancy_testkit import api_client, five_users, sql, team
+from tenancy_testkit import add_member, api_client, create_project, signup, sql
 
 from ledger.checkpoints import apply_checkpoint
 from ledger.contracts import ChargeCheckpoint
@@ -36,19 +36,23 @@ def _event(i: int, tokens: int, at: datetime, *, subject: str = "cust-1", prefix
             "subject": subject, "time": at.isoformat().replace("+00:00", "Z"), "data": {"tokens": tokens}}
 
 
-def _project(client: TestClient) -> tuple[str, dict[str, Any]]:
-    """A project with a meter ``tokens`` priced per unit (2 minor per token) after 100 free tokens a month."""
-    users = five_users(client)
-    t = team(client, users)
+def _project(client: TestClient, *roles: str) -> tuple[str, dict[str, Any]]:
+    """A project with a meter ``tokens`` priced per unit (2 minor per token) after 100 free tokens a month, its
+    owner and a member in each of ``roles`` (sign-ups hash passwords: only the users a test needs)."""
+    users = {"owner": signup(client, "owner")}
+    project_id = create_project(client, users["owner"])
+    for role in roles:
+        users[role] = signup(client, role)
+        add_member(client, project_id, users["owner"], users[role], role)
     owner = users["owner"].headers
-    p = f"/api/v1/projects/{t.project_id}"
+    p = f"/api/v1/projects/{project_id}"
     assert client.post(f"{p}/meters", json={"slug": "tokens", "event_type": "llm.tokens",
                                             "value_property": "$.tokens"}, headers=owner).status_code == 201
     r = client.post(f"{p}/prices", json={"meter": "tokens", "effective_from": (CLOSED - timedelta(days=30)).isoformat(),
                                          "model": {"model": "per_unit", "unit_price_minor": "2", "free_units": "100"}},
                     headers=owner)
     assert r.status_code == 201, r.text
-    return t.project_id, users
+    return project_id, users
 
 
 def _open(client: TestClient, project_id: str, headers: dict[str, str]) -> str:
@@ -94,7 +98,7 @@ def _comparable(result: dict[str, Any]) -> dict[str, Any]:
 
 def test_dry_run_equals_close_which_posts_once_as_of_now_in_the_closed_period(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
-        project_id, users = _project(client)
+        project_id, users = _project(client, "admin")
         owner = users["owner"].headers
         # live usage of the closed period used 80 of its 100 free tokens: the backfill continues from there
         _charge_live(database_url, project_id, [_event(0, 80, CLOSED, prefix="live")])
@@ -106,7 +110,7 @@ def test_dry_run_equals_close_which_posts_once_as_of_now_in_the_closed_period(da
         assert _ingest(client, project_id, sid, held[:1], owner).status_code == 204
         assert client.get(f"/api/v1/projects/{project_id}/backfills/{sid}", headers=owner).json()["events"] == 3
 
-        diff = client.get(f"/api/v1/projects/{project_id}/backfills/{sid}/diff", headers=users["viewer"].headers)
+        diff = client.get(f"/api/v1/projects/{project_id}/backfills/{sid}/diff", headers=users["admin"].headers)
         assert diff.status_code == 200, diff.text
         preview = diff.json()
         assert preview["dry_run"] is True and preview["events"] == 3 and preview["accepted"] == 3
@@ -201,7 +205,7 @@ def test_an_event_charged_live_or_by_an_earlier_backfill_is_not_charged_again(da
 
 def test_bad_input_gets_problem_json(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
-        project_id, users = _project(client)
+        project_id, users = _project(client, "member", "viewer")
         other_project, other_users = _project(client)
         owner = users["owner"].headers
         base = f"/api/v1/projects/{project_id}/backfills"
@@ -210,13 +214,14 @@ def test_bad_input_gets_problem_json(database_url: str, engines: Any) -> None:
             assert r.status_code == status, r.text
             assert r.headers["content-type"].startswith(PROBLEM) and r.json()["code"] == code, r.text
 
-        # only an admin opens a session
+        # only an admin opens a session or asks for its dry-run
         problem(client.post(base, json={}, headers=users["member"].headers), 403, "api.forbidden")
         # unknown session: ingest, diff, close, revert
         problem(_ingest(client, project_id, "bf_nope", [_event(1, 1, CLOSED)], owner), 404, "backfill.not_found")
         for method, path in (("get", "/bf_nope/diff"), ("post", "/bf_nope/close"), ("post", "/bf_nope/revert")):
             problem(getattr(client, method)(base + path, headers=owner), 404, "backfill.not_found")
         sid = _open(client, project_id, owner)
+        problem(client.get(f"{base}/{sid}/diff", headers=users["viewer"].headers), 403, "api.forbidden")
         # another project's session: not found through the other project (never revealed, never written)
         other_owner = other_users["owner"].headers
         problem(_ingest(client, other_project, sid, [_event(1, 1, CLOSED)], other_owner), 404, "backfill.not_found")

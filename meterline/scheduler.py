@@ -51,9 +51,11 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
         """Idempotency-Key records past ``API_IDEMPOTENCY_RETENTION_S`` (``now`` is the database's clock)."""
         return purge_older_than(conn, cutoff=now - retention)
 
+    erasure_key = settings.erasure_pseudonym_key.get_secret_value().encode()
+
     def erase_accounts(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
         """Account erasures whose grace period is over (api/wallets/erasure.py), a bounded batch per transaction."""
-        return erase_due(conn, now=now)
+        return erase_due(conn, now=now, key=erasure_key)
 
     def purge_webhook_deliveries(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
         """Rejected and duplicate webhook deliveries past ``API_WEBHOOK_UNVERIFIED_RETENTION_S`` (api/payments)."""
@@ -67,6 +69,30 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
             Job("purge_session_revocations", PURGE_EVERY_S, purge_session_revocations),
             Job("erase_accounts", ERASE_EVERY_S, erase_accounts),
             Job("purge_webhook_deliveries", PURGE_EVERY_S, purge_webhook_deliveries)]
+
+
+def analytics_erasure_jobs() -> list[Job]:
+    """``erase_analytics`` (the ClickHouse pass of account erasure) when ClickHouse is a server this process may
+    connect to. With embedded chDB only the process owning the data path may open it: the pass is not run
+    there yet (its pairs stay queued in ``wallet_erasures.analytics_pending``; docs/erasure.md)."""
+    from analytics.settings import AnalyticsSettings
+
+    analytics = AnalyticsSettings()
+    if not analytics.clickhouse_url.startswith("http"):
+        return []
+
+    def erase_analytics(conn: Connection, _now: datetime, _settings: LedgerSettings) -> int:
+        """Rewrite ClickHouse for erased accounts (api/wallets/erasure_analytics.py)."""
+        from analytics.client import connect
+        from api.wallets.erasure_analytics import erase_analytics_due
+
+        client = connect(analytics.clickhouse_url)
+        try:
+            return erase_analytics_due(conn, client, database=analytics.database)
+        finally:
+            client.close()
+
+    return [Job("erase_analytics", ERASE_EVERY_S, erase_analytics)]
 
 
 def email_jobs(settings: EmailDeliverySettings) -> list[Job]:
@@ -136,7 +162,8 @@ def jobs(settings: IdempotencySettings | None = None, email: EmailDeliverySettin
          dunning: DunningSettings | None = None) -> list[Job]:
     """Everything ``meterline run scheduler`` runs: the ledger's jobs, then the API's."""
     return [*JOBS, *api_jobs(settings or IdempotencySettings()), *email_jobs(email or EmailDeliverySettings()),
-            *dunning_jobs(dunning or DunningSettings()), *reconcile_jobs(), *receipts_jobs()]
+            *dunning_jobs(dunning or DunningSettings()), *reconcile_jobs(), *receipts_jobs(),
+            *analytics_erasure_jobs()]
 
 
 def main() -> None:

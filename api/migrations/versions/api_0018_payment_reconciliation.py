@@ -1,7 +1,7 @@
 """API schema: reconciling receipts with the payment providers' APIs (api/payments/reconciliation.py).
 
 Revision ID: api_0018
-Revises: api_0016
+Revises: api_0017
 Create Date: 2026-12-05
 
 - ``payment_provider_configs.store_id``: the Lemon Squeezy store whose orders, subscriptions and subscription
@@ -16,7 +16,7 @@ Create Date: 2026-12-05
 from alembic import op
 
 revision = "api_0018"
-down_revision = "api_0016"
+down_revision = "api_0017"
 branch_labels = None
 depends_on = None
 

@@ -37,6 +37,7 @@ ROUTER_MODULES: list[str] = [
     "api.ingest.routes_catalog",
     "api.payments.routes_payments",
     "api.payments.routes_webhooks",
+    "api.payments.routes_reconciliation",
     "api.wallets.routes_billing_rules",
     "api.wallets.routes_ledger_chain",
     "api.wallets.routes_exports",

@@ -167,7 +167,7 @@ _LOCK_GROUPS = text("""
 
 _GROUP_MEMBERS = text("""
     SELECT c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.meter_version, c.price_effective_from,
-           c.aggregation, c.price, c.charged_minor
+           c.aggregation, CAST(c.price AS text) AS price_text, c.charged_minor
     FROM json_to_recordset(CAST(:groups AS json)) AS g(wallet_id text, meter_id text, period_start timestamptz,
                                                       meter_version integer)
     JOIN usage_charges c
@@ -401,13 +401,13 @@ def _price_json(price: PriceModel) -> str:
 
 
 def _lock_charges(conn: Connection, rows: str) -> dict[Key, int]:
-    result = conn.execute(_LOCK_CHARGES, {"rows": rows})
+    result = conn.execute(_LOCK_CHARGES, {"rows": rows}).all()
     return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id): int(r.charged_minor) for r in result}
 
 
 def _merged(conn: Connection, aggregations: dict[Key, str], rows: str) -> dict[Key, Decimal]:
     per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in aggregations}
-    for r in conn.execute(_ALL_PARTITIONS, {"rows": rows}):
+    for r in conn.execute(_ALL_PARTITIONS, {"rows": rows}).all():
         per_key[Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)].append((r.units, r.latest_at))
     return {key: merge_units(aggregations[key], per_key[key]) for key in aggregations}
 
@@ -440,16 +440,17 @@ def _groups(conn: Connection, values: dict[Key, CounterValue], rows: str) -> lis
     if any(v.price_effective_from is None for v in values.values()):
         # meter_version / price_effective_from of a stored row never change once written: no lock needed
         groups |= {Group(r.wallet_id, r.meter_id, r.period_start, r.meter_version)
-                   for r in conn.execute(_STORED_GROUPS, {"rows": rows})}
+                   for r in conn.execute(_STORED_GROUPS, {"rows": rows}).all()}
     return sorted(groups)
 
 
 def _group_members(conn: Connection, groups_json: str, values: dict[Key, CounterValue]) -> dict[Key, Member]:
     members: dict[Key, Member] = {}
-    for r in conn.execute(_GROUP_MEMBERS, {"groups": groups_json}):
+    # .all(): one fetch instead of a fetchone per row; the price comes as text, parsed only when needed
+    for r in conn.execute(_GROUP_MEMBERS, {"groups": groups_json}).all():
         key = Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)
         # a price version is immutable: the checkpoint's model is the stored one (parse only the others')
-        price = values[key].price if key in values else PriceModel.model_validate(r.price)
+        price = values[key].price if key in values else PriceModel.model_validate_json(r.price_text)
         members[key] = Member(r.price_effective_from, price, r.aggregation, int(r.charged_minor))
     return members
 

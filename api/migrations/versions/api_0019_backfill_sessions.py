@@ -1,7 +1,7 @@
 """API schema: backfill sessions — usage from another system or after an outage, held, reviewed, then posted once.
 
 Revision ID: api_0019
-Revises: api_0016
+Revises: api_0018
 Create Date: 2026-12-03
 
 ``backfill_sessions``: one row per session (project, status open → closed | reverted, who and when, the close's
@@ -14,7 +14,7 @@ deleted; a reverted session keeps its events (for the record) and posts nothing.
 from alembic import op
 
 revision = "api_0019"
-down_revision = "api_0016"
+down_revision = "api_0018"
 branch_labels = None
 depends_on = None
 

@@ -62,11 +62,14 @@ CREATE OR REPLACE FUNCTION ledger_refuse_mutation() RETURNS trigger LANGUAGE plp
 BEGIN
     -- the one exception: erasure's pseudonymisation of a chain-v2 row's metadata, inside
     -- ledger_erasure_pseudonymise_metadata (which sets the flag), changing nothing else
-    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'transactions' AND TG_LEVEL = 'ROW'
-       AND current_setting('meterline.erasure_path', true) = 'ledger_erasure_pseudonymise_metadata'
-       AND OLD.metadata_commitment IS NOT NULL AND NEW.metadata_salt IS NULL
-       AND (to_jsonb(NEW) - 'metadata' - 'metadata_salt') = (to_jsonb(OLD) - 'metadata' - 'metadata_salt') THEN
-        RETURN NEW;
+    -- nested: PL/pgSQL does not promise to short-circuit AND, and OLD of another table (or of a statement-level
+    -- trigger) has no metadata_commitment
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'transactions' AND TG_LEVEL = 'ROW' THEN
+        IF current_setting('meterline.erasure_path', true) = 'ledger_erasure_pseudonymise_metadata'
+           AND OLD.metadata_commitment IS NOT NULL AND NEW.metadata_salt IS NULL
+           AND (to_jsonb(NEW) - 'metadata' - 'metadata_salt') = (to_jsonb(OLD) - 'metadata' - 'metadata_salt') THEN
+            RETURN NEW;
+        END IF;
     END IF;
     RAISE EXCEPTION 'ledger: % on % is refused: the ledger is append-only (post a compensating transaction)',
         TG_OP, TG_TABLE_NAME USING ERRCODE = 'restrict_violation';

@@ -109,6 +109,15 @@ def _delete_ingested_events(ctx: ErasureContext) -> int:
         {"p": ctx.project_id, "s": sorted(ctx.subjects)}).rowcount
 
 
+def _delete_backfill_events(ctx: ErasureContext) -> int:
+    tokens = [json.dumps(s) for s in sorted(ctx.subjects)]
+    return ctx.conn.execute(text("""
+        DELETE FROM backfill_events WHERE project_id = :p
+          AND EXISTS (SELECT 1 FROM unnest(CAST(:t AS text[])) tok
+                      WHERE strpos(convert_from(payload, 'UTF8'), tok) > 0)
+    """), {"p": ctx.project_id, "t": tokens}).rowcount
+
+
 def _delete_idempotency_records(ctx: ErasureContext) -> int:
     tokens = [json.dumps(s) for s in sorted(ctx.subjects)]
     return ctx.conn.execute(text("""
@@ -176,6 +185,9 @@ ENTRIES: tuple[Entry, ...] = (
           "per-project keyed hash, the raw id was never stored"),
     Entry("postgres", "ingested_events", ("subject", "event"), "delete", SUBJECT_ROWS,
           "the debugging log of accepted events", _delete_ingested_events),
+    Entry("postgres", "backfill_events", ("payload",), "delete", SUBJECT_ROWS,
+          "events held by backfill sessions (api/ingest/routes_backfills.py); a closed session's identities of the "
+          "erased subject are forgotten with them (its old wallet is closed for good)", _delete_backfill_events),
     Entry("postgres", "idempotency_records", ("response_body",), "delete", "responses quoting the subject",
           "stored API answers (e.g. the wallet with its owner); otherwise purged after 3 days",
           _delete_idempotency_records),

@@ -73,8 +73,8 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
 
 def analytics_erasure_jobs() -> list[Job]:
     """``erase_analytics`` (the ClickHouse pass of account erasure) when ClickHouse is a server this process may
-    connect to. With embedded chDB only the process owning the data path may open it: the pass is not run
-    there yet (its pairs stay queued in ``wallet_erasures.analytics_pending``; docs/erasure.md)."""
+    connect to. With embedded chDB only the process owning the data path may open it: the api runs the pass there
+    (api/wallets/routes_erasure.py ``startup``; docs/erasure.md)."""
     from analytics.settings import AnalyticsSettings
 
     analytics = AnalyticsSettings()

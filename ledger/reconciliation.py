@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, text
 
-__all__ = ["ProjectReport", "latest_report", "record_report"]
+__all__ = ["ProjectReport", "Summary", "latest_report", "latest_summary", "record_report"]
 
 
 def record_report(conn: Connection, *, source_topic: str, replay_id: str, marks: dict[str, int],
@@ -79,3 +79,30 @@ def latest_report(conn: Connection, project_id: str) -> ProjectReport | None:
     return ProjectReport(int(row.id), row.source_topic, row.replay_id, row.started_at, row.finished_at,
                          int(row.messages), not row.incomplete, list(row.mine), dict(row.coverage),
                          list(row.my_mismatches))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The latest report across every project (``/healthz``): when, and how many wallets each record disagrees on."""
+
+    id: int
+    finished_at: datetime
+    disagreeing_wallets: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.disagreeing_wallets.values())
+
+
+def latest_summary(conn: Connection) -> Summary | None:
+    row = conn.execute(text("""
+        SELECT r.id, r.finished_at,
+               coalesce((SELECT jsonb_object_agg(record, wallets) FROM (
+                   SELECT rec AS record, count(DISTINCT (m ->> 'project_id', m ->> 'wallet_id')) AS wallets
+                   FROM jsonb_array_elements(r.mismatches) AS m, jsonb_array_elements_text(m -> 'disagreeing') AS rec
+                   GROUP BY rec) AS per_record), '{}'::jsonb) AS disagreeing
+        FROM reconciliation_reports r ORDER BY r.finished_at DESC, r.id DESC LIMIT 1
+    """)).one_or_none()
+    if row is None:
+        return None
+    return Summary(int(row.id), row.finished_at, {k: int(v) for k, v in dict(row.disagreeing).items()})

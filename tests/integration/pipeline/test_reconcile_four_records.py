@@ -164,9 +164,14 @@ def test_four_records_agree_then_each_corruption_names_the_record_that_disagrees
     sent = feeder.producer.flush()
     feeder.meter(drop=(carol_p, sent.last_offset[carol_p] - 1))
     _catch_up(feeder, analytics, engine, topics, relayed)
+    # 3. and a posting deleted from ClickHouse credit flow: alice's
+    analytics.client.command(f"ALTER TABLE {db}.ledger_transactions DELETE WHERE wallet_id = '{wallet_of('alice')}' "
+                             "SETTINGS mutations_sync = 2")
     report = _reconcile(database_url, topics, analytics, engine)
     carol = [m for m in report.mismatches if m["wallet_id"] == wallet_of("carol")]
-    assert len(report.mismatches) == 2  # alice's ClickHouse row is still missing
+    assert sorted((m["wallet_id"], m["disagreeing"][0]) for m in report.mismatches) == sorted(
+        [(wallet_of("alice"), "clickhouse_usage"), (wallet_of("carol"), "ledger"), (wallet_of("alice"), "clickhouse_flow")])
+    assert len(report.mismatches) == 3  # alice's ClickHouse usage row is still missing
     [(wallet, meter, period, measure, wrong, values)] = [
         (m["wallet_id"], m["meter_id"], m["period_start"], m["measure"], m["disagreeing"], m["values"]) for m in carol]
     assert (wallet, measure, wrong) == (wallet_of("carol"), "units", ["ledger"]) and meter and period
@@ -177,10 +182,6 @@ def test_four_records_agree_then_each_corruption_names_the_record_that_disagrees
     assert _gauge("meterline_reconciliation_drift_minor", pair="usage_log/ledger") == (
         price_floor(Decimal(52), PRICE) - price_floor(Decimal(36), PRICE))
 
-    # 3. a posting deleted from ClickHouse credit flow: alice's
-    analytics.client.command(f"ALTER TABLE {db}.ledger_transactions DELETE WHERE wallet_id = '{wallet_of('alice')}' "
-                             "SETTINGS mutations_sync = 2")
-    report = _reconcile(database_url, topics, analytics, engine)
     flow = [m for m in report.mismatches if m["measure"] == "charged_minor"]
     assert [(m["wallet_id"], m["disagreeing"], m["values"]) for m in flow] == [
         (wallet_of("alice"), ["clickhouse_flow"], {"ledger": price_floor(Decimal(30), PRICE), "clickhouse_flow": 0})]

@@ -97,9 +97,8 @@ def four_records(engine: Any, *, bootstrap: str, topic: str, partitions: int, de
     """Read the four records (one reader each) and compare them; returns (mismatches, coverage per record)."""
     from datetime import timedelta
 
+    from ledger import reconcile_compare as rc
     from ledger.pricing import price_minor
-    from ledger.reconcile_compare import (CLICKHOUSE_FLOW, CLICKHOUSE_USAGE, LEDGER, USAGE_LOG, Key, Reading,
-                                          compare_readings)
     from meterline import reconcile_sources as src
     from streams.catalog_model import ProjectPolicy
     from streams.replay import metering_limits
@@ -123,22 +122,22 @@ def four_records(engine: Any, *, bootstrap: str, topic: str, partitions: int, de
     complete = [p for p in range(partitions) if p not in incomplete]
     ledger = src.ledger_units(state)
     log_units = src.merged(log_at_mark[p] for p in complete)
-    readings: list[Reading] = []
+    readings: list[rc.Reading] = []
     coverage: dict[str, dict[str, Any]] = {
-        USAGE_LOG: {"compared": True, "through": {str(p): marks[p] for p in complete},
+        rc.USAGE_LOG: {"compared": True, "through": {str(p): marks[p] for p in complete},
                     "incomplete_partitions": incomplete},
-        LEDGER: {"compared": True, "marks": {str(p): m for p, m in marks.items()}, "source": state.source_id},
+        rc.LEDGER: {"compared": True, "marks": {str(p): m for p, m in marks.items()}, "source": state.source_id},
     }
     if clickhouse is None:
-        coverage[CLICKHOUSE_USAGE] = coverage[CLICKHOUSE_FLOW] = {"compared": False, "why": absent}
-        readings.append(Reading("units", "ledger mark", {USAGE_LOG: log_units, LEDGER: ledger}))
+        coverage[rc.CLICKHOUSE_USAGE] = coverage[rc.CLICKHOUSE_FLOW] = {"compared": False, "why": absent}
+        readings.append(rc.Reading("units", "ledger mark", {rc.USAGE_LOG: log_units, rc.LEDGER: ledger}))
     else:
         ch_cuts = src.read_clickhouse_usage(clickhouse, database, life, state, partitions=partitions, cuts=cuts,
                                             limits=limits)
         settled = [p for p in complete if cuts[p] >= 0 and cuts[p] >= marks[p]]  # the sink reached the mark
         lagging = [p for p in complete if 0 <= cuts[p] < marks[p]]
         # a key is compared three ways when every partition it has counters in is settled
-        keys_of: dict[Key, set[int]] = {}
+        keys_of: dict[rc.Key, set[int]] = {}
         for p in complete:
             for key in log_at_mark[p]:
                 keys_of.setdefault(key, set()).add(p)
@@ -150,37 +149,37 @@ def four_records(engine: Any, *, bootstrap: str, topic: str, partitions: int, de
                 keys_of.setdefault(key, set()).add(p)
         whole = {k for k, ps in keys_of.items() if ps <= set(settled)}
         ch_units = src.merged(ch_cuts[p] for p in complete if p in ch_cuts)
-        three = {USAGE_LOG: {k: v for k, v in log_units.items() if k in whole},
-                 LEDGER: {k: v for k, v in ledger.items() if k in whole},
-                 CLICKHOUSE_USAGE: {k: v for k, v in ch_units.items() if k in whole}}
-        two = {USAGE_LOG: {k: v for k, v in log_units.items() if k not in whole},
-               LEDGER: {k: v for k, v in ledger.items() if k not in whole}}
-        readings.append(Reading("units", "ledger mark", three))
-        readings.append(Reading("units", "ledger mark", two))
+        three = {rc.USAGE_LOG: {k: v for k, v in log_units.items() if k in whole},
+                 rc.LEDGER: {k: v for k, v in ledger.items() if k in whole},
+                 rc.CLICKHOUSE_USAGE: {k: v for k, v in ch_units.items() if k in whole}}
+        two = {rc.USAGE_LOG: {k: v for k, v in log_units.items() if k not in whole},
+               rc.LEDGER: {k: v for k, v in ledger.items() if k not in whole}}
+        readings.append(rc.Reading("units", "ledger mark", three))
+        readings.append(rc.Reading("units", "ledger mark", two))
         if lagging:  # the sink is behind the ledger there: ClickHouse against the log at its own watermark
             part = [p for p in lagging if p in ch_cuts]
             log_cut = src.merged(log_at_cut[p] for p in part)
             ch_cut = src.merged(ch_cuts[p] for p in part)
-            readings.append(Reading("units", "clickhouse watermark",
-                                    {USAGE_LOG: {k: v for k, v in log_cut.items() if k not in whole},
-                                     CLICKHOUSE_USAGE: {k: v for k, v in ch_cut.items() if k not in whole}}))
-        coverage[CLICKHOUSE_USAGE] = {
+            readings.append(rc.Reading("units", "clickhouse watermark",
+                                    {rc.USAGE_LOG: {k: v for k, v in log_cut.items() if k not in whole},
+                                     rc.CLICKHOUSE_USAGE: {k: v for k, v in ch_cut.items() if k not in whole}}))
+        coverage[rc.CLICKHOUSE_USAGE] = {
             "compared": True, "life": life, "watermarks": {str(p): w for p, w in watermarks.items()},
             "settled_partitions": settled, "lagging_partitions": lagging,
             "not_settled_partitions": [p for p in complete if cuts[p] < 0 and marks[p] >= 0]}
         flow_ledger = src.read_ledger_flow(engine, cutoff)
         flow_ch = src.read_clickhouse_flow(clickhouse, database, cutoff)
-        readings.append(Reading("charged_minor", f"posted before {cutoff.isoformat()}",
-                                {LEDGER: flow_ledger, CLICKHOUSE_FLOW: flow_ch}))
-        coverage[CLICKHOUSE_FLOW] = {"compared": True, "posted_before": cutoff.isoformat(), "settle_s": settle_s}
+        readings.append(rc.Reading("charged_minor", f"posted before {cutoff.isoformat()}",
+                                {rc.LEDGER: flow_ledger, rc.CLICKHOUSE_FLOW: flow_ch}))
+        coverage[rc.CLICKHOUSE_FLOW] = {"compared": True, "posted_before": cutoff.isoformat(), "settle_s": settle_s}
 
     prices = {k: c.price for k, c in state.charges.items()}
 
-    def price(key: Key, units: Any) -> int | None:
+    def price(key: rc.Key, units: Any) -> int | None:
         model = prices.get(key)
         return None if model is None else price_minor(model, Decimal(units))
 
-    return compare_readings(readings, price=price), coverage
+    return rc.compare_readings(readings, price=price), coverage
 
 
 class Reconciler:

@@ -54,14 +54,19 @@ def run_once(*, database_url: str, bootstrap: str, topic_prefix: str = "", timeo
     partitions = require_topics(bootstrap, [topic])[topic]
     started = datetime.now(UTC)
     deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
     report = run_replay(database_url=database_url, bootstrap=bootstrap, topic=topic, partitions=partitions,
                         wanted=range(partitions), from_offset=None, to_offset=None, since=None, until=None,
                         project=None, subjects=[], meters=[], apply=False, timeout_s=timeout_s)
     engine = make_engine(database_url, pool_size=1, application_name="meterline-reconcile-job")
+    seconds = {"replay": round(time.monotonic() - t0, 3)}
     try:
+        t0 = time.monotonic()
         mismatches, coverage = four_records(engine, bootstrap=bootstrap, topic=topic, partitions=partitions,
                                             deadline=deadline, clickhouse=clickhouse, database=clickhouse_database,
-                                            group=clickhouse_group, absent=clickhouse_absent, settle_s=settle_s)
+                                            group=clickhouse_group, absent=clickhouse_absent, settle_s=settle_s,
+                                            now=started)
+        seconds["four_records"] = round(time.monotonic() - t0, 3)
         rows = [m.as_row() for m in mismatches]
         with engine.begin() as conn:
             report_id = record_report(conn, source_topic=report["source"], replay_id=report["replay_id"],
@@ -81,19 +86,19 @@ def run_once(*, database_url: str, bootstrap: str, topic_prefix: str = "", timeo
         # the alert's log line: loud, and it names who disagrees on what
         log.error("reconciliation_drift", report_id=report_id, disagreeing={r: n for r, n in wallets.items() if n},
                   drift_minor=pairs, keys=len(rows), replay_keys=len(differences),
-                  incomplete_partitions=report["incomplete_partitions"], replay_id=report["replay_id"],
+                  incomplete_partitions=report["incomplete_partitions"], replay_id=report["replay_id"], seconds=seconds,
                   first=f"{', '.join(first.get('disagreeing', []))} disagrees on wallet {first.get('wallet_id')} "
                         f"meter {first.get('meter_id')} period {first.get('period_start')} "
                         f"({first.get('measure')}: {first.get('values')})" if first else None)
     else:
-        log.info("reconciliation_clean", report_id=report_id, messages=report["messages"],
+        log.info("reconciliation_clean", report_id=report_id, messages=report["messages"], seconds=seconds,
                  compared=[r for r, c in coverage.items() if c.get("compared")])
     return report_id
 
 
 def four_records(engine: Any, *, bootstrap: str, topic: str, partitions: int, deadline: float,
                  clickhouse: Any | None, database: str, group: str | None, absent: str,
-                 settle_s: float) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+                 settle_s: float, now: datetime) -> tuple[list[Any], dict[str, dict[str, Any]]]:
     """Read the four records (one reader each) and compare them; returns (mismatches, coverage per record)."""
     from datetime import timedelta
 
@@ -106,7 +111,7 @@ def four_records(engine: Any, *, bootstrap: str, topic: str, partitions: int, de
 
     settings = streams_settings()
     limits = metering_limits(settings)
-    cutoff = datetime.now(UTC) - timedelta(seconds=settle_s)
+    cutoff = now - timedelta(seconds=settle_s)  # postings older than the settle delay when the run started
     state = src.read_ledger(engine, topic, partitions, default_policy=ProjectPolicy(
         settings.unknown_subjects, settings.allowed_lateness_s))  # type: ignore[arg-type]
     marks = state.marks

@@ -272,7 +272,7 @@ def _register_optional_commands() -> None:
     """Command groups owned by other modules register themselves here (one module per group)."""
     for module_name in ("meterline.cli_demo", "meterline.cli_events", "meterline.cli_catalog",
                         "meterline.cli_reconcile", "meterline.cli_replay", "meterline.cli_ledger",
-                        "meterline.cli_export", "meterline.cli_entitlements"):
+                        "meterline.cli_export", "meterline.cli_entitlements", "meterline.cli_payments"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -1,7 +1,7 @@
 """Continuous reconciliation of four records: what each report compared and every key the records disagree on.
 
 Revision ID: ledger_0014
-Revises: ledger_0012
+Revises: ledger_0013
 Create Date: 2026-12-03
 
 ``reconciliation_reports`` (ledger_0011) held the log-vs-ledger replay only. The scheduler's ``reconcile_usage``
@@ -18,7 +18,7 @@ Rows written before this revision keep ``'{}'`` / ``'[]'``; nothing updates a re
 from alembic import op
 
 revision = "ledger_0014"
-down_revision = "ledger_0012"
+down_revision = "ledger_0013"
 branch_labels = None
 depends_on = None
 

@@ -188,6 +188,11 @@ def _print_status(report: dict[str, object]) -> None:
     invariants = report["invariant_check"]
     assert isinstance(invariants, dict)
     out.print(f"invariant check: {invariants['state']} {invariants.get('violations') or ''}")
+    reconciled = report.get("reconciliation") or {}
+    assert isinstance(reconciled, dict)
+    drifted = {r: n for r, n in (reconciled.get("disagreeing_wallets") or {}).items() if n}
+    out.print(f"reconciliation: {reconciled.get('state', 'unknown')} "
+              f"{'disagreeing wallets per record ' + str(drifted) if drifted else ''}")
     problems = report["problems"]
     assert isinstance(problems, list)
     if problems:

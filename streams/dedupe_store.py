@@ -62,7 +62,6 @@ _U64 = 0xFFFF_FFFF_FFFF_FFFF
 RAM_TIER_BYTES_PER_KEY = 80
 
 Int64s = npt.NDArray[np.int64]
-Int32s = npt.NDArray[np.int32]
 
 
 def ram_bytes_bound(*, ram_keys: int, filter_bytes: int, merge_keys_max: int, keys_on_disk: int) -> int:
@@ -80,6 +79,8 @@ class _Run:
     fence: array[int]  # every _FENCE-th key, ascending
     newest_slot: int
     generation: int
+    slot_base: int  # slots are stored relative to it: 4 bytes each, 8 when a run spans more (bogus CreateTimes)
+    slot_bytes: int
 
     @property
     def bit(self) -> int:
@@ -96,14 +97,15 @@ class _Run:
         i = bisect_left(keys, key)
         if i == n or keys[i] != key:
             return None
-        raw = os.pread(self.file.fileno(), 4, 8 * self.count + 4 * (start + i))
-        return int.from_bytes(raw, "little", signed=True)
+        raw = os.pread(self.file.fileno(), self.slot_bytes, 8 * self.count + self.slot_bytes * (start + i))
+        return self.slot_base + int.from_bytes(raw, "little", signed=True)
 
-    def read(self) -> tuple[Int64s, Int32s]:
+    def read(self) -> tuple[Int64s, npt.NDArray[np.int64]]:
         fd = self.file.fileno()
         keys = np.frombuffer(os.pread(fd, 8 * self.count, 0), dtype=np.int64)
-        slots = np.frombuffer(os.pread(fd, 4 * self.count, 8 * self.count), dtype=np.int32)
-        return keys, slots
+        stored = os.pread(fd, self.slot_bytes * self.count, 8 * self.count)
+        slots = np.frombuffer(stored, dtype=np.int32 if self.slot_bytes == 4 else np.int64).astype(np.int64)
+        return keys, slots + self.slot_base
 
     def close(self) -> None:
         self.file.close()
@@ -209,7 +211,7 @@ class DedupeStore:
         yield from self._ram
         for run in self._runs:
             keys, slots = run.read()
-            live = (slots.astype(np.int64) + 1) * self.slot_s > self._forgotten_cutoff_s
+            live = (slots + 1) * self.slot_s > self._forgotten_cutoff_s
             yield from keys[live].tolist()
 
     def clear(self) -> None:
@@ -274,13 +276,17 @@ class DedupeStore:
         if len(starts) < len(keys):  # a key twice (a seed overlap, a merge): keep its newest slot
             slots = np.maximum.reduceat(slots, starts)
             keys = keys[starts]
-        newest = int(slots.max())
+        newest, base = int(slots.max()), int(slots.min())
+        relative = slots - base
+        slot_bytes = 4 if newest - base < 2**31 else 8  # never wraps: a wrapped slot would forget a key early
         # closed by _Run.close when the run is dropped (anonymous: nothing is left behind by a crash either)
         file = tempfile.TemporaryFile(dir=self.directory, prefix="meterline-dedupe-")  # noqa: SIM115
         file.write(keys.tobytes())
-        file.write(slots.astype(np.int32).tobytes())
+        file.write(relative.astype(np.int32 if slot_bytes == 4 else np.int64).tobytes())
         file.flush()
-        run = _Run(file, len(keys), array("q", keys[::_FENCE].tolist()), newest, self._generation(newest))
+        del relative
+        run = _Run(file, len(keys), array("q", keys[::_FENCE].tolist()), newest, self._generation(newest), base,
+                   slot_bytes)
         if not in_filter:
             self._add_to_filter(keys, run.bit)
         self._bit_runs[run.bit] += 1
@@ -303,9 +309,7 @@ class DedupeStore:
     @staticmethod
     def _concatenated(runs: list[_Run]) -> tuple[Int64s, npt.NDArray[np.int64]]:
         parts = [r.read() for r in runs]
-        keys = np.concatenate([k for k, _ in parts])
-        slots = np.concatenate([s for _, s in parts]).astype(np.int64)
-        return keys, slots
+        return np.concatenate([k for k, _ in parts]), np.concatenate([s for _, s in parts])
 
     def _drop(self, run: _Run) -> None:
         run.close()

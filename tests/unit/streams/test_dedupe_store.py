@@ -109,3 +109,15 @@ def test_decode_key_set_reads_postgres_binary_arrays() -> None:
     packed = struct.pack(">iiiii", 1, 0, 20, len(values), 1) + b"".join(struct.pack(">iq", 8, v) for v in values)
     assert decode_key_set(packed).tolist() == values
     assert decode_key_set(struct.pack(">iii", 0, 0, 20)).tolist() == []
+
+
+def test_a_run_spanning_more_slots_than_int32_holds_keeps_every_slot(tmp_path: Path) -> None:
+    """A producer may set any CreateTime: a run's slots are stored relative to its oldest, in 8 bytes when they
+    span more than int32 — never wrapped (a wrapped slot would look forgotten: a false "new")."""
+    store = DedupeStore(slot_s=1, horizon_s=60, ram_keys=2, filter_bytes=64, directory=str(tmp_path))
+    store.remember(1, 1.7e9)
+    store.remember(2, 1.7e9 + 2**33)  # 272 years later
+    store.remember(3, 1.7e9 + 2**33 + 1)  # spills 1 and 2 into one run
+    store.forget_before(1.7e9 + 2**33 - 60)
+    assert 1 not in store and 2 in store and 3 in store
+    assert sorted(store) == [2, 3]

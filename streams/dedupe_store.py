@@ -184,7 +184,7 @@ class DedupeStore:
         if not len(keys):
             return
         slot = int(arrival_s // self.slot_s)
-        if (self._seeding_count >= self.ram_keys // 4
+        if (self._seeding and self._seeding_count >= self.ram_keys // 4
                 and self._generation(slot) != self._generation(self._seeding[-1][1])):
             self._spill_seeding()  # mostly one generation per run: it merges whole once closed
         self._seeding.append((np.asarray(keys, dtype=np.int64), slot))

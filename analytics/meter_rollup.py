@@ -1,0 +1,312 @@
+"""Hourly per-meter usage rollup: whole hours from ``meter_usage_by_hour``, used only while provably exact.
+
+Why a verified cache and not a projection, a materialized view or sink-written rows: what a meter counts is
+decided by its definition in the catalog (PostgreSQL; analytics/meter_units.py), which ClickHouse cannot see at
+insert time, so no projection can compute it; the workers' output (ledger checkpoints) carries cumulative
+units per wallet and period, not per hour or group-by key; and a sink computing units at insert time would
+miss every meter version created after it stored an event that falls in the version's life (event times are
+the producer's). So the queries fill an hour from the raw rows the first time they need it, and reuse it
+only while the hour's rows are exactly those the fill read:
+
+Invariant. usage_events only grows (the sink appends rows; nothing updates or deletes them). A fill
+(1) reads n = the number of rows of (project, event type, hour) from the ``by_hour`` projection, (2) inserts
+that hour's aggregates under a fresh ``fill_id`` (its read sees a snapshot S' that holds at least those n
+rows), (3) only after (2) returned, records (hour, n, fill_id) in ``meter_usage_fills``. A reader uses a fill
+for an hour only when the recorded n equals the hour's count NOW: rows only grow, so the hour's rows now are
+those n rows, S' held them, and S' held no more (it is between the two). Hence the fill is exactly the hour.
+A fill interrupted before (3) is never read; a late event makes every older fill of its hour unusable (the
+next read refills that hour); concurrent fills of one hour are harmless (each hour has its own fill_id and a
+reader picks one per hour).
+
+What is read raw, exactly as before: partial hours at a window's edges and around every meter-version
+boundary (and price-version boundary when grouping by price version), hours that ended less than
+``settle_s`` ago (still receiving events: filling them would be redone on every read), hours whose fill
+failed, and whatever the rollup cannot group by (subject, a subject filter, minute buckets).
+
+``definition`` hashes everything that decides a row's contribution: the version's event type, aggregation,
+value property and filters, the meter's aggregation (how its versions' rows combine) and the group-by path.
+A version's validity times are not in it: a filled hour lies wholly inside the version's life.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from clickhouse_connect.driver.client import Client
+
+from analytics.hours import HOUR, floor_to, split_hours
+from analytics.meter_units import MeterSpec, MeterVersion, group_expression, version_rows_sql
+
+__all__ = ["MeterRollup", "Resolved", "Segment", "merge_expression", "plan", "rollup_group_path",
+           "segment_rows_sql"]
+
+log = logging.getLogger("meterline.analytics.meter_rollup")
+
+_TIME = "DateTime64(3, 'UTC')"
+_HOUR_OF = "toDateTime(toStartOfHour(time), 'UTC')"
+
+#: per meter aggregation: (column of meter_usage_by_hour, the state over a version's rows ``v``/``u``/``ok``)
+_STATS: dict[str, tuple[str | None, str]] = {
+    "SUM": ("units", "sumIf(v, ok = 1)"),
+    "MAX": ("units", "maxIf(v, ok = 1)"),
+    "COUNT": (None, "toUInt8(0)"),  # the units are `events`
+    # argMaxIf over a Nullable value skips NULLs; the state does the same explicitly
+    "LATEST": ("latest", "argMaxStateIf(assumeNotNull(v), time, ok = 1 AND isNotNull(v))"),
+    "UNIQUE_COUNT": ("uniq", "uniqExactStateIf(u, ok = 1)"),
+}
+_MERGE = {"SUM": "sum(stat)", "MAX": "max(stat)", "COUNT": "sum(ev)", "LATEST": "argMaxMerge(stat)",
+          "UNIQUE_COUNT": "uniqExactMerge(stat)"}
+
+
+def merge_expression(aggregation: str) -> str:
+    """The meter's units over rows of ``segment_rows_sql`` (the same figure as ``units_expression`` over raw)."""
+    return _MERGE[aggregation.upper()]
+
+
+def rollup_group_path(meter: MeterSpec, group_by: str) -> str | None:
+    """What the rollup stores as the group for ``group_by``: '' (meter, price_version: labelled at read time
+    from the hour), a JSON path ($.model), or None when the rollup cannot answer it (subject)."""
+    if group_by in ("meter", "price_version"):
+        return ""
+    if group_by in meter.group_by or group_by.startswith(("$.", "data.")):
+        return "$." + group_by[5:] if group_by.startswith("data.") else group_by
+    return None
+
+
+def definition_key(version: MeterVersion, aggregation: str, group_path: str) -> str:
+    doc = {"event_type": version.event_type, "aggregation": version.aggregation.upper(),
+           "value_property": version.value_property, "filters": list(version.filters),
+           "meter_aggregation": aggregation.upper(), "group_path": group_path}
+    return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One meter version's part of a window: whole hours the rollup may answer and exact raw ranges."""
+
+    meter: MeterSpec
+    version: MeterVersion
+    group_by: str
+    group_path: str
+    definition: str
+    hours: tuple[datetime, ...]
+    raw: tuple[tuple[datetime, datetime], ...]
+
+
+def plan(meter: MeterSpec, start: datetime, end: datetime, group_by: str, *, settled_before: datetime,
+         hours_max: int) -> list[Segment]:
+    """The segments covering [start, end) for ``meter``, each version within its life [valid_from, valid_to).
+    Hours ending after ``settled_before`` and hours cut by a boundary are raw; beyond ``hours_max`` whole hours
+    in one segment, everything is raw (the fill ids a read binds grow with the hours)."""
+    path = rollup_group_path(meter, group_by)
+    assert path is not None, group_by
+    settled = floor_to(settled_before, "hour")
+    segments = []
+    for version in meter.versions:
+        lo = max(start, version.valid_from)
+        hi = min(end, version.valid_to) if version.valid_to is not None else end
+        if lo >= hi:
+            continue
+        raw: list[tuple[datetime, datetime]] = []
+        hours: list[datetime] = []
+        rollup_hi = min(hi, settled)
+        if lo < rollup_hi:
+            cuts = tuple(at for _, at in meter.price_versions[1:] if lo < at < rollup_hi) \
+                if group_by == "price_version" else ()
+            split = split_hours(lo, rollup_hi, cuts)
+            raw.extend(split.raw)
+            for a, b in split.rollup:
+                assert a is not None
+                while a < b:
+                    hours.append(a)
+                    a += HOUR
+        if max(lo, rollup_hi) < hi:
+            raw.append((max(lo, rollup_hi), hi))
+        if len(hours) > hours_max:
+            hours, raw = [], [(lo, hi)]
+        segments.append(Segment(meter, version, group_by, path, definition_key(version, meter.aggregation, path),
+                                tuple(hours), _merged(raw)))
+    return segments
+
+
+def _merged(ranges: list[tuple[datetime, datetime]]) -> tuple[tuple[datetime, datetime], ...]:
+    out: list[tuple[datetime, datetime]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A segment as a read answers it: the fills it reads (one per non-empty hour) and its raw ranges."""
+
+    segment: Segment
+    fill_ids: tuple[int, ...]
+    raw: tuple[tuple[datetime, datetime], ...]
+
+    @property
+    def hour_range(self) -> tuple[datetime, datetime] | None:
+        hours = self.segment.hours
+        return (hours[0], hours[-1] + HOUR) if hours and self.fill_ids else None
+
+
+@dataclass
+class ResolveStats:
+    hours_from_rollup: int = 0
+    hours_filled: int = 0
+    hours_empty: int = 0
+    fill_failures: int = 0
+
+
+class MeterRollup:
+    """Finds, per whole hour, a usable fill (or fills the hour) — see the module's invariant."""
+
+    def __init__(self, db: str) -> None:
+        self.db = db
+
+    def resolve(self, client: Client, project_id: str, segments: list[Segment],
+                settings: dict[str, Any]) -> tuple[list[Resolved], ResolveStats]:
+        stats = ResolveStats()
+        all_hours = [h for s in segments for h in s.hours]
+        if not all_hours:
+            return [Resolved(s, (), s.raw) for s in segments], stats
+        lo, hi = min(all_hours), max(all_hours) + HOUR
+        counts = self._counts(client, project_id, sorted({s.version.event_type for s in segments}), lo, hi, settings)
+        fills = self._fills(client, project_id, sorted({s.definition for s in segments}), lo, hi, settings)
+        chosen: dict[tuple[str, datetime], int] = {}
+        missing: dict[str, dict[datetime, int]] = defaultdict(dict)
+        first_of: dict[str, Segment] = {}
+        for s in segments:
+            first_of.setdefault(s.definition, s)
+            for h in s.hours:
+                n = counts.get((s.version.event_type, h), 0)
+                fill = fills.get((s.definition, h, n))
+                if n == 0:
+                    stats.hours_empty += 1
+                elif fill is not None:
+                    chosen[(s.definition, h)] = fill
+                    stats.hours_from_rollup += 1
+                else:
+                    missing[s.definition][h] = n
+        for definition, hours in missing.items():
+            try:
+                chosen.update(self._fill(client, project_id, first_of[definition], hours, settings))
+                stats.hours_filled += len(hours)
+            except Exception as exc:  # the hours are read raw instead: slower, never wrong
+                stats.fill_failures += 1
+                log.warning("meter_rollup_fill_failed definition=%s hours=%d error=%r", definition, len(hours), exc)
+        resolved = []
+        for s in segments:
+            ids, raw = [], list(s.raw)
+            for h in s.hours:
+                fill = chosen.get((s.definition, h))
+                if fill is not None:
+                    ids.append(fill)
+                elif counts.get((s.version.event_type, h), 0):
+                    raw.append((h, h + HOUR))
+            resolved.append(Resolved(s, tuple(ids), _merged(raw)))
+        return resolved, stats
+
+    def _counts(self, client: Client, project_id: str, event_types: list[str], lo: datetime, hi: datetime,
+                settings: dict[str, Any]) -> dict[tuple[str, datetime], int]:
+        # filters on toStartOfHour(time): the by_hour projection answers (one row per type and hour)
+        result = client.query(
+            f"SELECT event_type, {_HOUR_OF} AS h, count() FROM `{self.db}`.usage_events "
+            "WHERE project_id = {project:String} AND event_type IN {types:Array(String)} "
+            "AND toStartOfHour(time) >= {lo:DateTime('UTC')} AND toStartOfHour(time) < {hi:DateTime('UTC')} "
+            "GROUP BY event_type, h",
+            parameters={"project": project_id, "types": event_types, "lo": lo, "hi": hi}, settings=settings)
+        return {(t, _utc(h)): int(n) for t, h, n in result.result_rows}
+
+    def _fills(self, client: Client, project_id: str, definitions: list[str], lo: datetime, hi: datetime,
+               settings: dict[str, Any]) -> dict[tuple[str, datetime, int], int]:
+        result = client.query(
+            f"SELECT definition, hour, src_events, min(fill_id) FROM `{self.db}`.meter_usage_fills "
+            "WHERE project_id = {project:String} AND definition IN {defs:Array(String)} "
+            "AND hour >= {lo:DateTime('UTC')} AND hour < {hi:DateTime('UTC')} GROUP BY definition, hour, src_events",
+            parameters={"project": project_id, "defs": definitions, "lo": lo, "hi": hi}, settings=settings)
+        return {(d, _utc(h), int(n)): int(f) for d, h, n, f in result.result_rows}
+
+    def _fill(self, client: Client, project_id: str, segment: Segment, hours: dict[datetime, int],
+              settings: dict[str, Any]) -> dict[tuple[str, datetime], int]:
+        """Steps (2) and (3) of the invariant for ``hours`` (hour -> n read in step 1)."""
+        ordered = sorted(hours)
+        base = secrets.randbits(62)  # hour i (1-based) gets fill_id base + i: unique per hour and fill
+        params: dict[str, Any] = {"project": project_id, "f_def": segment.definition, "f_base": base,
+                                  "f_hours": ordered, "f_lo": ordered[0], "f_hi": ordered[-1] + HOUR}
+        grp = _stored_group(segment, params)
+        rows = version_rows_sql(self.db, segment.version, params, prefix="fv_", columns=f"time, {grp} AS grp",
+                                extra_where=[f"time >= {{f_lo:{_TIME}}}", f"time < {{f_hi:{_TIME}}}",
+                                             f"{_HOUR_OF} IN {{f_hours:Array(DateTime('UTC'))}}"])
+        column, stat = _STATS[segment.meter.aggregation]
+        client.command(
+            f"INSERT INTO `{self.db}`.meter_usage_by_hour (project_id, definition, hour, fill_id, grp, events, "
+            f"rejected{', ' + column if column else ''}) SELECT {{project:String}}, {{f_def:String}}, {_HOUR_OF} AS hour, "
+            "{f_base:UInt64} + indexOf({f_hours:Array(DateTime('UTC'))}, hour), grp, countIf(ok = 1), "
+            f"countIf(ok = 0){', ' + stat if column else ''} FROM ({rows}) GROUP BY hour, grp",
+            parameters=params, settings=settings)
+        client.insert(f"`{self.db}`.meter_usage_fills",
+                      [(project_id, segment.definition, h, hours[h], base + i) for i, h in enumerate(ordered, 1)],
+                      column_names=["project_id", "definition", "hour", "src_events", "fill_id"])
+        return {(segment.definition, h): base + i for i, h in enumerate(ordered, 1)}
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _stored_group(segment: Segment, params: dict[str, Any]) -> str:
+    if not segment.group_path:
+        return "''"
+    return group_expression(segment.meter, segment.group_path, params, prefix="fg_")
+
+
+def segment_rows_sql(db: str, resolved: Resolved, params: dict[str, Any], *, prefix: str,
+                     extra_where: list[str] | None = None) -> str:
+    """Rows (hour, grp, ev = events, rj = rejected, stat) covering the segment exactly: its filled hours from the rollup,
+    the rest from raw rows, both reduced by the same state expressions; ``merge_expression`` combines them.
+    ``grp``: the meter's slug, its price version, or the stored group-by value."""
+    segment = resolved.segment
+    meter = segment.meter
+    column, stat = _STATS[meter.aggregation]
+    parts = []
+    hour_range = resolved.hour_range
+    if hour_range is not None:
+        params[f"{prefix}def"], params[f"{prefix}ids"] = segment.definition, list(resolved.fill_ids)
+        params[f"{prefix}lo"], params[f"{prefix}hi"] = hour_range
+        grp = _read_group(segment, params, prefix=f"{prefix}c", stored="stored")
+        parts.append(
+            f"SELECT hour, {grp} AS grp, events AS ev, rejected AS rj, {column or 'toUInt8(0)'} AS stat FROM ("
+            f"SELECT hour, toDateTime64(hour, 3, 'UTC') AS time, grp AS stored, events, rejected, units, latest, "
+            f"uniq FROM `{db}`.meter_usage_by_hour WHERE project_id = {{project:String}} "
+            f"AND definition = {{{prefix}def:String}} AND hour >= {{{prefix}lo:DateTime('UTC')}} "
+            f"AND hour < {{{prefix}hi:DateTime('UTC')}} AND fill_id IN {{{prefix}ids:Array(UInt64)}})")
+    if resolved.raw:
+        ranges = []
+        for i, (a, b) in enumerate(resolved.raw):
+            params[f"{prefix}r{i}a"], params[f"{prefix}r{i}b"] = a, b
+            ranges.append(f"(time >= {{{prefix}r{i}a:{_TIME}}} AND time < {{{prefix}r{i}b:{_TIME}}})")
+        grp = _read_group(segment, params, prefix=f"{prefix}r", stored=None)
+        rows = version_rows_sql(db, segment.version, params, prefix=f"{prefix}v", columns=f"time, {grp} AS grp",
+                                extra_where=[f"({' OR '.join(ranges)})", *(extra_where or [])])
+        parts.append(f"SELECT {_HOUR_OF} AS hour, grp, countIf(ok = 1) AS ev, countIf(ok = 0) AS rj, "
+                     f"{stat} AS stat FROM ({rows}) GROUP BY hour, grp")
+    return " UNION ALL ".join(parts)
+
+
+def _read_group(segment: Segment, params: dict[str, Any], *, prefix: str, stored: str | None) -> str:
+    """The group a read reports: over stored rollup rows (``stored`` = the stored group column, ``time`` = the
+    hour) or over raw rows (``stored`` None: computed from ``data`` / ``time``)."""
+    if segment.group_path and stored is not None:
+        return stored
+    return group_expression(segment.meter, segment.group_by, params, prefix=prefix)

@@ -45,7 +45,7 @@ from analytics.hours import HOUR, floor_to, split_hours
 from analytics.meter_units import MeterSpec, MeterVersion, group_expression, version_rows_sql
 
 __all__ = ["MeterRollup", "Resolved", "Segment", "merge_expression", "plan", "rollup_group_path",
-           "segment_rows_sql"]
+           "rows_sql"]
 
 log = logging.getLogger("meterline.analytics.meter_rollup")
 
@@ -181,8 +181,7 @@ class MeterRollup:
         if not all_hours:
             return [Resolved(s, (), s.raw) for s in segments], stats
         lo, hi = min(all_hours), max(all_hours) + HOUR
-        counts = self._counts(client, project_id, sorted({s.version.event_type for s in segments}), lo, hi, settings)
-        fills = self._fills(client, project_id, sorted({s.definition for s in segments}), lo, hi, settings)
+        counts, fills = self._counts_and_fills(client, project_id, segments, lo, hi, settings)
         chosen: dict[tuple[str, datetime], int] = {}
         missing: dict[str, dict[datetime, int]] = defaultdict(dict)
         first_of: dict[str, Segment] = {}
@@ -217,25 +216,31 @@ class MeterRollup:
             resolved.append(Resolved(s, tuple(ids), _merged(raw)))
         return resolved, stats
 
-    def _counts(self, client: Client, project_id: str, event_types: list[str], lo: datetime, hi: datetime,
-                settings: dict[str, Any]) -> dict[tuple[str, datetime], int]:
-        # filters on toStartOfHour(time): the by_hour projection answers (one row per type and hour)
+    def _counts_and_fills(self, client: Client, project_id: str, segments: list[Segment], lo: datetime,
+                          hi: datetime, settings: dict[str, Any]
+                          ) -> tuple[dict[tuple[str, datetime], int], dict[tuple[str, datetime, int], int]]:
+        """Step (1) for every hour (rows per event type and hour: filters on toStartOfHour(time), so the
+        by_hour projection answers) and the fills recorded for them — one round trip."""
+        # hours as epoch seconds: converting ~10k DateTime values to Python datetimes cost more than the query
         result = client.query(
-            f"SELECT event_type, {_HOUR_OF} AS h, count() FROM `{self.db}`.usage_events "
-            "WHERE project_id = {project:String} AND event_type IN {types:Array(String)} "
-            "AND toStartOfHour(time) >= {lo:DateTime('UTC')} AND toStartOfHour(time) < {hi:DateTime('UTC')} "
-            "GROUP BY event_type, h",
-            parameters={"project": project_id, "types": event_types, "lo": lo, "hi": hi}, settings=settings)
-        return {(t, _utc(h)): int(n) for t, h, n in result.result_rows}
-
-    def _fills(self, client: Client, project_id: str, definitions: list[str], lo: datetime, hi: datetime,
-               settings: dict[str, Any]) -> dict[tuple[str, datetime, int], int]:
-        result = client.query(
-            f"SELECT definition, hour, src_events, min(fill_id) FROM `{self.db}`.meter_usage_fills "
-            "WHERE project_id = {project:String} AND definition IN {defs:Array(String)} "
-            "AND hour >= {lo:DateTime('UTC')} AND hour < {hi:DateTime('UTC')} GROUP BY definition, hour, src_events",
-            parameters={"project": project_id, "defs": definitions, "lo": lo, "hi": hi}, settings=settings)
-        return {(d, _utc(h), int(n)): int(f) for d, h, n, f in result.result_rows}
+            f"SELECT 0 AS kind, toString(event_type) AS key, toUnixTimestamp(toStartOfHour(time)) AS h, count() AS n, "
+            f"toUInt64(0) AS fill FROM `{self.db}`.usage_events WHERE project_id = {{project:String}} "
+            "AND event_type IN {types:Array(String)} AND toStartOfHour(time) >= {lo:DateTime('UTC')} "
+            "AND toStartOfHour(time) < {hi:DateTime('UTC')} GROUP BY key, h "
+            "UNION ALL SELECT 1, definition, toUnixTimestamp(hour) AS h, src_events, min(fill_id) "
+            f"FROM `{self.db}`.meter_usage_fills WHERE project_id = {{project:String}} "
+            "AND definition IN {defs:Array(String)} AND hour >= {lo:DateTime('UTC')} AND hour < {hi:DateTime('UTC')} "
+            "GROUP BY definition, h, src_events",
+            parameters={"project": project_id, "types": sorted({s.version.event_type for s in segments}),
+                        "defs": sorted({s.definition for s in segments}), "lo": lo, "hi": hi}, settings=settings)
+        counts: dict[tuple[str, datetime], int] = {}
+        fills: dict[tuple[str, datetime, int], int] = {}
+        for kind, key, h, n, fill in result.result_rows:
+            if kind == 0:
+                counts[(key, _from_epoch(h))] = int(n)
+            else:
+                fills[(key, _from_epoch(h), int(n))] = int(fill)
+        return counts, fills
 
     def _fill(self, client: Client, project_id: str, segment: Segment, hours: dict[datetime, int],
               settings: dict[str, Any]) -> dict[tuple[str, datetime], int]:
@@ -261,8 +266,8 @@ class MeterRollup:
         return {(segment.definition, h): base + i for i, h in enumerate(ordered, 1)}
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+def _from_epoch(seconds: int) -> datetime:
+    return datetime.fromtimestamp(int(seconds), UTC)
 
 
 def _stored_group(segment: Segment, params: dict[str, Any]) -> str:
@@ -271,37 +276,78 @@ def _stored_group(segment: Segment, params: dict[str, Any]) -> str:
     return group_expression(segment.meter, segment.group_path, params, prefix="fg_")
 
 
-def segment_rows_sql(db: str, resolved: Resolved, params: dict[str, Any], *, prefix: str,
-                     extra_where: list[str] | None = None) -> str:
-    """Rows (hour, grp, ev = events, rj = rejected, stat) covering the segment exactly: its filled hours from the rollup,
-    the rest from raw rows, both reduced by the same state expressions; ``merge_expression`` combines them.
-    ``grp``: the meter's slug, its price version, or the stored group-by value."""
-    segment = resolved.segment
-    meter = segment.meter
-    column, stat = _STATS[meter.aggregation]
+def rows_sql(db: str, resolved: list[Resolved], params: dict[str, Any], *, prefix: str) -> str:
+    """Rows (hour, grp, ev = events, rj = rejected, stat) covering the segments exactly — segments of meters
+    with ONE aggregation kind: their filled hours from the rollup (one read of the table for all of them, as
+    long as no definition repeats), the rest from raw rows, both reduced by the same state expressions;
+    ``merge_expression`` combines them. ``grp``: the meter's slug, its price version, or the stored
+    group-by value."""
+    kinds = {r.segment.meter.aggregation for r in resolved}
+    assert len(kinds) <= 1, kinds
     parts = []
-    hour_range = resolved.hour_range
-    if hour_range is not None:
-        params[f"{prefix}def"], params[f"{prefix}ids"] = segment.definition, list(resolved.fill_ids)
-        params[f"{prefix}lo"], params[f"{prefix}hi"] = hour_range
-        grp = _read_group(segment, params, prefix=f"{prefix}c", stored="stored")
-        parts.append(
-            f"SELECT hour, {grp} AS grp, events AS ev, rejected AS rj, {column or 'toUInt8(0)'} AS stat FROM ("
-            f"SELECT hour, toDateTime64(hour, 3, 'UTC') AS time, grp AS stored, events, rejected, units, latest, "
-            f"uniq FROM `{db}`.meter_usage_by_hour WHERE project_id = {{project:String}} "
-            f"AND definition = {{{prefix}def:String}} AND hour >= {{{prefix}lo:DateTime('UTC')}} "
-            f"AND hour < {{{prefix}hi:DateTime('UTC')}} AND fill_id IN {{{prefix}ids:Array(UInt64)}})")
-    if resolved.raw:
-        ranges = []
-        for i, (a, b) in enumerate(resolved.raw):
-            params[f"{prefix}r{i}a"], params[f"{prefix}r{i}b"] = a, b
-            ranges.append(f"(time >= {{{prefix}r{i}a:{_TIME}}} AND time < {{{prefix}r{i}b:{_TIME}}})")
-        grp = _read_group(segment, params, prefix=f"{prefix}r", stored=None)
-        rows = version_rows_sql(db, segment.version, params, prefix=f"{prefix}v", columns=f"time, {grp} AS grp",
-                                extra_where=[f"({' OR '.join(ranges)})", *(extra_where or [])])
-        parts.append(f"SELECT {_HOUR_OF} AS hour, grp, countIf(ok = 1) AS ev, countIf(ok = 0) AS rj, "
-                     f"{stat} AS stat FROM ({rows}) GROUP BY hour, grp")
+    batches: list[list[Resolved]] = []
+    for r in resolved:
+        if r.hour_range is None:
+            continue
+        batch = next((b for b in batches if all(x.segment.definition != r.segment.definition for x in b)), None)
+        if batch is None:
+            batches.append([r])
+        else:
+            batch.append(r)
+    for n, batch in enumerate(batches):
+        parts.append(_cached_sql(db, batch, params, prefix=f"{prefix}b{n}_"))
+    for k, r in enumerate(resolved):
+        if r.raw:
+            parts.append(_raw_sql(db, r, params, prefix=f"{prefix}r{k}_"))
     return " UNION ALL ".join(parts)
+
+
+def _cached_sql(db: str, batch: list[Resolved], params: dict[str, Any], *, prefix: str) -> str:
+    column, _ = _STATS[batch[0].segment.meter.aggregation]
+    conditions, arms, groups = [], [], []
+    for k, r in enumerate(batch):
+        p = f"{prefix}{k}_"
+        assert r.hour_range is not None
+        params[f"{p}def"] = r.segment.definition
+        params[f"{p}lo"], params[f"{p}hi"] = r.hour_range
+        # fill ids as runs of consecutive ids (one fill numbers its hours base+1, base+2, ...): usually one
+        # run per fill instead of one bound id per hour; a run holds only ids that were chosen
+        runs = []
+        for i, (a, b) in enumerate(_runs(r.fill_ids)):
+            params[f"{p}f{i}a"], params[f"{p}f{i}b"] = a, b
+            runs.append(f"fill_id BETWEEN {{{p}f{i}a:UInt64}} AND {{{p}f{i}b:UInt64}}")
+        conditions.append(f"(definition = {{{p}def:String}} AND hour >= {{{p}lo:DateTime('UTC')}} "
+                          f"AND hour < {{{p}hi:DateTime('UTC')}} AND ({' OR '.join(runs)}))")
+        groups.append(_read_group(r.segment, params, prefix=f"{p}g", stored="stored"))
+        arms.append(f"definition = {{{p}def:String}}, {groups[-1]}")
+    grp = groups[0] if len(groups) == 1 else f"multiIf({', '.join(arms)}, '')"
+    return (f"SELECT hour, {grp} AS grp, events AS ev, rejected AS rj, {column or 'toUInt8(0)'} AS stat FROM ("
+            f"SELECT hour, toDateTime64(hour, 3, 'UTC') AS time, definition, grp AS stored, events, rejected, units, "
+            f"latest, uniq FROM `{db}`.meter_usage_by_hour WHERE project_id = {{project:String}} "
+            f"AND ({' OR '.join(conditions)}))")
+
+
+def _raw_sql(db: str, r: Resolved, params: dict[str, Any], *, prefix: str) -> str:
+    _, stat = _STATS[r.segment.meter.aggregation]
+    ranges = []
+    for i, (a, b) in enumerate(r.raw):
+        params[f"{prefix}{i}a"], params[f"{prefix}{i}b"] = a, b
+        ranges.append(f"(time >= {{{prefix}{i}a:{_TIME}}} AND time < {{{prefix}{i}b:{_TIME}}})")
+    grp = _read_group(r.segment, params, prefix=f"{prefix}g", stored=None)
+    rows = version_rows_sql(db, r.segment.version, params, prefix=f"{prefix}v", columns=f"time, {grp} AS grp",
+                            extra_where=[f"({' OR '.join(ranges)})"])
+    return (f"SELECT {_HOUR_OF} AS hour, grp, countIf(ok = 1) AS ev, countIf(ok = 0) AS rj, {stat} AS stat "
+            f"FROM ({rows}) GROUP BY hour, grp")
+
+
+def _runs(ids: tuple[int, ...]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
 
 
 def _read_group(segment: Segment, params: dict[str, Any], *, prefix: str, stored: str | None) -> str:

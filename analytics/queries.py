@@ -49,7 +49,7 @@ from analytics.meter_rollup import (
     merge_expression,
     plan,
     rollup_group_path,
-    segment_rows_sql,
+    rows_sql,
 )
 from analytics.meter_units import MeterSpec, group_expression, meter_rows_sql, units_expression
 from analytics.settings import AnalyticsSettings
@@ -231,37 +231,46 @@ def build_usage_totals(*, db: str, project_id: str, win: Window, meters: list[Me
 _HOUR_BUCKET = {"hour": "hour", "day": "toStartOfDay(hour)", "month": "toDateTime(toStartOfMonth(hour), 'UTC')"}
 
 
-def _rollup_rows(db: str, resolved: list[Resolved], params: dict[str, Any], prefix: str) -> str:
-    return " UNION ALL ".join(part for k, r in enumerate(resolved)
-                              if (part := segment_rows_sql(db, r, params, prefix=f"{prefix}s{k}_")))
+def _by_aggregation(meters: list[tuple[MeterSpec, list[Resolved]]]) -> dict[str, list[Resolved]]:
+    out: dict[str, list[Resolved]] = {}
+    for meter, resolved in meters:
+        out.setdefault(meter.aggregation, []).extend(resolved)
+    return out
 
 
 def build_usage_from_rollup(*, db: str, project_id: str, granularity: str,
                             meters: list[tuple[MeterSpec, list[Resolved]]]) -> Query:
     """``build_usage`` (same rows, same order) with whole hours from the hourly rollup (analytics/meter_rollup.py):
-    hour/day/month buckets; group by meter, price version or a group-by path; no subject filter."""
+    hour/day/month buckets; group by meter, price version or a group-by path; no subject filter. Meters of one
+    aggregation kind share one read of the rollup (grp = the meter's slug when grouping by meter)."""
     params: dict[str, Any] = {"project": project_id}
     bucket = _HOUR_BUCKET[granularity]
     parts = []
-    for n, (meter, resolved) in enumerate(meters):
-        rows = _rollup_rows(db, resolved, params, f"m{n}")
+    for n, (aggregation, resolved) in enumerate(_by_aggregation(meters).items()):
+        rows = rows_sql(db, resolved, params, prefix=f"a{n}")
         if rows:
             parts.append(f"SELECT formatDateTime({bucket}, '%Y-%m-%dT%H:%i:%S+00:00', 'UTC') AS bucket, grp, "
-                         f"sum(ev) AS events, toString({merge_expression(meter.aggregation)}) AS total_units, "
+                         f"sum(ev) AS events, toString({merge_expression(aggregation)}) AS total_units, "
                          f"sum(rj) AS rejected FROM ({rows}) GROUP BY bucket, grp")
     if not parts:
         return Query("SELECT '' AS bucket, '' AS grp, 0 AS events, '0' AS total_units, 0 AS rejected WHERE 0", {})
     return Query(f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY bucket, grp", params)
 
 
-def build_usage_totals_from_rollup(*, db: str, project_id: str, meter: MeterSpec, resolved: list[Resolved]) -> Query:
-    """One meter's ``build_usage_totals`` figures with whole hours from the hourly rollup."""
+def build_usage_totals_from_rollup(*, db: str, project_id: str,
+                                   meters: list[tuple[MeterSpec, list[Resolved]]]) -> Query:
+    """``build_usage_totals``'s figures for every meter in ONE query (a row per meter that has rows: ``meter``
+    = its slug), whole hours from the hourly rollup."""
     params: dict[str, Any] = {"project": project_id}
-    rows = _rollup_rows(db, resolved, params, "t")
-    if not rows:
-        return Query("SELECT 0 AS events, '0' AS total_units, 0 AS rejected", {})
-    return Query(f"SELECT sum(ev) AS events, toString({merge_expression(meter.aggregation)}) AS total_units, "
-                 f"sum(rj) AS rejected FROM ({rows})", params)
+    parts = []
+    for n, (aggregation, resolved) in enumerate(_by_aggregation(meters).items()):
+        rows = rows_sql(db, resolved, params, prefix=f"a{n}")
+        if rows:
+            parts.append(f"SELECT grp AS meter, sum(ev) AS events, toString({merge_expression(aggregation)}) "
+                         f"AS total_units, sum(rj) AS rejected FROM ({rows}) GROUP BY grp")
+    if not parts:
+        return Query("SELECT '' AS meter, 0 AS events, '0' AS total_units, 0 AS rejected WHERE 0", {})
+    return Query(" UNION ALL ".join(parts), params)
 
 
 def build_billed_by_meter(*, db: str, project_id: str, win: Window) -> Query:
@@ -568,7 +577,9 @@ class Analytics:
         return out
 
     def _from_rollup(self, group_by: str, meters: list[MeterSpec]) -> bool:
-        return self.settings.meter_rollup and all(rollup_group_path(m, group_by) is not None for m in meters)
+        # slugs name the series (and a meter's rows are combined by slug): they must be distinct
+        return (self.settings.meter_rollup and len({m.slug for m in meters}) == len(meters)
+                and all(rollup_group_path(m, group_by) is not None for m in meters))
 
     def usage(self, *, project_id: str, win: Window, granularity: str, meters: list[MeterSpec],
               subject: str | None = None, group_by: str | None = None) -> dict[str, Any]:
@@ -593,15 +604,17 @@ class Analytics:
         and the project's dead letters by reason (events no meter could take: unknown_meter, ...)."""
         billed = {r["meter_id"]: r for r in self.rows(build_billed_by_meter(db=self.db, project_id=project_id,
                                                                            win=win))}
-        queries = build_usage_totals(db=self.db, project_id=project_id, win=win, meters=meters)
         if self._from_rollup("meter", meters):
             with self.pool.client() as client:
-                queries = [build_usage_totals_from_rollup(db=self.db, project_id=project_id, meter=meter,
-                                                          resolved=resolved)
-                           for meter, resolved in self._resolved(client, project_id, win, "meter", meters)]
+                query = build_usage_totals_from_rollup(db=self.db, project_id=project_id,
+                                                       meters=self._resolved(client, project_id, win, "meter", meters))
+            found = {r["meter"]: r for r in self.rows(query)}
+            rows = [found.get(m.slug, {"events": 0, "total_units": "0", "rejected": 0}) for m in meters]
+        else:
+            rows = [self.rows(q)[0] for q in build_usage_totals(db=self.db, project_id=project_id, win=win,
+                                                                 meters=meters)]
         out = []
-        for meter, query in zip(meters, queries, strict=True):
-            row = self.rows(query)[0]
+        for meter, row in zip(meters, rows, strict=True):
             charged = billed.get(meter.id)
             out.append({"meter": meter.slug, "meter_id": meter.id, "event_type": meter.versions[-1].event_type,
                         "aggregation": meter.aggregation, "priced": meter.priced, "events": int(row["events"]),

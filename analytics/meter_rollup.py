@@ -16,7 +16,9 @@ for an hour only when the recorded n equals the hour's count NOW: rows only grow
 those n rows, S' held them, and S' held no more (it is between the two). Hence the fill is exactly the hour.
 A fill interrupted before (3) is never read; a late event makes every older fill of its hour unusable (the
 next read refills that hour); concurrent fills of one hour are harmless (each hour has its own fill_id and a
-reader picks one per hour).
+reader picks one per hour). A process remembers the fills it has seen (a record never changes), so a read
+whose hours are all known asks only for the counts; hence the two tables are append-only too: to reset them,
+drop both and restart the api processes.
 
 What is read raw, exactly as before: partial hours at a window's edges and around every meter-version
 boundary (and price-version boundary when grouping by price version), hours that ended less than
@@ -33,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -171,8 +174,14 @@ class ResolveStats:
 class MeterRollup:
     """Finds, per whole hour, a usable fill (or fills the hour) — see the module's invariant."""
 
+    #: recorded fills this process knows, (project, definition, hour, n) -> fill id: a record never changes, so
+    #: a known one needs no lookup (only the counts do, every read); cleared when it grows past this
+    KNOWN_MAX = 200_000
+
     def __init__(self, db: str) -> None:
         self.db = db
+        self._known: dict[tuple[str, str, datetime, int], int] = {}
+        self._lock = threading.Lock()
 
     def resolve(self, client: Client, project_id: str, segments: list[Segment],
                 settings: dict[str, Any]) -> tuple[list[Resolved], ResolveStats]:
@@ -181,7 +190,14 @@ class MeterRollup:
         if not all_hours:
             return [Resolved(s, (), s.raw) for s in segments], stats
         lo, hi = min(all_hours), max(all_hours) + HOUR
-        counts, fills = self._counts_and_fills(client, project_id, segments, lo, hi, settings)
+        counts = self._counts(client, project_id, segments, lo, hi, settings)
+        wanted = {(project_id, s.definition, h, n) for s in segments for h in s.hours
+                  if (n := counts.get((s.version.event_type, h), 0))}
+        with self._lock:
+            fills = {(d, h, n): f for (_, d, h, n), f in ((k, self._known.get(k)) for k in wanted) if f is not None}
+        if len(fills) < len(wanted):
+            fills = self._fills(client, project_id, segments, lo, hi, settings)
+            self._remember(project_id, fills)
         chosen: dict[tuple[str, datetime], int] = {}
         missing: dict[str, dict[datetime, int]] = defaultdict(dict)
         first_of: dict[str, Segment] = {}
@@ -216,31 +232,38 @@ class MeterRollup:
             resolved.append(Resolved(s, tuple(ids), _merged(raw)))
         return resolved, stats
 
-    def _counts_and_fills(self, client: Client, project_id: str, segments: list[Segment], lo: datetime,
-                          hi: datetime, settings: dict[str, Any]
-                          ) -> tuple[dict[tuple[str, datetime], int], dict[tuple[str, datetime, int], int]]:
-        """Step (1) for every hour (rows per event type and hour: filters on toStartOfHour(time), so the
-        by_hour projection answers) and the fills recorded for them — one round trip."""
-        # hours as epoch seconds: converting ~10k DateTime values to Python datetimes cost more than the query
+    def _remember(self, project_id: str, fills: dict[tuple[str, datetime, int], int]) -> None:
+        with self._lock:
+            if len(self._known) + len(fills) > self.KNOWN_MAX:
+                self._known.clear()
+            for (d, h, n), f in fills.items():
+                self._known.setdefault((project_id, d, h, n), f)
+
+    # hours travel as epoch seconds: converting thousands of DateTime values to Python datetimes cost more
+    # than the queries themselves
+    def _counts(self, client: Client, project_id: str, segments: list[Segment], lo: datetime, hi: datetime,
+                settings: dict[str, Any]) -> dict[tuple[str, datetime], int]:
+        """Step (1) for every hour: rows per event type and hour (filters on toStartOfHour(time), so the by_hour
+        projection answers)."""
         result = client.query(
-            f"SELECT 0 AS kind, toString(event_type) AS key, toUnixTimestamp(toStartOfHour(time)) AS h, count() AS n, "
-            f"toUInt64(0) AS fill FROM `{self.db}`.usage_events WHERE project_id = {{project:String}} "
+            f"SELECT toString(event_type) AS key, toUnixTimestamp(toStartOfHour(time)) AS h, count() AS n "
+            f"FROM `{self.db}`.usage_events WHERE project_id = {{project:String}} "
             "AND event_type IN {types:Array(String)} AND toStartOfHour(time) >= {lo:DateTime('UTC')} "
-            "AND toStartOfHour(time) < {hi:DateTime('UTC')} GROUP BY key, h "
-            "UNION ALL SELECT 1, definition, toUnixTimestamp(hour) AS h, src_events, min(fill_id) "
+            "AND toStartOfHour(time) < {hi:DateTime('UTC')} GROUP BY key, h",
+            parameters={"project": project_id, "types": sorted({s.version.event_type for s in segments}),
+                        "lo": lo, "hi": hi}, settings=settings)
+        return {(key, _from_epoch(h)): int(n) for key, h, n in result.result_rows}
+
+    def _fills(self, client: Client, project_id: str, segments: list[Segment], lo: datetime, hi: datetime,
+               settings: dict[str, Any]) -> dict[tuple[str, datetime, int], int]:
+        result = client.query(
+            "SELECT definition, toUnixTimestamp(hour) AS h, src_events, min(fill_id) "
             f"FROM `{self.db}`.meter_usage_fills WHERE project_id = {{project:String}} "
             "AND definition IN {defs:Array(String)} AND hour >= {lo:DateTime('UTC')} AND hour < {hi:DateTime('UTC')} "
             "GROUP BY definition, h, src_events",
-            parameters={"project": project_id, "types": sorted({s.version.event_type for s in segments}),
-                        "defs": sorted({s.definition for s in segments}), "lo": lo, "hi": hi}, settings=settings)
-        counts: dict[tuple[str, datetime], int] = {}
-        fills: dict[tuple[str, datetime, int], int] = {}
-        for kind, key, h, n, fill in result.result_rows:
-            if kind == 0:
-                counts[(key, _from_epoch(h))] = int(n)
-            else:
-                fills[(key, _from_epoch(h), int(n))] = int(fill)
-        return counts, fills
+            parameters={"project": project_id, "defs": sorted({s.definition for s in segments}), "lo": lo, "hi": hi},
+            settings=settings)
+        return {(d, _from_epoch(h), int(n)): int(f) for d, h, n, f in result.result_rows}
 
     def _fill(self, client: Client, project_id: str, segment: Segment, hours: dict[datetime, int],
               settings: dict[str, Any]) -> dict[tuple[str, datetime], int]:
@@ -263,6 +286,7 @@ class MeterRollup:
         client.insert(f"`{self.db}`.meter_usage_fills",
                       [(project_id, segment.definition, h, hours[h], base + i) for i, h in enumerate(ordered, 1)],
                       column_names=["project_id", "definition", "hour", "src_events", "fill_id"])
+        self._remember(project_id, {(segment.definition, h, hours[h]): base + i for i, h in enumerate(ordered, 1)})
         return {(segment.definition, h): base + i for i, h in enumerate(ordered, 1)}
 
 

@@ -22,7 +22,10 @@ Rates are decimal strings rounded to 4 places (ratios, not money); null when not
 Usage figures come from usage_events; pre-aggregated projections answer them when the query shape allows
 (filters on toStartOfMinute(time) use ``by_minute``; toStartOfHour(time) ``by_hour``; day/month per-subject
 filters on toStartOfDay(time) use ``by_subject_day`` / ``by_subject_meter_day``), otherwise the raw rows
-(primary key: project, event type, time) are scanned.
+(primary key: project, event type, time) are scanned. Usage BY METER (units as each meter defines them,
+analytics/meter_units.py) reads whole hours from the hourly per-meter rollup and the rest from raw rows
+(analytics/meter_rollup.py: ``Analytics.usage`` / ``usage_totals``; ``build_usage`` / ``build_usage_totals`` are the
+raw computation, used when the rollup cannot answer and as the reference the tests compare it with).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class Segment:
     group_by: str
     group_path: str
     definition: str
-    hours: tuple[datetime, ...]
+    hours: tuple[int, ...]  # whole hours, as epoch seconds (a read checks thousands of them)
     raw: tuple[tuple[datetime, datetime], ...]
 
 
@@ -118,7 +118,7 @@ def plan(meter: MeterSpec, start: datetime, end: datetime, group_by: str, *, set
         if lo >= hi:
             continue
         raw: list[tuple[datetime, datetime]] = []
-        hours: list[datetime] = []
+        hours: list[int] = []
         rollup_hi = min(hi, settled)
         if lo < rollup_hi:
             cuts = tuple(at for _, at in meter.price_versions[1:] if lo < at < rollup_hi) \
@@ -127,9 +127,7 @@ def plan(meter: MeterSpec, start: datetime, end: datetime, group_by: str, *, set
             raw.extend(split.raw)
             for a, b in split.rollup:
                 assert a is not None
-                while a < b:
-                    hours.append(a)
-                    a += HOUR
+                hours.extend(range(int(a.timestamp()), int(b.timestamp()), 3_600))
         if max(lo, rollup_hi) < hi:
             raw.append((max(lo, rollup_hi), hi))
         if len(hours) > hours_max:
@@ -160,7 +158,7 @@ class Resolved:
     @property
     def hour_range(self) -> tuple[datetime, datetime] | None:
         hours = self.segment.hours
-        return (hours[0], hours[-1] + HOUR) if hours and self.fill_ids else None
+        return (_from_epoch(hours[0]), _from_epoch(hours[-1]) + HOUR) if hours and self.fill_ids else None
 
 
 @dataclass
@@ -180,7 +178,7 @@ class MeterRollup:
 
     def __init__(self, db: str) -> None:
         self.db = db
-        self._known: dict[tuple[str, str, datetime, int], int] = {}
+        self._known: dict[tuple[str, str, int, int], int] = {}
         self._lock = threading.Lock()
 
     def resolve(self, client: Client, project_id: str, segments: list[Segment],
@@ -189,30 +187,33 @@ class MeterRollup:
         all_hours = [h for s in segments for h in s.hours]
         if not all_hours:
             return [Resolved(s, (), s.raw) for s in segments], stats
-        lo, hi = min(all_hours), max(all_hours) + HOUR
+        lo, hi = _from_epoch(min(all_hours)), _from_epoch(max(all_hours)) + HOUR
         counts = self._counts(client, project_id, segments, lo, hi, settings)
-        wanted = {(project_id, s.definition, h, n) for s in segments for h in s.hours
-                  if (n := counts.get((s.version.event_type, h), 0))}
-        with self._lock:
-            fills = {(d, h, n): f for (_, d, h, n), f in ((k, self._known.get(k)) for k in wanted) if f is not None}
-        if len(fills) < len(wanted):
-            fills = self._fills(client, project_id, segments, lo, hi, settings)
-            self._remember(project_id, fills)
-        chosen: dict[tuple[str, datetime], int] = {}
-        missing: dict[str, dict[datetime, int]] = defaultdict(dict)
-        first_of: dict[str, Segment] = {}
+        chosen: dict[tuple[str, int], int] = {}
+        unknown: list[tuple[Segment, int, int]] = []
+        known = self._known  # dict reads are atomic; a concurrent clear() only costs a lookup
         for s in segments:
-            first_of.setdefault(s.definition, s)
             for h in s.hours:
                 n = counts.get((s.version.event_type, h), 0)
-                fill = fills.get((s.definition, h, n))
                 if n == 0:
                     stats.hours_empty += 1
-                elif fill is not None:
+                elif (fill := known.get((project_id, s.definition, h, n))) is not None:
                     chosen[(s.definition, h)] = fill
-                    stats.hours_from_rollup += 1
                 else:
+                    unknown.append((s, h, n))
+        missing: dict[str, dict[int, int]] = defaultdict(dict)
+        first_of: dict[str, Segment] = {}
+        if unknown:
+            fills = self._fills(client, project_id, segments, lo, hi, settings)
+            self._remember(project_id, fills)
+            for s, h, n in unknown:
+                fill = fills.get((s.definition, h, n))
+                if fill is not None:
+                    chosen[(s.definition, h)] = fill
+                else:
+                    first_of.setdefault(s.definition, s)
                     missing[s.definition][h] = n
+        stats.hours_from_rollup = len(chosen)
         for definition, hours in missing.items():
             try:
                 chosen.update(self._fill(client, project_id, first_of[definition], hours, settings))
@@ -228,11 +229,11 @@ class MeterRollup:
                 if fill is not None:
                     ids.append(fill)
                 elif counts.get((s.version.event_type, h), 0):
-                    raw.append((h, h + HOUR))
+                    raw.append((_from_epoch(h), _from_epoch(h) + HOUR))
             resolved.append(Resolved(s, tuple(ids), _merged(raw)))
         return resolved, stats
 
-    def _remember(self, project_id: str, fills: dict[tuple[str, datetime, int], int]) -> None:
+    def _remember(self, project_id: str, fills: dict[tuple[str, int, int], int]) -> None:
         with self._lock:
             if len(self._known) + len(fills) > self.KNOWN_MAX:
                 self._known.clear()
@@ -242,7 +243,7 @@ class MeterRollup:
     # hours travel as epoch seconds: converting thousands of DateTime values to Python datetimes cost more
     # than the queries themselves
     def _counts(self, client: Client, project_id: str, segments: list[Segment], lo: datetime, hi: datetime,
-                settings: dict[str, Any]) -> dict[tuple[str, datetime], int]:
+                settings: dict[str, Any]) -> dict[tuple[str, int], int]:
         """Step (1) for every hour: rows per event type and hour (filters on toStartOfHour(time), so the by_hour
         projection answers)."""
         result = client.query(
@@ -252,10 +253,10 @@ class MeterRollup:
             "AND toStartOfHour(time) < {hi:DateTime('UTC')} GROUP BY key, h",
             parameters={"project": project_id, "types": sorted({s.version.event_type for s in segments}),
                         "lo": lo, "hi": hi}, settings=settings)
-        return {(key, _from_epoch(h)): int(n) for key, h, n in result.result_rows}
+        return {(key, int(h)): int(n) for key, h, n in result.result_rows}
 
     def _fills(self, client: Client, project_id: str, segments: list[Segment], lo: datetime, hi: datetime,
-               settings: dict[str, Any]) -> dict[tuple[str, datetime, int], int]:
+               settings: dict[str, Any]) -> dict[tuple[str, int, int], int]:
         result = client.query(
             "SELECT definition, toUnixTimestamp(hour) AS h, src_events, min(fill_id) "
             f"FROM `{self.db}`.meter_usage_fills WHERE project_id = {{project:String}} "
@@ -263,12 +264,13 @@ class MeterRollup:
             "GROUP BY definition, h, src_events",
             parameters={"project": project_id, "defs": sorted({s.definition for s in segments}), "lo": lo, "hi": hi},
             settings=settings)
-        return {(d, _from_epoch(h), int(n)): int(f) for d, h, n, f in result.result_rows}
+        return {(d, int(h), int(n)): int(f) for d, h, n, f in result.result_rows}
 
-    def _fill(self, client: Client, project_id: str, segment: Segment, hours: dict[datetime, int],
-              settings: dict[str, Any]) -> dict[tuple[str, datetime], int]:
-        """Steps (2) and (3) of the invariant for ``hours`` (hour -> n read in step 1)."""
-        ordered = sorted(hours)
+    def _fill(self, client: Client, project_id: str, segment: Segment, counts: dict[int, int],
+              settings: dict[str, Any]) -> dict[tuple[str, int], int]:
+        """Steps (2) and (3) of the invariant for the hours of ``counts`` (epoch hour -> n read in step 1)."""
+        epochs = sorted(counts)
+        ordered = [_from_epoch(h) for h in epochs]
         base = secrets.randbits(62)  # hour i (1-based) gets fill_id base + i: unique per hour and fill
         params: dict[str, Any] = {"project": project_id, "f_def": segment.definition, "f_base": base,
                                   "f_hours": ordered, "f_lo": ordered[0], "f_hi": ordered[-1] + HOUR}
@@ -284,10 +286,11 @@ class MeterRollup:
             f"countIf(ok = 0){', ' + stat if column else ''} FROM ({rows}) GROUP BY hour, grp",
             parameters=params, settings=settings)
         client.insert(f"`{self.db}`.meter_usage_fills",
-                      [(project_id, segment.definition, h, hours[h], base + i) for i, h in enumerate(ordered, 1)],
+                      [(project_id, segment.definition, _from_epoch(h), counts[h], base + i)
+                       for i, h in enumerate(epochs, 1)],
                       column_names=["project_id", "definition", "hour", "src_events", "fill_id"])
-        self._remember(project_id, {(segment.definition, h, hours[h]): base + i for i, h in enumerate(ordered, 1)})
-        return {(segment.definition, h): base + i for i, h in enumerate(ordered, 1)}
+        self._remember(project_id, {(segment.definition, h, counts[h]): base + i for i, h in enumerate(epochs, 1)})
+        return {(segment.definition, h): base + i for i, h in enumerate(epochs, 1)}
 
 
 def _from_epoch(seconds: int) -> datetime:

@@ -234,10 +234,11 @@ def main() -> None:
                               applied=applied, seed=args.seed + 2, kill=killer, api_send=api)
             plan = FaultPlan.of(args.faults, kill_targets=targets, seconds=args.seconds)
             chaos_result = run_phase("chaos run", chaos, stack, applied, shape, plan)
-        finally:
             api.close()
-        children = wait_children_running(stack)
-        report(stack, chaos, killer, children, reference, calm_result, chaos_result, api)
+            children = wait_children_running(stack)
+            report(stack, chaos, killer, children, reference, calm_result, chaos_result, api)
+        finally:
+            producer.close()
 
 
 def report(stack: Stack, chaos: ChaosLoad, killer: Killer, children: dict[str, dict[str, Any]],

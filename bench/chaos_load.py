@@ -233,6 +233,11 @@ class ChaosProducer:
         self.produced.events += count
         self.produced.messages += 1
 
+    def close(self) -> None:
+        """Drop the client (its librdkafka threads would log connection failures once the stack stops)."""
+        self.producer.flush(10)
+        del self.producer
+
     def flush(self, timeout_s: float = 120) -> None:
         assert self.producer.flush(timeout_s) == 0, "the producer could not deliver"
         assert not self.produced.errors, self.produced.errors[:3]

@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2_000.0, help="offered events/s (open loop)")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--logs", type=Path, default=None, help="copy the stack's logs here at the end")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # run the cleanups
     print(describe())
@@ -212,7 +213,7 @@ def main() -> None:
           f"streams workers {args.workers}, usage partitions 8, pack 100 events/message")
     shape = Shape(rate=args.rate, seconds=args.seconds)
     targets = tuple(t for t in KILL_TARGETS if not t.startswith("streams-") or int(t[8:]) < args.workers)
-    with running_stack(workers=args.workers, prefix="bench-chaos-", up_timeout_s=180,
+    with running_stack(workers=args.workers, prefix="bench-chaos-", up_timeout_s=180, keep_logs=args.logs,
                        METERLINE_RESTART_BACKOFF_S_MAX="1") as stack:
         urls = stack.urls
         database_url = urls["database_url"]

@@ -349,6 +349,7 @@ class ChaosLoad:
         self.api_events = 0
         self.api_attempts = 0
         self.regular_events = 0  # events of the shape sent in this run (the open loop's count)
+        self.evil_subjects: list[str] = []  # another tenant's subjects whose key onto our wallet was refused
         self.shape = Shape(rate=0, seconds=0)
 
     def _subjects(self, count: int) -> None:
@@ -429,6 +430,8 @@ class ChaosLoad:
                 event = self._event(subject, TOKENS, now - timedelta(seconds=back))
             elif kind == "cross_tenant":  # another tenant's event naming our subject: charged to that tenant only
                 self.faults.injected["cross_tenant"] += 1
+                if self.evil_subjects and self.rng.random() < 0.3:
+                    subject = self.rng.choice(self.evil_subjects)  # the subject of a refused cross-tenant key
                 event = self._event(subject, TOKENS, now, project=OTHER_PROJECT)
             else:
                 hostile = self._hostile(subject, now)
@@ -460,16 +463,18 @@ class ChaosLoad:
                                                     effective_from=effective)
                 self.reference.add_price_version(row.versions[-1].effective_from, price)
                 self.faults.injected["catalog:price_version"] += 1
-                # a hostile catalog edit: map another tenant's subject onto one of our wallets — must be refused
+                # a hostile catalog edit: another tenant maps a subject onto one of our wallets (whether it exists
+                # yet or not) — must be refused; that tenant's events then name the subject, so a key let through
+                # would charge our wallet and the money check would say so
                 wallet = auto_wallet_id(self.ids.project, self.by_partition[0][0])
-                with engine.begin() as conn:
-                    if conn.exec_driver_sql("SELECT 1 FROM wallets WHERE id = %(w)s", {"w": wallet}).first():
-                        try:
-                            catalog.set_subject_key(conn, project_id=OTHER_PROJECT, subject=f"evil-{index}",
-                                                    wallet_id=wallet)
-                            self.faults.injected["cross_tenant_subject_key_ACCEPTED"] += 1
-                        except StreamsError:
-                            self.faults.injected["refused:cross_tenant_subject_key"] += 1
+                try:
+                    with engine.begin() as conn:
+                        catalog.set_subject_key(conn, project_id=OTHER_PROJECT, subject=f"evil-{index}",
+                                                wallet_id=wallet)
+                    self.faults.injected["cross_tenant_subject_key_ACCEPTED"] += 1
+                except StreamsError:
+                    self.faults.injected["refused:cross_tenant_subject_key"] += 1
+                self.evil_subjects.append(f"evil-{index}")
             finally:
                 engine.dispose()
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,10 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(*, workers: int, prefix: str, up_timeout_s: float = 180, **extra_env: str) -> Iterator[Stack]:
-    """`meterline up --detach` in a fresh temporary home; `down --now` and the home removed on exit."""
+def running_stack(*, workers: int, prefix: str, up_timeout_s: float = 180, keep_logs: Path | None = None,
+                  **extra_env: str) -> Iterator[Stack]:
+    """`meterline up --detach` in a fresh temporary home; `down --now` and the home removed on exit (the
+    processes' and engines' logs copied to ``keep_logs`` first, when given)."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # the embedded PostgreSQL's user must traverse it
@@ -73,3 +76,5 @@ def running_stack(*, workers: int, prefix: str, up_timeout_s: float = 180, **ext
             yield Stack(env, home)
         finally:
             cli("down", "--now", env=env)
+            if keep_logs is not None:
+                shutil.copytree(home / "logs", keep_logs, dirs_exist_ok=True)

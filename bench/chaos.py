@@ -55,6 +55,7 @@ from bench.chaos_load import (
     balances,
     dead_letters,
     duplicate_postings,
+    explain_wallet,
     hostile_accounted,
     money_diff,
     set_up_catalog,
@@ -186,12 +187,21 @@ def run_phase(name: str, load: ChaosLoad, stack: Stack, applied: Applied, shape:
     return result
 
 
-def wait_children_running(stack: Stack, *, timeout_s: float = 120) -> dict[str, dict[str, Any]]:
+def _running(pid: int | None) -> bool:
+    try:
+        return bool(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a killed, unreaped child
+    except psutil.Error:
+        return False
+
+
+def wait_children_running(stack: Stack, killed: Counter[str], *, timeout_s: float = 120) -> dict[str, dict[str, Any]]:
+    """Until the supervisor restarted every killed child as often as it was killed and each one runs."""
     deadline = time.monotonic() + timeout_s
     children: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
         children = stack.children()
-        if all(c.get("pid") and psutil.pid_exists(c["pid"]) for c in children.values()):
+        if all(_running(c.get("pid")) and int(c.get("restarts") or 0) >= killed[name]
+               for name, c in children.items()):
             break
         time.sleep(0.5)
     return children
@@ -236,7 +246,7 @@ def main() -> None:
             plan = FaultPlan.of(args.faults, kill_targets=targets, seconds=args.seconds)
             chaos_result = run_phase("chaos run", chaos, stack, applied, shape, plan)
             api.close()
-            children = wait_children_running(stack)
+            children = wait_children_running(stack, killer.killed)
             report(stack, chaos, killer, children, reference, calm_result, chaos_result, api)
         finally:
             producer.close()
@@ -264,7 +274,7 @@ def report(stack: Stack, chaos: ChaosLoad, killer: Killer, children: dict[str, d
     money_ok = not wrong and dup == 0 and calm["drained"] and wild["drained"]
     not_back = [name for name, n in killer.killed.items()
                 if int(children.get(name, {}).get("restarts", 0)) < n
-                or not psutil.pid_exists(children.get(name, {}).get("pid") or 0)]
+                or not _running(children.get(name, {}).get("pid"))]
     survived: Counter[str] = Counter()
     for kind, n in faults.injected.items():
         if kind.startswith("kill:"):
@@ -273,7 +283,7 @@ def report(stack: Stack, chaos: ChaosLoad, killer: Killer, children: dict[str, d
             continue  # counted from the dead letters below
         elif kind == "refused:cross_tenant_subject_key":
             survived[kind] = n
-        elif kind == "cross_tenant_subject_key_ACCEPTED":
+        elif kind.endswith("_ACCEPTED"):
             survived[kind] = 0
         else:
             survived[kind] = n if money_ok else 0
@@ -299,6 +309,9 @@ def report(stack: Stack, chaos: ChaosLoad, killer: Killer, children: dict[str, d
     print("\n== money ==")
     print(f"  wallets: {len(expected):,} expected, {len(actual):,} in the ledger; wrong balances: {len(wrong)}"
           + (f" e.g. {wrong[:3]}" if wrong else ""))
+    for line in wrong[:3]:
+        project, wallet = line.split(":")[0].split("/")
+        print(f"  {line}\n" + "\n".join(explain_wallet(database_url, reference, project, wallet)))
     print(f"  total charged: ledger {-sum(actual.values()):,} minor units, reference {-sum(expected.values()):,}; "
           f"events counted by the reference {reference.events:,}")
     print(f"  idempotency keys posted twice: {dup}")

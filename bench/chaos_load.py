@@ -22,9 +22,9 @@ price of a period's units, is shared):
   the future) are never charged; events of another tenant naming our subjects are charged to that tenant's
   wallets only.
 
-Price versions are added with ``effective_from`` a few seconds ahead: a worker probes the catalog before every
-batch, so an event whose time is at or after the change is produced — and metered — after the change committed,
-and the version each event gets is a function of the event alone."""
+Price versions are added with ``effective_from`` 10 s ahead (checked to be after the commit): a worker probes the
+catalog before every batch, so an event whose time is at or after the change is produced — and metered — after the
+change committed, and the version each event gets is a function of the event alone."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ from streams.metering import period_bounds
 OTHER_PROJECT = "prj_chaos_other"  # another tenant whose events name our subjects
 TOKENS, IMAGES = "llm.tokens", "img.generated"
 ALLOWED_LATENESS_S = 3_600  # the workers' default (streams.settings.allowed_lateness_s)
+PRICE_LEAD_S = 10  # a new price version starts this long after its transaction began
 TOKEN_PRICES = ("0.4", "0.5", "0.3", "0.7", "0.25", "0.45")  # a fractional price floors: rounding is in play
 OTHER_PRICE = "1"
 
@@ -222,6 +223,7 @@ class ChaosProducer:
                 self.reference.accept(event, arrival, images_version=images_version)
 
         timestamp_ms = int(arrival.timestamp() * 1000)
+        arrival = datetime.fromtimestamp(timestamp_ms / 1000, UTC)  # what the worker reads back: milliseconds
         while True:
             try:
                 self.producer.produce(self.topic, value=value, partition=partition, timestamp=timestamp_ms,
@@ -452,17 +454,24 @@ class ChaosLoad:
     # -- catalog edits (a thread: the images barrier waits for the ledger while the load goes on) -------------
 
     def _catalog_edit(self, index: int) -> None:
-        if index % 2 == 0:  # a new tokens price version, a few seconds ahead (see the module's docstring)
-            effective = datetime.now(UTC) + timedelta(seconds=3)
+        if index % 2 == 0:  # a new tokens price version, seconds ahead (see the module's docstring)
             price = TOKEN_PRICES[(len(self.reference.token_prices)) % len(TOKEN_PRICES)]
             engine = make_engine(self.database_url, pool_size=1)
             try:
                 with engine.begin() as conn:
+                    # ahead of the COMMIT, not of the call: a version whose start passed before it committed
+                    # would price the events in between by whichever catalog metered them (old, or new when
+                    # re-metered after a kill) — then the reference could not know (a run under load 10 made
+                    # connect + commit take longer than a 3-s lead)
+                    effective = datetime.now(UTC) + timedelta(seconds=PRICE_LEAD_S)
                     row = catalog.add_price_version(conn, project_id=self.ids.project, price_id=self.ids.tokens_price,
                                                     model={"model": "per_unit", "unit_price_minor": price},
                                                     effective_from=effective)
+                committed = datetime.now(UTC)
                 self.reference.add_price_version(row.versions[-1].effective_from, price)
                 self.faults.injected["catalog:price_version"] += 1
+                if committed >= effective:
+                    self.faults.skipped["price version committed after its start: reference unsure"] += 1
                 # a hostile catalog edit: another tenant maps a subject onto one of our wallets (whether it exists
                 # yet or not) — must be refused; that tenant's events then name the subject, so a key let through
                 # would charge our wallet and the money check would say so
@@ -611,6 +620,23 @@ def money_diff(expected: dict[tuple[str, str], int], actual: dict[tuple[str, str
     for key in sorted(set(expected) | set(actual)):
         if expected.get(key, 0) != actual.get(key, 0):
             out.append(f"{key[0]}/{key[1]}: ledger {actual.get(key, 0)}, expected {expected.get(key, 0)}")
+    return out
+
+
+def explain_wallet(database_url: str, reference: Reference, project: str, wallet: str) -> list[str]:
+    """For a wrong wallet: the ledger's charge rows and the reference's units, side by side."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        rows = conn.execute("SELECT meter_id, period_start, price_version_id, units, charged_minor FROM usage_charges "
+                            "WHERE wallet_id = %s ORDER BY 1, 2, 3", (wallet,)).fetchall()
+    out = [f"    ledger {m} {p:%Y-%m} {v}: units {u}, charged {c}" for m, p, v, u, c in rows]
+    with reference.lock:
+        out += [f"    reference tokens {month:%Y-%m} version {v} ({reference.token_prices[v][1]}/unit "
+                f"from {reference.token_prices[v][0]:%H:%M:%S.%f}): units {u}"
+                for (pr, w, month, v), u in sorted(reference.tokens.items(), key=lambda kv: (kv[0][2], kv[0][3]))
+                if pr == project and w == wallet]
+        out += [f"    reference images {month:%Y-%m} counting version {cv}: {agg} {u}"
+                for (w, month, cv), (agg, u) in sorted(reference.images.items(), key=lambda kv: kv[0][1:])
+                if w == wallet and project == reference.project]
     return out
 
 

@@ -37,11 +37,13 @@ ROUTER_MODULES: list[str] = [
     "api.ingest.routes_catalog",
     "api.payments.routes_payments",
     "api.payments.routes_webhooks",
+    "api.payments.routes_reconciliation",
     "api.wallets.routes_billing_rules",
     "api.wallets.routes_ledger_chain",
     "api.wallets.routes_exports",
     "api.wallets.routes_reconciliation",
     "api.ingest.routes_dead_letters",
+    "api.ingest.routes_backfills",
     "api.dashboard.routes_pages",
 ]
 

@@ -36,6 +36,9 @@ class StackSettings(BaseSettings):
     restart_backoff_s_max: float = 10.0
     reconcile_interval_s: float = Field(default=3_600.0, ge=0, description="how often the scheduler replays the "
                                         "usage log against the ledger (meterline/reconcile_job.py); 0 = never")
+    reconcile_settle_s: float = Field(default=600.0, ge=0, description="ClickHouse credit flow is compared with the "
+                                      "ledger's postings older than this (the outbox relay + analytics sink lag); "
+                                      "ClickHouse usage up to the sink's committed watermark")
 
 
 @lru_cache

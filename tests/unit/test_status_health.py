@@ -68,3 +68,22 @@ def test_healthy_only_when_every_process_is_up_ready_and_no_invariant_is_violate
         "# TYPE meterline_invariant_check_violations gauge\n"
         "meterline_invariant_check_violations{check=\"balance\"} 1.0\n")}, alive)
     assert violated["healthy"] is False and "invariant check violated" in violated["problems"][0]
+
+
+@pytest.mark.parametrize(("metrics", "state"), [
+    ("", "not_run"),
+    ("# TYPE meterline_reconciliation_drift_wallets gauge\n"
+     "meterline_reconciliation_drift_wallets{record=\"ledger\"} 0.0\n"
+     "meterline_reconciliation_drift_wallets{record=\"clickhouse_usage\"} 0.0\n", "ok"),
+    ("# TYPE meterline_reconciliation_drift_wallets gauge\n"
+     "meterline_reconciliation_drift_wallets{record=\"ledger\"} 0.0\n"
+     "meterline_reconciliation_drift_wallets{record=\"clickhouse_usage\"} 3.0\n", "drift"),
+])
+def test_reconciliation_state_and_a_drift_makes_the_stack_unhealthy(metrics: str, state: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    assert health.reconciliation(_probe(metrics))["state"] == state
+    verdict = _verdict(monkeypatch, {"scheduler": _probe(metrics)}, {"scheduler": {"alive": True}})
+    assert verdict["healthy"] is (state != "drift")
+    if state == "drift":
+        assert "clickhouse_usage" in verdict["problems"][0] and verdict["reconciliation"]["disagreeing_wallets"] == {
+            "ledger": 0, "clickhouse_usage": 3}

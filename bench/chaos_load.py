@@ -120,8 +120,9 @@ class Reference:
     token_prices: list[tuple[datetime, str]]
     images_version: tuple[int, str] = (1, "SUM")  # (counting version, aggregation) current for new images events
     seen: set[tuple[str, str, str]] = field(default_factory=set)
-    #: (project, wallet, month, price version index) -> tokens units
-    tokens: dict[tuple[str, str, datetime, int], Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    #: tokens events counted, as (project, wallet, month, the time that picks the price version, units): the version
+    #: is looked up at the end, so a version recorded a moment after an event was acknowledged still applies
+    token_events: list[tuple[str, str, datetime, datetime, Decimal]] = field(default_factory=list)
     #: (wallet, month, counting version) -> (aggregation, units)
     images: dict[tuple[str, datetime, int], tuple[str, Decimal]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -151,8 +152,8 @@ class Reference:
             pivot = arrival if late else at
             wallet = auto_wallet_id(event["project"], event["subject"])
             if event["type"] == TOKENS:
-                version = self._version_at(pivot) if event["project"] == self.project else 0
-                self.tokens[(event["project"], wallet, _month(pivot), version)] += Decimal(event["data"]["tokens"])
+                self.token_events.append((event["project"], wallet, _month(pivot), pivot,
+                                          Decimal(event["data"]["tokens"])))
             else:
                 counting, aggregation = images_version or self.images_version
                 key = (wallet, _month(pivot), counting)
@@ -160,13 +161,21 @@ class Reference:
                 value = Decimal(event["data"]["n"])
                 self.images[key] = (aggregation, units + value if aggregation == "SUM" else max(units, value))
 
+    def tokens(self) -> dict[tuple[str, str, datetime, int], Decimal]:
+        """(project, wallet, month, price version index) -> units (the other tenant has one version: 0)."""
+        out: dict[tuple[str, str, datetime, int], Decimal] = defaultdict(Decimal)
+        for project, wallet, month, pivot, units in self.token_events:
+            version = self._version_at(pivot) if project == self.project else 0
+            out[(project, wallet, month, version)] += units
+        return out
+
     def expected_balances(self) -> dict[tuple[str, str], int]:
         """(project, wallet) -> balance (minor units; negative: nothing was granted)."""
         with self.lock:
             out: dict[tuple[str, str], int] = defaultdict(int)
-            runs: dict[tuple[str, str, datetime], dict[int, Decimal]] = defaultdict(dict)
-            for (project, wallet, month, version), units in self.tokens.items():
-                runs[(project, wallet, month)][version] = units
+            runs: dict[tuple[str, str, datetime], dict[int, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+            for (project, wallet, month, version), units in self.tokens().items():
+                runs[(project, wallet, month)][version] += units
             for (project, wallet, _month_start), by_version in runs.items():
                 if project != self.project:
                     model = PriceModel(model="per_unit", unit_price_minor=Decimal(OTHER_PRICE))
@@ -632,7 +641,7 @@ def explain_wallet(database_url: str, reference: Reference, project: str, wallet
     with reference.lock:
         out += [f"    reference tokens {month:%Y-%m} version {v} ({reference.token_prices[v][1]}/unit "
                 f"from {reference.token_prices[v][0]:%H:%M:%S.%f}): units {u}"
-                for (pr, w, month, v), u in sorted(reference.tokens.items(), key=lambda kv: (kv[0][2], kv[0][3]))
+                for (pr, w, month, v), u in sorted(reference.tokens().items(), key=lambda kv: (kv[0][2], kv[0][3]))
                 if pr == project and w == wallet]
         out += [f"    reference images {month:%Y-%m} counting version {cv}: {agg} {u}"
                 for (w, month, cv), (agg, u) in sorted(reference.images.items(), key=lambda kv: kv[0][1:])

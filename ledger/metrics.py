@@ -100,7 +100,8 @@ def record_invariant_check(violations: Mapping[str, int], *, now: float | None =
 
 
 # -- continuous reconciliation (meterline/reconcile_job.py) ------------------------------------------------------
-#: Set by the scheduler's reconcile_usage job after each finished report (ledger/reconcile_compare.py): per record
+#: Set by the reconcile_usage job after each finished report (in the scheduler, or in the api when it owns an
+#: embedded ClickHouse: meterline/reconcile_embedded.py) (ledger/reconcile_compare.py): per record
 #: (usage_log, ledger, clickhouse_usage, clickhouse_flow), the wallets on which it disagrees with the others; per
 #: pair "reference/disagreeing", the absolute money drift. deploy/prometheus/rules/reconciliation.yml alerts on
 #: any wallet; ``meterline status`` reports it as unhealthy like a violated invariant check.
@@ -112,7 +113,7 @@ RECONCILIATION_DRIFT_MINOR = Gauge("meterline_reconciliation_drift_minor",
                                    "latest reconciliation", ["pair"])
 RECONCILIATION_COMPARED = Gauge("meterline_reconciliation_record_compared",
                                 "1 when the latest reconciliation compared the record, 0 when it could not "
-                                "(not settled, or ClickHouse not reachable from the scheduler)", ["record"])
+                                "(not settled, or ClickHouse not reachable from the process that ran it)", ["record"])
 RECONCILIATION_LAST_RUN = Gauge("meterline_reconciliation_last_run_timestamp_seconds",
                                 "Unix time of the latest finished reconciliation report")
 _DRIFT_PAIRS = ("usage_log/ledger", "usage_log/clickhouse_usage", "ledger/clickhouse_flow")

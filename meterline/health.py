@@ -11,8 +11,8 @@ HTTP and the metrics parsed with prometheus-client's own parser. Nothing here ne
   started: a restarted worker counts from 0; the durable record is ClickHouse's ``dead_letters`` table);
 - invariant check: ``meterline_invariant_check_violations`` from the scheduler's metrics (the job that sets it
   runs in the scheduler); "not run" while no run has been recorded since the scheduler started;
-- reconciliation: ``meterline_reconciliation_drift_wallets`` per record from the scheduler's metrics
-  (meterline/reconcile_job.py); any wallet a record disagrees on makes the stack unhealthy, like a violated check.
+- reconciliation: ``meterline_reconciliation_drift_wallets`` per record from the metrics of the process that ran
+  it — the scheduler, or the api when it owns an embedded ClickHouse (meterline/reconcile_job.py); any wallet a record disagrees on makes the stack unhealthy, like a violated check.
 """
 
 from __future__ import annotations
@@ -129,19 +129,29 @@ def invariant_check(scheduler: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"state": state, "violations": violations, "last_run_unix_s": last_run[0] if last_run else None}
 
 
-def reconciliation(scheduler: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The latest reconciliation of the four usage records, from the scheduler's metrics (meterline/reconcile_job.py):
-    ``drift`` when a record disagrees on any wallet (which records, how many wallets), like a violated invariant."""
-    metrics = (scheduler or {}).get("metrics")
-    if metrics is None:
-        return {"state": "unknown", "detail": "the scheduler's metrics do not answer", "disagreeing_wallets": {}}
+def reconciliation(*processes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The latest reconciliation of the four usage records, from the metrics of the process that ran it
+    (meterline/reconcile_job.py: the scheduler, or the api when it owns an embedded ClickHouse; the newest
+    ``meterline_reconciliation_last_run_timestamp_seconds`` wins): ``drift`` when a record disagrees on any wallet
+    (which records, how many wallets), like a violated invariant."""
+    answering = [m for m in ((p or {}).get("metrics") for p in processes) if m is not None]
+    if not answering:
+        return {"state": "unknown", "detail": "the scheduler's and the api's metrics do not answer",
+                "disagreeing_wallets": {}}
+    ran = [m for m in answering if m.get("meterline_reconciliation_drift_wallets")]
+    if not ran:
+        return {"state": "not_run", "detail": "no reconciliation has finished since the scheduler and the api "
+                "started", "disagreeing_wallets": {}}
+
+    def last_run(metrics: Mapping[str, Any]) -> float:
+        return max((value for _labels, value in metrics.get("meterline_reconciliation_last_run_timestamp_seconds",
+                                                              [])), default=0.0)
+
+    metrics = max(ran, key=last_run)
     wallets = {labels.get("record", "?"): int(value)
                for labels, value in metrics.get("meterline_reconciliation_drift_wallets", [])}
     compared = [labels.get("record", "?") for labels, value in
                 metrics.get("meterline_reconciliation_record_compared", []) if value]
-    if not wallets:
-        return {"state": "not_run", "detail": "no reconciliation has finished since the scheduler started",
-                "disagreeing_wallets": {}}
     return {"state": "drift" if any(wallets.values()) else "ok", "disagreeing_wallets": wallets,
             "compared": sorted(compared)}
 
@@ -154,7 +164,7 @@ def collect(*, urls: Mapping[str, str], probe_urls: Mapping[str, str],
         probes = {name: future.result() for name, future in futures.items()}
     engine_report = engines(urls, {"checks": probes.get("api", {}).get("checks", {})} if "api" in probes else None)
     invariants = invariant_check(probes.get("scheduler"))
-    reconciled = reconciliation(probes.get("scheduler"))
+    reconciled = reconciliation(probes.get("scheduler"), probes.get("api"))
     problems: list[str] = []
     for name, engine in engine_report.items():
         if not engine["reachable"]:

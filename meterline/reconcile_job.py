@@ -1,20 +1,33 @@
-"""Continuous reconciliation: the scheduler's ``reconcile_usage`` job compares the four records of the same usage —
+"""Continuous reconciliation: the ``reconcile_usage`` job compares the four records of the same usage —
 the usage log, the ledger, ClickHouse usage and ClickHouse credit flow (meterline/reconcile_sources.py reads them,
 ledger/reconcile_compare.py judges) — every ``METERLINE_RECONCILE_INTERVAL_S`` (1 h; 0 = never) and stores a report
 (ledger/reconciliation.py) that ``GET /api/v1/projects/{id}/reconciliation`` and the dashboard's Reconciliation page
 serve; the metrics ``meterline_reconciliation_*`` (ledger/metrics.py) feed the alert and ``meterline status``.
-ClickHouse is read only when it is a server (``CLICKHOUSE_URL=http(s)://``): an embedded chDB path belongs to the api
-process, and the report then says the two ClickHouse records were not compared.
+
+Who runs it depends on who may open ClickHouse:
+
+* a ClickHouse server (``CLICKHOUSE_URL=http(s)://``), or none: the scheduler (``reconcile_jobs``);
+* an embedded chDB path owned by the api (the default stack; ``ANALYTICS_EMBEDDED_SINK_OWNER=auto``): chDB allows
+  one process per data path, so the api process runs it on a thread of its own with its own ClickHouse client
+  (meterline/reconcile_embedded.py) and the scheduler leaves the job out;
+* an embedded path owned by ``meterline run analytics`` (``…=process``): nobody else may open it; the scheduler runs
+  the job and the report says the two ClickHouse records were not compared.
+
+Either way a run first takes the lease row ``meterline.reconcile_usage`` (ledger/scheduler.py ``run_lease``), so a
+scheduler run and an api run never overlap (e.g. while a deployment moves from one ClickHouse to the other); a run
+that finds the lease held is skipped until the next interval.
 
 A replay reads the whole current topic life (meterline/cli_replay.py ``run_replay``, read-only), which takes far
-longer than the scheduler's per-job budget, so the job only STARTS it, on a thread of the scheduler process, at
-most one at a time; the job's round returns at once and the other jobs keep their rhythm. A drift is logged as
+longer than the scheduler's per-job budget, so the job only STARTS it, on a thread, at most one at a time; the
+job's round returns at once and the other jobs keep their rhythm. A drift is logged as
 ``reconciliation_drift`` (error: which records disagree on how many wallets, the drift per pair, the first
 mismatch in words); a clean run as ``reconciliation_clean``.
-The first replay runs one interval after the scheduler starts (a restart does not trigger a full read)."""
+The first replay runs one interval after the process starts (a restart does not trigger a full read)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -31,6 +44,8 @@ log = structlog.get_logger("meterline.reconcile")
 
 #: how often the job looks whether a replay is due (cheap: no I/O)
 CHECK_EVERY_S = 30.0
+#: the scheduler_leases row a run holds (ledger/scheduler.py ``run_lease``): one run at a time across processes
+RECONCILE_LEASE = "meterline.reconcile_usage"
 
 
 def run_once(*, database_url: str, bootstrap: str, topic_prefix: str = "", timeout_s: float = 3_600.0,
@@ -187,6 +202,28 @@ def four_records(engine: Any, *, bootstrap: str, topic: str, partitions: int, de
     return rc.compare_readings(readings, price=price), coverage
 
 
+def run_leased(*, database_url: str, bootstrap: str, topic_prefix: str, clickhouse: Any | None,
+               clickhouse_database: str, clickhouse_group: str | None, clickhouse_absent: str, settle_s: float,
+               timeout_s: float = 3_600.0, holder: str | None = None) -> int | None:
+    """``run_once`` under the lease ``RECONCILE_LEASE``; None (logged) when another process is running one."""
+    from ledger.db import make_engine
+    from ledger.scheduler import run_lease
+
+    holder = holder or f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+    engine = make_engine(database_url, pool_size=2, application_name="meterline-reconcile-lease")
+    try:
+        with run_lease(engine, RECONCILE_LEASE, holder) as held:
+            if not held:
+                log.info("reconciliation_skipped", reason=f"another process holds the lease {RECONCILE_LEASE}")
+                return None
+            return run_once(database_url=database_url, bootstrap=bootstrap, topic_prefix=topic_prefix,
+                            timeout_s=timeout_s, clickhouse=clickhouse, clickhouse_database=clickhouse_database,
+                            clickhouse_group=clickhouse_group, clickhouse_absent=clickhouse_absent,
+                            settle_s=settle_s)
+    finally:
+        engine.dispose()
+
+
 class Reconciler:
     """Starts ``run_once`` on a thread when due; never two at once."""
 
@@ -214,32 +251,35 @@ class Reconciler:
 
 
 def reconcile_jobs() -> list[Job]:
-    """The ``reconcile_usage`` job, on the engines the scheduler itself uses (``LedgerSettings``)."""
+    """The scheduler's ``reconcile_usage`` job, on the engines the scheduler itself uses (``LedgerSettings``) —
+    none when the api owns an embedded ClickHouse (then the api runs it: meterline/reconcile_embedded.py)."""
+    from analytics.settings import AnalyticsSettings
+    from analytics.sink import sink_runs_in_api
     from ledger.settings import get_settings as ledger_settings
     from meterline.settings import get_settings
 
     interval_s = get_settings().reconcile_interval_s
     if interval_s <= 0:
         return []
+    analytics = AnalyticsSettings()
+    if sink_runs_in_api(analytics):  # chDB: one process per data path; the api owns it and logs that it runs the job
+        return []
     engines = ledger_settings()
     settle_s = get_settings().reconcile_settle_s
 
-    def run() -> int:
-        from analytics.settings import AnalyticsSettings
-
-        analytics = AnalyticsSettings()
+    def run() -> None:
         client, absent = None, "no ClickHouse configured (CLICKHOUSE_URL)"
         if analytics.clickhouse_url and not analytics.embedded:
             from analytics.client import connect
 
             client = connect(analytics.clickhouse_url)
-        elif analytics.embedded:  # chDB: one process per data path, and the api process owns it
-            absent = "embedded ClickHouse (chdb://) is owned by the api process; the scheduler cannot read it"
+        elif analytics.embedded:
+            absent = ("embedded ClickHouse (chdb://) is owned by another process (ANALYTICS_EMBEDDED_SINK_OWNER="
+                      f"{analytics.embedded_sink_owner}); the scheduler cannot read it")
         try:
-            return run_once(database_url=engines.database_url, bootstrap=engines.kafka_bootstrap_servers,
-                            topic_prefix=engines.topic_prefix, clickhouse=client,
-                            clickhouse_database=analytics.database, clickhouse_group=analytics.consumer_group,
-                            clickhouse_absent=absent, settle_s=settle_s)
+            run_leased(database_url=engines.database_url, bootstrap=engines.kafka_bootstrap_servers,
+                       topic_prefix=engines.topic_prefix, clickhouse=client, clickhouse_database=analytics.database,
+                       clickhouse_group=analytics.consumer_group, clickhouse_absent=absent, settle_s=settle_s)
         finally:
             if client is not None:
                 client.close()

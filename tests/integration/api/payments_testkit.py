@@ -245,6 +245,18 @@ class FakeStripe:
 
 
 @contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler], name: str) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 for a provider fake; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def fake_stripe() -> Iterator[FakeStripe]:
     fake = FakeStripe()
 
@@ -267,15 +279,8 @@ def fake_stripe() -> Iterator[FakeStripe]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="fake-stripe", daemon=True)
-    thread.start()
-    fake.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with _serving(Handler, "fake-stripe") as fake.base_url:
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ------------------------------------------------------------------ fake RevenueCat and Lemon Squeezy APIs
@@ -386,12 +391,5 @@ def fake_provider_api(fake: FakeRevenueCat | FakeLemonSqueezy) -> Iterator[Any]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="fake-provider", daemon=True)
-    thread.start()
-    fake.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with _serving(Handler, "fake-provider") as fake.base_url:
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()

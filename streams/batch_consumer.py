@@ -95,7 +95,9 @@ class BatchConsumer:
             bootstrap, group_id, session_timeout_ms=int(session_timeout_s * 1000),
             **{"max.partition.fetch.bytes": max_fetch_bytes, "fetch.max.bytes": max(max_fetch_bytes, 52_428_800),
                # the queue librdkafka prefetches into while a batch is metered (per partition)
-               "queued.max.messages.kbytes": 65_536}))
+               "queued.max.messages.kbytes": 65_536,
+               # a batch may wait for a partition's seeding (the ledger): faust's default 1,000 s, not 300 s
+               "max.poll.interval.ms": 1_000_000}))
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -48,7 +48,7 @@ class StreamsSettings(BaseSettings):
     # "confluent" = a confluent-kafka consumer taken in batches, one faust channel item per batch; "faust" =
     # faust's own aiokafka consumer and take_events (one faust Event per Kafka message: ~4x slower at one
     # event per message)
-    consumer: str = Field(default="confluent", pattern="^(confluent|faust)$")
+    consumer: str = Field(default="confluent", pattern="^(confluent|faust|faust-confluent)$")
     consume_messages_max: int = Field(default=20_000, ge=1,
                                       description="Kafka messages per batch of the confluent consumer")
     checkpoint_counters_max: int = Field(default=4_000, ge=1, description="counters per checkpoint message")

@@ -7,7 +7,8 @@ The protocol (DESIGN §2.2; streams/README.md explains each step and the invaria
   aggregator of its partition (streams/metering.py); bad events go to the DLQ.
 - end of batch: one checkpoint per touched aggregator → ``ledger.charges.v1`` through an idempotent
   confluent producer, and the batch WAITS for broker acknowledgement of every checkpoint and dead letter
-  before it returns. faust acks (and later commits) a batch's offsets only after it returns, so a
+  before it returns. A batch's offsets are committed only after it returns (the confluent batching consumer,
+  streams/batch_consumer.py, the default; or faust's ack and commit with ``STREAMS_CONSUMER=faust``), so a
   committed offset is never ahead of an acknowledged checkpoint.
 - assignment: every partition of a new assignment is re-seeded (never trusted across a rebalance): its
   gate closes; once this worker's in-flight checkpoints are out, the seeding task waits until the ledger's
@@ -520,7 +521,9 @@ def create_app(settings: StreamsSettings, *, partitions: int | None = None) -> f
     """A faust app metering ``usage.events.v1``; nothing connects until the app starts."""
     runtime = Runtime(settings, partitions=partitions)
     faust_transport.register()  # aiokafka with a short fetch wait (streams/faust_transport.py)
-    brokers = ";".join(f"{faust_transport.SCHEME}://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))
+    # "faust-confluent" (faust's own confluent driver) is kept only to measure it: streams/README.md "Consumer"
+    scheme = "confluent" if settings.consumer == "faust-confluent" else faust_transport.SCHEME
+    brokers = ";".join(f"{scheme}://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))
     app = faust.App(
         runtime.group_id,
         broker=brokers,
@@ -595,17 +598,22 @@ def _consume_in_batches(app: faust.App, runtime: Runtime, settings: StreamsSetti
         # consumer is not started here, and rebalances are handled by BatchConsumer between batches
         app.flow_control.resume()
         await subscribed.wait()
-        await consumer.start()
-        loop = asyncio.get_running_loop()
-        while True:  # serial: consume -> meter and checkpoint (acknowledged) -> commit
-            records = await consumer.take(settings.consume_messages_max, settings.flush_ms_max / 1000)
-            if not records:
-                runtime.record_observations()
-                continue
-            done: asyncio.Future[None] = loop.create_future()
-            await batches.send(value=_Batch(records, done))
-            await done
-            await consumer.commit(records)
+        try:
+            await consumer.start()
+            loop = asyncio.get_running_loop()
+            while True:  # serial: consume -> meter and checkpoint (acknowledged) -> commit
+                records = await consumer.take(settings.consume_messages_max, settings.flush_ms_max / 1000)
+                if not records:
+                    runtime.record_observations()
+                    continue
+                done: asyncio.Future[None] = loop.create_future()
+                await batches.send(value=_Batch(records, done))
+                await done
+                await consumer.commit(records)
+        except asyncio.CancelledError:  # shutdown; a batch in flight ends the process in handle_batch
+            raise
+        except BaseException as exc:  # a fatal consumer error or a failed assignment hook: restart, commit nothing
+            _die("consumer_failed_exiting_without_commit", error=repr(exc))
 
     runtime.highwater = consumer.high_watermark
 

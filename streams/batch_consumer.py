@@ -23,6 +23,9 @@ The replacement of faust's commit/ack/rebalance semantics, and why it keeps the 
   ``consume`` returns a message of the new assignment, so every assigned partition is gated for re-seeding
   before any of its messages is metered (step 6). A partition revoked and assigned again starts from the
   group's committed offset; librdkafka drops messages fetched under an earlier assignment.
+- a batch may still hold messages fetched before a rebalance that ran inside the same ``consume`` call: the runtime
+  meters a message of a partition being re-seeded only after its seed (skipping offsets the ledger applied), and
+  skips — and never commits — one of a partition no longer ours.
 - a member that lost its session (process stalled past ``session.timeout``) commits with a stale generation
   and is refused; its checkpoints are fenced by the owner epoch either way (step 7b).
 """
@@ -97,7 +100,10 @@ class BatchConsumer:
                # the queue librdkafka prefetches into while a batch is metered (per partition)
                "queued.max.messages.kbytes": 65_536,
                # a batch may wait for a partition's seeding (the ledger): faust's default 1,000 s, not 300 s
-               "max.poll.interval.ms": 1_000_000}))
+               "max.poll.interval.ms": 1_000_000,
+               # eager (librdkafka's default): on_assign gets the WHOLE assignment, which Runtime.on_assigned
+               # re-seeds; a cooperative assignor would hand over increments it would mistake for the whole
+               "partition.assignment.strategy": "range,roundrobin"}))
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -30,7 +30,7 @@ import orjson
 from analytics.errors import BadQuery
 from streams.catalog_model import parse_path
 
-__all__ = ["MeterSpec", "MeterVersion", "group_expression", "meter_rows_sql", "units_expression"]
+__all__ = ["MeterSpec", "MeterVersion", "group_expression", "meter_rows_sql", "units_expression", "version_rows_sql"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,12 @@ def meter_rows_sql(db: str, meter: MeterSpec, params: dict[str, Any], *, prefix:
     p = _Params(params, prefix)
     return " UNION ALL ".join(_version_select(db, v, p, extra_where=extra_where, columns=columns)
                               for v in meter.versions)
+
+
+def version_rows_sql(db: str, version: MeterVersion, params: dict[str, Any], *, prefix: str,
+                     extra_where: list[str], columns: str) -> str:
+    """``meter_rows_sql`` for ONE version (the hourly rollup fills and reads each version on its own)."""
+    return _version_select(db, version, _Params(params, prefix), extra_where=extra_where, columns=columns)
 
 
 def units_expression(aggregation: str) -> str:

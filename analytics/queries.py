@@ -22,7 +22,10 @@ Rates are decimal strings rounded to 4 places (ratios, not money); null when not
 Usage figures come from usage_events; pre-aggregated projections answer them when the query shape allows
 (filters on toStartOfMinute(time) use ``by_minute``; toStartOfHour(time) ``by_hour``; day/month per-subject
 filters on toStartOfDay(time) use ``by_subject_day`` / ``by_subject_meter_day``), otherwise the raw rows
-(primary key: project, event type, time) are scanned.
+(primary key: project, event type, time) are scanned. Usage BY METER (units as each meter defines them,
+analytics/meter_units.py) reads whole hours from the hourly per-meter rollup and the rest from raw rows
+(analytics/meter_rollup.py: ``Analytics.usage`` / ``usage_totals``; ``build_usage`` / ``build_usage_totals`` are the
+raw computation, used when the rollup cannot answer and as the reference the tests compare it with).
 """
 
 from __future__ import annotations
@@ -38,13 +41,24 @@ from clickhouse_connect.driver.client import Client
 
 from analytics.client import ClientPool
 from analytics.errors import BadQuery
+from analytics.hours import STEP as _STEP
+from analytics.hours import ceil_to as _ceil
+from analytics.hours import floor_to as _floor
+from analytics.hours import split_hours
+from analytics.meter_rollup import (
+    MeterRollup,
+    Resolved,
+    ResolveStats,
+    merge_expression,
+    plan,
+    rollup_group_path,
+    rows_sql,
+)
 from analytics.meter_units import MeterSpec, group_expression, meter_rows_sql, units_expression
 from analytics.settings import AnalyticsSettings
 
 Granularity = Literal["minute", "hour", "day", "month"]
 GRANULARITIES: tuple[str, ...] = ("minute", "hour", "day", "month")
-_STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1),
-         "month": timedelta(days=31)}
 _JSON_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_\-]{1,64}){0,4}$")
 
 ISSUED_KINDS = ("top_up", "subscription_grant", "bonus", "promo", "refund")
@@ -104,25 +118,6 @@ def _aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise BadQuery(f"{name} must carry a timezone (e.g. 2026-11-01T00:00:00Z)")
     return moment.astimezone(UTC)
-
-
-def _floor(moment: datetime, unit: str) -> datetime:
-    if unit == "minute":
-        return moment.replace(second=0, microsecond=0)
-    if unit == "hour":
-        return moment.replace(minute=0, second=0, microsecond=0)
-    if unit == "day":
-        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
-def _ceil(moment: datetime, unit: str) -> datetime:
-    floored = _floor(moment, unit)
-    if floored == moment:
-        return moment
-    if unit == "month":
-        return (floored + timedelta(days=32)).replace(day=1)
-    return floored + _STEP[unit]
 
 
 def window(start: datetime | None, end: datetime | None, *, default_days: int = 30,
@@ -236,6 +231,51 @@ def build_usage_totals(*, db: str, project_id: str, win: Window, meters: list[Me
     return queries
 
 
+_HOUR_BUCKET = {"hour": "hour", "day": "toStartOfDay(hour)", "month": "toDateTime(toStartOfMonth(hour), 'UTC')"}
+
+
+def _by_aggregation(meters: list[tuple[MeterSpec, list[Resolved]]]) -> dict[str, list[Resolved]]:
+    out: dict[str, list[Resolved]] = {}
+    for meter, resolved in meters:
+        out.setdefault(meter.aggregation, []).extend(resolved)
+    return out
+
+
+def build_usage_from_rollup(*, db: str, project_id: str, granularity: str,
+                            meters: list[tuple[MeterSpec, list[Resolved]]]) -> Query:
+    """``build_usage`` (same rows, same order) with whole hours from the hourly rollup (analytics/meter_rollup.py):
+    hour/day/month buckets; group by meter, price version or a group-by path; no subject filter. Meters of one
+    aggregation kind share one read of the rollup (grp = the meter's slug when grouping by meter)."""
+    params: dict[str, Any] = {"project": project_id}
+    bucket = _HOUR_BUCKET[granularity]
+    parts = []
+    for n, (aggregation, resolved) in enumerate(_by_aggregation(meters).items()):
+        rows = rows_sql(db, resolved, params, prefix=f"a{n}")
+        if rows:
+            parts.append(f"SELECT formatDateTime({bucket}, '%Y-%m-%dT%H:%i:%S+00:00', 'UTC') AS bucket, grp, "
+                         f"sum(ev) AS events, toString({merge_expression(aggregation)}) AS total_units, "
+                         f"sum(rj) AS rejected FROM ({rows}) GROUP BY bucket, grp")
+    if not parts:
+        return Query("SELECT '' AS bucket, '' AS grp, 0 AS events, '0' AS total_units, 0 AS rejected WHERE 0", {})
+    return Query(f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY bucket, grp", params)
+
+
+def build_usage_totals_from_rollup(*, db: str, project_id: str,
+                                   meters: list[tuple[MeterSpec, list[Resolved]]]) -> Query:
+    """``build_usage_totals``'s figures for every meter in ONE query (a row per meter that has rows: ``meter``
+    = its slug), whole hours from the hourly rollup."""
+    params: dict[str, Any] = {"project": project_id}
+    parts = []
+    for n, (aggregation, resolved) in enumerate(_by_aggregation(meters).items()):
+        rows = rows_sql(db, resolved, params, prefix=f"a{n}")
+        if rows:
+            parts.append(f"SELECT grp AS meter, sum(ev) AS events, toString({merge_expression(aggregation)}) "
+                         f"AS total_units, sum(rj) AS rejected FROM ({rows}) GROUP BY grp")
+    if not parts:
+        return Query("SELECT '' AS meter, 0 AS events, '0' AS total_units, 0 AS rejected WHERE 0", {})
+    return Query(" UNION ALL ".join(parts), params)
+
+
 def build_billed_by_meter(*, db: str, project_id: str, win: Window) -> Query:
     """Credits the ledger charged per meter in the window (usage transactions; a credit-back is negative)."""
     where, params = _tx_where(project_id, win, None)
@@ -300,38 +340,9 @@ def _tx_where(project_id: str, win: Window, wallet_id: str | None) -> tuple[str,
     return where, params
 
 
-_HOUR = timedelta(hours=1)
 _RAW_ROW = ("created_at AS ts, kind, bucket_source, amount_minor > 0 AS pos, amount_minor AS amount, "
             "toUInt64(1) AS n")
 
-
-@dataclass(frozen=True)
-class HourSplit:
-    """[lo, hi) cut into whole hours the ``flows_by_hour`` rollup answers and partial hours read raw.
-
-    An hour is read from the rollup only when no boundary (lo, hi, or a cut such as a summary's window start)
-    falls strictly inside it, so every rollup row lies wholly on one side of every boundary and comparing its
-    hour with a boundary classifies it exactly; the raw rows carry their own created_at. lo=None: unbounded."""
-
-    rollup: tuple[tuple[datetime | None, datetime], ...]  # hour-aligned [from, to) ranges (from None: -inf)
-    raw: tuple[tuple[datetime, datetime], ...]  # exact [from, to) ranges, each within one hour
-
-
-def split_hours(lo: datetime | None, hi: datetime, cuts: tuple[datetime, ...] = ()) -> HourSplit:
-    points = [p for p in (lo, *cuts, hi) if p is not None]
-    partial = sorted({_floor(p, "hour") for p in points if _floor(p, "hour") != p})
-    raw = tuple((max(h, lo) if lo is not None else h, min(h + _HOUR, hi)) for h in partial
-                if (lo is None or h + _HOUR > lo) and h < hi)
-    rollup: list[tuple[datetime | None, datetime]] = []
-    cursor: datetime | None = _ceil(lo, "hour") if lo is not None else None
-    whole_end = _floor(hi, "hour")
-    for h in [*partial, whole_end]:
-        if h > whole_end or (cursor is not None and h < cursor):
-            continue
-        if cursor is None or h > cursor:
-            rollup.append((cursor, h))
-        cursor = h + _HOUR
-    return HourSplit(tuple(rollup), raw)
 
 
 def _tx_rows(db: str, params: dict[str, Any], *, lo: datetime | None, hi: datetime,
@@ -543,6 +554,9 @@ class Analytics:
         self.settings = settings
         self.pool = pool
         self.db = settings.database
+        self.rollup = MeterRollup(settings.database)
+        #: what the last rollup read did (hours from the rollup, filled, empty); for tests and the bench
+        self.last_rollup_stats: ResolveStats | None = None
         self._query_settings = {"max_execution_time": settings.query_timeout_s,
                                 "max_memory_usage": settings.query_memory_bytes_max,
                                 "do_not_merge_across_partitions_select_final": 1}
@@ -552,12 +566,34 @@ class Analytics:
             return list(_dicts(client, query, self._query_settings))
 
     # usage
+    def _resolved(self, client: Client, project_id: str, win: Window, group_by: str,
+                  meters: list[MeterSpec]) -> list[tuple[MeterSpec, list[Resolved]]]:
+        settled_before = datetime.now(UTC) - timedelta(seconds=self.settings.meter_rollup_settle_s)
+        planned = [(m, plan(m, win.start, win.end, group_by, settled_before=settled_before,
+                            hours_max=self.settings.meter_rollup_hours_max)) for m in meters]
+        resolved, self.last_rollup_stats = self.rollup.resolve(
+            client, project_id, [s for _, segments in planned for s in segments], self._query_settings)
+        out, i = [], 0
+        for meter, segments in planned:
+            out.append((meter, resolved[i:i + len(segments)]))
+            i += len(segments)
+        return out
+
+    def _from_rollup(self, group_by: str, meters: list[MeterSpec]) -> bool:
+        # slugs name the series (and a meter's rows are combined by slug): they must be distinct
+        return (self.settings.meter_rollup and len({m.slug for m in meters}) == len(meters)
+                and all(rollup_group_path(m, group_by) is not None for m in meters))
+
     def usage(self, *, project_id: str, win: Window, granularity: str, meters: list[MeterSpec],
               subject: str | None = None, group_by: str | None = None) -> dict[str, Any]:
         query, effective = build_usage(db=self.db, project_id=project_id, win=win, granularity=granularity,
                                        meters=meters, subject=subject, group_by=group_by,
                                        buckets_max=self.settings.buckets_max)
+        group = group_by or "meter"
         with self.pool.client() as client:
+            if granularity != "minute" and subject is None and self._from_rollup(group, meters):
+                query = build_usage_from_rollup(db=self.db, project_id=project_id, granularity=granularity,
+                                                meters=self._resolved(client, project_id, effective, group, meters))
             result = client.query(query.sql, parameters=query.params, settings=self._query_settings)
         # text columns already (bucket, group, units): no per-value conversion
         series = [{"bucket": bucket, "group": group, "events": int(events), "units": _units_text(units),
@@ -571,10 +607,17 @@ class Analytics:
         and the project's dead letters by reason (events no meter could take: unknown_meter, ...)."""
         billed = {r["meter_id"]: r for r in self.rows(build_billed_by_meter(db=self.db, project_id=project_id,
                                                                            win=win))}
+        if self._from_rollup("meter", meters):
+            with self.pool.client() as client:
+                query = build_usage_totals_from_rollup(db=self.db, project_id=project_id,
+                                                       meters=self._resolved(client, project_id, win, "meter", meters))
+            found = {r["meter"]: r for r in self.rows(query)}
+            rows = [found.get(m.slug, {"events": 0, "total_units": "0", "rejected": 0}) for m in meters]
+        else:
+            rows = [self.rows(q)[0] for q in build_usage_totals(db=self.db, project_id=project_id, win=win,
+                                                                 meters=meters)]
         out = []
-        for meter, query in zip(meters, build_usage_totals(db=self.db, project_id=project_id, win=win,
-                                                           meters=meters), strict=True):
-            row = self.rows(query)[0]
+        for meter, row in zip(meters, rows, strict=True):
             charged = billed.get(meter.id)
             out.append({"meter": meter.slug, "meter_id": meter.id, "event_type": meter.versions[-1].event_type,
                         "aggregation": meter.aggregation, "priced": meter.priced, "events": int(row["events"]),

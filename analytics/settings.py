@@ -52,6 +52,12 @@ class AnalyticsSettings(BaseSettings):
     query_timeout_s: int = Field(default=20, ge=1)
     query_memory_bytes_max: int = Field(default=2 * 1024**3, ge=64 * 1024**2)
     buckets_max: int = Field(default=5_000, ge=1, description="time buckets one series may return")
+    #: Usage by meter reads whole hours from the hourly rollup (analytics/meter_rollup.py); off = raw rows only.
+    meter_rollup: bool = True
+    #: Hours that ended less than this long ago are read raw (still receiving events; no fill churn).
+    meter_rollup_settle_s: int = Field(default=3_600, ge=0)
+    #: Above this many whole hours of one meter version in a window, that version is read raw.
+    meter_rollup_hours_max: int = Field(default=24 * 400, ge=0)
 
     @field_validator("clickhouse_url")
     @classmethod

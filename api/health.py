@@ -7,7 +7,8 @@ read these.
 - ``GET /healthz``: the older probe (alive and the database answers), kept for existing clients, plus the money
   pipeline's state: ``status`` is ``degraded`` while a ledger lane is halted (a checkpoint that cannot be applied
   or decoded; ledger/halts.py — it resumes by itself once the cause is fixed) or the last scheduled invariant
-  check found violations (ledger/invariant_check.py). It stays 200: the API itself is up, and the supervisor
+  check found violations (ledger/invariant_check.py) or the latest reconciliation found records of the same usage
+  disagreeing (``ledger.reconciliation``: which records, on how many wallets). It stays 200: the API itself is up, and the supervisor
   must not restart it for the ledger's sake;
 - ``GET /metrics``: Prometheus text format (api/metrics.py and whatever else this process records).
 """
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import EngineDep
 from ledger import queries
 from ledger.probes import Check, database_check, ready_report
+from ledger.reconciliation import latest_summary
 
 router = APIRouter(tags=["health"])
 
@@ -35,6 +37,7 @@ def healthz(engine: EngineDep) -> dict[str, object]:
         conn.execute(text("SELECT 1"))
         halts = queries.partition_halts(conn)
         check = queries.latest_invariant_check(conn)
+        reconciliation = latest_summary(conn)
     ledger: dict[str, object] = {
         "halted_partitions": [
             {"scope": h.scope, "topic": h.topic, "partition": h.partition, "reason": h.reason, "error": h.error,
@@ -44,8 +47,12 @@ def healthz(engine: EngineDep) -> dict[str, object]:
         "invariant_check": None if check is None else {
             "checked_at": check.checked_at.isoformat(), "violation_count": check.violation_count,
             "violations": {name: v["count"] for name, v in check.violations.items()}},
+        "reconciliation": None if reconciliation is None else {
+            "report_id": reconciliation.id, "finished_at": reconciliation.finished_at.isoformat(),
+            "ok": reconciliation.ok, "disagreeing_wallets": reconciliation.disagreeing_wallets},
     }
-    degraded = bool(halts) or (check is not None and not check.ok)
+    degraded = (bool(halts) or (check is not None and not check.ok)
+                or (reconciliation is not None and not reconciliation.ok))
     return {"status": "degraded" if degraded else "ok", "database": "ok", "ledger": ledger}
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -37,11 +38,13 @@ ROUTER_MODULES: list[str] = [
     "api.ingest.routes_catalog",
     "api.payments.routes_payments",
     "api.payments.routes_webhooks",
+    "api.payments.routes_reconciliation",
     "api.wallets.routes_billing_rules",
     "api.wallets.routes_ledger_chain",
     "api.wallets.routes_exports",
     "api.wallets.routes_reconciliation",
     "api.ingest.routes_dead_letters",
+    "api.ingest.routes_backfills",
     "api.dashboard.routes_pages",
 ]
 
@@ -51,7 +54,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ApiSettings = app.state.settings
     app.state.engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                                    application_name="meterline-api", pre_ping=False)
-    modules = [importlib.import_module(m) for m in ROUTER_MODULES]
+    # the router modules, then the hooks of a composition root above the api (create_app ``hooks``)
+    modules = [*(importlib.import_module(m) for m in ROUTER_MODULES), *getattr(app.state, "lifecycle_hooks", ())]
     for module in modules:
         if hasattr(module, "startup"):
             await module.startup(app)
@@ -65,7 +69,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine.dispose()
 
 
-def create_app(settings: ApiSettings | None = None) -> FastAPI:
+def create_app(settings: ApiSettings | None = None, *, hooks: Sequence[Any] = ()) -> FastAPI:
+    """``hooks``: objects with ``async startup(app)`` / ``async shutdown(app)`` like the router modules, started after
+    them (analytics is set up by then): how ``meterline`` adds work to the api process that the api may not import
+    (meterline/api_process.py: the reconciliation against an embedded ClickHouse this process owns)."""
     app = FastAPI(
         title="Meterline API",
         version="0.1.0",
@@ -75,6 +82,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings or get_settings()
+    app.state.lifecycle_hooks = list(hooks)
     install_error_handlers(app)
     install_middleware(app, inner=(FastDebitMiddleware,))
     for module_name in ROUTER_MODULES:

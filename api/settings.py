@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 LOCAL_JWT_SECRET = "meterline-local-development-secret-do-not-use"
 PLACEHOLDER_SECRETS = {"changethis", "change-me", "dev-secret", "secret", "", LOCAL_JWT_SECRET}
 JWT_SECRET_BYTES_MIN = 32
+#: the local-mode key of erasure pseudonyms (api/wallets/pseudonyms.py): refused elsewhere
+LOCAL_ERASURE_KEY = "meterline-local-erasure-pseudonym-key-do-not-use"
 
 
 class IdempotencySettings(BaseSettings):
@@ -34,13 +36,26 @@ class IdempotencySettings(BaseSettings):
         default=7 * 24 * 3600, ge=3600,
         description="Webhook deliveries that failed verification or repeated a settled event (kept as a digest, "
                     "their size and a short prefix) are purged by the scheduler after this. Default 7 days.")
+    env: str = Field(default="local", validation_alias=AliasChoices("METERLINE_ENV", "API_ENV"))
+    #: account erasure (docs/erasure.md): the per-deployment key of the pseudonyms (HMAC-SHA256) that replace an
+    #: erased subject where records are kept. Keep it secret and stable: a new key gives new pseudonyms (totals per
+    #: pseudonym then split across erasures made before and after the change).
+    erasure_pseudonym_key: SecretStr = Field(default=SecretStr(LOCAL_ERASURE_KEY), min_length=1)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_erasure_key(self) -> IdempotencySettings:
+        if self.env != "local":
+            value = self.erasure_pseudonym_key.get_secret_value()
+            if value in PLACEHOLDER_SECRETS or value == LOCAL_ERASURE_KEY or len(value.encode()) < 32:
+                raise ValueError("API_ERASURE_PSEUDONYM_KEY must be set to a real secret of at least 32 bytes "
+                                 "outside local mode (try: openssl rand -hex 32)")
+        return self
 
 
 class ApiSettings(IdempotencySettings):
     model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", populate_by_name=True,
                                       hide_input_in_errors=True)
 
-    env: str = Field(default="local", validation_alias=AliasChoices("METERLINE_ENV", "API_ENV"))
     host: str = "127.0.0.1"
     port: int = 8080
     database_url: str = Field(default="postgresql+psycopg://postgres@127.0.0.1:5432/meterline",

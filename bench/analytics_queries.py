@@ -195,10 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         pool = ClientPool(url, size=1)
         service = Analytics(settings, pool)
         worst = 0.0
-        print(f"{'query':44} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cpu ms':>8}")
+        # first ms: the untimed warm-up run; for the usage-by-meter views it fills the hourly meter rollup
+        # (analytics/meter_rollup.py) on a fresh path, i.e. what the first dashboard load after deploy pays
+        print(f"{'query':44} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cpu ms':>8} {'first ms':>9}")
         adhoc = adhoc_queries(service)
         for name, run in {**dashboard_queries(service), **adhoc}.items():
+            started = time.perf_counter()
             run()  # warm-up
+            first_ms = (time.perf_counter() - started) * 1000
             timings = []
             cpu = []
             for _ in range(args.runs):
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in adhoc:
                 worst = max(worst, p99)
             print(f"{name:44} {statistics.median(timings):8.1f} {p99:8.1f} {max(timings):8.1f} "
-                  f"{statistics.median(cpu):8.1f}")
+                  f"{statistics.median(cpu):8.1f} {first_ms:9.1f}")
         pool.close()
         verdict = "goal met (<= 100 ms)" if worst <= 100 else "first bar met (<= 200 ms)" if worst <= 200 else \
             "ABOVE the 200 ms bar"

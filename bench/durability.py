@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -33,15 +31,10 @@ import httpx
 
 from bench.machine import describe
 from bench.pipeline import PRICE, PROJECT, LoadProducer, Sent, check_totals
+from bench.stack_run import cli, running_stack
 from ledger.db import make_engine
 from meterline import services
 from streams import catalog
-
-CLI = [sys.executable, "-m", "meterline"]
-
-
-def _cli(*args: str, env: dict[str, str], timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def kill_to_accept(env: dict[str, str], home: Path, *, probe_s: float) -> dict[str, Any]:
@@ -124,7 +117,7 @@ def drain(env: dict[str, str], home: Path, *, queued: int) -> dict[str, Any]:
     produce_s = time.monotonic() - produce_started
     del producer  # its librdkafka threads would log connection failures once the broker stops
     down_started = time.monotonic()
-    result = _cli("down", "--drain-timeout-s", "600", env=env, timeout_s=700)
+    result = cli("down", "--drain-timeout-s", "600", env=env, timeout_s=700)
     down_s = time.monotonic() - down_started
     drained_line = next((line for line in result.stderr.splitlines() if "drained in" in line or "timed out" in line),
                         result.stderr[-500:])
@@ -169,33 +162,20 @@ def main() -> None:
     args = parser.parse_args()
     print(describe())
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    with tempfile.TemporaryDirectory(prefix="bench-durability-") as tmp:
-        root = Path(tmp)
-        root.chmod(0o755)
-        home = root / "home"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
-        env.update({"METERLINE_HOME": str(home), "METERLINE_KAFKA_PORT": str(services.free_port()),
-                    "METERLINE_STORE_PORT": str(services.free_port()),
-                    "METERLINE_API_PORT": str(services.free_port()), "METERLINE_STREAMS_WORKERS": str(args.workers)})
-        up = _cli("up", "--detach", "--timeout-s", "120", env=env)
-        if up.returncode != 0:
-            raise SystemExit(up.stderr)
-        try:
-            k = kill_to_accept(env, home, probe_s=args.probe_s)
-            print(f"\n[broker kill -9 under ingest] {k['accepted']:,} one-event requests accepted, "
-                  f"{k['refused']:,} refused (503/errors) while the broker was down; kill -> first 2xx: "
-                  f"{k['kill_to_accept_s']:.2f} s; wallet exact: {k['exact']} "
-                  f"({k['balance']} vs {k['expected']})")
-            print("load average: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-            d = drain(env, home, queued=args.queued)
-            print(f"\n[down drain] {d['queued']:,} events queued in {d['produce_s']:.1f} s (packed 200/message, workers "
-                  "stopped meanwhile), "
-                  f"then `meterline down`: {d['down_s']:.1f} s in all; {d['drain']}; ledger exact: {d['exact']} "
-                  f"({d['detail']})")
-            print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-        finally:
-            _cli("down", "--now", env=env)
+    with running_stack(workers=args.workers, prefix="bench-durability-", up_timeout_s=120) as stack:
+        env, home = stack.env, stack.home
+        k = kill_to_accept(env, home, probe_s=args.probe_s)
+        print(f"\n[broker kill -9 under ingest] {k['accepted']:,} one-event requests accepted, "
+              f"{k['refused']:,} refused (503/errors) while the broker was down; kill -> first 2xx: "
+              f"{k['kill_to_accept_s']:.2f} s; wallet exact: {k['exact']} "
+              f"({k['balance']} vs {k['expected']})")
+        print("load average: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        d = drain(env, home, queued=args.queued)
+        print(f"\n[down drain] {d['queued']:,} events queued in {d['produce_s']:.1f} s (packed 200/message, workers "
+              "stopped meanwhile), "
+              f"then `meterline down`: {d['down_s']:.1f} s in all; {d['drain']}; ledger exact: {d['exact']} "
+              f"({d['detail']})")
+        print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def load_books(conn: Connection, wallets: Iterable[WalletRow], *, now: datetime)
     by_id = {w.id: w for w in wallets}
     buckets: dict[str, list[Bucket]] = {wallet_id: [] for wallet_id in by_id}
     if by_id:
-        for row in conn.execute(_LIVE_BUCKETS, {"ids": list(by_id)}):
+        for row in conn.execute(_LIVE_BUCKETS, {"ids": list(by_id)}).all():
             buckets[row.wallet_id].append(
                 Bucket(row.id, row.priority, row.expires_at, row.created_at, row.remaining_minor, row.source))
     return {wallet_id: WalletBook(balance_minor=w.balance_minor, buckets=buckets[wallet_id], now=now,

@@ -40,13 +40,25 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def metadata_commitment(salt: bytes, metadata_text: str | None) -> bytes:
+    """Chain v2 (ledger_0013): what the chain covers instead of the metadata, a salted hiding commitment."""
+    return hashlib.sha256(salt + (metadata_text if metadata_text is not None else "null").encode()).digest()
+
+
 def payload_of(row: Any) -> bytes:
-    """The chained text of a transaction row (``metadata_text`` = ``metadata::text`` as PostgreSQL renders it)."""
+    """The chained text of a transaction row (``metadata_text`` = ``metadata::text`` as PostgreSQL renders it).
+    Chain v1 rows (posted before ledger_0013, ``metadata_commitment`` NULL) chain the metadata itself; chain v2
+    rows chain ``commitment:<hex>`` in its place, so erasure can pseudonymise the metadata (and drop the salt)
+    without breaking a link — ledger/README.md "Erasure and the chain"."""
     head = _json([row.id, row.project_id, row.wallet_id, row.kind, row.amount_minor, row.balance_before_minor,
                   row.balance_after_minor, row.idempotency_key, row.request_fingerprint, row.source_ref,
                   row.related_transaction_id, row.hold_id, row.meter_id, _micros(row.period_start),
                   row.price_version_id, row.reason])
-    metadata = row.metadata_text if row.metadata_text is not None else "null"
+    commitment = getattr(row, "metadata_commitment", None)
+    if commitment is not None:
+        metadata = _json(f"commitment:{bytes(commitment).hex()}")
+    else:
+        metadata = row.metadata_text if row.metadata_text is not None else "null"
     return f"{head[:-1]}, {metadata}, {_json(_micros(row.created_at))}]".encode()
 
 
@@ -66,6 +78,8 @@ class Break:
 class VerifyReport:
     wallets: int = 0
     transactions: int = 0
+    #: chain-v2 rows whose metadata erasure pseudonymised (salt dropped): every other field still verified
+    redacted: int = 0
     seconds: float = 0.0
     breaks: list[Break] = field(default_factory=list)
 
@@ -77,7 +91,8 @@ class VerifyReport:
 _ROWS = """
     SELECT id, project_id, wallet_id, kind, amount_minor, balance_before_minor, balance_after_minor,
            idempotency_key, request_fingerprint, source_ref, related_transaction_id, hold_id, meter_id, period_start,
-           price_version_id, reason, metadata::text AS metadata_text, created_at, chain_hash
+           price_version_id, reason, metadata::text AS metadata_text, created_at, chain_hash,
+           metadata_salt, metadata_commitment
     FROM transactions {where} ORDER BY wallet_id, id
 """
 
@@ -118,6 +133,15 @@ def verify(conn: Connection, *, project_id: str | None = None, batch: int = 5_00
                 report.breaks.append(Break(wallet_id, row.id, previous_id,
                                            "chain hash does not match the row (the row or its predecessor's link "
                                            "was changed after it was written)"))
+            if row.metadata_commitment is not None:
+                if row.metadata_salt is None:
+                    report.redacted += 1
+                elif not chain_broken and metadata_commitment(bytes(row.metadata_salt), row.metadata_text) != \
+                        bytes(row.metadata_commitment):
+                    chain_broken = True
+                    report.breaks.append(Break(wallet_id, row.id, previous_id,
+                                               "chain hash does not cover the row: its metadata does not match "
+                                               "the chained commitment (changed after it was written)"))
             if not balance_broken and (row.balance_before_minor != balance
                                        or row.balance_after_minor != row.balance_before_minor + row.amount_minor):
                 balance_broken = True

@@ -57,7 +57,7 @@ lets the ledger catch up: its cost is per key and checkpoint, not per event.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -75,7 +75,7 @@ from ledger.writer import Draft, write
 
 log = structlog.get_logger("ledger.checkpoints")
 
-__all__ = ["MergedOutcome", "apply_checkpoint", "apply_checkpoints", "merge_units", "usage_idempotency_key"]
+__all__ = ["Key", "KeyMetadata", "MergedOutcome", "apply_checkpoint", "apply_checkpoints", "merge_units", "usage_idempotency_key"]
 
 
 class Key(NamedTuple):
@@ -167,7 +167,7 @@ _LOCK_GROUPS = text("""
 
 _GROUP_MEMBERS = text("""
     SELECT c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.meter_version, c.price_effective_from,
-           c.aggregation, c.price, c.charged_minor
+           c.aggregation, CAST(c.price AS text) AS price_text, c.charged_minor
     FROM json_to_recordset(CAST(:groups AS json)) AS g(wallet_id text, meter_id text, period_start timestamptz,
                                                       meter_version integer)
     JOIN usage_charges c
@@ -230,8 +230,13 @@ class MergedOutcome(NamedTuple):
     refused: int = 0
 
 
+#: Extra transaction metadata per key (a backfill records the original period and whether it was closed).
+KeyMetadata = Callable[[Key], Mapping[str, Any]]
+
+
 def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint], *,
-                      kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> MergedOutcome:
+                      kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
+                      metadata: KeyMetadata | None = None) -> MergedOutcome:
     """Apply consecutive checkpoints of ONE source partition, in the given (arrival) order, as one merged
     checkpoint inside the caller's transaction.
 
@@ -245,7 +250,8 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
     is new for the partition, so its idempotency keys are too.
 
     ``kind``/``reason``: a replay correction (ledger/corrections.py) posts its deltas as ``adjustment`` with a
-    reason, keyed ``adjustment:{topic}:…`` instead of ``usage:{topic}:…``; everything else is the same."""
+    reason, keyed ``adjustment:{topic}:…`` instead of ``usage:{topic}:…``; everything else is the same.
+    ``metadata``: extra members of each posted transaction's metadata, per key (ledger/backfills.py)."""
     if not checkpoints:
         raise ValueError("apply_checkpoints needs at least one checkpoint")
     first = checkpoints[0]
@@ -297,7 +303,7 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
         conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
             {**_key_row(k), "units": units[k], "charged": targets[k]} for k in priced)})
         transactions, charged_total = _post_deltas(conn, (topic, partition, as_of), priced, units, deltas, targets,
-                                                   kind=kind, reason=reason)
+                                                   kind=kind, reason=reason, metadata=metadata)
     hashes = [h for checkpoint in accepted for h in checkpoint.dedupe_keys]
     if hashes:
         stream_times = [c.stream_time for c in accepted if c.stream_time is not None]
@@ -395,13 +401,13 @@ def _price_json(price: PriceModel) -> str:
 
 
 def _lock_charges(conn: Connection, rows: str) -> dict[Key, int]:
-    result = conn.execute(_LOCK_CHARGES, {"rows": rows})
+    result = conn.execute(_LOCK_CHARGES, {"rows": rows}).all()
     return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id): int(r.charged_minor) for r in result}
 
 
 def _merged(conn: Connection, aggregations: dict[Key, str], rows: str) -> dict[Key, Decimal]:
     per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in aggregations}
-    for r in conn.execute(_ALL_PARTITIONS, {"rows": rows}):
+    for r in conn.execute(_ALL_PARTITIONS, {"rows": rows}).all():
         per_key[Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)].append((r.units, r.latest_at))
     return {key: merge_units(aggregations[key], per_key[key]) for key in aggregations}
 
@@ -434,16 +440,17 @@ def _groups(conn: Connection, values: dict[Key, CounterValue], rows: str) -> lis
     if any(v.price_effective_from is None for v in values.values()):
         # meter_version / price_effective_from of a stored row never change once written: no lock needed
         groups |= {Group(r.wallet_id, r.meter_id, r.period_start, r.meter_version)
-                   for r in conn.execute(_STORED_GROUPS, {"rows": rows})}
+                   for r in conn.execute(_STORED_GROUPS, {"rows": rows}).all()}
     return sorted(groups)
 
 
 def _group_members(conn: Connection, groups_json: str, values: dict[Key, CounterValue]) -> dict[Key, Member]:
     members: dict[Key, Member] = {}
-    for r in conn.execute(_GROUP_MEMBERS, {"groups": groups_json}):
+    # .all(): one fetch instead of a fetchone per row; the price comes as text, parsed only when needed
+    for r in conn.execute(_GROUP_MEMBERS, {"groups": groups_json}).all():
         key = Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)
         # a price version is immutable: the checkpoint's model is the stored one (parse only the others')
-        price = values[key].price if key in values else PriceModel.model_validate(r.price)
+        price = values[key].price if key in values else PriceModel.model_validate_json(r.price_text)
         members[key] = Member(r.price_effective_from, price, r.aggregation, int(r.charged_minor))
     return members
 
@@ -468,7 +475,8 @@ def _continued_targets(members: dict[Key, Member], units: dict[Key, Decimal]) ->
 
 def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], keys: list[Key],
                  units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int], *,
-                 kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None) -> tuple[int, int]:
+                 kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
+                 metadata: KeyMetadata | None = None) -> tuple[int, int]:
     moving = [key for key in keys if deltas[key] != 0]
     if not moving:
         return 0, 0
@@ -489,7 +497,8 @@ def _post_deltas(conn: Connection, checkpoint: tuple[str, int, int], keys: list[
             f"{kind.value}:{usage_key.removeprefix('usage:')}",
             source_ref=source_ref, reason=reason,
             meter_id=key.meter_id, period_start=key.period_start, price_version_id=key.price_version_id,
-            metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key]},
+            metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key],
+                      **(metadata(key) if metadata is not None else {})},
         ))
     write(conn, books, drafts)
     return len(drafts), sum(deltas[key] for key in moving)

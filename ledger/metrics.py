@@ -25,8 +25,9 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "APPLY_SECONDS", "CHECKPOINTS", "CHECKPOINT_EMIT_TO_APPLY_SECONDS", "CHECKPOINT_QUEUE_SECONDS", "CONSUMER_LAG",
     "DB_RETRIES", "INVARIANT_CHECK_LAST_RUN", "INVARIANT_VIOLATIONS", "OUTBOX_BACKLOG", "OUTBOX_PUBLISHED",
-    "QUEUE_CHECKPOINTS", "SCHEDULER_JOB_RUNS", "SCHEDULER_JOB_SECONDS", "forget_lag", "record_invariant_check",
-    "record_lag",
+    "QUEUE_CHECKPOINTS", "RECONCILIATION_DRIFT_MINOR", "RECONCILIATION_DRIFT_WALLETS", "RECONCILIATION_LAST_RUN",
+    "SCHEDULER_JOB_RUNS", "SCHEDULER_JOB_SECONDS", "forget_lag", "record_invariant_check", "record_lag",
+    "record_reconciliation",
 ]
 
 #: latency buckets from 5 ms to 2 min: checkpoint latency is ~100 ms idle and seconds under a backlog
@@ -96,3 +97,38 @@ def record_invariant_check(violations: Mapping[str, int], *, now: float | None =
     for check, count in violations.items():
         INVARIANT_VIOLATIONS.labels(check).set(count)
     INVARIANT_CHECK_LAST_RUN.set(time.time() if now is None else now)
+
+
+# -- continuous reconciliation (meterline/reconcile_job.py) ------------------------------------------------------
+#: Set by the reconcile_usage job after each finished report (in the scheduler, or in the api when it owns an
+#: embedded ClickHouse: meterline/reconcile_embedded.py) (ledger/reconcile_compare.py): per record
+#: (usage_log, ledger, clickhouse_usage, clickhouse_flow), the wallets on which it disagrees with the others; per
+#: pair "reference/disagreeing", the absolute money drift. deploy/prometheus/rules/reconciliation.yml alerts on
+#: any wallet; ``meterline status`` reports it as unhealthy like a violated invariant check.
+RECONCILIATION_DRIFT_WALLETS = Gauge("meterline_reconciliation_drift_wallets",
+                                     "Wallets on which a record disagrees with the others in the latest "
+                                     "reconciliation (0 = agrees everywhere)", ["record"])
+RECONCILIATION_DRIFT_MINOR = Gauge("meterline_reconciliation_drift_minor",
+                                   "Absolute money drift (minor units) per record pair reference/disagreeing in the "
+                                   "latest reconciliation", ["pair"])
+RECONCILIATION_COMPARED = Gauge("meterline_reconciliation_record_compared",
+                                "1 when the latest reconciliation compared the record, 0 when it could not "
+                                "(not settled, or ClickHouse not reachable from the process that ran it)", ["record"])
+RECONCILIATION_LAST_RUN = Gauge("meterline_reconciliation_last_run_timestamp_seconds",
+                                "Unix time of the latest finished reconciliation report")
+_DRIFT_PAIRS = ("usage_log/ledger", "usage_log/clickhouse_usage", "ledger/clickhouse_flow")
+
+
+def record_reconciliation(wallets: Mapping[str, int], drift_minor: Mapping[str, int], compared: Mapping[str, bool],
+                          *, now: float | None = None) -> None:
+    """What the reconcile job calls after each report; pairs without drift this time are set back to 0."""
+    for record, count in wallets.items():
+        RECONCILIATION_DRIFT_WALLETS.labels(record).set(count)
+    seen = {labels[0] for labels in RECONCILIATION_DRIFT_MINOR._metrics} | set(_DRIFT_PAIRS)
+    for pair in seen:
+        RECONCILIATION_DRIFT_MINOR.labels(pair).set(drift_minor.get(pair, 0))
+    for pair, amount in drift_minor.items():
+        RECONCILIATION_DRIFT_MINOR.labels(pair).set(amount)
+    for record, ok in compared.items():
+        RECONCILIATION_COMPARED.labels(record).set(1 if ok else 0)
+    RECONCILIATION_LAST_RUN.set(time.time() if now is None else now)

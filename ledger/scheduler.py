@@ -10,6 +10,10 @@ anyway (conditional updates, idempotency keys), so an overlap during a takeover 
 Jobs are a small registry (``JOBS``): name, period, function(conn, now, settings) -> rows affected.
 Billing rules (ledger/billing.py) are one of the jobs.
 
+Work that outlives a job's round (a replay of the whole usage log, on a thread) takes a lease row of its own
+(``run_lease``: short TTL, renewed by a thread while the work runs, released at its end) so two processes that may
+both start it — the scheduler, and the api when it owns an embedded ClickHouse — never run it at the same time.
+
 Jobs are independent: a job that raises is logged (``scheduler_job_failed``) and retried next round, and
 the jobs after it still run. A job with a backlog works it off in short transactions for at most
 ``scheduler_job_budget_s`` per round, then yields to the others and stays due, so one large purge cannot
@@ -24,7 +28,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import FrameType
@@ -41,7 +46,7 @@ from ledger.invariant_check import check_invariants
 from ledger.probes import Check, database_check, start_probe_server
 from ledger.settings import LedgerSettings, get_settings
 
-__all__ = ["JOBS", "LEASE_NAME", "Job", "Scheduler", "main"]
+__all__ = ["JOBS", "LEASE_NAME", "Job", "Scheduler", "main", "run_lease"]
 
 log = structlog.get_logger("ledger.scheduler")
 
@@ -57,6 +62,42 @@ _STILL_HOLDER = text("""
     SELECT 1 FROM scheduler_leases WHERE name = :name AND holder = :holder AND expires_at > now() FOR SHARE
 """)
 _RELEASE = text("DELETE FROM scheduler_leases WHERE name = :name AND holder = :holder")
+
+
+@contextmanager
+def run_lease(engine: Engine, name: str, holder: str, *, ttl_s: float = 60.0) -> Iterator[bool]:
+    """Hold the lease row ``name`` for the duration of the block; yields False (and holds nothing) when another live
+    holder has it. While held, a thread renews it every ``ttl_s / 3``, so a holder that dies frees it within
+    ``ttl_s`` while a long run keeps it. A renewal that finds the lease gone (this process paused past the TTL and
+    another took it) is logged; the block is not interrupted — lease holders must do work an overlap cannot harm."""
+    with engine.begin() as conn:
+        taken = conn.execute(_ACQUIRE, {"name": name, "holder": holder, "ttl": ttl_s}).one_or_none() is not None
+    if not taken:
+        yield False
+        return
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl_s / 3):
+            try:
+                with engine.begin() as conn:
+                    if conn.execute(_ACQUIRE, {"name": name, "holder": holder, "ttl": ttl_s}).one_or_none() is None:
+                        log.warning("run_lease_lost", lease=name, holder=holder)
+            except Exception as exc:  # PostgreSQL away for a moment: the next renewal tries again
+                log.warning("run_lease_renew_failed", lease=name, holder=holder, error=str(exc)[:200])
+
+    renewer = threading.Thread(target=renew, name=f"lease-{name}", daemon=True)
+    renewer.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        renewer.join(10)
+        try:
+            with engine.begin() as conn:
+                conn.execute(_RELEASE, {"name": name, "holder": holder})
+        except Exception as exc:  # it expires by itself within ttl_s
+            log.warning("run_lease_release_failed", lease=name, holder=holder, error=str(exc)[:200])
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,31 @@ def set_owner_ref(conn: Connection, *, wallet_id: str, owner_ref: str) -> Wallet
     return WalletRow.from_mapping(row)
 
 
+def retire_wallet(conn: Connection, *, wallet_id: str) -> WalletRow:
+    """Mark a closed subject wallet as erased (``wallets.erased_at``, once): its id is never auto-provisioned
+    again, so a subject that comes back gets the next generation's wallet (streams.catalog_model)."""
+    wallet = lock_wallet(conn, wallet_id)
+    if wallet.closed_at is None or wallet.owner_kind != "subject":
+        raise InvalidRequest(f"wallet {wallet_id}: only a closed subject wallet can be retired")
+    row = conn.execute(text("""
+        UPDATE wallets SET erased_at = coalesce(erased_at, now()), updated_at = now() WHERE id = :id RETURNING *
+    """), {"id": wallet_id}).mappings().one()
+    return WalletRow.from_mapping(row)
+
+
+def pseudonymise_metadata(conn: Connection, *, wallet_id: str, replacements: dict[str, str]) -> int:
+    """Replace personal JSON string values in a closed wallet's transaction metadata by their pseudonyms, through
+    the one narrow path the append-only guard allows (``ledger_erasure_pseudonymise_metadata``, ledger_0013):
+    chain-v2 rows only, nothing but ``metadata`` changes, the salt is dropped so the chained commitment reveals
+    nothing. Returns how many rows changed; ``ledger verify`` still holds."""
+    wallet = lock_wallet(conn, wallet_id)
+    if wallet.closed_at is None:
+        raise InvalidRequest(f"wallet {wallet_id} is open; only a closed wallet's metadata can be pseudonymised")
+    values = sorted(replacements)
+    return int(conn.execute(text("SELECT ledger_erasure_pseudonymise_metadata(:w, :f, :t)"), {
+        "w": wallet_id, "f": values, "t": [replacements[v] for v in values]}).scalar_one())
+
+
 def forfeit_balance(conn: Connection, *, wallet_id: str, idempotency_key: str, reason: str,
                     metadata: dict[str, Any] | None = None) -> PostingResult | None:
     """Post what is left on a CLOSED wallet as a negative ``adjustment`` with ``reason`` (burning every bucket in

@@ -188,6 +188,11 @@ def _print_status(report: dict[str, object]) -> None:
     invariants = report["invariant_check"]
     assert isinstance(invariants, dict)
     out.print(f"invariant check: {invariants['state']} {invariants.get('violations') or ''}")
+    reconciled = report.get("reconciliation") or {}
+    assert isinstance(reconciled, dict)
+    drifted = {r: n for r, n in (reconciled.get("disagreeing_wallets") or {}).items() if n}
+    out.print(f"reconciliation: {reconciled.get('state', 'unknown')} "
+              f"{'disagreeing wallets per record ' + str(drifted) if drifted else ''}")
     problems = report["problems"]
     assert isinstance(problems, list)
     if problems:
@@ -267,7 +272,7 @@ def _register_optional_commands() -> None:
     """Command groups owned by other modules register themselves here (one module per group)."""
     for module_name in ("meterline.cli_demo", "meterline.cli_events", "meterline.cli_catalog",
                         "meterline.cli_reconcile", "meterline.cli_replay", "meterline.cli_ledger",
-                        "meterline.cli_export", "meterline.cli_entitlements"):
+                        "meterline.cli_export", "meterline.cli_entitlements", "meterline.cli_payments"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -10,7 +10,9 @@ HTTP and the metrics parsed with prometheus-client's own parser. Nothing here ne
 - dead letters: ``meterline_dead_letters_total`` summed over the stream workers, by reason (since each worker
   started: a restarted worker counts from 0; the durable record is ClickHouse's ``dead_letters`` table);
 - invariant check: ``meterline_invariant_check_violations`` from the scheduler's metrics (the job that sets it
-  runs in the scheduler); "not run" while no run has been recorded since the scheduler started.
+  runs in the scheduler); "not run" while no run has been recorded since the scheduler started;
+- reconciliation: ``meterline_reconciliation_drift_wallets`` per record from the metrics of the process that ran
+  it — the scheduler, or the api when it owns an embedded ClickHouse (meterline/reconcile_job.py); any wallet a record disagrees on makes the stack unhealthy, like a violated check.
 """
 
 from __future__ import annotations
@@ -127,6 +129,33 @@ def invariant_check(scheduler: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"state": state, "violations": violations, "last_run_unix_s": last_run[0] if last_run else None}
 
 
+def reconciliation(*processes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The latest reconciliation of the four usage records, from the metrics of the process that ran it
+    (meterline/reconcile_job.py: the scheduler, or the api when it owns an embedded ClickHouse; the newest
+    ``meterline_reconciliation_last_run_timestamp_seconds`` wins): ``drift`` when a record disagrees on any wallet
+    (which records, how many wallets), like a violated invariant."""
+    answering = [m for m in ((p or {}).get("metrics") for p in processes) if m is not None]
+    if not answering:
+        return {"state": "unknown", "detail": "the scheduler's and the api's metrics do not answer",
+                "disagreeing_wallets": {}}
+    ran = [m for m in answering if m.get("meterline_reconciliation_drift_wallets")]
+    if not ran:
+        return {"state": "not_run", "detail": "no reconciliation has finished since the scheduler and the api "
+                "started", "disagreeing_wallets": {}}
+
+    def last_run(metrics: Mapping[str, Any]) -> float:
+        return max((value for _labels, value in metrics.get("meterline_reconciliation_last_run_timestamp_seconds",
+                                                              [])), default=0.0)
+
+    metrics = max(ran, key=last_run)
+    wallets = {labels.get("record", "?"): int(value)
+               for labels, value in metrics.get("meterline_reconciliation_drift_wallets", [])}
+    compared = [labels.get("record", "?") for labels, value in
+                metrics.get("meterline_reconciliation_record_compared", []) if value]
+    return {"state": "drift" if any(wallets.values()) else "ok", "disagreeing_wallets": wallets,
+            "compared": sorted(compared)}
+
+
 def collect(*, urls: Mapping[str, str], probe_urls: Mapping[str, str],
             children: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The whole health picture and its verdict (``healthy``; ``problems`` says why not)."""
@@ -135,6 +164,7 @@ def collect(*, urls: Mapping[str, str], probe_urls: Mapping[str, str],
         probes = {name: future.result() for name, future in futures.items()}
     engine_report = engines(urls, {"checks": probes.get("api", {}).get("checks", {})} if "api" in probes else None)
     invariants = invariant_check(probes.get("scheduler"))
+    reconciled = reconciliation(probes.get("scheduler"), probes.get("api"))
     problems: list[str] = []
     for name, engine in engine_report.items():
         if not engine["reachable"]:
@@ -153,6 +183,10 @@ def collect(*, urls: Mapping[str, str], probe_urls: Mapping[str, str],
             problems.append(f"process {name} not ready: {failing or report['error']}")
     if invariants["state"] == "violated":
         problems.append(f"invariant check violated: {invariants['violations']}")
+    if reconciled["state"] == "drift":
+        problems.append("reconciliation drift: records disagree on wallets "
+                        f"{ {r: n for r, n in reconciled['disagreeing_wallets'].items() if n} }")
     processes = {name: {k: v for k, v in report.items() if k != "metrics"} for name, report in probes.items()}
     return {"healthy": not problems, "problems": problems, "engines": engine_report, "probes": processes,
-            "consumer_lag": consumer_lag(probes), "dead_letters": dead_letters(probes), "invariant_check": invariants}
+            "consumer_lag": consumer_lag(probes), "dead_letters": dead_letters(probes), "invariant_check": invariants,
+            "reconciliation": reconciled}

@@ -27,7 +27,7 @@ from api.wallets.idempotency import purge_older_than
 from ledger import scheduler
 from ledger.scheduler import JOBS, Job
 from ledger.settings import LedgerSettings
-from meterline.reconcile_job import reconcile_jobs
+from meterline.reconcile_job import Reconciler, reconcile_jobs
 
 #: how often the API's purges run (like the ledger's purges)
 PURGE_EVERY_S = 300.0
@@ -37,6 +37,8 @@ ERASE_EVERY_S = 60.0
 EMAIL_EVERY_S = 5.0
 #: how often past_due subscriptions past their grace period are expired (the grace is days long)
 DUNNING_EVERY_S = 60.0
+#: how often the receipts reconciliation looks whether a run is due (cheap: no I/O)
+RECEIPTS_CHECK_EVERY_S = 30.0
 
 log = structlog.get_logger("meterline.scheduler")
 
@@ -49,9 +51,11 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
         """Idempotency-Key records past ``API_IDEMPOTENCY_RETENTION_S`` (``now`` is the database's clock)."""
         return purge_older_than(conn, cutoff=now - retention)
 
+    erasure_key = settings.erasure_pseudonym_key.get_secret_value().encode()
+
     def erase_accounts(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
         """Account erasures whose grace period is over (api/wallets/erasure.py), a bounded batch per transaction."""
-        return erase_due(conn, now=now)
+        return erase_due(conn, now=now, key=erasure_key)
 
     def purge_webhook_deliveries(conn: Connection, now: datetime, _settings: LedgerSettings) -> int:
         """Rejected and duplicate webhook deliveries past ``API_WEBHOOK_UNVERIFIED_RETENTION_S`` (api/payments)."""
@@ -65,6 +69,30 @@ def api_jobs(settings: IdempotencySettings) -> list[Job]:
             Job("purge_session_revocations", PURGE_EVERY_S, purge_session_revocations),
             Job("erase_accounts", ERASE_EVERY_S, erase_accounts),
             Job("purge_webhook_deliveries", PURGE_EVERY_S, purge_webhook_deliveries)]
+
+
+def analytics_erasure_jobs() -> list[Job]:
+    """``erase_analytics`` (the ClickHouse pass of account erasure) when ClickHouse is a server this process may
+    connect to. With embedded chDB only the process owning the data path may open it: the api runs the pass there
+    (api/wallets/routes_erasure.py ``startup``; docs/erasure.md)."""
+    from analytics.settings import AnalyticsSettings
+
+    analytics = AnalyticsSettings()
+    if not analytics.clickhouse_url.startswith("http"):
+        return []
+
+    def erase_analytics(conn: Connection, _now: datetime, _settings: LedgerSettings) -> int:
+        """Rewrite ClickHouse for erased accounts (api/wallets/erasure_analytics.py)."""
+        from analytics.client import connect
+        from api.wallets.erasure_analytics import erase_analytics_due
+
+        client = connect(analytics.clickhouse_url)
+        try:
+            return erase_analytics_due(conn, client, database=analytics.database)
+        finally:
+            client.close()
+
+    return [Job("erase_analytics", ERASE_EVERY_S, erase_analytics)]
 
 
 def email_jobs(settings: EmailDeliverySettings) -> list[Job]:
@@ -98,11 +126,44 @@ def dunning_jobs(settings: DunningSettings) -> list[Job]:
     return [Job("expire_past_due", DUNNING_EVERY_S, expire_past_due_entitlements)]
 
 
+def receipts_jobs() -> list[Job]:
+    """``reconcile_receipts``: every ``API_PAYMENTS_RECONCILE_INTERVAL_S`` (1 h; 0 = never) read RevenueCat and
+    Lemon Squeezy for every project with an API key and apply what no webhook brought
+    (api/payments/reconciliation.py). Provider calls take seconds to minutes, far over a job's budget and never
+    inside the lease's transaction: like ``reconcile_usage`` the job only STARTS a run on a thread, one at a time."""
+    from api.payments.reconcile_settings import ReconcileSettings
+    from api.payments.reconciliation import reconcile_all
+    from ledger.db import make_engine
+    from ledger.settings import get_settings as ledger_settings
+
+    settings = ReconcileSettings()
+    if settings.payments_reconcile_interval_s <= 0:
+        return []
+    database_url = ledger_settings().database_url
+
+    def run() -> None:
+        engine = make_engine(database_url, pool_size=2, application_name="meterline-reconcile-receipts")
+        try:
+            found = reconcile_all(engine, settings, trigger="scheduler")
+        finally:
+            engine.dispose()
+        log.info("receipts_reconciled", runs=len(found), fixed=sum(r.fixed for r in found),
+                 errors=sum(len(r.errors) for r in found))
+
+    reconciler = Reconciler(settings.payments_reconcile_interval_s, run)
+
+    def reconcile_receipts(_conn: Connection, _now: datetime, _settings: LedgerSettings) -> int:
+        return reconciler.tick()
+
+    return [Job("reconcile_receipts", RECEIPTS_CHECK_EVERY_S, reconcile_receipts)]
+
+
 def jobs(settings: IdempotencySettings | None = None, email: EmailDeliverySettings | None = None,
          dunning: DunningSettings | None = None) -> list[Job]:
     """Everything ``meterline run scheduler`` runs: the ledger's jobs, then the API's."""
     return [*JOBS, *api_jobs(settings or IdempotencySettings()), *email_jobs(email or EmailDeliverySettings()),
-            *dunning_jobs(dunning or DunningSettings()), *reconcile_jobs()]
+            *dunning_jobs(dunning or DunningSettings()), *reconcile_jobs(), *receipts_jobs(),
+            *analytics_erasure_jobs()]
 
 
 def main() -> None:

@@ -34,8 +34,12 @@ class StackSettings(BaseSettings):
     streams_workers: int = Field(default=2, ge=1, description="one faust worker per core")
     topic_prefix: str = ""
     restart_backoff_s_max: float = 10.0
-    reconcile_interval_s: float = Field(default=3_600.0, ge=0, description="how often the scheduler replays the "
-                                        "usage log against the ledger (meterline/reconcile_job.py); 0 = never")
+    reconcile_interval_s: float = Field(default=3_600.0, ge=0, description="how often the four usage "
+                                        "records are reconciled (meterline/reconcile_job.py: by the scheduler, or by the api when it owns "
+                                        "an embedded ClickHouse); 0 = never")
+    reconcile_settle_s: float = Field(default=600.0, ge=0, description="ClickHouse credit flow is compared with the "
+                                      "ledger's postings older than this (the outbox relay + analytics sink lag); "
+                                      "ClickHouse usage up to the sink's committed watermark")
 
 
 @lru_cache

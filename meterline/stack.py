@@ -45,7 +45,7 @@ MIGRATED_COMPONENTS = ("ledger", "streams", "api")
 
 #: The processes `meterline up` supervises: name -> "module:function" run by `meterline run NAME`.
 PROCESSES: dict[str, str] = {
-    "api": "api.server:main",
+    "api": "meterline.api_process:main",  # api/server.py with the hooks of meterline (reconcile_embedded.py)
     "streams": "streams.worker:main",
     "ledger": "ledger.consumer:main",
     "analytics": "analytics.sink:main",

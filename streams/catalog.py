@@ -35,8 +35,8 @@ from streams.catalog_model import (
     Meter,
     PriceVersion,
     ProjectPolicy,
-    auto_wallet_id,
     parse_path,
+    provisioned_wallet_id,
 )
 from streams.errors import (
     CatalogConflict,
@@ -56,6 +56,7 @@ __all__ = [
     "add_price_version",
     "archive_meter",
     "archive_price",
+    "bump_revision",
     "catalog_revision",
     "create_meter",
     "create_price",
@@ -68,6 +69,7 @@ __all__ = [
     "list_subject_keys",
     "load_catalog",
     "meter_history",
+    "provisioned_wallet",
     "set_project_settings",
     "set_subject_key",
     "update_meter",
@@ -441,7 +443,7 @@ def set_subject_key(conn: Connection, *, project_id: str, subject: str, wallet_i
     The tenant boundary (DESIGN §2 invariant 7): the wallet must be this project's — see ``_check_wallet``."""
     if not subject or len(subject) > 256:
         raise CatalogInvalid("subject must be 1..256 characters")
-    wallet = wallet_id or auto_wallet_id(project_id, subject)
+    wallet = wallet_id or provisioned_wallet(conn, project_id=project_id, subject=subject)
     _check_wallet(conn, project_id=project_id, subject=subject, wallet_id=wallet)
     row = conn.execute(text("""
         INSERT INTO subject_keys (project_id, subject, wallet_id) VALUES (:p, :s, :w)
@@ -467,7 +469,7 @@ def _check_wallet(conn: Connection, *, project_id: str, subject: str, wallet_id:
     if existing is not None:
         if existing.project_id == project_id:
             return
-    elif wallet_id == auto_wallet_id(project_id, subject) or not _is_uuid(wallet_id):
+    elif wallet_id == provisioned_wallet(conn, project_id=project_id, subject=subject) or not _is_uuid(wallet_id):
         return
     raise WalletNotFound(f"no wallet {wallet_id!r} in project {project_id}")
 
@@ -563,6 +565,24 @@ def load_catalog(conn: Connection, *, default_policy: ProjectPolicy) -> CatalogS
     policies = {r.project_id: ProjectPolicy(r.unknown_subjects, int(r.allowed_lateness_s))
                 for r in conn.execute(text("SELECT project_id, unknown_subjects, allowed_lateness_s "
                                            "FROM project_settings"))}
+    # one id per erased account (partial index wallets_erased): ~100 bytes each in memory
+    retired = frozenset(r.id for r in conn.execute(text("SELECT id FROM wallets WHERE erased_at IS NOT NULL")))
     loaded_at = conn.execute(text("SELECT now()")).scalar_one()
     return CatalogSnapshot.build(meters=meters, price_versions=versions, subject_keys=subjects, policies=policies,
-                                 default_policy=default_policy, loaded_at=loaded_at)
+                                 default_policy=default_policy, loaded_at=loaded_at, retired_wallets=retired)
+
+
+def provisioned_wallet(conn: Connection, *, project_id: str, subject: str) -> str:
+    """``provisioned_wallet_id`` against the database (the API's view of what a worker computes from its
+    snapshot): the subject's first auto-provisioning generation whose wallet no erasure retired."""
+    class _Retired:
+        def __contains__(self, wallet_id: object) -> bool:
+            return conn.execute(text("SELECT 1 FROM wallets WHERE id = :w AND erased_at IS NOT NULL"),
+                                {"w": wallet_id}).first() is not None
+
+    return provisioned_wallet_id(project_id, subject, _Retired())
+
+
+def bump_revision(conn: Connection) -> None:
+    """Tell the workers to reload their snapshot (e.g. a wallet was retired: its subject provisions anew)."""
+    conn.execute(text("UPDATE catalog_revision SET revision = revision + 1, changed_at = now() WHERE id = 1"))

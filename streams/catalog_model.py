@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import functools
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -34,6 +35,7 @@ __all__ = [
     "auto_wallet_id",
     "counter_version_id",
     "parse_path",
+    "provisioned_wallet_id",
 ]
 
 AGGREGATIONS: tuple[str, ...] = ("SUM", "COUNT", "MAX", "UNIQUE_COUNT", "LATEST")
@@ -46,9 +48,24 @@ WALLET_NAMESPACE = uuid.UUID("6f1c2b9e-4d4a-5c1e-9b7a-3e0d5a8c7f21")
 
 
 @functools.lru_cache(maxsize=262_144)  # on the per-event path: uuid5 + str cost ~8 µs
-def auto_wallet_id(project_id: str, subject: str) -> str:
-    """The deterministic wallet of an unknown subject (``unknown_subjects = auto_provision``)."""
-    return str(uuid.uuid5(WALLET_NAMESPACE, f"{project_id}\x00{subject}"))
+def auto_wallet_id(project_id: str, subject: str, generation: int = 0) -> str:
+    """The deterministic wallet of an unknown subject (``unknown_subjects = auto_provision``).
+
+    ``generation`` counts the subject's erased accounts: generation 0 is ``uuid5(project NUL subject)`` (every id
+    provisioned before erasure existed), generation n > 0 appends ``NUL n``. Use ``provisioned_wallet_id`` to
+    pick the generation: the first whose wallet is not retired by an erasure."""
+    suffix = f"\x00{generation}" if generation else ""
+    return str(uuid.uuid5(WALLET_NAMESPACE, f"{project_id}\x00{subject}{suffix}"))
+
+
+def provisioned_wallet_id(project_id: str, subject: str, retired: Container[str]) -> str:
+    """The wallet usage of a subject without a subject key is charged to: its first generation whose wallet was
+    not retired by an account erasure (``wallets.erased_at``). An erased subject that comes back gets a fresh
+    wallet; the erased one stays closed and is never charged again (its id is retired for good)."""
+    generation = 0
+    while (wallet := auto_wallet_id(project_id, subject, generation)) in retired:
+        generation += 1
+    return wallet
 
 
 PathStep = str | int
@@ -203,12 +220,15 @@ class CatalogSnapshot:
     policies: dict[str, ProjectPolicy]
     default_policy: ProjectPolicy
     loaded_at: datetime | None = None
+    #: wallets account erasure retired: auto-provisioning skips their ids (``provisioned_wallet_id``)
+    retired_wallets: frozenset[str] = frozenset()
     _starts: dict[str, list[datetime]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, *, meters: list[Meter], price_versions: list[PriceVersion],
               subject_keys: dict[tuple[str, str], str], policies: dict[str, ProjectPolicy],
-              default_policy: ProjectPolicy, loaded_at: datetime | None = None) -> CatalogSnapshot:
+              default_policy: ProjectPolicy, loaded_at: datetime | None = None,
+              retired_wallets: frozenset[str] = frozenset()) -> CatalogSnapshot:
         by_type: dict[tuple[str, str], list[Meter]] = {}
         for meter in meters:
             by_type.setdefault((meter.project_id, meter.event_type), []).append(meter)
@@ -223,8 +243,16 @@ class CatalogSnapshot:
             policies=dict(policies),
             default_policy=default_policy,
             loaded_at=loaded_at,
+            retired_wallets=retired_wallets,
             _starts={m: [p.effective_from for p in v] for m, v in prices.items()},
         )
+
+    def auto_wallet(self, project_id: str, subject: str) -> str:
+        """The wallet of a subject without a subject key (generation 0 unless an erasure retired it)."""
+        wallet = auto_wallet_id(project_id, subject)
+        if not self.retired_wallets or wallet not in self.retired_wallets:
+            return wallet
+        return provisioned_wallet_id(project_id, subject, self.retired_wallets)
 
     def policy(self, project_id: str) -> ProjectPolicy:
         return self.policies.get(project_id, self.default_policy)

@@ -48,7 +48,6 @@ from streams.catalog_model import (
     CatalogSnapshot,
     Meter,
     PriceVersion,
-    auto_wallet_id,
     counter_version_id,
     read_path,
 )
@@ -462,7 +461,7 @@ class PartitionAggregator:
             if policy.unknown_subjects == "dead_letter":
                 return Rejection("unknown_subject", f"subject {event.subject!r} has no wallet",
                                  _original(event.raw, event.index, message), event.index)
-            wallet_id = auto_wallet_id(event.project, event.subject)
+            wallet_id = catalog.auto_wallet(event.project, event.subject)
         at = event.time or arrival
         measures: list[_Measure] = []
         for meter in meters:

@@ -120,6 +120,8 @@ class Runtime:
         self._producer: Producer | None = None
         self._offsets_reader: Consumer | None = None
         self._delivery_errors: list[str] = []
+        #: dead letters produced and not yet acknowledged by the broker (see ``_emit``)
+        self._letters_unflushed = 0
         self._not_flushing: asyncio.Event | None = None
         self._lock = threading.Lock()
         self.counts = {"batches": 0, "checkpoints": 0, "dead_letters": 0, "deferred": 0, "unowned": 0,
@@ -435,12 +437,15 @@ class Runtime:
         if aggregator.checkpoint_full():  # bounded size: cut at this message, the batch goes on
             checkpoint = aggregator.checkpoint()
             if checkpoint is not None:
+                if self._letters_unflushed:  # rare (a full checkpoint): block briefly, see _emit
+                    self._require_delivered(self.producer.flush(self.settings.delivery_timeout_s))
                 self._send_checkpoint(checkpoint)
 
     def _dead_letter(self, rejection: Rejection, partition: int, offset: int, key: bytes | None) -> None:
         message = dead_letter_message(rejection, source_topic=self.usage_topic, partition=partition,
                                       offset=offset, now=datetime.now(UTC))
         self._produce(self.dlq_topic, key, message.value, headers=list(message.headers))
+        self._letters_unflushed += 1
         self.counts["dead_letters"] += 1
         streams_metrics.DEAD_LETTERS.labels(rejection.reason).inc()
 
@@ -467,6 +472,13 @@ class Runtime:
         self.not_flushing.clear()
         revoked: set[int] = set()
         try:
+            if self._letters_unflushed:
+                # Dead letters first, acknowledged, THEN the checkpoints that cover their offsets. Produced
+                # together, a kill -9 after the broker acked a checkpoint but before it acked a letter lost the
+                # letter for good: the ledger applied the offset, so no later owner meters it again (found by
+                # bench/chaos: one hostile event of 345 missing from the dead-letter topic after 18 kills).
+                # Costs one more broker round trip, only in batches that dead-letter something.
+                self._require_delivered(await self.io(self.producer.flush, self.settings.delivery_timeout_s))
             for aggregator in touched.values():
                 if self.aggregators.get(aggregator.partition) is not aggregator:
                     revoked.add(aggregator.partition)
@@ -474,12 +486,17 @@ class Runtime:
                 checkpoint = aggregator.checkpoint()
                 if checkpoint is not None:
                     self._send_checkpoint(checkpoint)
-            remaining = await self.io(self.producer.flush, self.settings.delivery_timeout_s)
-            if remaining or self._delivery_errors:
-                _die("checkpoint_delivery_failed", undelivered=remaining, errors=self._delivery_errors[:5])
+            self._require_delivered(await self.io(self.producer.flush, self.settings.delivery_timeout_s))
         finally:
             self.not_flushing.set()
         return revoked
+
+    def _require_delivered(self, remaining: int) -> None:
+        """After a flush: everything produced so far is acknowledged, or the process ends (nothing of the batch
+        is acked to faust, so a new owner meters it again)."""
+        if remaining or self._delivery_errors:
+            _die("checkpoint_delivery_failed", undelivered=remaining, errors=self._delivery_errors[:5])
+        self._letters_unflushed = 0
 
     def _skip_revoked(self, events: Sequence[Any], revoked: set[int]) -> None:
         if revoked:

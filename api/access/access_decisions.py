@@ -45,7 +45,7 @@ from api.wallets.feature_costs import UnknownFeature
 from api.wallets.idempotency import REPLAYED_HEADER, HotTransaction, ledger_key, lookup, pipelined_connection
 from ledger import service
 from ledger.rows import WalletRow
-from streams.catalog_model import auto_wallet_id
+from streams import catalog
 
 #: Kafka topic of access decisions (base name; the relay adds METERLINE_TOPIC_PREFIX). analytics reads it as
 #: ANALYTICS_ACCESS_DECISIONS_TOPIC (same default) and meterline/topics.py creates it.
@@ -116,7 +116,9 @@ def resolve_target(conn: Connection, *, project_id: str, req: CheckRequest) -> T
     assert req.subject is not None
     mapped = conn.execute(text("SELECT wallet_id FROM subject_keys WHERE project_id = :p AND subject = :s"),
                           {"p": project_id, "s": req.subject}).scalar()
-    return Target(str(mapped) if mapped else auto_wallet_id(project_id, req.subject), req.subject, False)
+    if mapped:
+        return Target(str(mapped), req.subject, False)
+    return Target(catalog.provisioned_wallet(conn, project_id=project_id, subject=req.subject), req.subject, False)
 
 
 # ------------------------------------------------------------------------------------------------ facts

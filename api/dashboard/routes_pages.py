@@ -22,7 +22,7 @@ STATIC_DIR = HERE / "static"
 #: page slug -> title shown in the navigation, by group (order = navigation order).
 NAV: dict[str, dict[str, str]] = {
     "Analytics": {"usage": "Usage", "credits": "Credit flow", "paywall": "Paywall funnel",
-                  "dead-letters": "Dead letters"},
+                  "dead-letters": "Dead letters", "reconciliation": "Reconciliation"},
     "Manage": {"wallets": "Wallets", "meters": "Meters", "prices": "Prices", "feature-costs": "Feature costs",
                "offers": "Packs & plans", "billing": "Billing rules", "api-keys": "API keys",
                "subject-keys": "Subject keys", "team": "Team", "audit": "Audit log"},

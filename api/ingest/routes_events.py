@@ -4,6 +4,10 @@
 - POST /api/v1/events/batch  Lago ``{"events": [...]}`` → 200
 - GET  /api/v1/events        recently ingested events (OpenMeter's filters), newest first
 
+``?backfill_session_id=bf_…`` on either POST holds the events in that open backfill session of the project
+instead of producing them to usage.events.v1 (api/ingest/backfills.py): same validation, same responses, no
+broker needed; they are charged only when the session is closed.
+
 The project is the API key's (scope ingest/admin; read/admin for GET), or ``?project_id=`` with a user
 token. Authentication uses a SHORT-lived database connection (``_access``) instead of the request-scoped
 ``ConnectionDep``: an ingest request then waits for the broker without holding a pooled connection, so a
@@ -27,14 +31,18 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 
 from api.deps import EngineDep, SettingsDep
 from api.errors import ApiError, NotFound
+from api.ingest import backfills
 from api.ingest.log import IngestLog, LogQuery, list_ingested
 from api.ingest.producer import KafkaEdge
 from api.ingest.service import (
     CLOUDEVENTS,
     CLOUDEVENTS_BATCH,
     JSON,
+    BatchTooLarge,
     BodyTooLarge,
     IngestService,
+    InvalidBody,
+    Outcome,
     Shape,
     binary_event,
     classify,
@@ -46,7 +54,14 @@ from api.ingest.service import (
 )
 from api.ingest.settings import IngestSettings
 from api.ingest.settings import get_settings as get_ingest_settings
-from api.ingest.validate import lago_response_event
+from api.ingest.validate import (
+    Accepted,
+    Limits,
+    check_cloudevents,
+    check_lago_events,
+    lago_response_event,
+    utc_iso,
+)
 from api.settings import ApiSettings
 from api.tenancy.auth import ProjectAccess, get_principal, project_access
 from api.tenancy.keys import TOKEN_PREFIX, KeyCache, key_expiry
@@ -236,6 +251,45 @@ _INGEST_DOC: dict[str, Any] = {
 }
 
 
+# --------------------------------------------------------------------------- backfill sessions
+
+BackfillParam = Annotated[str | None, Query(alias=backfills.SESSION_PARAM, min_length=1, max_length=64, description=(
+    "hold the events in this open backfill session of the project instead of charging them live "
+    "(POST /api/v1/projects/{project_id}/backfills opens one)"))]
+
+
+async def _hold(request: Request, ingestion: _Ingestion, project_id: str, session_id: str, shape: Shape,
+                items: list[Any]) -> Outcome:
+    """Validate exactly as live ingestion does, then hold the valid events in the session (no broker)."""
+    s = ingestion.settings
+    if not items:
+        raise InvalidBody("the batch is empty")
+    if len(items) > s.batch_events_max:
+        raise BatchTooLarge(f"{len(items)} events in one request; at most {s.batch_events_max}",
+                            extra={"batch_events_max": s.batch_events_max})
+    now_iso = utc_iso(datetime.now(UTC))
+    check = check_cloudevents if shape == "cloudevents" else check_lago_events
+    accepted, rejected = check(items, project_id=project_id, now_iso=now_iso,
+                               limits=Limits(field_chars_max=s.field_chars_max, event_bytes_max=s.event_bytes_max))
+    if accepted:
+        await asyncio.to_thread(_hold_sync, request.app.state.engine, project_id, session_id, accepted)
+    else:  # nothing to hold: still a clear 404/409 for a wrong session rather than a bare rejection
+        await asyncio.to_thread(_check_session, request.app.state.engine, project_id, session_id)
+    return Outcome(accepted, rejected, now_iso)
+
+
+def _hold_sync(engine: Any, project_id: str, session_id: str, accepted: list[Accepted]) -> None:
+    backfills.hold_events(engine, project_id=project_id, session_id=session_id, accepted=accepted)
+
+
+def _check_session(engine: Any, project_id: str, session_id: str) -> None:
+    with engine.connect() as conn:
+        session = backfills.get_session(conn, project_id=project_id, session_id=session_id)
+    if session.status != "open":
+        raise backfills.BackfillNotOpen(f"backfill session {session_id} is {session.status}: cannot ingest into it",
+                                        extra={"session_id": session_id, "session_status": session.status})
+
+
 # --------------------------------------------------------------------------- routes
 
 
@@ -245,9 +299,9 @@ _INGEST_DOC: dict[str, Any] = {
                         400: {"description": "malformed body, or some events rejected (the rest accepted)"},
                         413: {"description": "body or batch too large"}, 415: {"description": "content type"},
                         503: {"description": "broker unavailable / overloaded; Retry-After"}})
-async def ingest_events(request: Request, access: IngestAccess, settings: SettingsDep) -> Response:
+async def ingest_events(request: Request, access: IngestAccess, settings: SettingsDep,
+                        backfill_session_id: BackfillParam = None) -> Response:
     ingestion: _Ingestion = request.app.state.ingestion
-    service = await ingestion.get()
     headers = request.headers
     binary = "ce-specversion" in headers and media_type(headers.get("content-type")) not in STRUCTURED
     if not binary:
@@ -258,7 +312,10 @@ async def ingest_events(request: Request, access: IngestAccess, settings: Settin
         shape, items = "cloudevents", [binary_event(dict(headers), body)]
     else:
         shape, items, _batch = classify(headers.get("content-type"), parse_json(body))
-    outcome = await service.ingest(project_id=access.project_id, shape=shape, items=items)
+    if backfill_session_id is not None:
+        outcome = await _hold(request, ingestion, access.project_id, backfill_session_id, shape, items)
+    else:
+        outcome = await (await ingestion.get()).ingest(project_id=access.project_id, shape=shape, items=items)
     if outcome.rejected:
         raise rejection(outcome, shape=shape)
     if shape == "lago":
@@ -270,13 +327,16 @@ async def ingest_events(request: Request, access: IngestAccess, settings: Settin
 @router.post("/api/v1/events/batch", summary="Ingest a batch of Lago events",
              responses={200: {"description": "every event accepted (Lago's body)"},
                         422: {"description": "some events rejected (the rest accepted)"}})
-async def ingest_lago_batch(request: Request, access: IngestAccess, settings: SettingsDep) -> Response:
+async def ingest_lago_batch(request: Request, access: IngestAccess, settings: SettingsDep,
+                            backfill_session_id: BackfillParam = None) -> Response:
     ingestion: _Ingestion = request.app.state.ingestion
-    service = await ingestion.get()
     require_media_type(request.headers.get("content-type"), (JSON,))
     body = await _body(request, settings.request_body_bytes_max)
     items = lago_batch_items(request.headers.get("content-type"), parse_json(body))
-    outcome = await service.ingest(project_id=access.project_id, shape="lago", items=items)
+    if backfill_session_id is not None:
+        outcome = await _hold(request, ingestion, access.project_id, backfill_session_id, "lago", items)
+    else:
+        outcome = await (await ingestion.get()).ingest(project_id=access.project_id, shape="lago", items=items)
     if outcome.rejected:
         raise rejection(outcome, shape="lago")
     return _json({"events": [lago_response_event(a.event, created_at_iso=outcome.ingested_at_iso)

@@ -7,6 +7,10 @@ A project's own row wins; without one the deployment-wide default from the setti
 webhook is then refused with 400. Secrets are never returned by the API (only whether one is set and its last
 four characters).
 
+``api_key``: Stripe's secret key (checkout); RevenueCat's secret API key and Lemon Squeezy's API key, which the
+receipts reconciliation (api/payments/reconciliation.py) reads the provider's API with; ``store_id``: the Lemon
+Squeezy store it lists. Without an API key a provider is not reconciled for the project.
+
 ``accept_sandbox`` (RevenueCat, Lemon Squeezy): whether sandbox / test-mode purchases (RevenueCat
 ``environment: SANDBOX``, Lemon Squeezy ``test_mode: true``) grant credits. Off by default — and for a project
 without its own row — such events are stored and answered ``ignored`` with how to accept them. Stripe keeps
@@ -32,13 +36,14 @@ class ProviderConfig:
     webhook_secret: str
     api_key: str | None
     accept_sandbox: bool
+    store_id: str | None
     created_at: datetime
     updated_at: datetime
 
     def public(self) -> dict[str, Any]:
         return {"provider": self.provider, "webhook_secret_set": True,
                 "webhook_secret_last4": self.webhook_secret[-4:], "api_key_set": self.api_key is not None,
-                "accept_sandbox": self.accept_sandbox, "updated_at": self.updated_at.isoformat()}
+                "store_id": self.store_id, "accept_sandbox": self.accept_sandbox, "updated_at": self.updated_at.isoformat()}
 
 
 def _usable(value: str) -> str | None:
@@ -54,7 +59,7 @@ def default_secret(settings: ApiSettings, provider: str) -> str | None:
 
 def get_config(conn: Connection, *, project_id: str, provider: str) -> ProviderConfig | None:
     row = conn.execute(text("""
-        SELECT project_id, provider, webhook_secret, api_key, accept_sandbox, created_at, updated_at
+        SELECT project_id, provider, webhook_secret, api_key, accept_sandbox, store_id, created_at, updated_at
         FROM payment_provider_configs WHERE project_id = :p AND provider = :v"""),
                        {"p": project_id, "v": provider}).mappings().first()
     return ProviderConfig(**row) if row else None
@@ -78,21 +83,26 @@ def stripe_api_key(conn: Connection, settings: ApiSettings, *, project_id: str) 
 
 
 def put_config(conn: Connection, *, project_id: str, provider: str, webhook_secret: str | None,
-               api_key: str | None, accept_sandbox: bool | None = None) -> tuple[ProviderConfig | None, ProviderConfig]:
+               api_key: str | None, accept_sandbox: bool | None = None,
+               store_id: str | None = None) -> tuple[ProviderConfig | None, ProviderConfig]:
     """Create or replace the project's row. ``webhook_secret=None`` keeps the stored secret and api key (the
-    caller checked there is a row); ``accept_sandbox=None`` keeps the stored flag (off for a new row)."""
+    caller checked there is a row); ``accept_sandbox=None`` keeps the stored flag (off for a new row);
+    ``store_id=None`` keeps the stored Lemon Squeezy store id."""
     before = get_config(conn, project_id=project_id, provider=provider)
     if webhook_secret is None:
         assert before is not None
         webhook_secret, api_key = before.webhook_secret, before.api_key
     sandbox = accept_sandbox if accept_sandbox is not None else (before.accept_sandbox if before else False)
+    store = store_id if store_id is not None else (before.store_id if before else None)
     row = conn.execute(text("""
-        INSERT INTO payment_provider_configs (project_id, provider, webhook_secret, api_key, accept_sandbox)
-        VALUES (:p, :v, :s, :k, :sb)
+        INSERT INTO payment_provider_configs (project_id, provider, webhook_secret, api_key, accept_sandbox,
+                                              store_id)
+        VALUES (:p, :v, :s, :k, :sb, :st)
         ON CONFLICT (project_id, provider) DO UPDATE
             SET webhook_secret = excluded.webhook_secret, api_key = excluded.api_key,
-                accept_sandbox = excluded.accept_sandbox, updated_at = now()
-        RETURNING project_id, provider, webhook_secret, api_key, accept_sandbox, created_at, updated_at"""),
+                accept_sandbox = excluded.accept_sandbox, store_id = excluded.store_id, updated_at = now()
+        RETURNING project_id, provider, webhook_secret, api_key, accept_sandbox, store_id, created_at,
+                  updated_at"""),
                        {"p": project_id, "v": provider, "s": webhook_secret, "k": api_key,
-                        "sb": sandbox}).mappings().one()
+                        "sb": sandbox, "st": store}).mappings().one()
     return before, ProviderConfig(**row)

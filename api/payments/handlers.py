@@ -460,8 +460,12 @@ def parse_lemonsqueezy(body: bytes) -> Parsed:
     if not meta.get("event_name") or not data.get("type") or data.get("id") is None:
         raise WebhookMalformed("a Lemon Squeezy webhook needs meta.event_name and data.type/id")
     attributes = data.get("attributes") or {}
-    # Lemon Squeezy sends no event id: the event is identified by what happened to which object, when
-    event_id = f"{meta['event_name']}:{data['type']}:{data['id']}:{attributes.get('updated_at') or ''}"
+    # Lemon Squeezy sends no event id: the event is identified by what happened to which object, when. An event
+    # the receipts reconciliation rebuilt from the API carries its own id (``reconcile:…``), so it never takes
+    # the id of the real delivery, which may still arrive and must then be applied (as a no-op or not)
+    rebuilt = meta.get("meterline_reconcile_id")
+    event_id = str(rebuilt) if isinstance(rebuilt, str) and rebuilt.startswith("reconcile:") else \
+        f"{meta['event_name']}:{data['type']}:{data['id']}:{attributes.get('updated_at') or ''}"
     at = _iso(attributes.get("updated_at")) or _iso(attributes.get("created_at")) or datetime.now(UTC)
     return Parsed(event_id, str(meta["event_name"]), at, payload)
 

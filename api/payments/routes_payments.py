@@ -203,8 +203,12 @@ class ProviderIn(RequestModel):
         "stripe: the endpoint's signing secret (whsec_...); lemonsqueezy: the webhook signing secret; "
         "revenuecat: the exact Authorization header value configured in RevenueCat (e.g. 'Bearer ...'). "
         "Required the first time; left out, the stored secret (and api_key) are kept"))
-    api_key: str | None = Field(default=None, min_length=6, max_length=500,
-                                description="stripe only: the project's own secret key for checkout")
+    api_key: str | None = Field(default=None, min_length=6, max_length=500, description=(
+        "stripe: the project's own secret key for checkout; revenuecat: a secret API key (sk_...) and "
+        "lemonsqueezy: an API key, which the receipts reconciliation reads the provider's API with"))
+    store_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[0-9]+$", description=(
+        "lemonsqueezy only: the store whose orders and subscriptions the reconciliation lists. Left out, the "
+        "stored value is kept"))
     accept_sandbox: bool | None = Field(default=None, description=(
         "revenuecat and lemonsqueezy: grant credits for sandbox / test-mode purchases (RevenueCat environment "
         "SANDBOX, Lemon Squeezy test_mode). Off by default: such events are stored and answered 'ignored'. "
@@ -216,6 +220,7 @@ class ProviderOut(BaseModel):
     webhook_secret_set: bool
     webhook_secret_last4: str | None
     api_key_set: bool
+    store_id: str | None = None
     accept_sandbox: bool | None = Field(description=(
         "whether sandbox / test-mode purchases grant credits (revenuecat, lemonsqueezy); null for stripe"))
     webhook_url: str
@@ -226,8 +231,8 @@ class ProviderOut(BaseModel):
                     "returned)")
 def put_provider(provider: Provider, body: ProviderIn, access: Admin, conn: ConnectionDep,
                  settings: SettingsDep) -> ProviderOut:
-    if body.api_key is not None and provider != "stripe":
-        raise ApiError("api_key is for stripe only", status=422)
+    if body.store_id is not None and provider != "lemonsqueezy":
+        raise ApiError("store_id is for lemonsqueezy only", status=422)
     if body.accept_sandbox is not None and provider == "stripe":
         raise ApiError("accept_sandbox is for revenuecat and lemonsqueezy: Stripe keeps test mode apart by its own "
                        "keys; a test-mode event only verifies with the test endpoint's secret, so use a separate "
@@ -240,7 +245,7 @@ def put_provider(provider: Provider, body: ProviderIn, access: Admin, conn: Conn
             raise ApiError("send webhook_secret with api_key (both are replaced together)", status=422)
     before, after = config.put_config(conn, project_id=access.project_id, provider=provider,
                                       webhook_secret=body.webhook_secret, api_key=body.api_key,
-                                      accept_sandbox=body.accept_sandbox)
+                                      accept_sandbox=body.accept_sandbox, store_id=body.store_id)
     audit(conn, access, action="payment_provider.put", target_kind="payment_provider", target_id=provider,
           before=before.public() if before else None, after=after.public())
     return _provider_out(settings.public_base_url, access.project_id, provider, after)
@@ -255,7 +260,7 @@ def get_provider(provider: Provider, access: Admin, conn: ConnectionDep, setting
 def _provider_out(base: str, project_id: str, provider: str, cfg: config.ProviderConfig | None) -> ProviderOut:
     return ProviderOut(provider=provider, webhook_secret_set=cfg is not None,
                        webhook_secret_last4=cfg.webhook_secret[-4:] if cfg else None,
-                       api_key_set=bool(cfg and cfg.api_key),
+                       api_key_set=bool(cfg and cfg.api_key), store_id=cfg.store_id if cfg else None,
                        accept_sandbox=None if provider == "stripe" else bool(cfg and cfg.accept_sandbox),
                        webhook_url=f"{base.rstrip('/')}/api/v1/webhooks/{provider}/{project_id}")
 

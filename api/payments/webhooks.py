@@ -71,11 +71,11 @@ def _project_exists(conn: Connection, project_id: str) -> bool:
 
 def _store(conn: Connection, *, project_id: str, provider: str, body: bytes, signature: str | None,
            status: str, event_id: str | None = None, event_type: str | None = None, error: str | None = None,
-           on_conflict: bool = False) -> int | None:
+           on_conflict: bool = False, origin: str = "webhook") -> int | None:
     sql = """
         INSERT INTO webhook_events (project_id, provider, event_id, event_type, status, error, body, body_sha256,
-                                    signature, body_bytes)
-        VALUES (:p, :v, :e, :t, :s, :err, :b, :h, :sig, :n)"""
+                                    signature, body_bytes, origin)
+        VALUES (:p, :v, :e, :t, :s, :err, :b, :h, :sig, :n, :origin)"""
     if on_conflict:
         sql += """ ON CONFLICT (project_id, provider, event_id)
                    WHERE status IN ('processed', 'deferred', 'ignored', 'unmatched', 'held', 'dismissed')
@@ -84,7 +84,7 @@ def _store(conn: Connection, *, project_id: str, provider: str, body: bytes, sig
     row = conn.execute(text(sql + " RETURNING id"), {
         "p": project_id, "v": provider, "e": event_id, "t": event_type, "s": status, "err": error,
         "b": body[:UNVERIFIED_PREFIX_BYTES] if unverified else body, "h": hashlib.sha256(body).hexdigest(),
-        "sig": signature[:512] if signature else signature, "n": len(body)}).first()
+        "sig": signature[:512] if signature else signature, "n": len(body), "origin": origin}).first()
     return int(row[0]) if row else None
 
 
@@ -136,6 +136,23 @@ def receive(engine: Engine, settings: ApiSettings, *, project_id: str, provider:
             _store(conn, project_id=project_id, provider=provider, body=body, signature=signature, status="failed",
                    event_id=parsed.event_id, event_type=parsed.event_type, error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
+
+
+def apply_reconciled(conn: Connection, *, project_id: str, provider: str, parsed: Parsed,
+                     body: bytes) -> Outcome | None:
+    """Apply an event the receipts reconciliation rebuilt from the provider's API (api/payments/reconciliation.py)
+    exactly as a delivery: same lock, same settle-once row (``origin`` reconciliation, event id ``reconcile:…``),
+    same handler, same wake-ups. None when that event was applied before. Its purchases use the ledger key of the
+    payment, so the real webhook arriving later (or earlier) credits nothing more."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 11))"),
+                 {"k": f"webhooks:{project_id}:{provider}"})
+    row_id = _store(conn, project_id=project_id, provider=provider, body=body, signature=None, status="processed",
+                    event_id=parsed.event_id, event_type=parsed.event_type, on_conflict=True, origin="reconciliation")
+    if row_id is None:
+        return None
+    outcome, woken = apply(conn, project_id=project_id, provider=provider, row_id=row_id, parsed=parsed)
+    wake(conn, project_id=project_id, provider=provider, refs=woken)
+    return outcome
 
 
 def apply(conn: Connection, *, project_id: str, provider: str, row_id: int, parsed: Parsed) -> tuple[Outcome, list[str]]:

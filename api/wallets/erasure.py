@@ -32,7 +32,6 @@ one-way hash of project and subject and stays.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,10 +43,12 @@ from sqlalchemy import Connection, text
 from api.errors import ApiError, Conflict, NotFound
 from api.tenancy.audit import audit, record_audit
 from api.tenancy.auth import ProjectAccess
+from api.wallets.erasure_map import ErasureContext, run_postgres_steps
+from api.wallets.pseudonyms import pseudonyms
 from ledger import service
 from ledger.rows import WalletRow
 from streams import catalog
-from streams.errors import CatalogConflict, CatalogNotFound
+from streams.errors import CatalogConflict
 
 #: rows an ``erase_accounts`` round handles per transaction (the scheduler loops within its budget)
 BATCH = 25
@@ -166,18 +167,19 @@ def cancel_erasure(conn: Connection, access: ProjectAccess, wallet: WalletRow) -
     return erasure
 
 
-def erase_due(conn: Connection, *, now: datetime, limit: int = BATCH) -> int:
-    """The ``erase_accounts`` job: erase up to ``limit`` requests whose grace is over; returns how many."""
+def erase_due(conn: Connection, *, now: datetime, key: bytes, limit: int = BATCH) -> int:
+    """The ``erase_accounts`` job: erase up to ``limit`` requests whose grace is over; returns how many.
+    ``key`` is the deployment's pseudonym key (``API_ERASURE_PSEUDONYM_KEY``)."""
     rows = conn.execute(text("""
         SELECT * FROM wallet_erasures WHERE status = 'pending' AND erase_after <= :now
         ORDER BY erase_after, id LIMIT :limit FOR UPDATE SKIP LOCKED
     """), {"now": now, "limit": limit}).mappings().all()
     for row in rows:
-        _erase(conn, row)
+        _erase(conn, row, key)
     return len(rows)
 
 
-def _erase(conn: Connection, row: Any) -> None:
+def _erase(conn: Connection, row: Any, key: bytes) -> None:
     # the row lock (erase_due) is enough: a cancel locks the same row, and a new request needs no live row.
     # (No advisory lock here: a cancel takes the advisory lock, then the row — the reverse order could deadlock.)
     project_id, wallet_id = row["project_id"], row["wallet_id"]
@@ -185,22 +187,22 @@ def _erase(conn: Connection, row: Any) -> None:
     forfeited = service.forfeit_balance(conn, wallet_id=wallet_id, idempotency_key=f"erasure:{project_id}:{wallet_id}",
                                         reason=FORFEIT_REASON, metadata={"erasure_id": row["id"]})
     mapped = _subject_keys(conn, project_id, wallet_id)  # keys added since the request (e.g. a re-created wallet)
-    subjects = {*(row["subject_keys_held"] or []), *mapped, wallet.owner_ref}
-    for subject in mapped:
-        with contextlib.suppress(CatalogNotFound):  # rows are locked: only a concurrent delete can race
-            catalog.delete_subject_key(conn, project_id=project_id, subject=subject)
-    tombstone = f"erased_{secrets.token_hex(16)}"
-    service.set_owner_ref(conn, wallet_id=wallet_id, owner_ref=tombstone)
-    conn.execute(text("UPDATE signup_bonus_grants SET ip_network = NULL WHERE project_id = :p AND wallet_id = :w"),
-                 {"p": project_id, "w": wallet_id})
-    conn.execute(text("DELETE FROM ingested_events WHERE project_id = :p AND subject = ANY(CAST(:s AS text[]))"),
-                 {"p": project_id, "s": sorted(subjects)})
+    # an auto-provisioned wallet's owner is its own id (not personal; erasure's audit entries name it)
+    owner = {wallet.owner_ref} if wallet.owner_ref != wallet_id else set()
+    subjects = sorted({*(row["subject_keys_held"] or []), *mapped, *owner})
+    ctx = ErasureContext(conn=conn, project_id=project_id, wallet_id=wallet_id, subjects=subjects,
+                         pseudonyms=pseudonyms(key, project_id, subjects),
+                         tombstone=f"erased_{secrets.token_hex(16)}", key=key)
+    counts = run_postgres_steps(ctx)  # every PostgreSQL entry of the data map (api/wallets/erasure_map.py)
+    pending = [[s, p] for s, p in sorted(ctx.pseudonyms.items())] or None
     amount = -forfeited.transaction.amount_minor if forfeited is not None else 0
     updated = conn.execute(text("""
         UPDATE wallet_erasures SET status = 'erased', erased_at = now(), subject_keys_held = NULL,
-               tombstone = :t, forfeited_minor = :amount, forfeit_transaction_id = :tx
+               tombstone = :t, forfeited_minor = :amount, forfeit_transaction_id = :tx,
+               analytics_pending = CAST(:pending AS jsonb), analytics_erased_at = NULL
         WHERE id = :id RETURNING *"""), {
-        "t": tombstone, "amount": amount, "tx": forfeited.transaction.id if forfeited else None,
-        "id": row["id"]}).mappings().one()
+        "t": ctx.tombstone, "amount": amount, "tx": forfeited.transaction.id if forfeited else None,
+        "pending": orjson.dumps(pending).decode() if pending else None, "id": row["id"]}).mappings().one()
     record_audit(conn, project_id=project_id, principal=None, action="wallet.erase", target_kind="wallet",
-                 target_id=wallet_id, before={"status": "pending"}, after=ErasureRow.of(updated).audit_view())
+                 target_id=wallet_id, before={"status": "pending"},
+                 after={**ErasureRow.of(updated).audit_view(), "rows": counts})

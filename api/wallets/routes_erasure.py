@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, FastAPI, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import ConnectionDep, SettingsDep
@@ -15,6 +15,7 @@ from api.errors import NotFound
 from api.tenancy.auth import ProjectAccess, require_project
 from api.validation import RequestModel
 from api.wallets import erasure
+from api.wallets.erasure_analytics import EmbeddedErasurePass
 from api.wallets.routes_wallets import wallet_in_project
 
 router = APIRouter(prefix="/api/v1/projects/{project_id}/wallets/{wallet_id}/erasure", tags=["account erasure"])
@@ -87,3 +88,27 @@ def read_erasure(wallet_id: str, access: Read, conn: ConnectionDep) -> ErasureOu
 def cancel_erasure(wallet_id: str, access: Admin, conn: ConnectionDep) -> ErasureOut:
     wallet = wallet_in_project(conn, project_id=access.project_id, wallet_id=wallet_id)
     return ErasureOut.of(erasure.cancel_erasure(conn, access, wallet))
+
+
+#: how often the api, when it owns an embedded chDB (its analytics sink runs in-process), runs the ClickHouse pass
+EMBEDDED_ERASURE_EVERY_S = 30.0
+
+
+async def startup(app: FastAPI) -> None:
+    """Start the ClickHouse pass of erasure for an embedded chDB this api owns (the scheduler runs it for a server).
+    Decided per round: analytics starts after this router, and may be down."""
+    def clients() -> Any:
+        analytics, sink = getattr(app.state, "analytics", None), getattr(app.state, "analytics_sink", None)
+        if analytics is None or sink is None:  # no analytics here, or a ClickHouse server (the scheduler's job)
+            return None
+        return analytics.pool.client(), analytics.db
+
+    every_s = getattr(app.state, "embedded_erasure_every_s", EMBEDDED_ERASURE_EVERY_S)
+    app.state.embedded_erasure = EmbeddedErasurePass(app.state.engine, clients, every_s=every_s)
+    app.state.embedded_erasure.start()
+
+
+async def shutdown(app: FastAPI) -> None:
+    running: EmbeddedErasurePass | None = getattr(app.state, "embedded_erasure", None)
+    if running is not None:
+        running.stop()

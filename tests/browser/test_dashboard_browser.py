@@ -128,6 +128,28 @@ def _seed_billing(api_url: str, database_url: str, email: str, project: str) -> 
         engine.dispose()
 
 
+def _seed_reconciliation(database_url: str, project: str) -> None:
+    """A finished four-record report in which ClickHouse usage lacks a row of wallet wA (as the scheduler's
+    reconcile_usage job records it; tests/integration/pipeline/test_reconcile_four_records.py makes real ones)."""
+    from ledger.db import make_engine
+    from ledger.reconciliation import record_report
+
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            record_report(conn, source_topic="usage.events.v1", replay_id="rp_browser", marks={"0": 29},
+                          started_at=datetime.now(UTC), messages=30, incomplete=[], differences=[], drift_minor=0,
+                          coverage={r: {"compared": True} for r in ("usage_log", "ledger", "clickhouse_usage",
+                                                                     "clickhouse_flow")},
+                          mismatches=[{"project_id": project, "wallet_id": "wA", "meter_id": "tokens",
+                                       "period_start": "2026-12-01T00:00:00+00:00", "price_version_id": "pv",
+                                       "measure": "units", "cut": "ledger mark", "amount_minor": 8,
+                                       "values": {"usage_log": "30", "ledger": "30", "clickhouse_usage": "10"},
+                                       "disagreeing": ["clickhouse_usage"]}])
+    finally:
+        engine.dispose()
+
+
 def test_dashboard_pages_show_the_project_figures(api_url, topics, browser, stack_env):
     seeded = _seed(api_url, topics)
     _seed_billing(api_url, stack_env["DATABASE_URL"], seeded["email"], seeded["project"])
@@ -193,4 +215,18 @@ def test_dashboard_pages_show_the_project_figures(api_url, topics, browser, stac
     assert browser.evaluate("[...document.querySelectorAll('#dead-letters tr')].slice(1)"
                             ".map(r => r.cells[1].textContent)") == ["bad_time"]
     browser.screenshot(ARTIFACTS / "dashboard-dead-letters.png")
+
+    _open(browser, f"{dash}/reconciliation")  # before any report
+    assert "No reconciliation" in browser.evaluate("document.getElementById('recon-summary').textContent")
+    _seed_reconciliation(stack_env["DATABASE_URL"], seeded["project"])
+    _open(browser, f"{dash}/reconciliation")
+    states = browser.evaluate("Object.fromEntries([...document.querySelectorAll('#recon-records .tile')]"
+                              ".map(t => [t.dataset.key, t.dataset.state]))")
+    assert states == {"usage_log": "ok", "ledger": "ok", "clickhouse_usage": "drift", "clickhouse_flow": "ok"}
+    assert browser.evaluate("[...document.querySelectorAll('#recon-wallets tr')].slice(1)"
+                            ".map(r => [r.cells[0].textContent, r.cells[1].textContent])") == [
+        ["wA", "clickhouse_usage"]]
+    row = browser.evaluate("[...document.querySelectorAll('#recon-mismatches tr')][1].innerText")
+    assert "wA" in row and "tokens" in row and "2026-12-01" in row and "clickhouse_usage disagrees" in row
+    browser.screenshot(ARTIFACTS / "dashboard-reconciliation.png")
     assert not [line for line in browser.console if line.startswith("exception")], browser.console

@@ -181,3 +181,22 @@ def test_the_dashboard_uses_its_datasource_and_only_metrics_meterline_defines() 
                    "meterline_scheduler_job_runs_total", "meterline_debit_seconds_bucket",
                    "meterline_invariant_check_violations"):
         assert needed in used, f"no dashboard panel shows {needed}"
+
+
+def test_the_reconciliation_alert_rules_parse_are_mounted_and_name_metrics_the_code_defines() -> None:
+    import re
+
+    from prometheus_client import REGISTRY
+
+    import ledger.metrics  # noqa: F401  (defines the gauges)
+
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/rules/reconciliation.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert any("meterline_reconciliation_drift_wallets" in e and "> 0" in e for e in exprs)
+    known = {name for metric in REGISTRY.collect() for name in [metric.name]}
+    for expr in exprs:
+        for name in re.findall(r"meterline_[a-z_]+", expr):
+            assert name in known, name
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert prometheus["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+    assert "./deploy/prometheus/rules:/etc/prometheus/rules:ro" in _compose()["services"]["prometheus"]["volumes"]

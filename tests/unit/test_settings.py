@@ -31,10 +31,14 @@ def test_settings_are_not_read_at_import_time(monkeypatch: pytest.MonkeyPatch, c
     assert ledger_settings.get_settings().database_url == "postgresql://second@h/db"
 
 
+REAL_ERASURE_KEY = "5e1f0c2b9a8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d"
+
+
 @pytest.mark.parametrize("secret", ["dev-secret", "changethis", "", "meterline-local-development-secret-do-not-use",
                                     "9f8e7d6c5b4a3928"])  # the last: real-looking but only 16 bytes
 def test_placeholder_secrets_are_refused_in_production(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
     monkeypatch.setenv("METERLINE_ENV", "production")
+    monkeypatch.setenv("API_ERASURE_PSEUDONYM_KEY", REAL_ERASURE_KEY)
     monkeypatch.setenv("API_JWT_SECRET", secret)
     with pytest.raises(ValidationError, match="API_JWT_SECRET"):
         ApiSettings()
@@ -43,9 +47,19 @@ def test_placeholder_secrets_are_refused_in_production(monkeypatch: pytest.Monke
 def test_real_secrets_are_accepted_in_production_and_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERLINE_ENV", "production")
     monkeypatch.setenv("API_JWT_SECRET", "9f8e7d6c5b4a39281706f5e4d3c2b1a0")
+    monkeypatch.setenv("API_ERASURE_PSEUDONYM_KEY", REAL_ERASURE_KEY)
     settings = ApiSettings()
     assert settings.jwt_secret.get_secret_value() == "9f8e7d6c5b4a39281706f5e4d3c2b1a0"
-    assert "9f8e7d6c" not in repr(settings)
+    assert "9f8e7d6c" not in repr(settings) and REAL_ERASURE_KEY[:8] not in repr(settings)
+
+
+@pytest.mark.parametrize("key", ["changethis", "meterline-local-erasure-pseudonym-key-do-not-use", "0123456789abcdef"])
+def test_the_erasure_pseudonym_key_must_be_real_in_production(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    monkeypatch.setenv("METERLINE_ENV", "production")
+    monkeypatch.setenv("API_JWT_SECRET", "9f8e7d6c5b4a39281706f5e4d3c2b1a0")
+    monkeypatch.setenv("API_ERASURE_PSEUDONYM_KEY", key)
+    with pytest.raises(ValidationError, match="API_ERASURE_PSEUDONYM_KEY"):
+        ApiSettings()
 
 
 def test_placeholders_are_fine_in_local_mode(monkeypatch: pytest.MonkeyPatch) -> None:

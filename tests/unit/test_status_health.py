@@ -68,3 +68,39 @@ def test_healthy_only_when_every_process_is_up_ready_and_no_invariant_is_violate
         "# TYPE meterline_invariant_check_violations gauge\n"
         "meterline_invariant_check_violations{check=\"balance\"} 1.0\n")}, alive)
     assert violated["healthy"] is False and "invariant check violated" in violated["problems"][0]
+
+
+@pytest.mark.parametrize(("metrics", "state"), [
+    ("", "not_run"),
+    ("# TYPE meterline_reconciliation_drift_wallets gauge\n"
+     "meterline_reconciliation_drift_wallets{record=\"ledger\"} 0.0\n"
+     "meterline_reconciliation_drift_wallets{record=\"clickhouse_usage\"} 0.0\n", "ok"),
+    ("# TYPE meterline_reconciliation_drift_wallets gauge\n"
+     "meterline_reconciliation_drift_wallets{record=\"ledger\"} 0.0\n"
+     "meterline_reconciliation_drift_wallets{record=\"clickhouse_usage\"} 3.0\n", "drift"),
+])
+def test_reconciliation_state_and_a_drift_makes_the_stack_unhealthy(metrics: str, state: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    assert health.reconciliation(_probe(metrics))["state"] == state
+    verdict = _verdict(monkeypatch, {"scheduler": _probe(metrics)}, {"scheduler": {"alive": True}})
+    assert verdict["healthy"] is (state != "drift")
+    if state == "drift":
+        assert "clickhouse_usage" in verdict["problems"][0] and verdict["reconciliation"]["disagreeing_wallets"] == {
+            "ledger": 0, "clickhouse_usage": 3}
+
+
+def _reconciled(drift: int, at: float) -> str:
+    return ("# TYPE meterline_reconciliation_drift_wallets gauge\n"
+            f"meterline_reconciliation_drift_wallets{{record=\"clickhouse_usage\"}} {drift}.0\n"
+            "# TYPE meterline_reconciliation_last_run_timestamp_seconds gauge\n"
+            f"meterline_reconciliation_last_run_timestamp_seconds {at}\n")
+
+
+def test_the_reconciliation_is_read_from_whichever_process_ran_it_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    # embedded ClickHouse: the api runs it (meterline/reconcile_embedded.py) and the scheduler exports nothing
+    verdict = _verdict(monkeypatch, {"scheduler": _probe(), "api": _probe(_reconciled(2, 1.7e9))},
+                       {"scheduler": {"alive": True}, "api": {"alive": True}})
+    assert verdict["reconciliation"]["state"] == "drift" and "clickhouse_usage" in verdict["problems"][0]
+    # both exported one (ClickHouse moved from embedded to a server): the newer report counts
+    assert health.reconciliation(_probe(_reconciled(0, 1.8e9)), _probe(_reconciled(2, 1.7e9)))["state"] == "ok"
+    assert health.reconciliation(None, None)["state"] == "unknown"

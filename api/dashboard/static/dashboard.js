@@ -379,8 +379,47 @@ async function pageDeadLetters() {
     body.dead_letters);
 }
 
+/* The latest reconciliation of the four usage records (GET …/reconciliation): what each record was compared up
+ * to, the drift per wallet and every mismatched key with the records that disagree (data-state on the tiles:
+ * "ok", "drift" or "not-compared"). */
+const RECORDS = [["usage_log", "Usage log"], ["ledger", "Ledger"], ["clickhouse_usage", "ClickHouse usage"],
+                 ["clickhouse_flow", "ClickHouse credit flow"]];
+
+async function pageReconciliation() {
+  const { report } = await api(projectPath("/reconciliation"));
+  if (!report) {
+    $("recon-summary").textContent = "No reconciliation has finished yet (the scheduler runs one every hour).";
+    tiles("recon-records", []);
+    table("recon-wallets", [["wallet", r => r.wallet_id]], [], null, "no report yet");
+    table("recon-mismatches", [["wallet", r => r.wallet_id]], [], null, "no report yet");
+    return;
+  }
+  const wrong = new Set(report.mismatches.flatMap(m => m.disagreeing));
+  $("recon-summary").textContent = "Report " + report.id + ", finished " + label(report.finished_at) + " UTC: " +
+    (report.mismatches.length ? report.drift_wallets.length + " wallet(s) drift." : "all compared records agree.");
+  tiles("recon-records", RECORDS.map(([key, name]) => {
+    const cover = report.coverage[key] || { compared: report.records_compared.includes(key) };
+    return [name, !cover.compared ? "not compared" : wrong.has(key) ? "disagrees" : "agrees", key];
+  }));
+  for (const tile of $("recon-records").children) {
+    const cover = report.coverage[tile.dataset.key] || { compared: report.records_compared.includes(tile.dataset.key) };
+    tile.dataset.state = !cover.compared ? "not-compared" : wrong.has(tile.dataset.key) ? "drift" : "ok";
+    if (cover.why) tile.title = cover.why;
+  }
+  table("recon-wallets", [["wallet", r => r.wallet_id], ["disagreeing", r => r.disagreeing.join(", ")],
+    ["keys", r => r.keys], ["drift (minor units)", r => fmt(r.amount_minor)]], report.drift_wallets, null,
+    "no drift: every compared record agrees");
+  const show = v => v === null || v === undefined ? "–" : String(v);
+  table("recon-mismatches", [["wallet", r => r.wallet_id], ["meter", r => r.meter_id],
+    ["period", r => label(r.period_start)], ["measure", r => r.measure],
+    ["disagreeing", r => el("span", { className: "removed" }, r.disagreeing.join(", ") + " disagrees")],
+    ["values", r => Object.entries(r.values).map(([k, v]) => k + " " + show(v)).join(" · ")],
+    ["cut", r => r.cut]], report.mismatches, null, "no mismatched keys");
+}
+
 Object.assign(window.meterlinePages, { usage: pageUsage, credits: pageCredits, paywall: pagePaywall,
-                                      audit: auditPage, "dead-letters": pageDeadLetters });
+                                      audit: auditPage, "dead-letters": pageDeadLetters,
+                                      reconciliation: pageReconciliation });
 
 async function run(render) {
   document.body.dataset.ready = "";

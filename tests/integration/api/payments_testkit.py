@@ -245,6 +245,18 @@ class FakeStripe:
 
 
 @contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler], name: str) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 for a provider fake; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def fake_stripe() -> Iterator[FakeStripe]:
     fake = FakeStripe()
 
@@ -267,12 +279,117 @@ def fake_stripe() -> Iterator[FakeStripe]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="fake-stripe", daemon=True)
-    thread.start()
-    fake.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with _serving(Handler, "fake-stripe") as fake.base_url:
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
+
+
+# ------------------------------------------------------------------ fake RevenueCat and Lemon Squeezy APIs
+
+
+@dataclass
+class Scripted:
+    """Answers the next requests get instead of the real one: (status, headers, raw body), in order."""
+
+    queue: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
+
+    def fail(self, status: int, body: bytes = b'{"message": "boom"}', times: int = 1, **headers: str) -> None:
+        self.queue.extend([(status, {k.replace("_", "-"): v for k, v in headers.items()}, body)] * times)
+
+
+@dataclass
+class FakeRevenueCat:
+    """RevenueCat REST API v1 ``GET /v1/subscribers/{app_user_id}`` (Customer Info: ``request_date(_ms)``,
+    ``subscriber.{subscriptions, non_subscriptions, entitlements, …}``) on 127.0.0.1; Bearer auth checked."""
+
+    api_key: str = "sk_test_revenuecat_fake"
+    base_url: str = ""
+    subscribers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    scripted: Scripted = field(default_factory=Scripted)
+
+    def subscriber(self, app_user_id: str) -> dict[str, Any]:
+        return self.subscribers.setdefault(app_user_id, {
+            "entitlements": {}, "first_seen": "2026-01-01T00:00:00Z", "last_seen": "2026-01-01T00:00:00Z",
+            "management_url": None, "non_subscriptions": {}, "original_app_user_id": app_user_id,
+            "original_application_version": None, "original_purchase_date": None, "other_purchases": {},
+            "subscriptions": {}, "subscriber_attributes": {}})
+
+    def handle(self, path: str, query: dict[str, str], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        self.requests.append(path)
+        if self.scripted.queue:
+            return self.scripted.queue.pop(0)
+        if headers.get("authorization") != f"Bearer {self.api_key}":
+            return 401, {}, b'{"code": 7225, "message": "Invalid API Key."}'
+        prefix = "/v1/subscribers/"
+        if not path.startswith(prefix):
+            return 404, {}, b'{"code": 7259, "message": "not found"}'
+        user = urllib.parse.unquote(path[len(prefix):])
+        now = time.time()
+        body = {"request_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "request_date_ms": int(now * 1000), "subscriber": self.subscriber(user)}
+        return 200, {}, json.dumps(body).encode()
+
+
+@dataclass
+class FakeLemonSqueezy:
+    """Lemon Squeezy API (JSON:API) ``GET /v1/orders``, ``/v1/subscriptions``, ``/v1/subscription-invoices`` with
+    ``filter[store_id]``, newest first, paged like the real one (``page[number]``; ``meta.page`` with
+    currentPage / lastPage, ``links.first/last/next``) — ``page_size`` per page whatever is asked, to page early."""
+
+    api_key: str = "ls_test_api_key_fake"
+    base_url: str = ""
+    page_size: int = 2
+    resources: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {"orders": [], "subscriptions": [], "subscription-invoices": []})
+    requests: list[str] = field(default_factory=list)
+    scripted: Scripted = field(default_factory=Scripted)
+
+    def handle(self, path: str, query: dict[str, str], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        self.requests.append(f"{path}?{urllib.parse.urlencode(query)}")
+        if self.scripted.queue:
+            return self.scripted.queue.pop(0)
+        if headers.get("authorization") != f"Bearer {self.api_key}":
+            return 401, {}, b'{"errors": [{"status": "401", "title": "Unauthenticated"}]}'
+        kind = path.removeprefix("/v1/")
+        if kind not in self.resources:
+            return 404, {}, b'{"errors": [{"status": "404", "title": "Not Found"}]}'
+        store = query.get("filter[store_id]")
+        rows = [r for r in self.resources[kind] if store is None or str(r["attributes"]["store_id"]) == store]
+        rows.sort(key=lambda r: r["attributes"]["created_at"], reverse=True)
+        number = int(query.get("page[number]", "1"))
+        last = max(1, -(-len(rows) // self.page_size))
+        page = rows[(number - 1) * self.page_size: number * self.page_size]
+
+        def link(n: int) -> str:
+            return f"{self.base_url}{path}?page%5Bnumber%5D={n}&page%5Bsize%5D={self.page_size}&sort=-createdAt"
+        body = {"meta": {"page": {"currentPage": number, "from": (number - 1) * self.page_size + 1,
+                                  "lastPage": last, "perPage": self.page_size,
+                                  "to": (number - 1) * self.page_size + len(page), "total": len(rows)}},
+                "jsonapi": {"version": "1.0"},
+                "links": {"first": link(1), "last": link(last), **({"next": link(number + 1)} if number < last else {})},
+                "data": page}
+        return 200, {}, json.dumps(body).encode()
+
+
+@contextmanager
+def fake_provider_api(fake: FakeRevenueCat | FakeLemonSqueezy) -> Iterator[Any]:
+    """Serve ``fake.handle`` over HTTP on 127.0.0.1 (GET only), as the Stripe fake does."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            status, headers, data = fake.handle(url.path, dict(urllib.parse.parse_qsl(url.query)),
+                                                {k.lower(): v for k, v in self.headers.items()})
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with _serving(Handler, "fake-provider") as fake.base_url:
+        yield fake

@@ -16,7 +16,7 @@ def test_health_reports_halted_partitions_and_invariant_violations(database_url:
     with api_client(database_url, engines) as client:
         healthy = client.get("/healthz")
         assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
-        assert healthy.json()["ledger"] == {"halted_partitions": [], "invariant_check": None}
+        assert healthy.json()["ledger"] == {"halted_partitions": [], "invariant_check": None, "reconciliation": None}
 
         engine = make_engine(database_url, pool_size=1)
         try:

@@ -123,6 +123,9 @@ def test_a_row_altered_by_a_superuser_with_triggers_off_is_named_by_verify(
 
     with engine.begin() as conn:  # a cover-up: also rewrite the altered row's own link → the next link breaks
         conn.execute(text("SET LOCAL session_replication_role = replica"))
+        # (chain v2, ledger_0013: the row's metadata commitment too, else verify names the row itself)
+        conn.execute(text("UPDATE transactions SET metadata_commitment = sha256(metadata_salt || "
+                          "convert_to(metadata::text, 'UTF8')) WHERE id = :id"), {"id": victim})
         conn.execute(text("""
             UPDATE transactions t SET chain_hash = sha256(
                 (SELECT chain_hash FROM transactions p WHERE p.wallet_id = t.wallet_id AND p.id < t.id

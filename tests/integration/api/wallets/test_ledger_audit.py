@@ -98,3 +98,27 @@ def test_the_reconciliation_route_serves_the_latest_report_of_the_project_only(d
         report = client.get(f"/api/v1/projects/{project}/reconciliation", headers=headers).json()["report"]
         assert report["replay_id"] == "rp_7" and report["drift_minor"] == 7 and report["complete"]
         assert [d["wallet_id"] for d in report["differences"]] == ["w1"]
+        assert client.get("/healthz").json()["ledger"]["reconciliation"]["ok"] is True
+
+        # a four-record report: a row missing from ClickHouse usage, named with wallet, meter and period
+        mismatch = {"project_id": project, "wallet_id": "w1", "meter_id": "m", "period_start": "2026-12-01T00:00:00+00:00",
+                    "price_version_id": "pv", "measure": "units", "cut": "ledger mark", "amount_minor": 8,
+                    "values": {"usage_log": "30", "ledger": "30", "clickhouse_usage": "10"},
+                    "disagreeing": ["clickhouse_usage"]}
+        compared = {r: {"compared": True} for r in ("usage_log", "ledger", "clickhouse_usage", "clickhouse_flow")}
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            with engine.begin() as conn:
+                record_report(conn, source_topic="usage.events.v1", replay_id="rp_4", marks={"0": 9},
+                              started_at=datetime.now(UTC), messages=10, incomplete=[], drift_minor=0, differences=[],
+                              coverage=compared, mismatches=[mismatch, {**mismatch, "project_id": "elsewhere"}])
+        finally:
+            engine.dispose()
+        report = client.get(f"/api/v1/projects/{project}/reconciliation", headers=headers).json()["report"]
+        assert report["records_compared"] == ["usage_log", "ledger", "clickhouse_usage", "clickhouse_flow"]
+        assert report["mismatches"] == [mismatch]
+        assert report["drift_wallets"] == [{"wallet_id": "w1", "disagreeing": ["clickhouse_usage"], "keys": 1,
+                                            "amount_minor": 8}]
+        health = client.get("/healthz").json()
+        assert health["status"] == "degraded"
+        assert health["ledger"]["reconciliation"]["disagreeing_wallets"] == {"clickhouse_usage": 2}

@@ -23,6 +23,7 @@ COMPONENT_SETTINGS: tuple[type[BaseSettings], ...] = (
 def test_a_refused_api_setting_does_not_print_the_jwt_or_webhook_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     # from the environment, as at a real start-up: pydantic would print the whole input (every API_ variable)
     monkeypatch.setenv("API_ENV", "production")
+    monkeypatch.setenv("API_ERASURE_PSEUDONYM_KEY", "5e1f0c2b9a8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d")
     monkeypatch.setenv("API_JWT_SECRET", "short")
     monkeypatch.setenv("API_STRIPE_WEBHOOK_SECRET", "whsec_1")
     with pytest.raises(ValidationError) as refused:

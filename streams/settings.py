@@ -46,7 +46,7 @@ class StreamsSettings(BaseSettings):
     batch_events_max: int = Field(default=2_000, ge=1, description="Kafka messages per take_events batch (faust)")
     # how usage.events.v1 is consumed (streams/batch_consumer.py; streams/README.md "Consumer" has the figures):
     # "confluent" = a confluent-kafka consumer taken in batches, one faust channel item per batch; "faust" =
-    # faust's own aiokafka consumer and take_events (one faust Event per Kafka message: ~4x slower at one
+    # faust's own aiokafka consumer and take_events (one faust Event per Kafka message: 8–14x slower at one
     # event per message)
     consumer: str = Field(default="confluent", pattern="^(confluent|faust|faust-confluent)$")
     consume_messages_max: int = Field(default=20_000, ge=1,

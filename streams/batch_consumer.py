@@ -33,6 +33,7 @@ The replacement of faust's commit/ack/rebalance semantics, and why it keeps the 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,6 +46,9 @@ from ledger.kafka import consumer_config
 __all__ = ["BatchConsumer", "Record", "commit_offsets"]
 
 log = structlog.get_logger("streams.batch_consumer")
+
+#: messages per ``consume`` call within one batch (each call is one C call; the batch bounds are checked between)
+CHUNK_MESSAGES = 2_000
 
 
 class Record:
@@ -131,26 +135,34 @@ class BatchConsumer:
 
     # -- batches ------------------------------------------------------------------------------------------
 
-    async def take(self, messages_max: int, within_s: float) -> list[Record]:
-        """The next batch: up to ``messages_max`` messages, waiting at most ``within_s`` for them."""
-        return await self._run(lambda: self._take_sync(messages_max, within_s))  # type: ignore[no-any-return]
+    async def take(self, messages_max: int, within_s: float, *, bytes_max: int) -> list[Record]:
+        """The next batch: up to ``messages_max`` messages or ``bytes_max`` bytes of values (whichever comes first;
+        packed messages make a batch of 20,000 messages millions of events), waiting at most ``within_s``."""
+        return await self._run(lambda: self._take_sync(messages_max, within_s, bytes_max))  # type: ignore[no-any-return]
 
-    def _take_sync(self, messages_max: int, within_s: float) -> list[Record]:
+    def _take_sync(self, messages_max: int, within_s: float, bytes_max: int) -> list[Record]:
         records: list[Record] = []
         append = records.append
-        for m in self._consumer.consume(num_messages=messages_max, timeout=within_s):
-            err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
+        size = 0
+        deadline = time.monotonic() + within_s
+        while True:  # in chunks, so that the byte bound can close the batch between two of them
+            chunk = min(CHUNK_MESSAGES, messages_max - len(records))
+            for m in self._consumer.consume(num_messages=chunk, timeout=max(0.0, deadline - time.monotonic())):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    if err.fatal():
+                        raise KafkaException(err)
+                    log.warning("consumer_error", error=str(err))  # transient: librdkafka retries by itself
                     continue
-                if err.fatal():
-                    raise KafkaException(err)
-                log.warning("consumer_error", error=str(err))  # transient: librdkafka retries by itself
-                continue
-            ts_type, ts_ms = m.timestamp()
-            append(Record(m.partition(), m.offset(),  # type: ignore[arg-type]  # set on every fetched message
-                          ts_ms / 1000 if ts_type and ts_ms > 0 else None, m.key(), m.value()))
-        return records
+                ts_type, ts_ms = m.timestamp()
+                value = m.value()
+                size += len(value) if value else 0
+                append(Record(m.partition(), m.offset(),  # type: ignore[arg-type]  # set on every fetched message
+                              ts_ms / 1000 if ts_type and ts_ms > 0 else None, m.key(), value))
+            if len(records) >= messages_max or size >= bytes_max or time.monotonic() >= deadline:
+                return records
 
     async def commit(self, records: list[Record]) -> None:
         offsets = commit_offsets(records)

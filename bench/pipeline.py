@@ -670,6 +670,27 @@ def run_baseline(eng: Engines, home: Path, *, events: int, workers: int, timeout
         stop(procs)
 
 
+def prepare_stack(eng: Engines) -> tuple[dict[str, str], str]:
+    """Topics (fresh prefix), migrations and the bench meter + price; returns the processes' environment and the
+    usage topic (bench/soak.py starts the same stack)."""
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    ensure_topics(eng.bootstrap, topic_specs(prefix=prefix, usage_partitions=USAGE_PARTITIONS,
+                                             charges_partitions=4, transactions_partitions=4))
+    migrate(eng.database_url)
+    engine = make_engine(eng.database_url, pool_size=1)
+    with engine.begin() as conn:
+        catalog.create_meter(conn, project_id=PROJECT, slug="tokens", event_type="llm.tokens",
+                             aggregation="SUM", value_property="$.tokens")
+        catalog.create_price(conn, project_id=PROJECT, meter="tokens",
+                             model={"model": "per_unit", "unit_price_minor": str(PRICE)},
+                             effective_from=datetime(2020, 1, 1, tzinfo=UTC))
+    engine.dispose()
+    env = {"DATABASE_URL": eng.database_url, "KAFKA_BOOTSTRAP_SERVERS": eng.bootstrap,
+           "METERLINE_TOPIC_PREFIX": prefix, "METERLINE_ENV": "local", "METERLINE_LOG_LEVEL": "INFO",
+           "LEDGER_CONSUMER_GROUP": f"{prefix}ledger"}
+    return env, f"{prefix}usage.events.v1"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each pipeline phase")
@@ -700,24 +721,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         home = Path(tmp)
         with engines(home, broker_storage=args.broker_storage) as eng:
-            prefix = f"bench{uuid.uuid4().hex[:6]}."
-            ensure_topics(eng.bootstrap, topic_specs(prefix=prefix, usage_partitions=USAGE_PARTITIONS,
-                                                     charges_partitions=4, transactions_partitions=4))
             if args.raw_messages:
-                print(raw_limits(eng.bootstrap, prefix, messages=args.raw_messages))
-            migrate(eng.database_url)
-            engine = make_engine(eng.database_url, pool_size=1)
-            with engine.begin() as conn:
-                catalog.create_meter(conn, project_id=PROJECT, slug="tokens", event_type="llm.tokens",
-                                     aggregation="SUM", value_property="$.tokens")
-                catalog.create_price(conn, project_id=PROJECT, meter="tokens",
-                                     model={"model": "per_unit", "unit_price_minor": str(PRICE)},
-                                     effective_from=datetime(2020, 1, 1, tzinfo=UTC))
-            engine.dispose()
-            env = {"DATABASE_URL": eng.database_url, "KAFKA_BOOTSTRAP_SERVERS": eng.bootstrap,
-                   "METERLINE_TOPIC_PREFIX": prefix, "METERLINE_ENV": "local", "METERLINE_LOG_LEVEL": "INFO",
-                   "LEDGER_CONSUMER_GROUP": f"{prefix}ledger"}
-            topic = f"{prefix}usage.events.v1"
+                print(raw_limits(eng.bootstrap, f"raw{uuid.uuid4().hex[:6]}.", messages=args.raw_messages))
+            env, topic = prepare_stack(eng)
             workers = [start([sys.executable, "-m", "meterline", "run", "streams"],
                              {**env, "STREAMS_WORKER_INDEX": str(i)}, home / f"streams-{i}.log")
                        for i in range(args.workers)]

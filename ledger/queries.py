@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -33,6 +33,7 @@ __all__ = [
     "InvariantCheck",
     "TransactionPage",
     "applied_offsets",
+    "dedupe_key_sets_in_horizon",
     "dedupe_keys_newest",
     "dedupe_keys_since",
     "expired_of_grant",
@@ -280,6 +281,38 @@ def dedupe_keys_newest(conn: Connection, *, source_topic: str, partition: int, h
     rows = conn.execute(_NEWEST_DEDUPE_KEYS, {"t": topic, "t_life": topic + IDENTITY_SEPARATOR, "p": partition,
                                               "horizon_s": horizon_s, "limit": limit})
     return [(int(r.key_hash), r.at) for r in rows]
+
+
+_DEDUPE_KEY_SETS_IN_HORIZON = text("""
+    WITH sets AS (
+        SELECT coalesce(arrived_at, seen_at) AS at, as_of_offset, key_hashes FROM dedupe_key_sets
+        WHERE (source_topic = :t OR starts_with(source_topic, :t_life)) AND partition = :p
+    ), newest AS (
+        SELECT max(at) AS at FROM sets
+    )
+    SELECT s.at, array_send(s.key_hashes) AS packed FROM sets s, newest n
+    WHERE s.at >= n.at - make_interval(secs => :horizon_s)
+    ORDER BY s.at, s.as_of_offset
+""")
+
+
+def dedupe_key_sets_in_horizon(conn: Connection, *, source_topic: str, partition: int, horizon_s: float,
+                               rows_per_fetch: int = 16) -> Iterator[tuple[datetime, bytes]]:
+    """EVERY dedupe key set of one partition within the horizon (stream time, measured back from the newest
+    stored arrival, like ``dedupe_keys_newest``), OLDEST first, streamed through a server-side cursor
+    ``rows_per_fetch`` rows (≤ 50,000 keys each) at a time, so a caller can rebuild the whole horizon without
+    holding it. Each row: its stream time and the hashes as PostgreSQL's binary array (``array_send``: a 20-byte
+    header, then per key a 4-byte length and the big-endian int64) — decoding millions of keys as Python ints
+    would cost more than the query. Run it inside the caller's (repeatable-read) transaction."""
+    topic = base_topic(source_topic)
+    result = conn.execution_options(stream_results=True, max_row_buffer=rows_per_fetch).execute(
+        _DEDUPE_KEY_SETS_IN_HORIZON,
+        {"t": topic, "t_life": topic + IDENTITY_SEPARATOR, "p": partition, "horizon_s": horizon_s})
+    try:
+        for row in result:
+            yield row.at, bytes(row.packed)
+    finally:
+        result.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import numpy as np
 import orjson
 
 from ledger.limits import UNITS_FRACTION_DIGITS_MAX, UNITS_PER_EVENT_MAX
@@ -52,7 +53,8 @@ from streams.catalog_model import (
     read_path,
 )
 from streams.contracts import partition_for
-from streams.dedupe_memory import DedupeMemory, slot_seconds
+from streams.dedupe_memory import slot_seconds
+from streams.dedupe_store import DedupeStore, Int64s
 
 __all__ = [
     "REASONS",
@@ -99,7 +101,11 @@ class Limits:
     message_events_max: int = 10_000
     future_skew_s: int = 3_600
     dedupe_horizon_s: int = 86_400
-    dedupe_memory_max: int = 5_000_000
+    #: dedupe keys kept in RAM per partition; older ones spill to disk, nothing is forgotten before the horizon
+    #: (streams/dedupe_store.py: the RAM per partition is ~80 B x this + ``dedupe_filter_bytes`` + transients)
+    dedupe_memory_max: int = 500_000
+    dedupe_filter_bytes: int = 256 * 1024 * 1024
+    dedupe_dir: str | None = None  # None: the system's temporary directory
     #: a checkpoint is cut early (mid-batch, at a message boundary) once it carries this many, so one ledger
     #: transaction stays moderate and a message ~1.3 MB at most (~330 B per counter, ~21 B per key). One packed
     #: message of many distinct wallets can still exceed it: the limit is soft, never a reason to fail.
@@ -394,16 +400,20 @@ class PartitionAggregator:
     _changed: set[CounterKeyTuple] = field(default_factory=set)
     _new_keys: list[int] = field(default_factory=list)
     #: dedupe hashes (events and UNIQUE_COUNT values) seen within the horizon
-    _seen: DedupeMemory = field(init=False)
+    _seen: DedupeStore = field(init=False)
 
     def __post_init__(self) -> None:
-        self._seen = DedupeMemory(slot_s=slot_seconds(self.limits.dedupe_horizon_s),
-                                  keys_max=self.limits.dedupe_memory_max)
+        self._seen = DedupeStore(slot_s=slot_seconds(self.limits.dedupe_horizon_s),
+                                 horizon_s=self.limits.dedupe_horizon_s, ram_keys=self.limits.dedupe_memory_max,
+                                 filter_bytes=self.limits.dedupe_filter_bytes, directory=self.limits.dedupe_dir)
 
     def seed(self, *, applied_through: int, counters: Iterable[SeedCounter],
-             dedupe_keys: Iterable[tuple[int, datetime]], periods_since: datetime | None = None) -> None:
+             dedupe_keys: Iterable[tuple[int, datetime]] = (),
+             dedupe_chunks: Iterable[tuple[Int64s, datetime]] = (), periods_since: datetime | None = None) -> None:
         """Start from the ledger's state: counters as of ``applied_through``, offsets up to it skipped.
-        ``counters`` must hold every stored counter of periods starting at or after ``periods_since``."""
+        ``counters`` must hold every stored counter of periods starting at or after ``periods_since``.
+        Dedupe keys come as ``(key, arrival)`` pairs (any order) and/or ``(keys, arrival)`` chunks in ascending
+        arrival (the worker streams the ledger's rows: the horizon never has to fit in RAM)."""
         self.periods_since = periods_since
         self.counters.clear()
         self._changed.clear()
@@ -414,9 +424,15 @@ class PartitionAggregator:
             self.counters[key] = Counter(Decimal(sc.units), sc.events, sc.late_events,
                                          sc.latest_at.astimezone(UTC) if sc.latest_at else None)
         self.stream_time = None
+        for chunk, seen_at in dedupe_chunks:
+            self._seen.seed_chunk(chunk, seen_at.timestamp())
+            if self.stream_time is None or seen_at > self.stream_time:
+                self.stream_time = seen_at
         for key_hash, seen_at in sorted(dedupe_keys, key=lambda kv: kv[1]):
-            self._seen.remember(key_hash, seen_at.timestamp())
-            self.stream_time = seen_at  # sorted: ends at the newest stored arrival
+            self._seen.seed_chunk(np.array([key_hash], dtype=np.int64), seen_at.timestamp())
+            if self.stream_time is None or seen_at > self.stream_time:
+                self.stream_time = seen_at
+        self._seen.seed_done()
         self.processed_through = applied_through
         self.checkpointed_through = applied_through
 
@@ -606,3 +622,8 @@ class PartitionAggregator:
     @property
     def dedupe_size(self) -> int:
         return len(self._seen)
+
+    @property
+    def dedupe_on_disk(self) -> int:
+        """Dedupe keys held in the store's disk runs (the rest are in RAM)."""
+        return len(self._seen) - self._seen.ram_keys_now

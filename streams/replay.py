@@ -31,6 +31,7 @@ def metering_limits(settings: StreamsSettings) -> Limits:
     return Limits(event_bytes_max=settings.event_bytes_max, message_events_max=settings.message_events_max,
                   future_skew_s=settings.future_skew_s, dedupe_horizon_s=settings.dedupe_horizon_s,
                   dedupe_memory_max=settings.dedupe_memory_max,
+                  dedupe_filter_bytes=settings.dedupe_filter_mb * 1024 * 1024, dedupe_dir=settings.dedupe_dir or None,
                   checkpoint_counters_max=settings.checkpoint_counters_max,
                   checkpoint_dedupe_keys_max=settings.checkpoint_dedupe_keys_max)
 

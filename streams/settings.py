@@ -67,8 +67,13 @@ class StreamsSettings(BaseSettings):
 
     # dedupe by (project, source, id)
     dedupe_horizon_s: int = Field(default=86_400, ge=0, description="duplicates are caught within this window")
-    dedupe_seed_rows_max: int = Field(default=2_000_000, ge=0, description="dedupe keys read on assignment")
-    dedupe_memory_max: int = Field(default=5_000_000, ge=1_000, description="dedupe keys kept per partition")
+    # kept for old environments: seeding now streams EVERY key of the horizon into the disk-backed store
+    dedupe_seed_rows_max: int = Field(default=2_000_000, ge=0, description="unused (seeding is exact, streamed)")
+    # streams/dedupe_store.py: RAM per partition ≈ 80 B x dedupe_memory_max + dedupe_filter_mb + transients,
+    # whatever the rate; every key of the horizon is kept (older ones on local disk, 12 B each)
+    dedupe_memory_max: int = Field(default=500_000, ge=1_000, description="dedupe keys in RAM per partition")
+    dedupe_filter_mb: int = Field(default=256, ge=1, description="Bloom filter in front of the disk runs, per partition")
+    dedupe_dir: str = Field(default="", description="directory of the disk runs (anonymous files); '' = system temp")
 
     # lateness and catalog
     allowed_lateness_s: int = Field(default=3_600, ge=0, description="default when a project sets none")

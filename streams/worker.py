@@ -57,6 +57,7 @@ from streams.batch_consumer import BatchConsumer, Record
 from streams.catalog_model import CatalogSnapshot, ProjectPolicy
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 from streams.dead_letters import dead_letter_message
+from streams.dedupe_seed import key_set_chunks
 from streams.errors import PendingMigrations
 from streams.metering import Checkpoint, Limits, PartitionAggregator, Rejection, SeedCounter, period_bounds
 from streams.settings import StreamsSettings, get_settings
@@ -103,6 +104,8 @@ class Runtime:
         self.limits = Limits(event_bytes_max=settings.event_bytes_max, message_events_max=settings.message_events_max,
                              future_skew_s=settings.future_skew_s, dedupe_horizon_s=settings.dedupe_horizon_s,
                              dedupe_memory_max=settings.dedupe_memory_max,
+                             dedupe_filter_bytes=settings.dedupe_filter_mb * 1024 * 1024,
+                             dedupe_dir=settings.dedupe_dir or None,
                              checkpoint_counters_max=settings.checkpoint_counters_max,
                              checkpoint_dedupe_keys_max=settings.checkpoint_dedupe_keys_max)
         self.default_policy = ProjectPolicy(settings.unknown_subjects,  # type: ignore[arg-type]
@@ -254,6 +257,7 @@ class Runtime:
             self.counts["seeded"] += 1
             log.info("partition_seeded", partition=p, applied_through=aggregator.processed_through,
                      committed=committed, counters=len(aggregator.counters), dedupe_keys=aggregator.dedupe_size,
+                     dedupe_on_disk=aggregator.dedupe_on_disk,
                      waited_s=round(time.monotonic() - started, 2))
         except asyncio.CancelledError:
             raise
@@ -290,26 +294,23 @@ class Runtime:
         now = datetime.now(UTC)
         lookback = max(self.settings.seed_lookback_s, self._max_lateness_s() + 86_400)
         periods_since, _ = period_bounds(now - timedelta(seconds=lookback), "month")
+        assert self.partitions is not None
+        aggregator = PartitionAggregator(source_topic=self.source_id, partition=p, partitions=self.partitions,
+                                         limits=self.limits)
         with self.engine.connect() as conn:
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():  # ONE snapshot: applied mark, counters and dedupe keys cannot be torn apart
                 snap = ledger_queries.partition_snapshot(conn, self.source_id, [p], periods_since=periods_since)
-                # the newest keys within the horizon in STREAM time, bounded in SQL (DESIGN §2 invariant 10)
-                keys = ledger_queries.dedupe_keys_newest(
-                    conn, source_topic=self.source_id, partition=p, horizon_s=self.settings.dedupe_horizon_s,
-                    limit=self.settings.dedupe_seed_rows_max)
-        if len(keys) >= self.settings.dedupe_seed_rows_max:
-            log.warning("dedupe_seed_truncated", partition=p, kept=len(keys), oldest_kept=keys[-1][1].isoformat())
-        assert self.partitions is not None
-        aggregator = PartitionAggregator(source_topic=self.source_id, partition=p, partitions=self.partitions,
-                                         limits=self.limits)
-        aggregator.seed(
-            applied_through=snap.applied_through[p],
-            counters=[SeedCounter(c.wallet_id, c.project_id, c.meter_id, c.period_start, c.price_version_id,
-                                  c.units, c.events, c.late_events, c.latest_at) for c in snap.counters],
-            dedupe_keys=keys,
-            periods_since=periods_since,
-        )
+                # EVERY key of the horizon in STREAM time (DESIGN §2 invariant 10), streamed oldest first into
+                # the partition's dedupe store (RAM tier + disk runs, streams/dedupe_store.py): never all in RAM
+                aggregator.seed(
+                    applied_through=snap.applied_through[p],
+                    counters=[SeedCounter(c.wallet_id, c.project_id, c.meter_id, c.period_start, c.price_version_id,
+                                          c.units, c.events, c.late_events, c.latest_at) for c in snap.counters],
+                    dedupe_chunks=key_set_chunks(ledger_queries.dedupe_key_sets_in_horizon(
+                        conn, source_topic=self.source_id, partition=p, horizon_s=self.settings.dedupe_horizon_s)),
+                    periods_since=periods_since,
+                )
         log.info("partition_owner_epoch", partition=p, owner_epoch=epoch, applied_through=snap.applied_through[p])
         return aggregator, epoch
 

@@ -48,3 +48,28 @@ def test_rows_from_before_stream_times_were_stored_fall_back_to_seen_at(engine: 
     with engine.connect() as conn:
         keys = queries.dedupe_keys_newest(conn, source_topic="u", partition=0, horizon_s=86_400, limit=10)
     assert [h for h, _ in keys] == [2]
+
+
+def test_every_key_set_of_the_horizon_streams_oldest_first_as_binary_arrays(engine: Engine) -> None:
+    """Issue 17: the seed is no longer cut to the newest N — every set within the horizon (stream time, every life
+    of the topic) streams oldest first, decoded exactly (extreme int64 values too)."""
+    from streams.dedupe_seed import decode_key_set
+
+    now = datetime.now(UTC)
+    stream = now - timedelta(days=3)
+    big = list(range(-30_000, 30_000))  # one row wider than a fetch of small ones
+    _sets(engine, [
+        ("u", 0, 10, stream - timedelta(hours=30), now, [1, 2]),        # beyond 24 h of stream time
+        ("u", 0, 20, stream - timedelta(hours=20), now, [-(2**63), 2**63 - 1]),
+        ("u", 0, 30, stream - timedelta(hours=1), now, big),
+        ("u", 0, 40, stream, now, []),
+        ("u", 1, 50, now, now, [99]),                                    # another partition
+        ("u@2", 0, 5, stream - timedelta(minutes=30), now, [11]),        # an earlier life of the topic
+    ])
+    with engine.connect() as conn, conn.begin():
+        rows = list(queries.dedupe_key_sets_in_horizon(conn, source_topic="u", partition=0, horizon_s=86_400,
+                                                       rows_per_fetch=2))
+    assert [at for at, _ in rows] == [stream - timedelta(hours=20), stream - timedelta(hours=1),
+                                      stream - timedelta(minutes=30), stream]
+    decoded = [decode_key_set(packed).tolist() for _, packed in rows]
+    assert decoded == [[-(2**63), 2**63 - 1], big, [11], []]

@@ -478,6 +478,17 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         out.close()
 
 
+def keep_logs(home: Path, copy_to: Path | None) -> None:
+    """Copy the processes' logs to ``copy_to`` (when given) and print the tail of every log that has errors."""
+    for log in sorted(home.glob("*.log")):
+        text = log.read_text(errors="replace")
+        if copy_to:
+            copy_to.mkdir(parents=True, exist_ok=True)
+            (copy_to / log.name).write_text(text)
+        if "Traceback" in text or '"level": "error"' in text:
+            print(f"\n--- {log.name} (errors) ---\n" + "\n".join(text.splitlines()[-15:]))
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -773,13 +784,7 @@ def main() -> None:
                         print("\n".join(steps))
             finally:
                 stop(procs)
-                for log in sorted(home.glob("*.log")):
-                    text = log.read_text(errors="replace")
-                    if args.logs:
-                        args.logs.mkdir(parents=True, exist_ok=True)
-                        (args.logs / log.name).write_text(text)
-                    if "Traceback" in text or '"level": "error"' in text:
-                        print(f"\n--- {log.name} (errors) ---\n" + "\n".join(text.splitlines()[-15:]))
+                keep_logs(home, args.logs)
             if not args.skip_baseline:
                 n = args.baseline_events or min(results[0]["sent"].events, 300_000)
                 print(f"\n[baseline] naive faust (one event per message, faust.Record, table += per event), "

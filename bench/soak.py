@@ -42,6 +42,7 @@ from bench.pipeline import (
     Sent,
     check_totals,
     engines,
+    keep_logs,
     postgres_pids,
     prepare_stack,
     start,
@@ -193,13 +194,7 @@ def main() -> None:
                           f"(shorter than the {args.warmup_minutes}-minute warm-up)")
             finally:
                 stop(procs)
-                for log in sorted(home.glob("*.log")):
-                    text = log.read_text(errors="replace")
-                    if args.logs:
-                        args.logs.mkdir(parents=True, exist_ok=True)
-                        (args.logs / log.name).write_text(text)
-                    if "Traceback" in text or '"level": "error"' in text:
-                        print(f"\n--- {log.name} (errors) ---\n" + "\n".join(text.splitlines()[-15:]))
+                keep_logs(home, args.logs)
     print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     if not ok:
         raise SystemExit(1)

@@ -181,9 +181,11 @@ def replay_phase(database_url: str, engine: Engine, events: int, *, timeout_s: f
                 catalog.create_price(conn, project_id="bench", meter="tokens",
                                      model={"model": "per_unit", "unit_price_minor": "0.4"},
                                      effective_from=datetime(2020, 1, 1, tzinfo=UTC))
+            produce_started = time.monotonic()
             with PeakRss() as produce_rss:
                 last = produce_events(broker.bootstrap, topic, events=events, partitions=partitions)
-            print(f"generate + produce {events:,} events: peak RSS {produce_rss.peak_mib:,.0f} MiB "
+            print(f"generate + produce {events:,} events in {time.monotonic() - produce_started:.1f} s: peak RSS "
+                  f"{produce_rss.peak_mib:,.0f} MiB "
                   f"(streamed: one packed message per partition in RAM at a time)")
             with engine.begin() as conn:  # as if the ledger had applied everything
                 for p, offset in last.items():

@@ -181,25 +181,36 @@ class Sent:
     errors: list[str] = field(default_factory=list)
 
 
+#: what a plain Kafka client of any language does with one event per message: keyed by subject, partitioned by
+#: Kafka's murmur2 (librdkafka's own default is CRC32; streams/README "Wire shape")
+PLAIN_CLIENT = {"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
+                "queue.buffering.max.kbytes": 262_144, "partitioner": "murmur2_random"}
+
+
 class LoadProducer:
+    """``pack`` > 1: packed messages of one partition's subjects, round robin over partitions (what the SDK does).
+    ``pack`` 1: one event per message keyed by its subject, partitioned by librdkafka's murmur2 — a plain client."""
+
     def __init__(self, bootstrap: str, topic: str, *, subjects: int, pack: int, seed: int) -> None:
         self.topic = topic
         self.pack = pack
-        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                                  "linger.ms": 5, "compression.type": "lz4",
-                                  "queue.buffering.max.kbytes": 262_144})
+        self.producer = Producer({"bootstrap.servers": bootstrap, **PLAIN_CLIENT})
         self.rng = random.Random(seed)
         by_partition: dict[int, list[str]] = defaultdict(list)
         for i in range(subjects):
             subject = f"user-{i}"
             by_partition[partition_for(subject, USAGE_PARTITIONS)].append(subject)
         self.subjects = dict(by_partition)
+        self.all_subjects = [f"user-{i}" for i in range(subjects)]
         self.next_id = 0
 
     def run(self, sent: Sent, *, seconds: float, rate: float, tag: str, backlog: Any = None,
             backlog_max: int = 0) -> None:
         """Send packed messages for ``seconds`` (at ``rate`` events/s when > 0, else as fast as possible but
         never more than ``backlog_max`` events ahead of what the ledger applied: the sustained rate)."""
+        if self.pack == 1:
+            self._run_plain(sent, seconds=seconds, rate=rate, tag=tag, backlog=backlog, backlog_max=backlog_max)
+            return
         started = time.monotonic()
         sent.first_sent = time.time()
         partition = 0
@@ -232,6 +243,61 @@ class LoadProducer:
             partition = (partition + 1) % USAGE_PARTITIONS
             if sent.messages % 50 == 0:
                 now_iso = datetime.now(UTC).isoformat()
+        assert self.producer.flush(120) == 0, "producer could not deliver"
+        assert not sent.errors, sent.errors[:3]
+
+    def _run_plain(self, sent: Sent, *, seconds: float, rate: float, tag: str, backlog: Any, backlog_max: int) -> None:
+        """One event per message, keyed by subject, murmur2-partitioned by the client; the send time of a message is
+        its CreateTime (librdkafka stamps it in ``produce``), read back in the delivery report."""
+        deliveries, last_offset, errors = sent.deliveries, sent.last_offset, sent.errors
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+                return
+            p, offset = msg.partition(), msg.offset()
+            deliveries[p].append((offset, msg.timestamp()[1] / 1000, 1))
+            if offset > last_offset.get(p, -1):
+                last_offset[p] = offset
+
+        produce, poll, topic = self.producer.produce, self.producer.poll, self.topic
+        subjects, units, rng = self.all_subjects, sent.units, self.rng
+        month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        started = time.monotonic()
+        sent.first_sent = time.time()
+        n = 0
+        while True:
+            elapsed = time.monotonic() - started
+            if elapsed >= seconds:
+                break
+            if backlog_max and backlog is not None and n - backlog() > backlog_max:
+                time.sleep(0.005)
+                poll(0)
+                continue
+            if rate > 0 and n > rate * elapsed:
+                time.sleep(min(0.002, n / rate - elapsed))
+                poll(0)
+                continue
+            now_iso = datetime.now(UTC).isoformat()
+            for _ in range(100):  # a slice between clock and backlog checks
+                subject = subjects[rng.randrange(len(subjects))]
+                tokens = rng.randint(1, 100)
+                self.next_id += 1
+                value = orjson.dumps({"specversion": "1.0", "id": f"{tag}-{self.next_id}", "source": "bench",
+                                      "type": "llm.tokens", "subject": subject, "project": PROJECT, "time": now_iso,
+                                      "data": {"tokens": tokens}})
+                units[(subject, month)] += tokens
+                while True:
+                    try:
+                        produce(topic, value=value, key=subject.encode(), on_delivery=delivered)
+                        break
+                    except BufferError:
+                        poll(0.01)
+                n += 1
+                if rate > 0 and n > rate * (time.monotonic() - started):
+                    break
+            poll(0)
+            sent.events = sent.messages = n
         assert self.producer.flush(120) == 0, "producer could not deliver"
         assert not sent.errors, sent.errors[:3]
 
@@ -494,6 +560,55 @@ def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: s
             "tx_rows": rows_after[0] - rows_before[0], "meter": meter}
 
 
+def raw_limits(bootstrap: str, prefix: str, *, messages: int) -> str:
+    """The clients' and broker's physical limits at one event per message, on this machine and this broker: a
+    plain confluent producer (same settings and message building as ``--pack 1``) as fast as it can into a scratch
+    topic of the same partitions, until every message is acknowledged; then one confluent consumer reading them
+    all with ``consume(num_messages=10,000)`` (no work per message)."""
+    from confluent_kafka import Consumer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"{prefix}raw.limits"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=USAGE_PARTITIONS, replication_factor=1)]).values():
+        future.result(15)
+    producer = Producer({"bootstrap.servers": bootstrap, **PLAIN_CLIENT})
+    rng = random.Random(7)
+    now_iso = datetime.now(UTC).isoformat()
+    started = time.monotonic()
+    for i in range(messages):
+        subject = f"user-{rng.randrange(1_000)}"
+        value = orjson.dumps({"specversion": "1.0", "id": f"raw-{i}", "source": "bench", "type": "llm.tokens",
+                              "subject": subject, "project": PROJECT, "time": now_iso,
+                              "data": {"tokens": rng.randint(1, 100)}})
+        while True:
+            try:
+                producer.produce(topic, value=value, key=subject.encode())
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if i % 1_000 == 0:
+            producer.poll(0)
+    assert producer.flush(120) == 0
+    produce_s = time.monotonic() - started
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}raw", "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 50, "fetch.queue.backoff.ms": 10})
+    consumer.subscribe([topic])
+    got = 0
+    first = 0.0
+    deadline = time.monotonic() + 120
+    while got < messages and time.monotonic() < deadline:
+        batch = consumer.consume(num_messages=10_000, timeout=1.0)
+        if batch and not first:
+            first = time.monotonic()
+        got += sum(1 for m in batch if m.error() is None)
+    consume_s = max(time.monotonic() - first, 1e-9) if first else float("nan")
+    consumer.close()
+    return (f"raw confluent limits, one event per message, {messages:,} messages: produce (acks=all, murmur2 keyed) "
+            f"{messages / produce_s:,.0f} msg/s; consume (consume(num_messages=10,000), from the first batch) "
+            f"{got / consume_s:,.0f} msg/s ({got:,} read)")
+
+
 def run_baseline(eng: Engines, home: Path, *, events: int, workers: int, timeout_s: float) -> dict[str, Any]:
     prefix = f"b{uuid.uuid4().hex[:6]}."
     topic = f"{prefix}baseline.usage"
@@ -586,6 +701,8 @@ def main() -> None:
     parser.add_argument("--baseline-events", type=int, default=0,
                         help="events for the naive baseline (0 = as many as phase 1 sent, capped at 300k)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--raw-messages", type=int, default=300_000,
+                        help="one-event messages for the raw confluent produce/consume limits first (0 = skip)")
     parser.add_argument("--backlog", type=int, default=100_000,
                         help="throughput phase: most events sent but not yet applied")
     parser.add_argument("--logs", type=Path, default=None, help="copy the processes' logs here")
@@ -599,10 +716,13 @@ def main() -> None:
           .format(*os.getloadavg()))
     print(f"cores: {os.cpu_count()}, usage partitions: {USAGE_PARTITIONS}, streams workers: {args.workers}, "
           f"ledger consumers: 1, pack: {args.pack} events/message, subjects: {args.subjects}, "
-          f"embedded broker storage: {args.broker_storage}")
+          f"embedded broker storage: {args.broker_storage}, streams consumer: "
+          f"{os.environ.get('STREAMS_CONSUMER', 'confluent (default)')}")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         home = Path(tmp)
         with engines(home, broker_storage=args.broker_storage) as eng:
+            if args.raw_messages:
+                print(raw_limits(eng.bootstrap, f"raw{uuid.uuid4().hex[:6]}.", messages=args.raw_messages))
             env, topic = prepare_stack(eng)
             workers = [start([sys.executable, "-m", "meterline", "run", "streams"],
                              {**env, "STREAMS_WORKER_INDEX": str(i)}, home / f"streams-{i}.log")

@@ -43,7 +43,17 @@ class StreamsSettings(BaseSettings):
     # 250 ms: ledger 51%, p50/p99 383/604 ms, same throughput (docs/benchmarks.md)
     flush_ms_max: int = Field(default=250, ge=1,
                               description="a batch (and its checkpoint) closes after this")
-    batch_events_max: int = Field(default=2_000, ge=1, description="Kafka messages per take_events batch")
+    batch_events_max: int = Field(default=2_000, ge=1, description="Kafka messages per take_events batch (faust)")
+    # how usage.events.v1 is consumed (streams/batch_consumer.py; streams/README.md "Consumer" has the figures):
+    # "confluent" = a confluent-kafka consumer taken in batches, one faust channel item per batch; "faust" =
+    # faust's own aiokafka consumer and take_events (one faust Event per Kafka message: 8–14x slower at one
+    # event per message)
+    consumer: str = Field(default="confluent", pattern="^(confluent|faust|faust-confluent)$")
+    consume_messages_max: int = Field(default=20_000, ge=1,
+                                      description="Kafka messages per batch of the confluent consumer")
+    consume_bytes_max: int = Field(default=64 * 1024 * 1024, ge=1,
+                                   description="message bytes per batch of the confluent consumer (packed messages: "
+                                               "64 MiB ≈ 1,600 of 200 events, about faust's 2,000-message batches)")
     checkpoint_counters_max: int = Field(default=4_000, ge=1, description="counters per checkpoint message")
     checkpoint_dedupe_keys_max: int = Field(default=50_000, ge=1, description="dedupe keys per checkpoint message")
     checkpoint_bytes_max: int = Field(default=64 * 1024 * 1024, ge=1_000_000,

@@ -7,7 +7,8 @@ The protocol (DESIGN §2.2; streams/README.md explains each step and the invaria
   aggregator of its partition (streams/metering.py); bad events go to the DLQ.
 - end of batch: one checkpoint per touched aggregator → ``ledger.charges.v1`` through an idempotent
   confluent producer, and the batch WAITS for broker acknowledgement of every checkpoint and dead letter
-  before it returns. faust acks (and later commits) a batch's offsets only after it returns, so a
+  before it returns. A batch's offsets are committed only after it returns (the confluent batching consumer,
+  streams/batch_consumer.py, the default; or faust's ack and commit with ``STREAMS_CONSUMER=faust``), so a
   committed offset is never ahead of an acknowledged checkpoint.
 - assignment: every partition of a new assignment is re-seeded (never trusted across a rebalance): its
   gate closes; once this worker's in-flight checkpoints are out, the seeding task waits until the ledger's
@@ -36,6 +37,7 @@ from typing import Any
 import faust
 import structlog
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from faust.app.base import BootStrategy
 from faust.types import TP
 from sqlalchemy import Engine
 
@@ -51,6 +53,7 @@ from ledger.source_logs import current_identity
 from streams import catalog as catalog_db
 from streams import faust_transport
 from streams import metrics as streams_metrics
+from streams.batch_consumer import BatchConsumer, Record
 from streams.catalog_model import CatalogSnapshot, ProjectPolicy
 from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 from streams.dead_letters import dead_letter_message
@@ -536,7 +539,9 @@ def create_app(settings: StreamsSettings, *, partitions: int | None = None) -> f
     """A faust app metering ``usage.events.v1``; nothing connects until the app starts."""
     runtime = Runtime(settings, partitions=partitions)
     faust_transport.register()  # aiokafka with a short fetch wait (streams/faust_transport.py)
-    brokers = ";".join(f"{faust_transport.SCHEME}://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))
+    # "faust-confluent" (faust's own confluent driver) is kept only to measure it: streams/README.md "Consumer"
+    scheme = "confluent" if settings.consumer == "faust-confluent" else faust_transport.SCHEME
+    brokers = ";".join(f"{scheme}://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))
     app = faust.App(
         runtime.group_id,
         broker=brokers,
@@ -555,6 +560,88 @@ def create_app(settings: StreamsSettings, *, partitions: int | None = None) -> f
         stream_wait_empty=False,
     )
     app.meterline = runtime  # type: ignore[attr-defined]
+    if settings.consumer == "confluent":
+        _consume_in_batches(app, runtime, settings)
+    else:
+        _consume_with_faust(app, runtime, settings)
+
+    @app.timer(interval=settings.catalog_refresh_ms / 1000)  # type: ignore[untyped-decorator]
+    async def refresh_catalog() -> None:
+        await runtime.refresh_catalog()
+
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def observe() -> None:
+        runtime.record_observations()
+
+    @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
+    async def report() -> None:
+        log.info("streams_stats", **runtime.stats())
+
+    return app
+
+
+class _Batch:
+    """One channel item: a consumer batch and the future the agent resolves once the batch returned."""
+
+    __slots__ = ("done", "records")
+
+    def __init__(self, records: list[Record], done: asyncio.Future[None]) -> None:
+        self.records = records
+        self.done = done
+
+
+def _consume_in_batches(app: faust.App, runtime: Runtime, settings: StreamsSettings) -> None:
+    """The agent meters batches of a confluent-kafka consumer, one faust channel item per batch; faust's own Kafka
+    consumer and producer are not started (streams/batch_consumer.py: why, and the commit/rebalance semantics)."""
+    app.boot_strategy = BootStrategy(app, enable_kafka=False)
+    consumer = BatchConsumer(bootstrap=settings.kafka_bootstrap_servers, group_id=runtime.group_id,
+                             topic=runtime.usage_topic, session_timeout_s=settings.broker_session_timeout_s,
+                             max_fetch_bytes=settings.consumer_max_fetch_bytes, on_assigned=runtime.on_assigned)
+    app.meterline_consumer = consumer  # type: ignore[attr-defined]
+    batches = app.channel()
+    subscribed = asyncio.Event()
+
+    @app.agent(batches, name="meter")
+    async def meter(stream: Any) -> None:
+        subscribed.set()  # the stream exists: a batch sent to the channel from now on reaches it
+        async for batch in stream:
+            try:
+                await runtime.handle_batch(batch.records)
+            finally:  # handle_batch returns, or ends the process (never unwinds into a commit)
+                batch.done.set_result(None)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def consume() -> None:
+        # faust suspends its channels' queues until its own Kafka consumer resumes them after a rebalance; that
+        # consumer is not started here, and rebalances are handled by BatchConsumer between batches
+        app.flow_control.resume()
+        await subscribed.wait()
+        try:
+            await consumer.start()
+            loop = asyncio.get_running_loop()
+            while True:  # serial: consume -> meter and checkpoint (acknowledged) -> commit
+                # the window opens when the previous batch is done, as take_events does: one flush — one ledger
+                # posting per active wallet — per window + work (opening it when the previous batch was taken
+                # doubled the checkpoints at 20k/s for no clear latency gain, docs/benchmarks.md)
+                records = await consumer.take(settings.consume_messages_max, settings.flush_ms_max / 1000,
+                                              bytes_max=settings.consume_bytes_max)
+                if not records:
+                    runtime.record_observations()
+                    continue
+                done: asyncio.Future[None] = loop.create_future()
+                await batches.send(value=_Batch(records, done))
+                await done
+                await consumer.commit(records)
+        except asyncio.CancelledError:  # shutdown; a batch in flight ends the process in handle_batch
+            raise
+        except BaseException as exc:  # a fatal consumer error or a failed assignment hook: restart, commit nothing
+            _die("consumer_failed_exiting_without_commit", error=repr(exc))
+
+    runtime.highwater = consumer.high_watermark
+
+
+def _consume_with_faust(app: faust.App, runtime: Runtime, settings: StreamsSettings) -> None:
+    """faust's aiokafka consumer and ``take_events`` (one faust Event per Kafka message)."""
     topic = app.topic(runtime.usage_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                       value_serializer="raw", allow_empty=True)
 
@@ -567,24 +654,10 @@ def create_app(settings: StreamsSettings, *, partitions: int | None = None) -> f
     async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
         runtime.on_assigned(assigned)
 
-    @app.timer(interval=settings.catalog_refresh_ms / 1000)  # type: ignore[untyped-decorator]
-    async def refresh_catalog() -> None:
-        await runtime.refresh_catalog()
-
     def highwater(p: int) -> Any:
         return app.consumer.highwater(TP(runtime.usage_topic, p))
 
     runtime.highwater = highwater
-
-    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
-    async def observe() -> None:
-        runtime.record_observations()
-
-    @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
-    async def report() -> None:
-        log.info("streams_stats", **runtime.stats())
-
-    return app
 
 
 def check_startup(settings: StreamsSettings) -> int:
@@ -624,7 +697,7 @@ def main() -> None:
         runtime.source_id = current_identity(conn, runtime.usage_topic)
     log.info("streams_worker_starting", group=runtime.group_id, topic=runtime.usage_topic,
              source_id=runtime.source_id, partitions=partitions,
-             worker_index=settings.worker_index, flush_ms_max=settings.flush_ms_max)
+             worker_index=settings.worker_index, flush_ms_max=settings.flush_ms_max, consumer=settings.consumer)
     probes = None
     if settings.metrics_port >= 0:
         probes = start_probe_server(f"streams-{settings.worker_index}", host=settings.metrics_host,
@@ -637,4 +710,7 @@ def main() -> None:
     finally:
         if probes is not None:
             probes.stop()
+        consumer = getattr(app, "meterline_consumer", None)
+        if consumer is not None:
+            consumer.close_sync()
         runtime.close()

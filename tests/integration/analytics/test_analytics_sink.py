@@ -160,7 +160,13 @@ def test_sink_killed_with_sigkill_mid_stream_loses_and_doubles_nothing(topics, p
             with log_path.open("wb") as out:
                 proc = subprocess.Popen([sys.executable, "-c", "from analytics.sink import main; main()"],
                                         env=env, stdout=out, stderr=subprocess.STDOUT)
-            time.sleep(rng.uniform(5.0, 8.0))
+            # kill it mid-stream: once it holds partitions (start-up time varies with the machine's load), after a
+            # random few seconds of consuming
+            deadline = time.monotonic() + 60
+            while "partitions assigned" not in log_path.read_text(errors="replace") and proc.poll() is None:
+                assert time.monotonic() < deadline, "a sink never got partitions within 60 s"
+                time.sleep(0.1)
+            time.sleep(rng.uniform(1.0, 4.0))
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             kills += proc.returncode == -signal.SIGKILL

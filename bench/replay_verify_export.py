@@ -1,6 +1,7 @@
 """Benchmark the replay/verify/export tools of issue 18 against real engines.
 
     .venv/bin/python -m bench.replay_verify_export [--transactions 100000] [--wallets 2000] [--events 100000]
+        [--only chain|export|replay ...] [--replay-timeout 1800]
 
 1. chain trigger cost: ``--transactions`` rows inserted in one set-based statement (wallet by wallet in id order,
    as the writers do) with the ``transactions_chain`` trigger, and the same number with it disabled;
@@ -8,7 +9,8 @@
    linearly (verify streams rows, its cost is per row);
 3. ``meterline export`` (ledger/exports.py) of the transactions as CSV and Parquet: rows/s;
 4. ``meterline replay`` (meterline/cli_replay.py ``run_replay``) end to end over ``--events`` events on the
-   embedded broker (packed 200 per message, 8 partitions), the ledger's marks set to the last offsets: events/s.
+   embedded broker (packed 200 per message, 8 partitions), the ledger's marks set to the last offsets: events/s
+   and the peak RSS of generating + producing and of the replay (both stream: neither grows with ``--events``).
 
 Uses DATABASE_URL when set (a scratch database next to it), otherwise the embedded PostgreSQL; always an embedded
 broker on a free port. Bounded: every phase is sized by its argument (defaults run in well under a minute)."""
@@ -26,6 +28,7 @@ from sqlalchemy import Engine, text
 
 from bench.ledger_apply import scratch_database
 from bench.machine import describe
+from bench.rss import PeakRss
 from ledger.chain import verify
 from ledger.db import make_engine
 from ledger.exports import EXPORTS, encode, stream_rows
@@ -108,14 +111,61 @@ def export_phase(engine: Engine) -> None:
               f"= {rows / seconds:,.0f} rows/s")
 
 
-def replay_phase(database_url: str, engine: Engine, events: int) -> None:
+def produce_events(bootstrap: str, topic: str, *, events: int, partitions: int, pack: int = 200) -> dict[int, int]:
+    """Produce ``events`` synthetic events packed ``pack`` per message, generated as they are sent: at most one
+    message per partition is pending in Python, librdkafka's queue is capped, so RAM does not grow with
+    ``events``. (Generating them all first cost ~4 KB per event — each ``orjson.dumps`` result keeps a
+    fragmented heap chunk — ~39 GiB at 10M: the OOM of issue 18.) Returns the last offset per partition."""
     from confluent_kafka import Producer
 
+    from streams.contracts import partition_for
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
+                         "queue.buffering.max.kbytes": 64 * 1024})
+    last: dict[int, int] = {}
+    errors: list[str] = []
+
+    def delivered(err: object, msg: object) -> None:
+        if err is not None:
+            errors.append(str(err))
+            return
+        last[msg.partition()] = max(last.get(msg.partition(), -1), msg.offset())  # type: ignore[attr-defined]
+
+    def send(p: int, batch: list[bytes]) -> None:
+        value = b"[" + b",".join(batch) + b"]"
+        while True:
+            try:
+                producer.produce(topic, value=value, partition=p, on_delivery=delivered)
+                break
+            except BufferError:  # the capped queue is full: wait for deliveries
+                producer.poll(0.1)
+        producer.poll(0)
+
+    subject_partition = [partition_for(f"s{k}", partitions) for k in range(1000)]
+    pending: dict[int, list[bytes]] = {}
+    now = datetime.now(UTC).isoformat()
+    for i in range(events):
+        k = i % 1000
+        p = subject_partition[k]
+        batch = pending.setdefault(p, [])
+        batch.append(orjson.dumps({"specversion": "1.0", "id": f"e{i}", "source": "bench", "type": "llm.tokens",
+                                   "subject": f"s{k}", "project": "bench", "time": now,
+                                   "data": {"tokens": i % 7 + 1}}))
+        if len(batch) == pack:
+            send(p, batch)
+            pending[p] = []
+    for p, batch in pending.items():
+        if batch:
+            send(p, batch)
+    assert producer.flush(120) == 0 and not errors, errors[:3]
+    return last
+
+
+def replay_phase(database_url: str, engine: Engine, events: int, *, timeout_s: float = 600) -> None:
     from meterline import services
     from meterline.cli_replay import run_replay
     from meterline.topics import ensure_topics, topic_specs
     from streams import catalog
-    from streams.contracts import partition_for
 
     partitions = 8
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as home:
@@ -131,39 +181,29 @@ def replay_phase(database_url: str, engine: Engine, events: int) -> None:
                 catalog.create_price(conn, project_id="bench", meter="tokens",
                                      model={"model": "per_unit", "unit_price_minor": "0.4"},
                                      effective_from=datetime(2020, 1, 1, tzinfo=UTC))
-            producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "compression.type": "lz4"})
-            last: dict[int, int] = {}
-
-            def delivered(err: object, msg: object) -> None:
-                last[msg.partition()] = max(last.get(msg.partition(), -1), msg.offset())  # type: ignore[attr-defined]
-
-            by_partition: dict[int, list[bytes]] = {}
-            now = datetime.now(UTC).isoformat()
-            for i in range(events):
-                subject = f"s{i % 1000}"
-                by_partition.setdefault(partition_for(subject, partitions), []).append(orjson.dumps({
-                    "specversion": "1.0", "id": f"e{i}", "source": "bench", "type": "llm.tokens", "subject": subject,
-                    "project": "bench", "time": now, "data": {"tokens": i % 7 + 1}}))
-            for p, evs in by_partition.items():
-                for j in range(0, len(evs), 200):
-                    producer.produce(topic, value=b"[" + b",".join(evs[j:j + 200]) + b"]", partition=p,
-                                     on_delivery=delivered)
-                    producer.poll(0)
-            assert producer.flush(60) == 0
+            produce_started = time.monotonic()
+            with PeakRss() as produce_rss:
+                last = produce_events(broker.bootstrap, topic, events=events, partitions=partitions)
+            print(f"generate + produce {events:,} events in {time.monotonic() - produce_started:.1f} s: peak RSS "
+                  f"{produce_rss.peak_mib:,.0f} MiB "
+                  f"(streamed: one packed message per partition in RAM at a time)")
             with engine.begin() as conn:  # as if the ledger had applied everything
                 for p, offset in last.items():
                     conn.execute(text("INSERT INTO applied_offsets (source_topic, partition, applied_through) "
                                       "VALUES (:t, :p, :o)"), {"t": topic, "p": p, "o": offset})
             started = time.monotonic()
-            report = run_replay(database_url=database_url, bootstrap=broker.bootstrap, topic=topic,
-                                partitions=partitions, wanted=range(partitions), from_offset=None, to_offset=None,
-                                since=None, until=None, project=None, subjects=[], meters=[], apply=False,
-                                timeout_s=120)
+            with PeakRss() as replay_rss:
+                report = run_replay(database_url=database_url, bootstrap=broker.bootstrap, topic=topic,
+                                    partitions=partitions, wanted=range(partitions), from_offset=None,
+                                    to_offset=None, since=None, until=None, project=None, subjects=[], meters=[],
+                                    apply=False, timeout_s=timeout_s)
             seconds = time.monotonic() - started
             print(f"replay: {events:,} events in {report['messages']:,} messages, 8 partitions, 1,000 subjects: "
                   f"{seconds:.2f} s end to end = {events / seconds:,.0f} events/s (metering + diff "
                   f"{report['replay_s']:.2f} s of it incl. the broker read); {len(report['differences']):,} keys "
-                  f"differ (the ledger holds no counters here: every key is reported)")
+                  f"differ (the ledger holds no counters here: every key is reported); peak RSS during the replay "
+                  f"{replay_rss.peak_mib:,.0f} MiB (from {replay_rss.start_mib:,.0f} MiB at its start)")
+            assert report["messages"] == sum(o + 1 for o in last.values()), "the replay read less than the log"
         finally:
             broker.stop()
 
@@ -173,7 +213,11 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=100_000)
     parser.add_argument("--wallets", type=int, default=2_000)
     parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--only", choices=("chain", "export", "replay"), action="append",
+                        help="run only these phases (repeatable; export reads the chain phase's rows)")
+    parser.add_argument("--replay-timeout", type=float, default=1_800, help="seconds the replay may read for")
     args = parser.parse_args()
+    phases = set(args.only or ("chain", "export", "replay"))
     print(describe())
     with scratch_database() as url:
         from meterline.stack import migrate
@@ -181,9 +225,12 @@ def main() -> None:
         migrate(url)  # every component: the catalog tables are streams'; the replay reads them
         engine = make_engine(url, pool_size=2)
         try:
-            chain_phase(engine, args.transactions, args.wallets)
-            export_phase(engine)
-            replay_phase(url, engine, args.events)
+            if "chain" in phases:
+                chain_phase(engine, args.transactions, args.wallets)
+            if "export" in phases:
+                export_phase(engine)
+            if "replay" in phases:
+                replay_phase(url, engine, args.events, timeout_s=args.replay_timeout)
         finally:
             engine.dispose()
 

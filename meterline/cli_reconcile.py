@@ -30,12 +30,15 @@ def _read_partition(bootstrap: str, topic: str, partition: int, through: int,
 
     from ledger.kafka import make_consumer, message_position
 
-    consumer = make_consumer(bootstrap, f"meterline-reconcile-{uuid.uuid4().hex}", **{"enable.auto.commit": False})
+    # RAM bounded whatever the range (issue 18): librdkafka prefetches at most 16 MiB, and a batch is at most 500
+    # messages (a message is at most the broker's message.max.bytes); a message is dropped once metered
+    consumer = make_consumer(bootstrap, f"meterline-reconcile-{uuid.uuid4().hex}",
+                             **{"enable.auto.commit": False, "queued.max.messages.kbytes": 16 * 1024})
     try:
         consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
         idle_polls = 0
         while time.monotonic() < deadline and idle_polls < 20:
-            batch = consumer.consume(num_messages=5_000, timeout=0.5)
+            batch = consumer.consume(num_messages=500, timeout=0.5)
             if not batch:
                 idle_polls += 1  # ~10 s without a message: the log ends before the mark
                 continue

@@ -368,8 +368,14 @@ def _bigint_array(values: Iterable[int]) -> str:
 
 def _last_value_per_key(counters: Iterable[CounterValue]) -> dict[Key, CounterValue]:
     """Keys in sorted order (the order every statement processes them); a repeated key keeps its last value."""
-    by_key = {Key(c.key.wallet_id, c.key.meter_id, c.key.period_start, c.key.price_version_id): c for c in counters}
+    by_key = {posting_key(c): c for c in counters}
     return dict(sorted(by_key.items()))
+
+
+def posting_key(counter: CounterValue) -> Key:
+    """What the ledger posts per: one usage posting per (wallet, meter, period, price version)."""
+    k = counter.key
+    return Key(k.wallet_id, k.meter_id, k.period_start, k.price_version_id)
 
 
 def _key_row(key: Key) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from ledger import metrics, schema_migrations
-from ledger.checkpoints import apply_checkpoints
+from ledger.checkpoints import Key, apply_checkpoints, posting_key
 from ledger.contracts import TOPIC_LEDGER_CHARGES, TOPIC_LEDGER_TRANSACTIONS, ChargeCheckpoint
 from ledger.db import make_engine
 from ledger.fencing import check_charges_partitions
@@ -536,8 +536,11 @@ _CLEAR_RESOLVED_HALTS = text("""
 """)
 
 
-#: a merged application stays a bounded transaction (streams cuts a checkpoint at 4,000 counters / 50,000
-#: dedupe keys; a backlog merges up to this much at once)
+#: a merged application stays a bounded transaction: at most this many DISTINCT keys (the postings it makes)
+#: and this many dedupe keys (one per event; stored as one array row per application). Distinct, not summed:
+#: with many wallets nearly every counter of a checkpoint is a key no other checkpoint of the run lists, while
+#: a backlog of a few wallets repeats the same keys — counting each listing capped a 100,000-wallet backlog's
+#: merge at ~1.8 events per posting, though its postings are what the ledger's time goes to.
 MERGE_COUNTERS_MAX = 16_000
 MERGE_DEDUPE_KEYS_MAX = 200_000
 
@@ -545,18 +548,25 @@ MERGE_DEDUPE_KEYS_MAX = 200_000
 def _merge_chunks(checkpoints: list[ChargeCheckpoint]) -> list[list[ChargeCheckpoint]]:
     """Consecutive runs of ``checkpoints`` (order kept) within the merge bounds; never an empty run."""
     chunks: list[list[ChargeCheckpoint]] = []
-    counters = dedupe = 0
+    keys: set[Key] = set()
+    dedupe = 0
     for checkpoint in checkpoints:
-        c, d = len(checkpoint.counters), len(checkpoint.dedupe_keys)
-        if chunks and (counters + c > MERGE_COUNTERS_MAX or dedupe + d > MERGE_DEDUPE_KEYS_MAX):
+        new_keys = _posting_keys(checkpoint) - keys
+        d = len(checkpoint.dedupe_keys)
+        if chunks and (len(keys) + len(new_keys) > MERGE_COUNTERS_MAX or dedupe + d > MERGE_DEDUPE_KEYS_MAX):
             chunks.append([])
-            counters = dedupe = 0
+            keys, dedupe = set(), 0
+            new_keys = _posting_keys(checkpoint)
         if not chunks:
             chunks.append([])
         chunks[-1].append(checkpoint)
-        counters += c
+        keys |= new_keys
         dedupe += d
     return chunks
+
+
+def _posting_keys(checkpoint: ChargeCheckpoint) -> set[Key]:
+    return {posting_key(c) for c in checkpoint.counters}
 
 
 def _partition(message: Message) -> int:

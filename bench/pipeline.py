@@ -13,6 +13,9 @@ Phases, each bounded in time:
    table update per event, 2 workers) consuming the same number of events as phase 1, as fast as it can.
 Both pipeline phases end with an exact-totals check of every wallet. Reports CPU seconds and peak RSS of
 every process (workers, ledger, broker, PostgreSQL, this producer) and the machine.
+Physical limits, measured first in the same run: raw confluent produce/consume at one event per message
+(--raw-messages) and PostgreSQL's set-based insert, unnest and COPY (--pg-rows). --profile samples the streams
+workers and the ledger with py-spy during each phase and prints their time by package and hottest functions.
 
 Engines: embedded (PostgreSQL, Tansu broker) under a temporary directory, or DATABASE_URL /
 KAFKA_BOOTSTRAP_SERVERS from the environment (a scratch database is created and dropped).
@@ -47,7 +50,9 @@ import psutil
 import psycopg
 from confluent_kafka import Producer
 
+from bench import profile_stacks
 from bench.machine import describe
+from bench.profile_stacks import StackSummary
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
 from meterline import services
 from meterline.stack import migrate
@@ -546,8 +551,14 @@ def settle(database_url: str, *, timeout_s: float = 120.0) -> str:
 
 
 def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: str, groups: dict[str, list[int]],
-                       *, seconds: float, rate: float, backlog_max: int) -> dict[str, Any]:
+                       *, seconds: float, rate: float, backlog_max: int, profile_dir: Path | None = None
+                       ) -> dict[str, Any]:
     sent = Sent()
+    # the Python processes of the pipeline, sampled while the producer sends (py-spy, non-blocking)
+    samplers = {group: (profile_stacks.record(pids[0], seconds, profile_dir / f"{name}-{group}.txt"),
+                        profile_dir / f"{name}-{group}.txt")
+                for group, pids in groups.items()
+                if profile_dir is not None and pids and group.startswith(("streams-", "ledger"))}
     rows_before = ledger_rows(eng.database_url)
     checkpoints_before = pg_checkpoints(eng.database_url)
     watcher = AppliedWatcher(eng.database_url, topic, sent).start()
@@ -568,7 +579,47 @@ def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: s
             "max_s": max((lat for lat, _ in watcher.latencies), default=float("nan")),
             "windows": watcher.windows(),
             "pg_checkpoints": pg_checkpoints_during,
-            "tx_rows": rows_after[0] - rows_before[0], "meter": meter}
+            "tx_rows": rows_after[0] - rows_before[0], "meter": meter,
+            "profiles": {group: profile_stacks.collect(sampler, out) for group, (sampler, out) in samplers.items()}}
+
+
+def pg_insert_limit(database_url: str, *, rows: int, batch_rows: int = 10_000) -> str:
+    """PostgreSQL's set-based insert rate on this machine and server, in the same run as the pipeline: ``rows``
+    ledger-shaped rows (bigint id, text wallet, bigint amount, timestamptz, jsonb) into a logged scratch table,
+    ``batch_rows`` per committed transaction — once as one ``INSERT … SELECT FROM unnest(arrays)`` per batch
+    (what the ledger's statements do) and once with ``COPY`` (the bulk ceiling)."""
+    table = f"bench_insert_{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    batches = [list(range(start, min(start + batch_rows, rows))) for start in range(0, rows, batch_rows)]
+    figures = []
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, wallet_id text NOT NULL, "
+                     "amount_minor bigint NOT NULL, created_at timestamptz NOT NULL, metadata jsonb NOT NULL)")
+        conn.commit()
+        try:
+            for method in ("unnest", "copy"):
+                conn.execute(f"TRUNCATE {table}")
+                conn.commit()
+                started = time.monotonic()
+                for ids in batches:
+                    wallets = [f"wal_{i % 100_000}" for i in ids]
+                    amounts = [i % 997 for i in ids]
+                    if method == "unnest":
+                        conn.execute(f"INSERT INTO {table} SELECT id, w, a, %s, '{{}}'::jsonb "
+                                     "FROM unnest(%s::bigint[], %s::text[], %s::bigint[]) AS t(id, w, a)",
+                                     (now, ids, wallets, amounts))
+                    else:
+                        with conn.cursor().copy(f"COPY {table} FROM STDIN") as copy:
+                            for i, w, a in zip(ids, wallets, amounts, strict=True):
+                                copy.write_row((i, w, a, now, "{}"))
+                    conn.commit()
+                figures.append(f"{method} {rows / (time.monotonic() - started):,.0f} rows/s")
+        finally:
+            conn.rollback()
+            conn.execute(f"DROP TABLE {table}")
+            conn.commit()
+    return (f"PostgreSQL set-based insert, {rows:,} ledger-shaped rows in committed batches of {batch_rows:,}: "
+            + "; ".join(figures))
 
 
 def raw_limits(bootstrap: str, prefix: str, *, messages: int) -> str:
@@ -714,9 +765,14 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--raw-messages", type=int, default=300_000,
                         help="one-event messages for the raw confluent produce/consume limits first (0 = skip)")
+    parser.add_argument("--pg-rows", type=int, default=200_000,
+                        help="rows for the PostgreSQL set-based insert limit first (0 = skip)")
     parser.add_argument("--backlog", type=int, default=100_000,
                         help="throughput phase: most events sent but not yet applied")
     parser.add_argument("--logs", type=Path, default=None, help="copy the processes' logs here")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the streams workers and the ledger with py-spy during each phase and print "
+                             "where their time went (by package and hottest functions)")
     parser.add_argument("--broker-storage", choices=("disk", "memory"), default="disk",
                         help="embedded broker: topics on disk (what `meterline up` runs) or in memory")
     args = parser.parse_args()
@@ -735,6 +791,8 @@ def main() -> None:
             if args.raw_messages:
                 print(raw_limits(eng.bootstrap, f"raw{uuid.uuid4().hex[:6]}.", messages=args.raw_messages))
             env, topic = prepare_stack(eng)
+            if args.pg_rows:
+                print(pg_insert_limit(eng.database_url, rows=args.pg_rows))
             workers = [start([sys.executable, "-m", "meterline", "run", "streams"],
                              {**env, "STREAMS_WORKER_INDEX": str(i)}, home / f"streams-{i}.log")
                        for i in range(args.workers)]
@@ -755,7 +813,7 @@ def main() -> None:
                 for name, rate in (("throughput", 0.0), ("latency", args.rate)):
                     settled = settle(eng.database_url)
                     result = run_pipeline_phase(name, producer, eng, topic, groups, seconds=args.seconds, rate=rate,
-                                                backlog_max=args.backlog)
+                                                backlog_max=args.backlog, profile_dir=home if args.profile else None)
                     ok, detail = check_totals(eng.database_url, [r["sent"] for r in [*results, result]])
                     result["exact"], result["exact_detail"] = ok, detail
                     results.append(result)
@@ -777,6 +835,11 @@ def main() -> None:
                     print(f"  exact totals: {'OK' if ok else 'WRONG'} ({detail})")
                     print("  processes:")
                     print("\n".join(result["meter"].report(result["wall_s"])))
+                    if result["profiles"]:
+                        print(f"  profile (py-spy, {args.seconds:.0f} s of sending, innermost frame per sample):")
+                    for group, summary in result["profiles"].items():
+                        for i, line in enumerate(summary.lines() if isinstance(summary, StackSummary) else [summary]):
+                            print(f"    {group if i == 0 else '':<16} {line}")
                     time.sleep(10.5)  # one more stats line of every process covers the phase's end
                     steps = where_time_went(home, result["sent"].first_sent, time.time())
                     if steps:

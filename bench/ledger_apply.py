@@ -1,6 +1,7 @@
 """Benchmark apply_checkpoint: checkpoints/s and usage rows/s against a real PostgreSQL.
 
     .venv/bin/python -m bench.ledger_apply [--keys 500] [--wallets 10000] [--seconds 30] [--dedupe-per-key 1] [--merge 4]
+                                           [--statements]
 
 Uses DATABASE_URL when set (a scratch database is created next to it and dropped after), otherwise starts
 the embedded PostgreSQL in a temporary directory. Each checkpoint carries ``--keys`` counters (random
@@ -8,7 +9,9 @@ wallets out of ``--wallets``, one meter, per-unit price 0.4), every value cumula
 key posts a usage transaction that burns a bucket; a phase with two appliers on different partitions
 sharing the wallets follows, then (``--merge N`` > 1) one applier applying N consecutive checkpoints per
 transaction with ``apply_checkpoints`` — what the ledger consumer does with a backlog. Bounded by
-``--seconds`` in total."""
+``--seconds`` in total. ``--statements``: where one applier's time goes — each SQL statement's time (sent →
+result read, so the server's work plus transfer) and the Python between them, in µs per posting, measured over
+the first phase. The heap and the collector are set up as in ``meterline run ledger`` (ledger/runtime.py)."""
 
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
 from bench.machine import describe
@@ -35,6 +40,7 @@ from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceMo
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
 from ledger.postings import NewBucket, WalletBook
 from ledger.rows import WalletRow
+from ledger.runtime import freeze_startup_heap, tune_gc_for_batches
 from ledger.schema_migrations import upgrade
 from ledger.writer import Draft, write
 
@@ -112,6 +118,40 @@ class Load:
                                 emitted_at=datetime.now(UTC))
 
 
+class StatementTimes:
+    """Client-side time per SQL statement (its first 60 characters), summed, while installed on an engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._started: dict[int, float] = {}
+
+    def __enter__(self) -> StatementTimes:
+        event.listen(self.engine, "before_cursor_execute", self._before)
+        event.listen(self.engine, "after_cursor_execute", self._after)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
+
+    def _before(self, conn: Any, *_args: Any) -> None:
+        self._started[id(conn)] = time.perf_counter()
+
+    def _after(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.seconds[" ".join(statement.split())[:60]] += time.perf_counter() - self._started.pop(id(conn))
+
+    def report(self, postings: int, wall_s: float, cpu_s: float) -> None:
+        if not postings:
+            return
+        sql = sum(self.seconds.values())
+        print(f"  where one applier's time went, µs per posting ({postings:,} postings): wall {wall_s * 1e6 / postings:.0f}"
+              f" = SQL statements {sql * 1e6 / postings:.0f} + Python between them {(wall_s - sql) * 1e6 / postings:.0f}"
+              f" (process CPU {cpu_s * 1e6 / postings:.0f}, incl. the driver)")
+        for statement, seconds in sorted(self.seconds.items(), key=lambda item: -item[1])[:12]:
+            print(f"    {seconds * 1e6 / postings:6.1f}  {statement}")
+
+
 def run_applier(engine: Engine, load: Load, deadline: float, out: list[tuple[float, int, int]], merge: int) -> None:
     while time.monotonic() < deadline and len(out) < 100_000:
         checkpoints = [load.next() for _ in range(merge)]
@@ -126,7 +166,20 @@ def run_applier(engine: Engine, load: Load, deadline: float, out: list[tuple[flo
 
 
 def phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: float, dedupe_per_key: int = 1,
-          merge: int = 1) -> None:
+          merge: int = 1, statements: bool = False) -> None:
+    if statements:
+        cpu_started = time.process_time()
+        with StatementTimes(engine) as times:
+            flat = _phase(engine, appliers=appliers, wallets=wallets, keys=keys, seconds=seconds,
+                          dedupe_per_key=dedupe_per_key, merge=merge)
+        times.report(sum(r[2] for r in flat), sum(r[0] for r in flat), time.process_time() - cpu_started)
+    else:
+        _phase(engine, appliers=appliers, wallets=wallets, keys=keys, seconds=seconds, dedupe_per_key=dedupe_per_key,
+               merge=merge)
+
+
+def _phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: float, dedupe_per_key: int,
+           merge: int) -> list[tuple[float, int, int]]:
     deadline = time.monotonic() + seconds
     results: list[list[tuple[float, int, int]]] = [[] for _ in range(appliers)]
     threads = [threading.Thread(target=run_applier, args=(
@@ -150,6 +203,7 @@ def phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: fl
           f"{transactions / elapsed:,.0f} transactions/s; per checkpoint median "
           f"{statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms; "
           f"≈ {checkpoints * 2000 / elapsed:,.0f} events/s if each checkpoint covers 2,000 events")
+    return flat
 
 
 def main() -> None:
@@ -160,6 +214,8 @@ def main() -> None:
     parser.add_argument("--dedupe-per-key", type=int, default=1,
                         help="dedupe keys per counter (the pipeline bench carries ~5 events per key per checkpoint)")
     parser.add_argument("--merge", type=int, default=4, help="checkpoints merged per transaction in the last phase")
+    parser.add_argument("--statements", action="store_true",
+                        help="print the time per SQL statement and the Python between them (first phase)")
     args = parser.parse_args()
     print(describe())
     with scratch_database() as url:
@@ -169,10 +225,12 @@ def main() -> None:
         with engine.connect() as conn:
             version = conn.execute(text("SHOW server_version")).scalar_one()
         print(f"PostgreSQL {version}; {args.wallets:,} wallets seeded")
+        freeze_startup_heap()  # as `meterline run ledger` does
+        tune_gc_for_batches()
         share = 1 / (3 if args.merge > 1 else 2)
         common = {"wallets": args.wallets, "keys": args.keys, "seconds": args.seconds * share,
                   "dedupe_per_key": args.dedupe_per_key}
-        phase(engine, appliers=1, **common)
+        phase(engine, appliers=1, statements=args.statements, **common)
         phase(engine, appliers=2, **common)
         if args.merge > 1:
             phase(engine, appliers=1, merge=args.merge, **common)

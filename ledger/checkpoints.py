@@ -407,14 +407,14 @@ def _price_json(price: PriceModel) -> str:
 
 
 def _lock_charges(conn: Connection, rows: str) -> dict[Key, int]:
-    result = conn.execute(_LOCK_CHARGES, {"rows": rows}).all()
-    return {Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id): int(r.charged_minor) for r in result}
+    result = conn.execute(_LOCK_CHARGES, {"rows": rows}).all()  # one fetch, not one per row
+    return {Key(w, m, p, v): int(charged) for w, m, p, v, charged in result}
 
 
 def _merged(conn: Connection, aggregations: dict[Key, str], rows: str) -> dict[Key, Decimal]:
     per_key: dict[Key, list[tuple[Decimal, datetime | None]]] = {key: [] for key in aggregations}
-    for r in conn.execute(_ALL_PARTITIONS, {"rows": rows}).all():
-        per_key[Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)].append((r.units, r.latest_at))
+    for wallet_id, meter_id, period_start, version, units, latest_at in conn.execute(_ALL_PARTITIONS, {"rows": rows}).all():
+        per_key[Key(wallet_id, meter_id, period_start, version)].append((units, latest_at))
     return {key: merge_units(aggregations[key], per_key[key]) for key in aggregations}
 
 
@@ -453,11 +453,13 @@ def _groups(conn: Connection, values: dict[Key, CounterValue], rows: str) -> lis
 def _group_members(conn: Connection, groups_json: str, values: dict[Key, CounterValue]) -> dict[Key, Member]:
     members: dict[Key, Member] = {}
     # .all(): one fetch instead of a fetchone per row; the price comes as text, parsed only when needed
-    for r in conn.execute(_GROUP_MEMBERS, {"groups": groups_json}).all():
-        key = Key(r.wallet_id, r.meter_id, r.period_start, r.price_version_id)
+    for wallet_id, meter_id, period_start, version, _meter_version, effective_from, aggregation, price_text, charged \
+            in conn.execute(_GROUP_MEMBERS, {"groups": groups_json}).all():
+        key = Key(wallet_id, meter_id, period_start, version)
         # a price version is immutable: the checkpoint's model is the stored one (parse only the others')
-        price = values[key].price if key in values else PriceModel.model_validate_json(r.price_text)
-        members[key] = Member(r.price_effective_from, price, r.aggregation, int(r.charged_minor))
+        own = values.get(key)
+        price = own.price if own is not None else PriceModel.model_validate_json(price_text)
+        members[key] = Member(effective_from, price, aggregation, int(charged))
     return members
 
 

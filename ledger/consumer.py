@@ -57,7 +57,7 @@ from ledger.kafka import (
 )
 from ledger.outbox import OutboxRelay
 from ledger.probes import Check, database_check, start_probe_server
-from ledger.runtime import freeze_startup_heap
+from ledger.runtime import freeze_startup_heap, tune_gc_for_batches
 from ledger.settings import LedgerSettings, get_settings
 
 __all__ = ["ConsumerStats", "LedgerConsumer", "MigrationsPending", "main", "run"]
@@ -611,6 +611,7 @@ def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
     log.info("ledger_consumer_started", topic=consumer.topic, group=settings.consumer_group,
              metrics_port=probes.port if probes else None)
     freeze_startup_heap()  # a full GC pass over the import-time heap would stall every apply thread
+    tune_gc_for_batches()
     try:
         consumer.run()
     finally:

@@ -18,3 +18,18 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+#: Young-generation threshold for processes that work in large batches (the ledger consumer). CPython's default
+#: (700 allocations) runs a generation-0 pass every few hundred objects while a batch of checkpoints builds tens of
+#: thousands of rows, keys and postings that all live until the batch commits: each pass walks them and promotes
+#: them, and the promotions bring on the costlier older passes. Measured on a 4,000-wallet checkpoint
+#: (apply_checkpoints with the startup heap frozen): ~124 -> ~114 µs of CPU per posting. Memory: at most this many
+#: young cyclic objects wait for a pass (a few MiB).
+BATCH_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc_for_batches() -> None:
+    """Fewer, larger young-generation passes; the older generations keep their default ratios."""
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(BATCH_GEN0_THRESHOLD, gen1, gen2)

@@ -402,8 +402,12 @@ class AppliedWatcher:
                 for w, lat in sorted(by_window.items())]
 
 
-def check_totals(database_url: str, sents: list[Sent]) -> tuple[bool, str]:
-    """Balances are cumulative over every phase so far: the expected ones too."""
+def check_totals(database_url: str, sents: list[Sent], *, complete: bool = True) -> tuple[bool, str]:
+    """Balances are cumulative over every phase so far: the expected ones too.
+
+    ``complete=False`` (the phase's wait ended before the ledger applied everything): a wallet may be behind —
+    charged less than its events so far — but never ahead; ok means no wallet over-charged and no key posted
+    twice, and the detail says how many are behind."""
     units_by_key: dict[tuple[str, datetime], Decimal] = defaultdict(Decimal)
     for sent in sents:
         for key, units in sent.units.items():
@@ -416,9 +420,17 @@ def check_totals(database_url: str, sents: list[Sent]) -> tuple[bool, str]:
                                    (PROJECT,)).fetchall())
         dup = conn.execute("SELECT count(*) FROM (SELECT idempotency_key FROM transactions GROUP BY 1 "
                            "HAVING count(*) > 1) d").fetchone()
-    wrong = [w for w in expected if actual.get(w) != expected[w]] + [w for w in actual if w not in expected and actual[w]]
-    ok = not wrong and dup is not None and dup[0] == 0
-    return ok, f"{len(expected)} wallets, {len(wrong)} wrong, {dup[0] if dup else '?'} duplicate keys"
+    duplicates = dup[0] if dup else None
+    unexpected = [w for w in actual if w not in expected and actual[w]]
+    if not complete:  # balances are charges (negative): behind = less negative than expected
+        over = [w for w in expected if actual.get(w, 0) < expected[w]] + unexpected
+        behind = len([w for w in expected if actual.get(w, 0) > expected[w]])
+        return (not over and duplicates == 0,
+                f"INCOMPLETE: the phase's wait ended first; {len(expected)} wallets, {behind} behind, "
+                f"{len(over)} over-charged, {duplicates if duplicates is not None else '?'} duplicate keys")
+    wrong = [w for w in expected if actual.get(w) != expected[w]] + unexpected
+    ok = not wrong and duplicates == 0
+    return ok, f"{len(expected)} wallets, {len(wrong)} wrong, {duplicates if duplicates is not None else '?'} duplicate keys"
 
 
 def ledger_rows(database_url: str) -> tuple[int, int]:
@@ -814,7 +826,8 @@ def main() -> None:
                     settled = settle(eng.database_url)
                     result = run_pipeline_phase(name, producer, eng, topic, groups, seconds=args.seconds, rate=rate,
                                                 backlog_max=args.backlog, profile_dir=home if args.profile else None)
-                    ok, detail = check_totals(eng.database_url, [r["sent"] for r in [*results, result]])
+                    ok, detail = check_totals(eng.database_url, [r["sent"] for r in [*results, result]],
+                                              complete=result["complete"] and all(r["complete"] for r in results))
                     result["exact"], result["exact_detail"] = ok, detail
                     results.append(result)
                     label = (f"as fast as the pipeline absorbs (at most {args.backlog:,} events unapplied)"

@@ -420,9 +420,14 @@ def check_totals(database_url: str, sents: list[Sent], *, complete: bool = True)
                                    (PROJECT,)).fetchall())
         dup = conn.execute("SELECT count(*) FROM (SELECT idempotency_key FROM transactions GROUP BY 1 "
                            "HAVING count(*) > 1) d").fetchone()
-    duplicates = dup[0] if dup else None
+    return judge_totals(expected, actual, dup[0] if dup else None, complete=complete)
+
+
+def judge_totals(expected: dict[str, int], actual: dict[str, int], duplicates: int | None, *,
+                 complete: bool) -> tuple[bool, str]:
+    """Pure: (ok, detail) of balances (charges are negative) against what was sent; see ``check_totals``."""
     unexpected = [w for w in actual if w not in expected and actual[w]]
-    if not complete:  # balances are charges (negative): behind = less negative than expected
+    if not complete:  # behind = less negative than expected; over-charged = more negative
         over = [w for w in expected if actual.get(w, 0) < expected[w]] + unexpected
         behind = len([w for w in expected if actual.get(w, 0) > expected[w]])
         return (not over and duplicates == 0,

@@ -15,15 +15,12 @@ from sqlalchemy import Connection, text
 
 from ledger.errors import UnknownWallet
 from ledger.postings import Bucket, WalletBook
-from ledger.rows import WalletRow
+from ledger.rows import WALLET_COLUMNS, WalletRow
 
 __all__ = ["load_books", "lock_wallet", "lock_wallets"]
 
-_WALLET_COLUMNS = ("id, project_id, owner_kind, owner_ref, credit_code, credit_scale, balance_minor, held_minor,"
-                   " floor_minor, created_at, updated_at, closed_at")
-
 _LOCK_WALLETS = text(f"""
-    SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE
+    SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE
 """)
 
 _LIVE_BUCKETS = text("""

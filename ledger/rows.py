@@ -11,6 +11,7 @@ from typing import Any, Literal
 from ledger.postings import WalletBalance
 
 __all__ = [
+    "WALLET_COLUMNS",
     "AllocationRow",
     "BalanceView",
     "BucketRow",
@@ -46,6 +47,10 @@ class WalletRow:
     @property
     def state(self) -> WalletBalance:
         return WalletBalance(self.balance_minor, self.held_minor, self.floor_minor)
+
+
+#: The wallets columns in WalletRow's field order: ``SELECT {WALLET_COLUMNS}`` rows build with ``WalletRow(*row)``.
+WALLET_COLUMNS = ", ".join(WalletRow.__slots__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,19 +46,17 @@ from ledger.errors import (
 )
 from ledger.postings import Bucket, Posting, WalletBalance, WalletBook
 from ledger.queries import get_transaction
-from ledger.rows import HoldRow, PostingResult, TransactionRow, WalletRow
+from ledger.rows import WALLET_COLUMNS, HoldRow, PostingResult, TransactionRow, WalletRow
 from ledger.writer import Draft, transaction_event, transaction_row
 
 __all__ = ["BatchedDebit", "CommitStage", "DebitBatch", "DebitStage", "Posted", "ReserveStage", "conflict_from", "pipelined", "raw_connection",
            "request_fingerprint"]
 
-_WALLET_COLUMNS = ("id, project_id, owner_kind, owner_ref, credit_code, credit_scale, balance_minor, held_minor, "
-                   "floor_minor, created_at, updated_at, closed_at")
 _HOLD_COLUMNS = ("id, wallet_id, project_id, amount_minor, status, expires_at, idempotency_key, "
                  "committed_transaction_id, created_at, updated_at")
 
-_LOCK_WALLET = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = %s FOR UPDATE"
-_LOCK_PROJECT_WALLET = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = %s AND project_id = %s FOR UPDATE"
+_LOCK_WALLET = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = %s FOR UPDATE"
+_LOCK_PROJECT_WALLET = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = %s AND project_id = %s FOR UPDATE"
 _BUCKETS = ("SELECT id, priority, expires_at, created_at, remaining_minor, source FROM credit_buckets "
             "WHERE wallet_id = %s AND remaining_minor > 0")
 # transaction time (now() is fixed for the transaction), a transaction id allocated under the wallet lock (so a
@@ -394,11 +392,11 @@ class ReserveStage:
 
 # ------------------------------------------------------------------------------------------ group commit
 
-_LOCK_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
+_LOCK_WALLETS = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
 # The same, but only the rows whose (project, id) a debit names: a wallet of ANOTHER project is never locked (the
 # filter runs before FOR UPDATE takes a row lock), so a tenant naming a foreign wallet id cannot stall its owner.
 # ``id = ANY`` keeps the primary-key lookup; the pair filter (unit separator, which no id contains) narrows it.
-_LOCK_PROJECT_WALLETS = (f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) "
+_LOCK_PROJECT_WALLETS = (f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) "
                          "AND project_id || chr(31) || id = ANY(%s::text[]) ORDER BY id FOR UPDATE")
 # After the lock, ONE statement: the transaction time, one transaction id per debit (allocated under the locks,
 # in order), the keys used before, and the wallets' live buckets column by column.

@@ -62,3 +62,13 @@ def test_a_key_costs_about_half_of_an_ordered_dict_entry() -> None:
     finally:
         tracemalloc.stop()
     assert bytes_per_key < 100  # an OrderedDict[int, float] measured ~150 here
+
+
+def test_the_bound_forgets_by_last_arrival_within_a_slot() -> None:
+    """Hypothesis found it: 0, 0, 1, 0 in one slot with room for one key must keep 0 (remembered last)."""
+    memory = DedupeMemory(slot_s=1, keys_max=1)
+    for key in (0, 0, 1, 0):
+        memory.remember(key, 0.0)
+    assert set(memory) == {0}
+    memory.remember(2, 0.0)
+    assert set(memory) == {2}

@@ -367,3 +367,101 @@ def test_a_correction_without_an_effective_time_is_still_priced_with_its_group(
     assert charged == {"pv1": 0, "pv2": 850}  # v2 now starts at 950: 850 of its 900 units are charged
     assert _balance(engine, "W") == -850
     invariants()
+
+
+# -- several partitions in one transaction (the consumer's combined apply) --------------------------------------
+
+def test_partitions_applied_together_leave_exactly_what_applying_each_alone_leaves(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """apply_partitions (small checkpoints of several partitions in ONE pass) vs each partition's checkpoints
+    applied alone, on the same input: a key named by two partitions (priced once over both), a partition whose
+    checkpoints are all stale, a fenced zombie, a merged backlog, dedupe keys and a wallet of another project.
+    Counters, charges, balances, applied marks, dedupe keys and refusals must be equal; the outcomes per
+    partition too, except that the shared key posts once."""
+    from ledger.checkpoints import apply_checkpoints, apply_partitions
+
+    volume = PriceModel(model="volume", tiers=(PriceTier(up_to=Decimal(100), unit_price_minor=Decimal(1)),
+                                               PriceTier(unit_price_minor=Decimal("0.5"))))
+
+    def value(wallet: str, units: str, **kw: object) -> CounterValue:
+        return _value(wallet, units, **kw)  # type: ignore[arg-type]
+
+    def inputs(topic: str, p: str) -> list[list[ChargeCheckpoint]]:
+        def cp(partition: int, as_of: int, *values: CounterValue, dedupe: list[int] | None = None,
+               epoch: int = 0) -> ChargeCheckpoint:
+            return ChargeCheckpoint(source_topic=topic, partition=partition, as_of_offset=as_of,
+                                    counters=list(values), dedupe_keys=dedupe or [], emitted_at=datetime.now(UTC),
+                                    owner_epoch=epoch)
+        return [
+            [cp(0, 10, value(f"{p}A", "90"), value(f"{p}S", "30"), dedupe=[1, 2]),
+             cp(0, 12, value(f"{p}A", "95"), value(f"{p}B", "150", price=volume), dedupe=[3])],   # a backlog
+            [cp(1, 7, value(f"{p}S", "20"), value(f"{p}C", "25"), dedupe=[4])],                  # S also in 0
+            [cp(2, 3, value(f"{p}D", "999"))],                                                   # stale: mark 5
+            [cp(3, 9, value(f"{p}E", "10"), epoch=1)],                                           # fenced: epoch 2
+            [cp(4, 4, value(f"{p}F", "10"), _value(f"{p}X", "10"))],                             # X: project p2
+        ]
+
+    wallets = {p: [f"{p}{w}" for w in "ABCDEFS"] for p in ("x", "y")}
+    with engine.begin() as conn:
+        for p in ("x", "y"):
+            for w in wallets[p]:
+                service.ensure_wallet(conn, project_id="p1", owner_kind="subject", owner_ref=w, wallet_id=w)
+                service.grant_credits(conn, wallet_id=w, amount_minor=100, idempotency_key=f"g{w}")
+            service.ensure_wallet(conn, project_id="p2", owner_kind="subject", owner_ref=f"{p}X", wallet_id=f"{p}X")
+        for topic in ("alone", "together"):
+            conn.execute(text("INSERT INTO applied_offsets (source_topic, partition, applied_through, owner_epoch) "
+                              "VALUES (:t, 2, 5, 0), (:t, 3, -1, 2)"), {"t": topic})
+
+    alone = []
+    for checkpoints in inputs("alone", "x"):
+        with engine.begin() as conn:
+            alone.append(apply_checkpoints(conn, checkpoints))
+    with engine.begin() as conn:
+        together = apply_partitions(conn, inputs("together", "y"))
+
+    def comparable(outcomes: list[object]) -> list[tuple[object, ...]]:
+        return [(m.applied, m.stale, m.fenced, m.refused, m.outcome.status, m.outcome.partition,  # type: ignore[attr-defined]
+                 m.outcome.applied_through) for m in outcomes]  # type: ignore[attr-defined]
+
+    assert comparable(together) == comparable(alone) == [
+        (2, 0, 0, 0, "applied", 0, 12), (1, 0, 0, 0, "applied", 1, 7), (0, 1, 0, 0, "stale", 2, 5),
+        (0, 0, 1, 0, "stale", 3, -1), (1, 0, 0, 1, "applied", 4, 4)]
+    # the shared key S posts once (named after partition 0), not once per partition; the money is the same
+    assert sum(m.outcome.transactions for m in alone) == sum(m.outcome.transactions for m in together) + 1
+    assert sum(m.outcome.charged_minor for m in alone) == sum(m.outcome.charged_minor for m in together)
+
+    def state(topic: str, p: str) -> tuple[object, ...]:
+        with engine.connect() as conn:
+            counters = conn.execute(text(
+                "SELECT wallet_id, partition, units, events, as_of_offset FROM usage_counters WHERE source_topic = :t "
+                "ORDER BY 1, 2"), {"t": topic}).all()
+            charges = conn.execute(text(
+                "SELECT wallet_id, units, charged_minor FROM usage_charges WHERE wallet_id = ANY(:w) ORDER BY 1"),
+                {"w": wallets[p]}).all()
+            balances = [queries.get_balance(conn, w).balance_minor for w in wallets[p]]  # type: ignore[union-attr]
+            applied = queries.applied_offsets(conn, topic, [0, 1, 2, 3, 4])
+            dedupe = queries.dedupe_keys_since(conn, source_topic=topic, partitions=[0, 1, 2, 3, 4],
+                                               since=datetime(2000, 1, 1, tzinfo=UTC))
+            refused = conn.execute(text("SELECT partition, as_of_offset, wallet_id FROM refused_counters "
+                                        "WHERE source_topic = :t"), {"t": topic}).all()
+        return ([(w[1:], *rest) for w, *rest in counters], [(w[1:], *rest) for w, *rest in charges], balances,
+                applied, dedupe, [(pt, o, w[1:]) for pt, o, w in refused])
+
+    assert state("alone", "x") == state("together", "y")
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT idempotency_key FROM transactions WHERE kind = 'usage' AND wallet_id = 'yS'"
+                                 )).scalars().all()
+    assert keys == [f"usage:together:0:12:yS:tokens:{PERIOD.isoformat()}:v3"]
+    # applied again together: every partition stale, nothing changes
+    with engine.begin() as conn:
+        again = apply_partitions(conn, inputs("together", "y"))
+    assert [m.outcome.status for m in again] == ["stale"] * 5
+    assert state("alone", "x") == state("together", "y")
+    invariants()
+
+
+def test_apply_partitions_refuses_a_partition_named_twice(engine: Engine) -> None:
+    from ledger.checkpoints import apply_partitions
+
+    with engine.begin() as conn, pytest.raises(ValueError, match="once"):
+        apply_partitions(conn, [[_checkpoint(0, 1, _value("W", "1"))], [_checkpoint(0, 2, _value("W", "2"))]])

@@ -1,17 +1,19 @@
 """Benchmark apply_checkpoint: checkpoints/s and usage rows/s against a real PostgreSQL.
 
     .venv/bin/python -m bench.ledger_apply [--keys 500] [--wallets 10000] [--seconds 30] [--dedupe-per-key 1] [--merge 4]
-                                           [--statements]
+                                           [--together 8] [--statements]
 
 Uses DATABASE_URL when set (a scratch database is created next to it and dropped after), otherwise starts
 the embedded PostgreSQL in a temporary directory. Each checkpoint carries ``--keys`` counters (random
 wallets out of ``--wallets``, one meter, per-unit price 0.4), every value cumulative and growing, so each
 key posts a usage transaction that burns a bucket; a phase with two appliers on different partitions
 sharing the wallets follows, then (``--merge N`` > 1) one applier applying N consecutive checkpoints per
-transaction with ``apply_checkpoints`` — what the ledger consumer does with a backlog. Bounded by
+transaction with ``apply_checkpoints`` — what the ledger consumer does with a backlog — and (``--together N`` > 1)
+one applier applying one checkpoint of each of N partitions per transaction with ``apply_partitions`` — what the
+consumer does with small checkpoints (each partition draws from its own slice of the wallets). Bounded by
 ``--seconds`` in total. ``--statements``: where one applier's time goes — each SQL statement's time (sent →
 result read, so the server's work plus transfer) and the Python between them, in µs per posting, measured over
-the first phase. The heap and the collector are set up as in ``meterline run ledger`` (ledger/runtime.py)."""
+the first phase (and the ``--together`` phase). The heap and the collector are set up as in ``meterline run ledger`` (ledger/runtime.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
 from bench.machine import describe
-from ledger.checkpoints import apply_checkpoint, apply_checkpoints
+from ledger.checkpoints import apply_checkpoint, apply_checkpoints, apply_partitions
 from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel, TransactionKind
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
 from ledger.postings import NewBucket, WalletBook
@@ -93,8 +95,9 @@ class Load:
     """Cumulative counters per (partition, wallet), growing with every checkpoint."""
 
     def __init__(self, *, wallets: int, keys: int, partition: int, seed_: int, topic: str,
-                 dedupe_per_key: int = 1) -> None:
+                 dedupe_per_key: int = 1, first_wallet: int = 0) -> None:
         self.rng = random.Random(seed_)
+        self.first_wallet = first_wallet
         self.dedupe_per_key = dedupe_per_key
         self.wallets, self.keys, self.partition = wallets, keys, partition
         self.units: dict[str, int] = {}
@@ -105,7 +108,7 @@ class Load:
         self.offset += 2_000  # one checkpoint per take_events(2000) batch in streams
         counters = []
         for index in self.rng.sample(range(self.wallets), self.keys):
-            wallet = f"w{index}"
+            wallet = f"w{self.first_wallet + index}"
             self.units[wallet] = self.units.get(wallet, 0) + self.rng.randint(1, 50)
             counters.append(CounterValue(
                 key=CounterKey(wallet_id=wallet, project_id="bench", meter_id="tokens", period_start=PERIOD,
@@ -152,39 +155,56 @@ class StatementTimes:
             print(f"    {seconds * 1e6 / postings:6.1f}  {statement}")
 
 
-def run_applier(engine: Engine, load: Load, deadline: float, out: list[tuple[float, int, int]], merge: int) -> None:
+def run_applier(engine: Engine, loads: list[Load], deadline: float, out: list[tuple[float, int, int]],
+                merge: int) -> None:
+    """One transaction per turn: ``merge`` consecutive checkpoints of one partition (``apply_checkpoints``), or
+    one checkpoint of each of several partitions (``loads``: ``apply_partitions``, the consumer's combined apply)."""
     while time.monotonic() < deadline and len(out) < 100_000:
-        checkpoints = [load.next() for _ in range(merge)]
+        if len(loads) > 1:
+            batch = [[load.next()] for load in loads]
+        else:
+            batch = [[loads[0].next() for _ in range(merge)]]
+        n = sum(len(b) for b in batch)
         started = time.perf_counter()
         with engine.begin() as conn:
-            if merge == 1:
-                outcome = apply_checkpoint(conn, checkpoints[0])
+            if n == 1:
+                outcomes = [apply_checkpoint(conn, batch[0][0])]
+            elif len(batch) == 1:
+                outcomes = [apply_checkpoints(conn, batch[0]).outcome]
             else:
-                outcome = apply_checkpoints(conn, checkpoints).outcome
+                outcomes = [m.outcome for m in apply_partitions(conn, batch)]
         elapsed = time.perf_counter() - started
-        out.extend([(elapsed / merge, outcome.keys // merge, outcome.transactions // merge)] * merge)
+        keys, transactions = sum(o.keys for o in outcomes), sum(o.transactions for o in outcomes)
+        out.extend([(elapsed / n, keys // n, transactions // n)] * n)
 
 
 def phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: float, dedupe_per_key: int = 1,
-          merge: int = 1, statements: bool = False) -> None:
+          merge: int = 1, together: int = 1, statements: bool = False) -> None:
     if statements:
         cpu_started = time.process_time()
         with StatementTimes(engine) as times:
             flat = _phase(engine, appliers=appliers, wallets=wallets, keys=keys, seconds=seconds,
-                          dedupe_per_key=dedupe_per_key, merge=merge)
+                          dedupe_per_key=dedupe_per_key, merge=merge, together=together)
         times.report(sum(r[2] for r in flat), sum(r[0] for r in flat), time.process_time() - cpu_started)
     else:
         _phase(engine, appliers=appliers, wallets=wallets, keys=keys, seconds=seconds, dedupe_per_key=dedupe_per_key,
-               merge=merge)
+               merge=merge, together=together)
 
 
 def _phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: float, dedupe_per_key: int,
-           merge: int) -> list[tuple[float, int, int]]:
+           merge: int, together: int = 1) -> list[tuple[float, int, int]]:
     deadline = time.monotonic() + seconds
     results: list[list[tuple[float, int, int]]] = [[] for _ in range(appliers)]
-    threads = [threading.Thread(target=run_applier, args=(
-        engine, Load(wallets=wallets, keys=keys, partition=p, seed_=p, topic=f"bench.usage.{appliers}.{merge}",
-                     dedupe_per_key=dedupe_per_key), deadline, results[p], merge)) for p in range(appliers)]
+    topic = f"bench.usage.{appliers}.{merge}.{together}"
+    if together > 1:  # one applier, each partition its own slice of the wallets (a wallet lives in one partition)
+        share = wallets // together
+        loads = [[Load(wallets=share, keys=keys, partition=p, seed_=p, topic=topic, dedupe_per_key=dedupe_per_key,
+                       first_wallet=p * share) for p in range(together)]]
+    else:
+        loads = [[Load(wallets=wallets, keys=keys, partition=p, seed_=p, topic=topic, dedupe_per_key=dedupe_per_key)]
+                 for p in range(appliers)]
+    threads = [threading.Thread(target=run_applier, args=(engine, loads[a], deadline, results[a], merge))
+               for a in range(len(loads))]
     started = time.monotonic()
     for t in threads:
         t.start()
@@ -198,6 +218,8 @@ def _phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: f
     transactions = sum(r[2] for r in flat)
     p95 = latencies[int(len(latencies) * 0.95) - 1] if latencies else 0.0
     merged = f", {merge} merged per transaction (cost per checkpoint = transaction / {merge})" if merge > 1 else ""
+    if together > 1:
+        merged = f", {together} partitions per transaction (cost per checkpoint = transaction / {together})"
     print(f"{appliers} applier(s), {keys} keys/checkpoint{merged}: {checkpoints} checkpoints in {elapsed:.1f} s = "
           f"{checkpoints / elapsed:,.1f} checkpoints/s, {rows / elapsed:,.0f} usage rows/s, "
           f"{transactions / elapsed:,.0f} transactions/s; per checkpoint median "
@@ -214,6 +236,10 @@ def main() -> None:
     parser.add_argument("--dedupe-per-key", type=int, default=1,
                         help="dedupe keys per counter (the pipeline bench carries ~5 events per key per checkpoint)")
     parser.add_argument("--merge", type=int, default=4, help="checkpoints merged per transaction in the last phase")
+    parser.add_argument("--together", type=int, default=1,
+                        help="a last phase: one applier applying one checkpoint of each of N partitions per transaction "
+                             "(apply_partitions, what the consumer does with small checkpoints); the wallets are "
+                             "split between the partitions")
     parser.add_argument("--statements", action="store_true",
                         help="print the time per SQL statement and the Python between them (first phase)")
     args = parser.parse_args()
@@ -227,13 +253,15 @@ def main() -> None:
         print(f"PostgreSQL {version}; {args.wallets:,} wallets seeded")
         freeze_startup_heap()  # as `meterline run ledger` does
         tune_gc_for_batches()
-        share = 1 / (3 if args.merge > 1 else 2)
+        share = 1 / (2 + (args.merge > 1) + (args.together > 1))
         common = {"wallets": args.wallets, "keys": args.keys, "seconds": args.seconds * share,
                   "dedupe_per_key": args.dedupe_per_key}
         phase(engine, appliers=1, statements=args.statements, **common)
         phase(engine, appliers=2, **common)
         if args.merge > 1:
             phase(engine, appliers=1, merge=args.merge, **common)
+        if args.together > 1:
+            phase(engine, appliers=1, together=args.together, statements=args.statements, **common)
         with engine.connect() as conn:
             broken = conn.execute(text("""
                 SELECT count(*) FROM usage_charges ch

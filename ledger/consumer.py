@@ -2,7 +2,8 @@
 runs the outbox relay.
 
 Per fetched batch: decode → per source partition, its consecutive checkpoints merged by
-``apply_checkpoints`` in one PostgreSQL transaction → commit. Kafka offsets are committed only AFTER the
+``apply_checkpoints`` in one PostgreSQL transaction (partitions with few counters in hand: several together,
+``apply_partitions``) → commit. Kafka offsets are committed only AFTER the
 database commit, so a crash in between redelivers checkpoints the ledger has
 already applied — which ``apply_checkpoint`` answers with ``stale`` (a no-op). Messages of one partition
 are applied strictly in order by one thread; several ledger consumers share the partitions through the

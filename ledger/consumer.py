@@ -279,26 +279,21 @@ class LedgerConsumer:
     def _apply_groups(self, groups: dict[Lane, list[Pending]]) -> bool:
         """Apply each lane's group; a failing group halts its lane. False only when stopped.
 
-        Lanes whose group is one small merged chunk are applied together, several partitions in ONE database
-        transaction (``apply_partitions``, at most ``COMBINE_COUNTERS_MAX`` counters per transaction): a
-        statement's fixed cost is then paid once for all of them. If such a transaction fails, its lanes are
+        Lanes whose group is one small merged chunk are applied together, several partitions in one database
+        transaction (``apply_partitions``, at most ``COMBINE_COUNTERS_MAX`` counters per transaction, spread over
+        ``COMBINE_TRANSACTIONS`` transactions side by side): a statement's fixed cost is then paid once for
+        several partitions. If such a transaction fails, its lanes are
         applied one by one as usual, so only the lane that cannot be applied halts (invariant 8)."""
-        units: list[list[tuple[Lane, list[Pending]]]] = []
-        combined: list[tuple[Lane, list[Pending]]] = []
-        counters = 0
+        units: list[list[LaneGroup]] = []
+        small: list[tuple[int, LaneGroup]] = []
         for lane, pendings in groups.items():
             chunks = _merge_chunks([p.checkpoint for p in pendings if p.checkpoint is not None])
             size = sum(len(c.counters) for c in chunks[0]) if len(chunks) == 1 else COMBINE_COUNTERS_MAX + 1
             if size > COMBINE_COUNTERS_MAX:
                 units.append([(lane, pendings)])
-                continue
-            if combined and counters + size > COMBINE_COUNTERS_MAX:
-                units.append(combined)
-                combined, counters = [], 0
-            combined.append((lane, pendings))
-            counters += size
-        if combined:
-            units.append(combined)
+            else:
+                small.append((size, (lane, pendings)))
+        units.extend(_combine(small, bins=COMBINE_TRANSACTIONS))
         if len(units) <= 1 or self._pool is None:
             done = [self._apply_unit(unit) for unit in units]
         else:
@@ -309,7 +304,7 @@ class LedgerConsumer:
                     self._halt(lane, pendings[result.done:], result.reason, result.error)
         return not self._stop.is_set()
 
-    def _apply_unit(self, unit: list[tuple[Lane, list[Pending]]]) -> list[ApplyFailed | None]:
+    def _apply_unit(self, unit: list[LaneGroup]) -> list[ApplyFailed | None]:
         """Several small lanes in one transaction (each lane's checkpoints merged), else lane by lane."""
         if len(unit) > 1:
             try:
@@ -585,6 +580,10 @@ MERGE_DEDUPE_KEYS_MAX = 200_000
 #: lanes with at most this many counters in hand are applied together, several in one transaction
 #: (``bench.ledger_apply``: ~400 µs per posting at 110 keys per transaction, ~230 at 1,000)
 COMBINE_COUNTERS_MAX = 1_000
+#: ... in this many transactions side by side (two: one's Python overlaps the other's PostgreSQL work)
+COMBINE_TRANSACTIONS = 2
+
+LaneGroup = tuple[Lane, list[Pending]]
 
 
 def _merge_chunks(checkpoints: list[ChargeCheckpoint]) -> list[list[ChargeCheckpoint]]:
@@ -605,6 +604,21 @@ def _merge_chunks(checkpoints: list[ChargeCheckpoint]) -> list[list[ChargeCheckp
         keys |= new_keys
         dedupe += d
     return chunks
+
+
+def _combine(lanes: list[tuple[int, LaneGroup]], *, bins: int) -> list[list[LaneGroup]]:
+    """Small lanes (with their counter counts) packed into at most ``bins`` transactions — one per free apply thread,
+    so they still run side by side — each of at most ``COMBINE_COUNTERS_MAX`` counters (more transactions when
+    they do not fit). Largest first, each into the lightest transaction it fits in."""
+    packed: list[tuple[int, list[LaneGroup]]] = []
+    for size, lane in sorted(lanes, key=lambda item: -item[0]):
+        fits = [i for i, (total, _) in enumerate(packed) if total + size <= COMBINE_COUNTERS_MAX]
+        if len(packed) < bins or not fits:
+            packed.append((size, [lane]))
+            continue
+        i = min(fits, key=lambda j: packed[j][0])
+        packed[i] = (packed[i][0] + size, [*packed[i][1], lane])
+    return [unit for _, unit in packed]
 
 
 def _posting_keys(checkpoint: ChargeCheckpoint) -> set[Key]:

@@ -55,6 +55,7 @@ from bench.machine import describe
 from bench.profile_stacks import StackSummary
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
 from meterline import services
+from meterline.settings import StackSettings
 from meterline.stack import migrate
 from meterline.topics import ensure_topics, topic_specs
 from streams import catalog
@@ -104,7 +105,8 @@ def engines(home: Path, *, broker_storage: str = "disk") -> Iterator[Engines]:
         if not bootstrap:
             broker = services.start_embedded_broker(
                 host="127.0.0.1", port=services.free_port(), log_path=home / "broker.log",
-                storage_dir=home / "broker" if broker_storage == "disk" else None)
+                storage_dir=home / "broker" if broker_storage == "disk" else None,
+                merge_after_s=StackSettings().broker_merge_after_s)  # METERLINE_BROKER_MERGE_AFTER_S=0: off
             stack.callback(broker.stop)
             bootstrap, broker_pid = broker.bootstrap, broker.process.pid
             store_pid = broker.store.pid if broker.store is not None else None
@@ -800,7 +802,8 @@ def main() -> None:
           .format(*os.getloadavg()))
     print(f"cores: {os.cpu_count()}, usage partitions: {USAGE_PARTITIONS}, streams workers: {args.workers}, "
           f"ledger consumers: 1, pack: {args.pack} events/message, subjects: {args.subjects}, "
-          f"embedded broker storage: {args.broker_storage}, streams consumer: "
+          f"embedded broker storage: {args.broker_storage} (batches merged after "
+          f"{StackSettings().broker_merge_after_s:g} s; 0 = never), streams consumer: "
           f"{os.environ.get('STREAMS_CONSUMER', 'confluent (default)')}")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         home = Path(tmp)

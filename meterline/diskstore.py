@@ -19,7 +19,17 @@ Invariants:
 - the 200 of a PUT is sent after the data is in the kernel: a ``kill -9`` of any process loses nothing that
   was acknowledged. ``--fsync`` also survives a power cut, at a cost in throughput (docs/benchmarks.md);
 - record batches older than the retention (``--retention-ms``, default 7 days) are deleted by a sweep; nothing
-  else is ever deleted except on the broker's request.
+  else is ever deleted except on the broker's request and by compaction below;
+- compaction (``DiskStore.compact``, every ``--merge-every-s``): Tansu lists a partition's whole ``records/``
+  folder on every fetch, so each object retained costs every fetch. Runs of consecutive batch objects older than
+  ``--merge-after-s`` (never the newest of a partition) are rewritten as ONE batch of at most
+  ``--merge-bytes-max`` under the run's first key (meterline/batch_merge.py: every record keeps its offset,
+  timestamp, key, value and headers, checked by reading the result back). Readers see the run before or after,
+  never half: the new object replaces the first key by rename and the others are unlinked in the same
+  event-loop step (no request is served in between). A fetch that listed the run before and reads one of the
+  removed keys after gets a 404, which the broker answers as a failed fetch that the client retries — never a
+  record twice or a record missing. A crash between the rename and the unlinks is finished at the next start
+  from a journal (``.tmp-merging`` in the folder, hidden from listings).
 
 Signatures are not checked: the server listens on 127.0.0.1 only and serves one broker.
 """
@@ -35,15 +45,30 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 from aiohttp import web
+
+from meterline.batch_merge import BatchHead, MergeMismatch, merge_batches
 
 #: Batches live at ``clusters/<c>/topics/<t>/partitions/<p>/records/<offset>.batch`` (Tansu 0.6 dynostore).
 RECORDS_DIR = "records"
 BATCH_SUFFIX = ".batch"
 LIST_PAGE_MAX = 1000
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+#: compaction: batches older than this are merged (a consumer keeping up reads only younger ones)
+DEFAULT_MERGE_AFTER_S = 10.0
+#: ... into objects of at most this size: every Kafka client's default max.partition.fetch.bytes (1 MiB) takes one
+DEFAULT_MERGE_BYTES_MAX = 1024 * 1024
+DEFAULT_MERGE_EVERY_S = 2.0
+MERGE_JOURNAL = ".tmp-merging"
+
+
+#: (batch object name, its stat) in offset order; a stretch of read batches (annotations inside DiskStore would
+#: read ``list`` as its method)
+Run = list[tuple[str, os.stat_result]]
+Stretch = list["_Stored"]
 
 
 class DiskStore:
@@ -60,6 +85,14 @@ class DiskStore:
         self._meta: dict[str, os.stat_result | None] = {}
         self._fragments: dict[str, tuple[int, int, str]] = {}  # key -> (inode, mtime_ns, <Contents> XML)
         self._tmp_counter = 0
+        #: records/ folders with batches written since their last compaction pass, and those that still hold
+        #: batches too young to merge: the only folders a pass visits
+        self._records_dirs: set[str] = set()
+        self._settled: dict[str, str] = {}  # records/ folder -> the object a pass starts at (those before are final)
+        self.merges = 0  # objects written by compaction (observability and tests)
+        self.merged_away = 0  # objects it removed
+        self.cut_short = False  # the last compact() stopped at its budget with folders of this pass left
+        self._pass: list[str] = []  # folders of the pass under way, in order
 
     # ------------------------------------------------------------------ paths
     def path(self, bucket: str, key: str) -> Path:
@@ -118,6 +151,8 @@ class DiskStore:
             if names is not None:
                 bisect.insort(names, target.name)
             self._note_new_dirs(target.parent)
+        if target.parent.name == RECORDS_DIR:
+            self._records_dirs.add(str(target.parent))
         st = os.stat(target)
         self._meta[str(target)] = st
         return self.etag(st)
@@ -200,6 +235,176 @@ class DiskStore:
         self._fragments[key] = (st.st_ino, st.st_mtime_ns, xml)
         return xml
 
+    # ------------------------------------------------------------------ compaction
+    def compact(self, *, older_than_s: float = DEFAULT_MERGE_AFTER_S, bytes_max: int = DEFAULT_MERGE_BYTES_MAX,
+                now_s: float | None = None, budget_s: float | None = None) -> int:
+        """Merge runs of old small batch objects, in every records/ folder written to since the last pass (see
+        the module doc); returns how many objects were removed. Synchronous — no request is served meanwhile — so
+        ``budget_s`` bounds a call: what is left waits for the next one."""
+        cutoff_ns = int(((now_s if now_s is not None else time.time()) - older_than_s) * 1e9)
+        deadline = time.monotonic() + budget_s if budget_s is not None else None
+        if not self._pass:  # a new pass: every folder written to since the last one, or still holding young batches
+            self._pass = sorted(self._records_dirs)
+        removed = 0
+        while self._pass:
+            directory = self._pass[0]
+            done, pending, interrupted = self._compact_dir(directory, cutoff_ns=cutoff_ns, bytes_max=bytes_max,
+                                                           deadline=deadline)
+            removed += done
+            if interrupted:
+                break  # this folder first, next call
+            self._pass.pop(0)
+            if not pending:
+                self._records_dirs.discard(directory)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        self.cut_short = bool(self._pass)
+        return removed
+
+    def _compact_dir(self, directory: str, *, cutoff_ns: int, bytes_max: int,
+                     deadline: float | None) -> tuple[int, bool, bool]:
+        """(objects removed, whether a later pass has work here — batches too young to merge yet —, whether the
+        deadline stopped it mid-way). Starts where the previous call left off: objects before that are final."""
+        names = self._names(directory)
+        newest_name = next((n for n in reversed(names) if n.endswith(BATCH_SUFFIX)), None)
+        if newest_name is None:
+            return 0, False, False
+        newest = self._meta.get(directory + "/" + newest_name) or _stat(Path(directory, newest_name))
+        if newest is None:
+            return 0, True, False
+        removed = 0
+        run: Run = []
+        run_bytes = 0
+        pending = False
+        start = bisect.bisect_left(names, self._settled.get(directory, ""))
+        for name in names[start:]:
+            if name == newest_name:
+                break  # the newest batch stays as written: the broker's latest position
+            if not name.endswith(BATCH_SUFFIX):
+                continue
+            path = directory + "/" + name
+            st = self._meta.get(path) or _stat(Path(path))
+            if st is None:
+                continue
+            if st.st_mtime_ns >= cutoff_ns or st.st_mtime_ns >= newest.st_mtime_ns:
+                pending = True
+                break  # written in offset order: the rest are younger
+            small = st.st_size < bytes_max // 2
+            if not small or run_bytes + st.st_size > bytes_max:
+                removed += self._merge_run(directory, run)
+                run, run_bytes = [], 0
+                self._settled[directory] = name
+                if removed and deadline is not None and time.monotonic() > deadline:
+                    return removed, True, True  # stopped after real work: every call makes progress
+            if small:
+                run.append((name, st))
+                run_bytes += st.st_size
+        if run:
+            # the last run may still grow with batches that are young now: it is looked at again next time
+            removed += self._merge_run(directory, run)
+            self._settled[directory] = run[0][0]
+            pending = True
+        return removed, pending, False
+
+    def _merge_run(self, directory: str, run: Run) -> int:
+        """Merge the consecutive, mergeable stretches of ``run`` (a gap or an unmergeable batch splits it)."""
+        removed = 0
+        stretch: Stretch = []
+        for name, st in run:
+            stored = self._read_batch(directory, name, st)
+            if stored is None or (stretch and stretch[-1].end != stored.base):
+                removed += self._replace(directory, stretch)
+                stretch = []
+            if stored is not None:
+                stretch.append(stored)
+        return removed + self._replace(directory, stretch)
+
+    def _read_batch(self, directory: str, name: str, st: os.stat_result) -> _Stored | None:
+        try:
+            base = int(name[: -len(BATCH_SUFFIX)])
+            data = Path(directory, name).read_bytes()
+        except (ValueError, FileNotFoundError):
+            return None
+        head = BatchHead.of(data)
+        return _Stored(base, base + head.offset_span, data, st) if head is not None and head.mergeable else None
+
+    def _replace(self, directory: str, stretch: Stretch) -> int:
+        if len(stretch) < 2:
+            return 0
+        try:
+            merged = merge_batches([(b.base, b.data) for b in stretch])
+        except (ValueError, MergeMismatch) as exc:  # left as written: a listing costs more, nothing is lost
+            print(f"diskstore: not merging {len(stretch)} batches at {directory}: {exc}", flush=True)
+            return 0
+        folder = Path(directory)
+        names = [f"{b.base:0>20}{BATCH_SUFFIX}" for b in stretch]
+        journal = folder / MERGE_JOURNAL
+        self._write_file(journal, "\n".join(names).encode())
+        self._tmp_counter += 1
+        tmp = folder / f".tmp-{os.getpid()}-{self._tmp_counter}"
+        self._write_file(tmp, merged)
+        last_mtime_ns = stretch[-1].st.st_mtime_ns  # retention and the broker's time lookups go by mtime
+        os.utime(tmp, ns=(last_mtime_ns, last_mtime_ns))
+        os.replace(tmp, folder / names[0])
+        if self.fsync:
+            _fsync_dir(folder)
+        self._meta[directory + "/" + names[0]] = os.stat(folder / names[0])
+        for name in names[1:]:
+            self._forget(folder / name)
+        os.unlink(journal)
+        self.merges += 1
+        self.merged_away += len(names) - 1
+        return len(names) - 1
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _forget(self, path: Path) -> None:
+        """Unlink a batch object and drop it from the caches."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._meta.pop(str(path), None)
+        self._fragments.pop(path.relative_to(self.root).as_posix().partition("/")[2], None)
+        names = self._listings.get(str(path.parent))
+        if names is not None:
+            i = bisect.bisect_left(names, path.name)
+            if i < len(names) and names[i] == path.name:
+                names.pop(i)
+
+    def recover(self) -> int:
+        """At start: finish merges a crash interrupted, and queue every records/ folder for compaction. A journal
+        names a run; when its first object already spans the run (the rename happened), the rest are redundant
+        copies and are removed; otherwise the merge never took effect and the journal is dropped."""
+        finished = 0
+        for records in self.root.glob(f"*/clusters/*/topics/*/partitions/*/{RECORDS_DIR}"):
+            self._records_dirs.add(str(records))
+            journal = records / MERGE_JOURNAL
+            try:
+                names = journal.read_text().split()
+            except FileNotFoundError:
+                continue
+            if names:
+                try:
+                    head = BatchHead.of((records / names[0]).read_bytes())
+                    first = int(names[0][: -len(BATCH_SUFFIX)])
+                    last = int(names[-1][: -len(BATCH_SUFFIX)])
+                except (FileNotFoundError, ValueError):
+                    head = None
+                if head is not None and first + head.offset_span > last:
+                    for name in names[1:]:
+                        self._forget(records / name)
+                    finished += 1
+            journal.unlink()
+        return finished
+
     # ------------------------------------------------------------------ retention
     def sweep(self, *, retention_ms: int, now_s: float | None = None) -> int:
         """Delete record batches older than the retention; returns how many. The newest batch of a partition is
@@ -221,6 +426,15 @@ class DiskStore:
                 self._listings[str(records)].remove(name)
                 removed += 1
         return removed
+
+
+class _Stored(NamedTuple):
+    """A batch object read for compaction: offsets [base, end)."""
+
+    base: int
+    end: int
+    data: bytes
+    st: os.stat_result
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -347,6 +561,18 @@ async def _sweep_forever(store: DiskStore, retention_ms: int, every_s: float) ->
         store.sweep(retention_ms=retention_ms)
 
 
+async def _compact_forever(store: DiskStore, *, after_s: float, bytes_max: int, every_s: float,
+                           budget_s: float = 0.02) -> None:
+    """A pass every ``every_s``, in slices of ``budget_s`` with requests served in between."""
+    while True:
+        await asyncio.sleep(every_s)
+        now_s = time.time()
+        store.compact(older_than_s=after_s, bytes_max=bytes_max, now_s=now_s, budget_s=budget_s)
+        while store.cut_short:
+            await asyncio.sleep(0)
+            store.compact(older_than_s=after_s, bytes_max=bytes_max, now_s=now_s, budget_s=budget_s)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True)
@@ -355,13 +581,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retention-ms", type=int, default=DEFAULT_RETENTION_MS)
     parser.add_argument("--sweep-every-s", type=float, default=60.0)
     parser.add_argument("--fsync", action="store_true")
+    parser.add_argument("--merge-after-s", type=float, default=DEFAULT_MERGE_AFTER_S,
+                        help="merge record batches older than this (see the module doc); 0 or less: never")
+    parser.add_argument("--merge-bytes-max", type=int, default=DEFAULT_MERGE_BYTES_MAX)
+    parser.add_argument("--merge-every-s", type=float, default=DEFAULT_MERGE_EVERY_S)
     args = parser.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
     store = DiskStore(args.root.resolve(), fsync=args.fsync)
+    store.recover()
     app = make_app(store)
 
     async def start_sweeper(app: web.Application) -> None:
         app["sweeper"] = asyncio.create_task(_sweep_forever(store, args.retention_ms, args.sweep_every_s))
+        if args.merge_after_s > 0:
+            app["compactor"] = asyncio.create_task(_compact_forever(
+                store, after_s=args.merge_after_s, bytes_max=args.merge_bytes_max, every_s=args.merge_every_s))
 
     app.on_startup.append(start_sweeper)
     with contextlib.suppress(ImportError):

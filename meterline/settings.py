@@ -25,6 +25,9 @@ class StackSettings(BaseSettings):
     store_port: int = Field(default=DEFAULT_STORE_PORT, description="the embedded broker's disk store (S3 API, 127.0.0.1 only)")
     topic_retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=60_000,
                                     description="how long topics keep events (replay, reconcile); default 7 days")
+    broker_merge_after_s: float = Field(
+        default=10.0, ge=0, description="the disk store merges record batches older than this into objects of up to "
+                                        "1 MiB (the broker lists every object on each fetch); 0 = never")
     drain_timeout_s: float = Field(default=300.0, ge=0, description="how long `down` waits for accepted events")
     api_host: str = DEFAULT_API_HOST
     api_port: int = DEFAULT_API_PORT

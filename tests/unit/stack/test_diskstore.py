@@ -114,3 +114,170 @@ def test_partition_log_end_reads_the_brokers_watermark(tmp_path: Path) -> None:
     (path / "watermark.json").write_text('{"low":null,"high":4999,"timestamps":null}')
     assert partition_log_end(tmp_path, "u", 3) == 4999
     assert partition_log_end(tmp_path, "u", 2) is None
+
+
+# ---------------------------------------------------------------------------------------------- compaction
+
+RECORDS = "clusters/c/topics/t/partitions/0000000000/records"
+
+
+def _batch(values: list[bytes], *, transactional: bool = False) -> bytes:
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=3, is_transactional=int(transactional),
+                                        producer_id=7, producer_epoch=0, base_sequence=0, batch_size=2**31 - 1)
+    for delta, value in enumerate(values):
+        builder.append(delta, timestamp=1_700_000_000_000 + delta, key=b"k", value=value, headers=[("h", value)])
+    return bytes(builder.build())
+
+
+def _store_batches(store: DiskStore, root: Path, batches: list[tuple[int, bytes]], *, age_s: float) -> None:
+    """Write batch objects as the broker does, oldest first, with mtimes ``age_s`` ago and 1 ms apart."""
+    stamp = time.time() - age_s
+    for i, (offset, data) in enumerate(batches):
+        store.put("tansu", f"{RECORDS}/{offset:0>20}.batch", data, if_match=None, if_none_match="*")
+        os.utime(root / "tansu" / RECORDS / f"{offset:0>20}.batch", (stamp + i / 1000, stamp + i / 1000))
+
+
+def _read_all(root: Path) -> list[tuple[int, bytes | None]]:
+    from meterline.batch_merge import records_of
+
+    out = []
+    for path in sorted((root / "tansu" / RECORDS).glob("*.batch")):
+        out += [(r[0], r[3]) for r in records_of(path.read_bytes(), int(path.stem))]
+    return out
+
+
+def _listed(store: DiskStore) -> list[str]:
+    keys, _, _ = store.list("tansu", f"{RECORDS}/", delimiter=None, start_after="", max_keys=1000)
+    return [key.rsplit("/", 1)[1] for key, _ in keys]
+
+
+def test_compaction_merges_old_batches_keeps_the_newest_and_every_record(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    batches = [(offset, _batch([b"v%d" % (offset + i) for i in range(2)])) for offset in range(0, 20, 2)]
+    _store_batches(store, tmp_path, batches, age_s=60)
+    before = _read_all(tmp_path)
+    assert len(_listed(store)) == 10
+
+    removed = store.compact(older_than_s=10)
+
+    assert removed == 8
+    assert _listed(store) == [f"{0:0>20}.batch", f"{18:0>20}.batch"]  # the run under its first key; newest as is
+    assert _read_all(tmp_path) == before == [(o, b"v%d" % o) for o in range(20)]
+    newest = tmp_path / "tansu" / RECORDS / f"{18:0>20}.batch"
+    assert newest.read_bytes() == batches[-1][1]
+    merged = tmp_path / "tansu" / RECORDS / f"{0:0>20}.batch"
+    assert merged.stat().st_mtime_ns < newest.stat().st_mtime_ns  # time lookups still find the newest last
+    assert store.compact(older_than_s=10) == 0  # nothing left to do
+
+
+def test_compaction_leaves_young_batches_gaps_big_and_transactional_ones(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    old = [(0, _batch([b"a"])), (1, _batch([b"b"])),
+           (5, _batch([b"c"])), (6, _batch([b"d"])),  # a gap before 5: two runs
+           (7, _batch([b"e"], transactional=True)),  # never merged: read_committed readers filter by producer
+           (8, _batch([b"f"])), (9, _batch([os.urandom(3000)])), (10, _batch([b"g"]))]  # 9 too big for 4 KiB runs
+    _store_batches(store, tmp_path, old, age_s=60)
+    _store_batches(store, tmp_path, [(11, _batch([b"h"])), (12, _batch([b"i"])), (13, _batch([b"j"]))], age_s=1)
+    before = _read_all(tmp_path)
+
+    removed = store.compact(older_than_s=10, bytes_max=4096)
+
+    assert removed == 2
+    assert _listed(store) == [f"{o:0>20}.batch" for o in (0, 5, 7, 8, 9, 10, 11, 12, 13)]
+    assert _read_all(tmp_path) == before
+
+
+def test_recovery_finishes_a_merge_that_a_crash_interrupted_and_drops_one_that_never_happened(tmp_path: Path) -> None:
+    from meterline.batch_merge import merge_batches
+    from meterline.diskstore import MERGE_JOURNAL
+
+    folder = tmp_path / "tansu" / RECORDS
+    batches = [(o, _batch([b"v%d" % o])) for o in range(4)]
+    _store_batches(DiskStore(tmp_path), tmp_path, batches, age_s=60)
+    names = [f"{o:0>20}.batch" for o in range(3)]
+    (folder / MERGE_JOURNAL).write_text("\n".join(names))
+    (folder / names[0]).write_bytes(merge_batches(batches[:3]))  # renamed into place, then the crash
+
+    store = DiskStore(tmp_path)
+    assert store.recover() == 1
+    assert _listed(store) == [names[0], f"{3:0>20}.batch"] and not (folder / MERGE_JOURNAL).exists()
+    assert _read_all(tmp_path) == [(o, b"v%d" % o) for o in range(4)]
+
+    (folder / MERGE_JOURNAL).write_text(f"{0:0>20}.batch\n{3:0>20}.batch")  # a crash before the rename
+    assert DiskStore(tmp_path).recover() == 0
+    assert _read_all(tmp_path) == [(o, b"v%d" % o) for o in range(4)] and not (folder / MERGE_JOURNAL).exists()
+
+
+def test_a_listing_in_flight_meets_a_merge_as_before_or_after_never_half(tmp_path: Path) -> None:
+    """A reader that listed before the merge and asks for a removed key gets 404 (the broker fails that fetch and
+    the client retries), never a key that returns records twice."""
+
+    async def scenario(http: ClientSession, base: str) -> None:
+        store = http._meterline_store  # type: ignore[attr-defined]
+        for o in range(4):
+            body = _batch([b"v%d" % o])
+            assert (await http.put(f"{base}/{RECORDS}/{o:0>20}.batch", data=body)).status == 200
+            path = tmp_path / "tansu" / RECORDS / f"{o:0>20}.batch"
+            stamp = time.time() - 60 + o / 1000
+            os.utime(path, (stamp, stamp))
+            store._meta[str(path)] = path.stat()
+        listed = await (await http.get(base, params={"list-type": "2", "prefix": f"{RECORDS}/"})).text()
+        assert listed.count("<Key>") == 4
+        assert store.compact(older_than_s=10) == 2
+        assert (await http.get(f"{base}/{RECORDS}/{1:0>20}.batch")).status == 404
+        first = await (await http.get(f"{base}/{RECORDS}/{0:0>20}.batch")).read()
+        from meterline.batch_merge import records_of
+
+        assert [r[0] for r in records_of(first, 0)] == [0, 1, 2]
+
+    async def main() -> None:
+        store = DiskStore(tmp_path)
+        server = TestServer(make_app(store), host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with ClientSession() as http:
+                http._meterline_store = store  # type: ignore[attr-defined]
+                await scenario(http, str(server.make_url("/tansu")))
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_compaction_in_budgeted_slices_ends_where_one_pass_does(tmp_path: Path) -> None:
+    """The server compacts in slices of a few ms so requests are served in between; slices resume where the last
+    stopped and reach the same objects as one unbounded pass."""
+    batches = [(offset, _batch([os.urandom(300)])) for offset in range(40)]
+    whole, sliced = tmp_path / "whole", tmp_path / "sliced"
+    for root in (whole, sliced):
+        _store_batches(DiskStore(root), root, batches, age_s=60)
+    one = DiskStore(whole)
+    one.recover()
+    assert one.compact(older_than_s=10, bytes_max=4096) > 0 and not one.cut_short
+
+    many = DiskStore(sliced)
+    many.recover()
+    calls = 0
+    while True:
+        many.compact(older_than_s=10, bytes_max=4096, budget_s=0)
+        calls += 1
+        if not many.cut_short:
+            break
+    assert calls > 3  # a zero budget stops after every run
+    assert _listed(many) == _listed(one) and _read_all(sliced) == _read_all(whole)
+    assert len(_listed(one)) < 15
+
+
+def test_zero_budget_slices_make_progress_past_objects_that_never_merge(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    big = [(o, _batch([os.urandom(3000)])) for o in range(0, 6)]  # each over half of 4 KiB: never merged
+    small = [(o, _batch([b"s%d" % o])) for o in range(6, 12)]
+    _store_batches(store, tmp_path, big + small, age_s=60)
+    for _ in range(50):
+        store.compact(older_than_s=10, bytes_max=4096, budget_s=0)
+        if not store.cut_short:
+            break
+    assert not store.cut_short
+    assert _listed(store) == [f"{o:0>20}.batch" for o in (0, 1, 2, 3, 4, 5, 6, 11)]

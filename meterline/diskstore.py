@@ -22,8 +22,9 @@ Invariants:
   else is ever deleted except on the broker's request and by compaction below;
 - compaction (``DiskStore.compact``, every ``--merge-every-s``): Tansu lists a partition's whole ``records/``
   folder on every fetch, so each object retained costs every fetch. Runs of consecutive batch objects older than
-  ``--merge-after-s`` (never the newest of a partition) are rewritten as ONE batch of at most
-  ``--merge-bytes-max`` under the run's first key (meterline/batch_merge.py: every record keeps its offset,
+  ``--merge-after-s`` (never the newest of a partition; objects of 64 KiB or more are left alone; a run at the
+  young end waits for 1,000 objects or half the size bound, so no record is decoded twice) are rewritten as ONE
+  batch of at most ``--merge-bytes-max`` of sources under the run's first key (meterline/batch_merge.py: every record keeps its offset,
   timestamp, key, value and headers, checked by reading the result back). Readers see the run before or after,
   never half: the new object replaces the first key by rename and the others are unlinked in the same
   event-loop step (no request is served in between). A fetch that listed the run before and reads one of the
@@ -61,6 +62,12 @@ DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 DEFAULT_MERGE_AFTER_S = 10.0
 #: ... into objects of at most this size: every Kafka client's default max.partition.fetch.bytes (1 MiB) takes one
 DEFAULT_MERGE_BYTES_MAX = 1024 * 1024
+#: objects this big are left as they are: a merge's own output (merging it again would decode its records again)
+#: or a producer's big batch, which costs a listing no more than a merged one
+MERGE_SMALL_MAX = 64 * 1024
+#: a run still open at the young end of a partition is merged only once it holds this many objects or half of
+#: ``bytes_max`` (else each pass would decode the growing merged object again: ~5 µs per record each time)
+DEFAULT_MERGE_OBJECTS_MIN = 1_000
 DEFAULT_MERGE_EVERY_S = 2.0
 MERGE_JOURNAL = ".tmp-merging"
 
@@ -237,7 +244,8 @@ class DiskStore:
 
     # ------------------------------------------------------------------ compaction
     def compact(self, *, older_than_s: float = DEFAULT_MERGE_AFTER_S, bytes_max: int = DEFAULT_MERGE_BYTES_MAX,
-                now_s: float | None = None, budget_s: float | None = None) -> int:
+                objects_min: int = DEFAULT_MERGE_OBJECTS_MIN, now_s: float | None = None,
+                budget_s: float | None = None) -> int:
         """Merge runs of old small batch objects, in every records/ folder written to since the last pass (see
         the module doc); returns how many objects were removed. Synchronous — no request is served meanwhile — so
         ``budget_s`` bounds a call: what is left waits for the next one."""
@@ -249,7 +257,7 @@ class DiskStore:
         while self._pass:
             directory = self._pass[0]
             done, pending, interrupted = self._compact_dir(directory, cutoff_ns=cutoff_ns, bytes_max=bytes_max,
-                                                           deadline=deadline)
+                                                           objects_min=objects_min, deadline=deadline)
             removed += done
             if interrupted:
                 break  # this folder first, next call
@@ -261,7 +269,7 @@ class DiskStore:
         self.cut_short = bool(self._pass)
         return removed
 
-    def _compact_dir(self, directory: str, *, cutoff_ns: int, bytes_max: int,
+    def _compact_dir(self, directory: str, *, cutoff_ns: int, bytes_max: int, objects_min: int,
                      deadline: float | None) -> tuple[int, bool, bool]:
         """(objects removed, whether a later pass has work here — batches too young to merge yet —, whether the
         deadline stopped it mid-way). Starts where the previous call left off: objects before that are final."""
@@ -289,7 +297,7 @@ class DiskStore:
             if st.st_mtime_ns >= cutoff_ns or st.st_mtime_ns >= newest.st_mtime_ns:
                 pending = True
                 break  # written in offset order: the rest are younger
-            small = st.st_size < bytes_max // 2
+            small = st.st_size < min(MERGE_SMALL_MAX, bytes_max // 2)
             if not small or run_bytes + st.st_size > bytes_max:
                 removed += self._merge_run(directory, run)
                 run, run_bytes = [], 0
@@ -301,7 +309,8 @@ class DiskStore:
                 run_bytes += st.st_size
         if run:
             # the last run may still grow with batches that are young now: it is looked at again next time
-            removed += self._merge_run(directory, run)
+            if len(run) >= objects_min or run_bytes >= bytes_max // 2:
+                removed += self._merge_run(directory, run)
             self._settled[directory] = run[0][0]
             pending = True
         return removed, pending, False

@@ -160,7 +160,7 @@ def test_compaction_merges_old_batches_keeps_the_newest_and_every_record(tmp_pat
     before = _read_all(tmp_path)
     assert len(_listed(store)) == 10
 
-    removed = store.compact(older_than_s=10)
+    removed = store.compact(older_than_s=10, objects_min=2)
 
     assert removed == 8
     assert _listed(store) == [f"{0:0>20}.batch", f"{18:0>20}.batch"]  # the run under its first key; newest as is
@@ -169,7 +169,7 @@ def test_compaction_merges_old_batches_keeps_the_newest_and_every_record(tmp_pat
     assert newest.read_bytes() == batches[-1][1]
     merged = tmp_path / "tansu" / RECORDS / f"{0:0>20}.batch"
     assert merged.stat().st_mtime_ns < newest.stat().st_mtime_ns  # time lookups still find the newest last
-    assert store.compact(older_than_s=10) == 0  # nothing left to do
+    assert store.compact(older_than_s=10, objects_min=2) == 0  # nothing left to do
 
 
 def test_compaction_leaves_young_batches_gaps_big_and_transactional_ones(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_compaction_leaves_young_batches_gaps_big_and_transactional_ones(tmp_pat
     _store_batches(store, tmp_path, [(11, _batch([b"h"])), (12, _batch([b"i"])), (13, _batch([b"j"]))], age_s=1)
     before = _read_all(tmp_path)
 
-    removed = store.compact(older_than_s=10, bytes_max=4096)
+    removed = store.compact(older_than_s=10, bytes_max=4096, objects_min=2)
 
     assert removed == 2
     assert _listed(store) == [f"{o:0>20}.batch" for o in (0, 5, 7, 8, 9, 10, 11, 12, 13)]
@@ -225,7 +225,7 @@ def test_a_listing_in_flight_meets_a_merge_as_before_or_after_never_half(tmp_pat
             store._meta[str(path)] = path.stat()
         listed = await (await http.get(base, params={"list-type": "2", "prefix": f"{RECORDS}/"})).text()
         assert listed.count("<Key>") == 4
-        assert store.compact(older_than_s=10) == 2
+        assert store.compact(older_than_s=10, objects_min=2) == 2
         assert (await http.get(f"{base}/{RECORDS}/{1:0>20}.batch")).status == 404
         first = await (await http.get(f"{base}/{RECORDS}/{0:0>20}.batch")).read()
         from meterline.batch_merge import records_of
@@ -255,13 +255,13 @@ def test_compaction_in_budgeted_slices_ends_where_one_pass_does(tmp_path: Path) 
         _store_batches(DiskStore(root), root, batches, age_s=60)
     one = DiskStore(whole)
     one.recover()
-    assert one.compact(older_than_s=10, bytes_max=4096) > 0 and not one.cut_short
+    assert one.compact(older_than_s=10, bytes_max=4096, objects_min=2) > 0 and not one.cut_short
 
     many = DiskStore(sliced)
     many.recover()
     calls = 0
     while True:
-        many.compact(older_than_s=10, bytes_max=4096, budget_s=0)
+        many.compact(older_than_s=10, bytes_max=4096, objects_min=2, budget_s=0)
         calls += 1
         if not many.cut_short:
             break
@@ -276,8 +276,19 @@ def test_zero_budget_slices_make_progress_past_objects_that_never_merge(tmp_path
     small = [(o, _batch([b"s%d" % o])) for o in range(6, 12)]
     _store_batches(store, tmp_path, big + small, age_s=60)
     for _ in range(50):
-        store.compact(older_than_s=10, bytes_max=4096, budget_s=0)
+        store.compact(older_than_s=10, bytes_max=4096, objects_min=2, budget_s=0)
         if not store.cut_short:
             break
     assert not store.cut_short
     assert _listed(store) == [f"{o:0>20}.batch" for o in (0, 1, 2, 3, 4, 5, 6, 11)]
+
+
+def test_a_run_at_the_young_end_waits_until_it_is_worth_a_merge(tmp_path: Path) -> None:
+    """Merging a run that will grow would decode the merged records again next pass; it waits for objects_min
+    objects (or half of bytes_max) — a run closed by a bigger object or by the size bound is merged at once."""
+    store = DiskStore(tmp_path)
+    _store_batches(store, tmp_path, [(o, _batch([b"v%d" % o])) for o in range(6)], age_s=60)
+    assert store.compact(older_than_s=10, objects_min=6) == 0  # 5 mergeable, the newest stays
+    assert len(_listed(store)) == 6
+    assert store.compact(older_than_s=10, objects_min=5) == 4
+    assert len(_listed(store)) == 2

@@ -28,9 +28,13 @@ Invariants:
   timestamp, key, value and headers, checked by reading the result back). Readers see the run before or after,
   never half: the new object replaces the first key by rename and the others are unlinked in the same
   event-loop step (no request is served in between). A fetch that listed the run before and reads one of the
-  removed keys after gets a 404, which the broker answers as a failed fetch that the client retries — never a
-  record twice or a record missing. A crash between the rename and the unlinks is finished at the next start
-  from a journal (``.tmp-merging`` in the folder, hidden from listings).
+  removed keys after must still get it: this broker build, given a 404 for a key it listed, went on without that
+  batch and the consumer skipped its records (measured). So a merged-away object is renamed to
+  ``.tmp-retired-<name>`` (not listed) and GETs of its key are answered from there for ``RETIRED_GRACE_S``; the
+  one race left — a fetch that listed before, read the merged first key and then a retired one — returns some
+  records twice, which Kafka's at-least-once contract allows and every Meterline consumer absorbs (events are
+  deduplicated by id, checkpoints by offset). A crash between the rename and the unlinks is finished at the next
+  start from a journal (``.tmp-merging`` in the folder, hidden from listings).
 
 Signatures are not checked: the server listens on 127.0.0.1 only and serves one broker.
 """
@@ -70,6 +74,9 @@ MERGE_SMALL_MAX = 64 * 1024
 DEFAULT_MERGE_OBJECTS_MIN = 1_000
 DEFAULT_MERGE_EVERY_S = 2.0
 MERGE_JOURNAL = ".tmp-merging"
+#: a batch object merged away stays readable (not listed) this long under ``.tmp-retired-<name>``: see the module doc
+RETIRED_GRACE_S = 60.0
+RETIRED_PREFIX = ".tmp-retired-"
 
 
 #: (batch object name, its stat) in offset order; a stretch of read batches (annotations inside DiskStore would
@@ -96,6 +103,7 @@ class DiskStore:
         #: batches too young to merge: the only folders a pass visits
         self._records_dirs: set[str] = set()
         self._settled: dict[str, str] = {}  # records/ folder -> the object a pass starts at (those before are final)
+        self._retired: dict[str, tuple[Path, float]] = {}  # merged-away key path -> (its copy, monotonic expiry)
         self.merges = 0  # objects written by compaction (observability and tests)
         self.merged_away = 0  # objects it removed
         self.cut_short = False  # the last compact() stopped at its budget with folders of this pass left
@@ -358,8 +366,9 @@ class DiskStore:
         if self.fsync:
             _fsync_dir(folder)
         self._meta[directory + "/" + names[0]] = os.stat(folder / names[0])
+        expires_at = time.monotonic() + RETIRED_GRACE_S
         for name in names[1:]:
-            self._forget(folder / name)
+            self._retire(folder / name, expires_at)
         os.unlink(journal)
         self.merges += 1
         self.merged_away += len(names) - 1
@@ -375,6 +384,28 @@ class DiskStore:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _retire(self, path: Path, expires_at: float) -> None:
+        """Take a merged-away batch object out of listings but keep answering GETs of it until ``expires_at``."""
+        retired = path.with_name(RETIRED_PREFIX + path.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, retired)
+            self._retired[str(path)] = (retired, expires_at)
+        self._forget(path)
+
+    def retired_copy(self, path: Path) -> Path | None:
+        """Where a batch object merged away in the last ``RETIRED_GRACE_S`` is still readable."""
+        entry = self._retired.get(str(path))
+        return entry[0] if entry is not None else None
+
+    def expire_retired(self, *, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        expired = [key for key, (_, expires_at) in self._retired.items() if expires_at <= now]
+        for key in expired:
+            retired, _ = self._retired.pop(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(retired)
+        return len(expired)
 
     def _forget(self, path: Path) -> None:
         """Unlink a batch object and drop it from the caches."""
@@ -395,6 +426,8 @@ class DiskStore:
         finished = 0
         for records in self.root.glob(f"*/clusters/*/topics/*/partitions/*/{RECORDS_DIR}"):
             self._records_dirs.add(str(records))
+            for retired in records.glob(RETIRED_PREFIX + "*"):  # no fetch outlives the store that served it
+                retired.unlink()
             journal = records / MERGE_JOURNAL
             try:
                 names = journal.read_text().split()
@@ -496,6 +529,8 @@ def make_app(store: DiskStore) -> web.Application:
         if request.method in ("GET", "HEAD"):
             target = store.path(bucket, key)
             st = _stat(target)
+            if st is None and (retired := store.retired_copy(target)) is not None:
+                target, st = retired, _stat(retired)  # merged away after this reader listed it: see the module doc
             if st is None:
                 return web.Response(status=404, content_type="application/xml",
                                     text=_error("NoSuchKey", key))
@@ -576,6 +611,7 @@ async def _compact_forever(store: DiskStore, *, after_s: float, bytes_max: int, 
     while True:
         await asyncio.sleep(every_s)
         now_s = time.time()
+        store.expire_retired()
         store.compact(older_than_s=after_s, bytes_max=bytes_max, now_s=now_s, budget_s=budget_s)
         while store.cut_short:
             await asyncio.sleep(0)

@@ -49,12 +49,13 @@ class BatchHead:
     mergeable: bool
 
     @classmethod
-    def of(cls, data: bytes) -> BatchHead | None:
-        """None for bytes that are not a whole v2 batch (then the object is left alone)."""
+    def of(cls, data: bytes, *, size: int | None = None) -> BatchHead | None:
+        """None for bytes that are not a whole v2 batch (then the object is left alone). ``size``: ``data`` is only
+        the head of an object of that many bytes."""
         if len(data) < HEADER_BYTES:
             return None
         length = int.from_bytes(data[8:12], "big", signed=True)
-        if length + 12 != len(data):
+        if length + 12 != (len(data) if size is None else size):
             return None
         magic = data[_MAGIC_AT]
         attributes = int.from_bytes(data[_ATTRIBUTES_AT:_ATTRIBUTES_AT + 2], "big")

@@ -48,14 +48,16 @@ import contextlib
 import email.utils
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from meterline.batch_merge import BatchHead, MergeMismatch, merge_batches
+from meterline.batch_merge import HEADER_BYTES, BatchHead, MergeMismatch, merge_batches
 
 #: Batches live at ``clusters/<c>/topics/<t>/partitions/<p>/records/<offset>.batch`` (Tansu 0.6 dynostore).
 RECORDS_DIR = "records"
@@ -74,6 +76,14 @@ MERGE_SMALL_MAX = 64 * 1024
 #: ``python -m bench.batch_merge``)
 DEFAULT_MERGE_OBJECTS_MIN = 1_000
 DEFAULT_MERGE_EVERY_S = 2.0
+#: the second tier: objects older than this (a reader this far behind is replaying) and under half the bound are
+#: merged again into objects of up to 16 MiB — 16x fewer for the big checkpoint batches (~0.5 MiB) that the first
+#: tier leaves as they are, 16x fewer for its own 1 MiB outputs; a Kafka client takes a batch bigger than its
+#: fetch size whole (KIP-74)
+DEFAULT_BIG_MERGE_AFTER_S = 600.0
+DEFAULT_BIG_MERGE_BYTES_MAX = 16 * 1024 * 1024
+#: ... and at most this many records per merge (~1-4 s of a worker process's CPU; ~100-300 MB of its memory)
+BIG_MERGE_RECORDS_MAX = 200_000
 MERGE_JOURNAL = ".tmp-merging"
 #: a batch object merged away stays readable (not listed) this long under ``.tmp-retired-<name>``: see the module doc
 RETIRED_GRACE_S = 60.0
@@ -84,6 +94,8 @@ RETIRED_PREFIX = ".tmp-retired-"
 #: read ``list`` as its method)
 Run = list[tuple[str, os.stat_result]]
 Stretch = list["_Stored"]
+#: what a merge takes: (base offset, batch bytes) of consecutive batches
+Sources = list[tuple[int, bytes]]
 
 
 class DiskStore:
@@ -103,7 +115,8 @@ class DiskStore:
         #: records/ folders with batches written since their last compaction pass, and those that still hold
         #: batches too young to merge: the only folders a pass visits
         self._records_dirs: set[str] = set()
-        self._settled: dict[str, str] = {}  # records/ folder -> the object a pass starts at (those before are final)
+        #: (tier, records/ folder) -> the object the tier's pass starts at (those before are final for the tier)
+        self._settled: dict[tuple[int, str], str] = {}
         self._retired: dict[str, tuple[Path, float]] = {}  # merged-away key path -> (its copy, monotonic expiry)
         self.merges = 0  # objects written by compaction (observability and tests)
         self.merged_away = 0  # objects it removed
@@ -245,21 +258,54 @@ class DiskStore:
 
     # ------------------------------------------------------------------ compaction
     def compact(self, *, older_than_s: float = DEFAULT_MERGE_AFTER_S, bytes_max: int = DEFAULT_MERGE_BYTES_MAX,
-                objects_min: int = DEFAULT_MERGE_OBJECTS_MIN, now_s: float | None = None,
+                objects_min: int = DEFAULT_MERGE_OBJECTS_MIN, big_after_s: float = DEFAULT_BIG_MERGE_AFTER_S,
+                big_bytes_max: int = DEFAULT_BIG_MERGE_BYTES_MAX, now_s: float | None = None,
                 budget_s: float | None = None) -> int:
-        """Merge runs of old small batch objects, in every records/ folder written to since the last pass (see
-        the module doc); returns how many objects were removed. Synchronous — no request is served meanwhile — so
-        ``budget_s`` bounds a call: what is left waits for the next one."""
-        cutoff_ns = int(((now_s if now_s is not None else time.time()) - older_than_s) * 1e9)
+        """Merge runs of old batch objects, in every records/ folder written to since the last pass (see the
+        module doc), merging in this thread; returns how many objects were removed. ``budget_s`` bounds a call:
+        what is left waits for the next one. The server merges in a worker process instead (``compact_async``)."""
+        pass_ = self.compaction(tiers=merge_tiers(older_than_s, bytes_max, objects_min, big_after_s, big_bytes_max),
+                                now_s=now_s, budget_s=budget_s)
+        try:
+            job = next(pass_)
+            while True:
+                job = pass_.send(_merge_or_none(job.sources()))
+        except StopIteration as done:
+            return int(done.value)
+
+    async def compact_async(self, merge: Callable[[Sources], Awaitable[bytes | None]], *,
+                            tiers: Sequence[MergeTier], budget_s: float | None = None) -> int:
+        """``compact`` with each merge awaited (the server runs them in a worker process, so a merge of many MiB
+        never stalls a request); requests are served while a merge runs and between slices."""
+        pass_ = self.compaction(tiers=tiers, now_s=time.time(), budget_s=budget_s)
+        try:
+            job = next(pass_)
+            while True:
+                job = pass_.send(await merge(job.sources()))
+        except StopIteration as done:
+            return int(done.value)
+
+    def compaction(self, *, tiers: Sequence[MergeTier], now_s: float | None,
+                   budget_s: float | None) -> Generator[MergeJob, bytes | None, int]:
+        """One slice of a compaction pass: yields each stretch to merge and takes its merged batch back (None: not
+        merged), installs it, and returns how many objects were removed. Between a yield and the next step the
+        caller may serve requests: ``_install`` re-checks the sources first."""
+        now = now_s if now_s is not None else time.time()
         deadline = time.monotonic() + budget_s if budget_s is not None else None
         if not self._pass:  # a new pass: every folder written to since the last one, or still holding young batches
             self._pass = sorted(self._records_dirs)
         removed = 0
         while self._pass:
             directory = self._pass[0]
-            done, pending, interrupted = self._compact_dir(directory, cutoff_ns=cutoff_ns, bytes_max=bytes_max,
-                                                           objects_min=objects_min, deadline=deadline)
-            removed += done
+            pending = interrupted = False
+            for level, tier in enumerate(tiers):
+                cutoff_ns = int((now - tier.after_s) * 1e9)
+                done, tier_pending, interrupted = yield from self._compact_dir(
+                    directory, level, tier, cutoff_ns=cutoff_ns, deadline=deadline)
+                removed += done
+                pending = pending or tier_pending
+                if interrupted:
+                    break
             if interrupted:
                 break  # this folder first, next call
             self._pass.pop(0)
@@ -270,10 +316,11 @@ class DiskStore:
         self.cut_short = bool(self._pass)
         return removed
 
-    def _compact_dir(self, directory: str, *, cutoff_ns: int, bytes_max: int, objects_min: int,
-                     deadline: float | None) -> tuple[int, bool, bool]:
+    def _compact_dir(self, directory: str, level: int, tier: MergeTier, *, cutoff_ns: int, deadline: float | None
+                     ) -> Generator[MergeJob, bytes | None, tuple[int, bool, bool]]:
         """(objects removed, whether a later pass has work here — batches too young to merge yet —, whether the
-        deadline stopped it mid-way). Starts where the previous call left off: objects before that are final."""
+        deadline stopped it mid-way). Starts where the tier's previous call left off: objects before are final
+        for this tier."""
         names = self._names(directory)
         newest_name = next((n for n in reversed(names) if n.endswith(BATCH_SUFFIX)), None)
         if newest_name is None:
@@ -283,9 +330,10 @@ class DiskStore:
             return 0, True, False
         removed = 0
         run: Run = []
-        run_bytes = 0
+        run_bytes = run_records = 0
         pending = False
-        start = bisect.bisect_left(names, self._settled.get(directory, ""))
+        settled = (level, directory)
+        start = bisect.bisect_left(names, self._settled.get(settled, ""))
         for name in names[start:]:
             if name == newest_name:
                 break  # the newest batch stays as written: the broker's latest position
@@ -298,36 +346,49 @@ class DiskStore:
             if st.st_mtime_ns >= cutoff_ns or st.st_mtime_ns >= newest.st_mtime_ns:
                 pending = True
                 break  # written in offset order: the rest are younger
-            small = st.st_size < min(MERGE_SMALL_MAX, bytes_max // 2)
-            if not small or run_bytes + st.st_size > bytes_max:
-                removed += self._merge_run(directory, run)
-                run, run_bytes = [], 0
-                self._settled[directory] = name
+            small = st.st_size < tier.final_bytes
+            records = self._record_count(path, st) if small and tier.records_max is not None else 0
+            if (not small or run_bytes + st.st_size > tier.bytes_max
+                    or (tier.records_max is not None and run_records + records > tier.records_max)):
+                removed += yield from self._merge_run(directory, run)
+                run, run_bytes, run_records = [], 0, 0
+                self._settled[settled] = name
                 if removed and deadline is not None and time.monotonic() > deadline:
                     return removed, True, True  # stopped after real work: every call makes progress
             if small:
                 run.append((name, st))
                 run_bytes += st.st_size
+                run_records += records
         if run:
             # the last run may still grow with batches that are young now: it is looked at again next time
-            if len(run) >= objects_min or run_bytes >= bytes_max // 2:
-                removed += self._merge_run(directory, run)
-            self._settled[directory] = run[0][0]
+            if len(run) >= tier.objects_min or run_bytes >= tier.bytes_max // 2:
+                removed += yield from self._merge_run(directory, run)
+            self._settled[settled] = run[0][0]
             pending = True
         return removed, pending, False
 
-    def _merge_run(self, directory: str, run: Run) -> int:
+    def _record_count(self, path: str, st: os.stat_result) -> int:
+        """The records of a batch object, from its header (0 for an object that is not a whole batch)."""
+        try:
+            with open(path, "rb") as f:
+                header = f.read(HEADER_BYTES)
+        except FileNotFoundError:
+            return 0
+        head = BatchHead.of(header, size=st.st_size)
+        return head.record_count if head is not None else 0
+
+    def _merge_run(self, directory: str, run: Run) -> Generator[MergeJob, bytes | None, int]:
         """Merge the consecutive, mergeable stretches of ``run`` (a gap or an unmergeable batch splits it)."""
         removed = 0
         stretch: Stretch = []
         for name, st in run:
             stored = self._read_batch(directory, name, st)
             if stored is None or (stretch and stretch[-1].end != stored.base):
-                removed += self._replace(directory, stretch)
+                removed += yield from self._replace(directory, stretch)
                 stretch = []
             if stored is not None:
                 stretch.append(stored)
-        return removed + self._replace(directory, stretch)
+        return removed + (yield from self._replace(directory, stretch))
 
     def _read_batch(self, directory: str, name: str, st: os.stat_result) -> _Stored | None:
         try:
@@ -338,14 +399,27 @@ class DiskStore:
         head = BatchHead.of(data)
         return _Stored(base, base + head.offset_span, data, st) if head is not None and head.mergeable else None
 
-    def _replace(self, directory: str, stretch: Stretch) -> int:
+    def _replace(self, directory: str, stretch: Stretch) -> Generator[MergeJob, bytes | None, int]:
         if len(stretch) < 2:
             return 0
-        try:
-            merged = merge_batches([(b.base, b.data) for b in stretch])
-        except (ValueError, MergeMismatch) as exc:  # left as written: a listing costs more, nothing is lost
-            print(f"diskstore: not merging {len(stretch)} batches at {directory}: {exc}", flush=True)
+        merged = yield MergeJob(directory, stretch)
+        if merged is None:  # left as written: a listing costs more, nothing is lost
             return 0
+        if not self._unchanged(directory, stretch):
+            return 0  # deleted (retention, the broker) or rewritten while it was merged: its bytes are stale
+        return self._install(directory, stretch, merged)
+
+    @staticmethod
+    def _unchanged(directory: str, stretch: Stretch) -> bool:
+        for b in stretch:
+            now = _stat(Path(directory, f"{b.base:0>20}{BATCH_SUFFIX}"))
+            if now is None or (now.st_ino, now.st_mtime_ns, now.st_size) != (b.st.st_ino, b.st.st_mtime_ns,
+                                                                               b.st.st_size):
+                return False
+        return True
+
+    def _install(self, directory: str, stretch: Stretch, merged: bytes) -> int:
+        """Swap a stretch for its merged batch, in one event-loop step (see the module doc)."""
         folder = Path(directory)
         names = [f"{b.base:0>20}{BATCH_SUFFIX}" for b in stretch]
         journal = folder / MERGE_JOURNAL
@@ -471,6 +545,49 @@ class _Stored(NamedTuple):
     end: int
     data: bytes
     st: os.stat_result
+
+
+class MergeJob(NamedTuple):
+    """A stretch of consecutive batch objects of one records/ folder that compaction merges into one."""
+
+    directory: str
+    stretch: list[_Stored]
+
+    def sources(self) -> list[tuple[int, bytes]]:
+        return [(b.base, b.data) for b in self.stretch]
+
+
+@dataclass(frozen=True, slots=True)
+class MergeTier:
+    """One level of size-tiered compaction: objects older than ``after_s`` and smaller than ``final_bytes`` are
+    merged in runs of at most ``bytes_max`` (and ``records_max`` records, bounding a merge's memory and time); a run
+    at the young end waits for ``objects_min`` objects or half of ``bytes_max``."""
+
+    after_s: float
+    bytes_max: int
+    final_bytes: int
+    objects_min: int
+    records_max: int | None = None
+
+
+def merge_tiers(after_s: float = DEFAULT_MERGE_AFTER_S, bytes_max: int = DEFAULT_MERGE_BYTES_MAX,
+                objects_min: int = DEFAULT_MERGE_OBJECTS_MIN, big_after_s: float = DEFAULT_BIG_MERGE_AFTER_S,
+                big_bytes_max: int = DEFAULT_BIG_MERGE_BYTES_MAX) -> list[MergeTier]:
+    """Small batches into ~1 MiB objects after ``after_s``; those (and big producer batches) into objects of up to
+    ``big_bytes_max`` after ``big_after_s`` (0: no second tier). Each tier merges a record at most about once."""
+    tiers = [MergeTier(after_s, bytes_max, min(MERGE_SMALL_MAX, bytes_max // 2), objects_min)]
+    if big_after_s > 0:
+        tiers.append(MergeTier(big_after_s, big_bytes_max, big_bytes_max // 2, objects_min, BIG_MERGE_RECORDS_MAX))
+    return tiers
+
+
+def _merge_or_none(sources: list[tuple[int, bytes]]) -> bytes | None:
+    """The merged batch, or None (logged) when the stretch may not be merged or did not read back."""
+    try:
+        return merge_batches(sources)
+    except (ValueError, MergeMismatch) as exc:
+        print(f"diskstore: not merging {len(sources)} batches at offset {sources[0][0]}: {exc}", flush=True)
+        return None
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -599,17 +716,58 @@ async def _sweep_forever(store: DiskStore, retention_ms: int, every_s: float) ->
         store.sweep(retention_ms=retention_ms)
 
 
-async def _compact_forever(store: DiskStore, *, after_s: float, bytes_max: int, every_s: float,
+class MergeWorker:
+    """Merges in a worker process: a merge decodes and re-encodes every record (``bench.batch_merge``), up to
+    seconds for the second tier, and in this process it would stop every request meanwhile (the codecs hold the
+    GIL, so a thread would too). One process: compaction is background work and must leave the other core to
+    the pipeline. A worker that died is replaced; its merge is skipped (the stretch is merged next pass)."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def merge(self, sources: list[tuple[int, bytes]]) -> bytes | None:
+        import multiprocessing
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self._pool is None:  # spawn: a fork of this process would copy its event loop and caches
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_die_with_parent)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, _merge_or_none, sources)
+        except BrokenProcessPool:
+            print("diskstore: the merge worker died; starting another", flush=True)
+            self._pool = None
+            return None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _die_with_parent() -> None:
+    """In the merge worker: a ``kill -9`` of the store must not leave it behind (it would wait for work forever).
+    Linux's parent-death signal; elsewhere the worker outlives a killed store until its next use fails."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the store died before the signal was set up
+        os._exit(0)
+
+
+async def _compact_forever(store: DiskStore, worker: MergeWorker, *, tiers: Sequence[MergeTier], every_s: float,
                            budget_s: float = 0.02) -> None:
-    """A pass every ``every_s``, in slices of ``budget_s`` with requests served in between."""
+    """A pass every ``every_s``, in slices of ``budget_s`` (planning and swaps run here; merges in ``worker``)."""
     while True:
         await asyncio.sleep(every_s)
-        now_s = time.time()
         store.expire_retired()
-        store.compact(older_than_s=after_s, bytes_max=bytes_max, now_s=now_s, budget_s=budget_s)
+        await store.compact_async(worker.merge, tiers=tiers, budget_s=budget_s)
         while store.cut_short:
             await asyncio.sleep(0)
-            store.compact(older_than_s=after_s, bytes_max=bytes_max, now_s=now_s, budget_s=budget_s)
+            await store.compact_async(worker.merge, tiers=tiers, budget_s=budget_s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -624,6 +782,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="merge record batches older than this (see the module doc); 0 or less: never")
     parser.add_argument("--merge-bytes-max", type=int, default=DEFAULT_MERGE_BYTES_MAX)
     parser.add_argument("--merge-every-s", type=float, default=DEFAULT_MERGE_EVERY_S)
+    parser.add_argument("--merge-big-after-s", type=float, default=DEFAULT_BIG_MERGE_AFTER_S,
+                        help="merge merged objects and big batches again after this; 0 or less: never")
+    parser.add_argument("--merge-big-bytes-max", type=int, default=DEFAULT_BIG_MERGE_BYTES_MAX)
     args = parser.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
     store = DiskStore(args.root.resolve(), fsync=args.fsync)
@@ -633,10 +794,17 @@ def main(argv: list[str] | None = None) -> None:
     async def start_sweeper(app: web.Application) -> None:
         app["sweeper"] = asyncio.create_task(_sweep_forever(store, args.retention_ms, args.sweep_every_s))
         if args.merge_after_s > 0:
-            app["compactor"] = asyncio.create_task(_compact_forever(
-                store, after_s=args.merge_after_s, bytes_max=args.merge_bytes_max, every_s=args.merge_every_s))
+            tiers = merge_tiers(args.merge_after_s, args.merge_bytes_max,
+                                big_after_s=max(args.merge_big_after_s, 0.0), big_bytes_max=args.merge_big_bytes_max)
+            app["compactor"] = asyncio.create_task(_compact_forever(store, worker, tiers=tiers,
+                                                                    every_s=args.merge_every_s))
 
+    async def stop_worker(app: web.Application) -> None:
+        worker.close()
+
+    worker = MergeWorker()
     app.on_startup.append(start_sweeper)
+    app.on_cleanup.append(stop_worker)
     with contextlib.suppress(ImportError):
         import uvloop
 

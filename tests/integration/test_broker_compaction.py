@@ -32,7 +32,7 @@ TS0 = 1_700_000_000_000
 def _start(storage: Path) -> BrokerProcess:
     port = free_port("127.0.0.1")
     return start_embedded_broker(host="127.0.0.1", port=port, log_path=storage.parent / "broker.log",
-                                 storage_dir=storage, merge_after_s=1.0)
+                                 storage_dir=storage, merge_after_s=1.0, merge_big=(2.0, 2_500_000))
 
 
 @pytest.fixture
@@ -117,10 +117,12 @@ def test_compacted_partitions_read_back_every_record_once_from_anywhere(storage:
         committer.commit(offsets=[TopicPartition(TOPIC, 0, 777), TopicPartition(TOPIC, 1, 3)], asynchronous=False)
         committer.close()
 
+        # the first tier makes ~1 MiB objects (2-3 a partition with the newest), the second merges those again
+        # (up to 2.5 MB here): one merged object and the newest batch per partition
         deadline = time.monotonic() + 30
-        while _objects(storage) > 10 and time.monotonic() < deadline:
+        while _objects(storage) > 4 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _objects(storage) <= 10, f"{written} objects, {_objects(storage)} after 30 s of compaction"
+        assert _objects(storage) <= 4, f"{written} objects, {_objects(storage)} after 30 s of compaction"
 
         every = {p: list(range(PER_PARTITION)) for p in (0, 1)}
         assert _read(bootstrap, {0: 0, 1: 0}, group="from-start") == every

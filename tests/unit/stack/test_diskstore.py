@@ -300,3 +300,106 @@ def test_a_run_at_the_young_end_waits_until_it_is_worth_a_merge(tmp_path: Path) 
     assert len(_listed(store)) == 6
     assert store.compact(older_than_s=10, objects_min=5) == 4
     assert len(_listed(store)) == 2
+
+
+# ----------------------------------------------------------------------- the second tier and merging elsewhere
+
+def test_the_second_tier_merges_old_merged_objects_and_big_batches_into_bigger_ones(tmp_path: Path) -> None:
+    """Objects the first tier leaves alone (64 KiB or more: its own outputs, a producer's big batches) still cost
+    every fetch; once older than ``big_after_s`` they are merged again, up to ``big_bytes_max``."""
+    store = DiskStore(tmp_path)
+    # incompressible (value and header, beyond lz4's 64 KiB window): ~140 KB objects, final for the first tier
+    big = [(o, _batch([os.urandom(70_000)])) for o in range(8)]
+    young = [(o, _batch([os.urandom(70_000)])) for o in range(8, 11)]
+    _store_batches(store, tmp_path, big, age_s=3_600)
+    _store_batches(store, tmp_path, young, age_s=60)
+    before = _read_all(tmp_path)
+
+    # the first tier finds them all final; the second finds them too young for it, so the folder stays queued
+    assert store.compact(older_than_s=10, objects_min=2, big_after_s=7_200, big_bytes_max=600_000) == 0
+
+    removed = store.compact(older_than_s=10, objects_min=2, big_after_s=600, big_bytes_max=600_000)
+    assert removed == 8 - 2  # 8 old objects of ~140 KB in runs of ≤ 600 KB: [0-3] [4-7]; the young ones wait
+    assert _listed(store) == [f"{o:0>20}.batch" for o in (0, 4, 8, 9, 10)]
+    assert _read_all(tmp_path) == before
+    assert store.compact(older_than_s=10, objects_min=2, big_after_s=600, big_bytes_max=600_000) == 0
+
+
+def test_a_stretch_deleted_while_it_was_merged_is_not_brought_back(tmp_path: Path) -> None:
+    """The server merges in another process and serves requests meanwhile: the retention sweep (or the broker)
+    may delete a source in between. The swap re-checks its sources and drops a stale merge."""
+    from meterline.batch_merge import merge_batches
+    from meterline.diskstore import merge_tiers
+
+    store = DiskStore(tmp_path)
+    _store_batches(store, tmp_path, [(o, _batch([b"v%d" % o])) for o in range(4)], age_s=60)
+    pass_ = store.compaction(tiers=merge_tiers(10, objects_min=2, big_after_s=0), now_s=None, budget_s=None)
+    job = next(pass_)
+    assert [b.base for b in job.stretch] == [0, 1, 2]
+    assert store.sweep(retention_ms=30_000) == 3  # all but the newest are past a 30 s retention
+    try:
+        pass_.send(merge_batches(job.sources()))
+        raise AssertionError("the pass had one stretch only")
+    except StopIteration as done:
+        assert done.value == 0
+    assert _listed(store) == [f"{3:0>20}.batch"] and _read_all(tmp_path) == [(3, b"v3")]
+
+
+def test_merges_in_the_worker_process_read_back_as_inline_ones_and_survive_its_death(tmp_path: Path) -> None:
+    from meterline.batch_merge import merge_batches
+    from meterline.diskstore import MergeTier, MergeWorker
+
+    sources = [(o, _batch([b"v%d" % o, b"w%d" % o])) for o in range(0, 8, 2)]
+    store = DiskStore(tmp_path)
+    _store_batches(store, tmp_path, [*sources, (8, _batch([b"newest"]))], age_s=60)
+    before = _read_all(tmp_path)
+
+    async def main() -> None:
+        worker = MergeWorker()
+        try:
+            assert await worker.merge(sources) == merge_batches(sources)
+            assert await worker.merge(sources[:1]) is None  # refused by the merge (logged), not raised
+            assert worker._pool is not None
+            for process in list(worker._pool._processes.values()):
+                process.kill()
+            assert await worker.merge(sources) is None  # the merge it was running is skipped
+            # a tier that caps records per merge: 2 sources of 2 records each per merge
+            tiers = [MergeTier(after_s=10, bytes_max=1 << 20, final_bytes=1 << 19, objects_min=2, records_max=4)]
+            assert await store.compact_async(worker.merge, tiers=tiers) == 2  # a new worker: [0,2] [4,6]
+        finally:
+            worker.close()
+
+    asyncio.run(main())
+    assert _listed(store) == [f"{o:0>20}.batch" for o in (0, 4, 8)]
+    assert _read_all(tmp_path) == before
+
+
+def test_a_killed_store_leaves_no_merge_worker_behind(tmp_path: Path) -> None:
+    """``kill -9`` of the store (the chaos and durability suites do it) must take its merge worker with it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "store.py"
+    script.write_text(
+        "import asyncio, os, signal\n"
+        "from meterline.diskstore import MergeWorker\n"
+        "async def main():\n"
+        "    w = MergeWorker()\n"
+        "    await w.merge([(0, b'not a batch')])\n"
+        "    print(*w._pool._processes, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == -9
+    worker_pid = int(done.stdout.split()[-1])  # after the refused merge's log line
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker_pid, 9)
+    raise AssertionError(f"merge worker {worker_pid} outlived its store")

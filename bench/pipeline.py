@@ -106,7 +106,8 @@ def engines(home: Path, *, broker_storage: str = "disk") -> Iterator[Engines]:
             broker = services.start_embedded_broker(
                 host="127.0.0.1", port=services.free_port(), log_path=home / "broker.log",
                 storage_dir=home / "broker" if broker_storage == "disk" else None,
-                merge_after_s=StackSettings().broker_merge_after_s)  # METERLINE_BROKER_MERGE_AFTER_S=0: off
+                merge_after_s=StackSettings().broker_merge_after_s,  # METERLINE_BROKER_MERGE_AFTER_S=0: off
+                merge_big_after_s=StackSettings().broker_merge_big_after_s)
             stack.callback(broker.stop)
             bootstrap, broker_pid = broker.bootstrap, broker.process.pid
             store_pid = broker.store.pid if broker.store is not None else None
@@ -803,7 +804,8 @@ def main() -> None:
     print(f"cores: {os.cpu_count()}, usage partitions: {USAGE_PARTITIONS}, streams workers: {args.workers}, "
           f"ledger consumers: 1, pack: {args.pack} events/message, subjects: {args.subjects}, "
           f"embedded broker storage: {args.broker_storage} (batches merged after "
-          f"{StackSettings().broker_merge_after_s:g} s; 0 = never), streams consumer: "
+          f"{StackSettings().broker_merge_after_s:g} s, again after {StackSettings().broker_merge_big_after_s:g} s; "
+          "0 = never), streams consumer: "
           f"{os.environ.get('STREAMS_CONSUMER', 'confluent (default)')}")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         home = Path(tmp)

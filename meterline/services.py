@@ -305,11 +305,12 @@ def port_in_use_error(host: str, port: int, what: str, hint: str) -> ServiceErro
 
 def embedded_broker(*, host: str, port: int, log_path: Path, storage_dir: Path | None = None,
                     store_port: int | None = None, retention_ms: int = DEFAULT_RETENTION_MS,
-                    merge_after_s: float | None = None, merge_big: tuple[float, int] | None = None) -> BrokerProcess:
+                    merge_after_s: float | None = None, merge_big_after_s: float | None = None,
+                    merge_big_bytes_max: int | None = None) -> BrokerProcess:
     """The engines of the embedded Kafka API, not started. ``storage_dir`` None keeps topics in memory (lost on
     every broker exit; tests and benchmarks only), else on disk under it. ``merge_after_s``: the store's
-    compaction age (meterline/diskstore.py; None: its default, 0: off); ``merge_big``: its second tier's age and
-    size bound (None: its defaults)."""
+    compaction age (meterline/diskstore.py; None: its default, 0: off); ``merge_big_*``: its second tier's age
+    (0: off) and size bound (None: the store's defaults)."""
     url = f"tcp://{host}:{port}"
     argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
     store = None
@@ -322,8 +323,9 @@ def embedded_broker(*, host: str, port: int, log_path: Path, storage_dir: Path |
             "disk store", [sys.executable, "-m", "meterline.diskstore", "--root", str(storage_dir),
                            "--host", host, "--port", str(store_port), "--retention-ms", str(retention_ms),
                            *(["--merge-after-s", str(merge_after_s)] if merge_after_s is not None else []),
-                           *(["--merge-big-after-s", str(merge_big[0]), "--merge-big-bytes-max", str(merge_big[1])]
-                             if merge_big is not None else [])],
+                           *(["--merge-big-after-s", str(merge_big_after_s)] if merge_big_after_s is not None else []),
+                           *(["--merge-big-bytes-max", str(merge_big_bytes_max)]
+                             if merge_big_bytes_max is not None else [])],
             env=None, log_path=log_path.with_name("diskstore.log"), host=host, port=store_port)
         argv += ["--storage-engine", f"s3://{STORE_BUCKET}/"]
         # object_store's S3 client reads these; the store checks no signature (it listens on loopback only)
@@ -336,8 +338,8 @@ def embedded_broker(*, host: str, port: int, log_path: Path, storage_dir: Path |
 
 def start_embedded_broker(*, host: str, port: int, log_path: Path, storage_dir: Path | None = None,
                           store_port: int | None = None, retention_ms: int = DEFAULT_RETENTION_MS,
-                          merge_after_s: float | None = None, merge_big: tuple[float, int] | None = None
-                          ) -> BrokerProcess:
+                          merge_after_s: float | None = None, merge_big_after_s: float | None = None,
+                          merge_big_bytes_max: int | None = None) -> BrokerProcess:
     """Start the Tansu broker on host:port (see ``embedded_broker``). Refuses if a port is taken."""
     if not port_is_free(host, port):
         raise port_in_use_error(host, port, "the embedded Kafka broker",
@@ -349,7 +351,8 @@ def start_embedded_broker(*, host: str, port: int, log_path: Path, storage_dir: 
     return start_embedded_broker_with(embedded_broker(host=host, port=port, log_path=log_path,
                                                       storage_dir=storage_dir, store_port=store_port,
                                                       retention_ms=retention_ms, merge_after_s=merge_after_s,
-                                                      merge_big=merge_big))
+                                                      merge_big_after_s=merge_big_after_s,
+                                                      merge_big_bytes_max=merge_big_bytes_max))
 
 
 def start_embedded_broker_with(running: BrokerProcess) -> BrokerProcess:

@@ -28,6 +28,9 @@ class StackSettings(BaseSettings):
     broker_merge_after_s: float = Field(
         default=10.0, ge=0, description="the disk store merges record batches older than this into objects of up to "
                                         "1 MiB (the broker lists every object on each fetch); 0 = never")
+    broker_merge_big_after_s: float = Field(
+        default=600.0, ge=0, description="... and merges those, and big producer batches, again into objects of up to "
+                                         "16 MiB once older than this; 0 = never")
     drain_timeout_s: float = Field(default=300.0, ge=0, description="how long `down` waits for accepted events")
     api_host: str = DEFAULT_API_HOST
     api_port: int = DEFAULT_API_PORT

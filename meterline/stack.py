@@ -167,7 +167,8 @@ def start_services(settings: StackSettings, paths: Paths, *,
             broker = services.embedded_broker(
                 host="127.0.0.1", port=settings.kafka_port, log_path=paths.logs / "broker.log",
                 storage_dir=paths.broker if durable else None, store_port=settings.store_port if durable else None,
-                retention_ms=settings.topic_retention_ms, merge_after_s=settings.broker_merge_after_s)
+                retention_ms=settings.topic_retention_ms, merge_after_s=settings.broker_merge_after_s,
+                merge_big_after_s=settings.broker_merge_big_after_s)
             if broker.store is not None:
                 broker.store.spawn()
         if env.get("DATABASE_URL"):

@@ -32,7 +32,8 @@ TS0 = 1_700_000_000_000
 def _start(storage: Path) -> BrokerProcess:
     port = free_port("127.0.0.1")
     return start_embedded_broker(host="127.0.0.1", port=port, log_path=storage.parent / "broker.log",
-                                 storage_dir=storage, merge_after_s=1.0, merge_big=(2.0, 2_500_000))
+                                 storage_dir=storage, merge_after_s=1.0, merge_big_after_s=2.0,
+                                 merge_big_bytes_max=2_500_000)
 
 
 @pytest.fixture

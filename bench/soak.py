@@ -51,6 +51,12 @@ from bench.pipeline import (
 )
 
 
+def child_pids(pid: int) -> list[int]:
+    with contextlib.suppress(psutil.Error):
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    return []
+
+
 def rss_mib(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -92,13 +98,26 @@ def resend(producer: LoadProducer, sent: Sent, old: dict[int, list[dict[str, Any
     assert producer.producer.flush(60) == 0
 
 
-def minute_line(minute: int, sent: Sent, watcher: AppliedWatcher, rss: dict[str, float]) -> str:
+def objects_per_partition(storage: Path) -> dict[str, int]:
+    """The most batch objects a partition of each topic holds in the disk store: what the broker lists on every
+    fetch (docs/architecture.md "Durable topics"), so what must not grow without bound."""
+    most: dict[str, int] = {}
+    for records in storage.glob("tansu/clusters/*/topics/*/partitions/*/records"):
+        topic = ".".join(records.parent.parent.parent.name.split(".")[-3:-1])  # <prefix>.usage.events.v1
+        count = sum(1 for p in records.iterdir() if p.name.endswith(".batch") and not p.name.startswith("."))
+        most[topic] = max(most.get(topic, 0), count)
+    return dict(sorted(most.items()))
+
+
+def minute_line(minute: int, sent: Sent, watcher: AppliedWatcher, rss: dict[str, float],
+                objects: dict[str, int]) -> str:
     wall = max(watcher.last_applied_at - sent.first_sent, 1e-3)
     applied = sum(n for _, n in watcher.latencies)
     processes = "  ".join(f"{name} {mib:,.0f}" for name, mib in rss.items())
     return (f"  min {minute + 1:>3}: offered {sent.events / 60:>7,.0f}/s  end to end {applied / wall:>7,.0f}/s  "
             f"p50 {1000 * watcher.percentile(0.50):>6,.0f} ms  p99 {1000 * watcher.percentile(0.99):>6,.0f} ms  "
-            f"rss MiB: {processes}")
+            f"rss MiB: {processes}"
+            + (f"  objects/partition: {' '.join(f'{t} {n:,}' for t, n in objects.items())}" if objects else ""))
 
 
 def main() -> None:
@@ -159,7 +178,7 @@ def main() -> None:
                 old_sent = Sent()
                 old = send_old_events(producer, old_sent, args.old_events, args.pack, rng)
                 sents: list[Sent] = []
-                pending: tuple[int, Sent, AppliedWatcher, dict[str, float]] | None = None
+                pending: tuple[int, Sent, AppliedWatcher, dict[str, float], dict[str, int]] | None = None
                 streams_rss: list[tuple[int, float]] = []
                 print("per minute of send time (latency = event -> balance; rss = at the minute's end):")
                 for minute in range(args.minutes):
@@ -168,20 +187,23 @@ def main() -> None:
                     producer.run(sent, seconds=60.0, rate=args.rate, tag=f"m{minute}")
                     resend(producer, sent, old, args.resends, args.pack, rng)
                     groups["postgres"] = postgres_pids(eng.pg_dir)
+                    if eng.store_pid:  # with its merge worker
+                        groups["broker store"] = [eng.store_pid, *child_pids(eng.store_pid)]
                     rss = {name: rss_mib(pids) for name, pids in groups.items()}
+                    objects = objects_per_partition(home / "broker")
                     streams_rss.append((minute, sum(v for k, v in rss.items() if k.startswith("streams"))))
                     sents.append(sent)
                     if pending is not None:  # the previous minute's events had a minute to be applied
-                        m, s, w, r = pending
+                        m, s, w, r, o = pending
                         w.wait_all(timeout_s=120)
                         w.stop()
-                        print(minute_line(m, s, w, r), flush=True)
-                    pending = (minute, sent, watcher, rss)
+                        print(minute_line(m, s, w, r, o), flush=True)
+                    pending = (minute, sent, watcher, rss, objects)
                 if pending is not None:
-                    m, s, w, r = pending
+                    m, s, w, r, o = pending
                     complete = w.wait_all(timeout_s=300)
                     w.stop()
-                    print(minute_line(m, s, w, r) + ("" if complete else "  (NOT all applied)"), flush=True)
+                    print(minute_line(m, s, w, r, o) + ("" if complete else "  (NOT all applied)"), flush=True)
                 ok, detail = check_totals(eng.database_url, [old_sent, *sents])
                 print(f"exact money: {'OK' if ok else 'WRONG'} ({detail}; "
                       f"{args.old_events:,} old events charged once, {args.resends * args.minutes:,} resends not)")

@@ -25,7 +25,12 @@ Invariants:
   ``--merge-after-s`` (never the newest of a partition; objects of 64 KiB or more are left alone; a run at the
   young end waits for 1,000 objects or half the size bound, so no record is decoded twice) are rewritten as ONE
   batch of at most ``--merge-bytes-max`` of sources under the run's first key (meterline/batch_merge.py: every record keeps its offset,
-  timestamp, key, value and headers, checked by reading the result back). Readers see the run before or after,
+  timestamp, key, value and headers, checked by reading the result back). A second tier does the same, after
+  ``--merge-big-after-s``, to objects under 8 MiB (the first tier's outputs, big producer batches such as the
+  checkpoints) in runs of up to ``--merge-big-bytes-max`` and 200,000 records. Merges run in a worker process
+  (meterline/merge_worker.py): one takes up to seconds and the codecs hold the GIL, so in this process it would stop every
+  request. Planning and the swap run here, and the swap first re-checks that no source changed or vanished
+  (retention, the broker) while the merge ran, else the merge is dropped. Readers see the run before or after,
   never half: the new object replaces the first key by rename and the others are unlinked in the same
   event-loop step (no request is served in between). A fetch that listed the run before and reads one of the
   removed keys after must still get it: this broker build, given a 404 for a key it listed, went on without that
@@ -49,7 +54,6 @@ import email.utils
 import os
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -57,7 +61,8 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from meterline.batch_merge import HEADER_BYTES, BatchHead, MergeMismatch, merge_batches
+from meterline.batch_merge import HEADER_BYTES, BatchHead
+from meterline.merge_worker import MergeWorker, merge_or_none
 
 #: Batches live at ``clusters/<c>/topics/<t>/partitions/<p>/records/<offset>.batch`` (Tansu 0.6 dynostore).
 RECORDS_DIR = "records"
@@ -269,7 +274,7 @@ class DiskStore:
         try:
             job = next(pass_)
             while True:
-                job = pass_.send(_merge_or_none(job.sources()))
+                job = pass_.send(merge_or_none(job.sources()))
         except StopIteration as done:
             return int(done.value)
 
@@ -581,15 +586,6 @@ def merge_tiers(after_s: float = DEFAULT_MERGE_AFTER_S, bytes_max: int = DEFAULT
     return tiers
 
 
-def _merge_or_none(sources: list[tuple[int, bytes]]) -> bytes | None:
-    """The merged batch, or None (logged) when the stretch may not be merged or did not read back."""
-    try:
-        return merge_batches(sources)
-    except (ValueError, MergeMismatch) as exc:
-        print(f"diskstore: not merging {len(sources)} batches at offset {sources[0][0]}: {exc}", flush=True)
-        return None
-
-
 def _stat(path: Path) -> os.stat_result | None:
     try:
         st = os.stat(path)
@@ -716,48 +712,6 @@ async def _sweep_forever(store: DiskStore, retention_ms: int, every_s: float) ->
         store.sweep(retention_ms=retention_ms)
 
 
-class MergeWorker:
-    """Merges in a worker process: a merge decodes and re-encodes every record (``bench.batch_merge``), up to
-    seconds for the second tier, and in this process it would stop every request meanwhile (the codecs hold the
-    GIL, so a thread would too). One process: compaction is background work and must leave the other core to
-    the pipeline. A worker that died is replaced; its merge is skipped (the stretch is merged next pass)."""
-
-    def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
-
-    async def merge(self, sources: list[tuple[int, bytes]]) -> bytes | None:
-        import multiprocessing
-        from concurrent.futures.process import BrokenProcessPool
-
-        if self._pool is None:  # spawn: a fork of this process would copy its event loop and caches
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_die_with_parent)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, _merge_or_none, sources)
-        except BrokenProcessPool:
-            print("diskstore: the merge worker died; starting another", flush=True)
-            self._pool = None
-            return None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _die_with_parent() -> None:
-    """In the merge worker: a ``kill -9`` of the store must not leave it behind (it would wait for work forever).
-    Linux's parent-death signal; elsewhere the worker outlives a killed store until its next use fails."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the store died before the signal was set up
-        os._exit(0)
-
-
 async def _compact_forever(store: DiskStore, worker: MergeWorker, *, tiers: Sequence[MergeTier], every_s: float,
                            budget_s: float = 0.02) -> None:
     """A pass every ``every_s``, in slices of ``budget_s`` (planning and swaps run here; merges in ``worker``)."""
@@ -803,6 +757,8 @@ def main(argv: list[str] | None = None) -> None:
         worker.close()
 
     worker = MergeWorker()
+    if args.merge_after_s > 0:
+        worker.start()  # spawned now, not under the first load: starting it costs ~0.3 s of a core
     app.on_startup.append(start_sweeper)
     app.on_cleanup.append(stop_worker)
     with contextlib.suppress(ImportError):

@@ -347,7 +347,8 @@ def test_a_stretch_deleted_while_it_was_merged_is_not_brought_back(tmp_path: Pat
 
 def test_merges_in_the_worker_process_read_back_as_inline_ones_and_survive_its_death(tmp_path: Path) -> None:
     from meterline.batch_merge import merge_batches
-    from meterline.diskstore import MergeTier, MergeWorker
+    from meterline.diskstore import MergeTier
+    from meterline.merge_worker import MergeWorker
 
     sources = [(o, _batch([b"v%d" % o, b"w%d" % o])) for o in range(0, 8, 2)]
     store = DiskStore(tmp_path)
@@ -382,7 +383,7 @@ def test_a_killed_store_leaves_no_merge_worker_behind(tmp_path: Path) -> None:
     script = tmp_path / "store.py"
     script.write_text(
         "import asyncio, os, signal\n"
-        "from meterline.diskstore import MergeWorker\n"
+        "from meterline.merge_worker import MergeWorker\n"
         "async def main():\n"
         "    w = MergeWorker()\n"
         "    await w.merge([(0, b'not a batch')])\n"

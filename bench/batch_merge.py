@@ -39,7 +39,7 @@ def usage_batch(records: int, first: int, *, codec: int) -> bytes:
 
 
 def checkpoint_batch(records: int, first: int, *, codec: int) -> bytes:
-    """A batch like the charges topic's: few records of ~75 KB of JSON (a checkpoint's keys and counters), which
+    """A batch like the charges topic's: few records of ~70 KB of JSON (a checkpoint's keys and counters), which
     the first tier leaves alone (~0.5 MiB lz4) and the second merges."""
     builder = DefaultRecordBatchBuilder(magic=2, compression_type=codec, is_transactional=0, producer_id=5,
                                         producer_epoch=0, base_sequence=first, batch_size=2**31 - 1)

@@ -31,8 +31,8 @@ def merge_or_none(sources: list[tuple[int, bytes]]) -> bytes | None:
 
 
 class MergeWorker:
-    """One worker process for merges. A worker that died is replaced; the merge it ran is skipped (the store
-    merges that stretch on a later pass)."""
+    """One worker process for merges. A worker that died is replaced; the merge it ran is skipped and that
+    stretch stays as it was (the store's second tier takes it later, or its next start re-walks every folder)."""
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None

@@ -53,6 +53,8 @@ from confluent_kafka import Producer
 from bench import profile_stacks
 from bench.machine import describe
 from bench.profile_stacks import StackSummary
+from bench.stages import Applied, CheckpointWatcher, stage_latencies
+from ledger.contracts import TOPIC_LEDGER_CHARGES
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
 from meterline import services
 from meterline.settings import StackSettings
@@ -60,12 +62,13 @@ from meterline.stack import migrate
 from meterline.topics import ensure_topics, topic_specs
 from streams import catalog
 from streams.catalog_model import auto_wallet_id
-from streams.contracts import partition_for
+from streams.contracts import TOPIC_USAGE_EVENTS, partition_for
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "prj_bench"
 PRICE = Decimal("0.4")
 USAGE_PARTITIONS = 8
+CHARGES_PARTITIONS = 4
 
 
 # -- engines -----------------------------------------------------------------------------------------------
@@ -183,8 +186,8 @@ class Sent:
     messages: int = 0
     first_sent: float = 0.0
     last_offset: dict[int, int] = field(default_factory=dict)
-    #: per partition, in offset order: (offset, sent at, events in the message)
-    deliveries: dict[int, list[tuple[int, float, int]]] = field(default_factory=lambda: defaultdict(list))
+    #: per partition, in offset order: (offset, sent at, events in the message, acknowledged at)
+    deliveries: dict[int, list[tuple[int, float, int, float]]] = field(default_factory=lambda: defaultdict(list))
     units: dict[tuple[str, datetime], Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     errors: list[str] = field(default_factory=list)
 
@@ -264,7 +267,7 @@ class LoadProducer:
                 errors.append(str(err))
                 return
             p, offset = msg.partition(), msg.offset()
-            deliveries[p].append((offset, msg.timestamp()[1] / 1000, 1))
+            deliveries[p].append((offset, msg.timestamp()[1] / 1000, 1, time.time()))
             if offset > last_offset.get(p, -1):
                 last_offset[p] = offset
 
@@ -316,7 +319,7 @@ class LoadProducer:
             if err is not None:
                 sent.errors.append(str(err))
                 return
-            sent.deliveries[partition].append((msg.offset(), sent_at, n))
+            sent.deliveries[partition].append((msg.offset(), sent_at, n, time.time()))
             sent.last_offset[partition] = max(sent.last_offset.get(partition, -1), msg.offset())
 
         while True:
@@ -339,6 +342,7 @@ class AppliedWatcher:
         self.sent = sent
         self.latencies: list[tuple[float, int]] = []  # (seconds, events)
         self.timeline: list[tuple[float, float, int]] = []  # (sent at, seconds, events)
+        self.applied: list[Applied] = []  # every message, for the latency by stage
         self.last_applied_at = 0.0
         self._cursor: dict[int, int] = defaultdict(int)
         self.applied_events = 0
@@ -359,8 +363,9 @@ class AppliedWatcher:
                     deliveries = self.sent.deliveries.get(p, [])
                     i = self._cursor[p]
                     while i < len(deliveries) and deliveries[i][0] <= applied:
-                        _offset, sent_at, n = deliveries[i]
+                        offset, sent_at, n, acked_at = deliveries[i]
                         self.latencies.append((now - sent_at, n))
+                        self.applied.append(Applied(p, offset, sent_at, acked_at, now, n))
                         self.timeline.append((sent_at, now - sent_at, n))
                         self.applied_events += n
                         self.last_applied_at = now
@@ -582,7 +587,9 @@ def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: s
     rows_before = ledger_rows(eng.database_url)
     checkpoints_before = pg_checkpoints(eng.database_url)
     watcher = AppliedWatcher(eng.database_url, topic, sent).start()
-    with Meter({**groups, "producer (bench)": [os.getpid()]}) as meter:
+    charges = topic.removesuffix(TOPIC_USAGE_EVENTS) + TOPIC_LEDGER_CHARGES
+    with CheckpointWatcher(eng.bootstrap, charges, partitions=CHARGES_PARTITIONS) as checkpoints, \
+            Meter({**groups, "producer (bench)": [os.getpid()]}) as meter:
         t0 = time.time()
         producer.run(sent, seconds=seconds, rate=rate, tag=name, backlog=lambda: watcher.applied_events,
                      backlog_max=backlog_max if rate == 0 else 0)
@@ -597,7 +604,7 @@ def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: s
             "applied_events": applied_events, "events_per_s": applied_events / wall, "produce_rate": sent.events / produced_s,
             "p50_s": watcher.percentile(0.50), "p99_s": watcher.percentile(0.99),
             "max_s": max((lat for lat, _ in watcher.latencies), default=float("nan")),
-            "windows": watcher.windows(),
+            "windows": watcher.windows(), "stages": stage_latencies(watcher.applied, checkpoints.seen),
             "pg_checkpoints": pg_checkpoints_during,
             "tx_rows": rows_after[0] - rows_before[0], "meter": meter,
             "profiles": {group: profile_stacks.collect(sampler, out) for group, (sampler, out) in samplers.items()}}
@@ -757,7 +764,7 @@ def prepare_stack(eng: Engines) -> tuple[dict[str, str], str]:
     usage topic (bench/soak.py starts the same stack)."""
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     ensure_topics(eng.bootstrap, topic_specs(prefix=prefix, usage_partitions=USAGE_PARTITIONS,
-                                             charges_partitions=4, transactions_partitions=4))
+                                             charges_partitions=CHARGES_PARTITIONS, transactions_partitions=4))
     migrate(eng.database_url)
     engine = make_engine(eng.database_url, pool_size=1)
     with engine.begin() as conn:
@@ -770,7 +777,7 @@ def prepare_stack(eng: Engines) -> tuple[dict[str, str], str]:
     env = {"DATABASE_URL": eng.database_url, "KAFKA_BOOTSTRAP_SERVERS": eng.bootstrap,
            "METERLINE_TOPIC_PREFIX": prefix, "METERLINE_ENV": "local", "METERLINE_LOG_LEVEL": "INFO",
            "LEDGER_CONSUMER_GROUP": f"{prefix}ledger"}
-    return env, f"{prefix}usage.events.v1"
+    return env, f"{prefix}{TOPIC_USAGE_EVENTS}"
 
 
 def main() -> None:
@@ -850,6 +857,7 @@ def main() -> None:
                           f"all applied: {result['complete']}")
                     print(f"  event -> balance latency: p50 {1000 * result['p50_s']:.0f} ms, "
                           f"p99 {1000 * result['p99_s']:.0f} ms, max {1000 * result['max_s']:.0f} ms")
+                    print("  " + result["stages"].line())
                     print("  p50/p99 ms per 10 s of send time: " + ", ".join(
                         f"{start}s {1000 * p50:.0f}/{1000 * p99:.0f}" for start, p50, p99 in result["windows"]))
                     print(f"  ledger: {result['tx_rows']:,} transaction rows, "

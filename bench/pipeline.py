@@ -53,7 +53,7 @@ from confluent_kafka import Producer
 from bench import profile_stacks
 from bench.machine import describe
 from bench.profile_stacks import StackSummary
-from bench.stages import Applied, CheckpointWatcher, stage_latencies
+from bench.stages import Applied, CheckpointWatcher, stage_latencies, weighted_percentile
 from ledger.contracts import TOPIC_LEDGER_CHARGES
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
 from meterline import services
@@ -387,15 +387,7 @@ class AppliedWatcher:
         self._thread.join()
 
     def percentile(self, q: float, latencies: list[tuple[float, int]] | None = None) -> float:
-        ordered = sorted(self.latencies if latencies is None else latencies)
-        total = sum(n for _, n in ordered)
-        target = q * total
-        running = 0
-        for latency, n in ordered:
-            running += n
-            if running >= target:
-                return latency
-        return ordered[-1][0] if ordered else float("nan")
+        return weighted_percentile(self.latencies if latencies is None else latencies, q)
 
     def windows(self, width_s: float = 10.0) -> list[tuple[int, float, float]]:
         """(window start in s since the first send, p50, p99) per ``width_s`` of send time: shows whether a

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
-__all__ = ["Applied", "CheckpointSeen", "CheckpointWatcher", "StageLatencies", "stage_latencies"]
+__all__ = ["Applied", "CheckpointSeen", "CheckpointWatcher", "StageLatencies", "stage_latencies", "weighted_percentile"]
 
 # source_topic, partition, as_of_offset are the model's first fields, so they are in the first bytes of the JSON:
 # a checkpoint of 100,000 counters need not be parsed to be placed
@@ -121,7 +121,7 @@ def stage_latencies(applied: Iterable[Applied], checkpoints: dict[int, list[Chec
         samples["checkpoint→readable"].append((checkpoint.read_at - checkpoint.produced_at, m.events))
         samples["checkpoint→applied"].append((m.applied_at - checkpoint.produced_at, m.events))
     order = ("produce→acked", "acked→checkpoint", "checkpoint→readable", "checkpoint→applied")
-    return StageLatencies([Stage(name, _percentile(samples[name], 0.50), _percentile(samples[name], 0.99),
+    return StageLatencies([Stage(name, weighted_percentile(samples[name], 0.50), weighted_percentile(samples[name], 0.99),
                                  sum(n for _, n in samples[name])) for name in order if samples[name]], uncovered)
 
 
@@ -141,7 +141,8 @@ def _earliest_covering(seen: Sequence[CheckpointSeen]) -> Callable[[int], Checkp
     return lookup
 
 
-def _percentile(samples: list[tuple[float, int]], q: float) -> float:
+def weighted_percentile(samples: list[tuple[float, int]], q: float) -> float:
+    """The ``q`` quantile of (value, weight) samples: each value counts ``weight`` times (events per message)."""
     ordered = sorted(samples)
     target = q * sum(n for _, n in ordered)
     running = 0

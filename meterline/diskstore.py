@@ -12,8 +12,9 @@ makes (measured and written down in docs/architecture.md, "Durable topics"):
 - ``DELETE`` and ``POST ?delete`` (topic and group deletion).
 
 Invariants:
-- an object is visible only once complete: each PUT writes a temporary file and renames it over the key
-  (``os.replace`` is atomic), so a crash of this server, of the broker or of both never leaves half an object;
+- an object is visible only once complete: each PUT writes a spare file and swaps or renames it onto the key
+  (atomic; meterline/diskstore_files.py, which also says why files are reused rather than created and unlinked
+  per write), so a crash of this server, of the broker or of both never leaves half an object;
 - a conditional PUT checks and writes without yielding to the event loop, so two compare-and-swaps on one key
   can never both succeed (one process, one thread);
 - the 200 of a PUT is sent after the data is in the kernel: a ``kill -9`` of any process loses nothing that
@@ -52,6 +53,7 @@ import bisect
 import contextlib
 import email.utils
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from meterline.batch_merge import HEADER_BYTES, BatchHead
+from meterline.diskstore_files import SPARE_MAX, StoreFiles, read_from_outside
 from meterline.merge_worker import MergeWorker, merge_or_none
 
 #: Batches live at ``clusters/<c>/topics/<t>/partitions/<p>/records/<offset>.batch`` (Tansu 0.6 dynostore).
@@ -107,7 +110,7 @@ class DiskStore:
     """Objects of every bucket under ``root/<bucket>/<key>``, with a cache of sorted directory listings (Tansu
     lists a partition's whole ``records/`` folder on every fetch)."""
 
-    def __init__(self, root: Path, *, fsync: bool = False) -> None:
+    def __init__(self, root: Path, *, fsync: bool = False, spare_files: int = SPARE_MAX) -> None:
         self.root = root
         self.fsync = fsync
         # caches keyed by path strings (pathlib costs ~40 µs a key, too much for a listing per fetch)
@@ -116,7 +119,7 @@ class DiskStore:
         # listing must cost no syscall per key: the stats of what we wrote or listed once are kept here.
         self._meta: dict[str, os.stat_result | None] = {}
         self._fragments: dict[str, tuple[int, int, str]] = {}  # key -> (inode, mtime_ns, <Contents> XML)
-        self._tmp_counter = 0
+        self.files = StoreFiles(root, fsync=fsync, spare_max=spare_files)
         #: records/ folders with batches written since their last compaction pass, and those that still hold
         #: batches too young to merge: the only folders a pass visits
         self._records_dirs: set[str] = set()
@@ -166,10 +169,7 @@ class DiskStore:
         if if_match is not None and (current is None or self.etag(current) != if_match):
             raise web.HTTPPreconditionFailed()
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_counter += 1
-        tmp = target.parent / f".tmp-{os.getpid()}-{self._tmp_counter}"
-        self._write_file(tmp, body)
-        os.replace(tmp, target)
+        st = self.files.write(target, body, exists=current is not None)
         if self.fsync:
             _fsync_dir(target.parent)
         if current is None:
@@ -179,7 +179,6 @@ class DiskStore:
             self._note_new_dirs(target.parent)
         if target.parent.name == RECORDS_DIR:
             self._records_dirs.add(str(target.parent))
-        st = os.stat(target)
         self._meta[str(target)] = st
         return self.etag(st)
 
@@ -197,8 +196,7 @@ class DiskStore:
         target = self.path(bucket, key)
         self._meta.pop(str(target), None)
         self._fragments.pop(key, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
+        if self.files.remove(target):
             names = self._listings.get(str(target.parent))
             if names is not None:
                 i = bisect.bisect_left(names, target.name)
@@ -428,35 +426,19 @@ class DiskStore:
         folder = Path(directory)
         names = [f"{b.base:0>20}{BATCH_SUFFIX}" for b in stretch]
         journal = folder / MERGE_JOURNAL
-        self._write_file(journal, "\n".join(names).encode())
-        self._tmp_counter += 1
-        tmp = folder / f".tmp-{os.getpid()}-{self._tmp_counter}"
-        self._write_file(tmp, merged)
+        self.files.write(journal, "\n".join(names).encode(), exists=False)
         last_mtime_ns = stretch[-1].st.st_mtime_ns  # retention and the broker's time lookups go by mtime
-        os.utime(tmp, ns=(last_mtime_ns, last_mtime_ns))
-        os.replace(tmp, folder / names[0])
+        st = self.files.write(folder / names[0], merged, exists=True, mtime_ns=last_mtime_ns)
         if self.fsync:
             _fsync_dir(folder)
-        self._meta[directory + "/" + names[0]] = os.stat(folder / names[0])
+        self._meta[directory + "/" + names[0]] = st
         expires_at = time.monotonic() + RETIRED_GRACE_S
         for name in names[1:]:
             self._retire(folder / name, expires_at)
-        os.unlink(journal)
+        self.files.remove(journal)
         self.merges += 1
         self.merged_away += len(names) - 1
         return len(names) - 1
-
-    def _write_file(self, path: Path, data: bytes) -> None:
-        """Write a file that is not visible yet (a temporary, renamed into place by the caller)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _retire(self, path: Path, expires_at: float) -> None:
         """Take a merged-away batch object out of listings but keep answering GETs of it until ``expires_at``."""
@@ -476,14 +458,12 @@ class DiskStore:
         expired = [key for key, (_, expires_at) in self._retired.items() if expires_at <= now]
         for key in expired:
             retired, _ = self._retired.pop(key)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(retired)
+            self.files.remove(retired)
         return len(expired)
 
     def _forget(self, path: Path) -> None:
-        """Unlink a batch object and drop it from the caches."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        """Remove a batch object and drop it from the caches."""
+        self.files.remove(path)
         self._meta.pop(str(path), None)
         self._fragments.pop(path.relative_to(self.root).as_posix().partition("/")[2], None)
         names = self._listings.get(str(path.parent))
@@ -500,7 +480,7 @@ class DiskStore:
         for records in self.root.glob(f"*/clusters/*/topics/*/partitions/*/{RECORDS_DIR}"):
             self._records_dirs.add(str(records))
             for retired in records.glob(RETIRED_PREFIX + "*"):  # no fetch outlives the store that served it
-                retired.unlink()
+                self.files.remove(retired)
             journal = records / MERGE_JOURNAL
             try:
                 names = journal.read_text().split()
@@ -517,7 +497,7 @@ class DiskStore:
                     for name in names[1:]:
                         self._forget(records / name)
                     finished += 1
-            journal.unlink()
+            self.files.remove(journal)
         return finished
 
     # ------------------------------------------------------------------ retention
@@ -534,8 +514,7 @@ class DiskStore:
                     continue
                 if st.st_mtime >= cutoff:
                     break  # batches are written in offset order: the rest are younger
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(records / name)
+                self.files.remove(records / name)
                 self._meta.pop(str(records / name), None)
                 self._fragments.pop((records / name).relative_to(self.root).as_posix().partition("/")[2], None)
                 self._listings[str(records)].remove(name)
@@ -591,7 +570,7 @@ def _stat(path: Path) -> os.stat_result | None:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return None if os.path.isdir(path) else st
+    return None if stat.S_ISDIR(st.st_mode) else st
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -732,6 +711,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retention-ms", type=int, default=DEFAULT_RETENTION_MS)
     parser.add_argument("--sweep-every-s", type=float, default=60.0)
     parser.add_argument("--fsync", action="store_true")
+    parser.add_argument("--spare-files", type=int, default=SPARE_MAX,
+                        help="files kept for reuse instead of creating and unlinking one per write "
+                             "(meterline/diskstore_files.py); 0: none (bench.broker_produce compares)")
     parser.add_argument("--merge-after-s", type=float, default=DEFAULT_MERGE_AFTER_S,
                         help="merge record batches older than this (see the module doc); 0 or less: never")
     parser.add_argument("--merge-bytes-max", type=int, default=DEFAULT_MERGE_BYTES_MAX)
@@ -741,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge-big-bytes-max", type=int, default=DEFAULT_BIG_MERGE_BYTES_MAX)
     args = parser.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
-    store = DiskStore(args.root.resolve(), fsync=args.fsync)
+    store = DiskStore(args.root.resolve(), fsync=args.fsync, spare_files=args.spare_files)
     store.recover()
     app = make_app(store)
 
@@ -777,10 +759,10 @@ def partition_log_end(root: Path, topic: str, partition: int, *, bucket: str = "
     import json
 
     path = root / bucket / "clusters" / cluster / "topics" / topic / "partitions" / f"{partition:0>10}" / "watermark.json"
-    try:
-        high = json.loads(path.read_bytes()).get("high")
-    except FileNotFoundError:
+    data = read_from_outside(path)  # the drain reads it while the store may rewrite it
+    if data is None:
         return None
+    high = json.loads(data).get("high")
     return int(high) if high is not None else None
 
 

@@ -1,0 +1,124 @@
+"""The embedded broker's produce latency on disk, one event per message, one command:
+
+    .venv/bin/python -m bench.broker_produce [--rate 10000] [--seconds 20] [--spare-files 0]
+
+Starts the embedded broker with durable topics (Tansu over meterline/diskstore.py) in a temporary directory,
+creates an 8-partition topic and sends ``--rate`` messages/s for ``--seconds`` from one plain confluent producer
+(the settings and message shape of ``bench.pipeline --pack 1``: idempotent, acks=all, linger 5 ms, lz4, keyed by
+subject over 1,000 subjects, murmur2). Prints the send→acknowledged latency (p50/p90/p99/max) over the run after
+its first ``--warmup-s`` and per ``--window-s`` window, the CPU of the broker and of its disk store, and the machine.
+``--spare-files 0`` runs the store without reusing files (a new file per write, the old one unlinked), to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import psutil
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bench.machine import describe
+from bench.pipeline import PLAIN_CLIENT, USAGE_PARTITIONS
+from bench.stages import weighted_percentile
+from meterline.services import embedded_broker, free_port, start_embedded_broker_with
+
+SUBJECTS = 1_000
+
+
+def _cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_files: int | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="broker-produce-") as home:
+        running = embedded_broker(host="127.0.0.1", port=free_port("127.0.0.1"), log_path=Path(home, "broker.log"),
+                                  storage_dir=Path(home, "broker"))
+        assert running.store is not None
+        if spare_files is not None:
+            running.store.argv += ["--spare-files", str(spare_files)]
+        start_embedded_broker_with(running)
+        try:
+            admin = AdminClient({"bootstrap.servers": running.bootstrap})
+            for future in admin.create_topics([NewTopic("produce.bench", num_partitions=USAGE_PARTITIONS,
+                                                        replication_factor=1)]).values():
+                future.result(15)
+            producer = Producer({"bootstrap.servers": running.bootstrap, **PLAIN_CLIENT})
+            acked: list[tuple[float, float]] = []  # (sent at, seconds to the acknowledgement)
+            errors: list[str] = []
+
+            def acknowledged(sent_at: float) -> Callable[[object, object], None]:
+                def on_delivery(err: object, _msg: object) -> None:
+                    if err is not None:
+                        errors.append(str(err))
+                    else:
+                        acked.append((sent_at, time.monotonic() - sent_at))
+
+                return on_delivery
+
+            rng = random.Random(1)
+            now_iso = datetime.now(UTC).isoformat()
+            cpu_before = {name: _cpu_s(e.pid) for name, e in (("broker", running.broker), ("store", running.store))}
+            started = time.monotonic()
+            sent = 0
+            while (elapsed := time.monotonic() - started) < seconds:
+                due = min(int(elapsed * rate) + 1, int(seconds * rate))
+                while sent < due:
+                    subject = f"user-{rng.randrange(SUBJECTS)}"
+                    value = orjson.dumps({"specversion": "1.0", "id": f"p-{sent}", "source": "bench",
+                                          "type": "llm.tokens", "subject": subject, "time": now_iso,
+                                          "data": {"tokens": rng.randint(1, 100)}})
+                    producer.produce("produce.bench", value=value, key=subject.encode(),
+                                     on_delivery=acknowledged(time.monotonic()))
+                    sent += 1
+                producer.poll(0.001)
+            left = producer.flush(60)
+            wall_s = time.monotonic() - started
+            cpu = {name: (_cpu_s(e.pid) - cpu_before[name]) / wall_s
+                   for name, e in (("broker", running.broker), ("store", running.store))}
+        finally:
+            running.stop()
+    steady = [(lat, 1) for at, lat in acked if at - started >= warmup_s]
+    print(f"sent {sent:,} messages at {rate:,.0f}/s offered for {seconds:.0f} s; acknowledged {len(acked):,}, "
+          f"errors {len(errors)}, unacknowledged {left}")
+    print(f"send -> acknowledged after the first {warmup_s:.0f} s, ms: "
+          + " / ".join(f"p{q:g} {1000 * weighted_percentile(steady, q / 100):.0f}" for q in (50, 90, 99))
+          + f" / max {1000 * max((lat for lat, _ in steady), default=0):.0f}")
+    windows: dict[int, list[tuple[float, int]]] = {}
+    for at, lat in acked:
+        windows.setdefault(int((at - started) // window_s), []).append((lat, 1))
+    print(f"per {window_s:g} s of send time, p50/p99 ms: " + ", ".join(
+        f"{int(w * window_s)}s {1000 * weighted_percentile(v, 0.5):.0f}/{1000 * weighted_percentile(v, 0.99):.0f}"
+        for w, v in sorted(windows.items())))
+    print(f"cpu, share of a core: broker (tansu) {cpu['broker']:.2f}, disk store {cpu['store']:.2f}; "
+          f"spare files: {'store default' if spare_files is None else spare_files}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=10_000, help="messages per second offered")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup-s", type=float, default=2.0, help="left out of the overall percentiles")
+    parser.add_argument("--window-s", type=float, default=5.0)
+    parser.add_argument("--spare-files", type=int, default=None, help="the store's --spare-files (default: its own)")
+    args = parser.parse_args()
+    print(describe())
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    run(rate=args.rate, seconds=args.seconds, warmup_s=args.warmup_s, window_s=args.window_s,
+        spare_files=args.spare_files)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

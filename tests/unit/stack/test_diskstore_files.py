@@ -1,0 +1,117 @@
+"""The disk store's file writes: atomic, unique ETags although inodes are reused, and no inode churn."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from meterline.diskstore import DiskStore
+from meterline.diskstore_files import SPARE_DIR, SPARE_TRIM_BYTES, StoreFiles, read_from_outside
+
+
+def test_every_version_of_an_overwritten_key_has_its_own_etag_and_a_stale_one_cannot_swap(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    etag = store.put("b", "cluster/meta.json", b"v0", if_match=None, if_none_match="*")
+    seen = {etag}
+    inodes = set()
+    stale = [etag]
+    for i in range(1, 500):  # same size every time, as fast as it goes: only the mtime stamp can tell them apart
+        etag = store.put("b", "cluster/meta.json", b"v%d" % (i % 10), if_match=etag, if_none_match=None)
+        assert etag not in seen
+        seen.add(etag)
+        stale.append(etag)
+        inodes.add(os.stat(tmp_path / "b" / "cluster" / "meta.json").st_ino)
+    assert len(inodes) <= 3  # the key's inodes are reused (it and a spare swap places), not one per write
+    for old in stale[:-1]:
+        with pytest.raises(web.HTTPPreconditionFailed):
+            store.put("b", "cluster/meta.json", b"lost update", if_match=old, if_none_match=None)
+    assert (tmp_path / "b" / "cluster" / "meta.json").read_bytes() == b"v9"
+
+
+def test_overwrites_and_new_objects_reuse_removed_files_instead_of_creating_new_ones(tmp_path: Path) -> None:
+    files = StoreFiles(tmp_path / "root")
+    folder = tmp_path / "root" / "records"
+    folder.mkdir()
+    for i in range(50):
+        files.write(folder / f"{i}.batch", b"x" * 100, exists=False)
+    created = files.created
+    for i in range(50):  # removing keeps the files as spares ...
+        assert files.remove(folder / f"{i}.batch")
+    assert not files.remove(folder / "0.batch")  # already gone
+    for i in range(50, 100):  # ... which the next new objects are written into
+        files.write(folder / f"{i}.batch", b"y" * 100, exists=False)
+    assert files.created == created
+    for _ in range(200):  # an overwrite needs one spare (none is left); the replaced file is the next one's
+        files.write(folder / "99.batch", b"z" * 100, exists=True)
+    assert files.created == created + 1
+    assert sorted(os.listdir(folder)) == sorted(f"{i}.batch" for i in range(50, 100))
+    assert (folder / "99.batch").read_bytes() == b"z" * 100
+
+
+def test_a_reused_file_holds_exactly_the_new_bytes_and_big_spares_are_trimmed(tmp_path: Path) -> None:
+    files = StoreFiles(tmp_path)
+    big = tmp_path / "big"
+    files.write(big, os.urandom(SPARE_TRIM_BYTES * 4), exists=False)
+    assert files.remove(big)
+    spares = [tmp_path / SPARE_DIR / n for n in os.listdir(tmp_path / SPARE_DIR)]
+    assert max(p.stat().st_size for p in spares) <= SPARE_TRIM_BYTES
+    small = tmp_path / "small"
+    files.write(small, b"short", exists=False)  # into a spare that held more: no old byte may survive
+    assert small.read_bytes() == b"short"
+    files.write(small, b"", exists=True)
+    assert small.read_bytes() == b""
+
+
+def test_spares_are_never_objects(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path)
+    store.put("b", "k/1.batch", b"one", if_match=None, if_none_match="*")
+    store.delete("b", "k/1.batch")
+    store.put("b", "k/2.batch", b"two", if_match=None, if_none_match="*")
+    keys, prefixes, _ = store.list("b", "", delimiter=None, start_after="", max_keys=1000)
+    assert [k for k, _ in keys] == ["k/2.batch"] and prefixes == []
+    with pytest.raises(web.HTTPBadRequest):
+        store.path(SPARE_DIR, "1")
+
+
+def test_another_process_reading_an_overwritten_key_gets_one_whole_version(tmp_path: Path) -> None:
+    """The drain reads the broker's watermarks from disk while the store rewrites them; spare files are
+    rewritten in place, so a plain read could return another version's or another key's bytes."""
+    files = StoreFiles(tmp_path)
+    target = tmp_path / "watermark.json"
+    versions = [bytes([65 + i % 26]) * (1000 + 37 * (i % 5)) for i in range(2000)]
+    files.write(target, versions[0], exists=False)
+    valid = set(versions)
+    bad: list[bytes | None] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            data = read_from_outside(target)
+            if data not in valid:
+                bad.append(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for data in versions[1:]:
+            files.write(target, data, exists=True)
+    finally:
+        done.set()
+        reader.join()
+    assert bad == []
+    assert target.read_bytes() == versions[-1]
+
+
+def test_without_spares_every_write_is_a_new_file_and_removal_unlinks(tmp_path: Path) -> None:
+    files = StoreFiles(tmp_path, spare_max=0)
+    target = tmp_path / "k"
+    files.write(target, b"a", exists=False)
+    first = os.stat(target).st_ino
+    files.write(target, b"b", exists=True)
+    assert target.read_bytes() == b"b" and os.stat(target).st_ino != first
+    assert files.remove(target) and not target.exists()
+    assert len(os.listdir(tmp_path / SPARE_DIR)) <= 1  # the start-up probe at most

@@ -37,7 +37,7 @@ from pathlib import Path
 
 SPARE_DIR = ".tmp-spare"
 #: spares kept for reuse; each is an inode, and at most SPARE_TRIM_BYTES of disk
-SPARE_MAX = 2048
+SPARE_MAX = 4096
 SPARE_TRIM_BYTES = 16 * 1024
 
 _AT_FDCWD = -100

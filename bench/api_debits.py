@@ -50,6 +50,7 @@ import psutil
 import psycopg
 
 from bench.machine import describe
+from bench.pipeline import settle
 from ledger.db import libpq_url, make_engine
 from ledger.runtime import freeze_startup_heap
 
@@ -447,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                 duration = min(args.duration_s, 4.0) if scenario.mode == "alone" else args.duration_s
                 proc = ctx.Process(target=_load_process, args=(base_url, project, key, scenario, duration,
                                                                args.requests_max, args.concurrency, args.rate, out))
+                # the previous run's (or the setup's) autovacuum would be measured as this run's tail latency
+                settled = settle(database_url, outbox=False)
                 before = meter.start() if meter else None
                 proc.start()
                 result = out.get(timeout=duration + 120)
@@ -454,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 cost = meter.stop(before) if meter and before else {"api": float("nan"), "pg": float("nan"),
                                                                     "statements": float("nan"),
                                                                     "machine_cores": float("nan")}
-                print(_row(scenario.name, result, cost), flush=True)
+                print(_row(scenario.name, result, cost) + f"  {settled}", flush=True)
                 if scenario.wallets == [one]:
                     charged_one += result["charged_minor"]
                 else:

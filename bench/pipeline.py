@@ -546,16 +546,18 @@ def warm_up(producer: LoadProducer, watcher_db: str, topic: str, timeout_s: floa
     raise SystemExit("warm-up: the pipeline did not apply one message per partition in time; see the logs")
 
 
-def settle(database_url: str, *, timeout_s: float = 120.0) -> str:
-    """Wait until the previous phase's after-work is done: the ledger's outbox relay has published every row and
-    no (auto)vacuum runs in the bench database. Without this the latency phase's first ~12 s measured the
-    throughput phase's aftermath (60 s of overload leave ~100k outbox rows and freshly dirtied tables behind),
-    not a pipeline at 20,000 events/s. Returns what was waited for, printed with the phase."""
+def settle(database_url: str, *, timeout_s: float = 120.0, outbox: bool = True) -> str:
+    """Wait until the previous phase's after-work is done: the ledger's outbox relay has published every row
+    (``outbox``: a bench without a ledger process has nobody to publish them) and no (auto)vacuum runs in the bench
+    database. Without this the latency phase's first ~12 s measured the throughput phase's aftermath (60 s of
+    overload leave ~100k outbox rows and freshly dirtied tables behind), not a pipeline at 20,000 events/s. Returns
+    what was waited for, printed with the phase."""
     started = time.monotonic()
     first: tuple[int, int] | None = None
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         while time.monotonic() - started < timeout_s:
-            unpublished = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
+            unpublished = (conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
+                           if outbox else 0)
             vacuums = conn.execute("SELECT count(*) FROM pg_stat_progress_vacuum WHERE datname = current_database()"
                                    ).fetchone()[0]
             first = first or (unpublished, vacuums)
@@ -563,8 +565,8 @@ def settle(database_url: str, *, timeout_s: float = 120.0) -> str:
                 break
             time.sleep(0.5)
     assert first is not None
-    return (f"settled in {time.monotonic() - started:.1f} s (at start: {first[0]:,} outbox rows unpublished, "
-            f"{first[1]} vacuums running)")
+    waited = f"{first[0]:,} outbox rows unpublished, " if outbox else ""
+    return f"settled in {time.monotonic() - started:.1f} s (at start: {waited}{first[1]} vacuums running)"
 
 
 def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: str, groups: dict[str, list[int]],

@@ -29,6 +29,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bench.machine import describe
 from bench.pipeline import PLAIN_CLIENT, USAGE_PARTITIONS
 from bench.stages import weighted_percentile
+from meterline.diskstore_files import SPARE_DIR
 from meterline.services import embedded_broker, free_port, start_embedded_broker_with
 
 SUBJECTS = 1_000
@@ -87,6 +88,8 @@ def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_
             wall_s = time.monotonic() - started
             cpu = {name: (_cpu_s(e.pid) - cpu_before[name]) / wall_s
                    for name, e in (("broker", running.broker), ("store", running.store))}
+            spare_dir = Path(home, "broker", SPARE_DIR)
+            spares = len(os.listdir(spare_dir)) if spare_dir.exists() else 0
         finally:
             running.stop()
     steady = [(lat, 1) for at, lat in acked if at - started >= warmup_s]
@@ -102,7 +105,7 @@ def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_
         f"{int(w * window_s)}s {1000 * weighted_percentile(v, 0.5):.0f}/{1000 * weighted_percentile(v, 0.99):.0f}"
         for w, v in sorted(windows.items())))
     print(f"cpu, share of a core: broker (tansu) {cpu['broker']:.2f}, disk store {cpu['store']:.2f}; "
-          f"spare files: {'store default' if spare_files is None else spare_files}")
+          f"spare files: at most {'the store default' if spare_files is None else spare_files}, {spares:,} at the end")
 
 
 def main() -> None:

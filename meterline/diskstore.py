@@ -168,7 +168,8 @@ class DiskStore:
             raise web.HTTPPreconditionFailed()
         if if_match is not None and (current is None or self.etag(current) != if_match):
             raise web.HTTPPreconditionFailed()
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if current is None and self._meta.get(str(target.parent), False) is not None:  # not a folder we know
+            target.parent.mkdir(parents=True, exist_ok=True)
         st = self.files.write(target, body, exists=current is not None)
         if self.fsync:
             _fsync_dir(target.parent)
@@ -446,7 +447,7 @@ class DiskStore:
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, retired)
             self._retired[str(path)] = (retired, expires_at)
-        self._forget(path)
+        self._forget(path, remove=False)
 
     def retired_copy(self, path: Path) -> Path | None:
         """Where a batch object merged away in the last ``RETIRED_GRACE_S`` is still readable."""
@@ -461,9 +462,10 @@ class DiskStore:
             self.files.remove(retired)
         return len(expired)
 
-    def _forget(self, path: Path) -> None:
-        """Remove a batch object and drop it from the caches."""
-        self.files.remove(path)
+    def _forget(self, path: Path, *, remove: bool = True) -> None:
+        """Remove a batch object (unless it was moved away already) and drop it from the caches."""
+        if remove:
+            self.files.remove(path)
         self._meta.pop(str(path), None)
         self._fragments.pop(path.relative_to(self.root).as_posix().partition("/")[2], None)
         names = self._listings.get(str(path.parent))

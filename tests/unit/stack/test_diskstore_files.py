@@ -117,7 +117,7 @@ def test_without_spares_every_write_is_a_new_file_and_removal_unlinks(tmp_path: 
     assert len(os.listdir(tmp_path / SPARE_DIR)) <= 1  # the start-up probe at most
 
 
-def test_the_fsync_mode_writes_swaps_and_merges_through_the_same_path(tmp_path: Path) -> None:
+def test_the_fsync_mode_writes_swaps_and_deletes_through_the_same_path(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, fsync=True)
     etag = store.put("b", "c/meta.json", b"one", if_match=None, if_none_match="*")
     etag = store.put("b", "c/meta.json", b"two", if_match=etag, if_none_match=None)

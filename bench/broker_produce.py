@@ -8,6 +8,8 @@ creates an 8-partition topic and sends ``--rate`` messages/s for ``--seconds`` f
 subject over 1,000 subjects, murmur2). Prints the send→acknowledged latency (p50/p90/p99/max) over the run after
 its first ``--warmup-s`` and per ``--window-s`` window, the CPU of the broker and of its disk store, and the machine.
 ``--spare-files 0`` runs the store without reusing files (a new file per write, the old one unlinked), to compare.
+``--past-producers N`` first leaves N idempotent producers' entries in the broker's cluster metadata (what N producer
+instances that came and went leave behind: Tansu keeps them all and rewrites the object for every batch).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bench.machine import describe
 from bench.pipeline import PLAIN_CLIENT, USAGE_PARTITIONS
 from bench.stages import weighted_percentile
 from meterline.diskstore_files import SPARE_DIR
-from meterline.services import embedded_broker, free_port, start_embedded_broker_with
+from meterline.services import BrokerProcess, embedded_broker, free_port, start_embedded_broker_with
 
 SUBJECTS = 1_000
 
@@ -42,19 +44,43 @@ def _cpu_s(pid: int | None) -> float:
     return float(t.user + t.system)
 
 
-def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_files: int | None) -> None:
+def _add_past_producers(meta: Path, count: int) -> None:
+    """What ``count`` idempotent producers that have come and gone leave in the broker's cluster metadata: Tansu
+    keeps every producer id's sequences there for good, and rewrites the whole object for every produced batch."""
+    doc = orjson.loads(meta.read_bytes())
+    rng = random.Random(3)
+    for i in range(count):
+        doc.setdefault("producers", {})[str(1_000_000 + i)] = {
+            "sequences": {"0": {"produce.bench": {str(p): rng.randrange(10**6) for p in range(USAGE_PARTITIONS)}}}}
+    meta.write_bytes(orjson.dumps(doc))
+
+
+def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_files: int | None,
+        past_producers: int) -> None:
     with tempfile.TemporaryDirectory(prefix="broker-produce-") as home:
-        running = embedded_broker(host="127.0.0.1", port=free_port("127.0.0.1"), log_path=Path(home, "broker.log"),
-                                  storage_dir=Path(home, "broker"))
-        assert running.store is not None
-        if spare_files is not None:
-            running.store.argv += ["--spare-files", str(spare_files)]
-        start_embedded_broker_with(running)
+        port, store_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+
+        def engines() -> BrokerProcess:
+            running = embedded_broker(host="127.0.0.1", port=port, store_port=store_port,
+                                      log_path=Path(home, "broker.log"), storage_dir=Path(home, "broker"))
+            assert running.store is not None
+            if spare_files is not None:
+                running.store.argv += ["--spare-files", str(spare_files)]
+            return start_embedded_broker_with(running)
+
+        running = engines()
         try:
             admin = AdminClient({"bootstrap.servers": running.bootstrap})
             for future in admin.create_topics([NewTopic("produce.bench", num_partitions=USAGE_PARTITIONS,
                                                         replication_factor=1)]).values():
                 future.result(15)
+            if past_producers:  # written while the broker is down: it reads the object at start
+                running.stop()
+                meta = Path(home, "broker", "tansu", "clusters", "tansu_cluster", "meta.json")
+                _add_past_producers(meta, past_producers)
+                print(f"cluster metadata with {past_producers:,} past idempotent producers: "
+                      f"{meta.stat().st_size:,} bytes")
+                running = engines()
             producer = Producer({"bootstrap.servers": running.bootstrap, **PLAIN_CLIENT})
             acked: list[tuple[float, float]] = []  # (sent at, seconds to the acknowledgement)
             errors: list[str] = []
@@ -115,11 +141,14 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=2.0, help="left out of the overall percentiles")
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--spare-files", type=int, default=None, help="the store's --spare-files (default: its own)")
+    parser.add_argument("--past-producers", type=int, default=0,
+                        help="idempotent producers that came and went before the run (their entries in the broker's "
+                             "cluster metadata, which it never drops)")
     args = parser.parse_args()
     print(describe())
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     run(rate=args.rate, seconds=args.seconds, warmup_s=args.warmup_s, window_s=args.window_s,
-        spare_files=args.spare_files)
+        spare_files=args.spare_files, past_producers=args.past_producers)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -47,7 +47,7 @@ from ledger.errors import (
 from ledger.postings import Bucket, Posting, WalletBalance, WalletBook
 from ledger.queries import get_transaction
 from ledger.rows import WALLET_COLUMNS, HoldRow, PostingResult, TransactionRow, WalletRow
-from ledger.writer import Draft, transaction_event, transaction_row
+from ledger.writer import Draft, transaction_event_json, transaction_row
 
 __all__ = ["BatchedDebit", "CommitStage", "DebitBatch", "DebitStage", "Posted", "ReserveStage", "conflict_from", "pipelined", "raw_connection",
            "request_fingerprint"]
@@ -263,7 +263,7 @@ class _PostingStage:
             "allocations": orjson.dumps([{"bucket": a.bucket_id, "amount": a.amount_minor}
                                          for a in posting.allocations]).decode(),
             "burned_ids": list(book.changed), "burned_remaining": list(book.changed.values()),
-            "topic": TOPIC_LEDGER_TRANSACTIONS, "payload": transaction_event(row, draft).model_dump_json(),
+            "topic": TOPIC_LEDGER_TRANSACTIONS, "payload": transaction_event_json(row, draft),
             "released": released,
         }
         _run(raw_connection(self.conn).cursor(), _WRITE_POSTING, params)
@@ -547,7 +547,7 @@ class DebitBatch:
                                          for _, posting, row, _ in self._posted
                                          for a in posting.allocations]).decode(),
             "burned_ids": list(changed), "burned_remaining": list(changed.values()),
-            "outbox": orjson.dumps([{"wallet": row.wallet_id, "payload": transaction_event(row, draft).model_dump_json()}
+            "outbox": orjson.dumps([{"wallet": row.wallet_id, "payload": transaction_event_json(row, draft)}
                                     for _, _, row, draft in self._posted]).decode(),
             "wallets": touched, "balances": [self.wallets[w].balance_minor for w in touched],
         }

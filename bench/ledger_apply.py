@@ -243,6 +243,9 @@ def main() -> None:
     parser.add_argument("--statements", action="store_true",
                         help="print the time per SQL statement and the Python between them (first phase)")
     args = parser.parse_args()
+    if args.keys > args.wallets // max(1, args.together):
+        parser.error(f"--keys {args.keys} is more than each partition's {args.wallets // max(1, args.together):,} "
+                     f"wallets (--wallets / --together): raise --wallets or lower --keys")
     print(describe())
     with scratch_database() as url:
         upgrade(url, script_location=MIGRATIONS, version_table="alembic_version_ledger")

@@ -8,6 +8,10 @@ creates an 8-partition topic and sends ``--rate`` messages/s for ``--seconds`` f
 subject over 1,000 subjects, murmur2). Prints the send→acknowledged latency (p50/p90/p99/max) over the run after
 its first ``--warmup-s`` and per ``--window-s`` window, the CPU of the broker and of its disk store, and the machine.
 ``--spare-files 0`` runs the store without reusing files (a new file per write, the old one unlinked), to compare.
+``--client`` picks the producer's settings: ``idempotent`` (the default above: Java's default, what
+``bench.pipeline`` sends with), ``librdkafka-default`` (librdkafka's own defaults: no idempotence and up to 1,000,000
+requests in flight per connection — what a plain confluent-kafka client sends with unless told otherwise) or
+``meterline`` (``ledger.kafka.producer_config`` as ``meterline up`` runs it: no idempotence on the embedded broker).
 ``--past-producers N`` first leaves N idempotent producers' entries in the broker's cluster metadata (what N producer
 instances that came and went leave behind: Tansu keeps them all and rewrites the object for every batch).
 """
@@ -31,6 +35,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bench.machine import describe
 from bench.pipeline import PLAIN_CLIENT, USAGE_PARTITIONS
 from bench.stages import weighted_percentile
+from ledger.kafka import producer_config
 from meterline.diskstore_files import SPARE_DIR
 from meterline.services import BrokerProcess, embedded_broker, free_port, start_embedded_broker_with
 
@@ -55,8 +60,22 @@ def _add_past_producers(meta: Path, count: int) -> None:
     meta.write_bytes(orjson.dumps(doc))
 
 
+CLIENTS = ("idempotent", "librdkafka-default", "meterline")
+
+
+def client_config(client: str, bootstrap: str) -> dict[str, object]:
+    """The producer settings of ``--client`` (module doc)."""
+    if client == "meterline":
+        os.environ["KAFKA_PRODUCER_IDEMPOTENCE"] = "false"  # what `meterline up` sets for the embedded broker
+        return producer_config(bootstrap)
+    config: dict[str, object] = {"bootstrap.servers": bootstrap, **PLAIN_CLIENT}
+    if client == "librdkafka-default":
+        config["enable.idempotence"] = False  # librdkafka's default, and with it no bound on requests in flight
+    return config
+
+
 def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_files: int | None,
-        past_producers: int) -> None:
+        past_producers: int, client: str = "idempotent") -> None:
     with tempfile.TemporaryDirectory(prefix="broker-produce-") as home:
         port, store_port = free_port("127.0.0.1"), free_port("127.0.0.1")
 
@@ -81,7 +100,10 @@ def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_
                 print(f"cluster metadata with {past_producers:,} past idempotent producers: "
                       f"{meta.stat().st_size:,} bytes")
                 running = engines()
-            producer = Producer({"bootstrap.servers": running.bootstrap, **PLAIN_CLIENT})
+            config = client_config(client, running.bootstrap)
+            print(f"producer: {client} (enable.idempotence={config.get('enable.idempotence')}, "
+                  f"max.in.flight.requests.per.connection={config.get('max.in.flight.requests.per.connection', 'default')})")
+            producer = Producer(config)
             acked: list[tuple[float, float]] = []  # (sent at, seconds to the acknowledgement)
             errors: list[str] = []
 
@@ -144,11 +166,12 @@ def main() -> None:
     parser.add_argument("--past-producers", type=int, default=0,
                         help="idempotent producers that came and went before the run (their entries in the broker's "
                              "cluster metadata, which it never drops)")
+    parser.add_argument("--client", choices=CLIENTS, default="idempotent", help="the producer's settings (module doc)")
     args = parser.parse_args()
     print(describe())
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     run(rate=args.rate, seconds=args.seconds, warmup_s=args.warmup_s, window_s=args.window_s,
-        spare_files=args.spare_files, past_producers=args.past_producers)
+        spare_files=args.spare_files, past_producers=args.past_producers, client=args.client)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

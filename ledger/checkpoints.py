@@ -334,7 +334,8 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
         charged |= {k: m.charged_minor for k, m in members.items()}
         # usually every member is a key of this checkpoint: reuse its rows; else read the others' counters too
         units = _merged(conn, aggregations, _keys_json(aggregations))  # keys only: the server parses less JSON
-        targets = {key: price_minor(values[key].price, units[key]) for key in values}
+        # a group member's charge is its group's run (step 5b); the rest are priced alone
+        targets = {key: price_minor(values[key].price, units[key]) for key in values if key not in members}
         targets |= _continued_targets(members, units)
         priced = sorted(targets)
         deltas = {key: targets[key] - charged[key] for key in priced}

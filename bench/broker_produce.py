@@ -1,6 +1,6 @@
 """The embedded broker's produce latency on disk, one event per message, one command:
 
-    .venv/bin/python -m bench.broker_produce [--rate 10000] [--seconds 20] [--spare-files 0]
+    .venv/bin/python -m bench.broker_produce [--rate 10000] [--seconds 20] [--client idempotent] [--spare-files 0]
 
 Starts the embedded broker with durable topics (Tansu over meterline/diskstore.py) in a temporary directory,
 creates an 8-partition topic and sends ``--rate`` messages/s for ``--seconds`` from one plain confluent producer
@@ -33,7 +33,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.machine import describe
-from bench.pipeline import PLAIN_CLIENT, USAGE_PARTITIONS
+from bench.pipeline import PLAIN_CLIENTS, USAGE_PARTITIONS, plain_client
 from bench.stages import weighted_percentile
 from ledger.kafka import producer_config
 from meterline.diskstore_files import SPARE_DIR
@@ -60,7 +60,7 @@ def _add_past_producers(meta: Path, count: int) -> None:
     meta.write_bytes(orjson.dumps(doc))
 
 
-CLIENTS = ("idempotent", "librdkafka-default", "meterline")
+CLIENTS = (*PLAIN_CLIENTS, "meterline")
 
 
 def client_config(client: str, bootstrap: str) -> dict[str, object]:
@@ -68,10 +68,7 @@ def client_config(client: str, bootstrap: str) -> dict[str, object]:
     if client == "meterline":
         os.environ["KAFKA_PRODUCER_IDEMPOTENCE"] = "false"  # what `meterline up` sets for the embedded broker
         return producer_config(bootstrap)
-    config: dict[str, object] = {"bootstrap.servers": bootstrap, **PLAIN_CLIENT}
-    if client == "librdkafka-default":
-        config["enable.idempotence"] = False  # librdkafka's default, and with it no bound on requests in flight
-    return config
+    return {"bootstrap.servers": bootstrap, **plain_client(client)}
 
 
 def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_files: int | None,

@@ -16,6 +16,8 @@ every process (workers, ledger, broker, PostgreSQL, this producer) and the machi
 Physical limits, measured first in the same run: raw confluent produce/consume at one event per message
 (--raw-messages) and PostgreSQL's set-based insert, unnest and COPY (--pg-rows). --profile samples the streams
 workers and the ledger with py-spy during each phase and prints their time by package and hottest functions.
+--client librdkafka-default sends with librdkafka's own defaults (no idempotence, no bound on requests in flight)
+instead of the idempotent client (Java's default): what a plain confluent-kafka client does unless told otherwise.
 
 Engines: embedded (PostgreSQL, Tansu broker) under a temporary directory, or DATABASE_URL /
 KAFKA_BOOTSTRAP_SERVERS from the environment (a scratch database is created and dropped).
@@ -196,16 +198,28 @@ class Sent:
 #: Kafka's murmur2 (librdkafka's own default is CRC32; streams/README "Wire shape")
 PLAIN_CLIENT = {"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
                 "queue.buffering.max.kbytes": 262_144, "partitioner": "murmur2_random"}
+#: ``--client``: ``idempotent`` is PLAIN_CLIENT (idempotence is Java's default, and with it at most 5 requests in
+#: flight); ``librdkafka-default`` leaves idempotence off as librdkafka does by default, and with it up to 1,000,000
+#: requests in flight per connection (what a confluent-kafka client sends with unless told otherwise)
+PLAIN_CLIENTS = ("idempotent", "librdkafka-default")
+
+
+def plain_client(client: str = "idempotent") -> dict[str, object]:
+    """The load producer's settings for ``--client`` (without ``bootstrap.servers``)."""
+    if client not in PLAIN_CLIENTS:
+        raise ValueError(f"unknown client {client!r}: one of {', '.join(PLAIN_CLIENTS)}")
+    return {**PLAIN_CLIENT, "enable.idempotence": client == "idempotent"}
 
 
 class LoadProducer:
     """``pack`` > 1: packed messages of one partition's subjects, round robin over partitions (what the SDK does).
     ``pack`` 1: one event per message keyed by its subject, partitioned by librdkafka's murmur2 — a plain client."""
 
-    def __init__(self, bootstrap: str, topic: str, *, subjects: int, pack: int, seed: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, *, subjects: int, pack: int, seed: int,
+                 client: str = "idempotent") -> None:
         self.topic = topic
         self.pack = pack
-        self.producer = Producer({"bootstrap.servers": bootstrap, **PLAIN_CLIENT})
+        self.producer = Producer({"bootstrap.servers": bootstrap, **plain_client(client)})
         self.rng = random.Random(seed)
         by_partition: dict[int, list[str]] = defaultdict(list)
         for i in range(subjects):
@@ -794,6 +808,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="sample the streams workers and the ledger with py-spy during each phase and print "
                              "where their time went (by package and hottest functions)")
+    parser.add_argument("--client", choices=PLAIN_CLIENTS, default="idempotent",
+                        help="the load producer's settings: idempotent (Java's default) or librdkafka's defaults "
+                             "(no idempotence, no bound on requests in flight)")
     parser.add_argument("--broker-storage", choices=("disk", "memory"), default="disk",
                         help="embedded broker: topics on disk (what `meterline up` runs) or in memory")
     args = parser.parse_args()
@@ -804,6 +821,7 @@ def main() -> None:
           .format(*os.getloadavg()))
     print(f"cores: {os.cpu_count()}, usage partitions: {USAGE_PARTITIONS}, streams workers: {args.workers}, "
           f"ledger consumers: 1, pack: {args.pack} events/message, subjects: {args.subjects}, "
+          f"load producer: {args.client}, "
           f"embedded broker storage: {args.broker_storage} (batches merged after "
           f"{StackSettings().broker_merge_after_s:g} s, again after {StackSettings().broker_merge_big_after_s:g} s; "
           "0 = never), streams consumer: "
@@ -829,7 +847,8 @@ def main() -> None:
                 groups["broker disk store"] = [eng.store_pid]
             groups["postgresql"] = postgres_pids(eng.pg_dir)
             try:
-                producer = LoadProducer(eng.bootstrap, topic, subjects=args.subjects, pack=args.pack, seed=1)
+                producer = LoadProducer(eng.bootstrap, topic, subjects=args.subjects, pack=args.pack, seed=1,
+                                        client=args.client)
                 warm_up(producer, eng.database_url, topic, timeout_s=90)
                 groups["postgresql"] = postgres_pids(eng.pg_dir)  # backends of the workers exist now
                 results = []

@@ -64,6 +64,11 @@ def _renameat2() -> Callable[[bytes, bytes, int], int] | None:
 _RENAMEAT2 = _renameat2()
 
 
+def _number(spare: str) -> int:
+    """A spare's number: its file name."""
+    return int(spare.rpartition("/")[2])
+
+
 class StoreFiles:
     """The store's file writes and removals (see the module doc). One thread: the store's event loop."""
 
@@ -71,6 +76,7 @@ class StoreFiles:
         self.fsync = fsync
         self.spare_dir = root / SPARE_DIR
         self.spare_dir.mkdir(parents=True, exist_ok=True)
+        self._spare_prefix = f"{self.spare_dir}/"  # spare paths are strings: pathlib costs per object, per write
         self._spares = sorted(int(n) for n in os.listdir(self.spare_dir) if n.isdigit())
         self._next_name = (self._spares[-1] + 1) if self._spares else 0
         self._last_mtime_ns = 0
@@ -89,20 +95,20 @@ class StoreFiles:
             kept = os.fstat(fd).st_mtime_ns == wanted
         finally:
             os.close(fd)
-        self._spares.append(int(probe.name))
+        self._spares.append(_number(probe))
         return kept
 
-    def _spare(self) -> Path:
+    def _spare(self) -> str:
         if self._spares:
-            return self.spare_dir / str(self._spares.pop())
+            return f"{self._spare_prefix}{self._spares.pop()}"
         self.created += 1
         return self._new_name()
 
-    def _new_name(self) -> Path:
+    def _new_name(self) -> str:
         self._next_name += 1
-        return self.spare_dir / str(self._next_name)
+        return f"{self._spare_prefix}{self._next_name}"
 
-    def _keep(self, spare: Path) -> None:
+    def _keep(self, spare: str) -> None:
         """``spare`` (in the spare folder) holds nothing anyone reads any more: keep it for the next write."""
         if len(self._spares) >= self.spare_max:
             with contextlib.suppress(FileNotFoundError):
@@ -111,7 +117,7 @@ class StoreFiles:
         with contextlib.suppress(FileNotFoundError):
             if os.stat(spare).st_size > SPARE_TRIM_BYTES:
                 os.truncate(spare, 1)
-            self._spares.append(int(spare.name))
+            self._spares.append(_number(spare))
 
     def _stamp(self, mtime_ns: int | None) -> int:
         if mtime_ns is not None:
@@ -119,7 +125,7 @@ class StoreFiles:
         self._last_mtime_ns = max(time.time_ns(), self._last_mtime_ns + 1)
         return self._last_mtime_ns
 
-    def write(self, target: Path, data: bytes, *, exists: bool, mtime_ns: int | None = None) -> os.stat_result:
+    def write(self, target: Path | str, data: bytes, *, exists: bool, mtime_ns: int | None = None) -> os.stat_result:
         """Make ``data`` the file at ``target`` atomically; returns its stat. ``exists``: whether ``target`` is
         there now (the caller has just looked). ``mtime_ns``: the file's mtime, else a fresh unique one."""
         spare = self._spare()

@@ -91,6 +91,37 @@ def test_delimiter_lists_folders_as_common_prefixes(tmp_path: Path) -> None:
     assert "<Key>" not in body
 
 
+def test_listings_cached_before_a_write_show_new_keys_and_new_folders(tmp_path: Path) -> None:
+    """The store answers listings from caches; a PUT into a folder it knows and a PUT that creates folders must
+    both show in listings taken before them (the first skips the walk up the folders, the second needs it)."""
+    async def scenario(http: ClientSession, base: str) -> tuple[str, str, str]:
+        await http.put(f"{base}/t/p0/records/1.batch", data=b"1")
+
+        async def listing(prefix: str, delimiter: str | None = None) -> str:
+            params = {"list-type": "2", "prefix": prefix, **({"delimiter": delimiter} if delimiter else {})}
+            return await (await http.get(base, params=params)).text()
+
+        await listing("t/", "/"), await listing("t/p0/records/"), await listing("")  # cached from here on
+        await http.put(f"{base}/t/p0/records/2.batch", data=b"2")  # a folder the store knows
+        await http.put(f"{base}/t/p1/deep/er/records/3.batch", data=b"3")  # four new folders
+        return await listing("t/", "/"), await listing("t/p0/records/"), await listing("")
+
+    folders, records, everything = _run(tmp_path, scenario)
+    assert "<Prefix>t/p0/</Prefix>" in folders and "<Prefix>t/p1/</Prefix>" in folders
+    assert "<Key>t/p0/records/1.batch</Key>" in records and "<Key>t/p0/records/2.batch</Key>" in records
+    for key in ("t/p0/records/1.batch", "t/p0/records/2.batch", "t/p1/deep/er/records/3.batch"):
+        assert f"<Key>{key}</Key>" in everything
+
+
+def test_keys_that_name_no_object_are_refused(tmp_path: Path) -> None:
+    async def scenario(http: ClientSession, base: str) -> list[int]:
+        return [(await http.put(f"{base}/{key}", data=b"x")).status
+                for key in ("a//b", "a/.tmp-spare/1", ".tmp-x")]  # (the client itself drops "./" and "../")
+
+    assert _run(tmp_path, scenario) == [400, 400, 400]
+    assert not list((tmp_path / "b").rglob("*")) or all(p.is_dir() for p in (tmp_path / "b").rglob("*"))
+
+
 def test_retention_sweep_deletes_old_batches_but_keeps_the_newest_and_other_objects(tmp_path: Path) -> None:
     store = DiskStore(tmp_path)
     records = "clusters/c/topics/t/partitions/0000000000/records"

@@ -16,7 +16,7 @@ inodes freed in the last 60–300 s (``find_inode_bit`` → ``recently_deleted``
 
 Invariants:
 - a reader of a key sees the old object or the new one, whole, never a mix and never none (exchange and rename are
-  atomic); spares are never objects (``DiskStore.path`` refuses ``.tmp-`` names, listings skip them), so what a
+  atomic); spares are never objects (``diskstore._key_parts`` refuses ``.tmp-`` names in keys, listings skip them), so what a
   crash leaves in a spare is never read;
 - an object's ETag is (inode, mtime, size), and inodes are reused here on purpose, so every write stamps an mtime
   strictly greater than any this process stamped before (``time_ns`` or the last one + 1): two versions of a key

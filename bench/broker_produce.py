@@ -1,13 +1,15 @@
 """The embedded broker's produce latency on disk, one event per message, one command:
 
     .venv/bin/python -m bench.broker_produce [--rate 10000] [--seconds 20] [--client idempotent] [--spare-files 0]
+                                           [--fresh-files 0]
 
 Starts the embedded broker with durable topics (Tansu over meterline/diskstore.py) in a temporary directory,
 creates an 8-partition topic and sends ``--rate`` messages/s for ``--seconds`` from one plain confluent producer
 (the settings and message shape of ``bench.pipeline --pack 1``: idempotent, acks=all, linger 5 ms, lz4, keyed by
 subject over 1,000 subjects, murmur2). Prints the send→acknowledged latency (p50/p90/p99/max) over the run after
 its first ``--warmup-s`` and per ``--window-s`` window, the CPU of the broker and of its disk store, and the machine.
-``--spare-files 0`` runs the store without reusing files (a new file per write, the old one unlinked), to compare.
+``--spare-files 0`` runs the store without reusing files (a new file per write, the old one unlinked), to compare;
+``--fresh-files 0`` without the thread that creates files ahead of need (a write that finds no spare creates one).
 ``--client`` picks the producer's settings: ``idempotent`` (the default above: Java's default, what
 ``bench.pipeline`` sends with), ``librdkafka-default`` (librdkafka's own defaults: no idempotence and up to 1,000,000
 requests in flight per connection — what a plain confluent-kafka client sends with unless told otherwise) or
@@ -72,7 +74,7 @@ def client_config(client: str, bootstrap: str) -> dict[str, object]:
 
 
 def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_files: int | None,
-        past_producers: int, client: str = "idempotent") -> None:
+        past_producers: int, client: str = "idempotent", fresh_files: int | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="broker-produce-") as home:
         port, store_port = free_port("127.0.0.1"), free_port("127.0.0.1")
 
@@ -82,6 +84,8 @@ def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_
             assert running.store is not None
             if spare_files is not None:
                 running.store.argv += ["--spare-files", str(spare_files)]
+            if fresh_files is not None:
+                running.store.argv += ["--fresh-files", str(fresh_files)]
             return start_embedded_broker_with(running)
 
         running = engines()
@@ -150,7 +154,8 @@ def run(*, rate: float, seconds: float, warmup_s: float, window_s: float, spare_
         f"{int(w * window_s)}s {1000 * weighted_percentile(v, 0.5):.0f}/{1000 * weighted_percentile(v, 0.99):.0f}"
         for w, v in sorted(windows.items())))
     print(f"cpu, share of a core: broker (tansu) {cpu['broker']:.2f}, disk store {cpu['store']:.2f}; "
-          f"spare files: at most {'the store default' if spare_files is None else spare_files}, {spares:,} at the end")
+          f"spare files: at most {'the store default' if spare_files is None else spare_files}, {spares:,} at the end; "
+          f"fresh files: {'the store default' if fresh_files is None else fresh_files}")
 
 
 def main() -> None:
@@ -160,6 +165,8 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=2.0, help="left out of the overall percentiles")
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--spare-files", type=int, default=None, help="the store's --spare-files (default: its own)")
+    parser.add_argument("--fresh-files", type=int, default=None,
+                        help="the store's --fresh-files (default: its own; 0: no refill thread)")
     parser.add_argument("--past-producers", type=int, default=0,
                         help="idempotent producers that came and went before the run (their entries in the broker's "
                              "cluster metadata, which it never drops)")
@@ -168,7 +175,8 @@ def main() -> None:
     print(describe())
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     run(rate=args.rate, seconds=args.seconds, warmup_s=args.warmup_s, window_s=args.window_s,
-        spare_files=args.spare_files, past_producers=args.past_producers, client=args.client)
+        spare_files=args.spare_files, past_producers=args.past_producers, client=args.client,
+        fresh_files=args.fresh_files)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

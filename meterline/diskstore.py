@@ -64,7 +64,7 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from meterline.batch_merge import HEADER_BYTES, BatchHead
-from meterline.diskstore_files import SPARE_MAX, StoreFiles, read_from_outside
+from meterline.diskstore_files import FRESH_MAX, SPARE_MAX, StoreFiles, read_from_outside
 from meterline.merge_worker import MergeWorker, merge_or_none
 
 #: Batches live at ``clusters/<c>/topics/<t>/partitions/<p>/records/<offset>.batch`` (Tansu 0.6 dynostore).
@@ -730,6 +730,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spare-files", type=int, default=SPARE_MAX,
                         help="files kept for reuse instead of creating and unlinking one per write "
                              "(meterline/diskstore_files.py); 0: none (bench.broker_produce compares)")
+    parser.add_argument("--fresh-files", type=int, default=FRESH_MAX,
+                        help="empty files a background thread keeps ready for writes that find no spare, so no "
+                             "request waits for a file to be created (meterline/diskstore_files.py); 0: none")
     parser.add_argument("--merge-after-s", type=float, default=DEFAULT_MERGE_AFTER_S,
                         help="merge record batches older than this (see the module doc); 0 or less: never")
     parser.add_argument("--merge-bytes-max", type=int, default=DEFAULT_MERGE_BYTES_MAX)
@@ -741,6 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     store = DiskStore(args.root.resolve(), fsync=args.fsync, spare_files=args.spare_files)
     store.recover()
+    store.files.start_refill(args.fresh_files)
     app = make_app(store)
 
     async def start_sweeper(app: web.Application) -> None:
@@ -753,6 +757,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def stop_worker(app: web.Application) -> None:
         worker.close()
+        store.files.stop_refill()
 
     worker = MergeWorker()
     if args.merge_after_s > 0:

@@ -12,7 +12,14 @@ inodes freed in the last 60–300 s (``find_inode_bit`` → ``recently_deleted``
   flushes a file truncated to 0 when it is closed), then swapped into place: ``renameat2(RENAME_EXCHANGE)`` when
   the key exists — the old object becomes the spare — else a rename;
 - a removed object becomes a spare (a rename) while there are fewer than ``spare_max``; spares above
-  ``SPARE_TRIM_BYTES`` are cut to one byte, so spares hold at most ``spare_max`` × that of disk.
+  ``SPARE_TRIM_BYTES`` are cut to one byte, so spares hold at most ``spare_max`` × that of disk;
+- when no spare is left (a young store: spares come back only when compaction retires objects, and every produce
+  makes one new object), a **refill thread** (``start_refill``) keeps up to ``fresh_max`` empty files created ahead
+  of need. Creating a file costs 0.2–0.8 ms of kernel time here (the inode search above), and the broker waits for
+  each write of a produce request one after another, so that cost sat on the acknowledgement's path twice per
+  partition batch (measured: the watermark overwrite 850–1,000 µs in the store's handler against 90 µs for the
+  batch written into the spare it left). The thread pays it on the other core, outside the request; the event loop
+  takes a fresh file (a deque: append and popleft are atomic) and creates one itself only when the pool is empty.
 
 Invariants:
 - a reader of a key sees the old object or the new one, whole, never a mix and never none (exchange and rename are
@@ -29,16 +36,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 SPARE_DIR = ".tmp-spare"
+#: where the refill thread creates files before moving them into SPARE_DIR
+FRESH_DIR = ".tmp-fresh"
 #: spares kept for reuse; each is an inode, and at most SPARE_TRIM_BYTES of disk
 SPARE_MAX = 4096
 SPARE_TRIM_BYTES = 16 * 1024
+#: empty files the refill thread keeps ready when no spare is left (each an inode of no data)
+FRESH_MAX = 1024
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -70,7 +84,8 @@ def _number(spare: str) -> int:
 
 
 class StoreFiles:
-    """The store's file writes and removals (see the module doc). One thread: the store's event loop."""
+    """The store's file writes and removals (see the module doc). One thread writes and removes (the store's event
+    loop); the refill thread only creates empty files under names of its own and hands them over in ``_fresh``."""
 
     def __init__(self, root: Path, *, fsync: bool = False, spare_max: int = SPARE_MAX) -> None:
         self.fsync = fsync
@@ -78,10 +93,20 @@ class StoreFiles:
         self.spare_dir.mkdir(parents=True, exist_ok=True)
         self._spare_prefix = f"{self.spare_dir}/"  # spare paths are strings: pathlib costs per object, per write
         self._spares = sorted(int(n) for n in os.listdir(self.spare_dir) if n.isdigit())
-        self._next_name = (self._spares[-1] + 1) if self._spares else 0
+        # names for new files, drawn by both threads (next() of itertools.count is atomic under the GIL)
+        self._names = itertools.count((self._spares[-1] + 1) if self._spares else 1)
         self._last_mtime_ns = 0
-        #: files created because no spare was left (observability and tests)
+        #: files created on the write path because no spare was left (observability and tests)
         self.created = 0
+        #: empty files made by the refill thread, oldest first; taken only when ``_spares`` is empty
+        self._fresh: deque[int] = deque()
+        self.fresh_max = 0
+        #: files the refill thread created (observability and tests)
+        self.prefilled = 0
+        self._wanted = threading.Event()
+        self._refill_stop = threading.Event()
+        self._refill: threading.Thread | None = None
+        self._fresh_prefix = ""
         # reusing inodes needs mtimes in nanoseconds (see the module doc): where the filesystem keeps less, keep
         # no spares and every write is a new file again
         self.spare_max = spare_max if self._keeps_nanoseconds() else 0
@@ -101,12 +126,60 @@ class StoreFiles:
     def _spare(self) -> str:
         if self._spares:
             return f"{self._spare_prefix}{self._spares.pop()}"
+        if self.fresh_max:
+            if len(self._fresh) < self.fresh_max // 2:
+                self._wanted.set()
+            with contextlib.suppress(IndexError):
+                return f"{self._spare_prefix}{self._fresh.popleft()}"
         self.created += 1
         return self._new_name()
 
     def _new_name(self) -> str:
-        self._next_name += 1
-        return f"{self._spare_prefix}{self._next_name}"
+        return f"{self._spare_prefix}{next(self._names)}"
+
+    # ------------------------------------------------------------------ the refill thread
+    def start_refill(self, fresh_max: int = FRESH_MAX) -> None:
+        """Keep up to ``fresh_max`` empty files ready for writes that find no spare (module doc). Not where
+        inodes are not reused (``spare_max`` 0: a filesystem without ns mtimes keeps the plain path)."""
+        if fresh_max <= 0 or self.spare_max <= 0 or self._refill is not None:
+            return
+        self.fresh_max = fresh_max
+        self._fresh_prefix = f"{self.spare_dir.parent / FRESH_DIR}/"
+        os.makedirs(self._fresh_prefix, exist_ok=True)
+        for name in os.listdir(self._fresh_prefix):  # made by a refill thread that died before moving them
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._fresh_prefix}{name}")
+        self._wanted.set()
+        self._refill = threading.Thread(target=self._refill_forever, name="store-refill", daemon=True)
+        self._refill.start()
+
+    def stop_refill(self) -> None:
+        if self._refill is None:
+            return
+        self._refill_stop.set()
+        self._wanted.set()
+        self._refill.join()
+        self._refill = None
+
+    def _refill_forever(self) -> None:
+        while not self._refill_stop.is_set():
+            self._wanted.wait()
+            self._wanted.clear()
+            # top up to the mark; the spares taken meanwhile wake us again
+            while len(self._fresh) < self.fresh_max and not self._refill_stop.is_set():
+                number = next(self._names)
+                made = f"{self._fresh_prefix}{number}"
+                try:
+                    # created in a folder of its own, then moved: a create holds its folder's lock for the whole
+                    # inode search, and the write path renames out of the spare folder (measured: renames from a
+                    # folder another thread creates in, p99 152 µs and max 8 ms, against 49 µs from another one)
+                    os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    os.rename(made, f"{self._spare_prefix}{number}")
+                except OSError:  # a full disk or the like: the write path creates its own files and says why
+                    self._refill_stop.wait(1.0)
+                    break
+                self._fresh.append(number)
+                self.prefilled += 1
 
     def _keep(self, spare: str) -> None:
         """``spare`` (in the spare folder) holds nothing anyone reads any more: keep it for the next write."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from meterline.diskstore import DiskStore
-from meterline.diskstore_files import SPARE_DIR, SPARE_TRIM_BYTES, StoreFiles, read_from_outside
+from meterline.diskstore_files import FRESH_DIR, SPARE_DIR, SPARE_TRIM_BYTES, StoreFiles, read_from_outside
 
 
 def test_every_version_of_an_overwritten_key_has_its_own_etag_and_a_stale_one_cannot_swap(tmp_path: Path) -> None:
@@ -126,3 +127,60 @@ def test_the_fsync_mode_writes_swaps_and_deletes_through_the_same_path(tmp_path:
     assert (tmp_path / "b" / "c" / "meta.json").read_bytes() == b"two"
     store.delete("b", "c/meta.json")
     assert not (tmp_path / "b" / "c" / "meta.json").exists()
+
+
+def _until(condition: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "the refill thread did not get there in time"
+        time.sleep(0.01)
+
+
+def test_writes_that_find_no_spare_take_files_the_refill_thread_made_and_it_tops_the_pool_up(tmp_path: Path) -> None:
+    """A young store has no spares, so every new object used to create its file on the request's path."""
+    files = StoreFiles(tmp_path / "root")
+    folder = tmp_path / "root" / "records"
+    folder.mkdir()
+    created = files.created  # the start-up probe's file
+    files.start_refill(fresh_max=64)
+    try:
+        _until(lambda: files.prefilled >= 64)
+        for i in range(60):  # new keys, no spare left after the first: each takes a fresh file
+            files.write(f"{folder}/{i}.batch", b"%d" % i * 50, exists=False)
+        assert files.created == created
+        _until(lambda: files.prefilled >= 64 + 60 - 32)  # below half the mark the pool is topped up again
+        for i in range(60):
+            files.write(f"{folder}/{i}.batch", b"again", exists=True)  # overwrites: the old files become spares
+        assert files.created == created
+    finally:
+        files.stop_refill()
+    assert sorted(os.listdir(folder)) == sorted(f"{i}.batch" for i in range(60))
+    assert all((folder / f"{i}.batch").read_bytes() == b"again" for i in range(60))
+    assert os.listdir(tmp_path / "root" / FRESH_DIR) == []  # every file it made was moved to the spares
+
+
+def test_files_the_refill_thread_made_are_never_objects_and_leftovers_are_cleared(tmp_path: Path) -> None:
+    (tmp_path / FRESH_DIR).mkdir()
+    (tmp_path / FRESH_DIR / "7").write_bytes(b"")  # a refill thread died between creating and moving it
+    store = DiskStore(tmp_path)
+    store.files.start_refill(fresh_max=16)
+    try:
+        _until(lambda: store.files.prefilled >= 16)
+        assert not (tmp_path / FRESH_DIR / "7").exists()
+        store.put("b", "k/1.batch", b"one", if_match=None, if_none_match="*")
+        keys, prefixes, _ = store.list("b", "", delimiter=None, start_after="", max_keys=1000)
+        assert [k for k, _ in keys] == ["k/1.batch"] and prefixes == []
+        with pytest.raises(web.HTTPBadRequest):
+            store.path(FRESH_DIR, "1")
+    finally:
+        store.files.stop_refill()
+
+
+def test_no_refill_thread_where_inodes_are_not_reused(tmp_path: Path) -> None:
+    files = StoreFiles(tmp_path, spare_max=0)
+    files.start_refill(fresh_max=16)
+    assert files.fresh_max == 0 and files.prefilled == 0
+    created = files.created
+    for i in range(3):  # the start-up probe's file at most, then a new file each
+        files.write(tmp_path / f"k{i}", b"a", exists=False)
+    assert files.created >= created + 2

@@ -53,6 +53,7 @@ import bisect
 import contextlib
 import email.utils
 import os
+import signal
 import stat
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
@@ -61,10 +62,17 @@ from pathlib import Path
 from typing import NamedTuple
 from xml.sax.saxutils import escape
 
-from aiohttp import web
-
 from meterline.batch_merge import HEADER_BYTES, BatchHead
 from meterline.diskstore_files import FRESH_MAX, SPARE_MAX, StoreFiles, read_from_outside
+from meterline.diskstore_http import (
+    BadRequest,
+    Handler,
+    MethodNotAllowed,
+    PreconditionFailed,
+    Request,
+    Response,
+    serve,
+)
 from meterline.merge_worker import MergeWorker, merge_or_none
 
 #: Batches live at ``clusters/<c>/topics/<t>/partitions/<p>/records/<offset>.batch`` (Tansu 0.6 dynostore).
@@ -166,9 +174,9 @@ class DiskStore:
         target = "/".join([self._root, *_key_parts(bucket, key)])
         current = _stat(target)
         if if_none_match == "*" and current is not None:
-            raise web.HTTPPreconditionFailed()
+            raise PreconditionFailed()
         if if_match is not None and (current is None or self.etag(current) != if_match):
-            raise web.HTTPPreconditionFailed()
+            raise PreconditionFailed()
         parent, _, name = target.rpartition("/")
         # a folder we know exists, and so do its ancestors in every cached listing (folders are never removed)
         known_folder = self._meta.get(parent, False) is None
@@ -577,7 +585,7 @@ def _key_parts(bucket: str, key: str) -> list[str]:
     or a spare's ``.tmp-`` name (spares are never objects)."""
     parts = [bucket, *key.split("/")]
     if any(p in ("", ".", "..") or p.startswith(".tmp-") for p in parts):
-        raise web.HTTPBadRequest(text="invalid key")
+        raise BadRequest("invalid key")
     return parts
 
 
@@ -605,61 +613,61 @@ def _object_headers(store: DiskStore, st: os.stat_result) -> dict[str, str]:
             "Content-Length": str(st.st_size)}
 
 
-def _split(request: web.Request) -> tuple[str, str]:
-    path = request.match_info["path"]
-    bucket, _, key = path.partition("/")
-    return bucket, key
+def make_handler(store: DiskStore) -> Handler:
+    """The S3 calls of the module doc, answered synchronously (meterline/diskstore_http.py serves them)."""
 
-
-def make_app(store: DiskStore) -> web.Application:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        bucket, key = _split(request)
+    def handle(request: Request) -> Response:
+        bucket, _, key = request.path.partition("/")
         if not bucket:
-            raise web.HTTPBadRequest(text="no bucket")
-        if request.method == "PUT":
+            raise BadRequest("no bucket")
+        method, headers = request.method, request.headers
+        if method == "PUT":
             if not key:
                 (store.root / bucket).mkdir(parents=True, exist_ok=True)  # CreateBucket
-                return web.Response(status=200)
-            body = await request.read()
-            etag = store.put(bucket, key, body, if_match=request.headers.get("If-Match"),
-                             if_none_match=request.headers.get("If-None-Match"))
-            return web.Response(status=200, headers={"ETag": etag})
-        if request.method in ("GET", "HEAD") and not key:
-            if request.query.get("list-type") == "2" or request.method == "GET":
-                return _list(store, bucket, request)
-            return web.Response(status=200)
-        if request.method in ("GET", "HEAD"):
-            target = store.path(bucket, key)
-            st = _stat(target)
-            if st is None and (retired := store.retired_copy(target)) is not None:
-                target, st = retired, _stat(retired)  # merged away after this reader listed it: see the module doc
-            if st is None:
-                return web.Response(status=404, content_type="application/xml",
-                                    text=_error("NoSuchKey", key))
-            headers = _object_headers(store, st)
-            if request.headers.get("If-None-Match") == headers["ETag"]:
-                return web.Response(status=304, headers={"ETag": headers["ETag"]})
-            if_match = request.headers.get("If-Match")
-            if if_match is not None and if_match != headers["ETag"]:
-                raise web.HTTPPreconditionFailed()
-            if request.method == "HEAD":
-                return web.Response(status=200, headers=headers)
-            try:
-                data = target.read_bytes()
-            except FileNotFoundError:  # deleted between stat and read
-                return web.Response(status=404, content_type="application/xml", text=_error("NoSuchKey", key))
-            headers["Content-Length"] = str(len(data))
-            return web.Response(status=200, body=data, headers=headers)
-        if request.method == "DELETE":
+                return Response(200)
+            etag = store.put(bucket, key, request.body, if_match=headers.get("if-match"),
+                             if_none_match=headers.get("if-none-match"))
+            return Response(200, {"ETag": etag})
+        if method in ("GET", "HEAD") and not key:
+            if request.query.get("list-type") == "2" or method == "GET":
+                return _list(store, bucket, request.query)
+            return Response(200)
+        if method in ("GET", "HEAD"):
+            return _get(store, bucket, key, request)
+        if method == "DELETE":
             store.delete(bucket, key)
-            return web.Response(status=204)
-        if request.method == "POST" and "delete" in request.query:
-            return await _bulk_delete(store, bucket, request)
-        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD", "PUT", "DELETE", "POST"])
+            return Response(204)
+        if method == "POST" and "delete" in request.query:
+            return _bulk_delete(store, bucket, request.body)
+        raise MethodNotAllowed(f"{method} is not served; GET, HEAD, PUT, DELETE, POST ?delete are")
 
-    app = web.Application(client_max_size=1024**3)
-    app.router.add_route("*", "/{path:.*}", handle)
-    return app
+    return handle
+
+
+def _get(store: DiskStore, bucket: str, key: str, request: Request) -> Response:
+    target = store.path(bucket, key)
+    st = _stat(target)
+    if st is None and (retired := store.retired_copy(target)) is not None:
+        target, st = retired, _stat(retired)  # merged away after this reader listed it: see the module doc
+    if st is None:
+        return Response(404, _XML, _error("NoSuchKey", key).encode())
+    headers = _object_headers(store, st)
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(304, {"ETag": headers["ETag"]})
+    if_match = request.headers.get("if-match")
+    if if_match is not None and if_match != headers["ETag"]:
+        raise PreconditionFailed()
+    if request.method == "HEAD":
+        return Response(200, headers)
+    try:
+        data = target.read_bytes()
+    except FileNotFoundError:  # deleted between stat and read
+        return Response(404, _XML, _error("NoSuchKey", key).encode())
+    headers["Content-Length"] = str(len(data))
+    return Response(200, headers, data)
+
+
+_XML = {"Content-Type": "application/xml"}
 
 
 def _error(code: str, key: str) -> str:
@@ -667,11 +675,14 @@ def _error(code: str, key: str) -> str:
             f"<Message>{code}</Message><Key>{escape(key)}</Key></Error>")
 
 
-def _list(store: DiskStore, bucket: str, request: web.Request) -> web.Response:
-    prefix = request.query.get("prefix", "")
-    delimiter = request.query.get("delimiter") or None
-    token = request.query.get("continuation-token") or request.query.get("start-after") or ""
-    max_keys = min(LIST_PAGE_MAX, int(request.query.get("max-keys", LIST_PAGE_MAX)))
+def _list(store: DiskStore, bucket: str, query: dict[str, str]) -> Response:
+    prefix = query.get("prefix", "")
+    delimiter = query.get("delimiter") or None
+    token = query.get("continuation-token") or query.get("start-after") or ""
+    try:
+        max_keys = min(LIST_PAGE_MAX, int(query.get("max-keys", LIST_PAGE_MAX)))
+    except ValueError:
+        raise BadRequest("max-keys must be an integer") from None
     keys, prefixes, last = store.list(bucket, prefix, delimiter=delimiter, start_after=token, max_keys=max_keys)
     parts = ['<?xml version="1.0" encoding="UTF-8"?>',
              '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
@@ -684,21 +695,24 @@ def _list(store: DiskStore, bucket: str, request: web.Request) -> web.Response:
     for p in prefixes:
         parts.append(f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>")
     parts.append("</ListBucketResult>")
-    return web.Response(status=200, content_type="application/xml", text="".join(parts))
+    return Response(200, _XML, "".join(parts).encode())
 
 
-async def _bulk_delete(store: DiskStore, bucket: str, request: web.Request) -> web.Response:
+def _bulk_delete(store: DiskStore, bucket: str, body: bytes) -> Response:
     import xml.etree.ElementTree as ET
 
-    root = ET.fromstring(await request.read())
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise BadRequest(f"the Delete body is not XML: {exc}") from None
     deleted = []
     for obj in root.iter():
         if obj.tag.endswith("Key") and obj.text:
             store.delete(bucket, obj.text)
             deleted.append(f"<Deleted><Key>{escape(obj.text)}</Key></Deleted>")
-    body = ('<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+    text = ('<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
             + "".join(deleted) + "</DeleteResult>")
-    return web.Response(status=200, content_type="application/xml", text=body)
+    return Response(200, _XML, text.encode())
 
 
 async def _sweep_forever(store: DiskStore, retention_ms: int, every_s: float) -> None:
@@ -745,31 +759,39 @@ def main(argv: list[str] | None = None) -> None:
     store = DiskStore(args.root.resolve(), fsync=args.fsync, spare_files=args.spare_files)
     store.recover()
     store.files.start_refill(args.fresh_files)
-    app = make_app(store)
-
-    async def start_sweeper(app: web.Application) -> None:
-        app["sweeper"] = asyncio.create_task(_sweep_forever(store, args.retention_ms, args.sweep_every_s))
-        if args.merge_after_s > 0:
-            tiers = merge_tiers(args.merge_after_s, args.merge_bytes_max,
-                                big_after_s=max(args.merge_big_after_s, 0.0), big_bytes_max=args.merge_big_bytes_max)
-            app["compactor"] = asyncio.create_task(_compact_forever(store, worker, tiers=tiers,
-                                                                    every_s=args.merge_every_s))
-
-    async def stop_worker(app: web.Application) -> None:
-        worker.close()
-        store.files.stop_refill()
-
     worker = MergeWorker()
     if args.merge_after_s > 0:
         worker.start()  # spawned now, not under the first load: starting it costs ~0.3 s of a core
-    app.on_startup.append(start_sweeper)
-    app.on_cleanup.append(stop_worker)
     with contextlib.suppress(ImportError):
         import uvloop
 
         uvloop.install()
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    try:
+        asyncio.run(_serve(store, worker, args))
+    finally:
+        worker.close()
+        store.files.stop_refill()
 
+
+async def _serve(store: DiskStore, worker: MergeWorker, args: argparse.Namespace) -> None:
+    """Serve until SIGTERM or SIGINT, with the retention sweep and compaction running beside the requests."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    server = await serve(make_handler(store), args.host, args.port)
+    tasks = [asyncio.create_task(_sweep_forever(store, args.retention_ms, args.sweep_every_s))]
+    if args.merge_after_s > 0:
+        tiers = merge_tiers(args.merge_after_s, args.merge_bytes_max,
+                            big_after_s=max(args.merge_big_after_s, 0.0), big_bytes_max=args.merge_big_bytes_max)
+        tasks.append(asyncio.create_task(_compact_forever(store, worker, tiers=tiers, every_s=args.merge_every_s)))
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def partition_log_end(root: Path, topic: str, partition: int, *, bucket: str = "tansu",

@@ -1,6 +1,7 @@
 """The embedded broker's disk store speaks the S3 calls Tansu's ``s3://`` engine makes, over real HTTP.
 
-Served by aiohttp's test server in a thread-free way: each test drives the app with aiohttp's own client."""
+Served by the store's own HTTP server (meterline/diskstore_http.py) on the test's event loop; each test drives it
+with aiohttp's client, an independent HTTP implementation."""
 
 from __future__ import annotations
 
@@ -12,20 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession
-from aiohttp.test_utils import TestServer
 
-from meterline.diskstore import DiskStore, make_app, partition_log_end
+from meterline.diskstore import DiskStore, make_handler, partition_log_end
+from meterline.diskstore_http import serve
+
+
+def _url(server: asyncio.Server) -> str:
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"http://{host}:{port}"
 
 
 def _run(root: Path, scenario: Callable[[ClientSession, str], Awaitable[Any]]) -> Any:
     async def main() -> Any:
-        server = TestServer(make_app(DiskStore(root)), host="127.0.0.1")
-        await server.start_server()
+        server = await serve(make_handler(DiskStore(root)), "127.0.0.1", 0)
         try:
             async with ClientSession() as http:
-                return await scenario(http, str(server.make_url("/b")))
+                return await scenario(http, f"{_url(server)}/b")
         finally:
-            await server.close()
+            server.close()
 
     return asyncio.run(main())
 
@@ -274,13 +279,12 @@ def test_a_reader_that_listed_before_a_merge_still_reads_every_key_it_listed(tmp
 
     async def main() -> None:
         store = DiskStore(tmp_path)
-        server = TestServer(make_app(store), host="127.0.0.1")
-        await server.start_server()
+        server = await serve(make_handler(store), "127.0.0.1", 0)
         try:
             async with ClientSession() as http:
-                await scenario(http, str(server.make_url("/tansu")), store)
+                await scenario(http, f"{_url(server)}/tansu", store)
         finally:
-            await server.close()
+            server.close()
 
     asyncio.run(main())
 

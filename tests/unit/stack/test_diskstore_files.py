@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from meterline.diskstore import DiskStore
 from meterline.diskstore_files import FRESH_DIR, SPARE_DIR, SPARE_TRIM_BYTES, StoreFiles, read_from_outside
+from meterline.diskstore_http import BadRequest, PreconditionFailed
 
 
 def test_every_version_of_an_overwritten_key_has_its_own_etag_and_a_stale_one_cannot_swap(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_every_version_of_an_overwritten_key_has_its_own_etag_and_a_stale_one_ca
         inodes.add(os.stat(tmp_path / "b" / "cluster" / "meta.json").st_ino)
     assert len(inodes) <= 3  # the key's inodes are reused (it and a spare swap places), not one per write
     for old in stale[:-1]:
-        with pytest.raises(web.HTTPPreconditionFailed):
+        with pytest.raises(PreconditionFailed):
             store.put("b", "cluster/meta.json", b"lost update", if_match=old, if_none_match=None)
     assert (tmp_path / "b" / "cluster" / "meta.json").read_bytes() == b"v9"
 
@@ -74,7 +74,7 @@ def test_spares_are_never_objects(tmp_path: Path) -> None:
     store.put("b", "k/2.batch", b"two", if_match=None, if_none_match="*")
     keys, prefixes, _ = store.list("b", "", delimiter=None, start_after="", max_keys=1000)
     assert [k for k, _ in keys] == ["k/2.batch"] and prefixes == []
-    with pytest.raises(web.HTTPBadRequest):
+    with pytest.raises(BadRequest):
         store.path(SPARE_DIR, "1")
 
 
@@ -122,7 +122,7 @@ def test_the_fsync_mode_writes_swaps_and_deletes_through_the_same_path(tmp_path:
     store = DiskStore(tmp_path, fsync=True)
     etag = store.put("b", "c/meta.json", b"one", if_match=None, if_none_match="*")
     etag = store.put("b", "c/meta.json", b"two", if_match=etag, if_none_match=None)
-    with pytest.raises(web.HTTPPreconditionFailed):
+    with pytest.raises(PreconditionFailed):
         store.put("b", "c/meta.json", b"lost", if_match='"stale"', if_none_match=None)
     assert (tmp_path / "b" / "c" / "meta.json").read_bytes() == b"two"
     store.delete("b", "c/meta.json")
@@ -170,7 +170,7 @@ def test_files_the_refill_thread_made_are_never_objects_and_leftovers_are_cleare
         store.put("b", "k/1.batch", b"one", if_match=None, if_none_match="*")
         keys, prefixes, _ = store.list("b", "", delimiter=None, start_after="", max_keys=1000)
         assert [k for k, _ in keys] == ["k/1.batch"] and prefixes == []
-        with pytest.raises(web.HTTPBadRequest):
+        with pytest.raises(BadRequest):
             store.path(FRESH_DIR, "1")
     finally:
         store.files.stop_refill()

@@ -182,7 +182,8 @@ class DiskStore:
         known_folder = self._meta.get(parent, False) is None
         if current is None and not known_folder:
             os.makedirs(parent, exist_ok=True)
-        st = self.files.write(target, body, exists=current is not None)
+        st = self.files.write(target, body, exists=current is not None,
+                              replaced_size=None if current is None else current.st_size)
         if self.fsync:
             _fsync_dir(Path(parent))
         if current is None:

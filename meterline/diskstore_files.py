@@ -181,14 +181,15 @@ class StoreFiles:
                 self._fresh.append(number)
                 self.prefilled += 1
 
-    def _keep(self, spare: str) -> None:
-        """``spare`` (in the spare folder) holds nothing anyone reads any more: keep it for the next write."""
+    def _keep(self, spare: str, size: int | None = None) -> None:
+        """``spare`` (in the spare folder) holds nothing anyone reads any more: keep it for the next write.
+        ``size``: its length when the caller knows it (one ``stat`` fewer on the overwrite path)."""
         if len(self._spares) >= self.spare_max:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spare)
             return
         with contextlib.suppress(FileNotFoundError):
-            if os.stat(spare).st_size > SPARE_TRIM_BYTES:
+            if (os.stat(spare).st_size if size is None else size) > SPARE_TRIM_BYTES:
                 os.truncate(spare, 1)
             self._spares.append(_number(spare))
 
@@ -198,9 +199,11 @@ class StoreFiles:
         self._last_mtime_ns = max(time.time_ns(), self._last_mtime_ns + 1)
         return self._last_mtime_ns
 
-    def write(self, target: Path | str, data: bytes, *, exists: bool, mtime_ns: int | None = None) -> os.stat_result:
+    def write(self, target: Path | str, data: bytes, *, exists: bool, mtime_ns: int | None = None,
+              replaced_size: int | None = None) -> os.stat_result:
         """Make ``data`` the file at ``target`` atomically; returns its stat. ``exists``: whether ``target`` is
-        there now (the caller has just looked). ``mtime_ns``: the file's mtime, else a fresh unique one."""
+        there now (the caller has just looked; ``replaced_size``: its length then, if known). ``mtime_ns``: the
+        file's mtime, else a fresh unique one."""
         spare = self._spare()
         fd = os.open(spare, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
@@ -219,7 +222,7 @@ class StoreFiles:
         if exists and _RENAMEAT2 is not None:
             failed = _RENAMEAT2(os.fsencode(spare), os.fsencode(target), _RENAME_EXCHANGE)
             if failed == 0:
-                self._keep(spare)  # it holds the replaced object now
+                self._keep(spare, replaced_size)  # it holds the replaced object now
                 return st
             if failed not in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise OSError(failed, os.strerror(failed), str(target))

@@ -67,6 +67,17 @@ def test_a_reused_file_holds_exactly_the_new_bytes_and_big_spares_are_trimmed(tm
     assert small.read_bytes() == b""
 
 
+def test_an_object_overwritten_by_a_put_becomes_a_trimmed_spare(tmp_path: Path) -> None:
+    """The overwrite path passes the replaced object's size instead of a stat: a big object replaced by a small one
+    must still leave a spare trimmed to at most SPARE_TRIM_BYTES (spares are kept by the thousand)."""
+    store = DiskStore(tmp_path)
+    store.put("b", "p/watermark.json", os.urandom(SPARE_TRIM_BYTES * 4), if_match=None, if_none_match=None)
+    store.put("b", "p/watermark.json", b"small", if_match=None, if_none_match=None)
+    assert (tmp_path / "b" / "p" / "watermark.json").read_bytes() == b"small"
+    spares = [tmp_path / SPARE_DIR / n for n in os.listdir(tmp_path / SPARE_DIR)]
+    assert spares and max(p.stat().st_size for p in spares) <= SPARE_TRIM_BYTES
+
+
 def test_spares_are_never_objects(tmp_path: Path) -> None:
     store = DiskStore(tmp_path)
     store.put("b", "k/1.batch", b"one", if_match=None, if_none_match="*")

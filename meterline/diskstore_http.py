@@ -10,8 +10,9 @@ same (~40 µs). Those ~100 µs were a third of the store's CPU per request, on t
 Scope — what Tansu's ``s3://`` client (Rust ``object_store`` over hyper) sends, and what any HTTP/1.1 client may:
 keep-alive, pipelined requests (answered in order: every request is answered inside ``on_message_complete``,
 because the handler never yields), bodies with Content-Length or chunked, ``Expect: 100-continue``,
-``Connection: close``. A body above ``body_max`` is refused with 413 and the connection closed; a request the
-parser cannot read gets 400 and the connection is closed. A handler raises ``HttpError`` for a client error;
+``Connection: close``. A body above ``body_max`` is refused with 413, a request line and headers above
+``HEAD_MAX`` with 431 (httptools buffers a header until it ends, so without a bound one endless header would grow
+without limit), and a request the parser cannot read with 400; each closes the connection. A handler raises ``HttpError`` for a client error;
 anything else it raises is logged and answered 500, and the connection stays usable.
 """
 
@@ -27,12 +28,16 @@ from urllib.parse import parse_qsl, unquote
 
 import httptools
 
-__all__ = ["BODY_MAX", "BadRequest", "HttpError", "PreconditionFailed", "Request", "Response", "serve"]
+__all__ = ["BODY_MAX", "HEAD_MAX", "BadRequest", "HttpError", "PreconditionFailed", "Request", "Response", "serve"]
 
 log = logging.getLogger("meterline.diskstore")
 
 #: the largest request body accepted (aiohttp's ``client_max_size`` was set to the same)
 BODY_MAX = 1024**3
+#: the largest request line + headers (an S3 request's are < 2 KiB; aiohttp allowed 8 KiB per line)
+HEAD_MAX = 64 * 1024
+#: bytes handed to the parser at once, so a head is counted to within this much (see ``data_received``)
+_FEED_BYTES = 16 * 1024
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -109,6 +114,8 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
+        self._head_bytes = 0
+        self._in_head = False
         self._closing = False
 
     # -- asyncio.Protocol
@@ -119,7 +126,18 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         try:
-            self._parser.feed_data(data)
+            # in slices: a slice fed while a request's head is unfinished counts towards HEAD_MAX whole, so
+            # the count is over by at most one slice of an earlier pipelined request
+            view = memoryview(data)
+            for start in range(0, len(view), _FEED_BYTES):
+                piece = view[start:start + _FEED_BYTES]
+                self._parser.feed_data(piece)
+                if self._in_head:
+                    self._head_bytes += len(piece)
+                    if self._head_bytes > HEAD_MAX:
+                        self._refuse(431, f"the request line and headers are longer than {HEAD_MAX} bytes")
+                if self._closing:
+                    return
         except httptools.HttpParserUpgrade:
             self._refuse(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
@@ -131,6 +149,7 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks
     def on_message_begin(self) -> None:
         self._url, self._headers, self._body, self._size = b"", {}, [], 0
+        self._head_bytes, self._in_head = 0, True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -139,6 +158,7 @@ class _Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self._headers.get("expect", "").lower() == "100-continue" and self._transport is not None:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 

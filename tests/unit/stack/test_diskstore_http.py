@@ -10,7 +10,7 @@ from typing import Any
 
 import uvloop
 
-from meterline.diskstore_http import PreconditionFailed, Request, Response, serve
+from meterline.diskstore_http import HEAD_MAX, PreconditionFailed, Request, Response, serve
 
 Scenario = Callable[[asyncio.StreamReader, asyncio.StreamWriter, list[Request]], Awaitable[Any]]
 
@@ -160,3 +160,27 @@ def test_a_body_above_the_bound_is_refused_with_413() -> None:
         assert seen == []  # never handed to the store
 
     _run(scenario, body_max=64)
+
+
+def test_an_endless_header_is_refused_with_431_and_a_big_body_is_not_mistaken_for_one() -> None:
+    """httptools buffers a header until it ends: the server bounds the request line and headers (HEAD_MAX), and
+    only those — a body of many times that size, pipelined with the next request, is served."""
+
+    async def scenario(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: list[Request]) -> None:
+        body = b"y" * (HEAD_MAX * 4)
+        writer.write(b"PUT /b/big HTTP/1.1\r\nHost: s\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                     + b"GET /b/next HTTP/1.1\r\nHost: s\r\nX-Long: " + b"a" * (HEAD_MAX // 2) + b"\r\n\r\n")
+        await writer.drain()
+        status, _, answer = await _response(reader)
+        assert (status, answer) == (200, b"PUT b/big [] %d" % len(body))
+        assert (await _response(reader))[0] == 200 and seen[-1].path == "b/next"  # a long header under the bound
+        writer.write(b"GET /b/endless HTTP/1.1\r\nHost: s\r\nX-Endless: ")
+        for _ in range(8):  # HEAD_MAX * 2 in all, in pieces, never ending the header
+            writer.write(b"z" * (HEAD_MAX // 4))
+        await writer.drain()
+        status, _, answer = await _response(reader)
+        assert status == 431 and b"longer than" in answer
+        assert await reader.read() == b""
+        assert [r.path for r in seen][-1] == "b/next"  # the endless request never reached the handler
+
+    _run(scenario)

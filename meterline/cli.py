@@ -185,6 +185,14 @@ def _print_status(report: dict[str, object]) -> None:
     dead = report["dead_letters"]
     assert isinstance(dead, dict)
     out.print(f"dead letters: {dead['total']} {dead['by_reason'] or ''} ({dead['note']})")
+    metered = report.get("events") or {}
+    assert isinstance(metered, dict)
+    outcomes = metered.get("outcomes") or {}
+    out.print("events: " + (", ".join(f"{name} {n}" for name, n in sorted(outcomes.items())) or "none metered yet")
+              + (f"; {', '.join(f'{name} {n}' for name, n in sorted((metered.get('notes') or {}).items()))}"
+                 if metered.get("notes") else "") + f" ({metered.get('note', '')})")
+    for notice in metered.get("notices") or []:
+        out.print(f"  [yellow]notice:[/] {notice}")
     invariants = report["invariant_check"]
     assert isinstance(invariants, dict)
     out.print(f"invariant check: {invariants['state']} {invariants.get('violations') or ''}")

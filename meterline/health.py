@@ -1,5 +1,5 @@
-"""What `meterline status` reports beyond the supervisor's process table: engines, probes, lag, dead letters and
-the invariant check — and whether all of it is healthy (status exits non-zero when not).
+"""What `meterline status` reports beyond the supervisor's process table: engines, probes, lag, dead letters, events
+and the invariant check — and whether all of it is healthy (status exits non-zero when not).
 
 Everything is read from the outside, the way an operator's tools would: each engine is contacted directly; each
 process's ``/health``, ``/ready`` and ``/metrics`` (ledger/probes.py; the API on its own port) are fetched over
@@ -11,6 +11,10 @@ HTTP and the metrics parsed with prometheus-client's own parser. Nothing here ne
   started: a restarted worker counts from 0; the durable record is ClickHouse's ``dead_letters`` table);
 - invariant check: ``meterline_invariant_check_violations`` from the scheduler's metrics (the job that sets it
   runs in the scheduler); "not run" while no run has been recorded since the scheduler started;
+- events: ``meterline_streams_events_total`` by outcome and ``meterline_streams_event_notes_total`` by note, summed
+  over the stream workers (since each started), and the notices they call for: what an operator should change
+  although nothing is broken (a producer that does not partition by subject, meters without a price). Notices never
+  make the stack unhealthy;
 - reconciliation: ``meterline_reconciliation_drift_wallets`` per record from the metrics of the process that ran
   it — the scheduler, or the api when it owns an embedded ClickHouse (meterline/reconcile_job.py); any wallet a record disagrees on makes the stack unhealthy, like a violated check.
 """
@@ -106,13 +110,49 @@ def consumer_lag(probes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str,
 
 
 def dead_letters(probes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    by_reason: dict[str, int] = {}
-    for report in probes.values():
-        for labels, value in (report.get("metrics") or {}).get("meterline_dead_letters_total", []):
-            reason = labels.get("reason", "?")
-            by_reason[reason] = by_reason.get(reason, 0) + int(value)
+    by_reason = _summed(probes, "meterline_dead_letters_total", "reason")
     return {"total": sum(by_reason.values()), "by_reason": by_reason,
             "note": "since each stream worker started (durable record: ClickHouse dead_letters)"}
+
+
+def _summed(probes: Mapping[str, Mapping[str, Any]], sample: str, label: str) -> dict[str, int]:
+    by_label: dict[str, int] = {}
+    for report in probes.values():
+        for labels, value in (report.get("metrics") or {}).get(sample, []):
+            key = labels.get(label, "?")
+            by_label[key] = by_label.get(key, 0) + int(value)
+    return by_label
+
+
+def events(probes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Metered events by outcome (they add up to the events taken) and by note, with the notices they call for."""
+    outcomes = _summed(probes, "meterline_streams_events_total", "outcome")
+    notes = _summed(probes, "meterline_streams_event_notes_total", "note")
+    return {"outcomes": outcomes, "notes": notes, "notices": event_notices(outcomes, notes),
+            "note": "since each stream worker started"}
+
+
+def event_notices(outcomes: Mapping[str, int], notes: Mapping[str, int]) -> list[str]:
+    """What the counts ask an operator to change. Pure, so each wording is tested against its trigger."""
+    notices: list[str] = []
+    misplaced = notes.get("misplaced", 0)
+    if misplaced:
+        notices.append(
+            f"{misplaced} events arrived in a partition other than their subject's (Kafka's murmur2 over the "
+            "subject). They are charged, but a duplicate of one sent to another partition is charged again: key "
+            "messages by the subject with a murmur2 partitioner (librdkafka: partitioner=murmur2_random; README "
+            "\"Send usage from any Kafka client\").")
+    unpriced = notes.get("unpriced", 0)
+    if unpriced:
+        notices.append(
+            f"{unpriced} times an event met a meter without an active price, and that usage was not charged: give "
+            "the meter a price (`meterline prices create`, or POST /api/v1/projects/{project}/prices).")
+    unmetered = outcomes.get("unmetered", 0)
+    if unmetered:
+        notices.append(
+            f"{unmetered} events were accepted but charged nothing (no meter filter matched, or no meter of theirs "
+            "has a price): check the meters' filters and prices if that usage should be billed.")
+    return notices
 
 
 def invariant_check(scheduler: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -188,5 +228,6 @@ def collect(*, urls: Mapping[str, str], probe_urls: Mapping[str, str],
                         f"{ {r: n for r, n in reconciled['disagreeing_wallets'].items() if n} }")
     processes = {name: {k: v for k, v in report.items() if k != "metrics"} for name, report in probes.items()}
     return {"healthy": not problems, "problems": problems, "engines": engine_report, "probes": processes,
-            "consumer_lag": consumer_lag(probes), "dead_letters": dead_letters(probes), "invariant_check": invariants,
+            "consumer_lag": consumer_lag(probes), "dead_letters": dead_letters(probes), "events": events(probes),
+            "invariant_check": invariants,
             "reconciliation": reconciled}

@@ -24,6 +24,7 @@ The protocol (DESIGN §2.2; streams/README.md explains each step and the invaria
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import tempfile
@@ -59,7 +60,15 @@ from streams.contracts import TOPIC_USAGE_DLQ, TOPIC_USAGE_EVENTS
 from streams.dead_letters import dead_letter_message
 from streams.dedupe_seed import key_set_chunks
 from streams.errors import PendingMigrations
-from streams.metering import Checkpoint, Limits, PartitionAggregator, Rejection, SeedCounter, period_bounds
+from streams.metering import (
+    Checkpoint,
+    Limits,
+    PartitionAggregator,
+    Rejection,
+    SeedCounter,
+    Stats,
+    period_bounds,
+)
 from streams.settings import StreamsSettings, get_settings
 
 __all__ = ["Runtime", "check_startup", "create_app", "main"]
@@ -133,6 +142,8 @@ class Runtime:
         self.timings = {"metering": 0.0, "delivery": 0.0, "between_batches": 0.0}
         self._batch_ended = 0.0
         self._batch_started = 0.0
+        #: per partition, the aggregator and a copy of its stats when they were last added to the event counters
+        self._exported: dict[int, tuple[PartitionAggregator, Stats]] = {}
         # readiness (read by the probe thread): the partitions of the latest assignment (None before the first)
         # and the last turn of the event loop (a timer)
         self.assigned: set[int] | None = None
@@ -360,6 +371,7 @@ class Runtime:
         """Meter a batch and return only when its checkpoints are acknowledged (or end the process)."""
         try:
             await self._handle_batch(events)
+            self.export_outcomes()
             streams_metrics.MESSAGES.inc(len(events))
             streams_metrics.BATCH_SECONDS.observe(time.monotonic() - self._batch_started)
             self.record_observations()
@@ -516,6 +528,18 @@ class Runtime:
         streams_metrics.CHECKPOINTS_EMITTED.inc()
         self.last_emitted[checkpoint.partition] = max(self.last_emitted.get(checkpoint.partition, -1),
                                                       checkpoint.as_of_offset)
+
+    def export_outcomes(self) -> None:
+        """Add what each current aggregator counted since the last export to the event counters (after a batch
+        whose checkpoints were acknowledged). A partition re-seeded or revoked mid-batch has a new or no aggregator:
+        what the old one counted is not exported, because its events are read again by the partition's next owner."""
+        exported = self._exported
+        for p in [p for p, (aggregator, _) in exported.items() if self.aggregators.get(p) is not aggregator]:
+            del exported[p]
+        for p, aggregator in self.aggregators.items():
+            before = exported.get(p)
+            streams_metrics.export_outcomes(aggregator.stats, before[1] if before is not None else None)
+            exported[p] = (aggregator, dataclasses.replace(aggregator.stats))
 
     def stats(self) -> dict[str, Any]:
         totals: dict[str, int] = {}

@@ -104,3 +104,40 @@ def test_the_reconciliation_is_read_from_whichever_process_ran_it_last(monkeypat
     # both exported one (ClickHouse moved from embedded to a server): the newer report counts
     assert health.reconciliation(_probe(_reconciled(0, 1.8e9)), _probe(_reconciled(2, 1.7e9)))["state"] == "ok"
     assert health.reconciliation(None, None)["state"] == "unknown"
+
+
+def _events_metrics(accepted: int, duplicate: int, misplaced: int = 0, unpriced: int = 0, unmetered: int = 0) -> str:
+    return ("# TYPE meterline_streams_events_total counter\n"
+            f'meterline_streams_events_total{{outcome="accepted"}} {accepted}.0\n'
+            f'meterline_streams_events_total{{outcome="duplicate"}} {duplicate}.0\n'
+            f'meterline_streams_events_total{{outcome="unmetered"}} {unmetered}.0\n'
+            "# TYPE meterline_streams_event_notes_total counter\n"
+            f'meterline_streams_event_notes_total{{note="misplaced"}} {misplaced}.0\n'
+            f'meterline_streams_event_notes_total{{note="unpriced"}} {unpriced}.0\n')
+
+
+def test_event_outcomes_are_summed_over_the_workers() -> None:
+    probes = {"streams-0": _probe(_events_metrics(10, 1)), "streams-1": _probe(_events_metrics(5, 2)),
+              "ledger": _probe(METRICS)}
+    report = health.events(probes)
+    assert report["outcomes"] == {"accepted": 15, "duplicate": 3, "unmetered": 0}
+    assert report["notes"] == {"misplaced": 0, "unpriced": 0}
+    assert report["notices"] == []  # clean traffic calls for nothing
+
+
+@pytest.mark.parametrize(("counts", "says"), [
+    ({"misplaced": 7}, ["7 events arrived in a partition other than their subject's", "murmur2_random"]),
+    ({"unpriced": 4}, ["4 times an event met a meter without an active price", "meterline prices create"]),
+    ({"unmetered": 3}, ["3 events were accepted but charged nothing"]),
+])
+def test_each_notice_appears_with_its_count_and_what_to_do(counts: dict[str, int], says: list[str]) -> None:
+    report = health.events({"streams-0": _probe(_events_metrics(10, 0, **counts))})
+    assert len(report["notices"]) == 1, report["notices"]
+    assert all(text in report["notices"][0] for text in says), report["notices"]
+
+
+def test_notices_never_make_the_stack_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    probes = {"streams-0": _probe(_events_metrics(10, 0, misplaced=2, unpriced=1, unmetered=1))}
+    verdict = _verdict(monkeypatch, probes, {"streams-0": {"alive": True}})
+    assert verdict["healthy"] is True and verdict["problems"] == []
+    assert len(verdict["events"]["notices"]) == 3

@@ -3,6 +3,7 @@
 - every /metrics parses with prometheus-client's own parser;
 - the consumer lag of usage.events.v1 moves above 0 while a burst is being metered and comes back to 0 once the
   worker has caught up (lag = high watermark of the latest fetch − next offset to process; ledger/metrics.py);
+- events are counted by outcome (they add up) and misplaced ones (outside their subject's partition) by note;
 - dead letters are counted by reason; the ledger reports checkpoints applied, emit→apply latency and its lag.
 """
 
@@ -15,8 +16,10 @@ import orjson
 import pytest
 from pipeline_harness import EventProducer, Pipeline, make_event, setup_catalog
 from prometheus_client.parser import text_string_to_metric_families
+from test_pipeline_scenarios import expected_balances
 
 from meterline.services import free_port
+from streams.contracts import partition_for
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +111,40 @@ def test_lag_moves_under_load_then_returns_to_zero_and_every_metric_parses(pipel
         ledger_samples = scrape(ledger_url)
     assert [ls for (n, ls), _ in ledger_samples.items() if n == lag_name], "the ledger reports its lag"
     assert total(ledger_samples, lag_name, group=ledger_group) == 0
+
+
+def test_events_outside_their_subjects_partition_are_charged_and_counted_misplaced(pipeline: Pipeline) -> None:
+    """A producer that does not partition by subject with murmur2 (librdkafka's default is CRC32): every event is
+    still charged exactly once, a resend into the same partition is a duplicate, and the worker's event counters
+    (what `meterline status` sums and explains) say how many were misplaced; the outcomes add up to the events."""
+    setup_catalog(pipeline.database_url)
+    streams_url = f"http://127.0.0.1:{free_port()}"
+    streams = pipeline.start("streams", STREAMS_METRICS_PORT=streams_url.rsplit(":", 1)[1])
+    ledger = pipeline.start("ledger")
+    wait_ready(streams_url, 60)
+    producer = EventProducer(pipeline.bootstrap, pipeline.usage_topic, pipeline.partitions)
+    events = [make_event(i, f"user-{i % 40}", i % 7 + 1) for i in range(600)]
+    placed = 0
+    for i, event in enumerate(events):
+        home = partition_for(event["subject"], pipeline.partitions)
+        partition = home if i % 3 == 0 else (home + 1) % pipeline.partitions  # two in three land elsewhere
+        placed += partition == home
+        times = 2 if i < 90 else 1  # the first 90 are sent twice into the same partition: duplicates
+        for _ in range(times):
+            producer.send_raw(orjson.dumps(event), partition=partition, key=event["subject"].encode())
+    producer.send_raw(orjson.dumps({"id": "x"}), partition=0)  # one bad event: rejected
+    pipeline.wait_applied(producer.flush().last_offset, timeout_s=90, watch=[streams, ledger])
+    assert pipeline.wallet_balances() == expected_balances(events)
+    pipeline.assert_ledger_consistent()
+
+    outcomes: dict[str, float] = {}
+    deadline = time.monotonic() + 20  # the counters are added after the batch's checkpoints are acknowledged
+    while time.monotonic() < deadline:
+        samples = scrape(streams_url)
+        outcomes = {o: total(samples, "meterline_streams_events_total", outcome=o)
+                    for o in ("accepted", "duplicate", "rejected", "unmetered")}
+        if sum(outcomes.values()) >= 691:
+            break
+        time.sleep(0.3)
+    assert outcomes == {"accepted": 600, "duplicate": 90, "rejected": 1, "unmetered": 0}, outcomes
+    assert total(samples, "meterline_streams_event_notes_total", note="misplaced") == 600 - placed == 400

@@ -453,14 +453,16 @@ class BatchedDebit:
 
 
 class DebitBatch:
-    """Several debits in ONE database transaction (group commit), in the same two stages as ``DebitStage``.
+    """Several debits in ONE database transaction (group commit), in the same two stages as ``DebitStage``; the
+    statements and their rows go in and out as values, so any connection can carry them (the API's is async).
 
-    1. ``__init__`` queues: lock every wallet of the batch (``FOR UPDATE``, ascending id: the ledger's lock order),
-       then — a separate statement, so it sees what earlier lock holders committed — their live buckets, one
-       pre-allocated transaction id per debit, and the keys' earlier use. ``fetch`` reads them.
+    1. ``reads`` are the statements to send after BEGIN, in one round trip: lock every wallet of the batch
+       (``FOR UPDATE``, ascending id: the ledger's lock order), then — a separate statement, so it sees what
+       earlier lock holders committed — their live buckets, one pre-allocated transaction id per debit, and the
+       keys' earlier use. ``load`` takes their rows.
     2. ``post`` decides ONE debit in Python against the wallet's state after the batch's earlier debits (floor,
        debt, burn plan), or raises exactly what ``DebitStage.post`` raises (nothing is written for it);
-       ``write`` queues ONE statement for every posting.
+       ``write`` is ONE statement for every posting, sent with the caller's own writes and COMMIT.
 
     The caller runs debits in arrival order and never puts the same key twice in a batch, nor a key that was
     used before (``earlier_use``): those go through ``DebitStage``. A racing use of a key on a wallet outside
@@ -468,27 +470,24 @@ class DebitBatch:
     Transaction ids are allocated under the locks and handed out in posting order, so a wallet's rows still
     chain in id order."""
 
-    def __init__(self, conn: Connection, debits: list[BatchedDebit]) -> None:
-        self.conn = conn
-        raw = raw_connection(conn)
+    def __init__(self, debits: list[BatchedDebit]) -> None:
         wallet_ids = sorted({d.wallet_id for d in debits})
-        self._lock = raw.cursor()
         if all(d.project_id is not None for d in debits):
             pairs = sorted({f"{d.project_id}\x1f{d.wallet_id}" for d in debits})
-            self._lock.execute(_LOCK_PROJECT_WALLETS, (wallet_ids, pairs))
+            lock: tuple[str, Any] = (_LOCK_PROJECT_WALLETS, (wallet_ids, pairs))
         else:
-            self._lock.execute(_LOCK_WALLETS, (wallet_ids,))
-        self._context = raw.cursor()
-        self._context.execute(_BATCH_CONTEXT, {"n": len(debits), "keys": [d.idempotency_key for d in debits],
-                                               "wallets": wallet_ids})
+            lock = (_LOCK_WALLETS, (wallet_ids,))
+        self.reads: tuple[tuple[str, Any], tuple[str, Any]] = (
+            lock, (_BATCH_CONTEXT, {"n": len(debits), "keys": [d.idempotency_key for d in debits],
+                                    "wallets": wallet_ids}))
         self._posted: list[tuple[BatchedDebit, Posting, TransactionRow, Draft]] = []
 
-    def fetch(self) -> None:
+    def load(self, wallet_rows: list[Any], context: Any) -> None:
+        """The rows of ``reads``: every locked wallet, and the context's one row."""
         self.wallets: dict[str, WalletRow] = {}
-        for row in self._lock.fetchall():
+        for row in wallet_rows:
             wallet = WalletRow(*row)
             self.wallets[wallet.id] = wallet
-        context = self._context.fetchone()
         assert context is not None
         self.now: datetime = context[0]
         self._ids: list[int] = sorted(context[1])
@@ -528,10 +527,10 @@ class DebitBatch:
         self.wallets[wallet.id] = replace(wallet, balance_minor=posting.balance_after_minor, updated_at=self.now)
         return Posted(PostingResult("created", row), self.wallets[wallet.id].state, self.wallets[wallet.id])
 
-    def write(self) -> None:
-        """Queue ONE statement for every posting (nothing when nothing was posted)."""
+    def write(self) -> tuple[str, dict[str, Any]] | None:
+        """ONE statement for every posting, with its parameters (None when nothing was posted)."""
         if not self._posted:
-            return
+            return None
         changed: dict[int, int] = {}
         for book in self._books.values():
             changed.update(book.changed)
@@ -551,4 +550,4 @@ class DebitBatch:
                                     for _, _, row, draft in self._posted]).decode(),
             "wallets": touched, "balances": [self.wallets[w].balance_minor for w in touched],
         }
-        _run(raw_connection(self.conn).cursor(), _WRITE_BATCH, params)
+        return _WRITE_BATCH, params

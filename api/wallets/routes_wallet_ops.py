@@ -27,7 +27,7 @@ from api.errors import ApiError, NotFound
 from api.metrics import DEBIT_SECONDS
 from api.tenancy.audit import audit
 from api.tenancy.auth import DeferredAccess, ProjectAccess, require_project, require_project_deferred
-from api.wallets.debit_batch import PendingDebit, batcher_of
+from api.wallets.debit_batch import PendingDebit, batcher_of, close_batcher
 from api.wallets.feature_costs import price_feature
 from api.wallets.idempotency import HotTransaction, fingerprint, ledger_key, require_key, run_idempotent
 from api.wallets.routes_wallets import wallet_in_project
@@ -65,6 +65,11 @@ MONEY_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such wallet/hold/transaction in this project"},
     409: {"description": "the Idempotency-Key was used for a different request (api.idempotency_conflict)"},
 }
+
+
+async def shutdown(app: Any) -> None:
+    """The debit batcher keeps its own connections (api/wallets/debit_batch.py): closed with the app."""
+    await close_batcher(app.state)
 
 
 def _balance(conn: Connection, wallet_id: str) -> dict[str, Any]:

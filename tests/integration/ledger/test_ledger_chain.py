@@ -17,7 +17,7 @@ from ledger import service
 from ledger.chain import chain_heads, link, payload_of, verify
 from ledger.checkpoints import apply_checkpoint
 from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel
-from ledger.staged import BatchedDebit, DebitBatch, pipelined
+from ledger.staged import BatchedDebit, DebitBatch, raw_connection
 
 pytestmark = pytest.mark.integration
 PER_TOKEN = PriceModel(model="per_unit", unit_price_minor=Decimal("0.4"))
@@ -50,12 +50,15 @@ def _every_path(engine: Engine) -> tuple[str, str]:
         apply_checkpoint(conn, ChargeCheckpoint(source_topic="usage", partition=0, as_of_offset=5, counters=values,
                                                 emitted_at=datetime.now(UTC)))
     with engine.connect() as conn:
-        with pipelined(conn):
-            batch = DebitBatch(conn, [BatchedDebit(a, f"b{i}", 3 + i) for i in range(4)])
-        batch.fetch()
+        raw = raw_connection(conn)
+        batch = DebitBatch([BatchedDebit(a, f"b{i}", 3 + i) for i in range(4)])
+        (lock_sql, lock_params), (context_sql, context_params) = batch.reads
+        batch.load(raw.execute(lock_sql, lock_params).fetchall(), raw.execute(context_sql, context_params).fetchone())
         for i in range(4):
             batch.post(BatchedDebit(a, f"b{i}", 3 + i))
-        batch.write()
+        write = batch.write()
+        assert write is not None
+        raw.execute(*write)
         conn.commit()
     return a, b
 

@@ -135,3 +135,43 @@ def test_a_batch_that_fails_at_commit_runs_its_debits_alone(database_url: str, e
     assert sql(database_url, "SELECT count(*) FROM transactions WHERE wallet_id = %s AND kind = 'debit'", a) == [(6,)]
     assert sql(database_url, "SELECT count(*) FROM audit_log WHERE project_id = %s AND action = 'wallet.debit'",
                project) == [(6,)]
+
+
+def test_a_batch_connection_the_database_dropped_is_replaced_and_loses_nothing(
+        database_url: str, engines: Any) -> None:
+    """The batcher keeps its connections between batches without a ping: when the server ends one (a restart, an
+    idle timeout, an operator), the batch on it fails, its debits run alone and post once, and the next batch opens
+    a fresh connection."""
+    from api.wallets.debit_batch import BATCH_APPLICATION_NAME
+
+    def batch_backends() -> list[int]:
+        return [pid for (pid,) in sql(database_url, "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                                      BATCH_APPLICATION_NAME)]
+
+    with live_server(database_url, engines, rate_limit_per_s=0) as base_url, \
+            httpx.Client(base_url=base_url, timeout=30) as client:
+        headers, project = owner_and_project(client, "Dropped")
+        wallets = f"/api/v1/projects/{project}/wallets"
+        a = client.post(wallets, json={"owner_kind": "project"}, headers=headers).json()["id"]
+        client.post(f"{wallets}/{a}/grants", json={"amount_minor": 1_000},
+                    headers={**headers, "Idempotency-Key": "grant"}).raise_for_status()
+
+        def debit(key: str) -> httpx.Response:
+            return client.post(f"{wallets}/{a}/debit", json={"amount_minor": 7},
+                               headers={**headers, "Idempotency-Key": key})
+
+        assert debit("before").status_code == 201
+        dropped = batch_backends()
+        assert dropped, "the batch ran on a connection of its own"
+        sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            BATCH_APPLICATION_NAME)
+        after = [debit(f"after-{i}") for i in range(5)]
+        again = debit("after-0")  # a retry of a debit that ran alone is a replay, not a second charge
+        fresh = batch_backends()
+
+    assert [r.status_code for r in after] == [201] * 5, [r.text for r in after]
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["transaction"]["id"] == after[0].json()["transaction"]["id"]
+    assert sql(database_url, "SELECT balance_minor FROM wallets WHERE id = %s", a) == [(1_000 - 6 * 7,)]
+    assert sql(database_url, "SELECT count(*) FROM transactions WHERE wallet_id = %s AND kind = 'debit'", a) == [(6,)]
+    assert fresh and not set(fresh) & set(dropped)

@@ -114,7 +114,7 @@ class DebitBatcher:
         self._queue: deque[PendingDebit] = deque()
         self._running: set[asyncio.Task[None]] = set()
         self.idle: list[psycopg.AsyncConnection[Any]] = []  # at most ``runners``: one per running batch
-        self._conninfo = libpq_url(engine.url.render_as_string(hide_password=False))
+        self.conninfo = libpq_url(engine.url.render_as_string(hide_password=False))
         #: batch size -> batches run (observability and tests)
         self.sizes: dict[int, int] = {}
 
@@ -146,6 +146,8 @@ class DebitBatcher:
             outcomes: list[Any] = [ALONE] * len(batch)
             try:
                 outcomes = await self._run(batch)
+            except Exception:  # the drain goes on: a dead drain would leave the queued debits unanswered
+                log.exception("debit batch of %d failed unexpectedly; each debit runs alone", len(batch))
             finally:  # every waiter is answered; on an unexpected error each debit runs alone (its record decides)
                 for item, outcome in zip(batch, outcomes, strict=True):
                     if not item.future.done():
@@ -158,8 +160,12 @@ class DebitBatcher:
                                               if item.deferred.access is not None}
         if len(accesses) < len(items):  # users: their role, read before anything is locked
             await run_in_threadpool(self._resolve_roles, items, accesses, outcomes)
-        conn = self.idle.pop() if self.idle else await psycopg.AsyncConnection.connect(
-            self._conninfo, autocommit=True, application_name=BATCH_APPLICATION_NAME)
+        try:
+            conn = self.idle.pop() if self.idle else await psycopg.AsyncConnection.connect(
+                self.conninfo, autocommit=True, application_name=BATCH_APPLICATION_NAME)
+        except psycopg.Error as exc:  # the database is unreachable: the one-debit path answers (503) per debit
+            log.warning("debit batch of %d could not connect (%s); each debit runs alone", len(items), exc)
+            return [ALONE] * len(items)
         try:
             outcomes = await self._transaction(conn, items, accesses, outcomes)
         except psycopg.Error as exc:

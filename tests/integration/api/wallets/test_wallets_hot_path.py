@@ -110,6 +110,25 @@ def test_a_debit_costs_two_round_trips_and_a_reservation_cycle_six(database_url:
         assert sql(database_url, "SELECT action FROM audit_log WHERE target_id = %s", str(tx_id)) == [("wallet.debit",)]
 
 
+def test_debits_are_answered_when_the_batch_cannot_connect(database_url: str, engines: Any) -> None:
+    """The group commit opens its own connections: when it cannot (a wrong address, the server refusing new
+    connections), each debit runs alone on the app's pool and is charged once."""
+    with api_client(database_url, engines) as client:
+        _, wallet, headers = _funded_wallet_with_key(client)
+        key_headers = {"Authorization": headers["Authorization"]}
+        assert money(client, f"{wallet}/debit", {"amount_minor": 1}, key_headers).status_code == 201
+        batcher = client.app.state.debit_batcher  # type: ignore[attr-defined]
+        batcher.discard()
+        batcher.conninfo = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
+        debits = [money(client, f"{wallet}/debit", {"amount_minor": 10}, key_headers, key=f"k{i}") for i in range(3)]
+        replay = money(client, f"{wallet}/debit", {"amount_minor": 10}, key_headers, key="k0")
+    assert [d.status_code for d in debits] == [201] * 3, [d.text for d in debits]
+    assert [d.json()["balance"]["balance_minor"] for d in debits] == [989, 979, 969]
+    assert replay.status_code == 201 and replay.json() == debits[0].json()
+    project_wallet = wallet.rsplit("/", 1)[1]
+    assert sql(database_url, "SELECT balance_minor FROM wallets WHERE id = %s", project_wallet) == [(969,)]
+
+
 def test_a_key_revoked_in_this_process_stops_debiting_at_once(database_url: str, engines: Any) -> None:
     with api_client(database_url, engines) as client:
         project, wallet, headers = _funded_wallet_with_key(client)

@@ -130,6 +130,9 @@ def meters_create(
     _run(lambda c: catalog.create_meter(c, project_id=project, slug=slug, event_type=event_type,
                                         aggregation=aggregation, value_property=value_property, filters=filters,
                                         group_by=list(group_by or []), name=name))
+    # a meter without a price counts usage and charges nothing (`meterline status` reports it as "unpriced")
+    console.print(f"[yellow]note:[/] meter {slug!r} has no price yet: its usage is counted, not charged. Price it "
+                  f"with `meterline prices create -p {project} --meter {slug} --unit-price <minor units per unit>`.")
 
 
 @meters_app.command("update")

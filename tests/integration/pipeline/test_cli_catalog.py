@@ -23,6 +23,10 @@ def test_catalog_commands_round_trip(database_url: str) -> None:
     meter = run("meters", "create", "-p", "p1", "--slug", "tokens", "--event-type", "llm", "--value-property",
                 "$.tokens", "--filter", '{"property": "$.model", "in": ["a", "b"]}')
     assert meter["version"] == 1 and meter["filters"] == [{"property": "$.model", "in": ["a", "b"]}]
+    hint = " ".join(runner.invoke(app, ["meters", "create", "-p", "p1", "--slug", "calls", "--event-type", "api",
+                                        "--aggregation", "COUNT"],
+                                  env=env).stderr.split())
+    assert "meter 'calls' has no price yet" in hint and "meterline prices create -p p1 --meter calls" in hint
     assert run("meters", "update", "-p", "p1", "tokens", "--aggregation", "max")["version"] == 2
     assert [m["version"] for m in run("meters", "history", "-p", "p1", "tokens")] == [1, 2]
     price = run("prices", "create", "-p", "p1", "--meter", "tokens", "--unit-price", "0.4",
@@ -38,4 +42,4 @@ def test_catalog_commands_round_trip(database_url: str) -> None:
     assert run("subjects", "policy", "-p", "p1", "--unknown-subjects", "dead_letter")["unknown_subjects"] == "dead_letter"
     assert run("subjects", "policy", "-p", "p1")["unknown_subjects"] == "dead_letter"
     assert run("meters", "archive", "-p", "p1", "tokens")["archived_at"] is not None
-    assert run("meters", "list", "-p", "p1") == []
+    assert [m["slug"] for m in run("meters", "list", "-p", "p1")] == ["calls"]

@@ -89,7 +89,7 @@ def commit_offsets(records: list[Record]) -> dict[int, int]:
 
 class BatchConsumer:
     """The group member of one streams worker. All Kafka calls run on one dedicated thread (``consume``
-    blocks); ``on_assigned`` is called on the event loop."""
+    blocks), never on the event loop; ``on_assigned`` is called on the event loop."""
 
     def __init__(self, *, bootstrap: str, group_id: str, topic: str, session_timeout_s: float,
                  max_fetch_bytes: int, on_assigned: Callable[[set[Any]], None]) -> None:
@@ -98,6 +98,8 @@ class BatchConsumer:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streams-consumer")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        #: partition -> high watermark, as of the latest ``consume`` (written on the consumer's thread only)
+        self._highs: dict[int, int] = {}
         self._consumer = Consumer(consumer_config(
             bootstrap, group_id, session_timeout_ms=int(session_timeout_s * 1000),
             **{"max.partition.fetch.bytes": max_fetch_bytes, "fetch.max.bytes": max(max_fetch_bytes, 52_428_800),
@@ -162,7 +164,17 @@ class BatchConsumer:
                 append(Record(m.partition(), m.offset(),  # type: ignore[arg-type]  # set on every fetched message
                               ts_ms / 1000 if ts_type and ts_ms > 0 else None, m.key(), value))
             if len(records) >= messages_max or size >= bytes_max or time.monotonic() >= deadline:
+                self._note_high_watermarks()
                 return records
+
+    def _note_high_watermarks(self) -> None:
+        """librdkafka's cached high watermarks of the assignment (no broker request), for ``high_watermark``."""
+        highs: dict[int, int] = {}
+        for tp in self._consumer.assignment():
+            _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                highs[tp.partition] = high
+        self._highs = highs  # replaced whole: a reader sees one consume's view
 
     async def commit(self, records: list[Record]) -> None:
         offsets = commit_offsets(records)
@@ -179,9 +191,11 @@ class BatchConsumer:
         await self._run(commit)
 
     def high_watermark(self, p: int) -> int | None:
-        """librdkafka's cached high watermark from the latest fetch (no broker request)."""
-        _low, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
-        return high if high >= 0 else None
+        """The partition's high watermark as of the latest batch (None: not known yet). Called on the event loop, so it
+        never calls librdkafka: ``get_watermark_offsets`` blocks while the consumer's thread is inside a rebalance
+        callback, and ``_assign`` waits there for this very loop — a deadlock until its 60 s timeout, which ended the
+        worker (seen in the kill -9 suite, 2026-12-07)."""
+        return self._highs.get(p)
 
     def close_sync(self, timeout_s: float = 10.0) -> None:
         """Leave the group (the others take the partitions at once instead of after the session timeout). On the

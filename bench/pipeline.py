@@ -845,6 +845,9 @@ def main() -> None:
                 groups["broker (tansu)"] = [eng.broker_pid]
             if eng.store_pid:
                 groups["broker disk store"] = [eng.store_pid]
+                # its merge worker (meterline/merge_worker.py, spawned at the store's start)
+                with contextlib.suppress(psutil.Error):
+                    groups["store merges"] = [c.pid for c in psutil.Process(eng.store_pid).children(recursive=True)]
             groups["postgresql"] = postgres_pids(eng.pg_dir)
             try:
                 producer = LoadProducer(eng.bootstrap, topic, subjects=args.subjects, pack=args.pack, seed=1,

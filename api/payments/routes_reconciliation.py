@@ -35,9 +35,14 @@ def list_reports(access: Admin, conn: ConnectionDep, provider: Provider | None =
              summary="Reconcile now: read RevenueCat / Lemon Squeezy and apply what no webhook brought (admin)")
 async def run_now(access: Admin, engine: EngineDep, provider: Provider | None = None) -> list[dict[str, Any]]:
     providers = (provider,) if provider else reconciliation.PROVIDERS
-    found = await run_in_threadpool(reconciliation.reconcile_all, engine, _settings(), trigger="api",
-                                    project_id=access.project_id, providers=providers)
-    with engine.begin() as conn:
-        audit(conn, access, action="payments.reconcile", target_kind="project", target_id=access.project_id,
-              after={"reports": [r.id for r in found], "fixed": sum(r.fixed for r in found)})
-    return [r.public() for r in found]
+    settings = _settings()
+
+    def run() -> list[Any]:  # in a worker thread: the providers' HTTP and the database never block the event loop
+        found = reconciliation.reconcile_all(engine, settings, trigger="api", project_id=access.project_id,
+                                             providers=providers)
+        with engine.begin() as conn:
+            audit(conn, access, action="payments.reconcile", target_kind="project", target_id=access.project_id,
+                  after={"reports": [r.id for r in found], "fixed": sum(r.fixed for r in found)})
+        return found
+
+    return [r.public() for r in await run_in_threadpool(run)]

@@ -25,7 +25,7 @@ from payments_testkit import (
     shop,
 )
 from sqlalchemy import Engine
-from tenancy_testkit import api_client
+from tenancy_testkit import api_client, sql
 
 from api.payments.reconcile_settings import ReconcileSettings
 from api.payments.reconciliation import Report, reconcile_provider
@@ -88,8 +88,8 @@ def _rc_webhook(transaction: str, bought: datetime, expires: datetime, **overrid
                    currency="USD", period_type="NORMAL", **overrides)
 
 
-def test_revenuecat_missing_purchase_granted_once_then_webhook_changes_nothing(database_url: str,
-                                                                                engines: Any) -> None:
+def test_revenuecat_missing_purchase_granted_once_then_webhook_changes_nothing(database_url: str, engines: Any,
+                                                                                monkeypatch: Any) -> None:
     now = datetime.now(UTC).replace(microsecond=0)
     bought, expires = now - timedelta(days=1), now + timedelta(days=29)
     with api_client(database_url, engines) as client, _engine(database_url) as engine, \
@@ -123,10 +123,21 @@ def test_revenuecat_missing_purchase_granted_once_then_webhook_changes_nothing(d
         assert s.balance(wallet) == 1200
         assert [e["status"] for e in s.entitlements(wallet)] == ["active"]
 
+        # run from the API (an admin's "reconcile now"): clean, audited
+        monkeypatch.setenv("API_REVENUECAT_API_BASE", fake.base_url)
+        monkeypatch.setenv("API_PAYMENTS_RECONCILE_TIMEOUT_S", "5")
+        now_run = client.post(f"{s.base}/payments/reconciliation", params={"provider": "revenuecat"},
+                              headers=s.owner.headers)
+        assert now_run.status_code == 200, now_run.text
+        assert [(x["status"], x["fixed"]) for x in now_run.json()] == [("clean", 0)]
+        assert ledger_rows(database_url, s.project_id) == rows
+        assert sql(database_url, "SELECT after->'reports' FROM audit_log WHERE project_id = %s "
+                                 "AND action = 'payments.reconcile'", s.project_id) == [([now_run.json()[0]["id"]],)]
+
         # served by the API: newest report first
         r = client.get(f"{s.base}/payments/reconciliation", headers=s.owner.headers)
         assert r.status_code == 200, r.text
-        assert [(x["status"], x["fixed"]) for x in r.json()] == [("clean", 0), ("fixed", 2)]
+        assert [(x["status"], x["fixed"]) for x in r.json()] == [("clean", 0), ("clean", 0), ("fixed", 2)]
 
 
 def test_revenuecat_webhook_first_then_job_grants_nothing(database_url: str, engines: Any) -> None:

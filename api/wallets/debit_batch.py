@@ -163,7 +163,7 @@ class DebitBatcher:
         try:
             conn = self.idle.pop() if self.idle else await psycopg.AsyncConnection.connect(
                 self.conninfo, autocommit=True, application_name=BATCH_APPLICATION_NAME)
-        except psycopg.Error as exc:  # the database is unreachable: the one-debit path answers (503) per debit
+        except psycopg.Error as exc:  # unreachable or refusing connections: the one-debit path answers each debit
             log.warning("debit batch of %d could not connect (%s); each debit runs alone", len(items), exc)
             return [ALONE] * len(items)
         try:

@@ -495,10 +495,10 @@ def where_time_went(home: Path, since: float, until: float) -> list[str]:
         window = t1 - t0
         steps = ", ".join(f"{k[:-2]} {100 * (b[k] - a[k]) / window:.0f}%" for k in b if k.endswith("_s") and k in a)
         counts = ("checkpoints {:,}, batches {:,}".format(b["checkpoints"] - a["checkpoints"], b["batches"] - a["batches"])
-                  if "batches" in b else
-                  "checkpoints {:,} in {:,} db transactions, {:,} usage transactions".format(
-                      b["applied"] - a["applied"], b.get("apply_transactions", 0) - a.get("apply_transactions", 0),
-                      b["transactions"] - a["transactions"]))
+                  if event == "streams_stats" else
+                  "checkpoints {:,} in {:,} db transactions, {:,} usage transactions; largest fetched batch {:.1f} MB"
+                  .format(b["applied"] - a["applied"], b.get("apply_transactions", 0) - a.get("apply_transactions", 0),
+                          b["transactions"] - a["transactions"], b.get("batch_bytes_max", 0) / 1e6))
         lines.append(f"    {log.stem:<16} over {window:4.0f} s: {steps}; {counts}")
     return lines
 

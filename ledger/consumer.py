@@ -71,6 +71,9 @@ VERSION_TABLE = "alembic_version_ledger"
 
 #: threads applying different source partitions' checkpoints at once (each uses its own connection)
 APPLY_THREADS = 4
+#: messages taken from the client's queue at a time while filling a batch (fewer near the byte bound: as many as
+#: fit if they are as large as the batch's so far, at least one)
+FETCH_CHUNK_MESSAGES = 8
 #: a partition whose checkpoint keeps failing to apply this long makes the process not ready ("halted")
 HALTED_AFTER_S = 30.0
 #: the poll loop turns every 0.5 s when idle; a batch under a large backlog can hold it for seconds (merged applies),
@@ -96,6 +99,9 @@ class ConsumerStats:
     halt_retries: int = 0
     #: checkpoints refused because their owner epoch is older than the partition's (fencing, a no-op)
     fenced: int = 0
+    #: fetched batches, and the most bytes of messages one of them held (``consumer_batch_bytes_max`` bounds it)
+    batches: int = 0
+    batch_bytes_max: int = 0
 
 
 class ApplyFailed(Exception):
@@ -183,8 +189,7 @@ class LedgerConsumer:
                 polled = time.monotonic()
                 first = consumer.poll(0.5 if not self.halts else 0.1)
                 self.timings["poll_wait"] += time.monotonic() - polled
-                messages = ([first, *consumer.consume(self._settings.consumer_batch_messages_max - 1, 0)]
-                            if first is not None else [])
+                messages = self._take_fetched(consumer, first) if first is not None else []
                 if messages:
                     metrics.QUEUE_CHECKPOINTS.set(len(messages))
                     self._handle_batch(consumer, messages)
@@ -202,6 +207,28 @@ class LedgerConsumer:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             consumer.close()  # leaves the group at once, so a peer takes the partitions without waiting
+
+    def _take_fetched(self, consumer: Consumer, first: Message) -> list[Message]:
+        """``first`` and what the client has already fetched, without waiting: at most
+        ``consumer_batch_messages_max`` messages, and no more once their bytes reach ``consumer_batch_bytes_max``.
+
+        The byte bound is what keeps the consumer's memory bounded under a backlog: a batch is decoded whole, and
+        a checkpoint of 4,000 counters (many wallets) is ~1.4 MB on the wire and ~12 MB decoded, so 500 of them
+        were ~6 GB. What is left stays in the client's queue for the next batch."""
+        messages = [first]
+        size = len(first.value() or b"")
+        messages_max, bytes_max = self._settings.consumer_batch_messages_max, self._settings.consumer_batch_bytes_max
+        while len(messages) < messages_max and size < bytes_max:
+            room = max(1, int((bytes_max - size) / (size / len(messages) or 1)))  # messages like these that fit
+            chunk = consumer.consume(min(FETCH_CHUNK_MESSAGES, messages_max - len(messages), room), 0)
+            if not chunk:
+                break
+            messages.extend(chunk)
+            size += sum(len(m.value() or b"") for m in chunk)
+        with self._stats_lock:
+            self.stats.batches += 1
+            self.stats.batch_bytes_max = max(self.stats.batch_bytes_max, size)
+        return messages
 
     # -- the group -------------------------------------------------------------------------------------------
 
@@ -246,18 +273,19 @@ class LedgerConsumer:
                     log.warning("kafka_consume_error", error=str(error))
                 continue
             cp, offset = _partition(message), _offset(message)
+            size = len(message.value() or b"")
             self._fetched[cp] = offset + 1
             charges_lane: Lane = ("charges", self.topic, cp)
             if charges_lane in self.halts:  # behind an undecodable message of this charges partition
-                self.halts.add(charges_lane, Pending(cp, offset, None, message.value()))
+                self.halts.add(charges_lane, Pending(cp, offset, None, message.value(), size))
                 self._bound(charges_lane)
                 continue
             checkpoint = self._decode(message)
             if checkpoint is None:
-                self._halt(charges_lane, [Pending(cp, offset, None, message.value())], "undecodable",
+                self._halt(charges_lane, [Pending(cp, offset, None, message.value(), size)], "undecodable",
                            "the message is not a ChargeCheckpoint (see undecodable_checkpoint)")
                 continue
-            self._route(groups, Pending(cp, offset, checkpoint))
+            self._route(groups, Pending(cp, offset, checkpoint, size=size))
         decoded = time.monotonic()
         self.timings["decode"] += decoded - started
         if not self._apply_groups(groups):
@@ -419,7 +447,8 @@ class LedgerConsumer:
             checkpoint = pending.checkpoint or _decode_bytes(pending.raw)
             if checkpoint is None:
                 break
-            self._route(groups, Pending(pending.charges_partition, pending.charges_offset, checkpoint))
+            self._route(groups, Pending(pending.charges_partition, pending.charges_offset, checkpoint,
+                                        size=pending.size))
             decoded += 1
         if decoded == len(halted.pending):
             self._resumed(halted.lane)
@@ -439,11 +468,12 @@ class LedgerConsumer:
         self._record_halt(halted)
 
     def _bound(self, lane: Lane) -> None:
-        """Memory bound of a halted lane: once it queues ``consumer_halted_pending_max`` messages, stop fetching
-        its charges partition (librdkafka drops what it prefetched and, on resume, fetches again from the last
-        message handed to us). Other lanes of that charges partition wait too — only under this pressure."""
+        """Memory bound of a halted lane: once it queues ``consumer_halted_pending_max`` messages or
+        ``consumer_halted_pending_bytes_max`` bytes of them, stop fetching its charges partition (librdkafka drops
+        what it prefetched and, on resume, fetches again from the last message handed to us). Other lanes of that
+        charges partition wait too — only under this pressure."""
         halted = self.halts.get(lane)
-        if halted is None or len(halted.pending) < self._settings.consumer_halted_pending_max:
+        if halted is None or not self._over_bound(halted):
             return
         cp = halted.pending[-1].charges_partition
         if cp in self._paused or self._consumer is None:
@@ -451,12 +481,15 @@ class LedgerConsumer:
         self._consumer.pause([TopicPartition(self.topic, cp)])
         self._paused.add(cp)
         log.warning("charges_partition_paused", charges_partition=cp, scope=lane[0], topic=lane[1],
-                    partition=lane[2], pending_checkpoints=len(halted.pending))
+                    partition=lane[2], pending_checkpoints=len(halted.pending), pending_bytes=halted.pending_bytes)
+
+    def _over_bound(self, halted: HaltedLane) -> bool:
+        return (len(halted.pending) >= self._settings.consumer_halted_pending_max
+                or halted.pending_bytes >= self._settings.consumer_halted_pending_bytes_max)
 
     def _unbound(self) -> None:
         """Resume fetching the paused charges partitions no halted lane is over its bound on any more."""
-        limit = self._settings.consumer_halted_pending_max
-        still = {m.charges_partition for h in self.halts.lanes() if len(h.pending) >= limit for m in h.pending[-1:]}
+        still = {m.charges_partition for h in self.halts.lanes() if self._over_bound(h) for m in h.pending[-1:]}
         for cp in sorted(self._paused - still):
             if self._consumer is not None:
                 self._consumer.resume([TopicPartition(self.topic, cp)])

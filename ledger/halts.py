@@ -34,12 +34,14 @@ FIRST_RETRY_S = 0.5
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """One fetched message of a halted lane: its charges position and what it decoded to (None: undecodable)."""
+    """One fetched message of a halted lane: its charges position and what it decoded to (None: undecodable).
+    ``size``: the message's bytes as fetched (what a halted lane's memory bound counts)."""
 
     charges_partition: int
     charges_offset: int
     checkpoint: ChargeCheckpoint | None
     raw: bytes | None = None
+    size: int = 0
 
 
 @dataclass(slots=True)
@@ -52,6 +54,8 @@ class HaltedLane:
     backoff_s: float
     attempts: int = 1
     pending: list[Pending] = field(default_factory=list)
+    #: Σ size of ``pending`` (kept by ``Halts``, which is the only writer of ``pending``)
+    pending_bytes: int = 0
 
     @property
     def first(self) -> Pending:
@@ -87,13 +91,16 @@ class Halts:
         """Halt ``lane`` with ``pending`` (its first entry is the one that failed) queued in order."""
         assert pending, "a lane halts on a message"
         assert lane not in self._lanes, "a halted lane queues with add(), it does not halt again"
-        halted = HaltedLane(lane, reason, error, now, now + FIRST_RETRY_S, FIRST_RETRY_S, pending=list(pending))
+        halted = HaltedLane(lane, reason, error, now, now + FIRST_RETRY_S, FIRST_RETRY_S, pending=list(pending),
+                            pending_bytes=sum(p.size for p in pending))
         self._lanes[lane] = halted
         return halted
 
     def add(self, lane: Lane, pending: Pending) -> None:
         """Queue a later message behind a halted lane (arrival order is kept)."""
-        self._lanes[lane].pending.append(pending)
+        halted = self._lanes[lane]
+        halted.pending.append(pending)
+        halted.pending_bytes += pending.size
 
     def due(self, now: float) -> list[HaltedLane]:
         return [h for h in self._lanes.values() if h.next_retry_at <= now]
@@ -108,7 +115,9 @@ class Halts:
 
     def applied_through(self, lane: Lane, done: int) -> None:
         """The first ``done`` pending messages of ``lane`` were applied by a retry that failed later on."""
-        del self._lanes[lane].pending[:done]
+        halted = self._lanes[lane]
+        halted.pending_bytes -= sum(p.size for p in halted.pending[:done])
+        del halted.pending[:done]
 
     def resume(self, lane: Lane) -> HaltedLane:
         return self._lanes.pop(lane)

@@ -31,11 +31,19 @@ class LedgerSettings(BaseSettings):
     consumer_group: str = "meterline-ledger"
     consumer_session_timeout_ms: int = 6_000
     consumer_batch_messages_max: int = 500
+    # a batch is decoded whole: with many wallets a checkpoint is ~1.4 MB on the wire and ~12 MB decoded (4,000
+    # counters), so the count alone let 500 of them take ~6 GB. 64 MiB ≈ 45 such checkpoints ≈ 0.5 GB decoded,
+    # still more than the merge bounds take per partition (ledger/consumer.py MERGE_COUNTERS_MAX)
+    consumer_batch_bytes_max: int = Field(default=64 * 1024 * 1024, gt=0,
+                                          description="message bytes per fetched batch (at least one message)")
     consumer_retry_backoff_s_max: float = Field(default=5.0, gt=0, description="longest pause between retries of a "
                                                 "halted partition (ledger/halts.py; backoff from 0.5 s, doubling)")
     consumer_halted_pending_max: int = Field(default=5_000, gt=0,
                                              description="checkpoints a halted partition queues in memory before its "
                                                          "charges partition stops being fetched until it resumes")
+    consumer_halted_pending_bytes_max: int = Field(default=64 * 1024 * 1024, gt=0,
+                                                   description="... or this many bytes of them (as fetched; "
+                                                               "decoded they take ~8x more)")
     outbox_batch_rows_max: int = 1_000
     outbox_poll_ms: int = 200
     outbox_delivery_timeout_s: float = Field(default=30.0, gt=0)

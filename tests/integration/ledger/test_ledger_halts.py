@@ -218,11 +218,13 @@ def test_an_undecodable_checkpoint_halts_its_charges_partition_and_is_never_skip
         assert queries.applied_offsets(conn, SOURCE, [0, 2]) == {0: 10, 2: -1}
 
 
+@pytest.mark.parametrize("bound", ["messages", "bytes"])
 def test_a_long_halt_pauses_its_charges_partition_and_loses_nothing_on_resume(
-        engine: Engine, database_url: str, topics: Any, invariants: Callable[..., None]) -> None:
-    """The memory bound: past ``consumer_halted_pending_max`` queued checkpoints the charges partition stops being
-    fetched; what the client had prefetched is dropped and fetched again on resume. Every checkpoint names a wallet
-    of its own, so one that was dropped and not fetched again would leave its wallet uncharged."""
+        engine: Engine, database_url: str, topics: Any, invariants: Callable[..., None], bound: str) -> None:
+    """The memory bound: past ``consumer_halted_pending_max`` queued checkpoints, or
+    ``consumer_halted_pending_bytes_max`` bytes of them, the charges partition stops being fetched; what the client
+    had prefetched is dropped and fetched again on resume. Every checkpoint names a wallet of its own, so one that
+    was dropped and not fetched again would leave its wallet uncharged."""
     with engine.begin() as conn:
         conn.execute(text("""
             CREATE FUNCTION refuse_p0() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -233,8 +235,12 @@ def test_a_long_halt_pauses_its_charges_partition_and_loses_nothing_on_resume(
             CREATE TRIGGER refuse_p0 BEFORE INSERT OR UPDATE ON usage_counters
                 FOR EACH ROW EXECUTE FUNCTION refuse_p0();
         """))
+    # the checkpoints below are ~400 bytes each: 3 of them reach the byte bound as the count bound would
+    size = len(_checkpoint(0, 10, {"W10": 10}))
+    limit = ({"consumer_halted_pending_max": 3} if bound == "messages"
+             else {"consumer_halted_pending_bytes_max": 3 * size - 10})
     settings = _settings(database_url, topics, f"ledger-{uuid.uuid4().hex[:8]}").model_copy(
-        update={"consumer_halted_pending_max": 3, "consumer_batch_messages_max": 2})
+        update={**limit, "consumer_batch_messages_max": 2})
     consumer = _Consumer(settings)
     try:
         _produce(topics, [(0, _checkpoint(0, 1, {"W1": 1}))])
@@ -257,4 +263,29 @@ def test_a_long_halt_pauses_its_charges_partition_and_loses_nothing_on_resume(
         charged = {f"W{n}": _balance(conn, f"W{n}") for n in range(1, 41)}
         assert charged == {f"W{n}": -n for n in range(1, 41)}, charged
         assert _balance(conn, "X") == -5
+    invariants()
+
+
+def test_a_backlog_is_taken_in_batches_bounded_by_bytes(
+        engine: Engine, database_url: str, topics: Any, invariants: Callable[..., None]) -> None:
+    """A batch is decoded whole, so its bytes are the consumer's memory under a backlog (a checkpoint of many
+    wallets is ~1.4 MB fetched, ~12 MB decoded). 30 checkpoints wait in the topic before the consumer starts; with
+    room for 2.5 of them per batch it takes at most 3 at a time — the count bound alone took all 30 in one — and
+    charges every wallet exactly once."""
+    sends = [(0, _checkpoint(0, n, {f"B{n}": n, f"C{n}": 1})) for n in range(1, 31)]
+    size = max(len(value) for _, value in sends)
+    _produce(topics, sends)
+    settings = _settings(database_url, topics, f"ledger-{uuid.uuid4().hex[:8]}").model_copy(
+        update={"consumer_batch_bytes_max": int(2.5 * size)})
+    consumer = _Consumer(settings)
+    try:
+        _wait(engine, lambda c: queries.applied_offsets(c, SOURCE, [0]) == {0: 30}, what="the backlog applied",
+              consumer=consumer)
+    finally:
+        stats = consumer.close()
+    assert stats.batch_bytes_max <= 3 * size, (stats.batch_bytes_max, size)
+    assert stats.batches >= 10 and stats.applied == 30
+    with engine.connect() as conn:
+        charged = {w: _balance(conn, w) for n in range(1, 31) for w in (f"B{n}", f"C{n}")}
+    assert charged == {**{f"B{n}": -n for n in range(1, 31)}, **{f"C{n}": -1 for n in range(1, 31)}}, charged
     invariants()

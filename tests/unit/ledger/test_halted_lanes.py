@@ -44,3 +44,17 @@ def test_a_revoked_charges_partition_drops_its_lanes_whole() -> None:
     dropped = halts.drop_charges_partitions({1})
     assert [h.lane for h in dropped] == [("source", "u", 1)]
     assert [h.lane for h in halts.lanes()] == [("source", "u", 0)]
+
+
+def test_a_halted_lane_counts_the_bytes_it_holds() -> None:
+    """What the consumer's byte bound on a halted lane reads (``consumer_halted_pending_bytes_max``)."""
+    halts = Halts(backoff_s_max=2)
+    lane = ("source", "u", 0)
+    sized = [Pending(0, offset, _pending(0, offset, offset).checkpoint, size=size)
+             for offset, size in ((1, 100), (2, 250), (3, 40))]
+    halts.halt(lane, sized[:1], reason="apply_failed", error="x", now=0)
+    halts.add(lane, sized[1])
+    halts.add(lane, sized[2])
+    assert halts.get(lane).pending_bytes == 390  # type: ignore[union-attr]
+    halts.applied_through(lane, 2)
+    assert halts.get(lane).pending_bytes == 40  # type: ignore[union-attr]

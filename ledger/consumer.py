@@ -212,9 +212,10 @@ class LedgerConsumer:
         """``first`` and what the client has already fetched, without waiting: at most
         ``consumer_batch_messages_max`` messages, and no more once their bytes reach ``consumer_batch_bytes_max``.
 
-        The byte bound is what keeps the consumer's memory bounded under a backlog: a batch is decoded whole, and
-        a checkpoint of 4,000 counters (many wallets) is ~1.4 MB on the wire and ~12 MB decoded, so 500 of them
-        were ~6 GB. What is left stays in the client's queue for the next batch."""
+        A batch is decoded whole (a checkpoint of 4,000 counters, many wallets, is ~1.4 MB fetched and ~12 MB
+        decoded), so its bytes are the consumer's memory under a backlog. librdkafka's prefetch queue bounded it
+        too, but softly and by the client's settings; this bound is the consumer's own. What is left stays in the
+        client's queue for the next batch."""
         messages = [first]
         size = len(first.value() or b"")
         messages_max, bytes_max = self._settings.consumer_batch_messages_max, self._settings.consumer_batch_bytes_max

@@ -31,9 +31,11 @@ class LedgerSettings(BaseSettings):
     consumer_group: str = "meterline-ledger"
     consumer_session_timeout_ms: int = 6_000
     consumer_batch_messages_max: int = 500
-    # a batch is decoded whole: with many wallets a checkpoint is ~1.4 MB on the wire and ~12 MB decoded (4,000
-    # counters), so the count alone let 500 of them take ~6 GB. 64 MiB ≈ 45 such checkpoints ≈ 0.5 GB decoded,
-    # still more than the merge bounds take per partition (ledger/consumer.py MERGE_COUNTERS_MAX)
+    # a batch is decoded whole (~8x its bytes: with many wallets a checkpoint of 4,000 counters is ~1.4 MB fetched,
+    # ~12 MB decoded). librdkafka's prefetch queue (queued.max.messages.kbytes, 64 MiB) kept batches near this
+    # already, but that bound is the client's setting and soft (a fetch response overshoots it by up to
+    # fetch.max.bytes); this one is the consumer's own. 64 MiB ≈ 45 such checkpoints: bench.ledger_catchup applied
+    # a 120-checkpoint backlog as fast as before it (docs/benchmarks.md)
     consumer_batch_bytes_max: int = Field(default=64 * 1024 * 1024, gt=0,
                                           description="message bytes per fetched batch (at least one message)")
     consumer_retry_backoff_s_max: float = Field(default=5.0, gt=0, description="longest pause between retries of a "
@@ -43,7 +45,8 @@ class LedgerSettings(BaseSettings):
                                                          "charges partition stops being fetched until it resumes")
     consumer_halted_pending_bytes_max: int = Field(default=64 * 1024 * 1024, gt=0,
                                                    description="... or this many bytes of them (as fetched; "
-                                                               "decoded they take ~8x more)")
+                                                               "decoded they take ~8x more; the count alone "
+                                                               "allowed 5,000 x ~1.4 MB)")
     outbox_batch_rows_max: int = 1_000
     outbox_poll_ms: int = 200
     outbox_delivery_timeout_s: float = Field(default=30.0, gt=0)

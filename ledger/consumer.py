@@ -170,8 +170,12 @@ class LedgerConsumer:
         return (not halted, f"halted for: {halted}" if halted else "applying")
 
     def run(self) -> None:
+        # the client prefetches up to the batch's byte bound, so that a batch can reach it (librdkafka's default,
+        # 64 MiB, is also the bound's default); 2,097,151 KiB is librdkafka's maximum
+        prefetch_kib = min(2_097_151, max(1, self._settings.consumer_batch_bytes_max // 1024))
         consumer = make_consumer(self._settings.kafka_bootstrap_servers, self._settings.consumer_group,
-                                 session_timeout_ms=self._settings.consumer_session_timeout_ms)
+                                 session_timeout_ms=self._settings.consumer_session_timeout_ms,
+                                 **{"queued.max.messages.kbytes": prefetch_kib})
         consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_revoke)
         self._consumer = consumer

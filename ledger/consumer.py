@@ -58,7 +58,7 @@ from ledger.kafka import (
 )
 from ledger.outbox import OutboxRelay
 from ledger.probes import Check, database_check, start_probe_server
-from ledger.runtime import freeze_startup_heap, tune_gc_for_batches
+from ledger.runtime import cyclic_gc_paused, freeze_startup_heap, tune_gc_for_batches
 from ledger.settings import LedgerSettings, get_settings
 
 __all__ = ["ConsumerStats", "LedgerConsumer", "MigrationsPending", "main", "run"]
@@ -271,6 +271,19 @@ class LedgerConsumer:
         redelivered checkpoints that were applied are then stale."""
         started = time.monotonic()
         groups: dict[Lane, list[Pending]] = {}
+        with cyclic_gc_paused():
+            self._decode_batch(messages, groups)
+        decoded = time.monotonic()
+        self.timings["decode"] += decoded - started
+        if not self._apply_groups(groups):
+            return  # stopped: commit nothing
+        applied = time.monotonic()
+        self.timings["apply"] += applied - decoded
+        self._commit(consumer)
+        self.timings["commit"] += time.monotonic() - applied
+
+    def _decode_batch(self, messages: list[Message], groups: dict[Lane, list[Pending]]) -> None:
+        """Decode ``messages`` in order and route each to its lane's group (or to a halted lane's queue)."""
         for message in messages:
             error = message.error()
             if error is not None:
@@ -291,14 +304,6 @@ class LedgerConsumer:
                            "the message is not a ChargeCheckpoint (see undecodable_checkpoint)")
                 continue
             self._route(groups, Pending(cp, offset, checkpoint, size=size))
-        decoded = time.monotonic()
-        self.timings["decode"] += decoded - started
-        if not self._apply_groups(groups):
-            return  # stopped: commit nothing
-        applied = time.monotonic()
-        self.timings["apply"] += applied - decoded
-        self._commit(consumer)
-        self.timings["commit"] += time.monotonic() - applied
 
     def _route(self, groups: dict[Lane, list[Pending]], pending: Pending) -> None:
         assert pending.checkpoint is not None

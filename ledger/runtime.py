@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
 
 
 def freeze_startup_heap() -> None:
@@ -33,3 +35,19 @@ def tune_gc_for_batches() -> None:
     """Fewer, larger young-generation passes; the older generations keep their default ratios."""
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(BATCH_GEN0_THRESHOLD, gen1, gen2)
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """No cyclic collection inside the block: for code that builds many acyclic objects which all outlive it
+    (decoding a fetched batch of checkpoints: pydantic models, freed by reference counting when the batch is done).
+    Every pass inside would walk and promote them, and the passes grow with the batch: 150 checkpoints of 4,000
+    counters decoded in 7.3 s with the collector (48 ms each, 58 ms for the last ten), 4.9 s without (32 ms).
+    Reference counting still frees everything; only cycles made inside wait for the next pass after it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

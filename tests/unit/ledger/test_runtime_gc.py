@@ -2,7 +2,7 @@
 
 import gc
 
-from ledger.runtime import BATCH_GEN0_THRESHOLD, tune_gc_for_batches
+from ledger.runtime import BATCH_GEN0_THRESHOLD, cyclic_gc_paused, tune_gc_for_batches
 
 
 def test_tune_gc_for_batches_raises_only_the_young_threshold() -> None:
@@ -14,3 +14,21 @@ def test_tune_gc_for_batches_raises_only_the_young_threshold() -> None:
         assert BATCH_GEN0_THRESHOLD > 700
     finally:
         gc.set_threshold(*before)
+
+
+def test_cyclic_gc_paused_pauses_the_collector_and_restores_what_was_there() -> None:
+    assert gc.isenabled()
+    try:
+        with cyclic_gc_paused():
+            assert not gc.isenabled()
+            raise KeyError("a decode that fails")
+    except KeyError:
+        pass
+    assert gc.isenabled()  # restored on the way out of an error too
+    gc.disable()
+    try:
+        with cyclic_gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()

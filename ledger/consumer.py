@@ -1,9 +1,10 @@
 """The ledger consumer (``meterline run ledger``): applies ChargeCheckpoints from ledger.charges.v1 and
 runs the outbox relay.
 
-Per fetched batch: decode → per source partition, its consecutive checkpoints merged by
-``apply_checkpoints`` in one PostgreSQL transaction (partitions with few counters in hand: several together,
-``apply_partitions``) → commit. Kafka offsets are committed only AFTER the
+Per fetched batch: decode, cutting each source partition's consecutive checkpoints into merge chunks as they come
+(``ledger/lane_chunks.py``: counters a later checkpoint of the chunk lists again are dropped at once, so a chunk's
+memory is its distinct keys) → each chunk merged by ``apply_checkpoints`` in one PostgreSQL transaction (partitions
+with few counters in hand: several together, ``apply_partitions``) → commit. Kafka offsets are committed only AFTER the
 database commit, so a crash in between redelivers checkpoints the ledger has
 already applied — which ``apply_checkpoint`` answers with ``stale`` (a no-op). Messages of one partition
 are applied strictly in order by one thread; several ledger consumers share the partitions through the
@@ -56,6 +57,7 @@ from ledger.kafka import (
     require_topics,
     topic_name,
 )
+from ledger.lane_chunks import ChunkCutter, chunks_of
 from ledger.outbox import OutboxRelay
 from ledger.probes import Check, database_check, start_probe_server
 from ledger.runtime import cyclic_gc_paused, freeze_startup_heap, tune_gc_for_batches
@@ -283,7 +285,9 @@ class LedgerConsumer:
         self.timings["commit"] += time.monotonic() - applied
 
     def _decode_batch(self, messages: list[Message], groups: dict[Lane, list[Pending]]) -> None:
-        """Decode ``messages`` in order and route each to its lane's group (or to a halted lane's queue)."""
+        """Decode ``messages`` in order and route each to its lane's group, cut into merge chunks as it goes
+        (ledger/lane_chunks.py: a chunk's memory is its distinct keys), or to a halted lane's queue."""
+        cutter = ChunkCutter(counters_max=MERGE_COUNTERS_MAX, dedupe_keys_max=MERGE_DEDUPE_KEYS_MAX)
         for message in messages:
             error = message.error()
             if error is not None:
@@ -303,7 +307,13 @@ class LedgerConsumer:
                 self._halt(charges_lane, [Pending(cp, offset, None, message.value(), size)], "undecodable",
                            "the message is not a ChargeCheckpoint (see undecodable_checkpoint)")
                 continue
-            self._route(groups, Pending(cp, offset, checkpoint, size=size))
+            lane: Lane = ("source", checkpoint.source_topic, checkpoint.partition)
+            if lane in self.halts:
+                self._route(groups, Pending(cp, offset, checkpoint, size=size))
+            else:
+                groups.setdefault(lane, []).append(cutter.add(lane, Pending(cp, offset, checkpoint, message.value(),
+                                                                           size)))
+        cutter.finish()
 
     def _route(self, groups: dict[Lane, list[Pending]], pending: Pending) -> None:
         assert pending.checkpoint is not None
@@ -325,8 +335,9 @@ class LedgerConsumer:
         units: list[list[LaneGroup]] = []
         small: list[tuple[int, LaneGroup]] = []
         for lane, pendings in groups.items():
-            chunks = _merge_chunks([p.checkpoint for p in pendings if p.checkpoint is not None])
-            size = sum(len(c.counters) for c in chunks[0]) if len(chunks) == 1 else COMBINE_COUNTERS_MAX + 1
+            chunks = _chunks(pendings)
+            size = (sum(len(p.checkpoint.counters) for p in chunks[0] if p.checkpoint is not None) if len(chunks) == 1
+                    else COMBINE_COUNTERS_MAX + 1)
             if size > COMBINE_COUNTERS_MAX:
                 units.append([(lane, pendings)])
             else:
@@ -339,7 +350,7 @@ class LedgerConsumer:
         for unit, results in zip(units, done, strict=True):
             for (lane, pendings), result in zip(unit, results, strict=True):
                 if isinstance(result, ApplyFailed):
-                    self._halt(lane, pendings[result.done:], result.reason, result.error)
+                    self._halt(lane, [_as_fetched(p) for p in pendings[result.done:]], result.reason, result.error)
         return not self._stop.is_set()
 
     def _apply_unit(self, unit: list[LaneGroup]) -> list[ApplyFailed | None]:
@@ -356,16 +367,18 @@ class LedgerConsumer:
         """One lane's checkpoints, in order (one thread at a time per lane). Never raises: a failure is
         returned with how many checkpoints were applied (committed) before it."""
         done = 0
-        for chunk in _merge_chunks([p.checkpoint for p in pendings if p.checkpoint is not None]):
+        for chunk in _chunks(pendings):
             try:
-                self._apply([chunk])
+                self._apply([[p.checkpoint for p in chunk if p.checkpoint is not None]])
             except Exception as exc:  # any failure halts the lane; nothing crashes the process
                 if len(chunk) == 1:
                     reason, error = _failure(exc)
                     return ApplyFailed(done, reason, error)
-                # a merged chunk failed: apply its checkpoints one by one, so the lane halts exactly at the
-                # one that cannot be applied and everything before it is charged
-                for checkpoint in chunk:
+                # a merged chunk failed: apply its checkpoints one by one, as fetched, so the lane halts exactly
+                # at the one that cannot be applied and everything before it is charged
+                for pending in chunk:
+                    checkpoint = _as_fetched(pending).checkpoint
+                    assert checkpoint is not None
                     try:
                         self._apply([[checkpoint]])
                     except Exception as single:
@@ -665,6 +678,28 @@ def _combine(lanes: list[tuple[int, LaneGroup]], *, bins: int) -> list[list[Lane
         i = min(fits, key=lambda j: packed[j][0])
         packed[i] = (packed[i][0] + size, [*packed[i][1], lane])
     return [unit for _, unit in packed]
+
+
+def _chunks(pendings: list[Pending]) -> list[list[Pending]]:
+    """A lane's merge chunks: as cut while decoding (ledger/lane_chunks.py), else (a halted lane's queue, which
+    holds checkpoints as fetched) within the merge bounds by ``_merge_chunks``."""
+    cut = chunks_of(pendings)
+    if cut is not None:
+        return cut
+    decoded = [_as_fetched(p) for p in pendings if p.checkpoint is not None]  # never merge thinned ones here
+    by_checkpoint = {id(p.checkpoint): p for p in decoded}
+    return [[by_checkpoint[id(c)] for c in chunk] for chunk in _merge_chunks([p.checkpoint for p in decoded
+                                                                              if p.checkpoint is not None])]
+
+
+def _as_fetched(pending: Pending) -> Pending:
+    """``pending`` with its checkpoint as fetched (a cut one lacks the counters its chunk superseded)."""
+    if pending.chunk is None:
+        return pending
+    assert pending.raw is not None
+    checkpoint = _decode_bytes(pending.raw)
+    assert checkpoint is not None, "it decoded when it was fetched"
+    return Pending(pending.charges_partition, pending.charges_offset, checkpoint, size=pending.size)
 
 
 def _posting_keys(checkpoint: ChargeCheckpoint) -> set[Key]:

@@ -35,13 +35,16 @@ FIRST_RETRY_S = 0.5
 @dataclass(frozen=True, slots=True)
 class Pending:
     """One fetched message of a halted lane: its charges position and what it decoded to (None: undecodable).
-    ``size``: the message's bytes as fetched (what a halted lane's memory bound counts)."""
+    ``size``: the message's bytes as fetched (what a halted lane's memory bound counts). ``chunk``: the merge chunk
+    ledger/lane_chunks.py cut it into while its batch was decoded (its checkpoint then lacks the counters a later
+    checkpoint of the chunk lists again, and ``raw`` holds the bytes to decode it again as fetched); None: not cut."""
 
     charges_partition: int
     charges_offset: int
     checkpoint: ChargeCheckpoint | None
     raw: bytes | None = None
     size: int = 0
+    chunk: int | None = None
 
 
 @dataclass(slots=True)

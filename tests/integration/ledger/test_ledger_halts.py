@@ -289,3 +289,42 @@ def test_a_backlog_is_taken_in_batches_bounded_by_bytes(
         charged = {w: _balance(conn, w) for n in range(1, 31) for w in (f"B{n}", f"C{n}")}
     assert charged == {**{f"B{n}": -n for n in range(1, 31)}, **{f"C{n}": -1 for n in range(1, 31)}}, charged
     invariants()
+
+
+def test_a_checkpoint_failing_inside_a_merged_chunk_halts_with_every_counter_at_its_mark(
+        engine: Engine, database_url: str, topics: Any, invariants: Callable[..., None]) -> None:
+    """A backlog of one partition is decoded as one merged chunk, thinned of the counters a later checkpoint lists
+    again (ledger/lane_chunks.py: wallet K is kept only in the last). Checkpoint 4 cannot be applied, so the chunk
+    fails and is retried checkpoint by checkpoint AS FETCHED: 1–3 apply with K's values, 4 halts. While halted the
+    stored counters match the mark (streams seeds from them) — K at 3, not missing — and after the fix all is exact."""
+    with engine.begin() as conn:
+        conn.execute(text("""
+            CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.wallet_id = 'BAD' THEN RAISE EXCEPTION 'wallet BAD refused by an operator rule'; END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_bad BEFORE INSERT OR UPDATE ON usage_counters
+                FOR EACH ROW EXECUTE FUNCTION refuse_bad();
+        """))
+    _produce(topics, [(0, _checkpoint(0, n, {"K": n, f"U{n}": n, **({"BAD": 1} if n == 4 else {})}))
+                      for n in range(1, 7)])
+    consumer = _Consumer(_settings(database_url, topics, f"ledger-{uuid.uuid4().hex[:8]}"))
+    try:
+        _wait(engine, lambda c: len(queries.partition_halts(c)) == 1, what="the lane halted", consumer=consumer)
+        with engine.connect() as conn:
+            assert queries.applied_offsets(conn, SOURCE, [0]) == {0: 3}
+            stored = conn.execute(text("SELECT units FROM usage_counters WHERE wallet_id = 'K'")).scalar_one()
+            assert stored == 3
+            assert [_balance(conn, w) for w in ("K", "U1", "U3", "U4", "U6")] == [-3, -1, -3, None, None]
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_bad ON usage_counters"))
+        _wait(engine, lambda c: queries.applied_offsets(c, SOURCE, [0]) == {0: 6} and not queries.partition_halts(c),
+              what="everything applied after the fix", consumer=consumer)
+    finally:
+        stats = consumer.close()
+    assert stats.halts == 1 and stats.resumes == 1
+    with engine.connect() as conn:
+        assert {w: _balance(conn, w) for w in ["K", "BAD", *(f"U{n}" for n in range(1, 7))]} == {
+            "K": -6, "BAD": -1, **{f"U{n}": -n for n in range(1, 7)}}
+    invariants()

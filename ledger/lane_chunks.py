@@ -38,6 +38,9 @@ class _Chunk:
     dedupe_keys: int
     #: key -> (the counters list of the checkpoint that lists it last so far, its index there)
     holders: dict[Key, tuple[list[Any], int]] = field(default_factory=dict)
+    #: the first checkpoint's counters (and keys, when known), indexed into ``holders`` only once a second
+    #: checkpoint joins: a lane with one checkpoint per batch — a ledger that keeps up — pays nothing
+    first: tuple[list[Any], list[Key] | None] | None = None
 
 
 class ChunkCutter:
@@ -55,14 +58,34 @@ class ChunkCutter:
         checkpoint = pending.checkpoint
         assert checkpoint is not None and pending.raw is not None, "only decoded checkpoints with their bytes"
         counters: list[Any] = list(checkpoint.counters)
-        keys = [posting_key(c) for c in counters]
+        thin = checkpoint.model_copy(update={"counters": counters})
         chunk = self._open.get(lane)
-        if chunk is None or not self._fits(chunk, checkpoint.owner_epoch, checkpoint.as_of_offset, keys,
-                                          len(checkpoint.dedupe_keys)):
-            chunk = self._open[lane] = _Chunk(self._next_id, checkpoint.owner_epoch, checkpoint.as_of_offset, 0)
+        keys: list[Key] | None = None
+        if chunk is not None:
+            self._index_first(chunk)
+            keys = [posting_key(c) for c in counters]
+            if not self._fits(chunk, checkpoint.owner_epoch, checkpoint.as_of_offset, keys,
+                              len(checkpoint.dedupe_keys)):
+                chunk = None
+        if chunk is None:
+            chunk = self._open[lane] = _Chunk(self._next_id, checkpoint.owner_epoch, checkpoint.as_of_offset,
+                                              len(checkpoint.dedupe_keys), first=(counters, keys))
             self._next_id += 1
+            return replace(pending, checkpoint=thin, chunk=chunk.id)
+        assert keys is not None
         chunk.as_of = checkpoint.as_of_offset
         chunk.dedupe_keys += len(checkpoint.dedupe_keys)
+        self._hold(chunk, counters, keys)
+        return replace(pending, checkpoint=thin, chunk=chunk.id)
+
+    def _index_first(self, chunk: _Chunk) -> None:
+        if chunk.first is not None:
+            counters, keys = chunk.first
+            chunk.first = None
+            self._hold(chunk, counters, keys if keys is not None else [posting_key(c) for c in counters])
+
+    def _hold(self, chunk: _Chunk, counters: list[Any], keys: list[Key]) -> None:
+        """``counters`` lists ``keys`` last in the chunk now: drop them from the checkpoints that listed them."""
         holders = chunk.holders
         for i, key in enumerate(keys):
             held = holders.get(key)
@@ -70,15 +93,13 @@ class ChunkCutter:
                 held[0][held[1]] = None  # superseded within the chunk: the later value is the merged one
                 self._thinned.append(held[0])
             holders[key] = (counters, i)
-        thin = checkpoint.model_copy(update={"counters": counters})
-        return replace(pending, checkpoint=thin, chunk=chunk.id)
 
     def _fits(self, chunk: _Chunk, epoch: int, as_of: int, keys: list[Key], dedupe_keys: int) -> bool:
         if epoch != chunk.epoch or as_of <= chunk.as_of:
             return False
         if chunk.dedupe_keys + dedupe_keys > self.dedupe_keys_max:
             return False
-        new = sum(1 for key in set(keys) if key not in chunk.holders)
+        new = sum(1 for key in set(keys) if key not in chunk.holders)  # holders: the first is indexed by now
         return len(chunk.holders) + new <= self.counters_max
 
     def finish(self) -> None:

@@ -31,12 +31,11 @@ class LedgerSettings(BaseSettings):
     consumer_group: str = "meterline-ledger"
     consumer_session_timeout_ms: int = 6_000
     consumer_batch_messages_max: int = 500
-    # a batch is decoded whole (~8x its bytes: with many wallets a checkpoint of 4,000 counters is ~1.4 MB fetched,
-    # ~12 MB decoded). librdkafka's prefetch queue (queued.max.messages.kbytes, 64 MiB) kept batches near this
-    # already, but that bound is the client's setting and soft (a fetch response overshoots it by up to
-    # fetch.max.bytes); this one is the consumer's own. 64 MiB ≈ 45 such checkpoints: bench.ledger_catchup applied
-    # a 120-checkpoint backlog as fast as before it (docs/benchmarks.md)
-    consumer_batch_bytes_max: int = Field(default=64 * 1024 * 1024, gt=0,
+    # a batch's memory: its bytes (held until applied; the client's prefetch queue is sized to this too) plus its
+    # distinct keys decoded (~3 KB each: ledger/lane_chunks.py drops superseded counters while decoding). A larger
+    # batch merges a backlog deeper: at 100,000 wallets bench.ledger_catchup --checkpoints 240 took 117 s at 64 MiB
+    # (RSS 0.9 GB) and 78 s at 256 MiB (RSS 1.2 GB — what 64 MiB took before the cutting; docs/benchmarks.md)
+    consumer_batch_bytes_max: int = Field(default=256 * 1024 * 1024, gt=0,
                                           description="message bytes per fetched batch (at least one message)")
     consumer_retry_backoff_s_max: float = Field(default=5.0, gt=0, description="longest pause between retries of a "
                                                 "halted partition (ledger/halts.py; backoff from 0.5 s, doubling)")

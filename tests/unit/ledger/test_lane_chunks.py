@@ -72,8 +72,8 @@ def test_chunks_merge_like_the_checkpoints_as_fetched_for_every_accepted_suffix(
             assert len({c.owner_epoch for c in original}) == 1
             assert all(a.as_of_offset < b.as_of_offset for a, b in itertools.pairwise(original))
             keys = [posting_key(c) for checkpoint in thin for c in checkpoint.counters]  # type: ignore[union-attr]
-            assert len(keys) == len(set(keys))
-            assert len(chunk) == 1 or (len(keys) <= counters_max
+            # a chunk of one checkpoint may list a key twice (it is thinned only once a second one joins)
+            assert len(chunk) == 1 or (len(keys) == len(set(keys)) <= counters_max
                                        and sum(len(c.dedupe_keys) for c in original) <= dedupe_max)
             assert [c.dedupe_keys for c in thin] == [c.dedupe_keys for c in original]  # type: ignore[union-attr]
 

@@ -49,7 +49,8 @@ class ChunkCutter:
     def __init__(self, *, counters_max: int, dedupe_keys_max: int) -> None:
         self.counters_max, self.dedupe_keys_max = counters_max, dedupe_keys_max
         self._open: dict[Lane, _Chunk] = {}
-        self._thinned: list[list[Any]] = []
+        #: the counter lists that lost a counter, each once (by identity): ``finish`` compacts each list once
+        self._thinned: dict[int, list[Any]] = {}
         self._next_id = 0
 
     def add(self, lane: Lane, pending: Pending) -> Pending:
@@ -91,7 +92,7 @@ class ChunkCutter:
             held = holders.get(key)
             if held is not None:
                 held[0][held[1]] = None  # superseded within the chunk: the later value is the merged one
-                self._thinned.append(held[0])
+                self._thinned[id(held[0])] = held[0]
             holders[key] = (counters, i)
 
     def _fits(self, chunk: _Chunk, epoch: int, as_of: int, keys: list[Key], dedupe_keys: int) -> bool:
@@ -104,7 +105,7 @@ class ChunkCutter:
 
     def finish(self) -> None:
         """Remove the dropped counters from the lists they were dropped from (in place: the checkpoints hold them)."""
-        for counters in self._thinned:
+        for counters in self._thinned.values():
             counters[:] = [c for c in counters if c is not None]
         self._thinned.clear()
         self._open.clear()

@@ -88,3 +88,28 @@ def test_the_wire_form_decodes_to_its_values() -> None:
     assert (checkpoint.partition, checkpoint.as_of_offset, checkpoint.owner_epoch) == (3, 41, 2)
     assert str(checkpoint.counters[0].units) == "12.5"
     assert checkpoint.dedupe_keys == [1, -2, 2**63 - 1]
+
+
+def _with_counters(*prices: Any) -> bytes:
+    doc = copy.deepcopy(WIRE)
+    counter = doc["counters"][0]
+    doc["counters"] = [{**copy.deepcopy(counter), "key": {**counter["key"], "wallet_id": f"w{i}"}, "price": price}
+                       for i, price in enumerate(prices)]
+    return orjson.dumps(doc)
+
+
+def test_a_price_repeated_in_every_counter_is_validated_as_each_copy_says() -> None:
+    """Prices are validated once per distinct wire form (ledger/contracts.py ``CounterPrice``): a bad copy of a
+    price already seen still refuses the checkpoint, and a good price after a refused one still decodes."""
+    good = WIRE["counters"][0]["price"]
+    float_copy = copy.deepcopy(good)
+    float_copy["tiers"][1]["unit_price_minor"] = 1.0
+    assert _decode_bytes(_with_counters(good, good, good)) is not None
+    assert _decode_bytes(_with_counters(good, float_copy, good)) is None
+    assert _decode_bytes(_with_counters({"model": "per_unit"}, good)) is None
+    decoded = _decode_bytes(_with_counters(good, {**good, "free_units": "1.0"}, {"model": "per_unit",
+                                                                               "unit_price_minor": 3}))
+    assert decoded is not None
+    first, second, third = (c.price for c in decoded.counters)
+    assert first == ChargeCheckpoint.model_validate(orjson.loads(_with_counters(good))).counters[0].price
+    assert str(second.free_units) == "1.0" and str(third.unit_price_minor) == "3"

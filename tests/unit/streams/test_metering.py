@@ -289,6 +289,33 @@ def test_misplaced_events_are_counted_and_charged() -> None:
 
 # -- checkpoints -----------------------------------------------------------------------------------------
 
+
+def test_checkpoint_json_carries_each_counters_own_price_and_exact_times() -> None:
+    """``to_json`` serializes each price once per checkpoint and leaves datetimes to orjson: two meters with
+    different prices in one checkpoint must each arrive with their own price, effective date and latest time."""
+    graduated = PriceModel(model="graduated", tiers=({"up_to": D(10), "unit_price_minor": D(2)},  # type: ignore[arg-type]
+                                                     {"unit_price_minor": D("0.5")}))
+    later = datetime(2026, 11, 2, 3, 4, 5, 600007, tzinfo=UTC)
+    cat = catalog([meter("tokens"), meter("calls", aggregation="COUNT", prop=None)],
+                  [price("pv1", "tokens"), price("pv2", "calls", model=graduated, effective_from=later)])
+    a = agg()
+    a.process(offset=5, value=orjson.dumps([event(i, subject=f"s{i % 3}", tokens=i,
+                                                  time=f"2026-11-15T11:00:0{i}.00012{i}Z") for i in range(1, 7)]),
+              arrival=ARRIVAL, catalog=cat)
+    cp = a.checkpoint()
+    assert cp is not None
+    parsed = ChargeCheckpoint.model_validate_json(cp.to_json(emitted_at=ARRIVAL, owner_epoch=7))
+    assert (parsed.emitted_at, parsed.stream_time, parsed.owner_epoch) == (ARRIVAL, cp.stream_time, 7)
+    assert len(parsed.counters) == len(cp.counters) == 6
+    for value, ((wallet_id, project_id, meter_id, period_start, version), counter) in zip(parsed.counters,
+                                                                                            cp.counters, strict=True):
+        assert counter.price is not None
+        assert (value.key.wallet_id, value.key.project_id, value.key.meter_id, value.key.period_start,
+                value.key.price_version_id) == (wallet_id, project_id, meter_id, period_start, version)
+        assert (value.price, value.price_effective_from) == (counter.price.model, counter.price.effective_from)
+        assert (value.units, value.events, value.latest_at) == (counter.units, counter.events, counter.latest_at)
+    assert {v.key.price_version_id: v.price for v in parsed.counters} == {"pv1": PER_UNIT, "pv2": graduated}
+
 def test_checkpoint_json_is_a_valid_charge_checkpoint_with_cumulative_values() -> None:
     a = agg()
     a.process(offset=3, value=orjson.dumps([event(1, tokens=90)]), arrival=ARRIVAL, catalog=catalog())

@@ -16,7 +16,6 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-import orjson
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -159,11 +158,13 @@ def _check_tiers(tiers: tuple[PriceTier, ...]) -> None:
         previous = tier.up_to
 
 
-#: Validated prices by their wire form. A checkpoint repeats its keys' price for every counter (thousands per
-#: checkpoint, a handful of distinct prices); validating each copy was ~3 of the ~8 µs a counter costs to decode.
-#: Exact: validation is a pure function of the input and a PriceModel is frozen, so sharing one instance among
-#: equal inputs changes nothing. Bounded: cleared when full (a catalog has few live price versions).
-_VALIDATED_PRICES: dict[bytes, PriceModel] = {}
+#: Validated prices by the JSON value they came from. A checkpoint repeats its keys' price for every counter
+#: (thousands per checkpoint, a handful of distinct prices); validating each copy was ~3 of the ~8 µs a counter cost
+#: to decode. Exact: validation is a pure function of the input and a PriceModel is frozen, so equal inputs may share
+#: one instance. The key is ``repr`` of the parsed value, which tells apart every JSON value (1 / 1.0 / "1" / inf /
+#: None): serializing it back with orjson would not (a float beyond range parses as inf and orjson writes inf as
+#: null, so a refused price could hit a valid one's entry). Bounded: cleared when full.
+_VALIDATED_PRICES: dict[str, PriceModel] = {}
 _VALIDATED_PRICES_MAX = 4_096
 
 
@@ -171,13 +172,13 @@ def _validate_price_once(value: Any, handler: ValidatorFunctionWrapHandler) -> P
     if not isinstance(value, dict):  # a PriceModel built in Python, or input the handler will refuse
         built: PriceModel = handler(value)
         return built
-    wire = orjson.dumps(value)
-    price = _VALIDATED_PRICES.get(wire)
+    parsed = repr(value)
+    price = _VALIDATED_PRICES.get(parsed)
     if price is None:
         price = handler(value)  # raises on bad input: nothing is cached then
         if len(_VALIDATED_PRICES) >= _VALIDATED_PRICES_MAX:
             _VALIDATED_PRICES.clear()
-        _VALIDATED_PRICES[wire] = price
+        _VALIDATED_PRICES[parsed] = price
     return price
 
 

@@ -5,6 +5,7 @@ their lane as undecodable (ledger/README "Halted partitions") and nothing new sl
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -113,3 +114,29 @@ def test_a_price_repeated_in_every_counter_is_validated_as_each_copy_says() -> N
     first, second, third = (c.price for c in decoded.counters)
     assert first == ChargeCheckpoint.model_validate(orjson.loads(_with_counters(good))).counters[0].price
     assert str(second.free_units) == "1.0" and str(third.unit_price_minor) == "3"
+
+
+@pytest.mark.parametrize("number", [b"9" * 30, b"-" + b"9" * 30, b"1e400", b"0.4"])
+def test_a_price_with_a_number_beyond_64_bits_is_decided_by_the_model(number: bytes) -> None:
+    """A price field may hold any JSON number; one orjson cannot write back (the cache's key) is validated as sent,
+    so the consumer decides exactly as the model and never raises."""
+    raw = orjson.dumps(WIRE).replace(b'"unit_price_minor":"2"', b'"unit_price_minor":' + number)
+    assert raw != orjson.dumps(WIRE)
+    try:
+        expected: ChargeCheckpoint | None = ChargeCheckpoint.model_validate(json.loads(raw))
+    except ValidationError:
+        expected = None
+    assert _decode_bytes(raw) == expected
+
+
+def test_a_number_beyond_range_never_passes_for_a_null_seen_before() -> None:
+    """``1e400`` parses as infinity, which orjson writes back as ``null``: a price keyed that way would hit the entry
+    of the valid price with ``"up_to": null`` (an open last tier) decoded just before, and be accepted."""
+    good = WIRE["counters"][0]["price"]
+    marked = copy.deepcopy(good)
+    marked["tiers"][1]["up_to"] = "OUT-OF-RANGE"
+    raw = _with_counters(good, marked).replace(b'"OUT-OF-RANGE"', b"1e400")
+    with pytest.raises(ValidationError):
+        ChargeCheckpoint.model_validate(json.loads(raw))
+    assert _decode_bytes(_with_counters(good)) is not None
+    assert _decode_bytes(raw) is None

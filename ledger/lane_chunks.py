@@ -100,7 +100,7 @@ class ChunkCutter:
             return False
         if chunk.dedupe_keys + dedupe_keys > self.dedupe_keys_max:
             return False
-        new = sum(1 for key in set(keys) if key not in chunk.holders)  # holders: the first is indexed by now
+        new = len(set(keys).difference(chunk.holders))  # holders: the first is indexed by now
         return len(chunk.holders) + new <= self.counters_max
 
     def finish(self) -> None:

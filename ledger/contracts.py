@@ -182,7 +182,7 @@ def _validate_price_once(value: Any, handler: ValidatorFunctionWrapHandler) -> P
     return price
 
 
-#: A price as a counter carries it: validated once per distinct wire form.
+#: A price as a counter carries it: validated once per distinct parsed value.
 CounterPrice = Annotated[PriceModel, WrapValidator(_validate_price_once)]
 
 

@@ -1,7 +1,7 @@
 """The ledger consumer catching up on a backlog of large checkpoints: how fast, in how much memory, exact.
 
     .venv/bin/python -m bench.ledger_catchup [--checkpoints 240] [--counters 4000] [--wallets 100000]
-                                             [--batch-bytes-max BYTES]
+                                             [--batch-bytes-max BYTES] [--dedupe-keys]
 
 What a ledger that was down meets when it comes back under many wallets: ``--checkpoints`` ChargeCheckpoints of
 ``--counters`` counters each wait in ``ledger.charges.v1`` (8 source partitions, each with its own slice of
@@ -9,7 +9,9 @@ What a ledger that was down meets when it comes back under many wallets: ``--che
 Prints the time until every checkpoint is applied, the postings per second, the consumer's peak RSS and its
 largest fetched batch, and checks every wallet's balance against the units its keys reached (price 1 minor per
 unit): EXACT or the mismatches. ``--batch-bytes-max`` sets ``LEDGER_CONSUMER_BATCH_BYTES_MAX`` (default: the
-setting's default). Embedded broker and PostgreSQL, as bench.pipeline starts them (``DATABASE_URL`` /
+setting's default). ``--dedupe-keys``: each checkpoint also carries one dedupe key per event it adds, as streams
+emits them (~12,000 for 4,000 counters: more bytes to decode, and ``MERGE_DEDUPE_KEYS_MAX`` then bounds how many
+checkpoints merge). Embedded broker and PostgreSQL, as bench.pipeline starts them (``DATABASE_URL`` /
 ``KAFKA_BOOTSTRAP_SERVERS`` use running ones)."""
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ PRICE = PriceModel(model="per_unit", unit_price_minor=Decimal(1))
 PERIOD = datetime(2026, 12, 1, tzinfo=UTC)
 
 
-def backlog(source_topic: str, *, checkpoints: int, counters: int, wallets: int,
+def backlog(source_topic: str, *, checkpoints: int, counters: int, wallets: int, dedupe_keys: bool = False,
             seed: int = 7) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
-    """The checkpoints (charges key, value) in emission order, and what every wallet must be charged."""
+    """The checkpoints (charges key, value) in emission order, and what every wallet must be charged. A unit is an
+    event; with ``dedupe_keys`` a checkpoint lists a (random, 64-bit) dedupe key per event it adds."""
     rng = random.Random(seed)
     units: dict[str, int] = defaultdict(int)  # cumulative per wallet (one meter, one period, one price version)
     slices = [[f"catchup-{w}" for w in range(p, wallets, SOURCE_PARTITIONS)] for p in range(SOURCE_PARTITIONS)]
@@ -49,14 +52,19 @@ def backlog(source_topic: str, *, checkpoints: int, counters: int, wallets: int,
     for n in range(checkpoints):
         p = n % SOURCE_PARTITIONS
         touched = rng.sample(slices[p], min(counters, len(slices[p])))
+        added = 0
         for wallet in touched:
-            units[wallet] += rng.randint(1, 5)
+            events = rng.randint(1, 5)
+            units[wallet] += events
+            added += events
+        keys = [rng.getrandbits(64) - 2**63 for _ in range(added)] if dedupe_keys else []
         as_of[p] += 1_000
         checkpoint = ChargeCheckpoint(
             source_topic=source_topic, partition=p, as_of_offset=as_of[p], emitted_at=datetime.now(UTC),
             counters=[CounterValue(key=CounterKey(wallet_id=w, project_id=PROJECT, meter_id="catchup",
                                                   period_start=PERIOD, price_version_id="catchup-v1"),
-                                   units=Decimal(units[w]), price=PRICE, events=units[w]) for w in touched])
+                                   units=Decimal(units[w]), price=PRICE, events=units[w]) for w in touched],
+            dedupe_keys=keys)
         out.append((f"{source_topic}:{p}", checkpoint.model_dump_json().encode()))
     return out, dict(units)
 
@@ -67,6 +75,8 @@ def main() -> None:
     parser.add_argument("--counters", type=int, default=4_000, help="counters per checkpoint")
     parser.add_argument("--wallets", type=int, default=100_000)
     parser.add_argument("--batch-bytes-max", type=int, default=None, help="LEDGER_CONSUMER_BATCH_BYTES_MAX")
+    parser.add_argument("--dedupe-keys", action="store_true",
+                        help="one dedupe key per event in each checkpoint, as streams emits them")
     parser.add_argument("--timeout-s", type=float, default=900.0)
     args = parser.parse_args()
     print(describe())
@@ -77,7 +87,7 @@ def main() -> None:
         if args.batch_bytes_max:
             env["LEDGER_CONSUMER_BATCH_BYTES_MAX"] = str(args.batch_bytes_max)
         messages, expected = backlog(usage_topic, checkpoints=args.checkpoints, counters=args.counters,
-                                     wallets=args.wallets)
+                                     wallets=args.wallets, dedupe_keys=args.dedupe_keys)
         charges_topic = env["METERLINE_TOPIC_PREFIX"] + TOPIC_LEDGER_CHARGES
         producer = Producer({"bootstrap.servers": eng.bootstrap, "linger.ms": 20, "message.max.bytes": 64 << 20,
                              "queue.buffering.max.kbytes": 2 << 20})
@@ -86,7 +96,8 @@ def main() -> None:
             producer.poll(0)
         assert producer.flush(120) == 0, "the backlog was not produced"
         wire = sum(len(v) for _, v in messages)
-        print(f"backlog: {len(messages):,} checkpoints of {args.counters:,} counters over {args.wallets:,} wallets, "
+        print(f"backlog: {len(messages):,} checkpoints of {args.counters:,} counters over {args.wallets:,} wallets"
+              f"{' with a dedupe key per event' if args.dedupe_keys else ''}, "
               f"{wire / 1e6:,.1f} MB on the wire (largest {max(len(v) for _, v in messages) / 1e6:.2f} MB)")
         last = {p: 1_000 * len(range(p, args.checkpoints, SOURCE_PARTITIONS)) for p in range(SOURCE_PARTITIONS)}
         started = time.monotonic()

@@ -416,8 +416,11 @@ class AppliedWatcher:
                 for w, lat in sorted(by_window.items())]
 
 
-def check_totals(database_url: str, sents: list[Sent], *, complete: bool = True) -> tuple[bool, str]:
-    """Balances are cumulative over every phase so far: the expected ones too.
+def check_totals(database_url: str, sents: list[Sent], *, complete: bool = True,
+                 posted_only: bool = False) -> tuple[bool, str]:
+    """Balances are cumulative over every phase so far: the expected ones too. A balance is what the wallet shows
+    once its unsettled usage is posted (``balance − unsettled``, ledger/settle.py); ``posted_only``: the posted
+    balance alone (after the settle pass posted everything, it must be exact too).
 
     ``complete=False`` (the phase's wait ended before the ledger applied everything): a wallet may be behind —
     charged less than its events so far — but never ahead; ok means no wallet over-charged and no key posted
@@ -430,7 +433,8 @@ def check_totals(database_url: str, sents: list[Sent], *, complete: bool = True)
     for (subject, _month), units in units_by_key.items():
         expected[auto_wallet_id(PROJECT, subject)] -= int((units * PRICE).to_integral_value(rounding=ROUND_FLOOR))
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        actual = dict(conn.execute("SELECT id, balance_minor FROM wallets WHERE project_id = %s",
+        column = "balance_minor" if posted_only else "balance_minor - unsettled_minor"
+        actual = dict(conn.execute(f"SELECT id, {column} FROM wallets WHERE project_id = %s",
                                    (PROJECT,)).fetchall())
         dup = conn.execute("SELECT count(*) FROM (SELECT idempotency_key FROM transactions GROUP BY 1 "
                            "HAVING count(*) > 1) d").fetchone()
@@ -450,6 +454,19 @@ def judge_totals(expected: dict[str, int], actual: dict[str, int], duplicates: i
     wrong = [w for w in expected if actual.get(w) != expected[w]] + unexpected
     ok = not wrong and duplicates == 0
     return ok, f"{len(expected)} wallets, {len(wrong)} wrong, {duplicates if duplicates is not None else '?'} duplicate keys"
+
+
+def wait_settled(database_url: str, *, timeout_s: float) -> float:
+    """Seconds until no usage is left unsettled (the ledger's settle pass posted every key); raises on timeout."""
+    started = time.monotonic()
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        while True:
+            row = conn.execute("SELECT count(*) FROM usage_charges WHERE charged_minor <> posted_minor").fetchone()
+            if row is not None and row[0] == 0:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                raise SystemExit(f"usage still unsettled after {timeout_s:.0f} s: {row[0] if row else '?'} keys")
+            time.sleep(0.5)
 
 
 def ledger_rows(database_url: str) -> tuple[int, int]:
@@ -804,6 +821,10 @@ def main() -> None:
                         help="rows for the PostgreSQL set-based insert limit first (0 = skip)")
     parser.add_argument("--backlog", type=int, default=100_000,
                         help="throughput phase: most events sent but not yet applied")
+    parser.add_argument("--settle-interval-s", type=float, default=0.0,
+                        help="the ledger's LEDGER_USAGE_SETTLE_INTERVAL_S: > 0 prices usage at once and posts it "
+                             "in a settle pass this often (balances checked as balance − unsettled, then once "
+                             "everything is settled, as posted)")
     parser.add_argument("--logs", type=Path, default=None, help="copy the processes' logs here")
     parser.add_argument("--profile", action="store_true",
                         help="sample the streams workers and the ledger with py-spy during each phase and print "
@@ -832,6 +853,7 @@ def main() -> None:
             if args.raw_messages:
                 print(raw_limits(eng.bootstrap, f"raw{uuid.uuid4().hex[:6]}.", messages=args.raw_messages))
             env, topic = prepare_stack(eng)
+            env["LEDGER_USAGE_SETTLE_INTERVAL_S"] = str(args.settle_interval_s)
             if args.pg_rows:
                 print(pg_insert_limit(eng.database_url, rows=args.pg_rows))
             workers = [start([sys.executable, "-m", "meterline", "run", "streams"],
@@ -892,6 +914,13 @@ def main() -> None:
                     if steps:
                         print("  where the time went (per-step seconds from the stats logs, share of the window):")
                         print("\n".join(steps))
+                if args.settle_interval_s > 0:
+                    waited = wait_settled(eng.database_url, timeout_s=3 * args.settle_interval_s + 60)
+                    ok, detail = check_totals(eng.database_url, [r["sent"] for r in results],
+                                              complete=all(r["complete"] for r in results), posted_only=True)
+                    results[-1]["exact"] = results[-1]["exact"] and ok
+                    print(f"\n[settled] every key posted {waited:.1f} s after the last phase; posted balances "
+                          f"exact: {'OK' if ok else 'WRONG'} ({detail})")
             finally:
                 stop(procs)
                 keep_logs(home, args.logs)

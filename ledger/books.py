@@ -1,9 +1,17 @@
 """Lock wallets and load their buckets into ``WalletBook``s — the read half of every posting.
 
-Lock discipline (no deadlocks): every writer locks wallet rows with ``SELECT ... FOR UPDATE`` in
+Lock discipline (no deadlocks): every writer locks wallet rows with ``SELECT ... FOR NO KEY UPDATE`` in
 ascending id order, and touches a wallet's buckets and holds only while holding its row lock. The
 checkpoint path locks its applied_offsets row, then its usage_charges rows (sorted), then wallets (sorted);
-no path locks in the opposite direction.
+the settle pass (ledger/settle.py) its usage_charges rows (sorted), then wallets (sorted); no path locks in the
+opposite direction.
+
+Why NO KEY UPDATE, not FOR UPDATE: inserting a row that references a wallet (a usage counter or charge, a
+transaction, a hold — the composite foreign keys) takes KEY SHARE on the wallet row until commit, which FOR UPDATE
+waits for and NO KEY UPDATE does not. With FOR UPDATE, two appliers that each inserted a new key of one wallet
+and then locked it waited for each other: a deadlock (tests/integration/ledger/test_ledger_settle.py found it).
+NO KEY UPDATE still excludes every other writer's lock, since every writer takes this same lock; a wallet's id
+and project never change, so nothing needs the stronger mode.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from ledger.rows import WALLET_COLUMNS, WalletRow
 __all__ = ["load_books", "lock_wallet", "lock_wallets"]
 
 _LOCK_WALLETS = text(f"""
-    SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE
+    SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR NO KEY UPDATE
 """)
 
 _LIVE_BUCKETS = text("""

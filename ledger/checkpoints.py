@@ -75,7 +75,8 @@ from ledger.writer import Draft, write
 
 log = structlog.get_logger("ledger.checkpoints")
 
-__all__ = ["Key", "KeyMetadata", "MergedOutcome", "apply_checkpoint", "apply_checkpoints", "merge_units", "usage_idempotency_key"]
+__all__ = ["Key", "KeyMetadata", "MergedOutcome", "apply_checkpoint", "apply_checkpoints", "merge_units", "post_deltas",
+           "usage_idempotency_key"]
 
 
 class Key(NamedTuple):
@@ -192,11 +193,24 @@ _ALL_PARTITIONS = text(f"""
      AND c.price_version_id = k.price_version_id
 """)
 
+# posted: the delta this application posts (0 when it is left for the settle pass), so charged − posted — what
+# is left to settle — moves only by what is accrued
 _UPDATE_CHARGES = text(f"""
-    UPDATE usage_charges c SET units = v.units, charged_minor = v.charged, updated_at = now()
-    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, units numeric, charged bigint)
+    UPDATE usage_charges c SET units = v.units, charged_minor = v.charged, posted_minor = c.posted_minor + v.posted,
+                               updated_at = now()
+    FROM json_to_recordset(CAST(:rows AS json)) AS v({_KEY_COLUMNS}, units numeric, charged bigint, posted bigint)
     WHERE c.wallet_id = v.wallet_id AND c.meter_id = v.meter_id AND c.period_start = v.period_start
       AND c.price_version_id = v.price_version_id
+""")
+
+# Step 6 when usage settles later: the wallets (locked in id order, as every writer locks them) take the change
+# of what is left to settle; ledger/settle.py posts it.
+_LOCK_WALLET_IDS = text("SELECT id FROM wallets WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR NO KEY UPDATE")
+
+_ACCRUE = text("""
+    UPDATE wallets w SET unsettled_minor = w.unsettled_minor + v.amount, updated_at = now()
+    FROM json_to_recordset(CAST(:rows AS json)) AS v(id text, amount bigint)
+    WHERE w.id = v.id
 """)
 
 # One row per applied checkpoint; the hashes as one bigint[] literal ('{1,-2,3}': PostgreSQL's int8 array
@@ -237,7 +251,7 @@ KeyMetadata = Callable[[Key], Mapping[str, Any]]
 
 def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint], *,
                       kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
-                      metadata: KeyMetadata | None = None) -> MergedOutcome:
+                      metadata: KeyMetadata | None = None, settle_later: bool = False) -> MergedOutcome:
     """Apply consecutive checkpoints of ONE source partition, in the given (arrival) order, as one merged
     checkpoint inside the caller's transaction.
 
@@ -252,10 +266,12 @@ def apply_checkpoints(conn: Connection, checkpoints: Sequence[ChargeCheckpoint],
 
     ``kind``/``reason``: a replay correction (ledger/corrections.py) posts its deltas as ``adjustment`` with a
     reason, keyed ``adjustment:{topic}:…`` instead of ``usage:{topic}:…``; everything else is the same.
-    ``metadata``: extra members of each posted transaction's metadata, per key (ledger/backfills.py)."""
+    ``metadata``: extra members of each posted transaction's metadata, per key (ledger/backfills.py).
+    ``settle_later``: usage is priced and stored as now but not posted — see ``apply_partitions``."""
     if not checkpoints:
         raise ValueError("apply_checkpoints needs at least one checkpoint")
-    return apply_partitions(conn, [checkpoints], kind=kind, reason=reason, metadata=metadata)[0]
+    return apply_partitions(conn, [checkpoints], kind=kind, reason=reason, metadata=metadata,
+                            settle_later=settle_later)[0]
 
 
 class _Source(NamedTuple):
@@ -281,7 +297,7 @@ class _Source(NamedTuple):
 
 def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheckpoint]], *,
                      kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
-                     metadata: KeyMetadata | None = None) -> list[MergedOutcome]:
+                     metadata: KeyMetadata | None = None, settle_later: bool = False) -> list[MergedOutcome]:
     """``apply_checkpoints`` for several source partitions at once, in ONE pass of the steps (one statement per
     table for all of them) inside the caller's transaction; one MergedOutcome per partition, in the given order.
 
@@ -294,7 +310,13 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
     keeps its own counters, dedupe keys and applied mark. A key named by two of the partitions (a wallet whose
     subjects hash to different partitions) is priced once over both partitions' counters — what applying them one
     after the other would post in total — and its posting is named after the first of them (source_ref and
-    idempotency key of that partition's merged offset, new for it, so unique)."""
+    idempotency key of that partition's merged offset, new for it, so unique).
+
+    ``settle_later`` (usage only; a correction or backfill always posts): steps 1–5 as always, but step 6 adds each
+    wallet's deltas to its ``unsettled_minor`` instead of posting them; ``ledger.settle.settle_usage`` posts
+    ``charged − posted`` per key later. What is charged is decided here either way, so the total posted per key
+    is the same; what changes is when ``balance = Σ transactions`` includes it — until then every balance figure
+    counts it as spent (``WalletBalance.unsettled_minor``)."""
     if not partitions or any(not checkpoints for checkpoints in partitions):
         raise ValueError("apply_partitions needs at least one checkpoint per partition")
     for checkpoints in partitions:
@@ -315,6 +337,7 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
             owner.setdefault(key, i)
     values = {key: per_source[i][key] for key, i in sorted(owner.items())}
     moved: dict[Key, int] = {}
+    accrued: dict[Key, int] = {}
     names: dict[Key, tuple[str, int, int]] = {}
     if values:
         counter_rows = _checkpoint_rows([(sources[i].triple, per_source[i]) for i in live])
@@ -339,8 +362,10 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
         targets |= _continued_targets(members, units)
         priced = sorted(targets)
         deltas = {key: targets[key] - charged[key] for key in priced}
+        accrue = settle_later and kind is TransactionKind.USAGE
         conn.execute(_UPDATE_CHARGES, {"rows": rows_json(
-            {**_key_row(k), "units": units[k], "charged": targets[k]} for k in priced)})
+            {**_key_row(k), "units": units[k], "charged": targets[k], "posted": 0 if accrue else deltas[k]}
+            for k in priced)})
         # a member of a group outside this application's keys (another price version) is named after the
         # partition of a key of its (wallet, meter, period)
         by_period: dict[tuple[str, str, datetime], int] = {}
@@ -348,11 +373,17 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
             by_period.setdefault((key.wallet_id, key.meter_id, key.period_start), i)
         names = {k: sources[owner[k] if k in owner else by_period[(k.wallet_id, k.meter_id, k.period_start)]].triple
                  for k in priced}
-        moved = _post_deltas(conn, names, priced, units, deltas, targets, kind=kind, reason=reason,
-                             metadata=metadata)
+        if accrue:
+            accrued = _accrue(conn, priced, deltas)
+        else:
+            moved = post_deltas(conn, {k: "{}:{}:{}".format(*names[k]) for k in priced}, priced, units, deltas,
+                                 targets, kind=kind, reason=reason, metadata=metadata)
     posted: dict[tuple[str, int, int], list[int]] = {}
     for key, delta in moved.items():
         posted.setdefault(names[key], []).append(delta)
+    left: dict[tuple[str, int, int], int] = {}
+    for key, delta in accrued.items():
+        left[names[key]] = left.get(names[key], 0) + delta
     outcomes: dict[int, MergedOutcome] = {}
     for i in order:
         source = sources[i]
@@ -363,7 +394,7 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
         _finish(conn, source)
         mine = posted.get(source.triple, [])
         outcome = CheckpointOutcome("applied", source.topic, source.partition, source.as_of, len(per_source[i]),
-                                    len(mine), sum(mine))
+                                    len(mine), sum(mine), left.get(source.triple, 0))
         outcomes[i] = MergedOutcome(outcome, len(source.accepted), source.stale, source.fenced, source.epoch,
                                     refused.get(i, 0))
     return [outcomes[i] for i in range(len(partitions))]
@@ -437,12 +468,17 @@ def _refuse_foreign_wallets(conn: Connection, triples: Mapping[int, tuple[str, i
     return counts
 
 
-def usage_idempotency_key(checkpoint: ChargeCheckpoint | tuple[str, int, int], key: Key) -> str:
+def usage_idempotency_key(checkpoint: ChargeCheckpoint | tuple[str, int, int] | str, key: Key) -> str:
     """``usage:{topic}:{partition}:{as_of}:{wallet}:{meter}:{period}:{version}`` of a checkpoint (or of a
-    (topic, partition, as_of) triple: a merged checkpoint is named by its last offset)."""
-    topic, partition, as_of = (checkpoint if isinstance(checkpoint, tuple) else
-                               (checkpoint.source_topic, checkpoint.partition, checkpoint.as_of_offset))
-    return (f"usage:{topic}:{partition}:{as_of}:{key.wallet_id}:"
+    (topic, partition, as_of) triple: a merged checkpoint is named by its last offset; or of a source already
+    written as text, e.g. ``settle:{n}`` for the n-th settlement of the key, ledger/settle.py)."""
+    if isinstance(checkpoint, str):
+        source = checkpoint
+    else:
+        topic, partition, as_of = (checkpoint if isinstance(checkpoint, tuple) else
+                                   (checkpoint.source_topic, checkpoint.partition, checkpoint.as_of_offset))
+        source = f"{topic}:{partition}:{as_of}"
+    return (f"usage:{source}:{key.wallet_id}:"
             f"{key.meter_id}:{key.period_start.astimezone(UTC).isoformat()}:{key.price_version_id}")
 
 
@@ -583,12 +619,27 @@ def _continued_targets(members: dict[Key, Member], units: dict[Key, Decimal]) ->
     return targets
 
 
-def _post_deltas(conn: Connection, names: Mapping[Key, tuple[str, int, int]], keys: list[Key],
-                 units: dict[Key, Decimal], deltas: dict[Key, int], cumulative: dict[Key, int], *,
-                 kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
-                 metadata: KeyMetadata | None = None) -> dict[Key, int]:
-    """Step 6; ``names``: the (topic, partition, merged offset) each key's posting is named after. Returns the
-    posted deltas by key."""
+def _accrue(conn: Connection, keys: list[Key], deltas: dict[Key, int]) -> dict[Key, int]:
+    """Step 6 when usage settles later: add each wallet's deltas to its ``unsettled_minor`` (wallets locked in id
+    order). Returns the accrued deltas by key."""
+    moving = {key: deltas[key] for key in keys if deltas[key] != 0}
+    per_wallet: dict[str, int] = {}
+    for key, delta in moving.items():
+        per_wallet[key.wallet_id] = per_wallet.get(key.wallet_id, 0) + delta
+    if per_wallet:
+        ids = sorted(per_wallet)
+        conn.execute(_LOCK_WALLET_IDS, {"ids": ids})
+        conn.execute(_ACCRUE, {"rows": rows_json({"id": w, "amount": per_wallet[w]} for w in ids)})
+    return moving
+
+
+def post_deltas(conn: Connection, names: Mapping[Key, str], keys: list[Key],
+                units: Mapping[Key, Decimal], deltas: Mapping[Key, int], cumulative: Mapping[Key, int], *,
+                kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
+                metadata: KeyMetadata | None = None) -> dict[Key, int]:
+    """Step 6 (and the settle pass's posting); ``names``: the source each key's posting is named after
+    (``{topic}:{partition}:{merged offset}``, or ``settle:{n}``) — its ``source_ref`` and, with the key, its
+    idempotency key. Returns the posted deltas by key."""
     moving = [key for key in keys if deltas[key] != 0]
     if not moving:
         return {}
@@ -601,13 +652,13 @@ def _post_deltas(conn: Connection, names: Mapping[Key, tuple[str, int, int]], ke
         posting = (book.debit(delta) if delta > 0 else
                    book.credit(-delta, NewBucket(credit_source, DEFAULT_PRIORITY[credit_source],
                                                source_ref=f"usage-credit:{key.meter_id}")))
-        checkpoint = names[key]
-        usage_key = usage_idempotency_key(checkpoint, key)
+        source = names[key]
+        usage_key = usage_idempotency_key(source, key)
         drafts.append(Draft(
             wallet_id=key.wallet_id, project_id=wallets[key.wallet_id].project_id, kind=kind,
             posting=posting, idempotency_key=usage_key if kind is TransactionKind.USAGE else
             f"{kind.value}:{usage_key.removeprefix('usage:')}",
-            source_ref="{}:{}:{}".format(*checkpoint), reason=reason,
+            source_ref=source, reason=reason,
             meter_id=key.meter_id, period_start=key.period_start, price_version_id=key.price_version_id,
             metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key],
                       **(metadata(key) if metadata is not None else {})},

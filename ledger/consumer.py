@@ -62,6 +62,7 @@ from ledger.outbox import OutboxRelay
 from ledger.probes import Check, database_check, start_probe_server
 from ledger.runtime import cyclic_gc_paused, freeze_startup_heap, tune_gc_for_batches
 from ledger.settings import LedgerSettings, get_settings
+from ledger.settle import run_settler, settle_all
 
 __all__ = ["ConsumerStats", "LedgerConsumer", "MigrationsPending", "main", "run"]
 
@@ -398,7 +399,8 @@ class LedgerConsumer:
         started = time.monotonic()
         try:
             with self._engine.begin() as conn:
-                outcomes = apply_partitions(conn, partitions)
+                outcomes = apply_partitions(conn, partitions,
+                                            settle_later=self._settings.usage_settle_interval_s > 0)
         except DBAPIError:
             metrics.DB_RETRIES.inc()
             with self._stats_lock:
@@ -743,6 +745,17 @@ def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
                         poll_s=settings.outbox_poll_ms / 1000, delivery_timeout_s=settings.outbox_delivery_timeout_s)
     relay_thread = threading.Thread(target=relay.run, args=(stop,), name="ledger-outbox", daemon=True)
     relay_thread.start()
+    # usage left unsettled by an earlier run with a settle interval is posted now: with the interval at 0 nothing
+    # else would post it (it would stay counted against the balance, never posted)
+    left = settle_all(engine, stop=stop)
+    if left.keys:
+        log.info("usage_settled_at_start", keys=left.keys, wallets=left.wallets, amount_minor=left.amount_minor)
+    threads = [relay_thread]
+    if settings.usage_settle_interval_s > 0:  # usage is priced by the consumer and posted by this thread
+        threads.append(threading.Thread(target=run_settler, args=(engine, stop),
+                                        kwargs={"interval_s": settings.usage_settle_interval_s},
+                                        name="ledger-settle", daemon=True))
+        threads[-1].start()
     consumer = LedgerConsumer(settings=settings, engine=engine, stop=stop)
     probes = None
     if settings.metrics_port >= 0:
@@ -759,7 +772,8 @@ def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
         if probes is not None:
             probes.stop()
         stop.set()
-        relay_thread.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
         engine.dispose()
     return consumer.stats
 

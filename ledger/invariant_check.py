@@ -10,7 +10,9 @@ shown by the API's ``/healthz`` and the dashboard), logging every violation as a
 - ``broken_chain``: a wallet's transactions chain in id order — each ``balance_before`` is the previous row's
   ``balance_after`` (0 for the first);
 - ``buckets_vs_balance``: Σ remaining of a wallet's buckets equals max(balance, 0) (ledger README invariant 2);
-- ``allocations_vs_amount``: a transaction's allocations sum to its amount.
+- ``allocations_vs_amount``: a transaction's allocations sum to its amount;
+- ``unsettled_vs_charges``: a wallet's ``unsettled_minor`` equals Σ (charged − posted) over its usage keys (usage
+  priced but left for the settle pass, ledger/settle.py).
 
 A violation means something bypassed the ledger (a superuser's UPDATE, a restored backup, a bug): the check
 reports, it never repairs. Full scans, ONE statement per property — so each property is read from one snapshot
@@ -62,6 +64,12 @@ CHECKS: dict[str, str] = {
         FROM transactions t LEFT JOIN transaction_allocations a ON a.transaction_id = t.id
         GROUP BY t.id HAVING coalesce(sum(a.amount_minor), 0) <> t.amount_minor
         ORDER BY t.id""",
+    "unsettled_vs_charges": """
+        SELECT w.id AS wallet_id, w.unsettled_minor AS stored,
+               coalesce(sum(c.charged_minor - c.posted_minor), 0) AS computed
+        FROM wallets w LEFT JOIN usage_charges c ON c.wallet_id = w.id AND c.charged_minor <> c.posted_minor
+        GROUP BY w.id, w.unsettled_minor HAVING coalesce(sum(c.charged_minor - c.posted_minor), 0) <> w.unsettled_minor
+        ORDER BY w.id""",
 }
 
 

@@ -90,27 +90,36 @@ class Posting:
 
 @dataclass(frozen=True, slots=True)
 class WalletBalance:
-    """The derived figures of a wallet (schema note): available never negative, debt blocks access."""
+    """The derived figures of a wallet (schema note): available never negative, debt blocks access.
+
+    ``unsettled_minor`` is usage priced but not posted yet (ledger/settle.py): it already counts as spent, so
+    every figure reads as if it were posted — available and debt are what they will be once it is."""
 
     balance_minor: int
     held_minor: int
     floor_minor: int
+    unsettled_minor: int = 0
+
+    @property
+    def settled_balance_minor(self) -> int:
+        """The balance once the unsettled usage is posted."""
+        return self.balance_minor - self.unsettled_minor
 
     @property
     def available_minor(self) -> int:
-        return max(self.balance_minor - self.held_minor - self.floor_minor, 0)
+        return max(self.settled_balance_minor - self.held_minor - self.floor_minor, 0)
 
     @property
     def debt_minor(self) -> int:
-        return max(-self.balance_minor, 0)
+        return max(-self.settled_balance_minor, 0)
 
     @property
     def blocked(self) -> bool:
         return self.debt_minor > 0
 
     def can_debit(self, amount_minor: int) -> bool:
-        """A synchronous debit may never take balance - held below the floor."""
-        return self.balance_minor - self.held_minor - amount_minor >= self.floor_minor
+        """A synchronous debit may never take balance - unsettled usage - held below the floor."""
+        return self.settled_balance_minor - self.held_minor - amount_minor >= self.floor_minor
 
 
 @dataclass

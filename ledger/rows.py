@@ -39,6 +39,7 @@ class WalletRow:
     created_at: datetime
     updated_at: datetime
     closed_at: datetime | None = None  # closed: new debits, reservations, grants and refunds are refused
+    unsettled_minor: int = 0  # usage priced but not posted yet (ledger/settle.py); counts as spent
 
     @classmethod
     def from_mapping(cls, row: Mapping[Any, Any]) -> WalletRow:
@@ -46,7 +47,7 @@ class WalletRow:
 
     @property
     def state(self) -> WalletBalance:
-        return WalletBalance(self.balance_minor, self.held_minor, self.floor_minor)
+        return WalletBalance(self.balance_minor, self.held_minor, self.floor_minor, self.unsettled_minor)
 
 
 #: The wallets columns in WalletRow's field order: ``SELECT {WALLET_COLUMNS}`` rows build with ``WalletRow(*row)``.
@@ -64,12 +65,13 @@ class BalanceView:
     blocked: bool
     credit_code: str
     credit_scale: int
+    unsettled_minor: int = 0
 
     @classmethod
     def of(cls, wallet: WalletRow) -> BalanceView:
         state = wallet.state
         return cls(wallet.id, wallet.balance_minor, wallet.held_minor, wallet.floor_minor, state.available_minor,
-                   state.debt_minor, state.blocked, wallet.credit_code, wallet.credit_scale)
+                   state.debt_minor, state.blocked, wallet.credit_code, wallet.credit_scale, wallet.unsettled_minor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,7 @@ class CheckpointOutcome:
     keys: int = 0
     transactions: int = 0
     charged_minor: int = 0  # net amount posted (positive = charged, negative = credited back)
+    accrued_minor: int = 0  # net amount priced and left for the settle pass (ledger/settle.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -281,9 +281,9 @@ def forfeit_balance(conn: Connection, *, wallet_id: str, idempotency_key: str, r
     wallet = lock_wallet(conn, wallet_id)
     if wallet.closed_at is None:
         raise InvalidRequest(f"wallet {wallet_id} is open; close it before forfeiting its balance")
-    if wallet.balance_minor - wallet.held_minor <= 0:
+    amount = wallet.state.settled_balance_minor - wallet.held_minor  # unsettled usage is already spent
+    if amount <= 0:
         return _replay(conn, idempotency_key, fingerprint)
-    amount = wallet.balance_minor - wallet.held_minor
     return _post(conn, wallet_id=wallet_id, key=idempotency_key, fingerprint=fingerprint,
                  plan=lambda book, locked: book.debit(amount),
                  describe=dict(kind=TransactionKind.ADJUSTMENT, reason=reason, metadata=metadata))

@@ -46,6 +46,12 @@ class LedgerSettings(BaseSettings):
                                                    description="... or this many bytes of them (as fetched; "
                                                                "decoded they take ~8x more; the count alone "
                                                                "allowed 5,000 x ~1.4 MB)")
+    # 0: a checkpoint posts its usage transactions in its own database transaction. > 0: it prices usage and adds it
+    # to the wallets' unsettled_minor (counted as spent at once), and a settle pass posts one transaction per key
+    # every this many seconds (ledger/settle.py) — for many wallets with few events each, where a posting per key
+    # per checkpoint is most of the ledger's cost (docs/benchmarks.md "usage settled later")
+    usage_settle_interval_s: float = Field(default=0.0, ge=0, description="post usage transactions in a settle "
+                                           "pass this often (0 = in each checkpoint's transaction)")
     outbox_batch_rows_max: int = 1_000
     outbox_poll_ms: int = 200
     outbox_delivery_timeout_s: float = Field(default=30.0, gt=0)

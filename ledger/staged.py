@@ -2,7 +2,7 @@
 
 Each operation has two stages on the caller's connection (``psycopg`` underneath SQLAlchemy):
 
-1. ``send`` queues: lock the wallet row (``FOR UPDATE``), then — as SEPARATE statements, so their snapshot is
+1. ``send`` queues: lock the wallet row (``FOR NO KEY UPDATE``, ledger/books.py), then — as SEPARATE statements, so their snapshot is
    taken after the lock is granted and sees everything the previous lock holder committed — the wallet's
    live buckets, the idempotency key's earlier use, a pre-allocated transaction id and the transaction time.
    Inside a psycopg pipeline (``pipelined``) these statements, and any the caller queues after them (the
@@ -55,15 +55,15 @@ __all__ = ["BatchedDebit", "CommitStage", "DebitBatch", "DebitStage", "Posted", 
 _HOLD_COLUMNS = ("id, wallet_id, project_id, amount_minor, status, expires_at, idempotency_key, "
                  "committed_transaction_id, created_at, updated_at")
 
-_LOCK_WALLET = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = %s FOR UPDATE"
-_LOCK_PROJECT_WALLET = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = %s AND project_id = %s FOR UPDATE"
+_LOCK_WALLET = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = %s FOR NO KEY UPDATE"
+_LOCK_PROJECT_WALLET = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = %s AND project_id = %s FOR NO KEY UPDATE"
 _BUCKETS = ("SELECT id, priority, expires_at, created_at, remaining_minor, source FROM credit_buckets "
             "WHERE wallet_id = %s AND remaining_minor > 0")
 # transaction time (now() is fixed for the transaction), a transaction id allocated under the wallet lock (so a
 # wallet's rows still chain in id order), and the key's earlier use if any
 _POSTING_CONTEXT = ("SELECT now(), nextval('transactions_id_seq'), t.id, t.request_fingerprint "
                     "FROM (SELECT 1) AS one LEFT JOIN transactions t ON t.idempotency_key = %s")
-_HOLD_FOR_UPDATE = f"SELECT {_HOLD_COLUMNS}, expires_at <= now() FROM holds WHERE id = %s FOR UPDATE"
+_HOLD_FOR_UPDATE = f"SELECT {_HOLD_COLUMNS}, expires_at <= now() FROM holds WHERE id = %s FOR NO KEY UPDATE"
 _RESERVE_CONTEXT = (f"SELECT now(), {', '.join('h.' + c.strip() for c in _HOLD_COLUMNS.split(','))} "
                     "FROM (SELECT 1) AS one LEFT JOIN holds h ON h.idempotency_key = %s")
 
@@ -267,7 +267,8 @@ class _PostingStage:
             "released": released,
         }
         _run(raw_connection(self.conn).cursor(), _WRITE_POSTING, params)
-        balance = WalletBalance(posting.balance_after_minor, wallet.held_minor - released, wallet.floor_minor)
+        balance = WalletBalance(posting.balance_after_minor, wallet.held_minor - released, wallet.floor_minor,
+                                wallet.unsettled_minor)
         return Posted(PostingResult("created", row), balance, wallet)
 
 
@@ -335,7 +336,8 @@ class CommitStage(_PostingStage):
             raise HoldNotActive(f"hold {self.hold_id} is {status}", hold_id=self.hold_id, status=status)
         covered = min(amount_minor, hold.amount_minor)
         # what stays available once the held part is posted and this hold (only) is released
-        after = WalletBalance(wallet.balance_minor - covered, wallet.held_minor - hold.amount_minor, wallet.floor_minor)
+        after = WalletBalance(wallet.balance_minor - covered, wallet.held_minor - hold.amount_minor, wallet.floor_minor,
+                              wallet.unsettled_minor)
         extra = min(amount_minor - covered, after.available_minor)
         book = WalletBook(balance_minor=wallet.balance_minor, buckets=self.buckets, now=self.now,
                           project_id=wallet.project_id)
@@ -387,17 +389,18 @@ class ReserveStage:
         _run(raw_connection(self.conn).cursor(), _WRITE_HOLD,
              {"id": hold.id, "wallet": wallet.id, "project": wallet.project_id, "amount": amount_minor,
               "expires": hold.expires_at, "key": self.key, "now": self.now})
-        return hold, WalletBalance(wallet.balance_minor, wallet.held_minor + amount_minor, wallet.floor_minor)
+        return hold, WalletBalance(wallet.balance_minor, wallet.held_minor + amount_minor, wallet.floor_minor,
+                                   wallet.unsettled_minor)
 
 
 # ------------------------------------------------------------------------------------------ group commit
 
-_LOCK_WALLETS = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) ORDER BY id FOR UPDATE"
+_LOCK_WALLETS = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) ORDER BY id FOR NO KEY UPDATE"
 # The same, but only the rows whose (project, id) a debit names: a wallet of ANOTHER project is never locked (the
-# filter runs before FOR UPDATE takes a row lock), so a tenant naming a foreign wallet id cannot stall its owner.
+# filter runs before the row lock is taken), so a tenant naming a foreign wallet id cannot stall its owner.
 # ``id = ANY`` keeps the primary-key lookup; the pair filter (unit separator, which no id contains) narrows it.
 _LOCK_PROJECT_WALLETS = (f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = ANY(%s::text[]) "
-                         "AND project_id || chr(31) || id = ANY(%s::text[]) ORDER BY id FOR UPDATE")
+                         "AND project_id || chr(31) || id = ANY(%s::text[]) ORDER BY id FOR NO KEY UPDATE")
 # After the lock, ONE statement: the transaction time, one transaction id per debit (allocated under the locks,
 # in order), the keys used before, and the wallets' live buckets column by column.
 _BATCH_CONTEXT = """
@@ -457,7 +460,7 @@ class DebitBatch:
     statements and their rows go in and out as values, so any connection can carry them (the API's is async).
 
     1. ``reads`` are the statements to send after BEGIN, in one round trip: lock every wallet of the batch
-       (``FOR UPDATE``, ascending id: the ledger's lock order), then — a separate statement, so it sees what
+       (``FOR NO KEY UPDATE``, ascending id: the ledger's lock order), then — a separate statement, so it sees what
        earlier lock holders committed — their live buckets, one pre-allocated transaction id per debit, and the
        keys' earlier use. ``load`` takes their rows.
     2. ``post`` decides ONE debit in Python against the wallet's state after the batch's earlier debits (floor,

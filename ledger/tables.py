@@ -39,6 +39,7 @@ wallets = Table(
     Column("floor_minor", BigInteger, nullable=False),
     _ts("created_at"),
     _ts("updated_at"),
+    Column("unsettled_minor", BigInteger, nullable=False),  # ledger_0015: usage priced, not yet posted
 )
 
 credit_buckets = Table(
@@ -117,6 +118,8 @@ usage_charges = Table(
     _ts("updated_at"),
     Column("meter_version", Integer, nullable=False),  # ledger_0006
     Column("price_effective_from", DateTime(timezone=True)),  # ledger_0006: NULL = priced on its own
+    Column("posted_minor", BigInteger, nullable=False),  # ledger_0015: what its usage transactions add up to
+    Column("settlements", Integer, nullable=False),  # ledger_0015: settle passes that posted it
 )
 
 usage_charge_groups = Table(  # ledger_0006: the lock of a (wallet, meter, period, meter version)'s price versions

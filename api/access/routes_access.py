@@ -105,9 +105,7 @@ class DecisionPageOut(BaseModel):
 
 
 def _balance(_wallet: WalletRow, state: WalletBalance) -> dict[str, Any]:
-    return BalanceOut(balance_minor=state.balance_minor, held_minor=state.held_minor, floor_minor=state.floor_minor,
-                      available_minor=state.available_minor, debt_minor=state.debt_minor,
-                      blocked=state.blocked).model_dump(mode="json")
+    return BalanceOut.of(state).model_dump(mode="json")
 
 
 @router.post("/check", response_model=AccessCheckOut, summary="May this wallet use this feature now? A recorded "

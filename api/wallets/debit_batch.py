@@ -98,9 +98,7 @@ def _actor(access: ProjectAccess) -> dict[str, Any]:
 
 
 def _balance(state: WalletBalance) -> dict[str, Any]:
-    return BalanceOut(balance_minor=state.balance_minor, held_minor=state.held_minor, floor_minor=state.floor_minor,
-                      available_minor=state.available_minor, debt_minor=state.debt_minor,
-                      blocked=state.blocked).model_dump(mode="json")
+    return BalanceOut.of(state).model_dump(mode="json")
 
 
 class DebitBatcher:

@@ -123,9 +123,7 @@ def _audit_row(access: ProjectAccess, *, action: str, target_kind: str, target_i
 
 
 def _balance_of(wallet: WalletRow, state: WalletBalance) -> dict[str, Any]:
-    return BalanceOut(balance_minor=state.balance_minor, held_minor=state.held_minor, floor_minor=state.floor_minor,
-                      available_minor=state.available_minor, debt_minor=state.debt_minor,
-                      blocked=state.blocked).model_dump(mode="json")
+    return BalanceOut.of(state).model_dump(mode="json")
 
 
 def _hot(request: Request, deferred: DeferredAccess, idempotency_key: str | None, body: Any,

@@ -9,6 +9,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, IPvAnyAddress,
 
 from api.validation import RequestModel, StrictInt
 from api.wallets.wallet_directory import WalletEntry
+from ledger.postings import WalletBalance
 from ledger.rows import AllocationRow, BalanceView, BucketRow, HoldRow, TransactionRow, WalletRow
 
 AMOUNT = Field(gt=0, le=10**15, description="credits in minor units (an integer)")
@@ -22,14 +23,17 @@ class BalanceOut(BaseModel):
     balance_minor: int = Field(description="sum of all postings; negative = debt")
     held_minor: int = Field(description="reserved by active holds")
     floor_minor: int = Field(description="synchronous debits never go below this")
-    available_minor: int = Field(description="balance - held - floor, never below 0")
-    debt_minor: int = Field(description="max(-balance, 0)")
+    unsettled_minor: int = Field(default=0, description="usage metered and priced but not posted as a transaction "
+                                                        "yet (LEDGER_USAGE_SETTLE_INTERVAL_S); already counted as spent")
+    available_minor: int = Field(description="balance - unsettled - held - floor, never below 0")
+    debt_minor: int = Field(description="max(unsettled - balance, 0)")
     blocked: bool = Field(description="true while in debt: new debits and reservations are refused")
 
     @classmethod
-    def of(cls, b: BalanceView) -> BalanceOut:
+    def of(cls, b: BalanceView | WalletBalance) -> BalanceOut:
         return cls(balance_minor=b.balance_minor, held_minor=b.held_minor, floor_minor=b.floor_minor,
-                   available_minor=b.available_minor, debt_minor=b.debt_minor, blocked=b.blocked)
+                   unsettled_minor=b.unsettled_minor, available_minor=b.available_minor, debt_minor=b.debt_minor,
+                   blocked=b.blocked)
 
 
 class WalletOut(BaseModel):

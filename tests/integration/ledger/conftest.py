@@ -53,6 +53,21 @@ def _ledger_invariants_hold(eng: Engine, *, outbox_purged: bool) -> None:
             GROUP BY t.id HAVING coalesce(sum(a.amount_minor), 0) <> t.amount_minor
         """)).all()
         assert unbalanced == [], unbalanced
+        # what is left to settle is the wallet's unsettled usage, and each key's postings add up to its posted part
+        unsettled = conn.execute(text("""
+            SELECT w.id FROM wallets w LEFT JOIN usage_charges c ON c.wallet_id = w.id
+            GROUP BY w.id HAVING coalesce(sum(c.charged_minor - c.posted_minor), 0) <> w.unsettled_minor
+        """)).all()
+        assert unsettled == [], unsettled
+        misposted = conn.execute(text("""
+            SELECT c.wallet_id, c.meter_id, c.posted_minor, -coalesce(sum(t.amount_minor), 0) AS in_transactions
+            FROM usage_charges c LEFT JOIN transactions t
+              ON t.wallet_id = c.wallet_id AND t.meter_id = c.meter_id AND t.period_start = c.period_start
+             AND t.price_version_id = c.price_version_id
+            GROUP BY c.wallet_id, c.meter_id, c.period_start, c.price_version_id, c.posted_minor
+            HAVING -coalesce(sum(t.amount_minor), 0) <> c.posted_minor
+        """)).all()
+        assert misposted == [], misposted
         # held = sum of active holds
         held = conn.execute(text("""
             SELECT w.id FROM wallets w LEFT JOIN holds h ON h.wallet_id = w.id AND h.status = 'active'

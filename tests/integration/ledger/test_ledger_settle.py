@@ -1,0 +1,206 @@
+"""Usage settled later (ledger/settle.py): a checkpoint prices usage and counts it against the wallet at once, a settle
+pass posts it — one transaction per key for however many checkpoints moved it — and every money invariant holds at
+every commit, with the balance figures users and access rules see computed as if the usage were posted."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import Engine, text
+
+from ledger import queries, service
+from ledger.checkpoints import apply_checkpoints
+from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel, PriceTier, TransactionKind
+from ledger.errors import InsufficientCredits, WalletBlocked
+from ledger.invariant_check import check_invariants
+from ledger.settle import run_settler, settle_all, settle_usage
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "usage.events.v1"
+PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
+PER_TOKEN = PriceModel(model="per_unit", unit_price_minor=Decimal("0.4"))
+
+
+def _value(wallet: str, units: str, *, meter: str = "tokens", price: PriceModel = PER_TOKEN,
+           aggregation: str = "sum", latest_at: datetime | None = None) -> CounterValue:
+    return CounterValue(key=CounterKey(wallet_id=wallet, project_id="p1", meter_id=meter, period_start=PERIOD,
+                                       price_version_id="v1"),
+                        units=Decimal(units), price=price, aggregation=aggregation,  # type: ignore[arg-type]
+                        latest_at=latest_at, events=1)
+
+
+def _checkpoint(as_of: int, *values: CounterValue, partition: int = 0) -> ChargeCheckpoint:
+    return ChargeCheckpoint(source_topic=TOPIC, partition=partition, as_of_offset=as_of, counters=list(values),
+                            dedupe_keys=[], emitted_at=datetime.now(UTC))
+
+
+def _apply_later(engine: Engine, checkpoint: ChargeCheckpoint) -> int:
+    """Apply with usage left for the settle pass; returns the amount accrued (positive = charged)."""
+    with engine.begin() as conn:
+        merged = apply_checkpoints(conn, [checkpoint], settle_later=True)
+    assert merged.outcome.status == "applied" and merged.outcome.transactions == 0
+    return merged.outcome.accrued_minor
+
+
+def _wallet(engine: Engine, wallet_id: str, grant_minor: int) -> None:
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref=wallet_id, wallet_id=wallet_id)
+        if grant_minor:
+            service.grant_credits(conn, wallet_id=wallet_id, amount_minor=grant_minor, idempotency_key=f"g-{wallet_id}")
+
+
+def _usage(engine: Engine, wallet_id: str) -> list[tuple[int, str]]:
+    with engine.connect() as conn:
+        return [(int(amount), key) for amount, key in conn.execute(text(
+            "SELECT amount_minor, idempotency_key FROM transactions WHERE wallet_id = :w AND kind = 'usage' ORDER BY id"),
+            {"w": wallet_id}).all()]
+
+
+def _balance(engine: Engine, wallet_id: str) -> tuple[int, int, int]:
+    """(balance, unsettled, available)"""
+    with engine.connect() as conn:
+        view = queries.get_balance(conn, wallet_id)
+    assert view is not None
+    return view.balance_minor, view.unsettled_minor, view.available_minor
+
+
+def test_usage_counts_at_once_and_posts_once_per_key_when_settled(engine: Engine,
+                                                                  invariants: Callable[[], None]) -> None:
+    _wallet(engine, "W", 100)
+    assert _apply_later(engine, _checkpoint(10, _value("W", "90"))) == 36
+    assert _apply_later(engine, _checkpoint(20, _value("W", "93"))) == 1  # 37 − 36: cumulative, as when posted
+    assert _usage(engine, "W") == []  # nothing posted yet ...
+    assert _balance(engine, "W") == (100, 37, 63)  # ... but already spent
+    invariants()  # balance = Σ transactions and every other invariant hold while usage is unsettled
+
+    with engine.begin() as conn:
+        outcome = settle_usage(conn)
+    assert (outcome.keys, outcome.wallets, outcome.amount_minor) == (1, 1, 37)
+    assert _usage(engine, "W") == [(-37, f"usage:settle:1:W:tokens:{PERIOD.isoformat()}:v1")]
+    assert _balance(engine, "W") == (63, 0, 63)
+    with engine.begin() as conn:
+        assert settle_usage(conn).keys == 0  # nothing left: a second pass posts nothing
+
+    assert _apply_later(engine, _checkpoint(30, _value("W", "100"))) == 3
+    assert settle_all(engine).amount_minor == 3
+    assert [key.split(":")[2] for _, key in _usage(engine, "W")] == ["1", "2"]  # each settlement has its own name
+    assert _balance(engine, "W") == (60, 0, 60)
+    invariants()
+
+
+def test_a_charge_that_fell_is_credited_back_when_settled(engine: Engine, invariants: Callable[[], None]) -> None:
+    """A LATEST gauge that fell (or a volume tier that got cheaper) accrues a negative amount: more available at
+    once, posted as a positive usage transaction (into a refund bucket) when settled."""
+    _wallet(engine, "G", 100)
+    at = datetime(2026, 11, 2, tzinfo=UTC)
+    assert _apply_later(engine, _checkpoint(1, _value("G", "50", aggregation="latest", latest_at=at))) == 20
+    with engine.begin() as conn:
+        assert settle_usage(conn).amount_minor == 20
+    assert _apply_later(engine, _checkpoint(2, _value("G", "10", aggregation="latest",
+                                                      latest_at=at.replace(hour=1)))) == -16
+    assert _balance(engine, "G") == (80, -16, 96)
+    settle_all(engine)
+    assert [amount for amount, _ in _usage(engine, "G")] == [-20, 16]
+    assert _balance(engine, "G") == (96, 0, 96)
+    invariants()
+
+
+def test_a_debit_cannot_spend_what_unsettled_usage_took(engine: Engine, invariants: Callable[[], None]) -> None:
+    _wallet(engine, "D", 100)
+    _apply_later(engine, _checkpoint(1, _value("D", "200")))  # 80 of the 100, unposted
+    with engine.begin() as conn, pytest.raises(InsufficientCredits):
+        service.debit(conn, wallet_id="D", amount_minor=30, idempotency_key="d-too-much")
+    with engine.begin() as conn:
+        service.debit(conn, wallet_id="D", amount_minor=20, idempotency_key="d-fits")
+    _apply_later(engine, _checkpoint(2, _value("D", "300")))  # 120 in all: 20 beyond what is left
+    assert _balance(engine, "D") == (80, 120, 0)
+    with engine.begin() as conn, pytest.raises(WalletBlocked):  # in debt once settled: blocked now
+        service.debit(conn, wallet_id="D", amount_minor=1, idempotency_key="d-blocked")
+    settle_all(engine)
+    assert _balance(engine, "D") == (-40, 0, 0)  # the usage beyond the credit is debt, never dropped
+    invariants()
+
+
+def test_a_correction_posts_at_once_and_leaves_the_unsettled_part_alone(engine: Engine,
+                                                                        invariants: Callable[[], None]) -> None:
+    _wallet(engine, "C", 1_000)
+    _apply_later(engine, _checkpoint(1, _value("C", "100")))  # 40 unsettled
+    with engine.begin() as conn:  # a replay correction of a later offset: an adjustment, posted now
+        apply_checkpoints(conn, [_checkpoint(2, _value("C", "150"))], kind=TransactionKind.ADJUSTMENT,
+                          reason="replay", settle_later=True)
+    with engine.connect() as conn:
+        kinds = conn.execute(text("SELECT kind, amount_minor FROM transactions WHERE wallet_id = 'C' "
+                                  "AND kind <> 'top_up' ORDER BY id")).all()
+    assert [(k, int(a)) for k, a in kinds] == [("adjustment", -20)]
+    assert _balance(engine, "C") == (980, 40, 940)
+    settle_all(engine)
+    assert _usage(engine, "C")[0][0] == -40
+    assert _balance(engine, "C") == (940, 0, 940)  # 60 = price(150) in all, posted once
+    invariants()
+
+
+def test_graduated_price_across_many_wallets_settles_in_bounded_passes(engine: Engine,
+                                                                       invariants: Callable[[], None]) -> None:
+    tiers = PriceModel(model="graduated", tiers=[PriceTier(up_to=Decimal(10), unit_price_minor=Decimal(2)),
+                                                 PriceTier(up_to=None, unit_price_minor=Decimal(1))])
+    wallets = [f"M{i:03d}" for i in range(25)]
+    for w in wallets:
+        _wallet(engine, w, 50)
+    _apply_later(engine, _checkpoint(1, *[_value(w, str(i), price=tiers) for i, w in enumerate(wallets)]))
+    _apply_later(engine, _checkpoint(2, *[_value(w, str(2 * i), price=tiers) for i, w in enumerate(wallets)]))
+    expected = {w: -(2 * min(2 * i, 10) + max(2 * i - 10, 0)) for i, w in enumerate(wallets)}
+    outcome = settle_all(engine, keys_max=7)  # four passes, one transaction each
+    assert outcome.keys == 24 and outcome.amount_minor == -sum(expected.values())  # M000 used nothing
+    for w in wallets:
+        assert sum(amount for amount, _ in _usage(engine, w)) == expected[w]
+    invariants()
+
+
+def test_settling_while_checkpoints_apply_neither_deadlocks_nor_loses_a_minor_unit(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """Two partitions' appliers and the settle thread on the same wallets: lock order (charges, then wallets in id
+    order) keeps them deadlock-free, and what ends posted is exactly each key's price."""
+    wallets = [f"X{i:02d}" for i in range(40)]
+    for w in wallets:
+        _wallet(engine, w, 10_000)
+    stop = threading.Event()
+    settler = threading.Thread(target=run_settler, args=(engine, stop), kwargs={"interval_s": 0.01})
+    settler.start()
+    errors: list[BaseException] = []
+
+    def applier(partition: int) -> None:
+        try:
+            for step in range(1, 31):
+                _apply_later(engine, _checkpoint(step, *[_value(w, str(step * (partition + 1)), meter=f"m{partition}")
+                                                         for w in wallets], partition=partition))
+        except BaseException as exc:  # noqa: BLE001 — reported below
+            errors.append(exc)
+
+    appliers = [threading.Thread(target=applier, args=(p,)) for p in (0, 1)]
+    for t in appliers:
+        t.start()
+    for t in appliers:
+        t.join(timeout=120)
+    stop.set()
+    settler.join(timeout=30)
+    assert errors == [], [str(e) for e in errors]
+    settle_all(engine)
+    for w in wallets:  # m0: 30 units, m1: 60 units, at 0.4 → 12 + 24
+        assert sum(amount for amount, _ in _usage(engine, w)) == -36
+        assert _balance(engine, w) == (10_000 - 36, 0, 10_000 - 36)
+    invariants()
+
+
+def test_the_invariant_check_reports_unsettled_usage_that_disagrees_with_the_charges(engine: Engine) -> None:
+    _wallet(engine, "U", 100)
+    _apply_later(engine, _checkpoint(1, _value("U", "10")))
+    with engine.begin() as conn:
+        assert "unsettled_vs_charges" not in check_invariants(conn).violations
+        conn.execute(text("UPDATE wallets SET unsettled_minor = 0 WHERE id = 'U'"))
+        found = check_invariants(conn)
+    assert found.violations["unsettled_vs_charges"]["sample"][0]["computed"] == 4

@@ -39,11 +39,12 @@ def _checkpoint(as_of: int, *values: CounterValue, partition: int = 0) -> Charge
                             dedupe_keys=[], emitted_at=datetime.now(UTC))
 
 
-def _apply_later(engine: Engine, checkpoint: ChargeCheckpoint) -> int:
+def _apply_later(engine: Engine, checkpoint: ChargeCheckpoint, *, settle_later: bool = True) -> int:
     """Apply with usage left for the settle pass; returns the amount accrued (positive = charged)."""
     with engine.begin() as conn:
-        merged = apply_checkpoints(conn, [checkpoint], settle_later=True)
-    assert merged.outcome.status == "applied" and merged.outcome.transactions == 0
+        merged = apply_checkpoints(conn, [checkpoint], settle_later=settle_later)
+    assert merged.outcome.status == "applied"
+    assert merged.outcome.transactions == 0 if settle_later else merged.outcome.accrued_minor == 0
     return merged.outcome.accrued_minor
 
 
@@ -161,10 +162,14 @@ def test_graduated_price_across_many_wallets_settles_in_bounded_passes(engine: E
     invariants()
 
 
+@pytest.mark.parametrize("settle_later", [True, False], ids=["settled-later", "posted-at-once"])
 def test_settling_while_checkpoints_apply_neither_deadlocks_nor_loses_a_minor_unit(
-        engine: Engine, invariants: Callable[[], None]) -> None:
+        engine: Engine, invariants: Callable[[], None], settle_later: bool) -> None:
     """Two partitions' appliers and the settle thread on the same wallets: lock order (charges, then wallets in id
-    order) keeps them deadlock-free, and what ends posted is exactly each key's price."""
+    order) keeps them deadlock-free, and what ends posted is exactly each key's price. Each applier's first
+    checkpoint inserts new keys of every wallet (KEY SHARE on the wallet rows, by the foreign keys) before locking
+    the wallets: with FOR UPDATE wallet locks the two appliers deadlocked, whether usage posts at once or later
+    (ledger/books.py)."""
     wallets = [f"X{i:02d}" for i in range(40)]
     for w in wallets:
         _wallet(engine, w, 10_000)
@@ -177,7 +182,8 @@ def test_settling_while_checkpoints_apply_neither_deadlocks_nor_loses_a_minor_un
         try:
             for step in range(1, 31):
                 _apply_later(engine, _checkpoint(step, *[_value(w, str(step * (partition + 1)), meter=f"m{partition}")
-                                                         for w in wallets], partition=partition))
+                                                         for w in wallets], partition=partition),
+                             settle_later=settle_later)
         except BaseException as exc:  # noqa: BLE001 — reported below
             errors.append(exc)
 

@@ -1,7 +1,7 @@
 """Benchmark apply_checkpoint: checkpoints/s and usage rows/s against a real PostgreSQL.
 
     .venv/bin/python -m bench.ledger_apply [--keys 500] [--wallets 10000] [--seconds 30] [--dedupe-per-key 1] [--merge 4]
-                                           [--together 8] [--statements]
+                                           [--together 8] [--statements] [--settle-later]
 
 Uses DATABASE_URL when set (a scratch database is created next to it and dropped after), otherwise starts
 the embedded PostgreSQL in a temporary directory. Each checkpoint carries ``--keys`` counters (random
@@ -13,7 +13,9 @@ one applier applying one checkpoint of each of N partitions per transaction with
 consumer does with small checkpoints (each partition draws from its own slice of the wallets). Bounded by
 ``--seconds`` in total. ``--statements``: where one applier's time goes — each SQL statement's time (sent →
 result read, so the server's work plus transfer) and the Python between them, in µs per posting, measured over
-the first phase (and the ``--together`` phase). The heap and the collector are set up as in ``meterline run ledger`` (ledger/runtime.py)."""
+the first phase (and the ``--together`` phase). ``--settle-later``: usage is priced and left for the settle pass
+(``LEDGER_USAGE_SETTLE_INTERVAL_S`` > 0, ledger/settle.py); the figures are then per key applied, and a last step
+times the settle pass posting everything. The heap and the collector are set up as in ``meterline run ledger`` (ledger/runtime.py)."""
 
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
 from bench.machine import describe
-from ledger.checkpoints import apply_checkpoint, apply_checkpoints, apply_partitions
+from ledger.checkpoints import apply_checkpoints, apply_partitions
 from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel, TransactionKind
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
 from ledger.postings import NewBucket, WalletBook
 from ledger.rows import WalletRow
 from ledger.runtime import freeze_startup_heap, tune_gc_for_batches
 from ledger.schema_migrations import upgrade
+from ledger.settle import SETTLE_KEYS_MAX, settle_all
 from ledger.writer import Draft, write
 
 PRICE = PriceModel(model="per_unit", unit_price_minor=Decimal("0.4"))
@@ -155,6 +158,10 @@ class StatementTimes:
             print(f"    {seconds * 1e6 / postings:6.1f}  {statement}")
 
 
+#: ``--settle-later``: apply with ``settle_later`` (the cost per key is then the apply alone; see main)
+SETTLE_LATER = False
+
+
 def run_applier(engine: Engine, loads: list[Load], deadline: float, out: list[tuple[float, int, int]],
                 merge: int) -> None:
     """One transaction per turn: ``merge`` consecutive checkpoints of one partition (``apply_checkpoints``), or
@@ -167,14 +174,14 @@ def run_applier(engine: Engine, loads: list[Load], deadline: float, out: list[tu
         n = sum(len(b) for b in batch)
         started = time.perf_counter()
         with engine.begin() as conn:
-            if n == 1:
-                outcomes = [apply_checkpoint(conn, batch[0][0])]
-            elif len(batch) == 1:
-                outcomes = [apply_checkpoints(conn, batch[0]).outcome]
+            if len(batch) == 1:
+                outcomes = [apply_checkpoints(conn, batch[0], settle_later=SETTLE_LATER).outcome]
             else:
-                outcomes = [m.outcome for m in apply_partitions(conn, batch)]
+                outcomes = [m.outcome for m in apply_partitions(conn, batch, settle_later=SETTLE_LATER)]
         elapsed = time.perf_counter() - started
         keys, transactions = sum(o.keys for o in outcomes), sum(o.transactions for o in outcomes)
+        if SETTLE_LATER:  # what would have been a posting is an accrued key: count it as one (µs per posting)
+            transactions = keys
         out.extend([(elapsed / n, keys // n, transactions // n)] * n)
 
 
@@ -235,6 +242,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="total measuring time (split over phases)")
     parser.add_argument("--dedupe-per-key", type=int, default=1,
                         help="dedupe keys per counter (the pipeline bench carries ~5 events per key per checkpoint)")
+    parser.add_argument("--settle-later", action="store_true",
+                        help="price usage and leave it for the settle pass, then time the pass (ledger/settle.py)")
     parser.add_argument("--merge", type=int, default=4, help="checkpoints merged per transaction in the last phase")
     parser.add_argument("--together", type=int, default=1,
                         help="a last phase: one applier applying one checkpoint of each of N partitions per transaction "
@@ -243,6 +252,8 @@ def main() -> None:
     parser.add_argument("--statements", action="store_true",
                         help="print the time per SQL statement and the Python between them (first phase)")
     args = parser.parse_args()
+    global SETTLE_LATER
+    SETTLE_LATER = args.settle_later
     if args.keys > args.wallets // max(1, args.together):
         parser.error(f"--keys {args.keys} is more than each partition's {args.wallets // max(1, args.together):,} "
                      f"wallets (--wallets / --together): raise --wallets or lower --keys")
@@ -265,6 +276,12 @@ def main() -> None:
             phase(engine, appliers=1, merge=args.merge, **common)
         if args.together > 1:
             phase(engine, appliers=1, together=args.together, statements=args.statements, **common)
+        if args.settle_later:
+            started = time.perf_counter()
+            settled = settle_all(engine)
+            elapsed = time.perf_counter() - started
+            print(f"settle pass: {settled.keys:,} keys of {settled.wallets:,} wallets posted in {elapsed:.1f} s = "
+                  f"{elapsed * 1e6 / max(settled.keys, 1):.0f} µs per posting ({SETTLE_KEYS_MAX:,} keys per transaction)")
         with engine.connect() as conn:
             broken = conn.execute(text("""
                 SELECT count(*) FROM usage_charges ch

@@ -14,7 +14,14 @@ from sqlalchemy import Engine, text
 
 from ledger import queries, service
 from ledger.checkpoints import apply_checkpoints
-from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel, PriceTier, TransactionKind
+from ledger.contracts import (
+    ChargeCheckpoint,
+    CounterKey,
+    CounterValue,
+    PriceModel,
+    PriceTier,
+    TransactionKind,
+)
 from ledger.errors import InsufficientCredits, WalletBlocked
 from ledger.invariant_check import check_invariants
 from ledger.settle import run_settler, settle_all, settle_usage
@@ -184,7 +191,7 @@ def test_settling_while_checkpoints_apply_neither_deadlocks_nor_loses_a_minor_un
                 _apply_later(engine, _checkpoint(step, *[_value(w, str(step * (partition + 1)), meter=f"m{partition}")
                                                          for w in wallets], partition=partition),
                              settle_later=settle_later)
-        except BaseException as exc:  # noqa: BLE001 — reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     appliers = [threading.Thread(target=applier, args=(p,)) for p in (0, 1)]

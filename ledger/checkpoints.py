@@ -43,6 +43,9 @@ Steps, and the invariant each protects:
    amount that repays debt first and puts the rest in a 'refund' bucket. Idempotency key:
    ``usage:{topic}:{partition}:{as_of}:{wallet}:{meter}:{period}:{version}`` (deterministic).
    Outbox rows are written for every transaction.
+   With ``settle_later`` (``LEDGER_USAGE_SETTLE_INTERVAL_S`` > 0) the deltas are added to the wallets'
+   ``unsettled_minor`` instead (wallets locked in id order) and ledger/settle.py posts them later.
+   → what is charged is decided here either way; the unsettled part already counts against the balance.
 7. Record the checkpoint's dedupe keys (one array row, with the checkpoint's ``stream_time``: the horizon is
    measured in stream time when the next owner seeds) and set applied_through = as_of_offset.
    → dedupe state, counters, money and the offset mark commit atomically or not at all.

@@ -94,7 +94,7 @@ class AccessCheckOut(AccessDecisionOut):
         "wallet_id": "w_5f0c...", "subject": "customer-42", "feature_key": "image_to_image", "quantity": 1,
         "asset_id": "model:llm-base", "action": "execute", "cost_minor": 5, "charged": True, "transaction_id": 981,
         "balance_after_minor": 1195, "created_at": "2026-01-01T00:00:00Z",
-        "balance": {"balance_minor": 1195, "held_minor": 0, "floor_minor": 0, "available_minor": 1195,
+        "balance": {"balance_minor": 1195, "held_minor": 0, "floor_minor": 0, "unsettled_minor": 0, "available_minor": 1195,
                     "debt_minor": 0, "blocked": False}}]})
     balance: BalanceOut | None = Field(description="the wallet after the debit, when charged")
 

@@ -40,7 +40,7 @@ class WalletOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "w_5f0c...", "project_id": "prj_0123456789abcdef", "owner_kind": "user", "owner_ref": "usr_0a1b2c",
         "credit_code": "credits", "credit_scale": 0, "created_at": "2026-01-01T00:00:00Z",
-        "balance": {"balance_minor": 1200, "held_minor": 100, "floor_minor": 0, "available_minor": 1100,
+        "balance": {"balance_minor": 1200, "held_minor": 100, "floor_minor": 0, "unsettled_minor": 0, "available_minor": 1100,
                     "debt_minor": 0, "blocked": False}}]})
     id: str
     project_id: str
@@ -77,7 +77,7 @@ class WalletCreatedOut(WalletOut):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "9b1c...", "project_id": "prj_0123456789abcdef", "owner_kind": "subject", "owner_ref": "customer-882",
         "credit_code": "credits", "credit_scale": 0, "created_at": "2026-01-01T00:00:00Z",
-        "balance": {"balance_minor": 500, "held_minor": 0, "floor_minor": 0, "available_minor": 500,
+        "balance": {"balance_minor": 500, "held_minor": 0, "floor_minor": 0, "unsettled_minor": 0, "available_minor": 500,
                     "debt_minor": 0, "blocked": False},
         "bonus": {"granted_minor": 500, "reason": "granted", "detail": "the bonus was granted", "country": "GB",
                   "country_source": "explicit", "expires_at": "2026-01-31T00:00:00Z", "transaction_id": 77}}]})

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -227,4 +228,55 @@ def test_two_consumers_in_one_group_share_and_hand_over_partitions(engine: Engin
     with engine.connect() as conn:
         charged = {w: -queries.get_balance(conn, w).balance_minor for w in expected}  # type: ignore[union-attr]
     assert charged == expected
+    invariants()
+
+
+def test_usage_left_unsettled_is_counted_at_once_and_posted_when_the_consumer_settles(  # type: ignore[no-untyped-def]
+        engine: Engine, database_url: str, topics, invariants: Callable[[], None]) -> None:
+    """LEDGER_USAGE_SETTLE_INTERVAL_S > 0: the consumer prices the checkpoints and counts them against the wallets
+    (``unsettled_minor``) without posting; a consumer started with the setting back at 0 posts what was left at
+    start, one usage transaction per key, before it applies anything new."""
+    charges = topics.name(TOPIC_LEDGER_CHARGES)
+    producer = make_producer(topics.bootstrap)
+    for partition, value in [(0, _checkpoint(0, 10, {"A": 90, "B": 10})), (0, _checkpoint(0, 20, {"A": 93})),
+                             (1, _checkpoint(1, 5, {"A": 7, "C": 25}))]:
+        producer.produce(charges, value=value, partition=partition)
+    assert producer.flush(15) == 0
+
+    def run_until(settings: LedgerSettings, done: Callable[[Any], bool], what: str) -> None:
+        stop = threading.Event()
+        thread = threading.Thread(target=run, args=(settings, stop), daemon=True)
+        thread.start()
+        try:
+            with engine.connect() as conn:
+                def check() -> bool:
+                    conn.rollback()
+                    return done(conn)
+                _wait(check, timeout_s=60, what=what)
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+        assert not thread.is_alive()
+
+    group = f"ledger-{uuid.uuid4().hex[:8]}"
+    later = _settings(database_url, topics).model_copy(update={"usage_settle_interval_s": 3600.0,
+                                                               "consumer_group": group})
+    run_until(later, lambda conn: queries.applied_offsets(conn, SOURCE, [0, 1]) == {0: 20, 1: 5}, "applied")
+    with engine.connect() as conn:
+        views = {w: queries.get_balance(conn, w) for w in "ABC"}
+        usage = conn.execute(text("SELECT count(*) FROM transactions WHERE kind = 'usage'")).scalar()
+    assert usage == 0
+    assert {w: (v.balance_minor, v.unsettled_minor, v.debt_minor, v.blocked)  # type: ignore[union-attr]
+            for w, v in views.items()} == {"A": (0, 40, 40, True), "B": (0, 4, 4, True), "C": (0, 10, 10, True)}
+    invariants()
+
+    at_once = _settings(database_url, topics).model_copy(update={"consumer_group": group})
+    run_until(at_once, lambda conn: conn.execute(text(
+        "SELECT count(*) FROM usage_charges WHERE charged_minor <> posted_minor")).scalar() == 0, "settled at start")
+    with engine.connect() as conn:
+        balances = {w: (v.balance_minor, v.unsettled_minor)  # type: ignore[union-attr]
+                    for w in "ABC" if (v := queries.get_balance(conn, w)) is not None}
+        keys = conn.execute(text("SELECT idempotency_key FROM transactions WHERE kind = 'usage'")).scalars().all()
+    assert balances == {"A": (-40, 0), "B": (-4, 0), "C": (-10, 0)}  # debt, never dropped, once posted
+    assert len(keys) == 3 and all(k.startswith("usage:settle:1:") for k in keys)  # one posting per key
     invariants()

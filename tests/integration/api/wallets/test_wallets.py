@@ -8,11 +8,17 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from tenancy_testkit import Team, api_client, create_project, five_users, money, signup, sql, team
+
+from ledger.checkpoints import apply_checkpoints
+from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel
+from ledger.db import make_engine
+from ledger.settle import settle_all
 
 pytestmark = pytest.mark.integration
 
@@ -388,3 +394,38 @@ def test_burn_order_and_debt_settlement_through_the_api(database_url: str, engin
                            headers=admin).json()["items"]
         assert [e["action"] for e in audit][:4] == ["wallet.debit", "wallet.grant", "wallet.adjust", "wallet.debit"]
         assert audit[2]["after"]["reason"] == "charge-back ch_1" and audit[2]["actor_user_id"] == users["admin"].user_id
+
+
+def test_unsettled_usage_shows_in_the_balance_and_debits_cannot_spend_it(database_url: str, engines: Any) -> None:
+    """Usage settled later (LEDGER_USAGE_SETTLE_INTERVAL_S > 0): applied, it is in the balance the API shows —
+    ``unsettled_minor``, taken off ``available_minor`` — and a debit over HTTP cannot spend it; settled, it is a
+    usage transaction and the balance says the same thing with ``unsettled_minor`` back at 0."""
+    with api_client(database_url, engines) as client:
+        t = team(client, five_users(client))
+        wallet = _project_wallet(client, t)
+        _grant(client, t, wallet, 100)
+        counter = CounterValue(key=CounterKey(wallet_id=wallet, project_id=t.project_id, meter_id="tokens",
+                                              period_start=datetime(2026, 11, 1, tzinfo=UTC), price_version_id="v1"),
+                               units=Decimal(90), price=PriceModel(model="per_unit", unit_price_minor=Decimal("0.4")),
+                               aggregation="sum", events=3)
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            with engine.begin() as conn:
+                apply_checkpoints(conn, [ChargeCheckpoint(source_topic="usage.events.v1", partition=0, as_of_offset=5,
+                                                          counters=[counter], dedupe_keys=[],
+                                                          emitted_at=datetime.now(UTC))], settle_later=True)
+            assert _balance(client, t, wallet) == {"balance_minor": 100, "held_minor": 0, "floor_minor": 0,
+                                                   "unsettled_minor": 36, "available_minor": 64, "debt_minor": 0,
+                                                   "blocked": False}
+            base = f"{_wallets(t.project_id)}/{wallet}"
+            short = money(client, f"{base}/debit", {"amount_minor": 65}, t.by_role["member"].headers)
+            assert short.status_code == 402 and short.json()["available_minor"] == 64
+            assert money(client, f"{base}/debit", {"amount_minor": 64}, t.by_role["member"].headers).status_code == 201
+            settle_all(engine)
+        finally:
+            engine.dispose()
+        after = _balance(client, t, wallet)
+        assert (after["balance_minor"], after["unsettled_minor"], after["available_minor"]) == (0, 0, 0)
+        usage = client.get(f"{base}/transactions", params={"kind": "usage"},
+                           headers=t.by_role["viewer"].headers).json()["items"]
+        assert [u["amount_minor"] for u in usage] == [-36]

@@ -67,6 +67,7 @@ def test_wallet_creation_listing_and_visibility(database_url: str, engines: Any)
         subjects = [client.post(base, json={"owner_kind": "subject", "owner_ref": f"cust-{i}", "floor_minor": -50},
                                 headers=owner).json()["id"] for i in range(3)]
         assert _balance(client, t, subjects[0]) == {"balance_minor": 0, "held_minor": 0, "floor_minor": -50,
+                                                    "unsettled_minor": 0,
                                                     "available_minor": 50, "debt_minor": 0, "blocked": False}
         listed: list[str] = []
         cursor = None
@@ -273,6 +274,7 @@ def test_reservation_commit_void_and_timeout(database_url: str, engines: Any) ->
         assert held.status_code == 201
         hold_id = held.json()["hold"]["id"]
         assert held.json()["balance"] == {"balance_minor": 1000, "held_minor": 300, "floor_minor": 0,
+                                          "unsettled_minor": 0,
                                           "available_minor": 700, "debt_minor": 0, "blocked": False}
         # the held credits are not available to debits
         assert money(client, f"{base}/debit", {"amount_minor": 701}, member).status_code == 402
@@ -302,6 +304,7 @@ def test_reservation_commit_void_and_timeout(database_url: str, engines: Any) ->
         finally:
             engine.dispose()
         assert _balance(client, t, wallet) == {"balance_minor": 760, "held_minor": 0, "floor_minor": 0,
+                                               "unsettled_minor": 0,
                                                "available_minor": 760, "debt_minor": 0, "blocked": False}
         hold = client.get(f"{base}/reservations/{short['id']}", headers=member).json()
         assert hold["status"] == "expired"
@@ -386,7 +389,8 @@ def test_burn_order_and_debt_settlement_through_the_api(database_url: str, engin
         settle = _grant(client, t, wallet, 80)
         allocations = {a["bucket_id"]: a["amount_minor"] for a in settle["transaction"]["allocations"]}
         assert allocations[None] == 50 and sum(allocations.values()) == 80
-        assert settle["balance"] == {"balance_minor": 30, "held_minor": 0, "floor_minor": 0, "available_minor": 30,
+        assert settle["balance"] == {"balance_minor": 30, "held_minor": 0, "floor_minor": 0,
+                                     "unsettled_minor": 0, "available_minor": 30,
                                      "debt_minor": 0, "blocked": False}
         assert money(client, f"{base}/debit", {"amount_minor": 30}, member).status_code == 201
 

@@ -96,6 +96,7 @@ def test_a_debit_costs_two_round_trips_and_a_reservation_cycle_six(database_url:
         assert debit.status_code == 201 and debit.json()["balance"]["balance_minor"] == 992
         assert held.status_code == 201 and committed.status_code == 200
         assert committed.json()["balance"] == {"balance_minor": 989, "held_minor": 0, "floor_minor": 0,
+                                               "unsettled_minor": 0,
                                                "available_minor": 989, "debt_minor": 0, "blocked": False}
         # [BEGIN, lock wallet, buckets, key's earlier use, idempotency record] + [ledger write, audit + record,
         # COMMIT] (it was ~20 round trips before, then 3 with psycopg's own BEGIN)

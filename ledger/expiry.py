@@ -11,6 +11,7 @@ from sqlalchemy import Connection, text
 
 from ledger.books import load_books, lock_wallets
 from ledger.contracts import TransactionKind
+from ledger.settle import settle_usage
 from ledger.writer import Draft, write
 
 __all__ = ["expire_credits", "expire_holds"]
@@ -65,6 +66,9 @@ def expire_credits(conn: Connection, *, now: datetime, batch_wallets: int = 500)
     wallet_ids = [r[0] for r in conn.execute(_DUE_BUCKET_WALLETS, {"now": now, "n": batch_wallets})]
     if not wallet_ids:
         return 0
+    # usage priced but not posted yet (ledger/settle.py) was metered before now: it burns the expiring credit first,
+    # as it would have, posted at once. This also locks every wallet (usage_charges rows first: the lock order).
+    settle_usage(conn, keys_max=None, wallet_ids=wallet_ids)
     wallets = lock_wallets(conn, wallet_ids)
     due = conn.execute(_DUE_BUCKETS, {"now": now, "wallets": list(wallets)}).all()
     books = load_books(conn, wallets.values(), now=now)

@@ -17,6 +17,8 @@ Invariants (``ledger.invariant_check`` checks the first two):
 
 Locks: a pass locks the keys' usage_charges rows in key order, then their wallets in id order — the order the
 checkpoint path takes them (it locks its groups first, which a pass never touches), so the two cannot deadlock.
+The expiry job settles the wallets it is about to expire credit of first (``wallet_ids``, ledger/expiry.py): usage
+metered before the job ran burns the expiring credit, as it would have had it been posted at once.
 A posting is named ``usage:settle:{n}:{key}`` with n = the key's settlements so far + 1: unique per key.
 """
 
@@ -32,6 +34,7 @@ from typing import NamedTuple
 import structlog
 from sqlalchemy import Connection, Engine, text
 
+from ledger.books import lock_wallets
 from ledger.checkpoints import Key, post_deltas
 from ledger.sqlrows import rows_json
 
@@ -73,12 +76,18 @@ class SettleOutcome(NamedTuple):
     amount_minor: int  # net posted: positive = charged (the transactions' amounts are its negation)
 
 
-def settle_usage(conn: Connection, *, keys_max: int = SETTLE_KEYS_MAX,
+def settle_usage(conn: Connection, *, keys_max: int | None = SETTLE_KEYS_MAX,
                  wallet_ids: Iterable[str] | None = None) -> SettleOutcome:
-    """Post the unsettled usage of up to ``keys_max`` keys (of ``wallet_ids`` only, when given) inside the caller's
-    transaction (the caller commits). A key is posted whole: ``charged − posted`` as one transaction."""
+    """Post the unsettled usage of up to ``keys_max`` keys (None: all) inside the caller's transaction (the caller
+    commits). A key is posted whole: ``charged − posted`` as one transaction.
+
+    ``wallet_ids``: only these wallets' keys — and every one of these wallets is locked (id order) before this
+    returns, so a caller that posts more for them next (the expiry job) takes no lock out of order: it must not lock
+    anything but these wallets and their buckets afterwards in the same transaction."""
     wallets = sorted(set(wallet_ids)) if wallet_ids is not None else None
     rows = conn.execute(_UNSETTLED, {"wallets": wallets, "limit": keys_max}).all()
+    if wallets is not None:
+        lock_wallets(conn, wallets)  # after the usage_charges rows: the ledger's lock order
     if not rows:
         return SettleOutcome(0, 0, 0)
     keys: list[Key] = []

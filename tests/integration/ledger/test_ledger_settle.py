@@ -23,6 +23,7 @@ from ledger.contracts import (
     TransactionKind,
 )
 from ledger.errors import InsufficientCredits, WalletBlocked
+from ledger.expiry import expire_credits
 from ledger.invariant_check import check_invariants
 from ledger.settle import run_settler, settle_all, settle_usage
 
@@ -217,3 +218,22 @@ def test_the_invariant_check_reports_unsettled_usage_that_disagrees_with_the_cha
         conn.execute(text("UPDATE wallets SET unsettled_minor = 0 WHERE id = 'U'"))
         found = check_invariants(conn)
     assert found.violations["unsettled_vs_charges"]["sample"][0]["computed"] == 4
+
+
+def test_usage_metered_before_credit_expires_burns_it_first(engine: Engine, invariants: Callable[[], None]) -> None:
+    """The expiry job settles a wallet's usage before expiring its credit: what was metered while the credit lived
+    burns it, as when usage posts at once — the breakage is only what is left, and no debt appears."""
+    expires = datetime(2026, 12, 1, tzinfo=UTC)
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="E", wallet_id="E")
+        service.grant_credits(conn, wallet_id="E", amount_minor=100, idempotency_key="g-E", kind="promo",
+                              expires_at=expires)
+    _apply_later(engine, _checkpoint(1, _value("E", "90")))  # 36, unposted
+    with engine.begin() as conn:
+        assert expire_credits(conn, now=expires.replace(day=2)) == 1
+    with engine.connect() as conn:
+        posted = [(k, int(a)) for k, a in conn.execute(text(
+            "SELECT kind, amount_minor FROM transactions WHERE wallet_id = 'E' ORDER BY id")).all()]
+    assert posted == [("promo", 100), ("usage", -36), ("expiry", -64)]
+    assert _balance(engine, "E") == (0, 0, 0)
+    invariants()

@@ -204,6 +204,7 @@ def test_dashboard_workplace(api_url, topics, browser, stack_env):
     assert page.cells("wallet-transactions", 2)[:2] == ["adjustment", "promo"]
     assert "promo" in page.cells("wallet-buckets", 0)
     assert page.js("document.querySelector('#wallet-tiles [data-key=balance_minor] .value').textContent") == "420"
+    assert page.js("document.querySelector('#wallet-tiles [data-key=unsettled_minor] .value').textContent") == "0"
     page.shot("wallet")
 
     # --- meters -------------------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ async function renderWalletDetail(walletId) {
   const b = wallet.balance;
   tiles("wallet-tiles", [["balance", fmt(b.balance_minor), "balance_minor"], ["available", fmt(b.available_minor), "available_minor"],
     ["held", fmt(b.held_minor), "held_minor"], ["floor", fmt(b.floor_minor), "floor_minor"],
+    // usage priced but not posted yet (LEDGER_USAGE_SETTLE_INTERVAL_S): already taken off "available"
+    ["unsettled usage", fmt(b.unsettled_minor || 0), "unsettled_minor"],
     ["debt", fmt(b.debt_minor), "debt_minor"]]);
   table("wallet-buckets", [["source", x => x.source], ["granted", x => fmt(x.granted_minor)],
     ["remaining", x => fmt(x.remaining_minor)], ["expires (UTC)", x => x.expires_at ? label(x.expires_at) : "never"],

@@ -750,18 +750,18 @@ def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
     left = settle_all(engine, stop=stop)
     if left.keys:
         log.info("usage_settled_at_start", keys=left.keys, wallets=left.wallets, amount_minor=left.amount_minor)
-    threads = [relay_thread]
+    threads = {"outbox_relay": relay_thread}
     if settings.usage_settle_interval_s > 0:  # usage is priced by the consumer and posted by this thread
-        threads.append(threading.Thread(target=run_settler, args=(engine, stop),
-                                        kwargs={"interval_s": settings.usage_settle_interval_s},
-                                        name="ledger-settle", daemon=True))
-        threads[-1].start()
+        threads["usage_settle"] = threading.Thread(target=run_settler, args=(engine, stop),
+                                                   kwargs={"interval_s": settings.usage_settle_interval_s},
+                                                   name="ledger-settle", daemon=True)
+        threads["usage_settle"].start()
     consumer = LedgerConsumer(settings=settings, engine=engine, stop=stop)
     probes = None
     if settings.metrics_port >= 0:
         probes = start_probe_server("ledger", host=settings.metrics_host, port=settings.metrics_port, checks={
             "database": database_check(engine), **consumer.readiness_checks(),
-            "outbox_relay": lambda: (relay_thread.is_alive(), "running" if relay_thread.is_alive() else "stopped")})
+            **{name: _alive(thread) for name, thread in threads.items()}})
     log.info("ledger_consumer_started", topic=consumer.topic, group=settings.consumer_group,
              metrics_port=probes.port if probes else None)
     freeze_startup_heap()  # a full GC pass over the import-time heap would stall every apply thread
@@ -772,10 +772,15 @@ def run(settings: LedgerSettings, stop: threading.Event) -> ConsumerStats:
         if probes is not None:
             probes.stop()
         stop.set()
-        for thread in threads:
+        for thread in threads.values():
             thread.join(timeout=30)
         engine.dispose()
     return consumer.stats
+
+
+def _alive(thread: threading.Thread) -> Check:
+    """A readiness check: the background thread still runs."""
+    return lambda: (thread.is_alive(), "running" if thread.is_alive() else "stopped")
 
 
 def main() -> None:

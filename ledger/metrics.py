@@ -26,7 +26,7 @@ __all__ = [
     "APPLY_SECONDS", "CHECKPOINTS", "CHECKPOINT_EMIT_TO_APPLY_SECONDS", "CHECKPOINT_QUEUE_SECONDS", "CONSUMER_LAG",
     "DB_RETRIES", "INVARIANT_CHECK_LAST_RUN", "INVARIANT_VIOLATIONS", "OUTBOX_BACKLOG", "OUTBOX_PUBLISHED",
     "QUEUE_CHECKPOINTS", "RECONCILIATION_DRIFT_MINOR", "RECONCILIATION_DRIFT_WALLETS", "RECONCILIATION_LAST_RUN",
-    "SCHEDULER_JOB_RUNS", "SCHEDULER_JOB_SECONDS", "forget_lag", "record_invariant_check", "record_lag",
+    "SCHEDULER_JOB_RUNS", "SCHEDULER_JOB_SECONDS", "SETTLED_KEYS", "SETTLE_FAILURES", "SETTLE_SECONDS", "forget_lag", "record_invariant_check", "record_lag",
     "record_reconciliation",
 ]
 
@@ -75,6 +75,14 @@ DB_RETRIES = Counter("meterline_ledger_db_retries_total", "Checkpoint applicatio
 OUTBOX_BACKLOG = Gauge("meterline_outbox_backlog_rows",
                        "Outbox rows committed and not yet published (counted at most every 2 s, capped at 1M)")
 OUTBOX_PUBLISHED = Counter("meterline_outbox_published_rows_total", "Outbox rows published and marked")
+
+# -- usage settled later (ledger/settle.py) ---------------------------------------------------------------------
+SETTLED_KEYS = Counter("meterline_ledger_settled_keys_total",
+                       "Usage keys the settle pass posted (one usage transaction each)")
+SETTLE_SECONDS = Histogram("meterline_ledger_settle_seconds", "Duration of one settle pass (every unsettled key)",
+                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+SETTLE_FAILURES = Counter("meterline_ledger_settle_failures_total",
+                          "Settle passes that failed (retried at the next interval; nothing is lost)")
 
 # -- the scheduler (ledger/scheduler.py) ----------------------------------------------------------------------
 SCHEDULER_JOB_RUNS = Counter("meterline_scheduler_job_runs_total", "Scheduler job runs by job and outcome (ok, failed)",

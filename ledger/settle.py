@@ -34,6 +34,7 @@ from typing import NamedTuple
 import structlog
 from sqlalchemy import Connection, Engine, text
 
+from ledger import metrics
 from ledger.books import lock_wallets
 from ledger.checkpoints import Key, post_deltas
 from ledger.sqlrows import rows_json
@@ -136,8 +137,11 @@ def run_settler(engine: Engine, stop: threading.Event, *, interval_s: float,
         try:
             outcome = settle_all(engine, keys_max=keys_max, stop=stop)
         except Exception:  # a database hiccup must not stop settling for good
+            metrics.SETTLE_FAILURES.inc()
             log.exception("settle_failed")
             continue
+        metrics.SETTLE_SECONDS.observe(time.monotonic() - started)
+        metrics.SETTLED_KEYS.inc(outcome.keys)
         if outcome.keys:
             log.info("usage_settled", keys=outcome.keys, wallets=outcome.wallets, amount_minor=outcome.amount_minor,
                      seconds=round(time.monotonic() - started, 3), at=datetime.now(UTC).isoformat())

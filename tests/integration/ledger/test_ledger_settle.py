@@ -5,11 +5,13 @@ every commit, with the balance figures users and access rules see computed as if
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, text
 
 from ledger import queries, service
@@ -236,4 +238,28 @@ def test_usage_metered_before_credit_expires_burns_it_first(engine: Engine, inva
             "SELECT kind, amount_minor FROM transactions WHERE wallet_id = 'E' ORDER BY id")).all()]
     assert posted == [("promo", 100), ("usage", -36), ("expiry", -64)]
     assert _balance(engine, "E") == (0, 0, 0)
+    invariants()
+
+
+def test_the_settle_thread_posts_on_its_interval_and_counts_what_it_posted(engine: Engine,
+                                                                          invariants: Callable[[], None]) -> None:
+    def settled_keys() -> float:
+        return REGISTRY.get_sample_value("meterline_ledger_settled_keys_total") or 0.0
+
+    for w in ("T1", "T2"):
+        _wallet(engine, w, 50)
+    _apply_later(engine, _checkpoint(1, _value("T1", "10"), _value("T2", "20"), _value("T2", "5", meter="images")))
+    before = settled_keys()
+    stop = threading.Event()
+    settler = threading.Thread(target=run_settler, args=(engine, stop), kwargs={"interval_s": 0.05})
+    settler.start()
+    try:
+        deadline = time.monotonic() + 30
+        while _balance(engine, "T2")[1] != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        settler.join(timeout=30)
+    assert [_balance(engine, w) for w in ("T1", "T2")] == [(46, 0, 46), (40, 0, 40)]
+    assert settled_keys() - before == 3
     invariants()

@@ -263,3 +263,20 @@ def test_the_settle_thread_posts_on_its_interval_and_counts_what_it_posted(engin
     assert [_balance(engine, w) for w in ("T1", "T2")] == [(46, 0, 46), (40, 0, 40)]
     assert settled_keys() - before == 3
     invariants()
+
+
+def test_the_background_pass_leaves_a_key_an_applier_holds_for_the_next_pass(engine: Engine,
+                                                                            invariants: Callable[[], None]) -> None:
+    for w in ("S1", "S2"):
+        _wallet(engine, w, 50)
+    _apply_later(engine, _checkpoint(1, _value("S1", "10"), _value("S2", "10")))
+    with engine.connect() as holder:  # an applier in the middle of its transaction holds S1's charge row
+        holder.execute(text("SELECT 1 FROM usage_charges WHERE wallet_id = 'S1' FOR UPDATE"))
+        with engine.begin() as conn:
+            outcome = settle_usage(conn, skip_locked=True)  # does not wait
+        assert (outcome.keys, outcome.wallets) == (1, 1)
+        holder.rollback()
+    assert [_balance(engine, w) for w in ("S1", "S2")] == [(50, 4, 46), (46, 0, 46)]
+    assert settle_all(engine, skip_locked=True).keys == 1
+    assert _balance(engine, "S1") == (46, 0, 46)
+    invariants()

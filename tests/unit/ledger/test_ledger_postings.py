@@ -131,6 +131,18 @@ def test_sync_debits_respect_held_and_floor(balance: int, held: int, floor: int,
     assert state.available_minor == available
 
 
+@given(balance=st.integers(-1_000, 1_000), held=st.integers(0, 500), floor=st.integers(-200, 200),
+       unsettled=st.integers(-300, 1_000), amount=st.integers(0, 1_000))
+def test_unsettled_usage_reads_as_if_it_were_posted(balance: int, held: int, floor: int, unsettled: int,
+                                                    amount: int) -> None:
+    """Usage priced but not posted yet (ledger/settle.py) is already spent: every figure equals that of the wallet
+    with the usage posted (a negative unsettled amount is a credit back on its way)."""
+    pending = WalletBalance(balance, held, floor, unsettled)
+    posted = WalletBalance(balance - unsettled, held, floor)
+    assert (pending.available_minor, pending.debt_minor, pending.blocked, pending.can_debit(amount)) == (
+        posted.available_minor, posted.debt_minor, posted.blocked, posted.can_debit(amount))
+
+
 ops = st.lists(st.tuples(st.sampled_from(["debit", "debit_first", "credit", "expire"]), st.integers(0, 200)),
                max_size=40)
 

@@ -72,8 +72,6 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_ledger"
 
 
-#: threads applying different source partitions' checkpoints at once (each uses its own connection)
-APPLY_THREADS = 4
 #: messages taken from the client's queue at a time while filling a batch (fewer near the byte bound: as many as
 #: fit if they are as large as the batch's so far, at least one)
 FETCH_CHUNK_MESSAGES = 8
@@ -124,12 +122,13 @@ def _failure(exc: BaseException) -> tuple[str, str]:
 
 class LedgerConsumer:
     def __init__(self, *, settings: LedgerSettings, engine: Engine, stop: threading.Event,
-                 apply_threads: int = APPLY_THREADS) -> None:
+                 apply_threads: int | None = None) -> None:
         self._settings = settings
         # source partitions are independent: their merged checkpoints are applied concurrently, each on its
         # own connection (lock order applied_offsets → usage_charges → wallets keeps shared keys deadlock-free)
-        self._pool = (ThreadPoolExecutor(max_workers=apply_threads, thread_name_prefix="ledger-apply")
-                      if apply_threads > 1 else None)
+        threads = settings.consumer_apply_threads if apply_threads is None else apply_threads
+        self._pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ledger-apply")
+                      if threads > 1 else None)
         self._stats_lock = threading.Lock()
         self._engine = engine
         self._stop = stop

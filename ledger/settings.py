@@ -37,6 +37,10 @@ class LedgerSettings(BaseSettings):
     # (RSS 0.9 GB) and 78 s at 256 MiB (RSS 1.2 GB — what 64 MiB took before the cutting; docs/benchmarks.md)
     consumer_batch_bytes_max: int = Field(default=256 * 1024 * 1024, gt=0,
                                           description="message bytes per fetched batch (at least one message)")
+    # 8 = one per usage partition of the default topics; at 100,000 wallets 4 left a third of the machine idle while
+    # lanes waited for each other (docs/benchmarks.md "usage settled later": 14,354–16,068 → 18,512–18,589 events/s)
+    consumer_apply_threads: int = Field(default=8, ge=1, description="source partitions' checkpoints applied at "
+                                        "once, each on its own database connection (1 = one at a time)")
     consumer_retry_backoff_s_max: float = Field(default=5.0, gt=0, description="longest pause between retries of a "
                                                 "halted partition (ledger/halts.py; backoff from 0.5 s, doubling)")
     consumer_halted_pending_max: int = Field(default=5_000, gt=0,

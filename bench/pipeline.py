@@ -493,8 +493,8 @@ def where_time_went(home: Path, since: float, until: float) -> list[str]:
     ledger_consumer_stats every 10 s) between the last lines before ``since`` and ``until``: where a phase's
     time went, as a share of the window between those two lines."""
     lines = []
-    for log in [*sorted(home.glob("streams-*.log")), home / "ledger.log"]:
-        event = "ledger_consumer_stats" if log.name == "ledger.log" else "streams_stats"
+    for log in [*sorted(home.glob("streams-*.log")), *sorted(home.glob("ledger*.log"))]:
+        event = "ledger_consumer_stats" if log.name.startswith("ledger") else "streams_stats"
         stats = []
         if log.exists():
             for line in log.read_text(errors="replace").splitlines():
@@ -812,6 +812,8 @@ def main() -> None:
     parser.add_argument("--pack", type=int, default=200, help="events per packed message")
     parser.add_argument("--subjects", type=int, default=1_000, help="distinct subjects (wallets) active in the run")
     parser.add_argument("--workers", type=int, default=2, help="streams worker processes")
+    parser.add_argument("--ledgers", type=int, default=1,
+                        help="ledger consumer processes (one consumer group: the charges partitions split between them)")
     parser.add_argument("--baseline-events", type=int, default=0,
                         help="events for the naive baseline (0 = as many as phase 1 sent, capped at 300k)")
     parser.add_argument("--skip-baseline", action="store_true")
@@ -841,7 +843,7 @@ def main() -> None:
     print("load average at start: {:.2f} {:.2f} {:.2f} (the machine is shared; other load skews every figure)"
           .format(*os.getloadavg()))
     print(f"cores: {os.cpu_count()}, usage partitions: {USAGE_PARTITIONS}, streams workers: {args.workers}, "
-          f"ledger consumers: 1, pack: {args.pack} events/message, subjects: {args.subjects}, "
+          f"ledger consumers: {args.ledgers}, pack: {args.pack} events/message, subjects: {args.subjects}, "
           f"load producer: {args.client}, "
           f"embedded broker storage: {args.broker_storage} (batches merged after "
           f"{StackSettings().broker_merge_after_s:g} s, again after {StackSettings().broker_merge_big_after_s:g} s; "
@@ -859,10 +861,12 @@ def main() -> None:
             workers = [start([sys.executable, "-m", "meterline", "run", "streams"],
                              {**env, "STREAMS_WORKER_INDEX": str(i)}, home / f"streams-{i}.log")
                        for i in range(args.workers)]
-            ledger = start([sys.executable, "-m", "meterline", "run", "ledger"], env, home / "ledger.log")
-            procs = [*workers, ledger]
+            ledgers = [start([sys.executable, "-m", "meterline", "run", "ledger"], env,
+                             home / ("ledger.log" if i == 0 else f"ledger-{i}.log"))
+                       for i in range(args.ledgers)]
+            procs = [*workers, *ledgers]
             groups = {f"streams-{i}": [w.pid] for i, w in enumerate(workers)}
-            groups["ledger"] = [ledger.pid]
+            groups["ledger"] = [ledger.pid for ledger in ledgers]
             if eng.broker_pid:
                 groups["broker (tansu)"] = [eng.broker_pid]
             if eng.store_pid:

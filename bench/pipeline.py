@@ -461,7 +461,7 @@ def wait_settled(database_url: str, *, timeout_s: float) -> float:
     started = time.monotonic()
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         while True:
-            row = conn.execute("SELECT count(*) FROM usage_charges WHERE charged_minor <> posted_minor").fetchone()
+            row = conn.execute("SELECT count(*) FROM usage_charges WHERE unsettled").fetchone()
             if row is not None and row[0] == 0:
                 return time.monotonic() - started
             if time.monotonic() - started > timeout_s:

@@ -67,7 +67,7 @@ CHECKS: dict[str, str] = {
     "unsettled_vs_charges": """
         SELECT w.id AS wallet_id, w.unsettled_minor AS stored,
                coalesce(sum(c.charged_minor - c.posted_minor), 0) AS computed
-        FROM wallets w LEFT JOIN usage_charges c ON c.wallet_id = w.id AND c.charged_minor <> c.posted_minor
+        FROM wallets w LEFT JOIN usage_charges c ON c.wallet_id = w.id AND c.unsettled
         GROUP BY w.id, w.unsettled_minor HAVING coalesce(sum(c.charged_minor - c.posted_minor), 0) <> w.unsettled_minor
         ORDER BY w.id""",
 }

@@ -50,7 +50,7 @@ SETTLE_KEYS_MAX = 1_000
 _UNSETTLED_SQL = """
     SELECT wallet_id, meter_id, period_start, price_version_id, units, charged_minor, posted_minor, settlements
     FROM usage_charges
-    WHERE charged_minor <> posted_minor
+    WHERE unsettled
       AND (CAST(:wallets AS text[]) IS NULL OR wallet_id = ANY(CAST(:wallets AS text[])))
     ORDER BY wallet_id, meter_id, period_start, price_version_id
     LIMIT :limit

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
+    Computed,
     DateTime,
     Integer,
     LargeBinary,
@@ -120,6 +122,8 @@ usage_charges = Table(
     Column("price_effective_from", DateTime(timezone=True)),  # ledger_0006: NULL = priced on its own
     Column("posted_minor", BigInteger, nullable=False),  # ledger_0015: what its usage transactions add up to
     Column("settlements", Integer, nullable=False),  # ledger_0015: settle passes that posted it
+    # ledger_0016: the partial index of keys left to settle is on this, not on the two amounts (HOT updates)
+    Column("unsettled", Boolean, Computed("charged_minor <> posted_minor", persisted=True)),
 )
 
 usage_charge_groups = Table(  # ledger_0006: the lock of a (wallet, meter, period, meter version)'s price versions

@@ -39,9 +39,10 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
 from bench.machine import describe
-from ledger.checkpoints import apply_checkpoints, apply_partitions
+from ledger.checkpoints import apply_partitions
 from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel, TransactionKind
 from ledger.db import libpq_url, make_engine, sqlalchemy_url
+from ledger.known_wallets import KnownWallets
 from ledger.postings import NewBucket, WalletBook
 from ledger.rows import WalletRow
 from ledger.runtime import freeze_startup_heap, tune_gc_for_batches
@@ -160,6 +161,8 @@ class StatementTimes:
 
 #: ``--settle-later``: apply with ``settle_later`` (the cost per key is then the apply alone; see main)
 SETTLE_LATER = False
+#: the (wallet, project) pairs step 2 skips, shared by the appliers as the consumer's apply threads share theirs
+KNOWN_WALLETS: KnownWallets | None = KnownWallets()
 
 
 def run_applier(engine: Engine, loads: list[Load], deadline: float, out: list[tuple[float, int, int]],
@@ -173,11 +176,9 @@ def run_applier(engine: Engine, loads: list[Load], deadline: float, out: list[tu
             batch = [[loads[0].next() for _ in range(merge)]]
         n = sum(len(b) for b in batch)
         started = time.perf_counter()
-        with engine.begin() as conn:
-            if len(batch) == 1:
-                outcomes = [apply_checkpoints(conn, batch[0], settle_later=SETTLE_LATER).outcome]
-            else:
-                outcomes = [m.outcome for m in apply_partitions(conn, batch, settle_later=SETTLE_LATER)]
+        with engine.begin() as conn:  # one partition's merged checkpoints, or several partitions: apply_partitions
+            outcomes = [m.outcome for m in apply_partitions(conn, batch, settle_later=SETTLE_LATER,
+                                                            known_wallets=KNOWN_WALLETS)]
         elapsed = time.perf_counter() - started
         keys, transactions = sum(o.keys for o in outcomes), sum(o.transactions for o in outcomes)
         if SETTLE_LATER:  # what would have been a posting is an accrued key: count it as one (µs per posting)
@@ -244,6 +245,8 @@ def main() -> None:
                         help="dedupe keys per counter (the pipeline bench carries ~5 events per key per checkpoint)")
     parser.add_argument("--settle-later", action="store_true",
                         help="price usage and leave it for the settle pass, then time the pass (ledger/settle.py)")
+    parser.add_argument("--ensure-every-wallet", action="store_true",
+                        help="step 2 checks every wallet of every application (no KnownWallets, as before 2026-12-07)")
     parser.add_argument("--merge", type=int, default=4, help="checkpoints merged per transaction in the last phase")
     parser.add_argument("--together", type=int, default=1,
                         help="a last phase: one applier applying one checkpoint of each of N partitions per transaction "
@@ -252,8 +255,10 @@ def main() -> None:
     parser.add_argument("--statements", action="store_true",
                         help="print the time per SQL statement and the Python between them (first phase)")
     args = parser.parse_args()
-    global SETTLE_LATER
+    global SETTLE_LATER, KNOWN_WALLETS
     SETTLE_LATER = args.settle_later
+    if args.ensure_every_wallet:
+        KNOWN_WALLETS = None
     if args.keys > args.wallets // max(1, args.together):
         parser.error(f"--keys {args.keys} is more than each partition's {args.wallets // max(1, args.together):,} "
                      f"wallets (--wallets / --together): raise --wallets or lower --keys")

@@ -70,6 +70,7 @@ from sqlalchemy import Connection, text
 
 from ledger.books import load_books, lock_wallets
 from ledger.contracts import ChargeCheckpoint, CounterValue, PriceModel, TransactionKind
+from ledger.known_wallets import KnownWallets
 from ledger.postings import DEFAULT_PRIORITY, NewBucket
 from ledger.pricing import continued_prices_minor, price_minor
 from ledger.rows import CheckpointOutcome
@@ -100,7 +101,8 @@ _LOCK_PARTITION = text("""
 """)
 
 # Creates the missing subject wallets and returns the wallets that exist in ANOTHER project than the counter
-# names (the SELECT sees the statement's snapshot: a wallet created here has the counter's project anyway).
+# names (the SELECT sees the statement's snapshot: a wallet created here has the counter's project anyway), and
+# the wallets it created (actual NULL): those exist only if this transaction commits.
 _ENSURE_WALLETS = text("""
     WITH w AS (SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS w(id text, project_id text)),
     created AS (
@@ -109,9 +111,11 @@ _ENSURE_WALLETS = text("""
         ON CONFLICT DO NOTHING
         RETURNING id
     )
-    SELECT w.id, w.project_id AS wanted, x.project_id AS actual
+    SELECT w.id, x.project_id AS actual
     FROM w JOIN wallets x ON x.id = w.id
     WHERE x.project_id <> w.project_id
+    UNION ALL
+    SELECT id, NULL FROM created
 """)
 
 _REFUSE_COUNTERS = text(f"""
@@ -318,7 +322,8 @@ class _Source(NamedTuple):
 
 def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheckpoint]], *,
                      kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
-                     metadata: KeyMetadata | None = None, settle_later: bool = False) -> list[MergedOutcome]:
+                     metadata: KeyMetadata | None = None, settle_later: bool = False,
+                     known_wallets: KnownWallets | None = None) -> list[MergedOutcome]:
     """``apply_checkpoints`` for several source partitions at once, in ONE pass of the steps (one statement per
     table for all of them) inside the caller's transaction; one MergedOutcome per partition, in the given order.
 
@@ -337,7 +342,10 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
     wallet's deltas to its ``unsettled_minor`` instead of posting them; ``ledger.settle.settle_usage`` posts
     ``charged − posted`` per key later. What is charged is decided here either way, so the total posted per key
     is the same; what changes is when ``balance = Σ transactions`` includes it — until then every balance figure
-    counts it as spent (``WalletBalance.unsettled_minor``)."""
+    counts it as spent (``WalletBalance.unsettled_minor``).
+
+    ``known_wallets`` (the consumer's): step 2 skips the (wallet, project) pairs seen before; the caller must
+    ``clear()`` it when the transaction does not commit (ledger/known_wallets.py)."""
     if not partitions or any(not checkpoints for checkpoints in partitions):
         raise ValueError("apply_partitions needs at least one checkpoint per partition")
     for checkpoints in partitions:
@@ -351,7 +359,8 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
     live = [i for i in order if sources[i].accepted]
     per_source = {i: _last_value_per_key(c for checkpoint in sources[i].accepted for c in checkpoint.counters)
                   for i in live}
-    refused = _refuse_foreign_wallets(conn, {i: sources[i].triple for i in live}, per_source) if live else {}
+    refused = (_refuse_foreign_wallets(conn, {i: sources[i].triple for i in live}, per_source, known_wallets)
+               if live else {})
     owner: dict[Key, int] = {}  # key -> the first partition (lock order) naming it: its posting's name
     for i in live:
         for key in per_source[i]:
@@ -457,14 +466,27 @@ def _finish(conn: Connection, source: _Source) -> None:
 
 
 def _refuse_foreign_wallets(conn: Connection, triples: Mapping[int, tuple[str, int, int]],
-                            per_source: Mapping[int, dict[Key, CounterValue]]) -> dict[int, int]:
+                            per_source: Mapping[int, dict[Key, CounterValue]],
+                            known_wallets: KnownWallets | None = None) -> dict[int, int]:
     """Step 2: create missing wallets; drop (from each partition's values) and dead-letter every counter whose
-    wallet belongs to another project than the counter's. Returns how many were refused, per partition."""
+    wallet belongs to another project than the counter's. Returns how many were refused, per partition.
+    ``known_wallets``: pairs seen before are skipped, and the pairs found in their project are added
+    (ledger/known_wallets.py says why that is safe)."""
     pairs = sorted({(k.wallet_id, v.key.project_id) for values in per_source.values() for k, v in values.items()})
+    if known_wallets is not None:
+        pairs = known_wallets.unknown(pairs)
     if not pairs:
         return {}
-    foreign = {r.id: r.actual for r in conn.execute(_ENSURE_WALLETS, {"rows": rows_json(
-        {"id": w, "project_id": p} for w, p in pairs)})}
+    foreign: dict[str, str] = {}
+    created: set[str] = set()
+    for wallet_id, actual in conn.execute(_ENSURE_WALLETS, {"rows": rows_json(
+            {"id": w, "project_id": p} for w, p in pairs)}):
+        if actual is None:
+            created.add(wallet_id)
+        else:
+            foreign[wallet_id] = actual
+    if known_wallets is not None:  # committed before this transaction and in the counter's project
+        known_wallets.add(pair for pair in pairs if pair[0] not in foreign and pair[0] not in created)
     if not foreign:
         return {}
     counts: dict[int, int] = {}

@@ -57,6 +57,7 @@ from ledger.kafka import (
     require_topics,
     topic_name,
 )
+from ledger.known_wallets import KnownWallets
 from ledger.lane_chunks import ChunkCutter, chunks_of
 from ledger.outbox import OutboxRelay
 from ledger.probes import Check, database_check, start_probe_server
@@ -135,6 +136,7 @@ class LedgerConsumer:
         self.topic = topic_name(TOPIC_LEDGER_CHARGES, settings.topic_prefix)
         self.stats = ConsumerStats()
         self.halts = Halts(backoff_s_max=settings.consumer_retry_backoff_s_max)
+        self._known_wallets = KnownWallets()  # step 2 skips wallets seen before (shared by the apply threads)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         #: charges partition -> the next offset fetched (what may be committed when nothing of it is pending)
         self._fetched: dict[int, int] = {}
@@ -399,8 +401,10 @@ class LedgerConsumer:
         try:
             with self._engine.begin() as conn:
                 outcomes = apply_partitions(conn, partitions,
-                                            settle_later=self._settings.usage_settle_interval_s > 0)
+                                            settle_later=self._settings.usage_settle_interval_s > 0,
+                                            known_wallets=self._known_wallets)
         except DBAPIError:
+            self._known_wallets.clear()  # whatever failed, the retry checks every wallet again
             metrics.DB_RETRIES.inc()
             with self._stats_lock:
                 self.stats.db_retries += 1

@@ -15,9 +15,10 @@ import pytest
 from sqlalchemy import Engine, text
 
 from ledger import queries, service
-from ledger.checkpoints import apply_checkpoint
+from ledger.checkpoints import apply_checkpoint, apply_partitions
 from ledger.contracts import ChargeCheckpoint, CounterKey, CounterValue, PriceModel
 from ledger.db import libpq_url
+from ledger.known_wallets import KnownWallets
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +58,46 @@ def test_a_counter_naming_another_projects_wallet_is_refused_and_kept(engine: En
         assert apply_checkpoint(conn, checkpoint).status == "stale"
         assert len(queries.refused_counters(conn)) == 1
     invariants()
+
+
+def test_wallets_the_consumer_knows_skip_step_2_but_another_projects_wallet_is_refused_every_time(
+        engine: Engine, invariants: Callable[..., None]) -> None:
+    """The consumer's KnownWallets (ledger/known_wallets.py) skips creating wallets it has seen committed. A wallet
+    the application itself created is not known until a later application finds it; a wallet of another project is
+    never known, so its counters are refused on every checkpoint, not only the first."""
+    with engine.begin() as conn:
+        victim = service.ensure_wallet(conn, project_id="A", owner_kind="user", owner_ref="alice").id
+        service.grant_credits(conn, wallet_id=victim, amount_minor=1_000, idempotency_key="topup-a")
+    known = KnownWallets()
+
+    def apply(as_of: int, units: int) -> None:
+        checkpoint = ChargeCheckpoint(
+            source_topic="usage.events.v1", partition=0, as_of_offset=as_of, emitted_at=datetime.now(UTC),
+            counters=[_counter(victim, "B", units), _counter("b-own", "B", units)], dedupe_keys=[as_of])
+        with engine.begin() as conn:
+            [merged] = apply_partitions(conn, [[checkpoint]], known_wallets=known)
+        assert merged.refused == 1  # the victim's counter, every time
+
+    apply(41, 3)  # creates b-own: not known yet (it exists only if this transaction commits)
+    assert known.unknown([("b-own", "B")]) == [("b-own", "B")]
+    apply(42, 5)  # b-own found committed: known from now on; the victim's wallet never is
+    assert known.unknown([("b-own", "B"), (victim, "B")]) == [(victim, "B")]
+    apply(43, 9)  # step 2 skips b-own and still refuses the victim's counter
+    with engine.connect() as conn:
+        assert queries.get_balance(conn, victim).balance_minor == 1_000  # type: ignore[union-attr]
+        assert queries.get_balance(conn, "b-own").balance_minor == -9  # type: ignore[union-attr]
+        assert sorted(r.as_of_offset for r in queries.refused_counters(conn, project_id="B")) == [41, 42, 43]
+    invariants()
+
+
+def test_known_wallets_are_bounded() -> None:
+    known = KnownWallets(pairs_max=3)
+    known.add([("a", "p"), ("b", "p"), ("c", "p")])
+    assert known.unknown([("a", "p"), ("d", "p")]) == [("d", "p")]
+    known.add([("d", "p")])  # past the bound the set starts over
+    assert known.unknown([("a", "p"), ("d", "p")]) == [("a", "p")]
+    known.clear()
+    assert len(known) == 0
 
 
 #: every table of a project's object that names a wallet and must carry the project with it

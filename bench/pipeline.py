@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_FLOOR, Decimal
@@ -138,30 +138,60 @@ class Usage:
 
 
 class Meter:
-    """CPU seconds over a phase and peak RSS (sampled every 0.25 s) of named process groups."""
+    """CPU seconds over a phase and peak RSS (sampled every 0.25 s) of named process groups, and how busy the
+    whole machine was.
 
-    def __init__(self, groups: dict[str, list[int]]) -> None:
-        self.groups = groups
+    ``relist``: groups whose processes come and go (PostgreSQL forks a backend per connection, and a pool opens
+    its connections when first needed): listed again at every sample, a process first seen mid-phase counted
+    from then. Counting only the backends that existed at the phase's start left out the ledger's apply
+    connections, and made a saturated machine look half idle."""
+
+    def __init__(self, groups: dict[str, list[int]],
+                 relist: Mapping[str, Callable[[], list[int]]] | None = None) -> None:
+        self.groups = {name: list(pids) for name, pids in groups.items()}
+        self.relist = dict(relist or {})
+        for name, lister in self.relist.items():
+            self.groups[name] = lister()
         self.start: dict[int, float] = {}
-        self.usage: dict[str, Usage] = {name: Usage() for name in groups}
+        self.last: dict[int, float] = {}
+        self.usage: dict[str, Usage] = {name: Usage() for name in self.groups}
+        self.machine_busy = float("nan")  # share of all cores busy over the phase
+        self._machine_start: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     @staticmethod
-    def _cpu(pid: int) -> float:
+    def _cpu(pid: int) -> float | None:
         try:
             t = psutil.Process(pid).cpu_times()
-            return t.user + t.system
+            return float(t.user + t.system)
         except psutil.Error:
-            return 0.0
+            return None
 
     def __enter__(self) -> Meter:
-        self.start = {pid: self._cpu(pid) for pids in self.groups.values() for pid in pids}
+        self._machine_start = psutil.cpu_times()
+        for pids in self.groups.values():
+            for pid in pids:
+                cpu = self._cpu(pid)
+                if cpu is not None:
+                    self.start[pid] = self.last[pid] = cpu
         self._thread.start()
         return self
 
+    def _track(self) -> None:
+        """Each process's latest CPU time (a process that exits keeps its last sample)."""
+        for name, lister in self.relist.items():
+            self.groups[name] = sorted(set(self.groups[name]) | set(lister()))
+        for pids in self.groups.values():
+            for pid in pids:
+                cpu = self._cpu(pid)
+                if cpu is not None:
+                    self.start.setdefault(pid, cpu)
+                    self.last[pid] = cpu
+
     def _sample(self) -> None:
         while not self._stop.wait(0.25):
+            self._track()
             for name, pids in self.groups.items():
                 rss = 0
                 for pid in pids:
@@ -172,12 +202,21 @@ class Meter:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._track()
         for name, pids in self.groups.items():
-            self.usage[name].cpu_s = sum(self._cpu(pid) - self.start.get(pid, 0.0) for pid in pids)
+            self.usage[name].cpu_s = sum(self.last[pid] - self.start[pid] for pid in pids if pid in self.last)
+        end = psutil.cpu_times()
+        busy = sum(getattr(end, f) - getattr(self._machine_start, f) for f in ("user", "system", "nice", "irq",
+                                                                                "softirq", "steal"))
+        total = sum(end) - sum(self._machine_start)
+        self.machine_busy = busy / total if total > 0 else float("nan")
 
     def report(self, seconds: float) -> list[str]:
-        return [f"    {name:<16} cpu {u.cpu_s:7.1f} s ({100 * u.cpu_s / max(seconds, 1e-9):5.1f}% of a core)  "
-                f"peak rss {u.peak_rss / 2**20:7.0f} MiB" for name, u in self.usage.items()]
+        lines = [f"    {name:<16} cpu {u.cpu_s:7.1f} s ({100 * u.cpu_s / max(seconds, 1e-9):5.1f}% of a core)  "
+                 f"peak rss {u.peak_rss / 2**20:7.0f} MiB" for name, u in self.usage.items()]
+        lines.append(f"    machine          {100 * self.machine_busy:5.1f}% of {psutil.cpu_count()} cores busy "
+                     "(every process on it)")
+        return lines
 
 
 # -- producing and measuring -------------------------------------------------------------------------------
@@ -614,7 +653,8 @@ def run_pipeline_phase(name: str, producer: LoadProducer, eng: Engines, topic: s
     watcher = AppliedWatcher(eng.database_url, topic, sent).start()
     charges = topic.removesuffix(TOPIC_USAGE_EVENTS) + TOPIC_LEDGER_CHARGES
     with CheckpointWatcher(eng.bootstrap, charges, partitions=CHARGES_PARTITIONS) as checkpoints, \
-            Meter({**groups, "producer (bench)": [os.getpid()]}) as meter:
+            Meter({**groups, "producer (bench)": [os.getpid()]},
+                  relist={"postgresql": lambda: postgres_pids(eng.pg_dir)} if eng.pg_dir else None) as meter:
         t0 = time.time()
         producer.run(sent, seconds=seconds, rate=rate, tag=name, backlog=lambda: watcher.applied_events,
                      backlog_max=backlog_max if rate == 0 else 0)

@@ -302,6 +302,24 @@ def test_counters_without_an_effective_time_are_priced_on_their_own(engine: Engi
     invariants()
 
 
+def test_a_key_stored_without_an_effective_time_keeps_its_charge_when_a_producer_starts_sending_one(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """A key written before ledger_0006 (no price_effective_from) and named again by a newer producer (with one):
+    the stored row is priced alone from what it was charged — not taken for a new group member charged nothing
+    (which would charge its whole usage again)."""
+    one = PriceModel(model="per_unit", unit_price_minor=Decimal(1))
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="x", wallet_id="W")
+    _apply(engine, _checkpoint(0, 10, _value("W", "900", price=one, version="pv1")))
+    _apply(engine, _checkpoint(0, 20, _versioned("W", "1100", "pv1", datetime(2020, 1, 1, tzinfo=UTC), price=one)))
+    assert -sum(_usage_amounts(engine, "W")) == 1_100
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT charged_minor, posted_minor, price_effective_from FROM usage_charges "
+                                "WHERE wallet_id = 'W'")).one()
+    assert tuple(row) == (1_100, 1_100, None)
+    invariants()
+
+
 def test_two_partitions_applying_two_versions_of_one_group_concurrently_end_exact(
         engine: Engine, invariants: Callable[[], None]) -> None:
     """The group lock: partition 0 keeps adding units under v1 (late events), partition 1 under v2, both at

@@ -397,21 +397,18 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
     accrued: dict[Key, int] = {}
     names: dict[Key, tuple[str, int, int]] = {}
     if values:
-        counter_rows = _checkpoint_rows([(sources[i].triple, per_source[i]) for i in live])
-        conn.execute(_UPSERT_COUNTERS, {"rows": counter_rows})
-        # each key once (ON CONFLICT DO UPDATE may not touch a row twice): the counter rows themselves when no key
-        # is named by two partitions (json_to_recordset reads only the columns a statement names)
-        counters = sum(len(per_source[i]) for i in live)
-        rows = counter_rows if counters == len(values) else _checkpoint_rows(
-            [(sources[owner[k]].triple, {k: v}) for k, v in values.items()])
-        groups = _groups(conn, values, rows)
+        conn.execute(_UPSERT_COUNTERS, {"rows": _counter_rows([(sources[i].triple, per_source[i]) for i in live])})
+        # every key a group member (streams always sends price_effective_from): the charge rows are written once,
+        # after pricing (_UPSERT_CHARGES); else each is locked first (_LOCK_CHARGES, which takes charge_rows) and
+        # updated after
+        grouped = all(v.price_effective_from is not None for v in values.values())
+        charge_rows = "" if grouped else _charge_rows(values)
+        groups = _groups(conn, values, charge_rows)
         groups_json = rows_json(g._asdict() for g in groups) if groups else ""
         if groups:
             conn.execute(_LOCK_GROUPS, {"groups": groups_json})
-        # every key a group member (streams always sends price_effective_from): the charge rows are written once,
-        # after pricing (_UPSERT_CHARGES); else each is locked first (_LOCK_CHARGES) and updated after
         members: dict[Key, Member] = {}
-        upsert = bool(groups) and all(v.price_effective_from is not None for v in values.values())
+        upsert = bool(groups) and grouped
         if upsert:
             members, stored = _group_members(conn, groups_json, groups, values)
             # a key stored but not a member (before ledger_0006, or of another meter version) is priced alone
@@ -422,7 +419,7 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
                                           value.key.project_id, _price_json(value.price), value.meter_version)
         charged: dict[Key, int] = {}
         if not upsert:
-            charged = _lock_charges(conn, rows, groups_json or "[]")
+            charged = _lock_charges(conn, charge_rows or _charge_rows(values), groups_json or "[]")
             members = _group_members(conn, groups_json, groups, values)[0] if groups else {}
         aggregations = {k: v.aggregation for k, v in values.items()} | {k: m.aggregation for k, m in members.items()}
         charged |= {k: m.charged_minor for k, m in members.items()}
@@ -610,16 +607,22 @@ def _key_row(key: Key) -> dict[str, Any]:
             "price_version_id": key.price_version_id}
 
 
-def _checkpoint_rows(sources: Iterable[tuple[tuple[str, int, int], dict[Key, CounterValue]]]) -> str:
-    """Every column any statement needs, serialised once (json_to_recordset reads only what it names): one row
-    per (partition, key), with the partition's (topic, partition, merged offset)."""
+def _counter_rows(sources: Iterable[tuple[tuple[str, int, int], dict[Key, CounterValue]]]) -> str:
+    """_UPSERT_COUNTERS's rows: one per (partition, key), with the partition's (topic, partition, merged offset)."""
     return rows_json(
         {**_key_row(k), "project_id": v.key.project_id, "units": v.units, "latest_at": v.latest_at,
-         "events": v.events, "late_events": v.late_events, "aggregation": v.aggregation,
-         "price": _price_json(v.price), "meter_version": v.meter_version,
-         "price_effective_from": v.price_effective_from,
-         "src_topic": topic, "src_partition": partition, "src_as_of": as_of}
+         "events": v.events, "late_events": v.late_events, "src_topic": topic, "src_partition": partition,
+         "src_as_of": as_of}
         for (topic, partition, as_of), values in sources for k, v in values.items())
+
+
+def _charge_rows(values: dict[Key, CounterValue]) -> str:
+    """_LOCK_CHARGES's (and _STORED_GROUPS's) rows: each key once (ON CONFLICT DO UPDATE may not touch a row twice),
+    with what a new charge row stores. Only the path that locks charge rows before pricing needs them."""
+    return rows_json(
+        {**_key_row(k), "project_id": v.key.project_id, "aggregation": v.aggregation, "price": _price_json(v.price),
+         "meter_version": v.meter_version, "price_effective_from": v.price_effective_from}
+        for k, v in values.items())
 
 
 _PRICE_JSON: dict[PriceModel, str] = {}
@@ -720,6 +723,10 @@ def _continued_targets(members: dict[Key, Member], units: dict[Key, Decimal]) ->
         by_group.setdefault((key.wallet_id, key.meter_id, key.period_start, member.aggregation), []).append(key)
     targets: dict[Key, int] = {}
     for keys in by_group.values():
+        if len(keys) == 1:  # one price version: the run is its own price (most groups)
+            member = members[keys[0]]
+            targets[keys[0]] = price_minor(member.price, units[keys[0]])
+            continue
         keys.sort(key=lambda k: (members[k].price_effective_from, k.price_version_id))
         charges = continued_prices_minor([(members[k].price, members[k].aggregation, units[k]) for k in keys])
         targets.update(zip(keys, charges, strict=True))

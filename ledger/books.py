@@ -34,7 +34,7 @@ _LOCK_WALLETS = text(f"""
 _LIVE_BUCKETS = text("""
     SELECT id, wallet_id, priority, expires_at, created_at, remaining_minor, source
     FROM credit_buckets
-    WHERE wallet_id = ANY(CAST(:ids AS text[])) AND remaining_minor > 0
+    WHERE wallet_id = ANY(CAST(:ids AS text[])) AND live
 """)
 
 

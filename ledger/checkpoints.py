@@ -750,10 +750,11 @@ def _accrue(conn: Connection, keys: list[Key], deltas: dict[Key, int]) -> dict[K
 def post_deltas(conn: Connection, names: Mapping[Key, str], keys: list[Key],
                 units: Mapping[Key, Decimal], deltas: Mapping[Key, int], cumulative: Mapping[Key, int], *,
                 kind: TransactionKind = TransactionKind.USAGE, reason: str | None = None,
-                metadata: KeyMetadata | None = None) -> dict[Key, int]:
+                metadata: KeyMetadata | None = None, settles: bool = False) -> dict[Key, int]:
     """Step 6 (and the settle pass's posting); ``names``: the source each key's posting is named after
     (``{topic}:{partition}:{merged offset}``, or ``settle:{n}``) — its ``source_ref`` and, with the key, its
-    idempotency key. Returns the posted deltas by key."""
+    idempotency key. ``settles``: the deltas were left unsettled (the settle pass): each wallet's ``unsettled_minor``
+    drops by what is posted for it, in the writer's balance update. Returns the posted deltas by key."""
     moving = [key for key in keys if deltas[key] != 0]
     if not moving:
         return {}
@@ -777,5 +778,10 @@ def post_deltas(conn: Connection, names: Mapping[Key, str], keys: list[Key],
             metadata={"units": format(units[key], "f"), "cumulative_charged_minor": cumulative[key],
                       **(metadata(key) if metadata is not None else {})},
         ))
-    write(conn, books, drafts)
-    return {key: deltas[key] for key in moving}
+    posted = {key: deltas[key] for key in moving}
+    settled: dict[str, int] = {}
+    if settles:
+        for key, delta in posted.items():
+            settled[key.wallet_id] = settled.get(key.wallet_id, 0) + delta
+    write(conn, books, drafts, settled=settled)
+    return posted

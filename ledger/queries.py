@@ -178,7 +178,7 @@ def expired_of_grant(conn: Connection, transaction_id: int) -> int:
 
 def list_buckets(conn: Connection, wallet_id: str, *, include_empty: bool = False) -> list[BucketRow]:
     """A wallet's buckets in burn order (the order debits consume them)."""
-    condition = "" if include_empty else "AND remaining_minor > 0"
+    condition = "" if include_empty else "AND live"  # live: remaining_minor > 0 (ledger_0017)
     rows = conn.execute(text(f"""
         SELECT * FROM credit_buckets WHERE wallet_id = :w {condition}
         ORDER BY priority, expires_at ASC NULLS LAST, created_at, id

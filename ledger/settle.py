@@ -67,13 +67,6 @@ _MARK_POSTED = text("""
       AND c.price_version_id = v.price_version_id
 """)
 
-_SUBTRACT_UNSETTLED = text("""
-    UPDATE wallets w SET unsettled_minor = w.unsettled_minor - v.amount
-    FROM json_to_recordset(CAST(:rows AS json)) AS v(id text, amount bigint)
-    WHERE w.id = v.id
-""")
-
-
 class SettleOutcome(NamedTuple):
     keys: int  # keys posted
     wallets: int
@@ -107,14 +100,13 @@ def settle_usage(conn: Connection, *, keys_max: int | None = SETTLE_KEYS_MAX,
         units[key], charged[key] = key_units, int(charged_minor)
         deltas[key] = int(charged_minor) - int(posted_minor)
         names[key] = f"settle:{settlements + 1}"
-    posted = post_deltas(conn, names, keys, units, deltas, charged)
+    posted = post_deltas(conn, names, keys, units, deltas, charged, settles=True)  # unsettled_minor -= posted
     conn.execute(_MARK_POSTED, {"rows": rows_json(
         {"wallet_id": k.wallet_id, "meter_id": k.meter_id, "period_start": k.period_start,
          "price_version_id": k.price_version_id, "charged": charged[k]} for k in keys)})
     per_wallet: dict[str, int] = {}
     for key, delta in posted.items():
         per_wallet[key.wallet_id] = per_wallet.get(key.wallet_id, 0) + delta
-    conn.execute(_SUBTRACT_UNSETTLED, {"rows": rows_json({"id": w, "amount": a} for w, a in sorted(per_wallet.items()))})
     return SettleOutcome(len(posted), len(per_wallet), sum(posted.values()))
 
 

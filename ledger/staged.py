@@ -58,7 +58,7 @@ _HOLD_COLUMNS = ("id, wallet_id, project_id, amount_minor, status, expires_at, i
 _LOCK_WALLET = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = %s FOR NO KEY UPDATE"
 _LOCK_PROJECT_WALLET = f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = %s AND project_id = %s FOR NO KEY UPDATE"
 _BUCKETS = ("SELECT id, priority, expires_at, created_at, remaining_minor, source FROM credit_buckets "
-            "WHERE wallet_id = %s AND remaining_minor > 0")
+            "WHERE wallet_id = %s AND live")
 # transaction time (now() is fixed for the transaction), a transaction id allocated under the wallet lock (so a
 # wallet's rows still chain in id order), and the key's earlier use if any
 _POSTING_CONTEXT = ("SELECT now(), nextval('transactions_id_seq'), t.id, t.request_fingerprint "
@@ -411,7 +411,7 @@ SELECT now(),
 FROM (SELECT array_agg(wallet_id) AS wallets, array_agg(id) AS ids, array_agg(priority) AS priorities,
              array_agg(expires_at) AS expires, array_agg(created_at) AS created,
              array_agg(remaining_minor) AS remaining, array_agg(source) AS sources
-      FROM credit_buckets WHERE wallet_id = ANY(%(wallets)s::text[]) AND remaining_minor > 0) AS b
+      FROM credit_buckets WHERE wallet_id = ANY(%(wallets)s::text[]) AND live) AS b
 """
 
 # Every posting of a batch in ONE statement. Arrays are addressed by primary key (= ANY), never joined to a

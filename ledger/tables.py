@@ -57,6 +57,8 @@ credit_buckets = Table(
     _ts("created_at"),
     Column("source_ref", Text),
     _ts("expired_at", nullable=True),
+    # ledger_0017: the burn-order index is partial on this, not on the amount (HOT updates)
+    Column("live", Boolean, Computed("remaining_minor > 0", persisted=True)),
 )
 
 transactions = Table(

@@ -6,7 +6,8 @@ Callers hold the row locks of every wallet involved and pass the ``WalletBook`` 
 2. inserts the buckets the plans created, updates the buckets they burned,
 3. inserts the transactions (``ON CONFLICT (idempotency_key) DO NOTHING``: a key already taken means the
    caller's own checks were bypassed by a concurrent writer — the whole transaction is refused),
-4. inserts the allocations, sets each wallet's balance to its book's final balance,
+4. inserts the allocations, sets each wallet's balance to its book's final balance (and takes what a settle pass
+   posts off its ``unsettled_minor`` in the same row update: one new row version per wallet, not two),
 5. writes one outbox row (TransactionPosted) per transaction, published after commit by the relay.
 """
 
@@ -89,8 +90,8 @@ _INSERT_ALLOCATIONS = text("""
 """)
 
 _UPDATE_WALLETS = text("""
-    UPDATE wallets w SET balance_minor = u.balance, updated_at = :now
-    FROM json_to_recordset(CAST(:rows AS json)) AS u(id text, balance bigint)
+    UPDATE wallets w SET balance_minor = u.balance, unsettled_minor = w.unsettled_minor - u.settled, updated_at = :now
+    FROM json_to_recordset(CAST(:rows AS json)) AS u(id text, balance bigint, settled bigint)
     WHERE w.id = u.id
 """)
 
@@ -101,8 +102,11 @@ _INSERT_OUTBOX = text("""
 """)
 
 
-def write(conn: Connection, books: Mapping[str, WalletBook], drafts: Sequence[Draft]) -> list[TransactionRow]:
-    """Write ``drafts`` (in order) and the bucket/balance changes of ``books``; return the rows written."""
+def write(conn: Connection, books: Mapping[str, WalletBook], drafts: Sequence[Draft], *,
+          settled: Mapping[str, int] | None = None) -> list[TransactionRow]:
+    """Write ``drafts`` (in order) and the bucket/balance changes of ``books``; return the rows written.
+    ``settled``: per wallet, the unsettled usage these drafts post (ledger/settle.py), taken off ``unsettled_minor``."""
+    settled = settled or {}
     created = [(wallet_id, temp_id, spec, granted) for wallet_id, book in books.items()
                for temp_id, (spec, granted) in book.created.items()]
     ids = conn.execute(_ALLOCATE_IDS, {"tx": len(drafts), "b": len(created)}).one()
@@ -115,8 +119,8 @@ def write(conn: Connection, books: Mapping[str, WalletBook], drafts: Sequence[Dr
     _insert_transactions(conn, drafts, tx_ids, now)
     rows = [transaction_row(d, tx_id, now, real_bucket, sources) for d, tx_id in zip(drafts, tx_ids, strict=True)]
     _insert_allocations(conn, rows)
-    conn.execute(_UPDATE_WALLETS, {"rows": rows_json({"id": w, "balance": b.balance_minor} for w, b in books.items()),
-                                   "now": now})
+    conn.execute(_UPDATE_WALLETS, {"rows": rows_json({"id": w, "balance": b.balance_minor, "settled": settled.get(w, 0)}
+                                                     for w, b in books.items()), "now": now})
     _insert_outbox(conn, rows, drafts)
     return rows
 

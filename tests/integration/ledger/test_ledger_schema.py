@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from ledger import queries, service
 from ledger.db import make_engine
 
 pytestmark = pytest.mark.integration
@@ -66,3 +67,23 @@ def test_balance_arithmetic_and_unique_keys_are_enforced(conn: Connection) -> No
             "INSERT INTO transactions (project_id, wallet_id, kind, amount_minor, balance_before_minor,"
             " balance_after_minor, idempotency_key) VALUES ('p1','w1','top_up',5,100,105,'k1')"))
     conn.rollback()
+
+
+def test_burning_credit_updates_the_bucket_in_place_until_it_runs_empty(conn: Connection) -> None:
+    """ledger_0017: the burn-order index is partial on the generated ``live`` flag, not on ``remaining_minor``, so a
+    debit that leaves credit in a bucket is a HOT update (no index entry written); the debit that empties it flips
+    the flag, and the bucket leaves the burn order."""
+    service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="u1", wallet_id="w1")
+    service.grant_credits(conn, wallet_id="w1", amount_minor=30, idempotency_key="g1")
+    conn.commit()
+    for n in range(3):
+        service.debit(conn, wallet_id="w1", amount_minor=10, idempotency_key=f"d{n}")
+        live = conn.execute(text("SELECT live FROM credit_buckets WHERE wallet_id = 'w1'")).scalar_one()
+        assert live is (n < 2)
+    updated, hot = conn.execute(text(
+        "SELECT pg_stat_get_xact_tuples_updated(t), pg_stat_get_xact_tuples_hot_updated(t) "
+        "FROM CAST('credit_buckets' AS regclass) t")).one()
+    assert (updated, hot) == (3, 2)  # the emptying debit rewrites the index entries: the flag moved
+    assert queries.list_buckets(conn, "w1") == []
+    assert [b.remaining_minor for b in queries.list_buckets(conn, "w1", include_empty=True)] == [0]
+    conn.commit()

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from ledger import queries, service
 from ledger.checkpoints import apply_checkpoints
@@ -279,4 +279,35 @@ def test_the_background_pass_leaves_a_key_an_applier_holds_for_the_next_pass(eng
     assert [_balance(engine, w) for w in ("S1", "S2")] == [(50, 4, 46), (46, 0, 46)]
     assert settle_all(engine, skip_locked=True).keys == 1
     assert _balance(engine, "S1") == (46, 0, 46)
+    invariants()
+
+
+def _row_writes(conn: Connection, table: str) -> tuple[int, int]:
+    """(rows updated, of which HOT: in place, no index entry written) in ``table`` by this backend, counted up to now
+    (the counts of its earlier transactions are included until they are reported: compare two readings taken in one
+    transaction)."""
+    updated, hot = conn.execute(text(
+        "SELECT pg_stat_get_xact_tuples_updated(t), pg_stat_get_xact_tuples_hot_updated(t) FROM CAST(:t AS regclass) t"),
+        {"t": table}).one()
+    return int(updated), int(hot)
+
+
+def test_a_settle_pass_writes_each_wallet_and_bucket_once_in_place(engine: Engine,
+                                                                   invariants: Callable[[], None]) -> None:
+    """A settle pass used to write each wallet twice (its balance, then its unsettled amount) and rewrote every
+    burned bucket's index entries (the burn-order index was partial on the amount). Per wallet now: one update of
+    the wallet row, and the buckets it burns without emptying them are updated in place (HOT, ledger_0017)."""
+    for wallet in ("A", "B", "C"):
+        _wallet(engine, wallet, 1_000)
+        _apply_later(engine, _checkpoint(ord(wallet), _value(wallet, "10"), partition=ord(wallet)))
+        _apply_later(engine, _checkpoint(ord(wallet) + 1, _value(wallet, "20", meter="images"), partition=ord(wallet)))
+    with engine.begin() as conn:
+        before = _row_writes(conn, "wallets"), _row_writes(conn, "credit_buckets")
+        outcome = settle_usage(conn)
+        after = _row_writes(conn, "wallets"), _row_writes(conn, "credit_buckets")
+    wallets, buckets = ((a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True))
+    assert (outcome.keys, outcome.wallets, outcome.amount_minor) == (6, 3, 36)
+    assert wallets[0] == 3  # one row version per wallet, two keys each
+    assert buckets == (3, 3)  # each wallet's one bucket, burned (not emptied) in place
+    assert [_balance(engine, w) for w in ("A", "B", "C")] == [(988, 0, 988)] * 3
     invariants()

@@ -186,7 +186,8 @@ _LOCK_CHARGES_UNGROUPED = text(f"""
 # serialise on the group's row, locked (insert-if-missing) in ONE statement in key order before any
 # usage_charges row — the same pattern as _LOCK_CHARGES, and row locks, so a checkpoint of 4,000 groups takes
 # no slots of PostgreSQL's shared lock table (advisory locks would). The members are read after the lock, so a
-# version another applier added to the group has committed and is seen.
+# version another applier added to the group has committed and is seen. ``WHERE false``: an existing row is locked
+# (ON CONFLICT DO UPDATE locks every conflicting row) but not rewritten — no new row version per group and key.
 _LOCK_GROUPS = text("""
     INSERT INTO usage_charge_groups (wallet_id, meter_id, period_start, meter_version)
     SELECT g.wallet_id, g.meter_id, g.period_start, g.meter_version
@@ -194,6 +195,7 @@ _LOCK_GROUPS = text("""
                                                       meter_version integer)
     ORDER BY g.wallet_id, g.meter_id, g.period_start, g.meter_version
     ON CONFLICT (wallet_id, meter_id, period_start, meter_version) DO UPDATE SET meter_version = EXCLUDED.meter_version
+    WHERE false
 """)
 
 # g.n: the group's position in :groups (1-based) — the key is rebuilt from the group in Python, not parsed per row.

@@ -421,7 +421,15 @@ def apply_partitions(conn: Connection, partitions: Sequence[Sequence[ChargeCheck
                                           value.key.project_id, _price_json(value.price), value.meter_version)
         charged: dict[Key, int] = {}
         if not upsert:
-            charged = _lock_charges(conn, charge_rows or _charge_rows(values), groups_json or "[]")
+            # the other price versions of the groups are rewritten too (step 5b): their rows are locked with the
+            # application's, in one ordered statement — the settle pass locks charge rows in key order and waits
+            # for them (the expiry job), so a row locked later out of order could deadlock with it
+            others: dict[Key, Member] = {}
+            if groups:
+                known = members or _group_members(conn, groups_json, groups, values)[0]
+                others = {k: m for k, m in known.items() if k not in values}
+            rows = _charge_rows(values, others) if others else charge_rows or _charge_rows(values)
+            charged = _lock_charges(conn, rows, groups_json or "[]")
             members = _group_members(conn, groups_json, groups, values)[0] if groups else {}
         aggregations = {k: v.aggregation for k, v in values.items()} | {k: m.aggregation for k, m in members.items()}
         charged |= {k: m.charged_minor for k, m in members.items()}
@@ -618,13 +626,17 @@ def _counter_rows(sources: Iterable[tuple[tuple[str, int, int], dict[Key, Counte
         for (topic, partition, as_of), values in sources for k, v in values.items())
 
 
-def _charge_rows(values: dict[Key, CounterValue]) -> str:
+def _charge_rows(values: dict[Key, CounterValue], others: Mapping[Key, Member] | None = None) -> str:
     """_LOCK_CHARGES's (and _STORED_GROUPS's) rows: each key once (ON CONFLICT DO UPDATE may not touch a row twice),
-    with what a new charge row stores. Only the path that locks charge rows before pricing needs them."""
-    return rows_json(
-        {**_key_row(k), "project_id": v.key.project_id, "aggregation": v.aggregation, "price": _price_json(v.price),
-         "meter_version": v.meter_version, "price_effective_from": v.price_effective_from}
-        for k, v in values.items())
+    with what a new charge row stores. Only the path that locks charge rows before pricing needs them. ``others``:
+    stored rows to lock with them (keys not in ``values``), as stored."""
+    rows = [{**_key_row(k), "project_id": v.key.project_id, "aggregation": v.aggregation, "price": _price_json(v.price),
+             "meter_version": v.meter_version, "price_effective_from": v.price_effective_from}
+            for k, v in values.items()]
+    rows.extend({**_key_row(k), "project_id": m.project_id, "aggregation": m.aggregation, "price": m.price_json,
+                 "meter_version": m.meter_version, "price_effective_from": m.price_effective_from}
+                for k, m in (others or {}).items())
+    return rows_json(rows)
 
 
 _PRICE_JSON: dict[PriceModel, str] = {}

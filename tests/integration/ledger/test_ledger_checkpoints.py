@@ -483,3 +483,73 @@ def test_apply_partitions_refuses_a_partition_named_twice(engine: Engine) -> Non
 
     with engine.begin() as conn, pytest.raises(ValueError, match="once"):
         apply_partitions(conn, [[_checkpoint(0, 1, _value("W", "1"))], [_checkpoint(0, 2, _value("W", "2"))]])
+
+
+def test_a_lock_first_application_and_a_waiting_settle_pass_do_not_deadlock(
+        engine: Engine, invariants: Callable[[], None]) -> None:
+    """An application with a key sent without ``price_effective_from`` locks its charge rows before pricing, and also
+    rewrites the other price versions of its keys' groups. Those rows were locked only by the update, after its own
+    keys — out of key order — while a settle pass that waits for locked keys (the expiry job's) locks a wallet's rows
+    in key order: each could hold a row the other wanted (PostgreSQL aborted the applier: deadlock detected). They
+    are now locked with the application's keys, in one ordered statement."""
+    import threading
+    import time
+
+    from ledger.checkpoints import apply_checkpoints
+    from ledger.db import make_engine
+    from ledger.settle import settle_usage
+
+    one = PriceModel(model="per_unit", unit_price_minor=Decimal(1))
+    v1_from, v2_from = datetime(2020, 1, 1, tzinfo=UTC), datetime(2026, 11, 10, tzinfo=UTC)
+    with engine.begin() as conn:
+        service.ensure_wallet(conn, project_id="p1", owner_kind="user", owner_ref="W", wallet_id="W")
+        service.grant_credits(conn, wallet_id="W", amount_minor=10_000, idempotency_key="g-W")
+
+    def apply_later(checkpoint: ChargeCheckpoint) -> str:
+        with engine.begin() as conn:
+            return apply_checkpoints(conn, [checkpoint], settle_later=True).outcome.status
+
+    # one group, two price versions: "va" from partition 0, "vb" from partition 1, both left to settle
+    assert apply_later(_checkpoint(0, 1, _versioned("W", "100", "va", v1_from, price=one))) == "applied"
+    assert apply_later(_checkpoint(1, 1, _versioned("W", "10", "vb", v2_from, price=one))) == "applied"
+    # partition 1 again, with a key of another meter sent without an effective time: the lock-first path
+    lock_first = _checkpoint(1, 2, _versioned("W", "20", "vb", v2_from, price=one),
+                             _value("W", "5", price=one, meter="zz"))
+
+    watcher = make_engine(str(engine.url.render_as_string(hide_password=False)), pool_size=1)
+    errors: list[BaseException] = []
+
+    def apply() -> None:
+        try:
+            assert apply_later(lock_first) == "applied"
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    with engine.connect() as settler:
+        settler.begin()
+        # a settle pass that has locked the wallet's first key (key order) when the applier starts
+        settler.execute(text("SELECT 1 FROM usage_charges WHERE wallet_id = 'W' AND price_version_id = 'va' "
+                             "FOR UPDATE"))
+        applier = threading.Thread(target=apply)
+        applier.start()
+        deadline, waiting = time.monotonic() + 20, 0
+        with watcher.connect() as watch:
+            while not waiting and time.monotonic() < deadline:
+                time.sleep(0.05)
+                watch.execute(text("SELECT pg_stat_clear_snapshot()"))
+                waiting = watch.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = "
+                    "current_database()")).scalar_one()
+        assert waiting == 1  # the applier waits for the key the pass holds
+        outcome = settle_usage(settler, wallet_ids=["W"])  # the rest of the pass: waits for what the applier holds
+        settler.commit()
+    applier.join(60)
+    watcher.dispose()
+    assert not applier.is_alive()
+    assert errors == []
+    assert (outcome.keys, outcome.amount_minor) == (2, 110)
+    with engine.begin() as conn:
+        settle_usage(conn)
+    # va 100 units, then vb 20 units continue the run (per unit, no allowance): 100 + 20, and zz 5
+    assert -sum(_usage_amounts(engine, "W")) == 125
+    invariants()

@@ -1,7 +1,7 @@
 """Benchmark apply_checkpoint: checkpoints/s and usage rows/s against a real PostgreSQL.
 
     .venv/bin/python -m bench.ledger_apply [--keys 500] [--wallets 10000] [--seconds 30] [--dedupe-per-key 1] [--merge 4]
-                                           [--together 8] [--statements] [--settle-later]
+                                           [--together 8] [--statements] [--settle-later] [--table-stats]
 
 Uses DATABASE_URL when set (a scratch database is created next to it and dropped after), otherwise starts
 the embedded PostgreSQL in a temporary directory. Each checkpoint carries ``--keys`` counters (random
@@ -15,7 +15,9 @@ consumer does with small checkpoints (each partition draws from its own slice of
 result read, so the server's work plus transfer) and the Python between them, in µs per posting, measured over
 the first phase (and the ``--together`` phase). ``--settle-later``: usage is priced and left for the settle pass
 (``LEDGER_USAGE_SETTLE_INTERVAL_S`` > 0, ledger/settle.py); the figures are then per key applied, and a last step
-times the settle pass posting everything. The heap and the collector are set up as in ``meterline run ledger`` (ledger/runtime.py)."""
+times the settle pass posting everything (with ``--statements``, statement by statement too). ``--table-stats``: the
+rows each table inserted and updated, and how many updates were HOT (in place, no index entry written), from
+``pg_stat_user_tables`` at the end. The heap and the collector are set up as in ``meterline run ledger`` (ledger/runtime.py)."""
 
 from __future__ import annotations
 
@@ -236,6 +238,21 @@ def _phase(engine: Engine, *, appliers: int, wallets: int, keys: int, seconds: f
     return flat
 
 
+def print_table_stats(engine: Engine) -> None:
+    """Rows inserted / updated / updated in place (HOT) per table over the whole run; the statistics collector
+    reports a backend's counts when it goes idle, so wait a little for the last ones."""
+    time.sleep(1.5)
+    with engine.connect() as conn:
+        rows = conn.execute(text("""
+            SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+            WHERE n_tup_ins + n_tup_upd > 0 ORDER BY n_tup_ins + n_tup_upd DESC
+        """)).all()
+    print("table stats (pg_stat_user_tables): table, rows inserted, rows updated, of which HOT")
+    for table, inserted, updated, hot in rows:
+        share = f" ({100 * hot / updated:.0f}%)" if updated else ""
+        print(f"    {table:28} {inserted:>10,} {updated:>10,} {hot:>10,}{share}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keys", type=int, default=500)
@@ -252,6 +269,8 @@ def main() -> None:
                         help="a last phase: one applier applying one checkpoint of each of N partitions per transaction "
                              "(apply_partitions, what the consumer does with small checkpoints); the wallets are "
                              "split between the partitions")
+    parser.add_argument("--table-stats", action="store_true",
+                        help="print each table's inserted / updated / HOT-updated rows at the end")
     parser.add_argument("--statements", action="store_true",
                         help="print the time per SQL statement and the Python between them (first phase)")
     args = parser.parse_args()
@@ -282,9 +301,12 @@ def main() -> None:
         if args.together > 1:
             phase(engine, appliers=1, together=args.together, statements=args.statements, **common)
         if args.settle_later:
-            started = time.perf_counter()
-            settled = settle_all(engine)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            with StatementTimes(engine) if args.statements else contextlib.nullcontext() as times:
+                settled = settle_all(engine)
             elapsed = time.perf_counter() - started
+            if times is not None:
+                times.report(settled.keys, elapsed, time.process_time() - cpu_started)
             print(f"settle pass: {settled.keys:,} keys of {settled.wallets:,} wallets posted in {elapsed:.1f} s = "
                   f"{elapsed * 1e6 / max(settled.keys, 1):.0f} µs per posting ({SETTLE_KEYS_MAX:,} keys per transaction)")
         with engine.connect() as conn:
@@ -294,6 +316,8 @@ def main() -> None:
                                            WHERE t.wallet_id = ch.wallet_id AND t.kind = 'usage')
             """)).scalar_one()
         print(f"check: keys whose posted usage differs from the charged cumulative: {broken}")
+        if args.table_stats:
+            print_table_stats(engine)
         engine.dispose()
 
 

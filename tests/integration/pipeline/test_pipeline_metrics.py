@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
@@ -56,7 +58,10 @@ def wait_ready(base_url: str, timeout_s: float) -> dict[str, object]:
 def test_lag_moves_under_load_then_returns_to_zero_and_every_metric_parses(pipeline: Pipeline) -> None:
     setup_catalog(pipeline.database_url)
     streams_url, ledger_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    streams = pipeline.start("streams", STREAMS_METRICS_PORT=streams_url.rsplit(":", 1)[1])
+    # batches of at most 2,000 messages, so that the backlog below takes many batches (each records the lag), and a
+    # session that outlives the freeze below
+    streams = pipeline.start("streams", STREAMS_METRICS_PORT=streams_url.rsplit(":", 1)[1],
+                             STREAMS_CONSUME_MESSAGES_MAX="2000", STREAMS_BROKER_SESSION_TIMEOUT_S="20")
     ledger = pipeline.start("ledger", LEDGER_METRICS_PORT=ledger_url.rsplit(":", 1)[1])
     assert wait_ready(streams_url, 60)["checks"]["partitions"]["ok"]  # type: ignore[index]
     wait_ready(ledger_url, 60)
@@ -64,23 +69,26 @@ def test_lag_moves_under_load_then_returns_to_zero_and_every_metric_parses(pipel
     group = pipeline.env["STREAMS_APP_ID"]
     lag_name = "meterline_consumer_lag_messages"
 
-    # a burst of one-event messages (faust's per-message cost makes the worker the slow side) and two bad ones
+    # a burst of one-event messages and two bad ones, produced while the worker is frozen (SIGSTOP): the batching
+    # consumer meters faster than this test produces, so without the freeze a backlog — and a lag — was not certain
+    # (a CI run saw the 40,002 messages metered in 3 batches and every scrape read 0)
     producer = EventProducer(pipeline.bootstrap, pipeline.usage_topic, pipeline.partitions)
-    producer.send_raw(b"{not json", partition=0)
-    producer.send_raw(orjson.dumps({"id": "x"}), partition=1)
     events = [make_event(i, f"user-{i % 50}", 1) for i in range(40_000)]
+    os.killpg(streams.popen.pid, signal.SIGSTOP)
+    try:
+        producer.send_raw(b"{not json", partition=0)
+        producer.send_raw(orjson.dumps({"id": "x"}), partition=1)
+        for event in events:
+            producer.send_packed([event], pack=1)
+        sent = producer.flush()
+    finally:
+        os.killpg(streams.popen.pid, signal.SIGCONT)
     deadline = time.monotonic() + 60
     lag_seen = 0.0
-    for i, event in enumerate(events):
-        producer.send_packed([event], pack=1)
-        if i % 2_000 == 0:
-            lag_seen = max(lag_seen, total(scrape(streams_url), lag_name, group=f"{pipeline.prefix}{group}"))
-        assert time.monotonic() < deadline, "producing the burst took too long"
-    sent = producer.flush()
     while lag_seen == 0 and time.monotonic() < deadline:
         lag_seen = max(lag_seen, total(scrape(streams_url), lag_name, group=f"{pipeline.prefix}{group}"))
-        time.sleep(0.1)
-    assert lag_seen > 0, "the lag never moved while a 40,000-message burst was metered"
+        time.sleep(0.05)
+    assert lag_seen > 0, "the lag never moved while a 40,000-message backlog was metered"
 
     pipeline.wait_applied(sent.last_offset, timeout_s=120, watch=[streams, ledger])
     lag_after: float | None = None
